@@ -1,0 +1,262 @@
+// Package store keeps the fleet's state — tokens, identities, certificates,
+// audit log, telemetry and presence — in one bbolt file owned by one process.
+//
+// Every write goes through a single writer goroutine that groups concurrent
+// requests into one transaction (group commit), so many callers share one
+// fsync pair instead of paying one each. Reads run concurrently in their own
+// read transactions. No bbolt type appears in the exported API.
+package store
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/rs/zerolog"
+	"go.etcd.io/bbolt"
+	bolterrors "go.etcd.io/bbolt/errors"
+)
+
+// Errors of this file's API that the shared sentinels in types.go do not cover.
+var (
+	// ErrTokenExists: a token with the same hash or public id is already stored.
+	ErrTokenExists = errors.New("token already exists")
+	// ErrCertExists: a certificate with the same serial is already stored.
+	ErrCertExists = errors.New("certificate serial already exists")
+	// ErrInvalid: the caller passed a value the store refuses to write.
+	ErrInvalid = errors.New("invalid argument")
+	// ErrSchema: the file was written by a newer fleetmq or is not a fleetmq store.
+	ErrSchema = errors.New("unsupported store schema")
+)
+
+// schemaVersion is the layout this code reads and writes.
+const schemaVersion = 1
+
+var (
+	bucketMeta        = []byte("meta")
+	bucketDevices     = []byte("devices")       // id -> JSON Device
+	bucketTokens      = []byte("tokens")        // raw SHA-256 -> JSON Token
+	bucketTokenIDs    = []byte("token_ids")     // public id -> raw SHA-256
+	bucketCerts       = []byte("certs")         // serial -> JSON certRecord
+	bucketDeviceCerts = []byte("device_certs")  // deviceCertKey(id, serial) -> empty
+	bucketRevoked     = []byte("revoked_certs") // serial -> empty, for the CRL
+	bucketAudit       = []byte("audit")         // 8-byte big-endian seq -> JSON AuditEvent
+	bucketTelemetry   = []byte("telemetry")     // device id -> sub-bucket of messages
+	bucketPresence    = []byte("presence")      // device id -> JSON Presence
+
+	keySchema = []byte("schema")
+
+	allBuckets = [][]byte{
+		bucketMeta, bucketDevices, bucketTokens, bucketTokenIDs, bucketCerts,
+		bucketDeviceCerts, bucketRevoked, bucketAudit, bucketTelemetry, bucketPresence,
+	}
+)
+
+// Options configures Open. The zero value is ready to use.
+type Options struct {
+	// LockTimeout is how long Open waits for another process's lock on the
+	// file. Default 1s.
+	LockTimeout time.Duration
+	// MaxBatch is the most write requests grouped in one transaction.
+	// Default 1024.
+	MaxBatch int
+	// AuditKeep is how many audit events are kept; the oldest are trimmed in
+	// the transaction that appends past it. Default 1_000_000.
+	AuditKeep int
+	// Logger receives the store's rare diagnostics. Default zerolog.Nop().
+	Logger zerolog.Logger
+}
+
+func (o *Options) setDefaults() {
+	if o.LockTimeout <= 0 {
+		o.LockTimeout = time.Second
+	}
+	if o.MaxBatch <= 0 {
+		o.MaxBatch = 1024
+	}
+	if o.AuditKeep <= 0 {
+		o.AuditKeep = 1_000_000
+	}
+	// The zero zerolog.Logger has no writer and is disabled, exactly like
+	// zerolog.Nop(), so it needs no default.
+}
+
+// DB is an open store. Its methods are safe for concurrent use.
+type DB struct {
+	bolt      *bbolt.DB
+	log       zerolog.Logger
+	auditKeep int
+	maxBatch  int
+
+	// mu guards closed. Readers and submitters hold it shared for the length
+	// of their call so that Close, which takes it exclusively, never closes
+	// the channel under a sender nor the file under a reader.
+	mu     sync.RWMutex
+	closed bool
+
+	reqs       chan *request
+	writerDone chan struct{}
+
+	// groupHook, when set (tests only), is called by the writer with the
+	// number of requests in each group it commits.
+	groupHook func(n int)
+}
+
+// Open opens or creates the store at path.
+func Open(path string, opts Options) (*DB, error) {
+	opts.setDefaults()
+	bdb, err := bbolt.Open(path, 0o600, &bbolt.Options{Timeout: opts.LockTimeout})
+	if err != nil {
+		if errors.Is(err, bolterrors.ErrTimeout) {
+			return nil, fmt.Errorf("open store %s: another process (probably a running fleetmq) holds the file: %w", path, ErrLocked)
+		}
+		return nil, fmt.Errorf("open store %s: %w", path, err)
+	}
+	// bbolt only applies the mode when it creates the file; an older file
+	// may have been created or copied with looser permissions.
+	if err := os.Chmod(path, 0o600); err != nil {
+		_ = bdb.Close()
+		return nil, fmt.Errorf("open store %s: chmod: %w", path, err)
+	}
+	if err := initSchema(bdb); err != nil {
+		_ = bdb.Close()
+		return nil, fmt.Errorf("open store %s: %w", path, err)
+	}
+	db := &DB{
+		bolt:       bdb,
+		log:        opts.Logger,
+		auditKeep:  opts.AuditKeep,
+		maxBatch:   opts.MaxBatch,
+		reqs:       make(chan *request, opts.MaxBatch),
+		writerDone: make(chan struct{}),
+	}
+	go db.writeLoop()
+	return db, nil
+}
+
+// initSchema refuses a file of a newer layout before changing anything in
+// it, then creates missing buckets and records the version.
+func initSchema(bdb *bbolt.DB) error {
+	err := bdb.View(func(tx *bbolt.Tx) error {
+		_, err := readSchema(tx)
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	return bdb.Update(func(tx *bbolt.Tx) error {
+		for _, name := range allBuckets {
+			if _, err := tx.CreateBucketIfNotExists(name); err != nil {
+				return fmt.Errorf("create bucket %s: %w", name, err)
+			}
+		}
+		v, err := readSchema(tx)
+		if err != nil {
+			return err
+		}
+		if v == 0 {
+			return tx.Bucket(bucketMeta).Put(keySchema, []byte(strconv.Itoa(schemaVersion)))
+		}
+		return nil
+	})
+}
+
+// readSchema returns the recorded version, 0 for a new file.
+func readSchema(tx *bbolt.Tx) (int, error) {
+	meta := tx.Bucket(bucketMeta)
+	if meta == nil {
+		return 0, nil
+	}
+	raw := meta.Get(keySchema)
+	if raw == nil {
+		return 0, nil
+	}
+	v, err := strconv.Atoi(string(raw))
+	if err != nil || v < 1 {
+		return 0, fmt.Errorf("schema version %q is not a number: %w", raw, ErrSchema)
+	}
+	if v > schemaVersion {
+		return 0, fmt.Errorf("schema version %d is newer than %d, the newest this fleetmq supports; upgrade fleetmq: %w", v, schemaVersion, ErrSchema)
+	}
+	return v, nil
+}
+
+// Close stops accepting writes, commits those already queued, waits for the
+// writer and closes the file. Later calls return ErrClosed.
+func (db *DB) Close() error {
+	db.mu.Lock()
+	if db.closed {
+		db.mu.Unlock()
+		return ErrClosed
+	}
+	db.closed = true
+	close(db.reqs)
+	db.mu.Unlock()
+	<-db.writerDone
+	if err := db.bolt.Close(); err != nil {
+		return fmt.Errorf("close store: %w", err)
+	}
+	return nil
+}
+
+// Check verifies the file's consistency and returns the first problem found.
+// It runs on the writer goroutine, between groups: bbolt's check of a read
+// transaction reads the freelist, which a concurrent commit would change.
+func (db *DB) Check() error {
+	return db.exclusive(context.Background(), func() error {
+		return db.bolt.View(func(tx *bbolt.Tx) error {
+			var first error
+			for err := range tx.Check() { // drain: the checker goroutine blocks on send
+				if first == nil {
+					first = err
+				}
+			}
+			if first != nil {
+				return fmt.Errorf("check store: %w", first)
+			}
+			return nil
+		})
+	})
+}
+
+// view runs fn in a read transaction, concurrently with other readers and
+// with the writer.
+func (db *DB) view(ctx context.Context, fn func(tx *bbolt.Tx) error) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	db.mu.RLock()
+	defer db.mu.RUnlock()
+	if db.closed {
+		return ErrClosed
+	}
+	return db.bolt.View(fn)
+}
+
+func putJSON(b *bbolt.Bucket, key []byte, v any) error {
+	raw, err := json.Marshal(v)
+	if err != nil {
+		return fmt.Errorf("encode %s: %w", key, err)
+	}
+	if err := b.Put(key, raw); err != nil {
+		return fmt.Errorf("put %s: %w", key, err)
+	}
+	return nil
+}
+
+// getJSON decodes the value at key into v and reports whether it existed.
+func getJSON(b *bbolt.Bucket, key []byte, v any) (bool, error) {
+	raw := b.Get(key)
+	if raw == nil {
+		return false, nil
+	}
+	if err := json.Unmarshal(raw, v); err != nil {
+		return true, fmt.Errorf("decode %s: %w", key, err)
+	}
+	return true, nil
+}

@@ -1,0 +1,516 @@
+package store
+
+import (
+	"bytes"
+	"cmp"
+	"context"
+	"encoding/binary"
+	"encoding/json"
+	"fmt"
+	"slices"
+	"time"
+
+	"go.etcd.io/bbolt"
+)
+
+// certRecord is a Cert as stored: Cert leaves DER out of its JSON.
+type certRecord struct {
+	Cert
+	DER []byte `json:"der,omitempty"`
+}
+
+// checked runs fn once in a read transaction and, if that passes, submits it
+// to the writer, where it validates again against the state it will change.
+// The dry run turns away most bad requests (a flood of unknown tokens, a
+// used-up token raced by many devices) without costing their group a
+// rollback. fn must return after validating when tx is not writable.
+func (db *DB) checked(ctx context.Context, fn txFunc) error {
+	if err := db.view(ctx, fn); err != nil {
+		return err
+	}
+	return db.update(ctx, fn)
+}
+
+// CreateTokens stores toks in one transaction: all or none. A token whose
+// hash or public id is already stored is refused with ErrTokenExists. One
+// ActTokenCreate audit event is appended per token.
+func (db *DB) CreateTokens(ctx context.Context, toks []Token, remote string, now time.Time) error {
+	if len(toks) == 0 {
+		return nil
+	}
+	recs := make([]Token, len(toks))
+	hashes := make(map[[32]byte]bool, len(toks))
+	ids := make(map[string]bool, len(toks))
+	for i, t := range toks {
+		switch {
+		case t.ID == "":
+			return fmt.Errorf("create tokens: empty id: %w", ErrInvalid)
+		case t.Hash == [32]byte{}:
+			return fmt.Errorf("create tokens: token %s: empty hash: %w", t.ID, ErrInvalid)
+		case t.MaxUses < 1:
+			return fmt.Errorf("create tokens: token %s: max uses %d: %w", t.ID, t.MaxUses, ErrInvalid)
+		case hashes[t.Hash] || ids[t.ID]:
+			return fmt.Errorf("create tokens: token %s given twice: %w", t.ID, ErrTokenExists)
+		}
+		hashes[t.Hash], ids[t.ID] = true, true
+		if t.CreatedAt.IsZero() {
+			t.CreatedAt = now
+		}
+		recs[i] = t
+	}
+	err := db.checked(ctx, func(tx *bbolt.Tx) error {
+		tb, ib := tx.Bucket(bucketTokens), tx.Bucket(bucketTokenIDs)
+		for _, t := range recs {
+			if tb.Get(t.Hash[:]) != nil || ib.Get([]byte(t.ID)) != nil {
+				return fmt.Errorf("token %s: %w", t.ID, ErrTokenExists)
+			}
+		}
+		if !tx.Writable() {
+			return nil
+		}
+		evs := make([]AuditEvent, 0, len(recs))
+		for _, t := range recs {
+			if err := putToken(tx, t); err != nil {
+				return err
+			}
+			if err := ib.Put([]byte(t.ID), t.Hash[:]); err != nil {
+				return fmt.Errorf("put token id: %w", err)
+			}
+			evs = append(evs, AuditEvent{Time: now, Action: ActTokenCreate, TokenID: t.ID, DeviceID: t.DeviceID, Remote: remote})
+		}
+		return db.appendAudit(tx, evs)
+	})
+	if err != nil {
+		return fmt.Errorf("create tokens: %w", err)
+	}
+	return nil
+}
+
+func putToken(tx *bbolt.Tx, t Token) error {
+	return putJSON(tx.Bucket(bucketTokens), t.Hash[:], t)
+}
+
+// getToken returns the token stored under hash, or ErrTokenUnknown.
+func getToken(tx *bbolt.Tx, hash [32]byte) (Token, error) {
+	var t Token
+	ok, err := getJSON(tx.Bucket(bucketTokens), hash[:], &t)
+	if err != nil {
+		return Token{}, err
+	}
+	if !ok {
+		return Token{}, ErrTokenUnknown
+	}
+	t.Hash = hash
+	return t, nil
+}
+
+// TokenByHash returns the token whose secret hashes to hash, or ErrTokenUnknown.
+func (db *DB) TokenByHash(ctx context.Context, hash [32]byte) (Token, error) {
+	var t Token
+	err := db.view(ctx, func(tx *bbolt.Tx) error {
+		var err error
+		t, err = getToken(tx, hash)
+		return err
+	})
+	if err != nil {
+		return Token{}, fmt.Errorf("token by hash: %w", err)
+	}
+	return t, nil
+}
+
+// Tokens returns every token, sorted by CreatedAt, then ID.
+func (db *DB) Tokens(ctx context.Context) ([]Token, error) {
+	var out []Token
+	err := db.view(ctx, func(tx *bbolt.Tx) error {
+		return tx.Bucket(bucketTokens).ForEach(func(k, v []byte) error {
+			var t Token
+			if err := json.Unmarshal(v, &t); err != nil {
+				return fmt.Errorf("decode token: %w", err)
+			}
+			copy(t.Hash[:], k)
+			out = append(out, t)
+			return nil
+		})
+	})
+	if err != nil {
+		return nil, fmt.Errorf("list tokens: %w", err)
+	}
+	slices.SortFunc(out, func(a, b Token) int {
+		return cmp.Or(a.CreatedAt.Compare(b.CreatedAt), cmp.Compare(a.ID, b.ID))
+	})
+	return out, nil
+}
+
+// RevokeToken revokes the token with public id: ErrNotFound if there is
+// none, ErrTokenRevoked if it already was. It returns the revoked token.
+func (db *DB) RevokeToken(ctx context.Context, id, remote string, now time.Time) (Token, error) {
+	var out Token
+	err := db.checked(ctx, func(tx *bbolt.Tx) error {
+		raw := tx.Bucket(bucketTokenIDs).Get([]byte(id))
+		if len(raw) != 32 {
+			return ErrNotFound
+		}
+		t, err := getToken(tx, [32]byte(raw))
+		if err != nil {
+			return err
+		}
+		if !t.RevokedAt.IsZero() {
+			return ErrTokenRevoked
+		}
+		if !tx.Writable() {
+			return nil
+		}
+		t.RevokedAt = now
+		if err := putToken(tx, t); err != nil {
+			return err
+		}
+		out = t
+		return db.appendAudit(tx, []AuditEvent{{Time: now, Action: ActTokenRevoke, TokenID: t.ID, DeviceID: t.DeviceID, Remote: remote}})
+	})
+	if err != nil {
+		return Token{}, fmt.Errorf("revoke token %s: %w", id, err)
+	}
+	return out, nil
+}
+
+// Enroll applies one enrollment in one transaction after checking the token
+// (ErrTokenUnknown, ErrTokenRevoked, ErrTokenExpired, ErrTokenUsed,
+// ErrTokenBound) and that the device id was never taken (ErrDeviceExists):
+// it spends one use of the token, stores the device with role RoleDevice and
+// its certificate, and appends ActTokenUse and ActCertIssue.
+func (db *DB) Enroll(ctx context.Context, e Enrollment) error {
+	id := e.Device.ID
+	switch {
+	case id == "":
+		return fmt.Errorf("enroll: empty device id: %w", ErrInvalid)
+	case e.Cert.Serial == "":
+		return fmt.Errorf("enroll %s: empty serial: %w", id, ErrInvalid)
+	case e.Cert.DeviceID != "" && e.Cert.DeviceID != id:
+		return fmt.Errorf("enroll %s: certificate is for %s: %w", id, e.Cert.DeviceID, ErrCertMismatch)
+	case e.Now.IsZero():
+		return fmt.Errorf("enroll %s: zero time: %w", id, ErrInvalid)
+	}
+	err := db.checked(ctx, func(tx *bbolt.Tx) error {
+		t, err := getToken(tx, e.TokenHash)
+		if err != nil {
+			return err
+		}
+		if err := t.Check(e.Now); err != nil {
+			return fmt.Errorf("token %s: %w", t.ID, err)
+		}
+		if t.DeviceID != "" && t.DeviceID != id {
+			return fmt.Errorf("token %s: %w", t.ID, ErrTokenBound)
+		}
+		if tx.Bucket(bucketDevices).Get([]byte(id)) != nil {
+			return ErrDeviceExists
+		}
+		if tx.Bucket(bucketCerts).Get([]byte(e.Cert.Serial)) != nil {
+			return fmt.Errorf("serial %s: %w", e.Cert.Serial, ErrCertExists)
+		}
+		if !tx.Writable() {
+			return nil
+		}
+		t.Uses++
+		if err := putToken(tx, t); err != nil {
+			return err
+		}
+		d := e.Device
+		d.Role = RoleDevice
+		d.CreatedAt = e.Now
+		d.Serial = e.Cert.Serial
+		d.NotAfter = e.Cert.NotAfter
+		d.LastRenewal = time.Time{}
+		d.RevokedAt = time.Time{}
+		d.TokenID = t.ID
+		if err := putJSON(tx.Bucket(bucketDevices), []byte(id), d); err != nil {
+			return err
+		}
+		if err := putCert(tx, id, e.Cert, e.Now); err != nil {
+			return err
+		}
+		return db.appendAudit(tx, []AuditEvent{
+			{Time: e.Now, Action: ActTokenUse, DeviceID: id, TokenID: t.ID, Remote: e.Remote},
+			{Time: e.Now, Action: ActCertIssue, DeviceID: id, Serial: e.Cert.Serial, TokenID: t.ID, Remote: e.Remote},
+		})
+	})
+	if err != nil {
+		return fmt.Errorf("enroll %s: %w", id, err)
+	}
+	return nil
+}
+
+// putCert writes a new, unrevoked certificate record of device id and
+// indexes it under the device.
+func putCert(tx *bbolt.Tx, id string, c Cert, now time.Time) error {
+	c.DeviceID = id
+	c.RevokedAt = time.Time{}
+	if c.IssuedAt.IsZero() {
+		c.IssuedAt = now
+	}
+	if err := putJSON(tx.Bucket(bucketCerts), []byte(c.Serial), certRecord{Cert: c, DER: c.DER}); err != nil {
+		return err
+	}
+	if err := tx.Bucket(bucketDeviceCerts).Put(deviceCertKey(id, c.Serial), nil); err != nil {
+		return fmt.Errorf("index cert: %w", err)
+	}
+	return nil
+}
+
+// deviceCertKey is the length of id, id and serial, so that the prefix of one
+// id never matches another id that merely starts with it.
+func deviceCertKey(id, serial string) []byte {
+	k := deviceCertPrefix(id)
+	return append(k, serial...)
+}
+
+func deviceCertPrefix(id string) []byte {
+	k := make([]byte, 0, 4+len(id)+32)
+	k = binary.BigEndian.AppendUint32(k, uint32(len(id)))
+	return append(k, id...)
+}
+
+func getCert(tx *bbolt.Tx, serial string) (Cert, error) {
+	var rec certRecord
+	ok, err := getJSON(tx.Bucket(bucketCerts), []byte(serial), &rec)
+	if err != nil {
+		return Cert{}, err
+	}
+	if !ok {
+		return Cert{}, ErrCertUnknown
+	}
+	rec.Cert.DER = rec.DER
+	return rec.Cert, nil
+}
+
+func getDevice(tx *bbolt.Tx, id string) (Device, error) {
+	var d Device
+	ok, err := getJSON(tx.Bucket(bucketDevices), []byte(id), &d)
+	if err != nil {
+		return Device{}, err
+	}
+	if !ok {
+		return Device{}, ErrNotFound
+	}
+	return d, nil
+}
+
+// Renew records a renewed certificate in one transaction after checking the
+// device (ErrNotFound, ErrDeviceRevoked) and the certificate that
+// authenticated the request (ErrCertUnknown, ErrCertMismatch, ErrCertRevoked).
+// The old certificate stays valid until it expires.
+func (db *DB) Renew(ctx context.Context, r Renewal) error {
+	id := r.DeviceID
+	switch {
+	case id == "":
+		return fmt.Errorf("renew: empty device id: %w", ErrInvalid)
+	case r.Cert.Serial == "":
+		return fmt.Errorf("renew %s: empty serial: %w", id, ErrInvalid)
+	case r.Cert.DeviceID != "" && r.Cert.DeviceID != id:
+		return fmt.Errorf("renew %s: new certificate is for %s: %w", id, r.Cert.DeviceID, ErrCertMismatch)
+	case r.Now.IsZero():
+		return fmt.Errorf("renew %s: zero time: %w", id, ErrInvalid)
+	}
+	err := db.checked(ctx, func(tx *bbolt.Tx) error {
+		d, err := getDevice(tx, id)
+		if err != nil {
+			return err
+		}
+		if d.Revoked() {
+			return ErrDeviceRevoked
+		}
+		old, err := getCert(tx, r.OldSerial)
+		if err != nil {
+			return fmt.Errorf("serial %s: %w", r.OldSerial, err)
+		}
+		if old.DeviceID != id {
+			return fmt.Errorf("serial %s: %w", r.OldSerial, ErrCertMismatch)
+		}
+		if old.Revoked() {
+			return fmt.Errorf("serial %s: %w", r.OldSerial, ErrCertRevoked)
+		}
+		if tx.Bucket(bucketCerts).Get([]byte(r.Cert.Serial)) != nil {
+			return fmt.Errorf("serial %s: %w", r.Cert.Serial, ErrCertExists)
+		}
+		if !tx.Writable() {
+			return nil
+		}
+		if err := putCert(tx, id, r.Cert, r.Now); err != nil {
+			return err
+		}
+		d.Serial = r.Cert.Serial
+		d.NotAfter = r.Cert.NotAfter
+		d.LastRenewal = r.Now
+		if err := putJSON(tx.Bucket(bucketDevices), []byte(id), d); err != nil {
+			return err
+		}
+		return db.appendAudit(tx, []AuditEvent{{Time: r.Now, Action: ActCertRenew, DeviceID: id, Serial: r.Cert.Serial, Remote: r.Remote, Detail: "from " + r.OldSerial}})
+	})
+	if err != nil {
+		return fmt.Errorf("renew %s: %w", id, err)
+	}
+	return nil
+}
+
+// CreateIdentity stores a service or operator identity and its first
+// certificate (RoleDevice is refused with ErrInvalid: devices enroll), and
+// appends ActServiceIssue.
+func (db *DB) CreateIdentity(ctx context.Context, d Device, c Cert, remote string, now time.Time) error {
+	id := d.ID
+	switch {
+	case id == "":
+		return fmt.Errorf("create identity: empty id: %w", ErrInvalid)
+	case d.Role != RoleService && d.Role != RoleOperator:
+		return fmt.Errorf("create identity %s: role %q: %w", id, d.Role, ErrInvalid)
+	case c.Serial == "":
+		return fmt.Errorf("create identity %s: empty serial: %w", id, ErrInvalid)
+	case c.DeviceID != "" && c.DeviceID != id:
+		return fmt.Errorf("create identity %s: certificate is for %s: %w", id, c.DeviceID, ErrCertMismatch)
+	}
+	err := db.checked(ctx, func(tx *bbolt.Tx) error {
+		if tx.Bucket(bucketDevices).Get([]byte(id)) != nil {
+			return ErrDeviceExists
+		}
+		if tx.Bucket(bucketCerts).Get([]byte(c.Serial)) != nil {
+			return fmt.Errorf("serial %s: %w", c.Serial, ErrCertExists)
+		}
+		if !tx.Writable() {
+			return nil
+		}
+		rec := d
+		rec.CreatedAt = now
+		rec.Serial = c.Serial
+		rec.NotAfter = c.NotAfter
+		rec.LastRenewal = time.Time{}
+		rec.RevokedAt = time.Time{}
+		if err := putJSON(tx.Bucket(bucketDevices), []byte(id), rec); err != nil {
+			return err
+		}
+		if err := putCert(tx, id, c, now); err != nil {
+			return err
+		}
+		return db.appendAudit(tx, []AuditEvent{{Time: now, Action: ActServiceIssue, DeviceID: id, Serial: c.Serial, Remote: remote, Detail: string(d.Role)}})
+	})
+	if err != nil {
+		return fmt.Errorf("create identity %s: %w", id, err)
+	}
+	return nil
+}
+
+// RevokeDevice revokes identity id and every certificate of it not yet
+// revoked, and returns those certificates (ErrNotFound, ErrDeviceRevoked).
+func (db *DB) RevokeDevice(ctx context.Context, id, remote string, now time.Time) ([]Cert, error) {
+	var revoked []Cert
+	err := db.checked(ctx, func(tx *bbolt.Tx) error {
+		d, err := getDevice(tx, id)
+		if err != nil {
+			return err
+		}
+		if d.Revoked() {
+			return ErrDeviceRevoked
+		}
+		if !tx.Writable() {
+			return nil
+		}
+		d.RevokedAt = now
+		if err := putJSON(tx.Bucket(bucketDevices), []byte(id), d); err != nil {
+			return err
+		}
+		var serials []string
+		prefix := deviceCertPrefix(id)
+		c := tx.Bucket(bucketDeviceCerts).Cursor()
+		for k, _ := c.Seek(prefix); k != nil && bytes.HasPrefix(k, prefix); k, _ = c.Next() {
+			serials = append(serials, string(k[len(prefix):]))
+		}
+		var out []Cert
+		rb := tx.Bucket(bucketRevoked)
+		for _, s := range serials {
+			cert, err := getCert(tx, s)
+			if err != nil {
+				return fmt.Errorf("indexed serial %s: %w", s, err)
+			}
+			if cert.Revoked() {
+				continue
+			}
+			cert.RevokedAt = now
+			if err := putJSON(tx.Bucket(bucketCerts), []byte(s), certRecord{Cert: cert, DER: cert.DER}); err != nil {
+				return err
+			}
+			if err := rb.Put([]byte(s), nil); err != nil {
+				return fmt.Errorf("index revoked: %w", err)
+			}
+			out = append(out, cert)
+		}
+		revoked = out // assigned, not appended: this function may run twice
+		return db.appendAudit(tx, []AuditEvent{{Time: now, Action: ActDeviceRevoke, DeviceID: id, Serial: d.Serial, Remote: remote}})
+	})
+	if err != nil {
+		return nil, fmt.Errorf("revoke device %s: %w", id, err)
+	}
+	return revoked, nil
+}
+
+// Device returns identity id, or ErrNotFound.
+func (db *DB) Device(ctx context.Context, id string) (Device, error) {
+	var d Device
+	err := db.view(ctx, func(tx *bbolt.Tx) error {
+		var err error
+		d, err = getDevice(tx, id)
+		return err
+	})
+	if err != nil {
+		return Device{}, fmt.Errorf("device %s: %w", id, err)
+	}
+	return d, nil
+}
+
+// Devices returns every identity, sorted by ID.
+func (db *DB) Devices(ctx context.Context) ([]Device, error) {
+	var out []Device
+	err := db.view(ctx, func(tx *bbolt.Tx) error {
+		return tx.Bucket(bucketDevices).ForEach(func(_, v []byte) error {
+			var d Device
+			if err := json.Unmarshal(v, &d); err != nil {
+				return fmt.Errorf("decode device: %w", err)
+			}
+			out = append(out, d)
+			return nil
+		})
+	})
+	if err != nil {
+		return nil, fmt.Errorf("list devices: %w", err)
+	}
+	return out, nil // bbolt iterates in byte order of the ids
+}
+
+// Cert returns the certificate record with serial, or ErrCertUnknown.
+func (db *DB) Cert(ctx context.Context, serial string) (Cert, error) {
+	var c Cert
+	err := db.view(ctx, func(tx *bbolt.Tx) error {
+		var err error
+		c, err = getCert(tx, serial)
+		return err
+	})
+	if err != nil {
+		return Cert{}, fmt.Errorf("cert %s: %w", serial, err)
+	}
+	return c, nil
+}
+
+// RevokedCerts returns every revoked certificate, sorted by serial.
+func (db *DB) RevokedCerts(ctx context.Context) ([]Cert, error) {
+	var out []Cert
+	err := db.view(ctx, func(tx *bbolt.Tx) error {
+		return tx.Bucket(bucketRevoked).ForEach(func(k, _ []byte) error {
+			c, err := getCert(tx, string(k))
+			if err != nil {
+				return fmt.Errorf("revoked serial %s: %w", k, err)
+			}
+			out = append(out, c)
+			return nil
+		})
+	})
+	if err != nil {
+		return nil, fmt.Errorf("list revoked certs: %w", err)
+	}
+	return out, nil
+}

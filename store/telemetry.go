@@ -1,0 +1,326 @@
+package store
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"encoding/json"
+	"fmt"
+	"math"
+	"slices"
+	"time"
+
+	"go.etcd.io/bbolt"
+)
+
+// Telemetry value layout, after the 16-byte key (Received UnixNano, sequence):
+//
+//	version (1) | qos (1) | uvarint len(topic) | topic | payload
+const telemetryV1 = 1
+
+// pruneChunk is the most deletes PruneTelemetry puts in one transaction, so
+// that telemetry writers queued behind it wait for milliseconds, not seconds.
+const pruneChunk = 10_000
+
+var (
+	minTime = time.Unix(0, 0)
+	maxTime = time.Unix(0, math.MaxInt64)
+)
+
+// nanoKey is t as an 8-byte big-endian key prefix that sorts like time, with
+// times before 1970 clamped to 0 and after 2262 to the largest key.
+func nanoKey(t time.Time) []byte {
+	var n uint64
+	switch {
+	case t.Before(minTime):
+		n = 0
+	case t.After(maxTime):
+		n = math.MaxInt64
+	default:
+		n = uint64(t.UnixNano())
+	}
+	return binary.BigEndian.AppendUint64(make([]byte, 0, 16), n)
+}
+
+func encodeMessage(m Message) []byte {
+	v := make([]byte, 0, 2+binary.MaxVarintLen64+len(m.Topic)+len(m.Payload))
+	v = append(v, telemetryV1, m.QoS)
+	v = binary.AppendUvarint(v, uint64(len(m.Topic)))
+	v = append(v, m.Topic...)
+	return append(v, m.Payload...)
+}
+
+// decodeMessage copies everything out of k and v, which belong to the
+// transaction.
+func decodeMessage(deviceID string, k, v []byte) (Message, error) {
+	if len(k) != 16 || len(v) < 3 || v[0] != telemetryV1 {
+		return Message{}, fmt.Errorf("decode telemetry of %s: bad record", deviceID)
+	}
+	n, w := binary.Uvarint(v[2:])
+	if w <= 0 || n > uint64(len(v)-2-w) {
+		return Message{}, fmt.Errorf("decode telemetry of %s: bad topic length", deviceID)
+	}
+	off := 2 + w
+	return Message{
+		DeviceID: deviceID,
+		Topic:    string(v[off : off+int(n)]),
+		Received: time.Unix(0, int64(binary.BigEndian.Uint64(k[:8]))).UTC(),
+		QoS:      v[1],
+		Payload:  bytes.Clone(v[off+int(n):]),
+	}, nil
+}
+
+// AppendTelemetry stores msgs; when it returns nil they are on disk. Every
+// message needs a DeviceID and a Received time after 1970.
+func (db *DB) AppendTelemetry(ctx context.Context, msgs []Message) error {
+	if len(msgs) == 0 {
+		return nil
+	}
+	for _, m := range msgs {
+		if m.DeviceID == "" || m.Received.Before(minTime) || m.Received.After(maxTime) {
+			return fmt.Errorf("append telemetry: message without device id or with received %s: %w", m.Received, ErrInvalid)
+		}
+	}
+	err := db.update(ctx, func(tx *bbolt.Tx) error {
+		tb := tx.Bucket(bucketTelemetry)
+		var b *bbolt.Bucket
+		var last string
+		for _, m := range msgs {
+			if b == nil || m.DeviceID != last {
+				var err error
+				if b, err = tb.CreateBucketIfNotExists([]byte(m.DeviceID)); err != nil {
+					return fmt.Errorf("telemetry bucket of %s: %w", m.DeviceID, err)
+				}
+				b.FillPercent = 0.9 // keys mostly grow with time
+				last = m.DeviceID
+			}
+			seq, err := b.NextSequence()
+			if err != nil {
+				return fmt.Errorf("telemetry sequence: %w", err)
+			}
+			k := binary.BigEndian.AppendUint64(nanoKey(m.Received), seq)
+			if err := b.Put(k, encodeMessage(m)); err != nil {
+				return fmt.Errorf("put telemetry of %s: %w", m.DeviceID, err)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("append telemetry: %w", err)
+	}
+	return nil
+}
+
+// Telemetry returns the newest limit (0 means 1000) messages of deviceID
+// received at or after since, oldest first.
+func (db *DB) Telemetry(ctx context.Context, deviceID string, since time.Time, limit int) ([]Message, error) {
+	if limit <= 0 {
+		limit = 1000
+	}
+	from := nanoKey(since)
+	var out []Message
+	err := db.view(ctx, func(tx *bbolt.Tx) error {
+		b := tx.Bucket(bucketTelemetry).Bucket([]byte(deviceID))
+		if b == nil {
+			return nil
+		}
+		c := b.Cursor()
+		for k, v := c.Last(); k != nil && len(out) < limit; k, v = c.Prev() {
+			if len(k) != 16 {
+				return fmt.Errorf("telemetry of %s: bad key %x", deviceID, k)
+			}
+			if bytes.Compare(k[:8], from) < 0 {
+				break
+			}
+			m, err := decodeMessage(deviceID, k, v)
+			if err != nil {
+				return err
+			}
+			out = append(out, m)
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("read telemetry of %s: %w", deviceID, err)
+	}
+	slices.Reverse(out)
+	return out, nil
+}
+
+// TelemetryAfter returns at most limit (0 means 1000) messages of deviceID
+// received strictly after after, oldest first: the next page for a follower.
+func (db *DB) TelemetryAfter(ctx context.Context, deviceID string, after time.Time, limit int) ([]Message, error) {
+	if limit <= 0 {
+		limit = 1000
+	}
+	if !after.Before(maxTime) {
+		return nil, nil
+	}
+	from := nanoKey(after)
+	if !after.Before(minTime) {
+		from = nanoKey(after.Add(time.Nanosecond))
+	}
+	var out []Message
+	err := db.view(ctx, func(tx *bbolt.Tx) error {
+		b := tx.Bucket(bucketTelemetry).Bucket([]byte(deviceID))
+		if b == nil {
+			return nil
+		}
+		c := b.Cursor()
+		for k, v := c.Seek(from); k != nil && len(out) < limit; k, v = c.Next() {
+			m, err := decodeMessage(deviceID, k, v)
+			if err != nil {
+				return err
+			}
+			out = append(out, m)
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("read telemetry of %s: %w", deviceID, err)
+	}
+	return out, nil
+}
+
+// PruneTelemetry deletes every message received before before, and every
+// message beyond the newest maxPerDevice of its device (0: no count cap). It
+// works in transactions of at most pruneChunk deletes so that writers are
+// never stalled for long, and returns how many messages it deleted. A device
+// left without messages loses its bucket.
+func (db *DB) PruneTelemetry(ctx context.Context, before time.Time, maxPerDevice int) (int, error) {
+	cut := nanoKey(before)
+	if maxPerDevice < 0 {
+		maxPerDevice = 0
+	}
+	total := 0
+	var resume []byte // device to continue with; nil: from the first
+	for {
+		var deleted int
+		var next []byte
+		var done bool
+		err := db.update(ctx, func(tx *bbolt.Tx) error {
+			// Outputs are assigned at the end of each run: this may run twice.
+			d, n, fin, err := pruneChunkTx(tx, resume, cut, maxPerDevice)
+			deleted, next, done = d, n, fin
+			return err
+		})
+		if err != nil {
+			return total, fmt.Errorf("prune telemetry: %w", err)
+		}
+		total += deleted
+		if done {
+			return total, nil
+		}
+		resume = next
+	}
+}
+
+// pruneChunkTx deletes up to pruneChunk messages, device by device from
+// resume. It returns the number deleted, the device to resume with and
+// whether every device has been pruned.
+func pruneChunkTx(tx *bbolt.Tx, resume, cut []byte, maxPerDevice int) (int, []byte, bool, error) {
+	tb := tx.Bucket(bucketTelemetry)
+	deleted := 0
+	var empty [][]byte
+	dc := tb.Cursor()
+	name, v := dc.First()
+	if resume != nil {
+		name, v = dc.Seek(resume)
+	}
+	for ; name != nil; name, v = dc.Next() {
+		if v != nil {
+			continue // not a bucket
+		}
+		b := tb.Bucket(name)
+		var keepFrom []byte // oldest key kept by the count cap
+		if maxPerDevice > 0 {
+			c := b.Cursor()
+			k, _ := c.Last()
+			for i := 1; k != nil && i < maxPerDevice; i++ {
+				k, _ = c.Prev()
+			}
+			keepFrom = k // nil: fewer than maxPerDevice messages
+		}
+		var doomed [][]byte
+		c := b.Cursor()
+		for k, _ := c.First(); k != nil; k, _ = c.Next() {
+			if len(k) != 16 {
+				return 0, nil, false, fmt.Errorf("telemetry of %s: bad key %x", name, k)
+			}
+			if bytes.Compare(k[:8], cut) >= 0 && (keepFrom == nil || bytes.Compare(k, keepFrom) >= 0) {
+				break
+			}
+			if deleted+len(doomed) == pruneChunk {
+				break
+			}
+			doomed = append(doomed, bytes.Clone(k))
+		}
+		for _, k := range doomed {
+			if err := b.Delete(k); err != nil {
+				return 0, nil, false, fmt.Errorf("delete telemetry of %s: %w", name, err)
+			}
+		}
+		deleted += len(doomed)
+		if k, _ := b.Cursor().First(); k == nil {
+			empty = append(empty, bytes.Clone(name))
+		}
+		if deleted == pruneChunk {
+			next := bytes.Clone(name)
+			return deleted, next, false, deleteBuckets(tb, empty)
+		}
+	}
+	return deleted, nil, true, deleteBuckets(tb, empty)
+}
+
+func deleteBuckets(tb *bbolt.Bucket, names [][]byte) error {
+	for _, name := range names {
+		if err := tb.DeleteBucket(name); err != nil {
+			return fmt.Errorf("delete empty telemetry bucket %s: %w", name, err)
+		}
+	}
+	return nil
+}
+
+// SetPresence stores the connection state of each device in ps.
+func (db *DB) SetPresence(ctx context.Context, ps ...Presence) error {
+	if len(ps) == 0 {
+		return nil
+	}
+	for _, p := range ps {
+		if p.DeviceID == "" {
+			return fmt.Errorf("set presence: empty device id: %w", ErrInvalid)
+		}
+	}
+	err := db.update(ctx, func(tx *bbolt.Tx) error {
+		b := tx.Bucket(bucketPresence)
+		for _, p := range ps {
+			if err := putJSON(b, []byte(p.DeviceID), p); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("set presence: %w", err)
+	}
+	return nil
+}
+
+// Presences returns the last known state of every device, by device id.
+func (db *DB) Presences(ctx context.Context) (map[string]Presence, error) {
+	out := make(map[string]Presence)
+	err := db.view(ctx, func(tx *bbolt.Tx) error {
+		return tx.Bucket(bucketPresence).ForEach(func(k, v []byte) error {
+			var p Presence
+			if err := json.Unmarshal(v, &p); err != nil {
+				return fmt.Errorf("decode presence of %s: %w", k, err)
+			}
+			out[string(k)] = p
+			return nil
+		})
+	})
+	if err != nil {
+		return nil, fmt.Errorf("read presences: %w", err)
+	}
+	return out, nil
+}

@@ -1,0 +1,270 @@
+package store_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/fleetmq/fleetmq/store"
+)
+
+func at(i int) time.Time { return t0.Add(time.Duration(i) * time.Second) }
+
+func msg(dev string, i int) store.Message {
+	return store.Message{
+		DeviceID: dev,
+		Topic:    fmt.Sprintf("fleet/%s/t/%d", dev, i),
+		Received: at(i),
+		QoS:      byte(i % 3),
+		Payload:  []byte{byte(i), 0, 0xff, '\n'},
+	}
+}
+
+func received(ms []store.Message) []int {
+	var out []int
+	for _, m := range ms {
+		out = append(out, int(m.Received.Sub(t0)/time.Second))
+	}
+	return out
+}
+
+func equalInts(a, b []int) bool { return fmt.Sprint(a) == fmt.Sprint(b) }
+
+func TestTelemetryOrderSinceLimit(t *testing.T) {
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), "fleet.db")
+	db := store.OpenTestPath(t, path, store.Options{})
+	// Out of order and in several calls; two messages share a timestamp.
+	var batch []store.Message
+	for _, i := range []int{5, 1, 9, 0, 3, 7} {
+		batch = append(batch, msg("a", i))
+	}
+	batch = append(batch, msg("b", 4))
+	if err := db.AppendTelemetry(ctx, batch); err != nil {
+		t.Fatal(err)
+	}
+	twin := msg("a", 5)
+	twin.Topic = "second at 5"
+	twin.Payload = nil
+	for _, m := range []store.Message{msg("a", 2), msg("a", 4), msg("a", 6), msg("a", 8), twin} {
+		if err := db.AppendTelemetry(ctx, []store.Message{m}); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	all, err := db.Telemetry(ctx, "a", time.Time{}, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := []int{0, 1, 2, 3, 4, 5, 5, 6, 7, 8, 9}; !equalInts(received(all), want) {
+		t.Fatalf("order %v, want %v", received(all), want)
+	}
+	for _, m := range all {
+		i := int(m.Received.Sub(t0) / time.Second)
+		want := msg("a", i)
+		if m.Topic == twin.Topic {
+			want = twin
+		}
+		if m.DeviceID != "a" || m.Topic != want.Topic || m.QoS != want.QoS || !bytes.Equal(m.Payload, want.Payload) {
+			t.Fatalf("message %+v, want %+v", m, want)
+		}
+	}
+	if all[5].Topic != msg("a", 5).Topic || all[6].Topic != twin.Topic {
+		t.Fatalf("same-time messages not in arrival order: %q, %q", all[5].Topic, all[6].Topic)
+	}
+
+	got, err := db.Telemetry(ctx, "a", at(6), 0)
+	if err != nil || !equalInts(received(got), []int{6, 7, 8, 9}) {
+		t.Fatalf("since 6: %v %v", received(got), err)
+	}
+	got, err = db.Telemetry(ctx, "a", at(2), 3)
+	if err != nil || !equalInts(received(got), []int{7, 8, 9}) {
+		t.Fatalf("since 2 limit 3: %v %v", received(got), err)
+	}
+	got, err = db.TelemetryAfter(ctx, "a", at(4), 3)
+	if err != nil || !equalInts(received(got), []int{5, 5, 6}) {
+		t.Fatalf("after 4 limit 3: %v %v", received(got), err)
+	}
+	got, err = db.TelemetryAfter(ctx, "a", time.Time{}, 2)
+	if err != nil || !equalInts(received(got), []int{0, 1}) {
+		t.Fatalf("after zero limit 2: %v %v", received(got), err)
+	}
+	got, err = db.TelemetryAfter(ctx, "a", at(9), 0)
+	if err != nil || len(got) != 0 {
+		t.Fatalf("after newest: %v %v", received(got), err)
+	}
+	got, err = db.Telemetry(ctx, "nobody", time.Time{}, 0)
+	if err != nil || len(got) != 0 {
+		t.Fatalf("unknown device: %v %v", got, err)
+	}
+	got, err = db.Telemetry(ctx, "b", time.Time{}, 0)
+	if err != nil || !equalInts(received(got), []int{4}) {
+		t.Fatalf("device b: %v %v", received(got), err)
+	}
+
+}
+
+// Payloads must be copies: after Close the file is unmapped, and a slice
+// into the map would fault. The device's bucket is made too large to be
+// stored inline, since bbolt copies small inline buckets out of the map.
+func TestTelemetryPayloadOutlivesTransaction(t *testing.T) {
+	ctx := context.Background()
+	db := store.OpenTestPath(t, filepath.Join(t.TempDir(), "fleet.db"), store.Options{})
+	payload := func(i int) []byte { return bytes.Repeat([]byte{byte(i), 0, 0xff}, 40) }
+	var batch []store.Message
+	for i := range 200 {
+		batch = append(batch, store.Message{DeviceID: "a", Topic: "t", Received: at(i), Payload: payload(i)})
+	}
+	if err := db.AppendTelemetry(ctx, batch); err != nil {
+		t.Fatal(err)
+	}
+	got, err := db.Telemetry(ctx, "a", time.Time{}, 0)
+	if err != nil || len(got) != 200 {
+		t.Fatalf("read %d %v", len(got), err)
+	}
+	if err := db.Close(); err != nil {
+		t.Fatal(err)
+	}
+	for i, m := range got {
+		if !bytes.Equal(m.Payload, payload(i)) {
+			t.Fatalf("payload %d changed after Close", i)
+		}
+	}
+}
+
+func TestAppendTelemetryRefusesBadMessages(t *testing.T) {
+	ctx := context.Background()
+	db := store.OpenTest(t)
+	for _, m := range []store.Message{
+		{Topic: "no device", Received: t0},
+		{DeviceID: "a", Topic: "zero time"},
+		{DeviceID: "a", Topic: "1960", Received: time.Date(1960, 1, 1, 0, 0, 0, 0, time.UTC)},
+	} {
+		before := store.Snapshot(t, db)
+		err := db.AppendTelemetry(ctx, []store.Message{msg("a", 1), m})
+		if !errors.Is(err, store.ErrInvalid) {
+			t.Fatalf("%s: err %v, want ErrInvalid", m.Topic, err)
+		}
+		if len(diff(before, store.Snapshot(t, db))) != 0 {
+			t.Fatalf("%s: refused batch was partly written", m.Topic)
+		}
+	}
+}
+
+func TestPruneTelemetry(t *testing.T) {
+	ctx := context.Background()
+	db := store.OpenTest(t)
+	var batch []store.Message
+	for i := range 10 {
+		batch = append(batch, msg("a", i), msg("b", i))
+	}
+	batch = append(batch, msg("c", 1), msg("c", 2))
+	if err := db.AppendTelemetry(ctx, batch); err != nil {
+		t.Fatal(err)
+	}
+
+	n, err := db.PruneTelemetry(ctx, at(4), 0)
+	if err != nil || n != 10 {
+		t.Fatalf("prune by age: %d %v, want 10", n, err)
+	}
+	for _, dev := range []string{"a", "b"} {
+		got, err := db.Telemetry(ctx, dev, time.Time{}, 0)
+		if err != nil || !equalInts(received(got), []int{4, 5, 6, 7, 8, 9}) {
+			t.Fatalf("%s after age prune: %v %v", dev, received(got), err)
+		}
+	}
+	if got, err := db.Telemetry(ctx, "c", time.Time{}, 0); err != nil || len(got) != 0 {
+		t.Fatalf("c after age prune: %v %v", received(got), err)
+	}
+
+	n, err = db.PruneTelemetry(ctx, time.Time{}, 2)
+	if err != nil || n != 8 {
+		t.Fatalf("prune by count: %d %v, want 8", n, err)
+	}
+	for _, dev := range []string{"a", "b"} {
+		got, err := db.Telemetry(ctx, dev, time.Time{}, 0)
+		if err != nil || !equalInts(received(got), []int{8, 9}) {
+			t.Fatalf("%s after count prune: %v %v", dev, received(got), err)
+		}
+	}
+	if n, err := db.PruneTelemetry(ctx, at(4), 2); err != nil || n != 0 {
+		t.Fatalf("nothing left to prune: %d %v", n, err)
+	}
+	// Both limits at once: age removes 8, count then keeps only 9.
+	n, err = db.PruneTelemetry(ctx, at(9), 1)
+	if err != nil || n != 2 {
+		t.Fatalf("prune by age and count: %d %v, want 2", n, err)
+	}
+	// A device emptied earlier can receive telemetry again.
+	if err := db.AppendTelemetry(ctx, []store.Message{msg("c", 20)}); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := db.Telemetry(ctx, "c", time.Time{}, 0); err != nil || !equalInts(received(got), []int{20}) {
+		t.Fatalf("c after re-append: %v %v", received(got), err)
+	}
+}
+
+func TestPruneTelemetryInChunks(t *testing.T) {
+	ctx := context.Background()
+	db := store.OpenTest(t)
+	const n = 25_000
+	batch := make([]store.Message, 0, n)
+	for i := range n {
+		batch = append(batch, store.Message{DeviceID: "a", Topic: "t", Received: t0.Add(time.Duration(i)), Payload: []byte{1}})
+	}
+	if err := db.AppendTelemetry(ctx, batch); err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var groups int
+	store.SetGroupHook(db, func(int) {
+		mu.Lock()
+		groups++
+		mu.Unlock()
+	})
+	got, err := db.PruneTelemetry(ctx, t0.Add(time.Hour), 0)
+	if err != nil || got != n {
+		t.Fatalf("pruned %d %v, want %d", got, err, n)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if groups < 3 {
+		t.Fatalf("prune of %d messages took %d transactions, want at least 3", n, groups)
+	}
+	if msgs, err := db.Telemetry(ctx, "a", time.Time{}, 0); err != nil || len(msgs) != 0 {
+		t.Fatalf("left %d messages, %v", len(msgs), err)
+	}
+}
+
+func TestPresence(t *testing.T) {
+	ctx := context.Background()
+	db := store.OpenTest(t)
+	err := db.SetPresence(ctx,
+		store.Presence{DeviceID: "a", Online: true, LastSeen: t0, Node: "n1"},
+		store.Presence{DeviceID: "b", Online: true, LastSeen: t0},
+	)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := db.SetPresence(ctx, store.Presence{DeviceID: "b", Online: false, LastSeen: at(5)}); err != nil {
+		t.Fatal(err)
+	}
+	ps, err := db.Presences(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a := ps["a"]; len(ps) != 2 || !a.Online || a.Node != "n1" || !a.LastSeen.Equal(t0) {
+		t.Fatalf("presences %+v", ps)
+	}
+	if b := ps["b"]; b.Online || !b.LastSeen.Equal(at(5)) {
+		t.Fatalf("b %+v", b)
+	}
+	if err := db.SetPresence(ctx, store.Presence{}); !errors.Is(err, store.ErrInvalid) {
+		t.Fatalf("empty id: %v", err)
+	}
+}

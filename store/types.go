@@ -1,0 +1,158 @@
+package store
+
+import (
+	"errors"
+	"time"
+)
+
+// Sentinel errors callers branch on. Every error returned by the store wraps
+// one of these or is an internal failure (I/O, corruption, closed database).
+var (
+	ErrNotFound      = errors.New("not found")
+	ErrLocked        = errors.New("database is locked by another process")
+	ErrClosed        = errors.New("store is closed")
+	ErrTokenUnknown  = errors.New("token unknown")
+	ErrTokenExpired  = errors.New("token expired")
+	ErrTokenUsed     = errors.New("token has no uses left")
+	ErrTokenRevoked  = errors.New("token revoked")
+	ErrTokenBound    = errors.New("token is bound to another device id")
+	ErrDeviceExists  = errors.New("device id already taken")
+	ErrDeviceRevoked = errors.New("device revoked")
+	ErrCertUnknown   = errors.New("certificate unknown")
+	ErrCertRevoked   = errors.New("certificate revoked")
+	ErrCertMismatch  = errors.New("certificate belongs to another device")
+)
+
+// Role says what an identity may do on the broker. It is fixed when the
+// identity is created and never derived from anything a client sends.
+type Role string
+
+const (
+	RoleDevice   Role = "device"   // enrolled with a bootstrap token
+	RoleService  Role = "service"  // backend issued by an operator (fleetmq service issue)
+	RoleOperator Role = "operator" // dashboard user issued by an operator
+)
+
+// Device is one identity of the fleet (a device, a service or an operator),
+// keyed by its id, which is also the CN of its certificates.
+type Device struct {
+	ID          string            `json:"id"`
+	Role        Role              `json:"role"`
+	CreatedAt   time.Time         `json:"created_at"`
+	Labels      map[string]string `json:"labels,omitempty"`
+	Serial      string            `json:"serial"`    // current certificate serial, lowercase hex
+	NotAfter    time.Time         `json:"not_after"` // of the current certificate
+	LastRenewal time.Time         `json:"last_renewal,omitzero"`
+	RevokedAt   time.Time         `json:"revoked_at,omitzero"`
+	TokenID     string            `json:"token_id,omitempty"` // token that enrolled it
+}
+
+// Revoked reports whether the device was revoked.
+func (d Device) Revoked() bool { return !d.RevokedAt.IsZero() }
+
+// Token is a bootstrap token as stored: only the SHA-256 of its secret.
+type Token struct {
+	ID        string            `json:"id"`                  // public id: hex of the first 6 bytes of Hash
+	Hash      [32]byte          `json:"-"`                   // SHA-256 of the secret
+	DeviceID  string            `json:"device_id,omitempty"` // bound id; empty means free
+	MaxUses   int               `json:"max_uses"`
+	Uses      int               `json:"uses"`
+	Labels    map[string]string `json:"labels,omitempty"`
+	CreatedAt time.Time         `json:"created_at"`
+	ExpiresAt time.Time         `json:"expires_at"`
+	RevokedAt time.Time         `json:"revoked_at,omitzero"`
+}
+
+// Check returns why the token cannot be used at now, or nil.
+func (t Token) Check(now time.Time) error {
+	switch {
+	case !t.RevokedAt.IsZero():
+		return ErrTokenRevoked
+	case !now.Before(t.ExpiresAt):
+		return ErrTokenExpired
+	case t.Uses >= t.MaxUses:
+		return ErrTokenUsed
+	}
+	return nil
+}
+
+// Cert is the record of one issued certificate.
+type Cert struct {
+	Serial    string    `json:"serial"` // lowercase hex, no leading zeros
+	DeviceID  string    `json:"device_id"`
+	NotBefore time.Time `json:"not_before"`
+	NotAfter  time.Time `json:"not_after"`
+	IssuedAt  time.Time `json:"issued_at"`
+	RevokedAt time.Time `json:"revoked_at,omitzero"`
+	DER       []byte    `json:"-"`
+}
+
+// Revoked reports whether the certificate was revoked.
+func (c Cert) Revoked() bool { return !c.RevokedAt.IsZero() }
+
+// Audit actions.
+const (
+	ActTokenCreate  = "token.create"
+	ActTokenUse     = "token.use"
+	ActTokenFail    = "token.fail"
+	ActTokenRevoke  = "token.revoke"
+	ActCertIssue    = "cert.issue"
+	ActCertRenew    = "cert.renew"
+	ActRenewFail    = "cert.renew_fail"
+	ActDeviceRevoke = "device.revoke"
+	ActServiceIssue = "service.issue"
+)
+
+// AuditEvent is one append-only audit record.
+type AuditEvent struct {
+	Seq      uint64    `json:"seq"` // assigned by the store
+	Time     time.Time `json:"time"`
+	Action   string    `json:"action"`
+	DeviceID string    `json:"device_id,omitempty"`
+	Serial   string    `json:"serial,omitempty"`
+	TokenID  string    `json:"token_id,omitempty"`
+	Remote   string    `json:"remote,omitempty"`
+	Detail   string    `json:"detail,omitempty"` // an error code or a short note; never a secret
+}
+
+// AuditFilter selects audit events; zero fields match everything.
+type AuditFilter struct {
+	DeviceID string
+	Since    time.Time
+	Limit    int // newest Limit events; 0 means 1000
+}
+
+// Enrollment is everything one successful enrollment writes, in one transaction.
+type Enrollment struct {
+	TokenHash [32]byte
+	Device    Device // ID, Role (must be RoleDevice), Labels; Serial/NotAfter are taken from Cert
+	Cert      Cert
+	Remote    string
+	Now       time.Time
+}
+
+// Renewal is everything one successful renewal writes, in one transaction.
+type Renewal struct {
+	DeviceID  string
+	OldSerial string // certificate that authenticated the request
+	Cert      Cert   // the new certificate
+	Remote    string
+	Now       time.Time
+}
+
+// Message is one stored telemetry message.
+type Message struct {
+	DeviceID string    `json:"device_id"`
+	Topic    string    `json:"topic"`
+	Received time.Time `json:"received"`
+	QoS      byte      `json:"qos"`
+	Payload  []byte    `json:"-"`
+}
+
+// Presence is the last known connection state of a device.
+type Presence struct {
+	DeviceID string    `json:"device_id"`
+	Online   bool      `json:"online"`
+	LastSeen time.Time `json:"last_seen,omitzero"`
+	Node     string    `json:"node,omitempty"`
+}
