@@ -1,0 +1,642 @@
+package enroll
+
+import (
+	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/ed25519"
+	"crypto/rsa"
+	"crypto/sha256"
+	"crypto/x509"
+	"encoding/base64"
+	"encoding/json"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"io"
+	"math/big"
+	"mime"
+	"net"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/fleetmq/fleetmq/store"
+)
+
+// Store is what the enrollment endpoint needs from fleet state.
+type Store interface {
+	TokenByHash(ctx context.Context, hash [32]byte) (store.Token, error)
+	Enroll(ctx context.Context, e store.Enrollment) error
+	Renew(ctx context.Context, r store.Renewal) error
+	Device(ctx context.Context, id string) (store.Device, error)
+	Cert(ctx context.Context, serial string) (store.Cert, error)
+	RevokedCerts(ctx context.Context) ([]store.Cert, error)
+	AppendAudit(ctx context.Context, evs ...store.AuditEvent) error
+}
+
+// Config configures the enrollment endpoint. Zero values mean the defaults
+// named on each field.
+type Config struct {
+	CA           *CA           // required
+	CertLifetime time.Duration // device certificate lifetime; default 30 days
+	RenewGrace   time.Duration // how long after expiry a certificate may still renew; default 7 days
+	// BrokerURL is returned to devices; default "mqtts://<host the device used>:<MQTTPort>".
+	BrokerURL string
+	MQTTPort  int // default 8883
+	// FailureRate and FailureBurst bound failed enrollment and renewal
+	// attempts per remote address (a token bucket); defaults 0.2/s and 10.
+	FailureRate  float64
+	FailureBurst int
+	// CRLValidity is how far ahead the CRL's NextUpdate lies. It is long on
+	// purpose: a relying party that enforces NextUpdate must never lock the
+	// fleet out because the server was down; default 30 days.
+	CRLValidity time.Duration
+	Logger      zerolog.Logger   // default zerolog.Nop()
+	Now         func() time.Time // default time.Now
+}
+
+// MaxBodySize bounds every request body.
+const MaxBodySize = 64 << 10
+
+// maxHeaderValue bounds a single header value; longer ones are refused with
+// a JSON error before any work is done.
+const maxHeaderValue = 8 << 10
+
+// Handler serves the enrollment API: /v1/ca, /v1/enroll, /v1/renew, /v1/crl.
+type Handler struct {
+	cfg     Config
+	st      Store
+	log     zerolog.Logger
+	mux     *http.ServeMux
+	limiter *failureLimiter
+
+	mqttPort atomic.Int64
+
+	crlMu  sync.Mutex
+	crl    []byte
+	crlErr error
+}
+
+// NewHandler returns the enrollment handler.
+func NewHandler(cfg Config, st Store) (*Handler, error) {
+	if cfg.CA == nil {
+		return nil, errors.New("enroll: config needs a CA")
+	}
+	if st == nil {
+		return nil, errors.New("enroll: config needs a store")
+	}
+	if cfg.CertLifetime == 0 {
+		cfg.CertLifetime = 30 * 24 * time.Hour
+	}
+	if cfg.CertLifetime < time.Minute {
+		return nil, fmt.Errorf("enroll: certificate lifetime %v is shorter than a minute", cfg.CertLifetime)
+	}
+	if cfg.RenewGrace == 0 {
+		cfg.RenewGrace = 7 * 24 * time.Hour
+	}
+	if cfg.RenewGrace < 0 {
+		return nil, fmt.Errorf("enroll: negative renewal grace %v", cfg.RenewGrace)
+	}
+	if cfg.MQTTPort == 0 {
+		cfg.MQTTPort = 8883
+	}
+	if cfg.FailureRate == 0 {
+		cfg.FailureRate = 0.2
+	}
+	if cfg.FailureBurst == 0 {
+		cfg.FailureBurst = 10
+	}
+	if cfg.CRLValidity == 0 {
+		cfg.CRLValidity = 30 * 24 * time.Hour
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	h := &Handler{
+		cfg:     cfg,
+		st:      st,
+		log:     cfg.Logger,
+		mux:     http.NewServeMux(),
+		limiter: newFailureLimiter(cfg.FailureRate, cfg.FailureBurst, cfg.Now),
+	}
+	h.mqttPort.Store(int64(cfg.MQTTPort))
+	h.mux.HandleFunc("GET /v1/ca", h.serveCA)
+	h.mux.HandleFunc("GET /v1/crl", h.serveCRL)
+	h.mux.HandleFunc("POST /v1/enroll", h.serveEnroll)
+	h.mux.HandleFunc("POST /v1/renew", h.serveRenew)
+	return h, nil
+}
+
+// SetMQTTPort changes the port of the broker URL handed to devices, for a
+// broker bound to an ephemeral port.
+func (h *Handler) SetMQTTPort(port int) { h.mqttPort.Store(int64(port)) }
+
+// Handle registers another handler on the same mux (EST lives beside /v1).
+func (h *Handler) Handle(pattern string, handler http.Handler) { h.mux.Handle(pattern, handler) }
+
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	for _, vs := range r.Header {
+		for _, v := range vs {
+			if len(v) > maxHeaderValue {
+				h.writeError(w, r, Errorf(CodeHeaderTooLarge, "a request header is longer than %d bytes", maxHeaderValue))
+				return
+			}
+		}
+	}
+	// The mux answers unknown paths and methods in plain text; keep every
+	// answer in the one JSON error format.
+	if _, pattern := h.mux.Handler(r); pattern == "" {
+		if h.pathKnown(r) {
+			h.writeError(w, r, Errorf(CodeMethod, "method %s not allowed here", r.Method))
+		} else {
+			h.writeError(w, r, Errorf(CodeNotFound, "no such endpoint"))
+		}
+		return
+	}
+	h.mux.ServeHTTP(w, r)
+}
+
+func (h *Handler) pathKnown(r *http.Request) bool {
+	for _, m := range []string{http.MethodGet, http.MethodPost} {
+		probe := r.Clone(r.Context())
+		probe.Method = m
+		if _, p := h.mux.Handler(probe); p != "" {
+			return true
+		}
+	}
+	return false
+}
+
+func (h *Handler) serveCA(w http.ResponseWriter, r *http.Request) {
+	w.Header().Set("Content-Type", "application/x-pem-file")
+	w.Write(h.cfg.CA.ChainPEM())
+}
+
+func (h *Handler) serveCRL(w http.ResponseWriter, r *http.Request) {
+	der, err := h.currentCRL(r.Context())
+	if err != nil {
+		h.writeError(w, r, &Error{Code: CodeUnavailable, Message: "CRL not available", Err: err})
+		return
+	}
+	w.Header().Set("Content-Type", "application/pkix-crl")
+	w.Write(der)
+}
+
+func (h *Handler) currentCRL(ctx context.Context) ([]byte, error) {
+	h.crlMu.Lock()
+	der := h.crl
+	h.crlMu.Unlock()
+	if der != nil {
+		return der, nil
+	}
+	if err := h.RefreshCRL(ctx); err != nil {
+		return nil, err
+	}
+	h.crlMu.Lock()
+	defer h.crlMu.Unlock()
+	return h.crl, nil
+}
+
+// RefreshCRL regenerates the CRL from the store. Call it after every
+// revocation and periodically, well before CRLValidity runs out.
+func (h *Handler) RefreshCRL(ctx context.Context) error {
+	revoked, err := h.st.RevokedCerts(ctx)
+	if err != nil {
+		return fmt.Errorf("enroll: list revoked certificates: %w", err)
+	}
+	// The CRL number only has to grow; nanoseconds grow across restarts too.
+	number := big.NewInt(h.cfg.Now().UnixNano())
+	der, err := h.cfg.CA.CRL(revoked, number, h.cfg.CRLValidity)
+	if err != nil {
+		return fmt.Errorf("enroll: sign CRL: %w", err)
+	}
+	h.crlMu.Lock()
+	h.crl = der
+	h.crlMu.Unlock()
+	return nil
+}
+
+// Response is the JSON answer to a successful enrollment or renewal.
+type Response struct {
+	DeviceID    string    `json:"device_id"`
+	Certificate string    `json:"certificate"` // PEM leaf
+	CA          string    `json:"ca"`          // PEM chain, issuing CA first
+	NotAfter    time.Time `json:"not_after"`
+	BrokerURL   string    `json:"broker_url"`
+}
+
+func (h *Handler) serveEnroll(w http.ResponseWriter, r *http.Request) {
+	remote := remoteHost(r)
+	if wait, ok := h.limiter.allowed(remote); !ok {
+		h.writeError(w, r, rateLimited(wait))
+		return
+	}
+	cert, tokenID, err := h.enroll(r, remote)
+	if err != nil {
+		h.fail(w, r, err, store.AuditEvent{Action: store.ActTokenFail, TokenID: tokenID, Remote: remote})
+		return
+	}
+	h.log.Info().Str("device", cert.Subject.CommonName).Str("serial", SerialHex(cert.SerialNumber)).
+		Str("token_id", tokenID).Str("remote", remote).Msg("device enrolled")
+	h.writeCert(w, r, http.StatusCreated, cert)
+}
+
+// enroll does the work of /v1/enroll. It returns the token's public id,
+// when known, for the audit record of a failure.
+func (h *Handler) enroll(r *http.Request, remote string) (*x509.Certificate, string, error) {
+	secret, err := bearerToken(r)
+	if err != nil {
+		return nil, "", err
+	}
+	tok, err := ParseToken(secret)
+	if err != nil {
+		return nil, "", err
+	}
+	tokenID := TokenID(tok.Hash)
+	if tok.CAFingerprint != h.cfg.CA.Fingerprint() {
+		return nil, tokenID, Errorf(CodeTokenUnknown, "token was issued for another CA")
+	}
+	if err := csrContentType(r); err != nil {
+		return nil, tokenID, err
+	}
+	body, err := readBody(r)
+	if err != nil {
+		return nil, tokenID, err
+	}
+	csr, err := ParseCSR(body)
+	if err != nil {
+		return nil, tokenID, err
+	}
+	ctx := r.Context()
+	now := h.cfg.Now()
+	stored, err := h.st.TokenByHash(ctx, tok.Hash)
+	if err != nil {
+		return nil, tokenID, err
+	}
+	if err := stored.Check(now); err != nil {
+		return nil, tokenID, err
+	}
+	id := csr.Subject.CommonName
+	if stored.DeviceID != "" {
+		if id != "" && id != stored.DeviceID {
+			return nil, tokenID, Errorf(CodeIDMismatch, "token is bound to another device id")
+		}
+		id = stored.DeviceID
+	}
+	if err := ValidateID(id); err != nil {
+		return nil, tokenID, err
+	}
+	cert, err := h.cfg.CA.IssueDevice(csr.PublicKey, id, h.cfg.CertLifetime)
+	if err != nil {
+		return nil, tokenID, err
+	}
+	err = h.st.Enroll(ctx, store.Enrollment{
+		TokenHash: tok.Hash,
+		Device:    store.Device{ID: id, Role: store.RoleDevice, Labels: stored.Labels},
+		Cert:      certRecord(cert, id, now),
+		Remote:    remote,
+		Now:       now,
+	})
+	if err != nil {
+		return nil, tokenID, err
+	}
+	return cert, tokenID, nil
+}
+
+func (h *Handler) serveRenew(w http.ResponseWriter, r *http.Request) {
+	remote := remoteHost(r)
+	if wait, ok := h.limiter.allowed(remote); !ok {
+		h.writeError(w, r, rateLimited(wait))
+		return
+	}
+	cert, id, err := h.renew(r, remote)
+	if err != nil {
+		h.fail(w, r, err, store.AuditEvent{Action: store.ActRenewFail, DeviceID: id, Remote: remote})
+		return
+	}
+	h.log.Info().Str("device", id).Str("serial", SerialHex(cert.SerialNumber)).Str("remote", remote).Msg("certificate renewed")
+	h.writeCert(w, r, http.StatusOK, cert)
+}
+
+// RenewProof is the body of a renewal after expiry, when the client cannot
+// (or does not) present its expired certificate in the TLS handshake.
+type RenewProof struct {
+	CSR         string `json:"csr"`         // PEM CSR for the new key
+	Certificate string `json:"certificate"` // PEM of the expired certificate
+	// Signature by the expired certificate's key over SHA-256 of the CSR's
+	// DER (ECDSA: ASN.1; RSA: PKCS #1 v1.5), or over the DER itself for
+	// Ed25519; standard base64.
+	Signature string `json:"signature"`
+}
+
+// maxProofSize bounds the parts of a RenewProof after decoding.
+const maxProofSize = 16 << 10
+
+func (h *Handler) renew(r *http.Request, remote string) (*x509.Certificate, string, error) {
+	mt, err := mediaType(r)
+	if err != nil {
+		return nil, "", err
+	}
+	body, err := readBody(r)
+	if err != nil {
+		return nil, "", err
+	}
+	var leaf *x509.Certificate
+	var csr *x509.CertificateRequest
+	switch mt {
+	case "application/json":
+		leaf, csr, err = parseProof(body)
+		if err != nil {
+			return nil, "", err
+		}
+	case "application/pkcs10", "application/x-pem-file", "application/octet-stream":
+		if r.TLS == nil || len(r.TLS.PeerCertificates) == 0 {
+			return nil, "", Errorf(CodeCertRequired, "renewal needs the current client certificate (or a JSON proof after expiry)")
+		}
+		// The TLS handshake proved possession of the key.
+		leaf = r.TLS.PeerCertificates[0]
+		if csr, err = ParseCSR(body); err != nil {
+			return nil, "", err
+		}
+	default:
+		return nil, "", Errorf(CodeUnsupportedMedia, "content type %q is not a CSR or a JSON renewal proof", mt)
+	}
+	id := leaf.Subject.CommonName
+	now := h.cfg.Now()
+	if err := h.verifyClientCert(leaf, now); err != nil {
+		return nil, id, err
+	}
+	if cn := csr.Subject.CommonName; cn != "" && cn != id {
+		return nil, id, Errorf(CodeIDMismatch, "the CSR names another device than the certificate")
+	}
+	ctx := r.Context()
+	old := SerialHex(leaf.SerialNumber)
+	rec, err := h.st.Cert(ctx, old)
+	if err != nil {
+		return nil, id, err
+	}
+	if rec.DeviceID != id {
+		return nil, id, Errorf(CodeIDMismatch, "certificate record belongs to another device")
+	}
+	if rec.Revoked() {
+		return nil, id, Errorf(CodeCertRevoked, "certificate is revoked")
+	}
+	dev, err := h.st.Device(ctx, id)
+	if err != nil {
+		return nil, id, err
+	}
+	if dev.Revoked() {
+		return nil, id, Errorf(CodeDeviceRevoked, "device is revoked")
+	}
+	if dev.Role != store.RoleDevice {
+		// Services and operators are issued by an operator, never renewed
+		// by themselves through the device endpoint.
+		return nil, id, Errorf(CodeIDMismatch, "only devices renew here")
+	}
+	cert, err := h.cfg.CA.IssueDevice(csr.PublicKey, id, h.cfg.CertLifetime)
+	if err != nil {
+		return nil, id, err
+	}
+	err = h.st.Renew(ctx, store.Renewal{
+		DeviceID: id, OldSerial: old, Cert: certRecord(cert, id, now), Remote: remote, Now: now,
+	})
+	if err != nil {
+		return nil, id, err
+	}
+	return cert, id, nil
+}
+
+// verifyClientCert checks that leaf was issued by the fleet CA for client
+// authentication and is still valid, or expired less than RenewGrace ago.
+func (h *Handler) verifyClientCert(leaf *x509.Certificate, now time.Time) error {
+	at := now
+	if now.After(leaf.NotAfter) {
+		if now.Sub(leaf.NotAfter) > h.cfg.RenewGrace {
+			return Errorf(CodeCertExpired, "certificate expired more than %s ago; enroll again with a new token", h.cfg.RenewGrace)
+		}
+		// Check the chain as it stood just before expiry.
+		at = leaf.NotAfter
+	}
+	_, err := leaf.Verify(x509.VerifyOptions{
+		Roots:       h.cfg.CA.Pool(),
+		CurrentTime: at,
+		KeyUsages:   []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+	})
+	if err != nil {
+		return &Error{Code: CodeCertInvalid, Message: "certificate was not issued by this CA for a client", Err: err}
+	}
+	return nil
+}
+
+func parseProof(body []byte) (*x509.Certificate, *x509.CertificateRequest, error) {
+	var p RenewProof
+	dec := json.NewDecoder(strings.NewReader(string(body)))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&p); err != nil {
+		return nil, nil, &Error{Code: CodeBadRequest, Message: "renewal proof is not valid JSON", Err: err}
+	}
+	if dec.More() {
+		return nil, nil, Errorf(CodeBadRequest, "renewal proof has trailing data")
+	}
+	csr, err := ParseCSR([]byte(p.CSR))
+	if err != nil {
+		return nil, nil, err
+	}
+	block, rest := pem.Decode([]byte(p.Certificate))
+	if block == nil || block.Type != "CERTIFICATE" || len(strings.TrimSpace(string(rest))) != 0 {
+		return nil, nil, Errorf(CodeCertInvalid, "certificate must be one PEM CERTIFICATE block")
+	}
+	leaf, err := x509.ParseCertificate(block.Bytes)
+	if err != nil {
+		return nil, nil, &Error{Code: CodeCertInvalid, Message: "certificate does not parse", Err: err}
+	}
+	sig, err := base64.StdEncoding.DecodeString(p.Signature)
+	if err != nil || len(sig) == 0 || len(sig) > maxProofSize {
+		return nil, nil, Errorf(CodeProofInvalid, "signature must be non-empty standard base64")
+	}
+	if !verifyProof(leaf.PublicKey, csr.Raw, sig) {
+		return nil, nil, Errorf(CodeProofInvalid, "signature does not verify with the certificate's key")
+	}
+	return leaf, csr, nil
+}
+
+// verifyProof checks a signature over msg (the CSR DER) by pub. Replaying a
+// captured proof gains nothing: it only yields a certificate for the CSR's
+// key, which the attacker does not hold.
+func verifyProof(pub any, msg, sig []byte) bool {
+	digest := sha256.Sum256(msg)
+	switch k := pub.(type) {
+	case *ecdsa.PublicKey:
+		return ecdsa.VerifyASN1(k, digest[:], sig)
+	case *rsa.PublicKey:
+		return rsa.VerifyPKCS1v15(k, crypto.SHA256, digest[:], sig) == nil
+	case ed25519.PublicKey:
+		return ed25519.Verify(k, msg, sig)
+	}
+	return false
+}
+
+func certRecord(c *x509.Certificate, id string, now time.Time) store.Cert {
+	return store.Cert{
+		Serial: SerialHex(c.SerialNumber), DeviceID: id,
+		NotBefore: c.NotBefore, NotAfter: c.NotAfter, IssuedAt: now, DER: c.Raw,
+	}
+}
+
+func (h *Handler) writeCert(w http.ResponseWriter, r *http.Request, status int, cert *x509.Certificate) {
+	leaf := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Raw})
+	if wantsPEM(r) {
+		w.Header().Set("Content-Type", "application/x-pem-file")
+		w.WriteHeader(status)
+		w.Write(leaf)
+		w.Write(h.cfg.CA.ChainPEM())
+		return
+	}
+	writeJSON(w, status, Response{
+		DeviceID:    cert.Subject.CommonName,
+		Certificate: string(leaf),
+		CA:          string(h.cfg.CA.ChainPEM()),
+		NotAfter:    cert.NotAfter.UTC(),
+		BrokerURL:   h.brokerURL(r),
+	})
+}
+
+func (h *Handler) brokerURL(r *http.Request) string {
+	if h.cfg.BrokerURL != "" {
+		return h.cfg.BrokerURL
+	}
+	host := r.Host
+	if hh, _, err := net.SplitHostPort(host); err == nil {
+		host = hh
+	}
+	if host == "" {
+		host = "localhost"
+	}
+	return "mqtts://" + net.JoinHostPort(host, strconv.FormatInt(h.mqttPort.Load(), 10))
+}
+
+// fail answers a failed enrollment or renewal: it counts against the remote
+// address, is recorded in the audit log and is answered with its code.
+func (h *Handler) fail(w http.ResponseWriter, r *http.Request, err error, ev store.AuditEvent) {
+	e := AsError(err)
+	if e.Code != CodeInternal && e.Code != CodeUnavailable {
+		h.limiter.failed(ev.Remote)
+	}
+	ev.Time = h.cfg.Now()
+	ev.Detail = string(e.Code)
+	// The audit record must not depend on the client's connection staying up.
+	if aerr := h.st.AppendAudit(context.WithoutCancel(r.Context()), ev); aerr != nil {
+		h.log.Error().Err(aerr).Msg("append audit event")
+	}
+	h.writeError(w, r, e)
+}
+
+func (h *Handler) writeError(w http.ResponseWriter, r *http.Request, err error) {
+	e := AsError(err)
+	status := e.Status()
+	if status >= 500 {
+		h.log.Error().Err(e.Err).Str("code", string(e.Code)).Str("path", r.URL.Path).Msg("request failed")
+	} else {
+		h.log.Debug().Str("code", string(e.Code)).Str("path", r.URL.Path).Str("remote", remoteHost(r)).Msg("request refused")
+	}
+	WriteError(w, e)
+}
+
+// WriteError writes e as the JSON error body {code, message} with its status.
+func WriteError(w http.ResponseWriter, e *Error) {
+	if e.Code == CodeRateLimited {
+		if ra, ok := e.Err.(retryAfter); ok {
+			w.Header().Set("Retry-After", strconv.Itoa(int(ra)))
+		}
+	}
+	writeJSON(w, e.Status(), struct {
+		Code    Code   `json:"code"`
+		Message string `json:"message"`
+	}{e.Code, e.Message})
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("X-Content-Type-Options", "nosniff")
+	w.WriteHeader(status)
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	enc.Encode(v)
+}
+
+func wantsPEM(r *http.Request) bool {
+	for _, part := range strings.Split(r.Header.Get("Accept"), ",") {
+		mt, _, err := mime.ParseMediaType(strings.TrimSpace(part))
+		if err == nil && (mt == "application/x-pem-file" || mt == "application/pem-certificate-chain") {
+			return true
+		}
+	}
+	return false
+}
+
+func bearerToken(r *http.Request) (string, error) {
+	auth := r.Header.Get("Authorization")
+	if auth == "" {
+		return "", Errorf(CodeTokenMissing, "send the bootstrap token as 'Authorization: Bearer <token>'")
+	}
+	scheme, tok, ok := strings.Cut(auth, " ")
+	if !ok || !strings.EqualFold(scheme, "Bearer") || tok == "" {
+		return "", Errorf(CodeTokenMissing, "send the bootstrap token as 'Authorization: Bearer <token>'")
+	}
+	return tok, nil
+}
+
+func mediaType(r *http.Request) (string, error) {
+	ct := r.Header.Get("Content-Type")
+	if ct == "" {
+		return "", Errorf(CodeUnsupportedMedia, "set Content-Type: application/pkcs10")
+	}
+	mt, _, err := mime.ParseMediaType(ct)
+	if err != nil {
+		return "", Errorf(CodeUnsupportedMedia, "malformed Content-Type")
+	}
+	return mt, nil
+}
+
+func csrContentType(r *http.Request) error {
+	mt, err := mediaType(r)
+	if err != nil {
+		return err
+	}
+	switch mt {
+	case "application/pkcs10", "application/x-pem-file", "application/octet-stream":
+		return nil
+	}
+	return Errorf(CodeUnsupportedMedia, "content type %q is not a CSR; use application/pkcs10", mt)
+}
+
+func readBody(r *http.Request) ([]byte, error) {
+	if r.ContentLength > MaxBodySize {
+		return nil, Errorf(CodeBodyTooLarge, "body larger than %d bytes", MaxBodySize)
+	}
+	body, err := io.ReadAll(io.LimitReader(r.Body, MaxBodySize+1))
+	if err != nil {
+		return nil, &Error{Code: CodeBadRequest, Message: "could not read the request body", Err: err}
+	}
+	if len(body) > MaxBodySize {
+		return nil, Errorf(CodeBodyTooLarge, "body larger than %d bytes", MaxBodySize)
+	}
+	if len(body) == 0 {
+		return nil, Errorf(CodeCSRInvalid, "empty body; send a PKCS#10 CSR")
+	}
+	return body, nil
+}
+
+func remoteHost(r *http.Request) string {
+	host, _, err := net.SplitHostPort(r.RemoteAddr)
+	if err != nil {
+		return r.RemoteAddr
+	}
+	return host
+}
