@@ -68,7 +68,8 @@ const MaxBodySize = 64 << 10
 // a JSON error before any work is done.
 const maxHeaderValue = 8 << 10
 
-// Handler serves the enrollment API: /v1/ca, /v1/enroll, /v1/renew, /v1/crl.
+// Handler serves the enrollment API: /v1/ca, /v1/enroll, /v1/renew, /v1/crl,
+// and EST (RFC 7030) under /.well-known/est/.
 type Handler struct {
 	cfg     Config
 	st      Store
@@ -130,6 +131,9 @@ func NewHandler(cfg Config, st Store) (*Handler, error) {
 	h.mux.HandleFunc("GET /v1/crl", h.serveCRL)
 	h.mux.HandleFunc("POST /v1/enroll", h.serveEnroll)
 	h.mux.HandleFunc("POST /v1/renew", h.serveRenew)
+	if err := h.registerEST(); err != nil {
+		return nil, err
+	}
 	return h, nil
 }
 
@@ -254,13 +258,9 @@ func (h *Handler) enroll(r *http.Request, remote string) (*x509.Certificate, str
 	if err != nil {
 		return nil, "", err
 	}
-	tok, err := ParseToken(secret)
+	tok, tokenID, err := h.parseToken(secret)
 	if err != nil {
-		return nil, "", err
-	}
-	tokenID := TokenID(tok.Hash)
-	if tok.CAFingerprint != h.cfg.CA.Fingerprint() {
-		return nil, tokenID, Errorf(CodeTokenUnknown, "token was issued for another CA")
+		return nil, tokenID, err
 	}
 	if err := csrContentType(r); err != nil {
 		return nil, tokenID, err
@@ -273,28 +273,49 @@ func (h *Handler) enroll(r *http.Request, remote string) (*x509.Certificate, str
 	if err != nil {
 		return nil, tokenID, err
 	}
-	ctx := r.Context()
+	cert, err := h.enrollCSR(r.Context(), tok, csr, remote)
+	return cert, tokenID, err
+}
+
+// parseToken checks the shape of a bootstrap token and that it was minted
+// for this CA. The token id is returned as soon as it is known, for the
+// audit record of a failure.
+func (h *Handler) parseToken(secret string) (ParsedToken, string, error) {
+	tok, err := ParseToken(secret)
+	if err != nil {
+		return ParsedToken{}, "", err
+	}
+	tokenID := TokenID(tok.Hash)
+	if tok.CAFingerprint != h.cfg.CA.Fingerprint() {
+		return ParsedToken{}, tokenID, Errorf(CodeTokenUnknown, "token was issued for another CA")
+	}
+	return tok, tokenID, nil
+}
+
+// enrollCSR trades a parsed token and a checked CSR for a device
+// certificate: the flow shared by /v1/enroll and EST simpleenroll.
+func (h *Handler) enrollCSR(ctx context.Context, tok ParsedToken, csr *x509.CertificateRequest, remote string) (*x509.Certificate, error) {
 	now := h.cfg.Now()
 	stored, err := h.st.TokenByHash(ctx, tok.Hash)
 	if err != nil {
-		return nil, tokenID, err
+		return nil, err
 	}
 	if err := stored.Check(now); err != nil {
-		return nil, tokenID, err
+		return nil, err
 	}
 	id := csr.Subject.CommonName
 	if stored.DeviceID != "" {
 		if id != "" && id != stored.DeviceID {
-			return nil, tokenID, Errorf(CodeIDMismatch, "token is bound to another device id")
+			return nil, Errorf(CodeIDMismatch, "token is bound to another device id")
 		}
 		id = stored.DeviceID
 	}
 	if err := ValidateID(id); err != nil {
-		return nil, tokenID, err
+		return nil, err
 	}
 	cert, err := h.cfg.CA.IssueDevice(csr.PublicKey, id, h.cfg.CertLifetime)
 	if err != nil {
-		return nil, tokenID, err
+		return nil, err
 	}
 	err = h.st.Enroll(ctx, store.Enrollment{
 		TokenHash: tok.Hash,
@@ -304,9 +325,9 @@ func (h *Handler) enroll(r *http.Request, remote string) (*x509.Certificate, str
 		Now:       now,
 	})
 	if err != nil {
-		return nil, tokenID, err
+		return nil, err
 	}
-	return cert, tokenID, nil
+	return cert, nil
 }
 
 func (h *Handler) serveRenew(w http.ResponseWriter, r *http.Request) {
@@ -367,15 +388,33 @@ func (h *Handler) renew(r *http.Request, remote string) (*x509.Certificate, stri
 	default:
 		return nil, "", Errorf(CodeUnsupportedMedia, "content type %q is not a CSR or a JSON renewal proof", mt)
 	}
+	return h.renewCert(r.Context(), leaf, csr, remote, sameCN)
+}
+
+// sameCN is /v1/renew's subject rule: a CSR may leave the CN out, but must
+// not name another device.
+func sameCN(leaf *x509.Certificate, csr *x509.CertificateRequest) error {
+	if cn := csr.Subject.CommonName; cn != "" && cn != leaf.Subject.CommonName {
+		return Errorf(CodeIDMismatch, "the CSR names another device than the certificate")
+	}
+	return nil
+}
+
+// renewCert issues a new certificate for the device of leaf, a certificate
+// whose key the client has proven to hold: the flow shared by /v1/renew and
+// EST simplereenroll. checkCSR is the endpoint's rule for the CSR's subject;
+// it runs only once leaf is known to be ours. The device id is returned for
+// the audit record of a failure.
+func (h *Handler) renewCert(ctx context.Context, leaf *x509.Certificate, csr *x509.CertificateRequest, remote string,
+	checkCSR func(leaf *x509.Certificate, csr *x509.CertificateRequest) error) (*x509.Certificate, string, error) {
 	id := leaf.Subject.CommonName
 	now := h.cfg.Now()
 	if err := h.verifyClientCert(leaf, now); err != nil {
 		return nil, id, err
 	}
-	if cn := csr.Subject.CommonName; cn != "" && cn != id {
-		return nil, id, Errorf(CodeIDMismatch, "the CSR names another device than the certificate")
+	if err := checkCSR(leaf, csr); err != nil {
+		return nil, id, err
 	}
-	ctx := r.Context()
 	old := SerialHex(leaf.SerialNumber)
 	rec, err := h.st.Cert(ctx, old)
 	if err != nil {
@@ -544,6 +583,10 @@ func (h *Handler) writeError(w http.ResponseWriter, r *http.Request, err error) 
 		h.log.Error().Err(e.Err).Str("code", string(e.Code)).Str("path", r.URL.Path).Msg("request failed")
 	} else {
 		h.log.Debug().Str("code", string(e.Code)).Str("path", r.URL.Path).Str("remote", remoteHost(r)).Msg("request refused")
+	}
+	if isESTPath(r.URL.Path) {
+		writeESTError(w, e)
+		return
 	}
 	WriteError(w, e)
 }
