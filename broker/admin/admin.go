@@ -1,0 +1,557 @@
+// Package admin is the operator API of a running fleetmq server: JSON over
+// HTTP on a unix socket in the data folder, guarded by the socket's file
+// mode (0600) and the folder's (0700). The fleetmq CLI is its client.
+package admin
+
+import (
+	"context"
+	"crypto/x509"
+	"encoding/hex"
+	"encoding/json"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/fleetmq/fleetmq/enroll"
+	"github.com/fleetmq/fleetmq/store"
+)
+
+// Store is the fleet state the admin API reads and changes.
+type Store interface {
+	CreateTokens(ctx context.Context, toks []store.Token, remote string, now time.Time) error
+	Tokens(ctx context.Context) ([]store.Token, error)
+	RevokeToken(ctx context.Context, id, remote string, now time.Time) (store.Token, error)
+	Device(ctx context.Context, id string) (store.Device, error)
+	Devices(ctx context.Context) ([]store.Device, error)
+	RevokeDevice(ctx context.Context, id, remote string, now time.Time) ([]store.Cert, error)
+	CreateIdentity(ctx context.Context, d store.Device, c store.Cert, remote string, now time.Time) error
+	Audit(ctx context.Context, f store.AuditFilter) ([]store.AuditEvent, error)
+	Telemetry(ctx context.Context, deviceID string, since time.Time, limit int) ([]store.Message, error)
+	Presences(ctx context.Context) (map[string]store.Presence, error)
+}
+
+// Config configures the admin API. Zero values mean the defaults named.
+type Config struct {
+	CA *enroll.CA // required
+	// OnRevoke runs after a revocation was committed: it closes live
+	// sessions and refreshes the CRL. Optional.
+	OnRevoke func(ctx context.Context, id string, certs []store.Cert)
+	// Online lists the identities connected to this node. Optional.
+	Online func() []string
+	// Follow streams telemetry as it is stored, for `fleetmq telemetry --follow`. Optional.
+	Follow func(id string) (<-chan store.Message, func())
+	// ServiceLifetime is the lifetime of service and operator certificates; default 365 days.
+	ServiceLifetime time.Duration
+	// MaxTokensPerRequest bounds bulk token creation; default 100,000.
+	MaxTokensPerRequest int
+	Logger              zerolog.Logger   // default zerolog.Nop()
+	Now                 func() time.Time // default time.Now
+}
+
+// Handler serves the admin API.
+type Handler struct {
+	cfg Config
+	st  Store
+	mux *http.ServeMux
+}
+
+// New returns the admin API handler.
+func New(cfg Config, st Store) (*Handler, error) {
+	if cfg.CA == nil || st == nil {
+		return nil, errors.New("admin: config needs a CA and a store")
+	}
+	if cfg.ServiceLifetime == 0 {
+		cfg.ServiceLifetime = 365 * 24 * time.Hour
+	}
+	if cfg.MaxTokensPerRequest == 0 {
+		cfg.MaxTokensPerRequest = 100_000
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	h := &Handler{cfg: cfg, st: st, mux: http.NewServeMux()}
+	h.mux.HandleFunc("GET /v1/ca", h.getCA)
+	h.mux.HandleFunc("POST /v1/tokens", h.createTokens)
+	h.mux.HandleFunc("GET /v1/tokens", h.listTokens)
+	h.mux.HandleFunc("POST /v1/tokens/{id}/revoke", h.revokeToken)
+	h.mux.HandleFunc("GET /v1/devices", h.listDevices)
+	h.mux.HandleFunc("GET /v1/devices/{id}", h.getDevice)
+	h.mux.HandleFunc("POST /v1/devices/{id}/revoke", h.revokeDevice)
+	h.mux.HandleFunc("POST /v1/identities", h.issueIdentity)
+	h.mux.HandleFunc("GET /v1/audit", h.audit)
+	h.mux.HandleFunc("GET /v1/telemetry/{id}", h.telemetry)
+	return h, nil
+}
+
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if _, pattern := h.mux.Handler(r); pattern == "" {
+		writeErr(w, h.cfg.Logger, enroll.Errorf(enroll.CodeNotFound, "no such admin endpoint: %s %s", r.Method, r.URL.Path))
+		return
+	}
+	h.mux.ServeHTTP(w, r)
+}
+
+// remote names the admin caller in audit records.
+const remote = "admin"
+
+// CAInfo describes the fleet CA.
+type CAInfo struct {
+	Subject     string    `json:"subject"`
+	Fingerprint string    `json:"fingerprint_sha256"`
+	NotBefore   time.Time `json:"not_before"`
+	NotAfter    time.Time `json:"not_after"`
+	Chain       string    `json:"chain_pem"`
+}
+
+func (h *Handler) getCA(w http.ResponseWriter, r *http.Request) {
+	c := h.cfg.CA.Cert()
+	fp := h.cfg.CA.Fingerprint()
+	writeJSON(w, http.StatusOK, CAInfo{
+		Subject: c.Subject.String(), Fingerprint: hex.EncodeToString(fp[:]),
+		NotBefore: c.NotBefore.UTC(), NotAfter: c.NotAfter.UTC(), Chain: string(h.cfg.CA.ChainPEM()),
+	})
+}
+
+// TokenRequest asks for one or more bootstrap tokens.
+type TokenRequest struct {
+	DeviceID string            `json:"device_id,omitempty"` // bind the token to this id
+	Uses     int               `json:"uses,omitempty"`      // default 1
+	TTL      string            `json:"ttl,omitempty"`       // Go duration; default 24h
+	Labels   map[string]string `json:"labels,omitempty"`
+	Count    int               `json:"count,omitempty"`  // mint this many tokens bound to Prefix+0001…; default 1
+	Prefix   string            `json:"prefix,omitempty"` // with Count
+}
+
+// NewToken is a minted token: the only time its secret is shown.
+type NewToken struct {
+	store.Token
+	Secret string `json:"token"`
+}
+
+func (h *Handler) createTokens(w http.ResponseWriter, r *http.Request) {
+	var req TokenRequest
+	if err := decode(r, &req); err != nil {
+		writeErr(w, h.cfg.Logger, err)
+		return
+	}
+	toks, err := h.mintTokens(r.Context(), req)
+	if err != nil {
+		writeErr(w, h.cfg.Logger, err)
+		return
+	}
+	writeJSON(w, http.StatusCreated, toks)
+}
+
+const (
+	maxTokenTTL = 365 * 24 * time.Hour
+	maxLabels   = 32
+	maxLabelLen = 256
+)
+
+func (h *Handler) mintTokens(ctx context.Context, req TokenRequest) ([]NewToken, error) {
+	uses := req.Uses
+	if uses == 0 {
+		uses = 1
+	}
+	if uses < 1 || uses > 1_000_000 {
+		return nil, enroll.Errorf(enroll.CodeBadRequest, "uses must be between 1 and 1000000")
+	}
+	ttl := 24 * time.Hour
+	if req.TTL != "" {
+		d, err := time.ParseDuration(req.TTL)
+		if err != nil || d <= 0 || d > maxTokenTTL {
+			return nil, enroll.Errorf(enroll.CodeBadRequest, "ttl must be a positive duration up to %s", maxTokenTTL)
+		}
+		ttl = d
+	}
+	if err := checkLabels(req.Labels); err != nil {
+		return nil, err
+	}
+	var ids []string
+	switch {
+	case req.Count > 0 || req.Prefix != "":
+		if req.DeviceID != "" {
+			return nil, enroll.Errorf(enroll.CodeBadRequest, "count/prefix and device_id exclude each other")
+		}
+		if req.Count < 1 || req.Count > h.cfg.MaxTokensPerRequest {
+			return nil, enroll.Errorf(enroll.CodeBadRequest, "count must be between 1 and %d", h.cfg.MaxTokensPerRequest)
+		}
+		width := max(4, len(strconv.Itoa(req.Count)))
+		for i := 1; i <= req.Count; i++ {
+			ids = append(ids, fmt.Sprintf("%s%0*d", req.Prefix, width, i))
+		}
+	case req.DeviceID != "":
+		ids = []string{req.DeviceID}
+	default:
+		ids = []string{""}
+	}
+	for _, id := range ids {
+		if id == "" {
+			continue
+		}
+		if err := enroll.ValidateID(id); err != nil {
+			return nil, err
+		}
+	}
+	now := h.cfg.Now()
+	out := make([]NewToken, 0, len(ids))
+	recs := make([]store.Token, 0, len(ids))
+	for _, id := range ids {
+		secret, hash, err := enroll.NewToken(h.cfg.CA.Fingerprint())
+		if err != nil {
+			return nil, fmt.Errorf("admin: mint token: %w", err)
+		}
+		t := store.Token{
+			ID: enroll.TokenID(hash), Hash: hash, DeviceID: id, MaxUses: uses,
+			Labels: req.Labels, CreatedAt: now, ExpiresAt: now.Add(ttl),
+		}
+		recs = append(recs, t)
+		out = append(out, NewToken{Token: t, Secret: secret})
+	}
+	if err := h.st.CreateTokens(ctx, recs, remote, now); err != nil {
+		return nil, fmt.Errorf("admin: store tokens: %w", err)
+	}
+	return out, nil
+}
+
+func checkLabels(labels map[string]string) error {
+	if len(labels) > maxLabels {
+		return enroll.Errorf(enroll.CodeBadRequest, "at most %d labels", maxLabels)
+	}
+	for k, v := range labels {
+		if k == "" || len(k) > maxLabelLen || len(v) > maxLabelLen || strings.ContainsAny(k, "=\x00") || strings.ContainsRune(v, 0) {
+			return enroll.Errorf(enroll.CodeBadRequest, "labels need a non-empty key without '=' and values of at most %d bytes", maxLabelLen)
+		}
+	}
+	return nil
+}
+
+func (h *Handler) listTokens(w http.ResponseWriter, r *http.Request) {
+	toks, err := h.st.Tokens(r.Context())
+	if err != nil {
+		writeErr(w, h.cfg.Logger, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, nonNil(toks))
+}
+
+func (h *Handler) revokeToken(w http.ResponseWriter, r *http.Request) {
+	t, err := h.st.RevokeToken(r.Context(), r.PathValue("id"), remote, h.cfg.Now())
+	if err != nil {
+		writeErr(w, h.cfg.Logger, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, t)
+}
+
+// DeviceInfo is a device with its connection state.
+type DeviceInfo struct {
+	store.Device
+	Online   bool      `json:"online"`
+	LastSeen time.Time `json:"last_seen,omitzero"`
+}
+
+func (h *Handler) deviceInfos(ctx context.Context, devs []store.Device) ([]DeviceInfo, error) {
+	pres, err := h.st.Presences(ctx)
+	if err != nil {
+		return nil, err
+	}
+	online := map[string]bool{}
+	if h.cfg.Online != nil {
+		for _, id := range h.cfg.Online() {
+			online[id] = true
+		}
+	}
+	out := make([]DeviceInfo, 0, len(devs))
+	for _, d := range devs {
+		p := pres[d.ID]
+		out = append(out, DeviceInfo{Device: d, Online: online[d.ID], LastSeen: p.LastSeen})
+	}
+	return out, nil
+}
+
+func (h *Handler) listDevices(w http.ResponseWriter, r *http.Request) {
+	devs, err := h.st.Devices(r.Context())
+	if err == nil {
+		var infos []DeviceInfo
+		if infos, err = h.deviceInfos(r.Context(), devs); err == nil {
+			writeJSON(w, http.StatusOK, infos)
+			return
+		}
+	}
+	writeErr(w, h.cfg.Logger, err)
+}
+
+func (h *Handler) getDevice(w http.ResponseWriter, r *http.Request) {
+	d, err := h.st.Device(r.Context(), r.PathValue("id"))
+	if err == nil {
+		var infos []DeviceInfo
+		if infos, err = h.deviceInfos(r.Context(), []store.Device{d}); err == nil {
+			writeJSON(w, http.StatusOK, infos[0])
+			return
+		}
+	}
+	writeErr(w, h.cfg.Logger, err)
+}
+
+// RevokeResult lists what a revocation revoked.
+type RevokeResult struct {
+	DeviceID string   `json:"device_id"`
+	Serials  []string `json:"serials"`
+}
+
+func (h *Handler) revokeDevice(w http.ResponseWriter, r *http.Request) {
+	id := r.PathValue("id")
+	certs, err := h.st.RevokeDevice(r.Context(), id, remote, h.cfg.Now())
+	if err != nil {
+		writeErr(w, h.cfg.Logger, err)
+		return
+	}
+	if h.cfg.OnRevoke != nil {
+		h.cfg.OnRevoke(context.WithoutCancel(r.Context()), id, certs)
+	}
+	res := RevokeResult{DeviceID: id, Serials: []string{}}
+	for _, c := range certs {
+		res.Serials = append(res.Serials, c.Serial)
+	}
+	h.cfg.Logger.Info().Str("device", id).Int("certificates", len(certs)).Msg("device revoked")
+	writeJSON(w, http.StatusOK, res)
+}
+
+// IdentityRequest asks for a service or operator certificate. The caller
+// keeps the private key; only the CSR travels.
+type IdentityRequest struct {
+	Name string     `json:"name"`
+	Role store.Role `json:"role"` // service or operator
+	CSR  string     `json:"csr"`  // PEM
+}
+
+// IdentityResponse carries the issued certificate.
+type IdentityResponse struct {
+	Name        string    `json:"name"`
+	Role        string    `json:"role"`
+	Certificate string    `json:"certificate"`
+	CA          string    `json:"ca"`
+	NotAfter    time.Time `json:"not_after"`
+}
+
+func (h *Handler) issueIdentity(w http.ResponseWriter, r *http.Request) {
+	var req IdentityRequest
+	if err := decode(r, &req); err != nil {
+		writeErr(w, h.cfg.Logger, err)
+		return
+	}
+	if req.Role != store.RoleService && req.Role != store.RoleOperator {
+		writeErr(w, h.cfg.Logger, enroll.Errorf(enroll.CodeBadRequest, "role must be service or operator"))
+		return
+	}
+	if err := enroll.ValidateID(req.Name); err != nil {
+		writeErr(w, h.cfg.Logger, err)
+		return
+	}
+	csr, err := enroll.ParseCSR([]byte(req.CSR))
+	if err != nil {
+		writeErr(w, h.cfg.Logger, err)
+		return
+	}
+	cert, err := h.cfg.CA.IssueDevice(csr.PublicKey, req.Name, h.cfg.ServiceLifetime)
+	if err != nil {
+		writeErr(w, h.cfg.Logger, err)
+		return
+	}
+	now := h.cfg.Now()
+	d := store.Device{ID: req.Name, Role: req.Role}
+	rec := store.Cert{Serial: enroll.SerialHex(cert.SerialNumber), DeviceID: req.Name,
+		NotBefore: cert.NotBefore, NotAfter: cert.NotAfter, IssuedAt: now, DER: cert.Raw}
+	if err := h.st.CreateIdentity(r.Context(), d, rec, remote, now); err != nil {
+		writeErr(w, h.cfg.Logger, err)
+		return
+	}
+	writeJSON(w, http.StatusCreated, IdentityResponse{
+		Name: req.Name, Role: string(req.Role), Certificate: pemCert(cert),
+		CA: string(h.cfg.CA.ChainPEM()), NotAfter: cert.NotAfter.UTC(),
+	})
+}
+
+func (h *Handler) audit(w http.ResponseWriter, r *http.Request) {
+	q := r.URL.Query()
+	f := store.AuditFilter{DeviceID: q.Get("device")}
+	var err error
+	if f.Since, err = parseSince(q.Get("since"), h.cfg.Now()); err == nil {
+		f.Limit, err = parseLimit(q.Get("limit"))
+	}
+	if err != nil {
+		writeErr(w, h.cfg.Logger, err)
+		return
+	}
+	evs, err := h.st.Audit(r.Context(), f)
+	if err != nil {
+		writeErr(w, h.cfg.Logger, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, nonNil(evs))
+}
+
+// TelemetryRecord is one message as the admin API shows it: the payload is
+// embedded as JSON when it is JSON, and as a string otherwise.
+type TelemetryRecord struct {
+	DeviceID string          `json:"device_id"`
+	Topic    string          `json:"topic"`
+	Received time.Time       `json:"received"`
+	QoS      byte            `json:"qos"`
+	Payload  json.RawMessage `json:"payload"`
+}
+
+// Record converts a stored message.
+func Record(m store.Message) TelemetryRecord {
+	p := json.RawMessage(m.Payload)
+	if !json.Valid(m.Payload) {
+		p, _ = json.Marshal(string(m.Payload))
+	}
+	return TelemetryRecord{DeviceID: m.DeviceID, Topic: m.Topic, Received: m.Received.UTC(), QoS: m.QoS, Payload: p}
+}
+
+// telemetry streams NDJSON: one TelemetryRecord per line, oldest first; with
+// follow=1 it then keeps the response open and streams new messages.
+func (h *Handler) telemetry(w http.ResponseWriter, r *http.Request) {
+	id := r.PathValue("id")
+	q := r.URL.Query()
+	since, err := parseSince(q.Get("since"), h.cfg.Now())
+	if err != nil {
+		writeErr(w, h.cfg.Logger, err)
+		return
+	}
+	limit, err := parseLimit(q.Get("limit"))
+	if err != nil {
+		writeErr(w, h.cfg.Logger, err)
+		return
+	}
+	if _, err := h.st.Device(r.Context(), id); err != nil {
+		writeErr(w, h.cfg.Logger, err)
+		return
+	}
+	follow := q.Get("follow") == "1" || q.Get("follow") == "true"
+	// Subscribe before reading history so nothing falls between the two.
+	var live <-chan store.Message
+	if follow {
+		if h.cfg.Follow == nil {
+			writeErr(w, h.cfg.Logger, enroll.Errorf(enroll.CodeUnavailable, "this server cannot follow telemetry"))
+			return
+		}
+		ch, cancel := h.cfg.Follow(id)
+		defer cancel()
+		live = ch
+	}
+	msgs, err := h.st.Telemetry(r.Context(), id, since, limit)
+	if err != nil {
+		writeErr(w, h.cfg.Logger, err)
+		return
+	}
+	w.Header().Set("Content-Type", "application/x-ndjson")
+	w.WriteHeader(http.StatusOK)
+	enc := json.NewEncoder(w)
+	var last time.Time
+	for _, m := range msgs {
+		if err := enc.Encode(Record(m)); err != nil {
+			return
+		}
+		last = m.Received
+	}
+	if !follow {
+		return
+	}
+	flusher, _ := w.(http.Flusher)
+	if flusher != nil {
+		flusher.Flush()
+	}
+	for {
+		select {
+		case <-r.Context().Done():
+			return
+		case m, ok := <-live:
+			if !ok {
+				return
+			}
+			if !m.Received.After(last) && !last.IsZero() {
+				continue // already sent from history
+			}
+			if err := enc.Encode(Record(m)); err != nil {
+				return
+			}
+			if flusher != nil {
+				flusher.Flush()
+			}
+		}
+	}
+}
+
+func parseSince(s string, now time.Time) (time.Time, error) {
+	if s == "" {
+		return time.Time{}, nil
+	}
+	if d, err := time.ParseDuration(s); err == nil && d >= 0 {
+		return now.Add(-d), nil
+	}
+	if t, err := time.Parse(time.RFC3339Nano, s); err == nil {
+		return t, nil
+	}
+	return time.Time{}, enroll.Errorf(enroll.CodeBadRequest, "since must be a duration like 1h or an RFC 3339 time")
+}
+
+func parseLimit(s string) (int, error) {
+	if s == "" {
+		return 0, nil
+	}
+	n, err := strconv.Atoi(s)
+	if err != nil || n < 1 || n > 100_000 {
+		return 0, enroll.Errorf(enroll.CodeBadRequest, "limit must be between 1 and 100000")
+	}
+	return n, nil
+}
+
+// maxRequest bounds admin request bodies; a bulk token request is small.
+const maxRequest = 1 << 20
+
+func decode(r *http.Request, v any) error {
+	dec := json.NewDecoder(io.LimitReader(r.Body, maxRequest))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return &enroll.Error{Code: enroll.CodeBadRequest, Message: "request body is not the expected JSON", Err: err}
+	}
+	if dec.More() {
+		return enroll.Errorf(enroll.CodeBadRequest, "request body has trailing data")
+	}
+	return nil
+}
+
+func writeErr(w http.ResponseWriter, log zerolog.Logger, err error) {
+	e := enroll.AsError(err)
+	if e.Status() >= 500 {
+		log.Error().Err(err).Msg("admin request failed")
+	}
+	enroll.WriteError(w, e)
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	json.NewEncoder(w).Encode(v)
+}
+
+func nonNil[T any](s []T) []T {
+	if s == nil {
+		return []T{}
+	}
+	return s
+}
+
+func pemCert(c *x509.Certificate) string {
+	return string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw}))
+}

@@ -1,0 +1,200 @@
+package admin
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"syscall"
+
+	"github.com/fleetmq/fleetmq/enroll"
+	"github.com/fleetmq/fleetmq/store"
+)
+
+// SocketName is the admin socket's file name inside the data folder.
+const SocketName = "admin.sock"
+
+// ErrNotRunning means no server answers on the admin socket.
+var ErrNotRunning = errors.New("the fleetmq server is not running (no admin socket answers)")
+
+// Client talks to a running server's admin API over its unix socket.
+type Client struct {
+	socket string
+	hc     *http.Client
+}
+
+// NewClient returns a client for the socket at path.
+func NewClient(path string) *Client {
+	return &Client{
+		socket: path,
+		hc: &http.Client{Transport: &http.Transport{
+			DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+				var d net.Dialer
+				return d.DialContext(ctx, "unix", path)
+			},
+		}},
+	}
+}
+
+// APIError is an error answer from the server.
+type APIError struct {
+	Status  int
+	Code    enroll.Code `json:"code"`
+	Message string      `json:"message"`
+}
+
+func (e *APIError) Error() string { return fmt.Sprintf("%s (%s)", e.Message, e.Code) }
+
+func (c *Client) do(ctx context.Context, method, path string, in, out any) error {
+	resp, err := c.send(ctx, method, path, in)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if out == nil {
+		return nil
+	}
+	if err := json.NewDecoder(resp.Body).Decode(out); err != nil {
+		return fmt.Errorf("decode %s %s answer: %w", method, path, err)
+	}
+	return nil
+}
+
+func (c *Client) send(ctx context.Context, method, path string, in any) (*http.Response, error) {
+	var body io.Reader
+	if in != nil {
+		b, err := json.Marshal(in)
+		if err != nil {
+			return nil, err
+		}
+		body = bytes.NewReader(b)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, "http://fleetmq"+path, body)
+	if err != nil {
+		return nil, err
+	}
+	if in != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	resp, err := c.hc.Do(req)
+	if err != nil {
+		if errors.Is(err, syscall.ENOENT) || errors.Is(err, syscall.ECONNREFUSED) {
+			return nil, fmt.Errorf("%w: %s", ErrNotRunning, c.socket)
+		}
+		return nil, fmt.Errorf("admin socket %s: %w", c.socket, err)
+	}
+	if resp.StatusCode >= 300 {
+		defer resp.Body.Close()
+		apiErr := &APIError{Status: resp.StatusCode}
+		if json.NewDecoder(io.LimitReader(resp.Body, 64<<10)).Decode(apiErr) != nil || apiErr.Code == "" {
+			apiErr.Code, apiErr.Message = enroll.CodeInternal, resp.Status
+		}
+		return nil, apiErr
+	}
+	return resp, nil
+}
+
+// CA describes the fleet CA.
+func (c *Client) CA(ctx context.Context) (CAInfo, error) {
+	var out CAInfo
+	return out, c.do(ctx, http.MethodGet, "/v1/ca", nil, &out)
+}
+
+// CreateTokens mints tokens.
+func (c *Client) CreateTokens(ctx context.Context, req TokenRequest) ([]NewToken, error) {
+	var out []NewToken
+	return out, c.do(ctx, http.MethodPost, "/v1/tokens", req, &out)
+}
+
+// Tokens lists tokens (never their secrets).
+func (c *Client) Tokens(ctx context.Context) ([]NewToken, error) {
+	var out []NewToken
+	return out, c.do(ctx, http.MethodGet, "/v1/tokens", nil, &out)
+}
+
+// RevokeToken revokes the token with the public id.
+func (c *Client) RevokeToken(ctx context.Context, id string) (NewToken, error) {
+	var out NewToken
+	return out, c.do(ctx, http.MethodPost, "/v1/tokens/"+url.PathEscape(id)+"/revoke", nil, &out)
+}
+
+// Devices lists identities with their connection state.
+func (c *Client) Devices(ctx context.Context) ([]DeviceInfo, error) {
+	var out []DeviceInfo
+	return out, c.do(ctx, http.MethodGet, "/v1/devices", nil, &out)
+}
+
+// Device shows one identity.
+func (c *Client) Device(ctx context.Context, id string) (DeviceInfo, error) {
+	var out DeviceInfo
+	return out, c.do(ctx, http.MethodGet, "/v1/devices/"+url.PathEscape(id), nil, &out)
+}
+
+// RevokeDevice revokes an identity and all its certificates.
+func (c *Client) RevokeDevice(ctx context.Context, id string) (RevokeResult, error) {
+	var out RevokeResult
+	return out, c.do(ctx, http.MethodPost, "/v1/devices/"+url.PathEscape(id)+"/revoke", nil, &out)
+}
+
+// IssueIdentity asks for a service or operator certificate for csrPEM.
+func (c *Client) IssueIdentity(ctx context.Context, req IdentityRequest) (IdentityResponse, error) {
+	var out IdentityResponse
+	return out, c.do(ctx, http.MethodPost, "/v1/identities", req, &out)
+}
+
+// Audit lists audit events.
+func (c *Client) Audit(ctx context.Context, device, since string, limit int) ([]store.AuditEvent, error) {
+	q := url.Values{}
+	if device != "" {
+		q.Set("device", device)
+	}
+	if since != "" {
+		q.Set("since", since)
+	}
+	if limit > 0 {
+		q.Set("limit", fmt.Sprint(limit))
+	}
+	var out []store.AuditEvent
+	return out, c.do(ctx, http.MethodGet, "/v1/audit?"+q.Encode(), nil, &out)
+}
+
+// Telemetry calls fn for each message of device, oldest first; with follow
+// it keeps streaming until ctx ends.
+func (c *Client) Telemetry(ctx context.Context, device, since string, limit int, follow bool, fn func(TelemetryRecord) error) error {
+	q := url.Values{}
+	if since != "" {
+		q.Set("since", since)
+	}
+	if limit > 0 {
+		q.Set("limit", fmt.Sprint(limit))
+	}
+	if follow {
+		q.Set("follow", "1")
+	}
+	resp, err := c.send(ctx, http.MethodGet, "/v1/telemetry/"+url.PathEscape(device)+"?"+q.Encode(), nil)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 0, 64<<10), 4<<20)
+	for sc.Scan() {
+		var rec TelemetryRecord
+		if err := json.Unmarshal(sc.Bytes(), &rec); err != nil {
+			return fmt.Errorf("decode telemetry: %w", err)
+		}
+		if err := fn(rec); err != nil {
+			return err
+		}
+	}
+	if err := sc.Err(); err != nil && ctx.Err() == nil {
+		return fmt.Errorf("read telemetry: %w", err)
+	}
+	return nil
+}

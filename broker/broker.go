@@ -1,0 +1,494 @@
+// Package broker is fleetmq's MQTT broker core: mochi-mqtt behind an
+// mTLS-only listener, where the identity of a client is the CN of its
+// verified certificate, each identity may only use the topics of its role
+// (see Allowed), revocation closes live sessions, and device telemetry is
+// committed to the store before it is acknowledged.
+//
+// The traps of serving mochi directly are closed here: the listener retries
+// Accept errors instead of stopping, caps open sockets and puts a deadline
+// on the TLS handshake and CONNECT; one hook does authentication and ACLs
+// (mochi ORs hooks, so there is no permissive one anywhere); client ids must
+// equal the certificate CN; mochi's logs lose their packet dumps.
+package broker
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"math"
+	"net"
+	"os"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/rs/zerolog"
+
+	"github.com/fleetmq/fleetmq/store"
+)
+
+// Store is what the broker needs from the fleet store.
+type Store interface {
+	// Device returns identity id, or an error wrapping store.ErrNotFound.
+	Device(ctx context.Context, id string) (store.Device, error)
+	// Cert returns the certificate record of serial (lowercase hex), or an
+	// error wrapping store.ErrCertUnknown.
+	Cert(ctx context.Context, serial string) (store.Cert, error)
+	// AppendTelemetry stores msgs; nil means they are on disk.
+	AppendTelemetry(ctx context.Context, msgs []store.Message) error
+	// SetPresence stores the connection state of identities.
+	SetPresence(ctx context.Context, ps ...store.Presence) error
+}
+
+// Config configures a Broker. Zero values mean the documented default.
+type Config struct {
+	// Addr is the TCP address to listen on. Default ":8883".
+	Addr string
+	// GetCertificate returns the server certificate; the caller renews it.
+	// Required.
+	GetCertificate func(*tls.ClientHelloInfo) (*tls.Certificate, error)
+	// ClientCAs is the fleet CA that client certificates must chain to.
+	// Required.
+	ClientCAs *x509.CertPool
+	// HandshakeTimeout is the deadline, from accept, for the TLS handshake
+	// and the CONNECT packet together. Default 10s.
+	HandshakeTimeout time.Duration
+	// MaxConnections is the most sockets open at once; beyond it new
+	// sockets are closed at once and counted. Default 10000.
+	MaxConnections int
+	// MaxPacketSize is the largest MQTT packet accepted, in bytes.
+	// Default 256 KiB.
+	MaxPacketSize uint32
+	// WriteQueue is the number of packets queued per connection for
+	// writing (mochi's MaximumClientWritesPending); more are dropped.
+	// Default 128.
+	WriteQueue int
+	// SessionExpiry is the longest a disconnected session is kept.
+	// Default 1h.
+	SessionExpiry time.Duration
+	// MaxKeepalive is the longest keepalive granted. A client asking for
+	// none (0) or more gets this one (MQTT 5 clients are told so in the
+	// CONNACK); a connection silent for 1.5 times its keepalive is closed.
+	// Default 5m; at most 65535s.
+	MaxKeepalive time.Duration
+	// PublishRate is the sustained publish rate allowed per identity, in
+	// messages per second, shared by its connections. Default 100.
+	PublishRate float64
+	// PublishBurst is the publish burst allowed per identity. Default 200.
+	PublishBurst int
+	// MaxTelemetryPayload is the largest telemetry payload stored, in
+	// bytes; larger telemetry publishes are refused. Default 64 KiB.
+	MaxTelemetryPayload int
+	// Node is this server's name, recorded in presence. Default the host
+	// name.
+	Node string
+	// Logger receives the broker's and mochi's logs. Default zerolog.Nop().
+	Logger zerolog.Logger
+	// Now is the clock. Default time.Now.
+	Now func() time.Time
+}
+
+func (c *Config) setDefaults() {
+	if c.Addr == "" {
+		c.Addr = ":8883"
+	}
+	if c.HandshakeTimeout == 0 {
+		c.HandshakeTimeout = 10 * time.Second
+	}
+	if c.MaxConnections == 0 {
+		c.MaxConnections = 10000
+	}
+	if c.MaxPacketSize == 0 {
+		c.MaxPacketSize = 256 << 10
+	}
+	if c.WriteQueue == 0 {
+		c.WriteQueue = 128
+	}
+	if c.SessionExpiry == 0 {
+		c.SessionExpiry = time.Hour
+	}
+	if c.MaxKeepalive == 0 {
+		c.MaxKeepalive = 5 * time.Minute
+	}
+	if c.PublishRate == 0 {
+		c.PublishRate = 100
+	}
+	if c.PublishBurst == 0 {
+		c.PublishBurst = 200
+	}
+	if c.MaxTelemetryPayload == 0 {
+		c.MaxTelemetryPayload = 64 << 10
+	}
+	if c.Node == "" {
+		if h, err := os.Hostname(); err == nil {
+			c.Node = h
+		}
+	}
+	if c.Now == nil {
+		c.Now = time.Now
+	}
+}
+
+func (c *Config) validate() error {
+	switch {
+	case c.GetCertificate == nil:
+		return errors.New("broker config: GetCertificate is required")
+	case c.ClientCAs == nil:
+		return errors.New("broker config: ClientCAs is required")
+	case c.HandshakeTimeout < 0:
+		return fmt.Errorf("broker config: HandshakeTimeout %s is negative", c.HandshakeTimeout)
+	case c.MaxConnections < 0:
+		return fmt.Errorf("broker config: MaxConnections %d is negative", c.MaxConnections)
+	case c.WriteQueue < 0 || c.WriteQueue > math.MaxInt32:
+		return fmt.Errorf("broker config: WriteQueue %d is out of range", c.WriteQueue)
+	case c.SessionExpiry < time.Second || c.SessionExpiry/time.Second > math.MaxUint32:
+		return fmt.Errorf("broker config: SessionExpiry %s is out of range", c.SessionExpiry)
+	case c.MaxKeepalive < time.Second || c.MaxKeepalive/time.Second > math.MaxUint16:
+		return fmt.Errorf("broker config: MaxKeepalive %s is out of range (1s to 65535s)", c.MaxKeepalive)
+	case !(c.PublishRate > 0) || math.IsInf(c.PublishRate, 0):
+		return fmt.Errorf("broker config: PublishRate %g must be positive", c.PublishRate)
+	case c.PublishBurst < 0:
+		return fmt.Errorf("broker config: PublishBurst %d is negative", c.PublishBurst)
+	case c.MaxTelemetryPayload < 0:
+		return fmt.Errorf("broker config: MaxTelemetryPayload %d is negative", c.MaxTelemetryPayload)
+	}
+	return nil
+}
+
+// Broker states.
+const (
+	stateNew = iota
+	stateStarted
+	stateClosed
+)
+
+// listenerID is the id of the broker's one mochi listener.
+const listenerID = "mqtts"
+
+// Broker is the MQTT broker. Its methods are safe for concurrent use.
+type Broker struct {
+	cfg    Config
+	st     Store
+	log    zerolog.Logger
+	srv    *mqtt.Server
+	inline *mqtt.Client // mochi's inline client, which delivers acknowledged QoS 1 publishes
+	tls    *tls.Config
+	w      *telemetryWriter
+	stats  *counters
+
+	mu     sync.Mutex
+	state  int
+	ln     *guardedListener
+	idents map[string]*identity // identities with a connection past the TLS handshake
+
+	fmu       sync.RWMutex
+	followers map[string]map[*follower]struct{} // by device id; nil once closed
+	nfollow   atomic.Int64
+
+	serveDone chan struct{}  // closed when the accept loop has returned
+	conns     sync.WaitGroup // connection goroutines, mochi's included
+	ackers    sync.WaitGroup // acker goroutines (see ack.go)
+	closeOnce sync.Once
+	closeErr  error
+}
+
+// New returns a broker for cfg and st; it does not listen until Start.
+func New(cfg Config, st Store) (*Broker, error) {
+	if st == nil {
+		return nil, errors.New("broker: store is required")
+	}
+	cfg.setDefaults()
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
+	b := &Broker{
+		cfg:       cfg,
+		st:        st,
+		log:       cfg.Logger,
+		stats:     newCounters(),
+		idents:    make(map[string]*identity),
+		followers: make(map[string]map[*follower]struct{}),
+		serveDone: make(chan struct{}),
+	}
+	b.w = newTelemetryWriter(st, b.log, b.stats, b.notifyFollowers)
+	b.tls = &tls.Config{
+		MinVersion: tls.VersionTLS12,
+		// TLS 1.2 suites: ECDHE and AEAD only. TLS 1.3 suites are not
+		// configurable and all qualify.
+		CipherSuites: []uint16{
+			tls.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+			tls.TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+			tls.TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+			tls.TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+			tls.TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+			tls.TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+		},
+		GetCertificate: cfg.GetCertificate,
+		ClientAuth:     tls.RequireAndVerifyClientCert,
+		ClientCAs:      cfg.ClientCAs,
+		// VerifyConnection, unlike VerifyPeerCertificate, also runs when a
+		// session is resumed from a ticket: revocation holds for those too.
+		VerifyConnection: b.verifyConnection,
+		Time:             cfg.Now,
+	}
+
+	caps := mqtt.NewDefaultServerCapabilities()
+	caps.MaximumPacketSize = cfg.MaxPacketSize
+	caps.MaximumClientWritesPending = int32(cfg.WriteQueue)
+	caps.MaximumSessionExpiryInterval = uint32(cfg.SessionExpiry / time.Second)
+	caps.MinimumProtocolVersion = 4 // MQTT 3.1.1
+	// Outbound QoS 1/2 messages kept per session (default 8192, each up
+	// to MaxPacketSize).
+	caps.MaximumInflight = 1024
+	// Topic aliases would let a v5 client publish without a topic name;
+	// the ACL is checked on the name, so aliases are refused.
+	caps.TopicAliasMaximum = 0
+	caps.SharedSubAvailable = 0 // $share/... is denied by Allowed anyway
+	b.srv = mqtt.New(&mqtt.Options{
+		Capabilities: caps,
+		InlineClient: true,
+		Logger:       newMochiLogger(b.log),
+		// $SYS topics are denied to every client; refresh them rarely, as
+		// each refresh reads runtime.MemStats.
+		SysTopicResendInterval: 3600,
+	})
+	if err := b.srv.AddHook(&hook{b: b}, nil); err != nil {
+		return nil, fmt.Errorf("broker: add hook: %w", err)
+	}
+	inline, ok := b.srv.Clients.Get(mqtt.InlineClientId)
+	if !ok {
+		return nil, errors.New("broker: mochi has no inline client")
+	}
+	b.inline = inline
+	return b, nil
+}
+
+// Start binds the listening socket, so that a busy port is an error here,
+// and serves in the background until Close.
+func (b *Broker) Start() error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	switch b.state {
+	case stateStarted:
+		return errors.New("broker: already started")
+	case stateClosed:
+		return errors.New("broker: closed")
+	}
+	ln, err := net.Listen("tcp", b.cfg.Addr)
+	if err != nil {
+		return fmt.Errorf("broker: listen: %w", err)
+	}
+	gl := newGuardedListener(ln, b.cfg.MaxConnections, b.cfg.HandshakeTimeout)
+	gl.onRefuse = func() { b.stats.refused.inc(ReasonMaxConnections) }
+	gl.onError = func(err error, backoff time.Duration) {
+		b.stats.acceptErrors.Add(1)
+		b.log.Warn().Err(err).Dur("retry_in", backoff).Msg("broker: accept failed")
+	}
+	if err := b.srv.AddListener(&mqttListener{b: b, ln: gl}); err != nil {
+		_ = ln.Close()
+		return fmt.Errorf("broker: add listener: %w", err)
+	}
+	go b.w.run()
+	if err := b.srv.Serve(); err != nil {
+		// Serve fails only before it starts serving; nothing to undo but
+		// the socket and the writer.
+		_ = gl.Close()
+		b.w.close()
+		b.state = stateClosed
+		return fmt.Errorf("broker: serve: %w", err)
+	}
+	b.ln = gl
+	b.state = stateStarted
+	b.log.Info().Str("addr", ln.Addr().String()).Msg("broker: listening")
+	return nil
+}
+
+// Addr returns the address the broker listens on, or nil before Start.
+func (b *Broker) Addr() net.Addr {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.ln == nil {
+		return nil
+	}
+	return b.ln.Addr()
+}
+
+// Close stops accepting, closes every connection, stops mochi and writes
+// the telemetry and presence still queued. It is idempotent.
+func (b *Broker) Close() error {
+	b.closeOnce.Do(func() { b.closeErr = b.close() })
+	return b.closeErr
+}
+
+func (b *Broker) close() error {
+	b.mu.Lock()
+	started := b.state == stateStarted
+	b.state = stateClosed
+	ln := b.ln
+	b.mu.Unlock()
+
+	if started {
+		_ = ln.Close()
+		<-b.serveDone
+		// No socket is accepted any more, so closing those open now ends
+		// every connection goroutine; waiting for them means mochi's
+		// client map is quiet when its Close walks it (mochi #488).
+		ln.closeConns()
+		b.conns.Wait()
+		// Every hook has returned: the writer gets no more work. What it
+		// still commits is acknowledged (to closed connections) by ackers
+		// it starts, which need mochi for delivery.
+		b.w.close()
+		b.ackers.Wait()
+		if err := b.srv.Close(); err != nil {
+			b.log.Error().Err(err).Msg("broker: stopping mochi")
+		}
+	}
+
+	b.fmu.Lock()
+	for _, fs := range b.followers {
+		for f := range fs {
+			close(f.ch)
+		}
+	}
+	b.followers = nil
+	b.fmu.Unlock()
+	b.log.Info().Msg("broker: closed")
+	return nil
+}
+
+// Revoke closes the live sessions of identity id at once and keeps any
+// session state mochi holds for it from receiving messages. Call it after
+// revoking the identity in the store: new connections are refused there.
+func (b *Broker) Revoke(id string) {
+	b.mu.Lock()
+	var cls []*mqtt.Client
+	if ident := b.idents[id]; ident != nil {
+		for c := range ident.conns {
+			// A connection still between its handshake and its store
+			// check sees this flag and is refused (see authorize).
+			c.revoked.Store(true)
+			if c.cl != nil {
+				cls = append(cls, c.cl)
+			}
+		}
+	}
+	b.mu.Unlock()
+	if cl, ok := b.srv.Clients.Get(id); ok {
+		if c, ok := cl.Net.Conn.(*conn); ok {
+			c.revoked.Store(true)
+		}
+		cls = append(cls, cl)
+	}
+	for _, cl := range cls {
+		if !cl.Closed() {
+			b.stats.kicked.inc(KickRevoked)
+		}
+		cl.Stop(errRevoked)
+	}
+	if len(cls) > 0 {
+		b.log.Info().Str("id", id).Msg("broker: revoked identity disconnected")
+	}
+}
+
+// Online returns the ids of the identities connected to this node, sorted.
+func (b *Broker) Online() []string {
+	b.mu.Lock()
+	ids := make([]string, 0, len(b.idents))
+	for id, ident := range b.idents {
+		if ident.authorized() {
+			ids = append(ids, id)
+		}
+	}
+	b.mu.Unlock()
+	slices.Sort(ids)
+	return ids
+}
+
+// Stats returns a snapshot of the broker's counters.
+func (b *Broker) Stats() Stats {
+	s := b.stats.snapshot()
+	b.mu.Lock()
+	if b.ln != nil {
+		s.OpenConnections = b.ln.open()
+	}
+	for _, ident := range b.idents {
+		for _, ok := range ident.conns {
+			if ok {
+				s.Sessions++
+			}
+		}
+	}
+	b.mu.Unlock()
+	return s
+}
+
+// follower is one Follow reader.
+type follower struct {
+	ch chan store.Message
+}
+
+// Follow streams the telemetry of deviceID as it is committed to the store,
+// until cancel is called or the broker closes; then the channel is closed.
+// A reader that falls followBuffer messages behind loses messages (counted
+// in Stats.FollowDropped) rather than slow the writer. Payloads are shared:
+// do not modify them.
+func (b *Broker) Follow(deviceID string) (<-chan store.Message, func()) {
+	f := &follower{ch: make(chan store.Message, followBuffer)}
+	b.fmu.Lock()
+	if b.followers == nil {
+		b.fmu.Unlock()
+		close(f.ch)
+		return f.ch, func() {}
+	}
+	fs := b.followers[deviceID]
+	if fs == nil {
+		fs = make(map[*follower]struct{})
+		b.followers[deviceID] = fs
+	}
+	fs[f] = struct{}{}
+	b.nfollow.Add(1)
+	b.fmu.Unlock()
+
+	var once sync.Once
+	cancel := func() {
+		once.Do(func() {
+			b.fmu.Lock()
+			defer b.fmu.Unlock()
+			fs := b.followers[deviceID]
+			if _, ok := fs[f]; !ok {
+				return // the broker closed it
+			}
+			delete(fs, f)
+			if len(fs) == 0 {
+				delete(b.followers, deviceID)
+			}
+			b.nfollow.Add(-1)
+			close(f.ch)
+		})
+	}
+	return f.ch, cancel
+}
+
+// notifyFollowers hands committed messages to Follow readers, never
+// blocking: the writer calls it.
+func (b *Broker) notifyFollowers(msgs []store.Message) {
+	if b.nfollow.Load() == 0 {
+		return
+	}
+	b.fmu.RLock()
+	defer b.fmu.RUnlock()
+	for _, m := range msgs {
+		for f := range b.followers[m.DeviceID] {
+			select {
+			case f.ch <- m:
+			default:
+				b.stats.followDropped.Add(1)
+			}
+		}
+	}
+}

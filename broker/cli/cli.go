@@ -1,0 +1,259 @@
+// Package cli is the fleetmq command line: `fleetmq serve` runs a node and
+// every other subcommand is an operator command that talks to the running
+// node over its admin socket (bbolt allows one process per database file).
+package cli
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/fleetmq/fleetmq/broker/admin"
+)
+
+// Version is stamped at build time.
+var Version = "dev"
+
+// Env is what a command may touch: its arguments, its streams and the
+// process environment, all passed in so tests run commands in-process.
+type Env struct {
+	Stdout, Stderr io.Writer
+	Getenv         func(string) string
+}
+
+// Main runs the command line and returns the process exit code.
+func Main(ctx context.Context, args []string, env Env) int {
+	if env.Getenv == nil {
+		env.Getenv = os.Getenv
+	}
+	err := run(ctx, args, env)
+	switch {
+	case err == nil:
+		return 0
+	case errors.Is(err, flag.ErrHelp):
+		return 2
+	case errors.As(err, new(usageError)):
+		var ue usageError
+		errors.As(err, &ue)
+		if !ue.reported {
+			fmt.Fprintf(env.Stderr, "fleetmq: %v\n", err)
+		}
+		return 2
+	default:
+		fmt.Fprintf(env.Stderr, "fleetmq: %v\n", err)
+		return 1
+	}
+}
+
+type usageError struct {
+	msg      string
+	reported bool // the flag package already printed it with the usage
+}
+
+func (e usageError) Error() string { return e.msg }
+
+func usagef(format string, args ...any) error { return usageError{msg: fmt.Sprintf(format, args...)} }
+
+const usage = `fleetmq — mTLS enrollment and telemetry broker for device fleets
+
+Usage:
+  fleetmq [serve] [flags]              run the server (default)
+  fleetmq token create [flags]         mint bootstrap tokens
+  fleetmq token list | revoke ID
+  fleetmq device list [--online] [--expiring 7d] [--revoked] | show ID | revoke ID
+  fleetmq service issue NAME           certificate for a backend that reads telemetry
+  fleetmq operator issue NAME          certificate for the dashboard
+  fleetmq telemetry ID [--since 1h] [--limit N] [--follow]
+  fleetmq audit [--device ID] [--since 24h] [--limit N]
+  fleetmq ca show
+  fleetmq version
+
+Operator commands find the server through the admin socket in the data
+folder (--data, or $FLEETMQ_DATA, default ./fleetmq-data). Most take --json.
+Run 'fleetmq COMMAND -h' for its flags.
+`
+
+func run(ctx context.Context, args []string, env Env) error {
+	if len(args) == 0 || strings.HasPrefix(args[0], "-") {
+		if len(args) > 0 && (args[0] == "-h" || args[0] == "--help" || args[0] == "-help") {
+			fmt.Fprint(env.Stdout, usage)
+			return nil
+		}
+		return serve(ctx, args, env)
+	}
+	cmd, rest := args[0], args[1:]
+	sub := func() (string, []string, error) {
+		if len(rest) == 0 || strings.HasPrefix(rest[0], "-") {
+			return "", nil, usagef("%s needs a subcommand; see 'fleetmq help'", cmd)
+		}
+		return rest[0], rest[1:], nil
+	}
+	switch cmd {
+	case "serve":
+		return serve(ctx, rest, env)
+	case "help":
+		fmt.Fprint(env.Stdout, usage)
+		return nil
+	case "version":
+		fmt.Fprintln(env.Stdout, "fleetmq", Version)
+		return nil
+	case "token", "device", "service", "operator", "ca":
+		name, more, err := sub()
+		if err != nil {
+			return err
+		}
+		fn, ok := operatorCommands[cmd+" "+name]
+		if !ok {
+			return usagef("unknown command %q; see 'fleetmq help'", cmd+" "+name)
+		}
+		return fn(ctx, more, env)
+	case "telemetry":
+		return telemetryCmd(ctx, rest, env)
+	case "audit":
+		return auditCmd(ctx, rest, env)
+	}
+	return usagef("unknown command %q; see 'fleetmq help'", cmd)
+}
+
+var operatorCommands = map[string]func(context.Context, []string, Env) error{
+		"token create":   tokenCreate,
+		"token list":     tokenList,
+		"token revoke":   tokenRevoke,
+		"device list":    deviceList,
+		"device show":    deviceShow,
+		"device revoke":  deviceRevoke,
+		"service issue":  identityIssue("service"),
+		"operator issue": identityIssue("operator"),
+		"ca show":        caShow,
+}
+
+// flagSet is a FlagSet that reports errors instead of exiting, with the
+// shared --data and --json flags.
+type flagSet struct {
+	*flag.FlagSet
+	data *string
+	json *bool
+}
+
+func newFlags(name string, env Env) flagSet {
+	fs := flag.NewFlagSet("fleetmq "+name, flag.ContinueOnError)
+	fs.SetOutput(env.Stderr)
+	def := env.Getenv("FLEETMQ_DATA")
+	if def == "" {
+		def = "./fleetmq-data"
+	}
+	return flagSet{
+		FlagSet: fs,
+		data:    fs.String("data", def, "data folder of the server (env FLEETMQ_DATA)"),
+		json:    fs.Bool("json", false, "print JSON for scripts"),
+	}
+}
+
+// parse parses args and checks the number of positional arguments.
+func (f flagSet) parse(args []string, positional int) error {
+	if err := f.Parse(interleave(args)); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return err
+		}
+		return usageError{msg: err.Error(), reported: true}
+	}
+	if f.NArg() != positional {
+		if positional == 0 {
+			return usagef("%s takes no arguments besides flags", f.Name())
+		}
+		return usagef("%s takes %d argument(s)", f.Name(), positional)
+	}
+	return nil
+}
+
+// interleave moves positional arguments after flags so that
+// `fleetmq device show pi-1 --json` works as people type it.
+func interleave(args []string) []string {
+	var flags, pos []string
+	for i := 0; i < len(args); i++ {
+		a := args[i]
+		switch {
+		case a == "--":
+			pos = append(pos, args[i+1:]...)
+			i = len(args)
+		case strings.HasPrefix(a, "-"):
+			flags = append(flags, a)
+			if !strings.Contains(a, "=") && i+1 < len(args) && !isBoolFlag(a) {
+				flags = append(flags, args[i+1])
+				i++
+			}
+		default:
+			pos = append(pos, a)
+		}
+	}
+	return append(flags, pos...)
+}
+
+var boolFlags = map[string]bool{"json": true, "follow": true, "online": true, "revoked": true, "force": true, "progress": true}
+
+func isBoolFlag(a string) bool { return boolFlags[strings.TrimLeft(a, "-")] }
+
+func (f flagSet) client() *admin.Client {
+	return admin.NewClient(filepath.Join(*f.data, admin.SocketName))
+}
+
+// parseDuration is time.ParseDuration plus a "d" (24h) unit, since
+// certificate lifetimes and retention are spoken of in days.
+func parseDuration(s string) (time.Duration, error) {
+	if strings.HasSuffix(s, "d") {
+		n, err := strconv.ParseFloat(strings.TrimSuffix(s, "d"), 64)
+		if err != nil {
+			return 0, fmt.Errorf("invalid duration %q", s)
+		}
+		return time.Duration(n * float64(24*time.Hour)), nil
+	}
+	d, err := time.ParseDuration(s)
+	if err != nil {
+		return 0, fmt.Errorf("invalid duration %q (use e.g. 90s, 12h, 30d)", s)
+	}
+	return d, nil
+}
+
+// durationValue is a flag.Value using parseDuration.
+type durationValue struct{ d *time.Duration }
+
+func (v durationValue) String() string {
+	if v.d == nil || *v.d == 0 {
+		return ""
+	}
+	if *v.d%(24*time.Hour) == 0 {
+		return fmt.Sprintf("%dd", *v.d/(24*time.Hour))
+	}
+	return v.d.String()
+}
+
+func (v durationValue) Set(s string) error {
+	d, err := parseDuration(s)
+	if err != nil {
+		return err
+	}
+	if d < 0 {
+		return fmt.Errorf("negative duration %q", s)
+	}
+	*v.d = d
+	return nil
+}
+
+// listValue collects a repeatable flag.
+type listValue struct{ l *[]string }
+
+func (v listValue) String() string {
+	if v.l == nil {
+		return ""
+	}
+	return strings.Join(*v.l, ",")
+}
+
+func (v listValue) Set(s string) error { *v.l = append(*v.l, s); return nil }

@@ -1,0 +1,385 @@
+package cli
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/csv"
+	"encoding/json"
+	"encoding/pem"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/fleetmq/fleetmq/broker/admin"
+	"github.com/fleetmq/fleetmq/enroll"
+	"github.com/fleetmq/fleetmq/store"
+)
+
+func printJSON(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+func table(w io.Writer, header string, rows [][]string) error {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, header)
+	for _, r := range rows {
+		fmt.Fprintln(tw, strings.Join(r, "\t"))
+	}
+	return tw.Flush()
+}
+
+func fmtTime(t time.Time) string {
+	if t.IsZero() {
+		return "-"
+	}
+	return t.Local().Format("2006-01-02 15:04:05")
+}
+
+func labelsString(l map[string]string) string {
+	keys := make([]string, 0, len(l))
+	for k := range l {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	parts := make([]string, len(keys))
+	for i, k := range keys {
+		parts[i] = k + "=" + l[k]
+	}
+	if len(parts) == 0 {
+		return "-"
+	}
+	return strings.Join(parts, ",")
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+func tokenCreate(ctx context.Context, args []string, env Env) error {
+	fs := newFlags("token create", env)
+	var req admin.TokenRequest
+	fs.StringVar(&req.DeviceID, "device", "", "bind the token to this device id (default: the CSR's CN becomes the id)")
+	fs.IntVar(&req.Uses, "uses", 1, "how many enrollments the token allows")
+	ttl := 24 * time.Hour
+	fs.Var(durationValue{&ttl}, "ttl", "how long the token is valid (e.g. 24h, 7d)")
+	var labels []string
+	fs.Var(listValue{&labels}, "label", "k=v label recorded on the token and the devices it enrolls (repeatable)")
+	fs.IntVar(&req.Count, "count", 0, "mint this many tokens, bound to ids PREFIX0001…")
+	fs.StringVar(&req.Prefix, "prefix", "", "id prefix for --count (e.g. pi-)")
+	csvPath := fs.String("csv", "", "with --count: write id,token,expiry to this file (mode 0600)")
+	if err := fs.parse(args, 0); err != nil {
+		return err
+	}
+	req.TTL = ttl.String()
+	if len(labels) > 0 {
+		req.Labels = map[string]string{}
+		for _, l := range labels {
+			k, v, ok := strings.Cut(l, "=")
+			if !ok || k == "" {
+				return usagef("--label wants k=v, got %q", l)
+			}
+			req.Labels[k] = v
+		}
+	}
+	if req.Prefix != "" && req.Count == 0 {
+		return usagef("--prefix goes with --count")
+	}
+	toks, err := fs.client().CreateTokens(ctx, req)
+	if err != nil {
+		return err
+	}
+	if *csvPath != "" {
+		if err := writeTokenCSV(*csvPath, toks); err != nil {
+			return err
+		}
+		fmt.Fprintf(env.Stderr, "wrote %d tokens to %s\n", len(toks), *csvPath)
+		return nil
+	}
+	if *fs.json {
+		return printJSON(env.Stdout, toks)
+	}
+	if len(toks) == 1 {
+		t := toks[0]
+		fmt.Fprintln(env.Stdout, t.Secret)
+		fmt.Fprintf(env.Stderr, "token %s: device %s, %d use(s), expires %s\n", t.ID, orDash(t.DeviceID), t.MaxUses, fmtTime(t.ExpiresAt))
+		return nil
+	}
+	rows := make([][]string, len(toks))
+	for i, t := range toks {
+		rows[i] = []string{t.DeviceID, t.Secret, t.ExpiresAt.UTC().Format(time.RFC3339)}
+	}
+	return table(env.Stdout, "DEVICE\tTOKEN\tEXPIRES", rows)
+}
+
+func writeTokenCSV(path string, toks []admin.NewToken) error {
+	var b strings.Builder
+	w := csv.NewWriter(&b)
+	w.Write([]string{"id", "token", "expires_at"})
+	for _, t := range toks {
+		w.Write([]string{t.DeviceID, t.Secret, t.ExpiresAt.UTC().Format(time.RFC3339)})
+	}
+	w.Flush()
+	if err := w.Error(); err != nil {
+		return err
+	}
+	// The file holds live secrets.
+	if err := enroll.WriteFileAtomic(path, []byte(b.String()), 0o600); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	return nil
+}
+
+func tokenList(ctx context.Context, args []string, env Env) error {
+	fs := newFlags("token list", env)
+	if err := fs.parse(args, 0); err != nil {
+		return err
+	}
+	toks, err := fs.client().Tokens(ctx)
+	if err != nil {
+		return err
+	}
+	if *fs.json {
+		return printJSON(env.Stdout, toks)
+	}
+	now := time.Now()
+	rows := make([][]string, len(toks))
+	for i, t := range toks {
+		state := "active"
+		if err := t.Check(now); err != nil {
+			state = strings.TrimPrefix(err.Error(), "token ")
+		}
+		rows[i] = []string{t.ID, orDash(t.DeviceID), fmt.Sprintf("%d/%d", t.Uses, t.MaxUses), fmtTime(t.ExpiresAt), state, labelsString(t.Labels)}
+	}
+	return table(env.Stdout, "ID\tDEVICE\tUSES\tEXPIRES\tSTATE\tLABELS", rows)
+}
+
+func tokenRevoke(ctx context.Context, args []string, env Env) error {
+	fs := newFlags("token revoke", env)
+	if err := fs.parse(args, 1); err != nil {
+		return err
+	}
+	t, err := fs.client().RevokeToken(ctx, fs.Arg(0))
+	if err != nil {
+		return err
+	}
+	if *fs.json {
+		return printJSON(env.Stdout, t)
+	}
+	fmt.Fprintf(env.Stdout, "token %s revoked\n", t.ID)
+	return nil
+}
+
+func deviceList(ctx context.Context, args []string, env Env) error {
+	fs := newFlags("device list", env)
+	online := fs.Bool("online", false, "only devices connected now")
+	revoked := fs.Bool("revoked", false, "only revoked devices")
+	var expiring time.Duration
+	fs.Var(durationValue{&expiring}, "expiring", "only devices whose certificate expires within this time (e.g. 7d)")
+	if err := fs.parse(args, 0); err != nil {
+		return err
+	}
+	devs, err := fs.client().Devices(ctx)
+	if err != nil {
+		return err
+	}
+	now := time.Now()
+	kept := devs[:0]
+	for _, d := range devs {
+		if *online && !d.Online || *revoked && !d.Revoked() {
+			continue
+		}
+		if expiring > 0 && (d.Revoked() || d.NotAfter.After(now.Add(expiring))) {
+			continue
+		}
+		kept = append(kept, d)
+	}
+	if *fs.json {
+		return printJSON(env.Stdout, kept)
+	}
+	rows := make([][]string, len(kept))
+	for i, d := range kept {
+		rows[i] = []string{d.ID, string(d.Role), deviceState(d), fmtTime(d.LastSeen), fmtTime(d.NotAfter)}
+	}
+	return table(env.Stdout, "ID\tROLE\tSTATE\tLAST SEEN\tCERT EXPIRES", rows)
+}
+
+func deviceState(d admin.DeviceInfo) string {
+	switch {
+	case d.Revoked():
+		return "revoked"
+	case d.Online:
+		return "online"
+	}
+	return "offline"
+}
+
+func deviceShow(ctx context.Context, args []string, env Env) error {
+	fs := newFlags("device show", env)
+	if err := fs.parse(args, 1); err != nil {
+		return err
+	}
+	d, err := fs.client().Device(ctx, fs.Arg(0))
+	if err != nil {
+		return err
+	}
+	if *fs.json {
+		return printJSON(env.Stdout, d)
+	}
+	return table(env.Stdout, "FIELD\tVALUE", [][]string{
+		{"id", d.ID}, {"role", string(d.Role)}, {"state", deviceState(d)},
+		{"created", fmtTime(d.CreatedAt)}, {"last seen", fmtTime(d.LastSeen)},
+		{"serial", d.Serial}, {"cert expires", fmtTime(d.NotAfter)},
+		{"last renewal", fmtTime(d.LastRenewal)}, {"revoked", fmtTime(d.RevokedAt)},
+		{"token", orDash(d.TokenID)}, {"labels", labelsString(d.Labels)},
+	})
+}
+
+func deviceRevoke(ctx context.Context, args []string, env Env) error {
+	fs := newFlags("device revoke", env)
+	if err := fs.parse(args, 1); err != nil {
+		return err
+	}
+	res, err := fs.client().RevokeDevice(ctx, fs.Arg(0))
+	if err != nil {
+		return err
+	}
+	if *fs.json {
+		return printJSON(env.Stdout, res)
+	}
+	fmt.Fprintf(env.Stdout, "%s revoked (%d certificate(s)); its sessions are closed and the CRL is updated\n", res.DeviceID, len(res.Serials))
+	return nil
+}
+
+// identityIssue makes the key here, sends only a CSR, and writes NAME.key
+// (0600), NAME.pem and ca.pem into --out.
+func identityIssue(role string) func(context.Context, []string, Env) error {
+	return func(ctx context.Context, args []string, env Env) error {
+		fs := newFlags(role+" issue", env)
+		out := fs.String("out", ".", "folder to write NAME.key, NAME.pem and ca.pem into")
+		if err := fs.parse(args, 1); err != nil {
+			return err
+		}
+		name := fs.Arg(0)
+		if err := enroll.ValidateID(name); err != nil {
+			return usagef("%v", err)
+		}
+		keyPath := filepath.Join(*out, name+".key")
+		if _, err := os.Stat(keyPath); err == nil {
+			return fmt.Errorf("%s exists; refusing to overwrite a key", keyPath)
+		}
+		key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		if err != nil {
+			return err
+		}
+		csrDER, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{Subject: pkix.Name{CommonName: name}}, key)
+		if err != nil {
+			return err
+		}
+		res, err := fs.client().IssueIdentity(ctx, admin.IdentityRequest{
+			Name: name, Role: store.Role(role),
+			CSR: string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: csrDER})),
+		})
+		if err != nil {
+			return err
+		}
+		keyDER, err := x509.MarshalPKCS8PrivateKey(key)
+		if err != nil {
+			return err
+		}
+		files := []struct {
+			path string
+			data []byte
+			mode os.FileMode
+		}{
+			{keyPath, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}), 0o600},
+			{filepath.Join(*out, name+".pem"), []byte(res.Certificate), 0o644},
+			{filepath.Join(*out, "ca.pem"), []byte(res.CA), 0o644},
+		}
+		for _, f := range files {
+			if err := enroll.WriteFileAtomic(f.path, f.data, f.mode); err != nil {
+				return fmt.Errorf("write %s: %w", f.path, err)
+			}
+		}
+		if *fs.json {
+			return printJSON(env.Stdout, res)
+		}
+		fmt.Fprintf(env.Stdout, "%s %s issued until %s: %s, %s, %s\n", role, name, fmtTime(res.NotAfter), files[0].path, files[1].path, files[2].path)
+		return nil
+	}
+}
+
+func caShow(ctx context.Context, args []string, env Env) error {
+	fs := newFlags("ca show", env)
+	if err := fs.parse(args, 0); err != nil {
+		return err
+	}
+	ca, err := fs.client().CA(ctx)
+	if err != nil {
+		return err
+	}
+	if *fs.json {
+		return printJSON(env.Stdout, ca)
+	}
+	return table(env.Stdout, "FIELD\tVALUE", [][]string{
+		{"subject", ca.Subject}, {"sha256", ca.Fingerprint},
+		{"not before", fmtTime(ca.NotBefore)}, {"not after", fmtTime(ca.NotAfter)},
+	})
+}
+
+func auditCmd(ctx context.Context, args []string, env Env) error {
+	fs := newFlags("audit", env)
+	device := fs.String("device", "", "only events of this device")
+	since := fs.String("since", "", "only events newer than this (e.g. 24h, or an RFC 3339 time)")
+	limit := fs.Int("limit", 100, "newest N events")
+	if err := fs.parse(args, 0); err != nil {
+		return err
+	}
+	evs, err := fs.client().Audit(ctx, *device, *since, *limit)
+	if err != nil {
+		return err
+	}
+	if *fs.json {
+		return printJSON(env.Stdout, evs)
+	}
+	rows := make([][]string, len(evs))
+	for i, e := range evs {
+		rows[i] = []string{fmtTime(e.Time), e.Action, orDash(e.DeviceID), orDash(e.Serial), orDash(e.TokenID), orDash(e.Remote), orDash(e.Detail)}
+	}
+	return table(env.Stdout, "TIME\tACTION\tDEVICE\tSERIAL\tTOKEN\tREMOTE\tDETAIL", rows)
+}
+
+func telemetryCmd(ctx context.Context, args []string, env Env) error {
+	fs := newFlags("telemetry", env)
+	since := fs.String("since", "", "only messages newer than this (e.g. 1h, or an RFC 3339 time)")
+	limit := fs.Int("limit", 100, "newest N messages")
+	follow := fs.Bool("follow", false, "keep streaming new messages")
+	if err := fs.parse(args, 1); err != nil {
+		return err
+	}
+	return fs.client().Telemetry(ctx, fs.Arg(0), *since, *limit, *follow, func(r admin.TelemetryRecord) error {
+		if *fs.json {
+			b, err := json.Marshal(r)
+			if err != nil {
+				return err
+			}
+			_, err = fmt.Fprintf(env.Stdout, "%s\n", b)
+			return err
+		}
+		_, err := fmt.Fprintf(env.Stdout, "%s  %s  %s\n", r.Received.Local().Format("2006-01-02 15:04:05.000"), r.Topic, r.Payload)
+		return err
+	})
+}

@@ -1,0 +1,73 @@
+package cli
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+
+	"github.com/rs/zerolog"
+	"github.com/mattn/go-isatty"
+
+	"github.com/fleetmq/fleetmq/broker/server"
+)
+
+func serve(ctx context.Context, args []string, env Env) error {
+	fs := newFlags("serve", env)
+	var cfg server.Config
+	fs.StringVar(&cfg.EnrollAddr, "enroll-addr", ":8443", "HTTPS enrollment listen address")
+	fs.StringVar(&cfg.MQTTAddr, "mqtt-addr", ":8883", "MQTT (mTLS only) listen address")
+	fs.Var(listValue{&cfg.Hostnames}, "hostname", "DNS name or IP devices use to reach this server (repeatable; localhost, 127.0.0.1 and ::1 are always included)")
+	fs.StringVar(&cfg.CACertFile, "ca-cert", "", "operator-provided CA certificate PEM (issuing CA first, then its chain); default: a CA generated in the data folder")
+	fs.StringVar(&cfg.CAKeyFile, "ca-key", "", "key of --ca-cert (PEM, mode 0600)")
+	cfg.CertLifetime = 30 * 24 * 3600e9
+	fs.Var(durationValue{&cfg.CertLifetime}, "cert-lifetime", "device certificate lifetime")
+	cfg.RenewGrace = 7 * 24 * 3600e9
+	fs.Var(durationValue{&cfg.RenewGrace}, "renew-grace", "how long after expiry a device may still renew")
+	fs.StringVar(&cfg.BrokerURL, "broker-url", "", "broker URL given to devices (default: mqtts://<host they used>:<mqtt port>)")
+	cfg.Retention = 7 * 24 * 3600e9
+	fs.Var(durationValue{&cfg.Retention}, "retention", "how long telemetry is kept")
+	fs.IntVar(&cfg.RetentionCount, "retention-count", 100_000, "most telemetry messages kept per device")
+	fs.IntVar(&cfg.Broker.MaxConnections, "max-connections", 10_000, "most concurrent MQTT connections")
+	fs.Var(durationValue{&cfg.Broker.HandshakeTimeout}, "handshake-timeout", "deadline for the TLS handshake and the MQTT CONNECT (default 10s)")
+	maxPacket := fs.Uint("max-packet-size", 256<<10, "largest MQTT packet accepted, bytes")
+	fs.Float64Var(&cfg.Broker.PublishRate, "publish-rate", 100, "per-device publish rate limit, messages per second")
+	fs.IntVar(&cfg.Broker.PublishBurst, "publish-burst", 200, "per-device publish burst")
+	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
+	logFormat := fs.String("log-format", "auto", "json, console, or auto (console on a terminal)")
+	if err := fs.parse(args, 0); err != nil {
+		return err
+	}
+	cfg.DataDir = *fs.data
+	cfg.Broker.MaxPacketSize = uint32(*maxPacket)
+	log, err := newLogger(env.Stderr, *logLevel, *logFormat)
+	if err != nil {
+		return usagef("%v", err)
+	}
+	cfg.Logger = log
+	srv, err := server.New(cfg)
+	if err != nil {
+		return err
+	}
+	return srv.Run(ctx)
+}
+
+func newLogger(w io.Writer, level, format string) (zerolog.Logger, error) {
+	lvl, err := zerolog.ParseLevel(strings.ToLower(level))
+	if err != nil || lvl == zerolog.NoLevel {
+		return zerolog.Logger{}, fmt.Errorf("unknown log level %q", level)
+	}
+	switch format {
+	case "json":
+	case "console":
+		w = zerolog.ConsoleWriter{Out: w}
+	case "auto":
+		if f, ok := w.(*os.File); ok && isatty.IsTerminal(f.Fd()) {
+			w = zerolog.ConsoleWriter{Out: w}
+		}
+	default:
+		return zerolog.Logger{}, fmt.Errorf("unknown log format %q", format)
+	}
+	return zerolog.New(w).Level(lvl).With().Timestamp().Logger(), nil
+}

@@ -1,0 +1,263 @@
+package broker
+
+import (
+	"context"
+	"strings"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/fleetmq/fleetmq/store"
+)
+
+// maxSubscriptions is the most subscription filters one client may hold:
+// a device needs two, a service a handful; each costs broker memory.
+const maxSubscriptions = 100
+
+// hook is the broker's only mochi hook: authentication, ACLs, rate limit,
+// telemetry capture and counters. mochi ORs the answers of auth and ACL
+// hooks, so no other hook providing them may ever be added.
+type hook struct {
+	mqtt.HookBase
+	b *Broker
+}
+
+func (h *hook) ID() string { return "fleetmq-auth" }
+
+func (h *hook) Provides(b byte) bool {
+	switch b {
+	case mqtt.OnConnect, mqtt.OnConnectAuthenticate, mqtt.OnACLCheck,
+		mqtt.OnSubscribe, mqtt.OnPublish, mqtt.OnPacketSent:
+		return true
+	}
+	return false
+}
+
+// OnConnect authorizes the CONNECT. It runs before mochi's authentication
+// step so that a refusal can be answered with "not authorized" (mochi's own
+// refusal says "bad username or password" to MQTT 5 clients).
+func (h *hook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
+	b := h.b
+	c, ok := cl.Net.Conn.(*conn)
+	if !ok {
+		return packets.ErrNotAuthorized // not from the broker's listener
+	}
+	c.connectSeen.Store(true)
+	r := b.authorize(c, cl, pk)
+	if r == nil {
+		return nil
+	}
+	b.stats.refused.inc(r.reason)
+	ev := b.log.Info().Str("remote", cl.Net.Remote).Str("reason", r.reason)
+	if leaf := c.leaf(); leaf != nil {
+		ev = ev.Str("cn", leaf.Subject.CommonName)
+	}
+	ev.Msg("broker: connection refused")
+	code := packets.ErrNotAuthorized
+	if cl.Properties.ProtocolVersion < 5 {
+		// mochi turns this code into the MQTT 3.1.1 return code 5, "not
+		// authorized"; 0x87 itself has no 3.1.1 mapping.
+		code = packets.ErrBadUsernameOrPassword
+	}
+	_ = b.srv.SendConnack(cl, code, false, nil)
+	return r
+}
+
+// authorize decides a CONNECT: the identity is the verified certificate's
+// CN, the client id must be that CN (an MQTT 5 client sending none is
+// assigned it), and the store must know the certificate and the identity,
+// neither revoked, with a role that may use MQTT.
+func (b *Broker) authorize(c *conn, cl *mqtt.Client, pk packets.Packet) *refusal {
+	leaf := c.leaf()
+	if leaf == nil {
+		return refuse(ReasonNoCertificate, nil)
+	}
+	id := leaf.Subject.CommonName
+	if id == mqtt.InlineClientId || !literalLevel(id) {
+		// "inline" would replace mochi's inline client in its client map.
+		return refuse(ReasonClientID, nil)
+	}
+	switch {
+	case pk.Connect.ClientIdentifier == "" && cl.Properties.ProtocolVersion == 5:
+		cl.ID = id
+		cl.Properties.Props.AssignedClientID = id
+	case pk.Connect.ClientIdentifier != id:
+		return refuse(ReasonClientID, nil)
+	}
+	if !b.register(c, cl, id) {
+		return refuse(ReasonRevoked, errRevoked)
+	}
+	dev, r := b.checkLeaf(context.Background(), leaf)
+	if r != nil {
+		return r
+	}
+	if dev.Role != store.RoleDevice && dev.Role != store.RoleService {
+		return refuse(ReasonRole, nil)
+	}
+	// mochi publishes the will without an ACL check.
+	if pk.Connect.WillFlag {
+		if !Allowed(dev.Role, id, pk.Connect.WillTopic, true) {
+			return refuse(ReasonWill, nil)
+		}
+		if !retainable(dev.Role, id, pk.Connect.WillTopic) {
+			cl.Properties.Will.Retain = false
+		}
+	}
+	// mochi closes a connection silent for 1.5 keepalives, and keeps none
+	// for keepalive 0: cap it, so a dead peer is always noticed.
+	if maxKA := uint16(b.cfg.MaxKeepalive / time.Second); cl.State.Keepalive == 0 || cl.State.Keepalive > maxKA {
+		cl.State.Keepalive = maxKA
+		cl.State.ServerKeepalive = true
+	}
+	g := &grant{id: id, role: dev.Role, telemetry: topicRoot + "/" + id + "/" + levelTelemetry}
+	if !b.activate(c, g, leaf.NotAfter) {
+		return refuse(ReasonRevoked, errRevoked)
+	}
+	return nil
+}
+
+// OnConnectAuthenticate admits only connections OnConnect authorized.
+func (h *hook) OnConnectAuthenticate(cl *mqtt.Client, _ packets.Packet) bool {
+	c, ok := cl.Net.Conn.(*conn)
+	return ok && c.grant.Load() != nil && !c.revoked.Load()
+}
+
+// OnACLCheck applies Allowed to publishes, subscription filters and each
+// delivery.
+func (h *hook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
+	if c, ok := cl.Net.Conn.(*conn); ok && c.allowed(topic, write) {
+		return true
+	}
+	h.b.stats.aclDenied.Add(1)
+	return false
+}
+
+// OnSubscribe turns filters beyond maxSubscriptions into invalid ones,
+// which mochi refuses in the SUBACK.
+func (h *hook) OnSubscribe(cl *mqtt.Client, pk packets.Packet) packets.Packet {
+	n := cl.State.Subscriptions.Len()
+	for i, f := range pk.Filters {
+		if _, ok := cl.State.Subscriptions.Get(f.Filter); ok {
+			continue
+		}
+		if n >= maxSubscriptions {
+			pk.Filters[i].Filter = ""
+			h.b.stats.subLimit.Add(1)
+			continue
+		}
+		n++
+	}
+	return pk
+}
+
+// OnPublish runs after the ACL check and before mochi acknowledges. It
+// applies the rate limit and stores device telemetry: QoS 0 is queued for
+// the writer; QoS 1 is acknowledged once committed, in publish order (see
+// ack.go); QoS 2 waits here for its commit, as mochi's PUBREC follows.
+func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
+	if cl.Net.Inline {
+		return pk, nil
+	}
+	b := h.b
+	c, ok := cl.Net.Conn.(*conn)
+	if !ok {
+		return pk, packets.ErrRejectPacket
+	}
+	g := c.grant.Load()
+	if g == nil {
+		return pk, packets.ErrRejectPacket
+	}
+	qos := min(pk.FixedHeader.Qos, 2)
+	b.stats.in[qos].Add(1)
+
+	code := packets.CodeSuccess
+	var m *store.Message // telemetry to store
+	switch {
+	case !c.ident.lim.Allow():
+		b.stats.rateLimited.Add(1)
+		code = packets.ErrMessageRateTooHigh
+	case g.role == store.RoleDevice && isUnder(pk.TopicName, g.telemetry):
+		if len(pk.Payload) > b.cfg.MaxTelemetryPayload {
+			b.stats.tooLarge.Add(1)
+			code = packets.ErrPacketTooLarge
+			break
+		}
+		m = &store.Message{
+			DeviceID: g.id,
+			Topic:    pk.TopicName,
+			Received: b.cfg.Now(),
+			QoS:      qos,
+			Payload:  pk.Payload,
+		}
+	}
+	if pk.FixedHeader.Retain && !retainable(g.role, g.id, pk.TopicName) {
+		// Only the status topic keeps a retained message, so retained
+		// messages are bounded by the number of devices.
+		pk.FixedHeader.Retain = false
+	}
+
+	switch qos {
+	case 0:
+		if code != packets.CodeSuccess {
+			return pk, packets.ErrRejectPacket
+		}
+		if m != nil && !b.w.storeAsync(*m) {
+			b.stats.dropped.Add(1)
+		}
+		return pk, nil
+	case 1:
+		if m == nil && c.acksIdle() {
+			// Nothing queued ahead: mochi may answer now, in order.
+			return pk, refusePublish(cl, qos, code)
+		}
+		p := &pendingPub{pk: pk, code: code, done: m == nil}
+		if !c.enqueueAck(p) {
+			return pk, packets.ErrRejectPacket
+		}
+		if m != nil {
+			b.w.storeAcked(*m, c, p)
+		}
+		return pk, packets.ErrRejectPacket // acknowledged and delivered by the acker
+	default:
+		if code == packets.CodeSuccess && m != nil {
+			if err := b.w.store(*m); err != nil {
+				b.log.Warn().Err(err).Str("id", g.id).Msg("broker: telemetry not stored, not acknowledged")
+				code = packets.ErrUnspecifiedError
+			}
+		}
+		return pk, refusePublish(cl, qos, code)
+	}
+}
+
+// OnPacketSent counts deliveries.
+func (h *hook) OnPacketSent(_ *mqtt.Client, pk packets.Packet, _ []byte) {
+	if pk.FixedHeader.Type == packets.Publish {
+		h.b.stats.out[min(pk.FixedHeader.Qos, 2)].Add(1)
+	}
+}
+
+// refusePublish returns what OnPublish returns for code: nil on success;
+// otherwise an MQTT 5 QoS 1/2 publisher gets code in its PUBACK, and
+// anything else is dropped with no PUBACK (a 3.1.1 PUBACK cannot carry a
+// failure, and mochi acknowledges on any other error).
+func refusePublish(cl *mqtt.Client, qos byte, code packets.Code) error {
+	switch {
+	case code == packets.CodeSuccess:
+		return nil
+	case cl.Properties.ProtocolVersion == 5 && qos > 0:
+		return code
+	}
+	return packets.ErrRejectPacket
+}
+
+// retainable reports whether a retained message on topic is kept: only a
+// device's own status (its last will, typically).
+func retainable(role store.Role, id, topic string) bool {
+	return role == store.RoleDevice && topic == topicRoot+"/"+id+"/"+levelStatus
+}
+
+// isUnder reports whether topic is base or below it.
+func isUnder(topic, base string) bool {
+	return strings.HasPrefix(topic, base) && (len(topic) == len(base) || topic[len(base)] == '/')
+}

@@ -1,0 +1,150 @@
+package broker
+
+import (
+	"errors"
+	"net"
+	"sync"
+	"time"
+)
+
+// Accept backoff bounds: long enough not to spin while the process is out of
+// file descriptors, short enough to recover quickly once some are freed.
+const (
+	minAcceptBackoff = 5 * time.Millisecond
+	maxAcceptBackoff = time.Second
+)
+
+// guardedListener closes the traps of serving mochi from a bare listener:
+// mochi stops serving for good on the first Accept error and sets no
+// deadline before CONNECT. Its Accept retries every error with backoff and
+// returns only once the listener is closed; it refuses sockets beyond max
+// open ones; and it puts a deadline on each socket that covers the TLS
+// handshake and the CONNECT packet (mochi replaces it with its keepalive
+// deadline once CONNECT is accepted).
+type guardedListener struct {
+	net.Listener
+	max      int
+	deadline time.Duration
+	// onRefuse is called for each socket closed because max were open.
+	onRefuse func()
+	// onError is called for each Accept error that is retried.
+	onError func(err error, backoff time.Duration)
+
+	done      chan struct{}
+	closeOnce sync.Once
+
+	mu    sync.Mutex
+	conns map[*guardedConn]struct{} // open sockets; nil once closed
+}
+
+func newGuardedListener(ln net.Listener, max int, deadline time.Duration) *guardedListener {
+	return &guardedListener{
+		Listener: ln,
+		max:      max,
+		deadline: deadline,
+		onRefuse: func() {},
+		onError:  func(error, time.Duration) {},
+		done:     make(chan struct{}),
+		conns:    make(map[*guardedConn]struct{}),
+	}
+}
+
+// Accept returns the next socket, counted until its Close, with its
+// handshake deadline set. It returns an error only after Close.
+func (l *guardedListener) Accept() (net.Conn, error) {
+	var backoff time.Duration
+	for {
+		c, err := l.Listener.Accept()
+		if err != nil {
+			select {
+			case <-l.done:
+				return nil, net.ErrClosed
+			default:
+			}
+			if errors.Is(err, net.ErrClosed) {
+				// Someone closed the socket under us: retrying would spin.
+				return nil, err
+			}
+			backoff = min(max(2*backoff, minAcceptBackoff), maxAcceptBackoff)
+			l.onError(err, backoff)
+			t := time.NewTimer(backoff)
+			select {
+			case <-t.C:
+			case <-l.done:
+				t.Stop()
+				return nil, net.ErrClosed
+			}
+			continue
+		}
+		backoff = 0
+
+		l.mu.Lock()
+		if l.conns == nil {
+			l.mu.Unlock()
+			_ = c.Close()
+			return nil, net.ErrClosed
+		}
+		if len(l.conns) >= l.max {
+			l.mu.Unlock()
+			_ = c.Close()
+			l.onRefuse()
+			continue
+		}
+		gc := &guardedConn{Conn: c, l: l}
+		l.conns[gc] = struct{}{}
+		l.mu.Unlock()
+
+		if err := c.SetDeadline(time.Now().Add(l.deadline)); err != nil {
+			_ = gc.Close() // the peer is already gone
+			continue
+		}
+		return gc, nil
+	}
+}
+
+// Close stops Accept and closes the listening socket; open sockets stay open
+// (see closeConns).
+func (l *guardedListener) Close() error {
+	var err error
+	l.closeOnce.Do(func() {
+		close(l.done)
+		err = l.Listener.Close()
+	})
+	return err
+}
+
+// closeConns closes every open socket and refuses later ones.
+func (l *guardedListener) closeConns() {
+	l.mu.Lock()
+	conns := l.conns
+	l.conns = nil
+	l.mu.Unlock()
+	for c := range conns {
+		_ = c.Conn.Close()
+	}
+}
+
+// open returns the number of open sockets.
+func (l *guardedListener) open() int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return len(l.conns)
+}
+
+// guardedConn is an accepted socket, counted by its listener until Close.
+type guardedConn struct {
+	net.Conn
+	l    *guardedListener
+	once sync.Once
+}
+
+func (c *guardedConn) Close() error {
+	c.once.Do(func() {
+		c.l.mu.Lock()
+		if c.l.conns != nil {
+			delete(c.l.conns, c)
+		}
+		c.l.mu.Unlock()
+	})
+	return c.Conn.Close()
+}

@@ -1,0 +1,138 @@
+package server_test
+
+import (
+	"encoding/csv"
+	"encoding/hex"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/fleetmq/fleetmq/broker/admin"
+)
+
+func TestOperatorCLI(t *testing.T) {
+	s := startServer(t)
+
+	out, errs, code := s.cli(t, "ca", "show")
+	fp := s.CA().Fingerprint()
+	if code != 0 || !strings.Contains(out, hex.EncodeToString(fp[:])) {
+		t.Fatalf("ca show: %d %s %s", code, out, errs)
+	}
+
+	tok := s.token(t, "--device", "pi-cli", "--ttl", "2h", "--label", "site=lab", "--label", "rack=3")
+	if !strings.HasPrefix(tok, "fmq1.") || strings.Count(tok, ".") != 2 {
+		t.Fatalf("token create printed %q", tok)
+	}
+	out, _, _ = s.cli(t, "token", "list")
+	if !strings.Contains(out, "pi-cli") || !strings.Contains(out, "rack=3,site=lab") || strings.Contains(out, tok) {
+		t.Fatalf("token list (must never show secrets):\n%s", out)
+	}
+	s.enroll(t, tok, "pi-cli")
+
+	out, _, code = s.cli(t, "device", "list")
+	if code != 0 || !strings.Contains(out, "pi-cli") || !strings.Contains(out, "offline") {
+		t.Fatalf("device list:\n%s", out)
+	}
+	out, _, _ = s.cli(t, "device", "list", "--json")
+	var devs []admin.DeviceInfo
+	if err := json.Unmarshal([]byte(out), &devs); err != nil || len(devs) != 1 || devs[0].ID != "pi-cli" {
+		t.Fatalf("device list --json: %v %s", err, out)
+	}
+	out, _, _ = s.cli(t, "device", "list", "--expiring", "7d")
+	if strings.Contains(out, "pi-cli") {
+		t.Errorf("a 30-day certificate listed as expiring within 7 days")
+	}
+	out, _, _ = s.cli(t, "device", "list", "--expiring", "31d")
+	if !strings.Contains(out, "pi-cli") {
+		t.Errorf("--expiring 31d misses the device:\n%s", out)
+	}
+	out, _, code = s.cli(t, "device", "show", "pi-cli")
+	if code != 0 || !strings.Contains(out, "site=lab") {
+		t.Fatalf("device show:\n%s", out)
+	}
+	if _, errs, code := s.cli(t, "device", "show", "nope"); code != 1 || !strings.Contains(errs, "not_found") {
+		t.Fatalf("device show unknown: %d %s", code, errs)
+	}
+	if _, _, code := s.cli(t, "device", "revoke", "pi-cli"); code != 0 {
+		t.Fatal("revoke failed")
+	}
+	out, _, _ = s.cli(t, "device", "list", "--revoked")
+	if !strings.Contains(out, "pi-cli") || !strings.Contains(out, "revoked") {
+		t.Fatalf("device list --revoked:\n%s", out)
+	}
+	if _, errs, code := s.cli(t, "device", "revoke", "pi-cli"); code != 1 || !strings.Contains(errs, "device_revoked") {
+		t.Fatalf("second revoke: %d %s", code, errs)
+	}
+
+	// Usage errors exit 2 with a message, and touch nothing.
+	for _, args := range [][]string{
+		{"token", "create", "--label", "nokey"},
+		{"token", "create", "--ttl", "soon"},
+		{"device", "show"},
+		{"frobnicate"},
+		{"token"},
+	} {
+		if _, errs, code := s.cli(t, args...); code != 2 || errs == "" {
+			t.Errorf("%v: exit %d, stderr %q", args, code, errs)
+		}
+	}
+	// Server-side validation errors exit 1 with the code.
+	if _, errs, code := s.cli(t, "token", "create", "--device", "Bad/Id"); code != 1 || !strings.Contains(errs, "id_invalid") {
+		t.Errorf("token for an invalid id: %d %s", code, errs)
+	}
+}
+
+func TestBulkTokensCSV(t *testing.T) {
+	s := startServer(t)
+	path := filepath.Join(t.TempDir(), "tokens.csv")
+	if _, errs, code := s.cli(t, "token", "create", "--count", "25", "--prefix", "pi-", "--csv", path); code != 0 {
+		t.Fatalf("bulk create: %s", errs)
+	}
+	fi, err := os.Stat(path)
+	if err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("csv mode: %v %v", fi, err)
+	}
+	f, _ := os.Open(path)
+	defer f.Close()
+	rows, err := csv.NewReader(f).ReadAll()
+	if err != nil || len(rows) != 26 || rows[0][0] != "id" || rows[1][0] != "pi-0001" || rows[25][0] != "pi-0025" {
+		t.Fatalf("csv: %v %v", err, rows)
+	}
+	d := s.enroll(t, rows[7][1], "")
+	if d.resp.DeviceID != "pi-0007" {
+		t.Fatalf("bound bulk token enrolled %q", d.resp.DeviceID)
+	}
+}
+
+func TestCLIWithoutServer(t *testing.T) {
+	s := startServer(t)
+	dir := s.cfg.DataDir
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	_, errs, code := s.cli(t, "device", "list")
+	if code != 1 || !strings.Contains(errs, "not running") {
+		t.Fatalf("without server: %d %q", code, errs)
+	}
+	// Modes of what the server left behind.
+	for path, want := range map[string]os.FileMode{
+		dir:                              0o700,
+		filepath.Join(dir, "fleetmq.db"): 0o600,
+		filepath.Join(dir, "ca.key"):     0o600,
+	} {
+		fi, err := os.Stat(path)
+		if err != nil || fi.Mode().Perm() != want {
+			t.Errorf("%s: mode %v, want %v (%v)", path, fi.Mode().Perm(), want, err)
+		}
+	}
+}
+
+func TestAdminSocketMode(t *testing.T) {
+	s := startServer(t)
+	fi, err := os.Stat(s.AdminSocket())
+	if err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("admin socket mode %v %v", fi.Mode(), err)
+	}
+}

@@ -1,0 +1,415 @@
+// Package server assembles a fleetmq node: the store, the CA, the HTTPS
+// enrollment endpoint, the mTLS MQTT broker and the admin socket, with one
+// start path and one shutdown path.
+package server
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/fleetmq/fleetmq/broker"
+	"github.com/fleetmq/fleetmq/broker/admin"
+	"github.com/fleetmq/fleetmq/enroll"
+	"github.com/fleetmq/fleetmq/store"
+)
+
+// Config configures a node. Zero values mean the defaults named on each
+// field; cmd/fleetmq maps flags onto it one to one.
+type Config struct {
+	DataDir    string   // data folder, created 0700; default "./fleetmq-data"
+	EnrollAddr string   // HTTPS enrollment listener; default ":8443"
+	MQTTAddr   string   // MQTT over mTLS listener; default ":8883"
+	Hostnames  []string // extra SANs of the server certificate (localhost, 127.0.0.1, ::1 are always in)
+	CACertFile string   // operator-provided CA certificate (PEM chain, issuing CA first); default: generated CA in DataDir
+	CAKeyFile  string   // its key; both or neither
+	// CertLifetime is the device certificate lifetime; default 30 days.
+	CertLifetime time.Duration
+	// RenewGrace is how long after expiry a device may still renew; default 7 days.
+	RenewGrace time.Duration
+	// BrokerURL is handed to enrolling devices; default built from the host
+	// name the device used and the MQTT port.
+	BrokerURL string
+	// ServerCertLifetime is the lifetime of the server's own TLS
+	// certificate, renewed at two thirds of it; default 7 days.
+	ServerCertLifetime time.Duration
+	// Retention is how long telemetry is kept; default 7 days.
+	Retention time.Duration
+	// RetentionCount is the most messages kept per device; default 100,000.
+	RetentionCount int
+	// Broker holds the MQTT limits; Addr, certificates and Logger are set by the server.
+	Broker broker.Config
+	// Enroll holds the enrollment limits; CA, lifetimes, BrokerURL and Logger are set by the server.
+	Enroll enroll.Config
+
+	Logger zerolog.Logger   // default zerolog.Nop()
+	Now    func() time.Time // default time.Now
+}
+
+func (c *Config) setDefaults() {
+	if c.DataDir == "" {
+		c.DataDir = "./fleetmq-data"
+	}
+	if c.EnrollAddr == "" {
+		c.EnrollAddr = ":8443"
+	}
+	if c.MQTTAddr == "" {
+		c.MQTTAddr = ":8883"
+	}
+	if c.ServerCertLifetime == 0 {
+		c.ServerCertLifetime = 7 * 24 * time.Hour
+	}
+	if c.Retention == 0 {
+		c.Retention = 7 * 24 * time.Hour
+	}
+	if c.RetentionCount == 0 {
+		c.RetentionCount = 100_000
+	}
+	if c.Now == nil {
+		c.Now = time.Now
+	}
+}
+
+// DBName is the database file inside the data folder.
+const DBName = "fleetmq.db"
+
+// Server is one running fleetmq node.
+type Server struct {
+	cfg    Config
+	log    zerolog.Logger
+	db     *store.DB
+	ca     *enroll.CA
+	enroll *enroll.Handler
+	mqtt   *broker.Broker
+	cert   atomic.Pointer[tls.Certificate]
+
+	httpSrv  *http.Server
+	httpLn   net.Listener
+	adminSrv *http.Server
+	adminLn  net.Listener
+
+	ctx     context.Context // ends at Close; stops background loops
+	cancel  context.CancelFunc
+	wg      sync.WaitGroup
+	errc    chan error // first serve error
+	closing sync.Once
+	closed  chan struct{}
+	err     error
+}
+
+// New opens the data folder, the store and the CA. Nothing listens yet.
+func New(cfg Config) (s *Server, err error) {
+	cfg.setDefaults()
+	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+		return nil, fmt.Errorf("create data folder: %w", err)
+	}
+	// An existing folder may have looser permissions; the CA key and the
+	// database live here.
+	if err := os.Chmod(cfg.DataDir, 0o700); err != nil {
+		return nil, fmt.Errorf("restrict data folder: %w", err)
+	}
+	s = &Server{cfg: cfg, log: cfg.Logger, errc: make(chan error, 4), closed: make(chan struct{})}
+	s.ctx, s.cancel = context.WithCancel(context.Background())
+	defer func() {
+		if err != nil {
+			s.Close()
+		}
+	}()
+	s.db, err = store.Open(filepath.Join(cfg.DataDir, DBName), store.Options{Logger: cfg.Logger})
+	if err != nil {
+		return nil, fmt.Errorf("open store: %w", err)
+	}
+	s.ca, err = enroll.LoadOrCreateCA(enroll.CAConfig{
+		Dir: cfg.DataDir, CertFile: cfg.CACertFile, KeyFile: cfg.CAKeyFile, Now: cfg.Now,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("load CA: %w", err)
+	}
+	if err := s.renewServerCert(); err != nil {
+		return nil, err
+	}
+
+	ec := cfg.Enroll
+	ec.CA, ec.CertLifetime, ec.RenewGrace, ec.BrokerURL = s.ca, cfg.CertLifetime, cfg.RenewGrace, cfg.BrokerURL
+	ec.Logger, ec.Now = cfg.Logger.With().Str("component", "enroll").Logger(), cfg.Now
+	if _, port, err := net.SplitHostPort(cfg.MQTTAddr); err == nil {
+		ec.MQTTPort, _ = strconv.Atoi(port)
+	}
+	if s.enroll, err = enroll.NewHandler(ec, s.db); err != nil {
+		return nil, err
+	}
+
+	bc := cfg.Broker
+	bc.Addr = cfg.MQTTAddr
+	bc.GetCertificate = s.getCertificate
+	bc.ClientCAs = s.ca.Pool()
+	bc.Logger = cfg.Logger.With().Str("component", "mqtt").Logger()
+	bc.Now = cfg.Now
+	if s.mqtt, err = broker.New(bc, s.db); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// Start binds every listener (so a busy port fails here) and serves in the
+// background. The MQTT port's ephemeral port, if any, is known once the
+// enrollment endpoint hands out broker URLs.
+func (s *Server) Start() error {
+	if err := s.mqtt.Start(); err != nil {
+		return fmt.Errorf("start MQTT listener: %w", err)
+	}
+	if s.cfg.BrokerURL == "" {
+		// With ":0" the real port is only known now.
+		if tcp, ok := s.mqtt.Addr().(*net.TCPAddr); ok {
+			s.enroll.SetMQTTPort(tcp.Port)
+		}
+	}
+	ln, err := net.Listen("tcp", s.cfg.EnrollAddr)
+	if err != nil {
+		return fmt.Errorf("listen for enrollment on %s: %w", s.cfg.EnrollAddr, err)
+	}
+	s.httpLn = tls.NewListener(ln, s.httpsTLS())
+	s.httpSrv = &http.Server{
+		Handler:           s.enroll,
+		ReadHeaderTimeout: 10 * time.Second,
+		ReadTimeout:       30 * time.Second,
+		WriteTimeout:      30 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+		MaxHeaderBytes:    64 << 10,
+		ErrorLog:          newHTTPErrorLog(s.log),
+	}
+	if err := s.listenAdmin(); err != nil {
+		return err
+	}
+	s.serve("enroll", func() error { return s.httpSrv.Serve(s.httpLn) })
+	s.serve("admin", func() error { return s.adminSrv.Serve(s.adminLn) })
+	s.loop(s.renewServerCertLoop)
+	s.loop(s.crlLoop)
+	s.loop(s.retentionLoop)
+	s.log.Info().Str("enroll", s.httpLn.Addr().String()).Str("mqtt", s.mqtt.Addr().String()).
+		Str("admin", s.AdminSocket()).Str("data", s.cfg.DataDir).Msg("fleetmq serving")
+	return nil
+}
+
+func (s *Server) listenAdmin() error {
+	path := s.AdminSocket()
+	// A socket left by a crashed server would make Listen fail; a live
+	// server cannot be running because we hold the database lock.
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("remove stale admin socket: %w", err)
+	}
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		return fmt.Errorf("listen on admin socket: %w", err)
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		ln.Close()
+		return fmt.Errorf("restrict admin socket: %w", err)
+	}
+	h, err := admin.New(admin.Config{
+		CA:       s.ca,
+		OnRevoke: s.onRevoke,
+		Online:   s.mqtt.Online,
+		Follow:   s.mqtt.Follow,
+		Logger:   s.log.With().Str("component", "admin").Logger(),
+		Now:      s.cfg.Now,
+	}, s.db)
+	if err != nil {
+		ln.Close()
+		return err
+	}
+	s.adminLn = ln
+	s.adminSrv = &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second, ErrorLog: newHTTPErrorLog(s.log)}
+	return nil
+}
+
+// onRevoke makes a committed revocation effective: the live session is
+// closed (new handshakes already fail, as the store says revoked) and the
+// CRL is regenerated.
+func (s *Server) onRevoke(ctx context.Context, id string, _ []store.Cert) {
+	s.mqtt.Revoke(id)
+	if err := s.enroll.RefreshCRL(ctx); err != nil {
+		s.log.Error().Err(err).Msg("refresh CRL after revocation")
+	}
+}
+
+func (s *Server) httpsTLS() *tls.Config {
+	return &tls.Config{
+		MinVersion:     tls.VersionTLS12,
+		CipherSuites:   secureSuites,
+		GetCertificate: s.getCertificate,
+		// Requested, not required: enrollment has no certificate yet, and
+		// renewal checks it itself so that an expired one can renew within
+		// the grace period.
+		ClientAuth: tls.RequestClientCert,
+	}
+}
+
+// secureSuites are the TLS 1.2 suites allowed: forward secret and AEAD only.
+// (TLS 1.3 suites are not configurable and all qualify.)
+var secureSuites = []uint16{
+	tls.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+	tls.TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+	tls.TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+}
+
+func (s *Server) getCertificate(*tls.ClientHelloInfo) (*tls.Certificate, error) {
+	return s.cert.Load(), nil
+}
+
+func (s *Server) renewServerCert() error {
+	c, err := s.ca.IssueServer(s.cfg.Hostnames, s.cfg.ServerCertLifetime)
+	if err != nil {
+		return fmt.Errorf("issue server certificate: %w", err)
+	}
+	s.cert.Store(&c)
+	return nil
+}
+
+func (s *Server) renewServerCertLoop(ctx context.Context) {
+	for {
+		leaf := s.cert.Load().Leaf
+		life := leaf.NotAfter.Sub(leaf.NotBefore)
+		wait := time.Until(leaf.NotBefore.Add(life * 2 / 3))
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(max(wait, time.Minute)):
+		}
+		if err := s.renewServerCert(); err != nil {
+			s.log.Error().Err(err).Msg("renew server certificate")
+			continue
+		}
+		s.log.Info().Time("not_after", s.cert.Load().Leaf.NotAfter).Msg("server certificate renewed")
+	}
+}
+
+// crlLoop re-signs the CRL daily, far ahead of its 30-day NextUpdate.
+func (s *Server) crlLoop(ctx context.Context) {
+	t := time.NewTicker(24 * time.Hour)
+	defer t.Stop()
+	for {
+		if err := s.enroll.RefreshCRL(ctx); err != nil && ctx.Err() == nil {
+			s.log.Error().Err(err).Msg("refresh CRL")
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+func (s *Server) retentionLoop(ctx context.Context) {
+	t := time.NewTicker(time.Minute)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		n, err := s.db.PruneTelemetry(ctx, s.cfg.Now().Add(-s.cfg.Retention), s.cfg.RetentionCount)
+		if err != nil && ctx.Err() == nil {
+			s.log.Error().Err(err).Msg("prune telemetry")
+		} else if n > 0 {
+			s.log.Debug().Int("deleted", n).Msg("telemetry pruned")
+		}
+	}
+}
+
+func (s *Server) serve(name string, fn func() error) {
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		if err := fn(); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			select {
+			case s.errc <- fmt.Errorf("%s listener: %w", name, err):
+			default:
+			}
+		}
+	}()
+}
+
+func (s *Server) loop(fn func(ctx context.Context)) {
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		fn(s.ctx)
+	}()
+}
+
+// Run starts the server and serves until ctx ends or a listener fails, then
+// shuts down. The first error wins.
+func (s *Server) Run(ctx context.Context) error {
+	if err := s.Start(); err != nil {
+		return errors.Join(err, s.Close())
+	}
+	var err error
+	select {
+	case <-ctx.Done():
+	case err = <-s.errc:
+	}
+	s.log.Info().Msg("fleetmq shutting down")
+	if cerr := s.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+// Close shuts everything down in reverse order of start. It is idempotent.
+func (s *Server) Close() error {
+	s.closing.Do(func() {
+		var errs []error
+		shut, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if s.httpSrv != nil {
+			errs = append(errs, s.httpSrv.Shutdown(shut))
+		}
+		if s.adminSrv != nil {
+			// Followers of telemetry never end by themselves.
+			errs = append(errs, s.adminSrv.Close())
+		}
+		if s.mqtt != nil {
+			errs = append(errs, s.mqtt.Close())
+		}
+		s.cancel()
+		s.wg.Wait()
+		if s.db != nil {
+			errs = append(errs, s.db.Close())
+		}
+		s.err = errors.Join(errs...)
+		close(s.closed)
+	})
+	<-s.closed
+	return s.err
+}
+
+// EnrollAddr is the bound enrollment address (after Start).
+func (s *Server) EnrollAddr() net.Addr { return s.httpLn.Addr() }
+
+// MQTTAddr is the bound MQTT address (after Start).
+func (s *Server) MQTTAddr() net.Addr { return s.mqtt.Addr() }
+
+// AdminSocket is the path of the admin socket.
+func (s *Server) AdminSocket() string { return filepath.Join(s.cfg.DataDir, admin.SocketName) }
+
+// CA is the fleet CA.
+func (s *Server) CA() *enroll.CA { return s.ca }
+
+// Store is the node's store, for tests and tools in the same process.
+func (s *Server) Store() *store.DB { return s.db }
+
+// Broker is the node's MQTT broker.
+func (s *Server) Broker() *broker.Broker { return s.mqtt }

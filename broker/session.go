@@ -1,0 +1,320 @@
+package broker
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/listeners"
+	"golang.org/x/time/rate"
+
+	"github.com/fleetmq/fleetmq/store"
+)
+
+var (
+	errRevoked     = errors.New("identity revoked")
+	errCertExpired = errors.New("client certificate expired")
+)
+
+// refusal is why an identity may not connect; reason is a Reason… constant.
+type refusal struct {
+	reason string
+	err    error
+}
+
+func (r *refusal) Error() string {
+	if r.err != nil {
+		return "connection refused: " + r.reason + ": " + r.err.Error()
+	}
+	return "connection refused: " + r.reason
+}
+
+func (r *refusal) Unwrap() error { return r.err }
+
+func refuse(reason string, err error) *refusal { return &refusal{reason: reason, err: err} }
+
+// grant is what an authorized connection may do: it is fixed at CONNECT.
+type grant struct {
+	id        string
+	role      store.Role
+	telemetry string // devices/{id}/telemetry
+}
+
+// conn is a client connection after its TLS handshake. mochi holds it as
+// Client.Net.Conn for the life of the client, also after a disconnect while
+// the session is kept, so the hooks find the connection's grant through it.
+type conn struct {
+	*tls.Conn
+	b *Broker
+
+	connectSeen atomic.Bool
+	grant       atomic.Pointer[grant] // set once CONNECT is authorized
+	revoked     atomic.Bool           // set by Revoke; denies everything
+	closeOnce   sync.Once
+	closed      chan struct{}
+	acks        ackQueue
+
+	// Guarded by b.mu; id, cl and ident are set once, by register.
+	id       string
+	cl       *mqtt.Client
+	ident    *identity
+	kick     *time.Timer
+	released bool
+}
+
+// Close releases the connection's registration, then closes it. mochi
+// calls it through Client.Stop exactly once per connection, whichever way
+// the connection ends.
+func (c *conn) Close() error {
+	c.closeOnce.Do(func() {
+		close(c.closed)
+		c.b.release(c)
+	})
+	return c.Conn.Close()
+}
+
+// leaf returns the verified client certificate.
+func (c *conn) leaf() *x509.Certificate {
+	cs := c.ConnectionState()
+	if len(cs.VerifiedChains) == 0 || len(cs.VerifiedChains[0]) == 0 {
+		return nil
+	}
+	return cs.VerifiedChains[0][0]
+}
+
+// allowed applies the connection's grant.
+func (c *conn) allowed(topic string, write bool) bool {
+	g := c.grant.Load()
+	return g != nil && !c.revoked.Load() && Allowed(g.role, g.id, topic, write)
+}
+
+// identity is the broker's state of one identity with connections.
+type identity struct {
+	lim   *rate.Limiter  // publish rate, shared by its connections
+	conns map[*conn]bool // true once authorized
+}
+
+func (i *identity) authorized() bool {
+	for _, ok := range i.conns {
+		if ok {
+			return true
+		}
+	}
+	return false
+}
+
+// register records c as a connection of id before the store is asked
+// about id, so that a Revoke racing the check finds c and flags it.
+func (b *Broker) register(c *conn, cl *mqtt.Client, id string) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if c.released {
+		return false
+	}
+	ident := b.idents[id]
+	if ident == nil {
+		ident = &identity{
+			lim:   rate.NewLimiter(rate.Limit(b.cfg.PublishRate), b.cfg.PublishBurst),
+			conns: make(map[*conn]bool),
+		}
+		b.idents[id] = ident
+	}
+	ident.conns[c] = false
+	c.id, c.cl, c.ident = id, cl, ident
+	return true
+}
+
+// activate marks a registered connection authorized, unless it was revoked
+// or closed meanwhile, records the identity online and schedules the
+// session's end at its certificate's expiry.
+func (b *Broker) activate(c *conn, g *grant, notAfter time.Time) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if c.released || c.revoked.Load() {
+		return false
+	}
+	c.ident.conns[c] = true
+	c.grant.Store(g)
+	cl := c.cl
+	c.kick = time.AfterFunc(notAfter.Sub(b.cfg.Now()), func() {
+		b.stats.kicked.inc(KickCertExpired)
+		b.log.Info().Str("id", g.id).Msg("broker: certificate expired, closing session")
+		cl.Stop(errCertExpired)
+	})
+	b.stats.sessionsTotal.Add(1)
+	b.w.setPresence(store.Presence{DeviceID: g.id, Online: true, LastSeen: b.cfg.Now(), Node: b.cfg.Node})
+	return true
+}
+
+// release forgets a closed connection and records its identity offline
+// when it was the identity's last authorized connection.
+func (b *Broker) release(c *conn) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	c.released = true
+	if c.kick != nil {
+		c.kick.Stop()
+	}
+	ident := c.ident
+	if ident == nil {
+		return
+	}
+	wasAuthorized := ident.conns[c]
+	delete(ident.conns, c)
+	id := c.id
+	if wasAuthorized && !ident.authorized() {
+		b.w.setPresence(store.Presence{DeviceID: id, Online: false, LastSeen: b.cfg.Now(), Node: b.cfg.Node})
+	}
+	if len(ident.conns) == 0 && b.idents[id] == ident {
+		delete(b.idents, id)
+	}
+}
+
+// checkLeaf checks a verified client certificate against the store: its
+// serial must be a certificate of the CN's identity, identical and not
+// revoked, and the identity must exist and not be revoked.
+func (b *Broker) checkLeaf(ctx context.Context, leaf *x509.Certificate) (store.Device, *refusal) {
+	id := leaf.Subject.CommonName
+	serial := leaf.SerialNumber.Text(16) // the store's format (enroll.SerialHex)
+	cert, err := b.st.Cert(ctx, serial)
+	switch {
+	case errors.Is(err, store.ErrCertUnknown):
+		return store.Device{}, refuse(ReasonCertUnknown, err)
+	case err != nil:
+		return store.Device{}, refuse(ReasonStore, err)
+	case cert.DeviceID != id || (len(cert.DER) > 0 && !bytes.Equal(cert.DER, leaf.Raw)):
+		return store.Device{}, refuse(ReasonCertMismatch, nil)
+	case cert.Revoked():
+		return store.Device{}, refuse(ReasonRevoked, store.ErrCertRevoked)
+	}
+	dev, err := b.st.Device(ctx, id)
+	switch {
+	case errors.Is(err, store.ErrNotFound):
+		return store.Device{}, refuse(ReasonUnknownIdentity, err)
+	case err != nil:
+		return store.Device{}, refuse(ReasonStore, err)
+	case dev.Revoked():
+		return store.Device{}, refuse(ReasonRevoked, store.ErrDeviceRevoked)
+	}
+	return dev, nil
+}
+
+// verifyConnection refuses revoked and unknown certificates during the
+// handshake, resumed ones included.
+func (b *Broker) verifyConnection(cs tls.ConnectionState) error {
+	if cs.DidResume {
+		b.stats.resumed.Add(1)
+	}
+	if len(cs.VerifiedChains) == 0 || len(cs.VerifiedChains[0]) == 0 {
+		return refuse(ReasonNoCertificate, nil)
+	}
+	if _, r := b.checkLeaf(context.Background(), cs.VerifiedChains[0][0]); r != nil {
+		return r
+	}
+	return nil
+}
+
+// serveConn runs one accepted socket: the TLS handshake under the accept
+// deadline, then mochi.
+func (b *Broker) serveConn(raw net.Conn, establish listeners.EstablishFn) {
+	b.stats.accepted.Add(1)
+	tc := tls.Server(raw, b.tls)
+	if err := tc.Handshake(); err != nil {
+		reason := handshakeReason(err)
+		b.stats.handshake.inc(reason)
+		b.log.Debug().Err(err).Str("remote", raw.RemoteAddr().String()).Str("reason", reason).Msg("broker: tls handshake failed")
+		_ = tc.Close()
+		return
+	}
+	c := &conn{Conn: tc, b: b, closed: make(chan struct{})}
+	err := establish(listenerID, c) // returns when the connection has ended
+	if !c.connectSeen.Load() {
+		reason := ReasonNoConnect
+		if isTimeout(err) {
+			reason = ReasonConnectTimeout
+		}
+		b.stats.refused.inc(reason)
+		b.log.Debug().Err(err).Str("remote", raw.RemoteAddr().String()).Str("reason", reason).Msg("broker: no CONNECT")
+		return
+	}
+	b.log.Debug().Err(err).Str("remote", raw.RemoteAddr().String()).Msg("broker: connection ended")
+}
+
+// handshakeReason classifies a failed server handshake.
+func handshakeReason(err error) string {
+	var r *refusal
+	var cve *tls.CertificateVerificationError
+	switch {
+	case errors.As(err, &r):
+		return r.reason
+	case isTimeout(err):
+		return ReasonTimeout
+	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF),
+		errors.Is(err, syscall.ECONNRESET), errors.Is(err, net.ErrClosed):
+		return ReasonClosed
+	case errors.As(err, &cve):
+		var ua x509.UnknownAuthorityError
+		var ci x509.CertificateInvalidError
+		switch {
+		case errors.As(cve.Err, &ua):
+			return ReasonUnknownAuthority
+		case errors.As(cve.Err, &ci) && ci.Reason == x509.Expired:
+			return ReasonCertExpired
+		}
+		return ReasonCertInvalid
+	case strings.Contains(err.Error(), "didn't provide a certificate"):
+		// crypto/tls has no typed error for it.
+		return ReasonNoCertificate
+	}
+	return ReasonTLS
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}
+
+// mqttListener serves mochi from the guarded listener. It replaces
+// listeners.Net so that the broker owns the connection goroutines: Close
+// can wait for all of them before mochi walks its client map, and failed
+// handshakes never reach mochi (nor its per-connection warning).
+type mqttListener struct {
+	b  *Broker
+	ln *guardedListener
+}
+
+func (l *mqttListener) ID() string              { return listenerID }
+func (l *mqttListener) Address() string         { return l.ln.Addr().String() }
+func (l *mqttListener) Protocol() string        { return "tcp" }
+func (l *mqttListener) Init(*slog.Logger) error { return nil }
+
+func (l *mqttListener) Serve(establish listeners.EstablishFn) {
+	defer close(l.b.serveDone)
+	for {
+		raw, err := l.ln.Accept()
+		if err != nil {
+			return // closed: the guarded listener retries everything else
+		}
+		l.b.conns.Add(1)
+		go func() {
+			defer l.b.conns.Done()
+			l.b.serveConn(raw, establish)
+		}()
+	}
+}
+
+// Close stops accepting. Connections are closed by Broker.Close, not
+// through mochi's callback, which walks the client map while clients come
+// and go (mochi #488).
+func (l *mqttListener) Close(listeners.CloseFn) { _ = l.ln.Close() }

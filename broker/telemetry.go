@@ -1,0 +1,254 @@
+package broker
+
+import (
+	"context"
+	"errors"
+	"slices"
+	"strings"
+	"sync"
+
+	"github.com/mochi-mqtt/server/v2/packets"
+	"github.com/rs/zerolog"
+
+	"github.com/fleetmq/fleetmq/store"
+)
+
+// Writer queue and batch sizes. QoS 1 and 2 messages wait in syncQueue
+// (their publishers' reads wait when it is full); QoS 0 messages are
+// buffered up to asyncQueue and dropped beyond it.
+const (
+	syncQueue     = 4096
+	asyncQueue    = 8192
+	maxBatch      = 4096    // messages per AppendTelemetry call
+	maxBatchBytes = 8 << 20 // payload bytes per AppendTelemetry call
+	followBuffer  = 256     // messages buffered per Follow reader
+)
+
+var errWriterClosed = errors.New("telemetry writer closed")
+
+// telemetryWriter is the one goroutine that writes telemetry and presence
+// to the store. It takes whatever is queued and writes it in one call
+// (group commit): concurrent QoS 1 publishers share a commit instead of
+// paying one fsync each.
+type telemetryWriter struct {
+	st     Store
+	log    zerolog.Logger
+	stats  *counters
+	notify func([]store.Message) // called with each committed batch
+
+	sync  chan *syncReq
+	async chan store.Message
+	kick  chan struct{} // presence pending; buffered 1
+
+	presMu sync.Mutex
+	pres   map[string]store.Presence // latest state per identity, not yet written
+
+	stop chan struct{}
+	done chan struct{}
+}
+
+// syncReq is a message whose publisher needs to know when it is
+// committed: either it waits on done (QoS 2), or the writer completes p on
+// its connection c (QoS 1, see ack.go).
+type syncReq struct {
+	msg  store.Message
+	done chan error // buffered 1
+	c    *conn
+	p    *pendingPub
+}
+
+var syncReqPool = sync.Pool{New: func() any { return &syncReq{done: make(chan error, 1)} }}
+
+func newTelemetryWriter(st Store, log zerolog.Logger, stats *counters, notify func([]store.Message)) *telemetryWriter {
+	return &telemetryWriter{
+		st:     st,
+		log:    log,
+		stats:  stats,
+		notify: notify,
+		sync:   make(chan *syncReq, syncQueue),
+		async:  make(chan store.Message, asyncQueue),
+		kick:   make(chan struct{}, 1),
+		pres:   make(map[string]store.Presence),
+		stop:   make(chan struct{}),
+		done:   make(chan struct{}),
+	}
+}
+
+// store queues m and waits until it is durable (nil) or failed.
+func (w *telemetryWriter) store(m store.Message) error {
+	r := syncReqPool.Get().(*syncReq)
+	r.msg = m
+	select {
+	case w.sync <- r:
+	case <-w.done:
+		return errWriterClosed
+	}
+	select {
+	case err := <-r.done:
+		r.msg = store.Message{}
+		syncReqPool.Put(r)
+		return err
+	case <-w.done:
+		// The writer answers everything it took before it ends.
+		select {
+		case err := <-r.done:
+			return err
+		default:
+			return errWriterClosed
+		}
+	}
+}
+
+// storeAcked queues m; its commit completes p on connection c.
+func (w *telemetryWriter) storeAcked(m store.Message, c *conn, p *pendingPub) {
+	select {
+	case w.sync <- &syncReq{msg: m, c: c, p: p}:
+	case <-w.done:
+		c.completeAck(p, packets.ErrUnspecifiedError)
+	}
+}
+
+// storeAsync queues m without waiting; false means the queue was full.
+func (w *telemetryWriter) storeAsync(m store.Message) bool {
+	select {
+	case w.async <- m:
+		return true
+	default:
+		return false
+	}
+}
+
+// setPresence records p to be written; a later state of the same identity
+// replaces an unwritten earlier one, so the store sees each identity's
+// states in order.
+func (w *telemetryWriter) setPresence(p store.Presence) {
+	w.presMu.Lock()
+	w.pres[p.DeviceID] = p
+	w.presMu.Unlock()
+	select {
+	case w.kick <- struct{}{}:
+	default:
+	}
+}
+
+// close stops the writer after it has written everything queued.
+func (w *telemetryWriter) close() {
+	close(w.stop)
+	<-w.done
+}
+
+// batch is what the writer takes from its queues for one AppendTelemetry.
+type batch struct {
+	reqs  []*syncReq
+	msgs  []store.Message
+	bytes int
+}
+
+func (b *batch) add(m store.Message) {
+	b.msgs = append(b.msgs, m)
+	b.bytes += len(m.Payload)
+}
+
+func (b *batch) addReq(r *syncReq) {
+	b.reqs = append(b.reqs, r)
+	b.add(r.msg)
+}
+
+func (b *batch) full() bool { return len(b.msgs) >= maxBatch || b.bytes >= maxBatchBytes }
+
+func (w *telemetryWriter) run() {
+	defer close(w.done)
+	b := &batch{}
+	for {
+		select {
+		case r := <-w.sync:
+			b.addReq(r)
+		case m := <-w.async:
+			b.add(m)
+		case <-w.kick:
+		case <-w.stop:
+			// Hooks have stopped: write what is left, then end.
+			for w.gather(b) {
+				w.write(b)
+			}
+			w.flushPresence()
+			return
+		}
+		w.gather(b)
+		w.flushPresence()
+		w.write(b)
+	}
+}
+
+// gather adds whatever is queued to b, up to a full batch, without waiting,
+// and reports whether b holds anything.
+func (w *telemetryWriter) gather(b *batch) bool {
+	for !b.full() {
+		select {
+		case r := <-w.sync:
+			b.addReq(r)
+		case m := <-w.async:
+			b.add(m)
+		default:
+			return len(b.msgs) > 0
+		}
+	}
+	return true
+}
+
+// write commits b, answers its waiting publishers and empties it.
+func (w *telemetryWriter) write(b *batch) {
+	if len(b.msgs) == 0 {
+		return
+	}
+	// The queues are taken in no fixed order; grouping by device in
+	// receive order gives followers each device's messages in order, and
+	// the store fewer bucket switches.
+	slices.SortStableFunc(b.msgs, func(x, y store.Message) int {
+		if c := strings.Compare(x.DeviceID, y.DeviceID); c != 0 {
+			return c
+		}
+		return x.Received.Compare(y.Received)
+	})
+	err := w.st.AppendTelemetry(context.Background(), b.msgs)
+	code := packets.CodeSuccess
+	if err != nil {
+		code = packets.ErrUnspecifiedError
+	}
+	for _, r := range b.reqs {
+		if r.done != nil {
+			r.done <- err
+		} else {
+			r.c.completeAck(r.p, code)
+		}
+	}
+	if err != nil {
+		w.stats.failed.Add(uint64(len(b.msgs)))
+		w.log.Error().Err(err).Int("messages", len(b.msgs)).Msg("broker: storing telemetry failed")
+	} else {
+		w.stats.stored.Add(uint64(len(b.msgs)))
+		w.stats.commits.Add(1)
+		w.notify(b.msgs)
+	}
+	clear(b.msgs)
+	clear(b.reqs)
+	b.msgs, b.reqs, b.bytes = b.msgs[:0], b.reqs[:0], 0
+}
+
+func (w *telemetryWriter) flushPresence() {
+	w.presMu.Lock()
+	if len(w.pres) == 0 {
+		w.presMu.Unlock()
+		return
+	}
+	ps := make([]store.Presence, 0, len(w.pres))
+	for _, p := range w.pres {
+		ps = append(ps, p)
+	}
+	clear(w.pres)
+	w.presMu.Unlock()
+	if err := w.st.SetPresence(context.Background(), ps...); err != nil {
+		w.stats.presenceFailed.Add(uint64(len(ps)))
+		w.log.Error().Err(err).Int("identities", len(ps)).Msg("broker: storing presence failed")
+	}
+}
