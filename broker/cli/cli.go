@@ -123,15 +123,15 @@ func run(ctx context.Context, args []string, env Env) error {
 }
 
 var operatorCommands = map[string]func(context.Context, []string, Env) error{
-		"token create":   tokenCreate,
-		"token list":     tokenList,
-		"token revoke":   tokenRevoke,
-		"device list":    deviceList,
-		"device show":    deviceShow,
-		"device revoke":  deviceRevoke,
-		"service issue":  identityIssue("service"),
-		"operator issue": identityIssue("operator"),
-		"ca show":        caShow,
+	"token create":   tokenCreate,
+	"token list":     tokenList,
+	"token revoke":   tokenRevoke,
+	"device list":    deviceList,
+	"device show":    deviceShow,
+	"device revoke":  deviceRevoke,
+	"service issue":  identityIssue("service"),
+	"operator issue": identityIssue("operator"),
+	"ca show":        caShow,
 }
 
 // flagSet is a FlagSet that reports errors instead of exiting, with the

@@ -7,8 +7,8 @@ import (
 	"os"
 	"strings"
 
-	"github.com/rs/zerolog"
 	"github.com/mattn/go-isatty"
+	"github.com/rs/zerolog"
 
 	"github.com/fleetmq/fleetmq/broker/server"
 )
