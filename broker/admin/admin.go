@@ -457,16 +457,15 @@ func (h *Handler) telemetry(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Content-Type", "application/x-ndjson")
 	w.WriteHeader(http.StatusOK)
 	enc := json.NewEncoder(w)
-	var last time.Time
 	for _, m := range msgs {
 		if err := enc.Encode(Record(m)); err != nil {
 			return
 		}
-		last = m.Received
 	}
 	if !follow {
 		return
 	}
+	seen := newHistoryTail(msgs)
 	flusher, _ := w.(http.Flusher)
 	if flusher != nil {
 		flusher.Flush()
@@ -479,8 +478,8 @@ func (h *Handler) telemetry(w http.ResponseWriter, r *http.Request) {
 			if !ok {
 				return
 			}
-			if !m.Received.After(last) && !last.IsZero() {
-				continue // already sent from history
+			if seen.sent(m) {
+				continue
 			}
 			if err := enc.Encode(Record(m)); err != nil {
 				return
@@ -490,6 +489,43 @@ func (h *Handler) telemetry(w http.ResponseWriter, r *http.Request) {
 			}
 		}
 	}
+}
+
+// historyTail recognises live messages that the history already sent: the
+// subscription starts before the history is read, so the two overlap.
+// Timestamps can tie, so messages at the last history instant are matched by
+// content, each once.
+type historyTail struct {
+	last time.Time
+	tail []store.Message
+}
+
+func newHistoryTail(msgs []store.Message) *historyTail {
+	h := &historyTail{}
+	if len(msgs) == 0 {
+		return h
+	}
+	h.last = msgs[len(msgs)-1].Received
+	for i := len(msgs) - 1; i >= 0 && msgs[i].Received.Equal(h.last); i-- {
+		h.tail = append(h.tail, msgs[i])
+	}
+	return h
+}
+
+func (h *historyTail) sent(m store.Message) bool {
+	if h.last.IsZero() || m.Received.After(h.last) {
+		return false
+	}
+	if m.Received.Before(h.last) {
+		return true
+	}
+	for i, t := range h.tail {
+		if t.Topic == m.Topic && string(t.Payload) == string(m.Payload) {
+			h.tail = append(h.tail[:i], h.tail[i+1:]...)
+			return true
+		}
+	}
+	return false
 }
 
 func parseSince(s string, now time.Time) (time.Time, error) {
