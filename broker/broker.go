@@ -365,6 +365,9 @@ func (b *Broker) close() error {
 // session state mochi holds for it from receiving messages. Call it after
 // revoking the identity in the store: new connections are refused there.
 func (b *Broker) Revoke(id string) {
+	if id == mqtt.InlineClientId {
+		return // never a client's id (see authorize); mochi's own client
+	}
 	b.mu.Lock()
 	var cls []*mqtt.Client
 	if ident := b.idents[id]; ident != nil {

@@ -698,12 +698,17 @@ func TestHandshakeAndConnectDeadline(t *testing.T) {
 	}, "deadline refusals counted and sockets closed")
 
 	// The deadline does not cut a connected session: keepalive takes over.
+	// A silent socket accepted after the session was established is
+	// closed at its deadline, so by then the session's has passed too.
 	d := connect(t, f.pahoOpts("dev-a", f.clientTLS(cert)))
-	deadline := time.Now().Add(3 * f.b.cfg.HandshakeTimeout)
-	tick := time.NewTicker(20 * time.Millisecond)
-	defer tick.Stop()
-	for time.Now().Before(deadline) {
-		<-tick.C
+	probe, err := net.Dial("tcp", f.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer probe.Close()
+	_ = probe.SetReadDeadline(time.Now().Add(waitFor))
+	if _, err := probe.Read(make([]byte, 1)); !errors.Is(err, io.EOF) {
+		t.Fatalf("probe socket read = %v, want EOF", err)
 	}
 	if err := wait(t, d.Publish("devices/dev-a/telemetry", 1, false, "still here")); err != nil || !d.IsConnectionOpen() {
 		t.Fatalf("session closed by the handshake deadline: %v", err)
@@ -892,6 +897,38 @@ func TestOnlyStatusIsRetained(t *testing.T) {
 	}
 	if m := receive(t, got, "marker"); string(m.Payload()) != "marker" {
 		t.Fatalf("got %s %q, want the marker", m.Topic(), m.Payload())
+	}
+}
+
+func TestProtocolLimits(t *testing.T) {
+	f := newFixture(t, func(c *Config) { c.MaxPacketSize = 1024 })
+	cert := f.device(t, "dev-a")
+
+	// MQTT 3.1 is refused: return code 1, unacceptable protocol version.
+	r := dialRaw(t, f.addr, f.clientTLS(cert))
+	r.ver = 3
+	r.write(packets.Packet{
+		FixedHeader: packets.FixedHeader{Type: packets.Connect},
+		Connect:     packets.ConnectParams{ProtocolName: []byte("MQIsdp"), Clean: true, Keepalive: 30, ClientIdentifier: "dev-a"},
+	})
+	if ack := r.mustRead(packets.Connack); ack.ReasonCode != packets.Err3UnsupportedProtocolVersion.Code {
+		t.Fatalf("MQTT 3.1 CONNACK %#x, want %#x", ack.ReasonCode, packets.Err3UnsupportedProtocolVersion.Code)
+	}
+	eventually(t, func() bool { return f.b.Stats().Refused[ReasonProtocol] == 1 }, "protocol refusal counted")
+
+	// A packet over MaxPacketSize ends the connection.
+	r = dialRaw(t, f.addr, f.clientTLS(cert))
+	if ack := r.connect("dev-a"); ack.ReasonCode != 0 {
+		t.Fatalf("connect: %#x", ack.ReasonCode)
+	}
+	r.publish("devices/dev-a/telemetry", 1, 1, make([]byte, 2048))
+	if pk, err := r.read(); err == nil && pk.FixedHeader.Type != packets.Disconnect {
+		t.Fatalf("oversized packet answered with packet type %d", pk.FixedHeader.Type)
+	} else if isTimeout(err) {
+		t.Fatal("oversized packet: connection still open")
+	}
+	if got := f.b.Stats().TelemetryStored; got != 0 {
+		t.Fatalf("stored %d messages", got)
 	}
 }
 

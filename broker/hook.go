@@ -49,7 +49,7 @@ func (h *hook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 		return nil
 	}
 	b.stats.refused.inc(r.reason)
-	ev := b.log.Info().Str("remote", cl.Net.Remote).Str("reason", r.reason)
+	ev := b.log.Info().Err(r.err).Str("remote", cl.Net.Remote).Str("reason", r.reason)
 	if leaf := c.leaf(); leaf != nil {
 		ev = ev.Str("cn", leaf.Subject.CommonName)
 	}

@@ -17,6 +17,7 @@ import (
 
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/listeners"
+	"github.com/mochi-mqtt/server/v2/packets"
 	"golang.org/x/time/rate"
 
 	"github.com/fleetmq/fleetmq/store"
@@ -241,8 +242,12 @@ func (b *Broker) serveConn(raw net.Conn, establish listeners.EstablishFn) {
 	err := establish(listenerID, c) // returns when the connection has ended
 	if !c.connectSeen.Load() {
 		reason := ReasonNoConnect
-		if isTimeout(err) {
+		var code packets.Code
+		switch {
+		case isTimeout(err):
 			reason = ReasonConnectTimeout
+		case errors.As(err, &code):
+			reason = ReasonProtocol
 		}
 		b.stats.refused.inc(reason)
 		b.log.Debug().Err(err).Str("remote", raw.RemoteAddr().String()).Str("reason", reason).Msg("broker: no CONNECT")

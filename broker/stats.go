@@ -8,7 +8,8 @@ const (
 	// Socket level.
 	ReasonMaxConnections = "max_connections" // MaxConnections sockets were open
 	ReasonConnectTimeout = "connect_timeout" // handshake done, no CONNECT before the deadline
-	ReasonNoConnect      = "no_connect"      // handshake done, closed or garbage before CONNECT
+	ReasonNoConnect      = "no_connect"      // handshake done, closed before CONNECT
+	ReasonProtocol       = "protocol"        // malformed or unsupported CONNECT (MQTT 3.1 included)
 
 	// TLS handshake.
 	ReasonTimeout          = "timeout"           // no handshake before the deadline
@@ -66,7 +67,7 @@ type Stats struct {
 
 var (
 	refusalReasons = []string{
-		ReasonMaxConnections, ReasonConnectTimeout, ReasonNoConnect,
+		ReasonMaxConnections, ReasonConnectTimeout, ReasonNoConnect, ReasonProtocol,
 		ReasonRevoked, ReasonUnknownIdentity, ReasonCertUnknown, ReasonCertMismatch, ReasonStore,
 		ReasonNoCertificate, ReasonClientID, ReasonRole, ReasonWill,
 	}
