@@ -115,10 +115,12 @@ func csrAttrs() ([]byte, error) {
 func (h *Handler) serveESTEnroll(w http.ResponseWriter, r *http.Request) {
 	remote := remoteHost(r)
 	if wait, ok := h.limiter.allowed(remote); !ok {
+		h.observe(OpEnroll, errRateLimited)
 		h.writeError(w, r, rateLimited(wait))
 		return
 	}
 	cert, tokenID, err := h.estEnroll(r, remote)
+	h.observe(OpEnroll, err)
 	if err != nil {
 		if e := AsError(err); e.Code == CodeTokenMissing {
 			// Clients that send credentials only once challenged (RFC
@@ -158,10 +160,12 @@ func (h *Handler) estEnroll(r *http.Request, remote string) (*x509.Certificate, 
 func (h *Handler) serveESTReenroll(w http.ResponseWriter, r *http.Request) {
 	remote := remoteHost(r)
 	if wait, ok := h.limiter.allowed(remote); !ok {
+		h.observe(OpRenew, errRateLimited)
 		h.writeError(w, r, rateLimited(wait))
 		return
 	}
 	cert, id, err := h.estReenroll(r, remote)
+	h.observe(OpRenew, err)
 	if err != nil {
 		h.fail(w, r, err, store.AuditEvent{Action: store.ActRenewFail, DeviceID: id, Remote: remote})
 		return

@@ -57,9 +57,20 @@ type Config struct {
 	// purpose: a relying party that enforces NextUpdate must never lock the
 	// fleet out because the server was down; default 30 days.
 	CRLValidity time.Duration
-	Logger      zerolog.Logger   // default zerolog.Nop()
-	Now         func() time.Time // default time.Now
+	// Observe, when set, is called once per enrollment or renewal request
+	// (EST included) with op OpEnroll or OpRenew and the outcome: "ok" or
+	// the public error code, e.g. "rate_limited". It feeds metrics and
+	// must not block. Default none.
+	Observe func(op, result string)
+	Logger  zerolog.Logger   // default zerolog.Nop()
+	Now     func() time.Time // default time.Now
 }
+
+// Operations reported to Config.Observe.
+const (
+	OpEnroll = "enroll"
+	OpRenew  = "renew"
+)
 
 // MaxBodySize bounds every request body.
 const MaxBodySize = 64 << 10
@@ -238,10 +249,12 @@ type Response struct {
 func (h *Handler) serveEnroll(w http.ResponseWriter, r *http.Request) {
 	remote := remoteHost(r)
 	if wait, ok := h.limiter.allowed(remote); !ok {
+		h.observe(OpEnroll, errRateLimited)
 		h.writeError(w, r, rateLimited(wait))
 		return
 	}
 	cert, tokenID, err := h.enroll(r, remote)
+	h.observe(OpEnroll, err)
 	if err != nil {
 		h.fail(w, r, err, store.AuditEvent{Action: store.ActTokenFail, TokenID: tokenID, Remote: remote})
 		return
@@ -333,10 +346,12 @@ func (h *Handler) enrollCSR(ctx context.Context, tok ParsedToken, csr *x509.Cert
 func (h *Handler) serveRenew(w http.ResponseWriter, r *http.Request) {
 	remote := remoteHost(r)
 	if wait, ok := h.limiter.allowed(remote); !ok {
+		h.observe(OpRenew, errRateLimited)
 		h.writeError(w, r, rateLimited(wait))
 		return
 	}
 	cert, id, err := h.renew(r, remote)
+	h.observe(OpRenew, err)
 	if err != nil {
 		h.fail(w, r, err, store.AuditEvent{Action: store.ActRenewFail, DeviceID: id, Remote: remote})
 		return
@@ -558,6 +573,21 @@ func (h *Handler) brokerURL(r *http.Request) string {
 		host = "localhost"
 	}
 	return "mqtts://" + net.JoinHostPort(host, strconv.FormatInt(h.mqttPort.Load(), 10))
+}
+
+// errRateLimited stands for a refusal by the failure limiter in observe.
+var errRateLimited = &Error{Code: CodeRateLimited}
+
+// observe reports the outcome of an enrollment or renewal to Config.Observe.
+func (h *Handler) observe(op string, err error) {
+	if h.cfg.Observe == nil {
+		return
+	}
+	result := "ok"
+	if err != nil {
+		result = string(AsError(err).Code)
+	}
+	h.cfg.Observe(op, result)
 }
 
 // fail answers a failed enrollment or renewal: it counts against the remote

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every fleetmq test. On a fresh Debian machine it first installs what
 # the tests drive for real (mosquitto clients, openssl, curl, qemu for the ARM
-# agent builds, testssl.sh, systemd-analyze) when missing.
+# agent builds, testssl.sh, systemd-analyze, chromium for the dashboard)
+# when missing.
 #
 #   scripts/test.sh            everything: vet, unit + end-to-end tests (race), fuzz smoke
 #   FUZZTIME=30s scripts/test.sh   longer fuzzing
@@ -17,6 +18,7 @@ command -v curl >/dev/null || need+=(curl)
 command -v qemu-arm-static >/dev/null || need+=(qemu-user-static)
 command -v testssl >/dev/null || need+=(testssl.sh)
 command -v systemd-analyze >/dev/null || need+=(systemd)
+command -v chromium >/dev/null || need+=(chromium)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo

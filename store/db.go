@@ -70,6 +70,11 @@ type Options struct {
 	AuditKeep int
 	// Logger receives the store's rare diagnostics. Default zerolog.Nop().
 	Logger zerolog.Logger
+	// OnCommit, when set, is called by the writer after each group commit
+	// with how long the transaction took (fsync included) and how many
+	// requests it held, failed commits too. It runs on the writer
+	// goroutine, so it must not block. Default none.
+	OnCommit func(d time.Duration, requests int)
 }
 
 func (o *Options) setDefaults() {
@@ -101,6 +106,7 @@ type DB struct {
 
 	reqs       chan *request
 	writerDone chan struct{}
+	onCommit   func(time.Duration, int)
 
 	// groupHook, when set (tests only), is called by the writer with the
 	// number of requests in each group it commits.
@@ -134,6 +140,7 @@ func Open(path string, opts Options) (*DB, error) {
 		maxBatch:   opts.MaxBatch,
 		reqs:       make(chan *request, opts.MaxBatch),
 		writerDone: make(chan struct{}),
+		onCommit:   opts.OnCommit,
 	}
 	go db.writeLoop()
 	return db, nil

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"slices"
 	"sync/atomic"
+	"time"
 
 	"go.etcd.io/bbolt"
 )
@@ -138,6 +139,7 @@ func (db *DB) commitGroup(group []*request) {
 	for len(group) > 0 {
 		failed := -1
 		var failErr error
+		start := time.Now()
 		err := db.bolt.Update(func(tx *bbolt.Tx) error {
 			for i, r := range group {
 				if err := r.fn(tx); err != nil {
@@ -156,6 +158,9 @@ func (db *DB) commitGroup(group []*request) {
 		if err != nil {
 			err = fmt.Errorf("commit: %w", err)
 			db.log.Error().Err(err).Int("group", len(group)).Msg("store: commit failed")
+		}
+		if db.onCommit != nil {
+			db.onCommit(time.Since(start), len(group))
 		}
 		if db.groupHook != nil {
 			db.groupHook(len(group))

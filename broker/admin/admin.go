@@ -51,11 +51,23 @@ type Config struct {
 	ServiceLifetime time.Duration
 	// MaxTokensPerRequest bounds bulk token creation; default 100,000.
 	MaxTokensPerRequest int
-	Logger              zerolog.Logger   // default zerolog.Nop()
-	Now                 func() time.Time // default time.Now
+	// Observe, when set, is called once per revocation with op
+	// OpRevokeDevice or OpRevokeToken and the outcome: "ok" or the public
+	// error code. It feeds metrics and must not block. Default none.
+	Observe func(op, result string)
+	Logger  zerolog.Logger   // default zerolog.Nop()
+	Now     func() time.Time // default time.Now
 }
 
-// Handler serves the admin API.
+// Operations reported to Config.Observe.
+const (
+	OpRevokeDevice = "revoke_device"
+	OpRevokeToken  = "revoke_token"
+)
+
+// Handler serves the admin API. Its exported methods are the operations
+// behind the endpoints, for other operator front ends (the dashboard) in the
+// same process; remote names the caller in the audit log.
 type Handler struct {
 	cfg Config
 	st  Store
@@ -127,6 +139,12 @@ type TokenRequest struct {
 	Labels   map[string]string `json:"labels,omitempty"`
 	Count    int               `json:"count,omitempty"`  // mint this many tokens bound to Prefix+0001…; default 1
 	Prefix   string            `json:"prefix,omitempty"` // with Count
+	// Start is the number of the first id with Count, so that a large
+	// batch can be minted in several requests; default 1.
+	Start int `json:"start,omitempty"`
+	// Width is the number of digits of the ids with Count; default the
+	// digits of the last number, at least 4.
+	Width int `json:"width,omitempty"`
 }
 
 // NewToken is a minted token: the only time its secret is shown.
@@ -141,7 +159,7 @@ func (h *Handler) createTokens(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, h.cfg.Logger, err)
 		return
 	}
-	toks, err := h.mintTokens(r.Context(), req)
+	toks, err := h.MintTokens(r.Context(), req, remote)
 	if err != nil {
 		writeErr(w, h.cfg.Logger, err)
 		return
@@ -150,12 +168,15 @@ func (h *Handler) createTokens(w http.ResponseWriter, r *http.Request) {
 }
 
 const (
+	maxIDNumber = 999_999_999 // largest number of a bulk id
 	maxTokenTTL = 365 * 24 * time.Hour
 	maxLabels   = 32
 	maxLabelLen = 256
 )
 
-func (h *Handler) mintTokens(ctx context.Context, req TokenRequest) ([]NewToken, error) {
+// MintTokens validates req, mints its tokens and stores them in one
+// transaction. The secrets are in the answer only.
+func (h *Handler) MintTokens(ctx context.Context, req TokenRequest, remote string) ([]NewToken, error) {
 	uses := req.Uses
 	if uses == 0 {
 		uses = 1
@@ -183,10 +204,26 @@ func (h *Handler) mintTokens(ctx context.Context, req TokenRequest) ([]NewToken,
 		if req.Count < 1 || req.Count > h.cfg.MaxTokensPerRequest {
 			return nil, enroll.Errorf(enroll.CodeBadRequest, "count must be between 1 and %d", h.cfg.MaxTokensPerRequest)
 		}
-		width := max(4, len(strconv.Itoa(req.Count)))
-		for i := 1; i <= req.Count; i++ {
+		start := req.Start
+		if start == 0 {
+			start = 1
+		}
+		if start < 1 || start > maxIDNumber-req.Count+1 {
+			return nil, enroll.Errorf(enroll.CodeBadRequest, "start must be between 1 and %d minus count", maxIDNumber)
+		}
+		last := start + req.Count - 1
+		width := req.Width
+		if width == 0 {
+			width = max(4, len(strconv.Itoa(last)))
+		}
+		if width < 1 || width > len(strconv.Itoa(maxIDNumber)) {
+			return nil, enroll.Errorf(enroll.CodeBadRequest, "width must be between 1 and %d", len(strconv.Itoa(maxIDNumber)))
+		}
+		for i := start; i <= last; i++ {
 			ids = append(ids, fmt.Sprintf("%s%0*d", req.Prefix, width, i))
 		}
+	case req.Start != 0 || req.Width != 0:
+		return nil, enroll.Errorf(enroll.CodeBadRequest, "start and width go with count")
 	case req.DeviceID != "":
 		ids = []string{req.DeviceID}
 	default:
@@ -243,7 +280,7 @@ func (h *Handler) listTokens(w http.ResponseWriter, r *http.Request) {
 }
 
 func (h *Handler) revokeToken(w http.ResponseWriter, r *http.Request) {
-	t, err := h.st.RevokeToken(r.Context(), r.PathValue("id"), remote, h.cfg.Now())
+	t, err := h.RevokeToken(r.Context(), r.PathValue("id"), remote)
 	if err != nil {
 		writeErr(w, h.cfg.Logger, err)
 		return
@@ -251,11 +288,51 @@ func (h *Handler) revokeToken(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, t)
 }
 
+// RevokeToken revokes the token with public id.
+func (h *Handler) RevokeToken(ctx context.Context, id, remote string) (store.Token, error) {
+	t, err := h.st.RevokeToken(ctx, id, remote, h.cfg.Now())
+	h.observe(OpRevokeToken, err)
+	return t, err
+}
+
+func (h *Handler) observe(op string, err error) {
+	if h.cfg.Observe == nil {
+		return
+	}
+	result := "ok"
+	if err != nil {
+		result = string(enroll.AsError(err).Code)
+	}
+	h.cfg.Observe(op, result)
+}
+
 // DeviceInfo is a device with its connection state.
 type DeviceInfo struct {
 	store.Device
 	Online   bool      `json:"online"`
 	LastSeen time.Time `json:"last_seen,omitzero"`
+}
+
+// DeviceInfos lists every identity with its connection state.
+func (h *Handler) DeviceInfos(ctx context.Context) ([]DeviceInfo, error) {
+	devs, err := h.st.Devices(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return h.deviceInfos(ctx, devs)
+}
+
+// DeviceInfo returns identity id with its connection state.
+func (h *Handler) DeviceInfo(ctx context.Context, id string) (DeviceInfo, error) {
+	d, err := h.st.Device(ctx, id)
+	if err != nil {
+		return DeviceInfo{}, err
+	}
+	infos, err := h.deviceInfos(ctx, []store.Device{d})
+	if err != nil {
+		return DeviceInfo{}, err
+	}
+	return infos[0], nil
 }
 
 func (h *Handler) deviceInfos(ctx context.Context, devs []store.Device) ([]DeviceInfo, error) {
@@ -278,27 +355,21 @@ func (h *Handler) deviceInfos(ctx context.Context, devs []store.Device) ([]Devic
 }
 
 func (h *Handler) listDevices(w http.ResponseWriter, r *http.Request) {
-	devs, err := h.st.Devices(r.Context())
-	if err == nil {
-		var infos []DeviceInfo
-		if infos, err = h.deviceInfos(r.Context(), devs); err == nil {
-			writeJSON(w, http.StatusOK, infos)
-			return
-		}
+	infos, err := h.DeviceInfos(r.Context())
+	if err != nil {
+		writeErr(w, h.cfg.Logger, err)
+		return
 	}
-	writeErr(w, h.cfg.Logger, err)
+	writeJSON(w, http.StatusOK, nonNil(infos))
 }
 
 func (h *Handler) getDevice(w http.ResponseWriter, r *http.Request) {
-	d, err := h.st.Device(r.Context(), r.PathValue("id"))
-	if err == nil {
-		var infos []DeviceInfo
-		if infos, err = h.deviceInfos(r.Context(), []store.Device{d}); err == nil {
-			writeJSON(w, http.StatusOK, infos[0])
-			return
-		}
+	info, err := h.DeviceInfo(r.Context(), r.PathValue("id"))
+	if err != nil {
+		writeErr(w, h.cfg.Logger, err)
+		return
 	}
-	writeErr(w, h.cfg.Logger, err)
+	writeJSON(w, http.StatusOK, info)
 }
 
 // RevokeResult lists what a revocation revoked.
@@ -308,21 +379,31 @@ type RevokeResult struct {
 }
 
 func (h *Handler) revokeDevice(w http.ResponseWriter, r *http.Request) {
-	id := r.PathValue("id")
-	certs, err := h.st.RevokeDevice(r.Context(), id, remote, h.cfg.Now())
+	res, err := h.RevokeDevice(r.Context(), r.PathValue("id"), remote)
 	if err != nil {
 		writeErr(w, h.cfg.Logger, err)
 		return
 	}
+	writeJSON(w, http.StatusOK, res)
+}
+
+// RevokeDevice revokes identity id and all its certificates, then runs
+// Config.OnRevoke, which closes its sessions, even if ctx ends meanwhile.
+func (h *Handler) RevokeDevice(ctx context.Context, id, remote string) (RevokeResult, error) {
+	certs, err := h.st.RevokeDevice(ctx, id, remote, h.cfg.Now())
+	h.observe(OpRevokeDevice, err)
+	if err != nil {
+		return RevokeResult{}, err
+	}
 	if h.cfg.OnRevoke != nil {
-		h.cfg.OnRevoke(context.WithoutCancel(r.Context()), id, certs)
+		h.cfg.OnRevoke(context.WithoutCancel(ctx), id, certs)
 	}
 	res := RevokeResult{DeviceID: id, Serials: []string{}}
 	for _, c := range certs {
 		res.Serials = append(res.Serials, c.Serial)
 	}
-	h.cfg.Logger.Info().Str("device", id).Int("certificates", len(certs)).Msg("device revoked")
-	writeJSON(w, http.StatusOK, res)
+	h.cfg.Logger.Info().Str("device", id).Str("by", remote).Int("certificates", len(certs)).Msg("device revoked")
+	return res, nil
 }
 
 // IdentityRequest asks for a service or operator certificate. The caller

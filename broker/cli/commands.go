@@ -15,6 +15,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -98,8 +99,17 @@ func tokenCreate(ctx context.Context, args []string, env Env) error {
 	if req.Prefix != "" && req.Count == 0 {
 		return usagef("--prefix goes with --count")
 	}
-	toks, err := fs.client().CreateTokens(ctx, req)
+	if req.Count > maxBulkTokens {
+		return usagef("--count is at most %d", maxBulkTokens)
+	}
+	toks, err := createTokens(ctx, fs.client(), req, newProgress(env.Stderr, "minting tokens", req.Count))
 	if err != nil {
+		if len(toks) > 0 && *csvPath != "" {
+			// The tokens minted so far are live: keep their secrets.
+			if werr := writeTokenCSV(*csvPath, toks); werr == nil {
+				return fmt.Errorf("%w (the %d tokens minted before the failure are in %s)", err, len(toks), *csvPath)
+			}
+		}
 		return err
 	}
 	if *csvPath != "" {
@@ -123,6 +133,37 @@ func tokenCreate(ctx context.Context, args []string, env Env) error {
 		rows[i] = []string{t.DeviceID, t.Secret, t.ExpiresAt.UTC().Format(time.RFC3339)}
 	}
 	return table(env.Stdout, "DEVICE\tTOKEN\tEXPIRES", rows)
+}
+
+// Bulk creation limits: one admin request per chunk keeps each request,
+// its transaction and its answer small, and lets a terminal show progress.
+const (
+	tokenChunk    = 1000
+	maxBulkTokens = 1_000_000
+)
+
+// createTokens mints req's tokens, a chunk per admin request when
+// req.Count is large, with ids numbered as one batch. On error it returns
+// the tokens minted by the chunks that succeeded.
+func createTokens(ctx context.Context, c *admin.Client, req admin.TokenRequest, bar *progress) ([]admin.NewToken, error) {
+	if req.Count <= tokenChunk {
+		return c.CreateTokens(ctx, req)
+	}
+	total := req.Count
+	req.Width = max(4, len(strconv.Itoa(total)))
+	out := make([]admin.NewToken, 0, total)
+	bar.set(0)
+	defer bar.finish()
+	for start := 1; start <= total; start += tokenChunk {
+		req.Start, req.Count = start, min(tokenChunk, total-start+1)
+		toks, err := c.CreateTokens(ctx, req)
+		if err != nil {
+			return out, fmt.Errorf("minting tokens %d to %d of %d: %w", start, start+req.Count-1, total, err)
+		}
+		out = append(out, toks...)
+		bar.set(len(out))
+	}
+	return out, nil
 }
 
 func writeTokenCSV(path string, toks []admin.NewToken) error {
@@ -318,6 +359,12 @@ func identityIssue(role string) func(context.Context, []string, Env) error {
 			return printJSON(env.Stdout, res)
 		}
 		fmt.Fprintf(env.Stdout, "%s %s issued until %s: %s, %s, %s\n", role, name, fmtTime(res.NotAfter), files[0].path, files[1].path, files[2].path)
+		if role == string(store.RoleOperator) {
+			// Browsers import a PKCS #12 bundle; openssl makes one
+			// without another dependency here.
+			fmt.Fprintf(env.Stdout, "for a browser: openssl pkcs12 -export -inkey %s -in %s -certfile %s -name %s -out %s\n",
+				files[0].path, files[1].path, files[2].path, name, filepath.Join(*out, name+".p12"))
+		}
 		return nil
 	}
 }

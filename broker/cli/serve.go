@@ -34,6 +34,8 @@ func serve(ctx context.Context, args []string, env Env) error {
 	maxPacket := fs.Uint("max-packet-size", 256<<10, "largest MQTT packet accepted, bytes")
 	fs.Float64Var(&cfg.Broker.PublishRate, "publish-rate", 100, "per-device publish rate limit, messages per second")
 	fs.IntVar(&cfg.Broker.PublishBurst, "publish-burst", 200, "per-device publish burst")
+	fs.StringVar(&cfg.MetricsAddr, "metrics-addr", "127.0.0.1:9464", "Prometheus /metrics, /healthz and /readyz listen address (plain HTTP); \"off\" or empty disables")
+	fs.StringVar(&cfg.UIAddr, "ui-addr", "127.0.0.1:8080", "dashboard listen address: plain HTTP on loopback, otherwise HTTPS for operator certificates only; \"off\" or empty disables")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
 	logFormat := fs.String("log-format", "auto", "json, console, or auto (console on a terminal)")
 	if err := fs.parse(args, 0); err != nil {

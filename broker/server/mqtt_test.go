@@ -150,7 +150,7 @@ wait:
 func pahoClient(tb testing.TB, s *testServer, d *device, id string, lost chan<- error) paho.Client {
 	tb.Helper()
 	opts := paho.NewClientOptions().
-		AddBroker("tls://"+s.MQTTAddr().String()).
+		AddBroker("tls://" + s.MQTTAddr().String()).
 		SetClientID(id).
 		SetProtocolVersion(4).
 		SetAutoReconnect(false).

@@ -1,6 +1,7 @@
 // Package server assembles a fleetmq node: the store, the CA, the HTTPS
-// enrollment endpoint, the mTLS MQTT broker and the admin socket, with one
-// start path and one shutdown path.
+// enrollment endpoint, the mTLS MQTT broker, the admin socket, the
+// Prometheus endpoint and the dashboard, with one start path and one
+// shutdown path.
 package server
 
 import (
@@ -21,6 +22,8 @@ import (
 
 	"github.com/fleetmq/fleetmq/broker"
 	"github.com/fleetmq/fleetmq/broker/admin"
+	"github.com/fleetmq/fleetmq/broker/metrics"
+	"github.com/fleetmq/fleetmq/broker/ui"
 	"github.com/fleetmq/fleetmq/enroll"
 	"github.com/fleetmq/fleetmq/store"
 )
@@ -52,6 +55,14 @@ type Config struct {
 	Broker broker.Config
 	// Enroll holds the enrollment limits; CA, lifetimes, BrokerURL and Logger are set by the server.
 	Enroll enroll.Config
+	// MetricsAddr is the listener of /metrics, /healthz and /readyz
+	// (plain HTTP; no metric names a device). Default none: not served
+	// ("off" too); `fleetmq serve` passes 127.0.0.1:9464.
+	MetricsAddr string
+	// UIAddr is the dashboard's listener: plain HTTP on a loopback
+	// address, otherwise HTTPS for operator certificates only. Default
+	// none: not served ("off" too); `fleetmq serve` passes 127.0.0.1:8080.
+	UIAddr string
 
 	Logger zerolog.Logger   // default zerolog.Nop()
 	Now    func() time.Time // default time.Now
@@ -94,10 +105,16 @@ type Server struct {
 	mqtt   *broker.Broker
 	cert   atomic.Pointer[tls.Certificate]
 
-	httpSrv  *http.Server
-	httpLn   net.Listener
-	adminSrv *http.Server
-	adminLn  net.Listener
+	httpSrv    *http.Server
+	httpLn     net.Listener
+	admin      *admin.Handler
+	adminSrv   *http.Server
+	adminLn    net.Listener
+	metrics    *metrics.Metrics
+	metricsSrv *http.Server
+	metricsLn  net.Listener
+	ui         *ui.Server
+	ready      atomic.Bool // between the end of Start and the start of Close
 
 	ctx     context.Context // ends at Close; stops background loops
 	cancel  context.CancelFunc
@@ -126,7 +143,19 @@ func New(cfg Config) (s *Server, err error) {
 			s.Close()
 		}
 	}()
-	s.db, err = store.Open(filepath.Join(cfg.DataDir, DBName), store.Options{Logger: cfg.Logger})
+	// Metrics read the broker only when scraped, after Start.
+	s.metrics, err = metrics.New(metrics.Config{
+		Stats:   func() broker.Stats { return s.mqtt.Stats() },
+		Online:  func() []string { return s.mqtt.Online() },
+		Devices: func(ctx context.Context) ([]store.Device, error) { return s.db.Devices(ctx) },
+		Ready:   s.readiness,
+		Logger:  cfg.Logger.With().Str("component", "metrics").Logger(),
+		Now:     cfg.Now,
+	})
+	if err != nil {
+		return nil, err
+	}
+	s.db, err = store.Open(filepath.Join(cfg.DataDir, DBName), store.Options{Logger: cfg.Logger, OnCommit: s.metrics.ObserveCommit})
 	if err != nil {
 		return nil, fmt.Errorf("open store: %w", err)
 	}
@@ -143,6 +172,7 @@ func New(cfg Config) (s *Server, err error) {
 	ec := cfg.Enroll
 	ec.CA, ec.CertLifetime, ec.RenewGrace, ec.BrokerURL = s.ca, cfg.CertLifetime, cfg.RenewGrace, cfg.BrokerURL
 	ec.Logger, ec.Now = cfg.Logger.With().Str("component", "enroll").Logger(), cfg.Now
+	ec.Observe = chain(ec.Observe, s.metrics.ObserveEnroll)
 	if _, port, err := net.SplitHostPort(cfg.MQTTAddr); err == nil {
 		ec.MQTTPort, _ = strconv.Atoi(port)
 	}
@@ -159,7 +189,59 @@ func New(cfg Config) (s *Server, err error) {
 	if s.mqtt, err = broker.New(bc, s.db); err != nil {
 		return nil, err
 	}
+	s.admin, err = admin.New(admin.Config{
+		CA:       s.ca,
+		OnRevoke: s.onRevoke,
+		Online:   s.mqtt.Online,
+		Follow:   s.mqtt.Follow,
+		Observe:  s.metrics.ObserveAdmin,
+		Logger:   s.log.With().Str("component", "admin").Logger(),
+		Now:      s.cfg.Now,
+	}, s.db)
+	if err != nil {
+		return nil, err
+	}
+	if enabled(cfg.UIAddr) {
+		s.ui, err = ui.New(ui.Config{
+			Addr:           cfg.UIAddr,
+			Store:          s.db,
+			Admin:          s.admin,
+			Online:         s.mqtt.Online,
+			Follow:         s.mqtt.Follow,
+			GetCertificate: s.getCertificate,
+			ClientCAs:      s.ca.Pool(),
+			Logger:         cfg.Logger.With().Str("component", "ui").Logger(),
+			Now:            cfg.Now,
+		})
+		if err != nil {
+			return nil, err
+		}
+	}
 	return s, nil
+}
+
+// enabled reports whether an optional listener address asks for one.
+func enabled(addr string) bool { return addr != "" && addr != "off" }
+
+// chain returns an observer calling both a and b; either may be nil.
+func chain(a, b func(op, result string)) func(op, result string) {
+	if a == nil {
+		return b
+	}
+	return func(op, result string) { a(op, result); b(op, result) }
+}
+
+// readiness is /readyz: started, not closing, and the store answers.
+func (s *Server) readiness(ctx context.Context) error {
+	if !s.ready.Load() {
+		return errors.New("starting or shutting down")
+	}
+	// Any read transaction proves the file is open and readable; a
+	// missing id costs one B-tree lookup.
+	if _, err := s.db.Device(ctx, "readyz\x00probe"); err != nil && !errors.Is(err, store.ErrNotFound) {
+		return fmt.Errorf("store: %w", err)
+	}
+	return nil
 }
 
 // Start binds every listener (so a busy port fails here) and serves in the
@@ -192,14 +274,62 @@ func (s *Server) Start() error {
 	if err := s.listenAdmin(); err != nil {
 		return err
 	}
+	if enabled(s.cfg.MetricsAddr) {
+		if s.metricsLn, err = net.Listen("tcp", s.cfg.MetricsAddr); err != nil {
+			return fmt.Errorf("listen for metrics on %s: %w", s.cfg.MetricsAddr, err)
+		}
+		s.metricsSrv = &http.Server{
+			Handler:           s.metrics.Handler(),
+			ReadHeaderTimeout: 10 * time.Second,
+			WriteTimeout:      30 * time.Second,
+			ErrorLog:          newHTTPErrorLog(s.log),
+		}
+	}
+	if s.ui != nil {
+		if err := s.ui.Listen(); err != nil {
+			return err
+		}
+		if s.ui.Secure() {
+			s.warnWithoutOperators()
+		}
+	}
 	s.serve("enroll", func() error { return s.httpSrv.Serve(s.httpLn) })
 	s.serve("admin", func() error { return s.adminSrv.Serve(s.adminLn) })
+	if s.metricsSrv != nil {
+		s.serve("metrics", func() error { return s.metricsSrv.Serve(s.metricsLn) })
+	}
+	if s.ui != nil {
+		s.serve("ui", s.ui.Serve)
+	}
 	s.loop(s.renewServerCertLoop)
 	s.loop(s.crlLoop)
 	s.loop(s.retentionLoop)
-	s.log.Info().Str("enroll", s.httpLn.Addr().String()).Str("mqtt", s.mqtt.Addr().String()).
-		Str("admin", s.AdminSocket()).Str("data", s.cfg.DataDir).Msg("fleetmq serving")
+	s.ready.Store(true)
+	ev := s.log.Info().Str("enroll", s.httpLn.Addr().String()).Str("mqtt", s.mqtt.Addr().String()).
+		Str("admin", s.AdminSocket()).Str("data", s.cfg.DataDir)
+	if s.metricsLn != nil {
+		ev = ev.Str("metrics", "http://"+s.metricsLn.Addr().String()+"/metrics")
+	}
+	if s.ui != nil {
+		ev = ev.Str("ui", s.ui.URL())
+	}
+	ev.Msg("fleetmq serving")
 	return nil
+}
+
+// warnWithoutOperators tells the operator of a dashboard on a network
+// address how to get in, when nobody can yet.
+func (s *Server) warnWithoutOperators() {
+	devs, err := s.db.Devices(s.ctx)
+	if err != nil {
+		return
+	}
+	for _, d := range devs {
+		if d.Role == store.RoleOperator && !d.Revoked() {
+			return
+		}
+	}
+	s.log.Warn().Str("ui", s.ui.URL()).Msg("the dashboard accepts operator certificates only and there is no operator yet: run 'fleetmq operator issue NAME'")
 }
 
 func (s *Server) listenAdmin() error {
@@ -217,20 +347,8 @@ func (s *Server) listenAdmin() error {
 		ln.Close()
 		return fmt.Errorf("restrict admin socket: %w", err)
 	}
-	h, err := admin.New(admin.Config{
-		CA:       s.ca,
-		OnRevoke: s.onRevoke,
-		Online:   s.mqtt.Online,
-		Follow:   s.mqtt.Follow,
-		Logger:   s.log.With().Str("component", "admin").Logger(),
-		Now:      s.cfg.Now,
-	}, s.db)
-	if err != nil {
-		ln.Close()
-		return err
-	}
 	s.adminLn = ln
-	s.adminSrv = &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second, ErrorLog: newHTTPErrorLog(s.log)}
+	s.adminSrv = &http.Server{Handler: s.admin, ReadHeaderTimeout: 10 * time.Second, ErrorLog: newHTTPErrorLog(s.log)}
 	return nil
 }
 
@@ -374,6 +492,19 @@ func (s *Server) Close() error {
 		var errs []error
 		shut, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
+		s.ready.Store(false)
+		if s.ui != nil {
+			// Its event streams follow the broker: it goes first.
+			errs = append(errs, s.ui.Close())
+		}
+		if s.metricsSrv != nil {
+			errs = append(errs, s.metricsSrv.Shutdown(shut))
+			// Shutdown closes only listeners Serve had taken; Start may
+			// have failed before.
+			if err := s.metricsLn.Close(); err != nil && !errors.Is(err, net.ErrClosed) {
+				errs = append(errs, err)
+			}
+		}
 		if s.httpSrv != nil {
 			errs = append(errs, s.httpSrv.Shutdown(shut))
 		}
@@ -404,6 +535,22 @@ func (s *Server) MQTTAddr() net.Addr { return s.mqtt.Addr() }
 
 // AdminSocket is the path of the admin socket.
 func (s *Server) AdminSocket() string { return filepath.Join(s.cfg.DataDir, admin.SocketName) }
+
+// MetricsAddr is the bound metrics address, or nil when not served.
+func (s *Server) MetricsAddr() net.Addr {
+	if s.metricsLn == nil {
+		return nil
+	}
+	return s.metricsLn.Addr()
+}
+
+// UIURL is the dashboard's base URL, or "" when not served.
+func (s *Server) UIURL() string {
+	if s.ui == nil {
+		return ""
+	}
+	return s.ui.URL()
+}
 
 // CA is the fleet CA.
 func (s *Server) CA() *enroll.CA { return s.ca }

@@ -1,0 +1,375 @@
+package server_test
+
+import (
+	"context"
+	"crypto/tls"
+	"fmt"
+	"io"
+	"math"
+	"net/http"
+	"net/http/cookiejar"
+	"net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/chromedp/chromedp"
+
+	"github.com/fleetmq/fleetmq/broker/server"
+	"github.com/fleetmq/fleetmq/store"
+)
+
+// chromiumPath is Debian's chromium, which scripts/test.sh installs.
+const chromiumPath = "/usr/bin/chromium"
+
+// newBrowser starts a headless chromium with a fresh profile and returns a
+// tab's context, closed at cleanup.
+func newBrowser(t *testing.T) context.Context {
+	t.Helper()
+	path := chromiumPath
+	if _, err := os.Stat(path); err != nil {
+		p, lerr := exec.LookPath("chromium")
+		if lerr != nil {
+			t.Fatalf("chromium is missing (%v): scripts/test.sh installs it (apt-get install chromium)", err)
+		}
+		path = p
+	}
+	actx, cancel := chromedp.NewExecAllocator(context.Background(),
+		chromedp.ExecPath(path),
+		chromedp.Headless,
+		chromedp.NoSandbox,
+		chromedp.DisableGPU,
+		chromedp.NoFirstRun,
+		chromedp.NoDefaultBrowserCheck,
+		chromedp.Flag("disable-background-networking", true),
+		chromedp.Flag("disable-component-update", true),
+		chromedp.Flag("disable-sync", true),
+		chromedp.Flag("disable-quic", true),
+		chromedp.Flag("disable-dev-shm-usage", true),
+		chromedp.UserDataDir(t.TempDir()),
+		chromedp.WindowSize(1280, 1000),
+	)
+	t.Cleanup(cancel)
+	ctx, cancelTab := chromedp.NewContext(actx)
+	t.Cleanup(cancelTab)
+	ctx, cancelTime := context.WithTimeout(ctx, 90*time.Second)
+	t.Cleanup(cancelTime)
+	return ctx
+}
+
+// sample is the telemetry a Raspberry Pi agent publishes, with values that
+// make a plot worth looking at.
+func sample(i int) string {
+	return fmt.Sprintf(`{"time":"-","uptime_s":%d,"load1":%.2f,"load5":%.2f,"load15":0.31,"mem_total_kb":948304,`+
+		`"mem_available_kb":%d,"disk_free_bytes":%d,"cpu_temp_c":%.1f,"wifi_signal_dbm":%d,"agent_version":"1.4.2"}`,
+		86400+60*i, 0.35+0.3*math.Pow(math.Sin(float64(i)/3), 2), 0.4+0.05*math.Sin(float64(i)/6),
+		612000-1800*i+int(15000*math.Cos(float64(i)/4)), 11_800_000_000-int64(i)*2_000_000,
+		47+6*math.Sin(float64(i)/5)+0.15*float64(i), -58-int(4*math.Cos(float64(i)/2)))
+}
+
+// TestDashboardInBrowser drives the dashboard in a real browser: the
+// overview shows the enrolled device online, its page plots exactly the
+// published samples and adds a new one live, and revoking it from the page
+// (button, then confirmation) disconnects its MQTT client.
+func TestDashboardInBrowser(t *testing.T) {
+	s := startServer(t, func(c *server.Config) { c.UIAddr = "127.0.0.1:0" })
+	base := strings.TrimSuffix(s.UIURL(), "/")
+	if !strings.HasPrefix(base, "http://127.0.0.1:") {
+		t.Fatalf("loopback dashboard at %q", base)
+	}
+	d := s.enroll(t, s.token(t, "--device", "pi-0001", "--label", "site=greenhouse"), "pi-0001")
+	s.enroll(t, s.token(t, "--device", "pi-0002", "--label", "site=greenhouse"), "pi-0002")
+	s.enroll(t, s.token(t, "--device", "pi-0003", "--label", "site=barn"), "pi-0003")
+	lost := make(chan error, 1)
+	c := pahoClient(t, s, d, "pi-0001", lost)
+	defer c.Disconnect(0)
+
+	// Samples a minute apart, on the server's clock.
+	const published = 24
+	for i := range published {
+		tok := c.Publish("devices/pi-0001/telemetry", 1, false, sample(i))
+		if !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+			t.Fatalf("publish: %v", tok.Error())
+		}
+		s.clock.Advance(time.Minute)
+	}
+	ctx := newBrowser(t)
+
+	// Overview: one device online, two offline.
+	if err := chromedp.Do(ctx, chromedp.Navigate(base+"/"), chromedp.WaitVisible(chromedp.CSS("#count-online"))); err != nil {
+		t.Fatalf("overview: %v", err)
+	}
+	for id, want := range map[string]string{"#count-online": "1", "#count-offline": "2", "#count-revoked": "0"} {
+		got, err := chromedp.Run(ctx, chromedp.Text(chromedp.CSS(id)))
+		if err != nil || got != want {
+			t.Errorf("overview %s = %q (%v), want %q", id, got, err, want)
+		}
+	}
+	if err := chromedp.Do(ctx, chromedp.Navigate(base+"/devices?q=greenhouse"), chromedp.WaitVisible(chromedp.CSS("#devices"))); err != nil {
+		t.Fatal(err)
+	}
+	state, err := chromedp.Run(ctx, chromedp.Text(chromedp.CSS(`#devices [data-presence="pi-0001"]`)))
+	if err != nil || state != "online" {
+		t.Errorf("device table: pi-0001 %q (%v)", state, err)
+	}
+	rows, err := chromedp.Run(ctx, chromedp.Evaluate[int](`document.querySelectorAll("#devices tbody tr").length`))
+	if err != nil || rows != 2 {
+		t.Errorf("search for greenhouse: %d rows (%v), want 2", rows, err)
+	}
+
+	// Device page: one circle per published sample in each plot.
+	if err := chromedp.Do(ctx, chromedp.Navigate(base+"/devices/pi-0001"),
+		chromedp.WaitVisible(chromedp.CSS(`svg.plot[data-field="cpu_temp_c"] circle`))); err != nil {
+		t.Fatalf("device page: %v", err)
+	}
+	countPoints := func(field string) int {
+		t.Helper()
+		n, err := chromedp.Run(ctx, chromedp.Evaluate[int](
+			fmt.Sprintf(`document.querySelectorAll('svg.plot[data-field=%q] circle').length`, field)))
+		if err != nil {
+			t.Fatalf("count points of %s: %v", field, err)
+		}
+		return n
+	}
+	for _, field := range []string{"cpu_temp_c", "load1", "mem_available_kb", "wifi_signal_dbm"} {
+		if n := countPoints(field); n != published {
+			t.Errorf("plot of %s has %d points, want %d", field, n, published)
+		}
+	}
+	if n := countPoints("agent_version"); n != 0 {
+		t.Errorf("a string field is plotted (%d points)", n)
+	}
+	// The first plot is the CPU temperature, and its first point is the
+	// first sample's value.
+	first, err := chromedp.Run(ctx, chromedp.Evaluate[string](`document.querySelector("#charts figure figcaption").textContent`))
+	if err != nil || !strings.HasPrefix(first, "CPU temperature") {
+		t.Errorf("first plot %q (%v)", first, err)
+	}
+	tip, err := chromedp.Run(ctx, chromedp.Evaluate[string](`document.querySelector('svg.plot[data-field="cpu_temp_c"] circle title').textContent`))
+	if err != nil || !strings.HasPrefix(tip, "47 at ") {
+		t.Errorf("first point's title %q (%v), want the first sample, 47", tip, err)
+	}
+	version, err := chromedp.Run(ctx, chromedp.Text(chromedp.CSS("dl.facts")))
+	if err != nil || !strings.Contains(version, "1.4.2") {
+		t.Errorf("agent version not shown: %q (%v)", version, err)
+	}
+
+	// A new sample appears without a reload, once the stream is open.
+	if _, err := chromedp.Run(ctx, chromedp.Poll[bool](`document.body.dataset.live === "open"`, chromedp.WithPollingTimeout(20*time.Second))); err != nil {
+		t.Fatalf("event stream not open: %v", err)
+	}
+	if tok := c.Publish("devices/pi-0001/telemetry", 1, false, sample(published)); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+		t.Fatalf("publish: %v", tok.Error())
+	}
+	if _, err := chromedp.Run(ctx, chromedp.Poll[bool](
+		fmt.Sprintf(`document.querySelectorAll('svg.plot[data-field="cpu_temp_c"] circle').length === %d`, published+1),
+		chromedp.WithPollingTimeout(20*time.Second))); err != nil {
+		t.Fatalf("live sample not plotted (%d points): %v", countPoints("cpu_temp_c"), err)
+	}
+
+	png, err := chromedp.Run(ctx, chromedp.FullScreenshot(100))
+	if err != nil {
+		t.Fatalf("screenshot: %v", err)
+	}
+	shot := filepath.Join(t.TempDir(), "dashboard.png")
+	if err := os.WriteFile(shot, png, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("screenshot: %s", shot)
+	if os.Getenv("UPDATE_SCREENSHOT") == "1" {
+		if err := os.WriteFile(filepath.Join("..", "..", "docs", "dashboard.png"), png, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	// Revoke from the page: the button leads to a confirmation page, whose
+	// button revokes.
+	if err := chromedp.Do(ctx, chromedp.Click(chromedp.CSS("#revoke")), chromedp.WaitVisible(chromedp.CSS("#confirm"))); err != nil {
+		t.Fatalf("revoke button: %v", err)
+	}
+	select {
+	case err := <-lost:
+		t.Fatalf("disconnected before the confirmation: %v", err)
+	default:
+	}
+	if dev, err := s.Store().Device(context.Background(), "pi-0001"); err != nil || dev.Revoked() {
+		t.Fatalf("revoked before the confirmation: %v", err)
+	}
+	if err := chromedp.Do(ctx, chromedp.Click(chromedp.CSS("#confirm")), chromedp.WaitVisible(chromedp.CSS(".flash"))); err != nil {
+		t.Fatalf("confirm: %v", err)
+	}
+	select {
+	case <-lost:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the MQTT client is still connected after revoking from the dashboard")
+	}
+	state, err = chromedp.Run(ctx, chromedp.Text(chromedp.CSS("#state")))
+	if err != nil || state != "revoked" {
+		t.Errorf("device page after revoking: state %q (%v)", state, err)
+	}
+	evs, err := s.Store().Audit(context.Background(), store.AuditFilter{DeviceID: "pi-0001"})
+	if err != nil || len(evs) == 0 || evs[len(evs)-1].Action != store.ActDeviceRevoke || evs[len(evs)-1].Remote != "ui:local" {
+		t.Fatalf("audit of the revocation: %v %+v", err, evs)
+	}
+	if slices.Contains(s.Broker().Online(), "pi-0001") {
+		t.Error("pi-0001 still listed online by the broker")
+	}
+}
+
+var csrfField = regexp.MustCompile(`name="csrf" value="([^"]+)"`)
+
+// TestDashboardCSRF posts state changes to a real node without the form's
+// token, with a wrong one and cross-origin: all are refused with 403 and
+// change nothing.
+func TestDashboardCSRF(t *testing.T) {
+	s := startServer(t, func(c *server.Config) { c.UIAddr = "127.0.0.1:0" })
+	base := strings.TrimSuffix(s.UIURL(), "/")
+	s.enroll(t, s.token(t, "--device", "pi-x"), "pi-x")
+	s.token(t, "--device", "pi-y")
+	jar, _ := cookiejar.New(nil)
+	hc := &http.Client{Jar: jar, Timeout: 10 * time.Second, CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	get := func(path string) string {
+		t.Helper()
+		resp, err := hc.Get(base + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		if resp.StatusCode != 200 {
+			t.Fatalf("GET %s: %d %s", path, resp.StatusCode, b)
+		}
+		return string(b)
+	}
+	post := func(path string, form url.Values, hdr map[string]string) int {
+		t.Helper()
+		req, _ := http.NewRequest("POST", base+path, strings.NewReader(form.Encode()))
+		req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+		for k, v := range hdr {
+			req.Header.Set(k, v)
+		}
+		resp, err := hc.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	m := csrfField.FindStringSubmatch(get("/devices/pi-x/revoke"))
+	if m == nil {
+		t.Fatal("no CSRF token on the confirmation page")
+	}
+	tok := m[1]
+	toks, err := s.Store().Tokens(context.Background())
+	if err != nil || len(toks) != 2 {
+		t.Fatalf("tokens: %v", err)
+	}
+	before := s.snapshot(t)
+	for _, tc := range []struct {
+		name, path string
+		form       url.Values
+		hdr        map[string]string
+	}{
+		{"revoke device, no token", "/devices/pi-x/revoke", url.Values{"confirm": {"yes"}}, nil},
+		{"revoke device, wrong token", "/devices/pi-x/revoke", url.Values{"confirm": {"yes"}, "csrf": {strings.Repeat("A", len(tok))}}, nil},
+		{"revoke device, cross-origin", "/devices/pi-x/revoke", url.Values{"confirm": {"yes"}, "csrf": {tok}}, map[string]string{"Origin": "https://evil.example"}},
+		{"create token, no token", "/tokens", url.Values{"confirm": {"yes"}, "device": {"pi-z"}}, nil},
+		{"create token, wrong token", "/tokens", url.Values{"confirm": {"yes"}, "device": {"pi-z"}, "csrf": {tok + "x"}}, nil},
+		{"revoke token, no token", "/tokens/" + toks[0].ID + "/revoke", url.Values{"confirm": {"yes"}}, nil},
+		{"revoke token, cross-site", "/tokens/" + toks[0].ID + "/revoke", url.Values{"confirm": {"yes"}, "csrf": {tok}}, map[string]string{"Sec-Fetch-Site": "cross-site"}},
+	} {
+		if code := post(tc.path, tc.form, tc.hdr); code != http.StatusForbidden {
+			t.Errorf("%s: %d, want 403", tc.name, code)
+		}
+	}
+	if after := s.snapshot(t); after != before {
+		t.Fatalf("refused requests changed the fleet:\nbefore %s\nafter  %s", before, after)
+	}
+	// The same session with its token is obeyed.
+	if code := post("/devices/pi-x/revoke", url.Values{"confirm": {"yes"}, "csrf": {tok}}, nil); code != http.StatusSeeOther {
+		t.Fatalf("revoke with the token: %d", code)
+	}
+	if dev, err := s.Store().Device(context.Background(), "pi-x"); err != nil || !dev.Revoked() {
+		t.Fatalf("not revoked: %v", err)
+	}
+}
+
+// TestDashboardOnNetworkNeedsOperator binds the dashboard to all
+// interfaces: it then speaks HTTPS only and serves operator certificates
+// only.
+func TestDashboardOnNetworkNeedsOperator(t *testing.T) {
+	s := startServer(t, func(c *server.Config) { c.UIAddr = "0.0.0.0:0" })
+	u, err := url.Parse(s.UIURL())
+	if err != nil || u.Scheme != "https" {
+		t.Fatalf("dashboard on 0.0.0.0 at %q", s.UIURL())
+	}
+	base := "https://127.0.0.1:" + u.Port()
+	dir := t.TempDir()
+	for _, args := range [][]string{
+		{"operator", "issue", "ops", "--out", dir},
+		{"service", "issue", "backend", "--out", dir},
+	} {
+		out, errs, code := s.cli(t, args...)
+		if code != 0 {
+			t.Fatalf("%v: %s", args, errs)
+		}
+		if args[0] == "operator" && !strings.Contains(out, "openssl pkcs12 -export") {
+			t.Errorf("operator issue does not say how to make a browser bundle:\n%s", out)
+		}
+	}
+	load := func(name string) *tls.Certificate {
+		t.Helper()
+		c, err := tls.LoadX509KeyPair(filepath.Join(dir, name+".pem"), filepath.Join(dir, name+".key"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return &c
+	}
+	dev := s.enroll(t, s.token(t), "pi-n1")
+	get := func(cert *tls.Certificate) (int, string, error) {
+		cfg := &tls.Config{RootCAs: s.CA().Pool(), ServerName: "127.0.0.1"}
+		if cert != nil {
+			cfg.Certificates = []tls.Certificate{*cert}
+		}
+		tr := &http.Transport{TLSClientConfig: cfg}
+		defer tr.CloseIdleConnections()
+		resp, err := (&http.Client{Transport: tr, Timeout: 10 * time.Second}).Get(base + "/")
+		if err != nil {
+			return 0, "", err
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b), nil
+	}
+	if code, _, err := get(nil); err == nil {
+		t.Fatalf("no client certificate: %d, want a refused handshake", code)
+	}
+	for name, cert := range map[string]*tls.Certificate{"device": dev.tlsCert(), "service": load("backend")} {
+		if code, body, err := get(cert); err != nil || code != http.StatusForbidden || strings.Contains(body, "pi-n1") {
+			t.Errorf("%s certificate: %d %v %q", name, code, err, body)
+		}
+	}
+	code, body, err := get(load("ops"))
+	if err != nil || code != 200 || !strings.Contains(body, "operator <b>ops</b>") {
+		t.Fatalf("operator certificate: %d %v", code, err)
+	}
+	// Plain HTTP is not spoken at all.
+	if resp, err := http.Get("http://127.0.0.1:" + u.Port() + "/"); err == nil {
+		resp.Body.Close()
+		if resp.StatusCode == 200 {
+			t.Fatal("plain HTTP served on a network address")
+		}
+	}
+	// A revoked operator is refused at once.
+	if _, errs, code := s.cli(t, "device", "revoke", "ops"); code != 0 {
+		t.Fatal(errs)
+	}
+	if code, _, err := get(load("ops")); err != nil || code != http.StatusForbidden {
+		t.Fatalf("revoked operator: %d %v", code, err)
+	}
+}

@@ -1,0 +1,584 @@
+package ui
+
+import (
+	"bytes"
+	"cmp"
+	"encoding/csv"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/url"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/fleetmq/fleetmq/broker/admin"
+	"github.com/fleetmq/fleetmq/enroll"
+	"github.com/fleetmq/fleetmq/store"
+)
+
+func (s *Server) routes() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /{$}", s.overview)
+	mux.HandleFunc("GET /devices", s.devices)
+	mux.HandleFunc("GET /devices/{id}", s.device)
+	mux.HandleFunc("GET /devices/{id}/revoke", s.confirmRevokeDevice)
+	mux.HandleFunc("POST /devices/{id}/revoke", s.revokeDevice)
+	mux.HandleFunc("GET /tokens", s.tokens)
+	mux.HandleFunc("GET /tokens/new", s.confirmTokens)
+	mux.HandleFunc("POST /tokens", s.createTokens)
+	mux.HandleFunc("GET /tokens/{id}/revoke", s.confirmRevokeToken)
+	mux.HandleFunc("POST /tokens/{id}/revoke", s.revokeToken)
+	mux.HandleFunc("GET /audit", s.audit)
+	mux.HandleFunc("GET /api/overview", s.apiOverview)
+	mux.HandleFunc("GET /events", s.serveEvents)
+	mux.Handle("GET /static/", staticHandler())
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		s.fail(w, r, http.StatusNotFound, "No such page.")
+	})
+	return s.guard(mux)
+}
+
+// page is what every template gets.
+type page struct {
+	Title  string
+	Nav    string // active navigation entry
+	Viewer viewer
+	CSRF   string // form token of the session
+	Flash  string
+	Events string // URL of the event stream the page listens to
+	Now    time.Time
+	Window time.Duration // expiry window
+	Data   any
+}
+
+// render writes template name with data; pages carry fleet state, so
+// nothing is cached.
+func (s *Server) render(w http.ResponseWriter, r *http.Request, status int, name string, p page) {
+	tok, err := s.csrf.token(w, r)
+	if err != nil {
+		s.log.Error().Err(err).Msg("ui: session")
+		http.Error(w, "internal error", http.StatusInternalServerError)
+		return
+	}
+	p.CSRF, p.Viewer, p.Now, p.Window = tok, viewerOf(r.Context()), s.cfg.Now(), s.cfg.ExpiryWindow
+	if p.Flash == "" {
+		p.Flash = flashes[r.URL.Query().Get("flash")]
+	}
+	var buf bytes.Buffer
+	if err := s.pages.execute(&buf, name, p); err != nil {
+		s.log.Error().Err(err).Str("page", name).Msg("ui: render")
+		http.Error(w, "internal error", http.StatusInternalServerError)
+		return
+	}
+	w.Header().Set("Content-Type", "text/html; charset=utf-8")
+	w.Header().Set("Cache-Control", "no-store")
+	w.WriteHeader(status)
+	w.Write(buf.Bytes())
+}
+
+// flashes are the messages a redirect may ask for; never text from the URL.
+var flashes = map[string]string{
+	"revoked":       "Device revoked: its certificates are revoked, its sessions closed and the CRL updated.",
+	"token-revoked": "Token revoked.",
+}
+
+func (s *Server) fail(w http.ResponseWriter, r *http.Request, status int, msg string) {
+	if r.Header.Get("Accept") == "application/json" || strings.HasPrefix(r.URL.Path, "/api/") {
+		writeJSON(w, status, map[string]string{"error": msg})
+		return
+	}
+	if viewerOf(r.Context()) == (viewer{}) {
+		// Refused before a viewer was known: no page chrome, no session.
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		w.Header().Set("Cache-Control", "no-store")
+		w.WriteHeader(status)
+		fmt.Fprintln(w, msg)
+		return
+	}
+	s.render(w, r, status, "error", page{Title: http.StatusText(status), Data: msg})
+}
+
+func (s *Server) forbidden(w http.ResponseWriter, r *http.Request, msg string) {
+	s.fail(w, r, http.StatusForbidden, msg)
+}
+
+// failErr answers err from the admin API or the store: public codes keep
+// their status and message, anything else is a logged internal error.
+func (s *Server) failErr(w http.ResponseWriter, r *http.Request, err error) {
+	e := enroll.AsError(err)
+	if e.Status() >= 500 {
+		s.log.Error().Err(err).Str("path", r.URL.Path).Msg("ui: request failed")
+	}
+	s.fail(w, r, e.Status(), e.Message)
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
+	w.WriteHeader(status)
+	json.NewEncoder(w).Encode(v)
+}
+
+// summary is the fleet at a glance: devices (role device) by state.
+type summary struct {
+	Online    int `json:"online"`
+	Offline   int `json:"offline"`
+	Expiring  int `json:"expiring"`
+	Revoked   int `json:"revoked"`
+	Services  int `json:"services"`
+	Operators int `json:"operators"`
+}
+
+// deviceState is what the dashboard shows for an identity.
+func deviceState(d admin.DeviceInfo) string {
+	switch {
+	case d.Revoked():
+		return "revoked"
+	case d.Online:
+		return "online"
+	}
+	return "offline"
+}
+
+func (s *Server) expiring(d admin.DeviceInfo) bool {
+	return !d.Revoked() && d.NotAfter.Before(s.cfg.Now().Add(s.cfg.ExpiryWindow))
+}
+
+func (s *Server) summarize(infos []admin.DeviceInfo) summary {
+	var sum summary
+	for _, d := range infos {
+		switch d.Role {
+		case store.RoleService:
+			sum.Services++
+			continue
+		case store.RoleOperator:
+			sum.Operators++
+			continue
+		}
+		switch deviceState(d) {
+		case "revoked":
+			sum.Revoked++
+		case "online":
+			sum.Online++
+		default:
+			sum.Offline++
+		}
+		if s.expiring(d) {
+			sum.Expiring++
+		}
+	}
+	return sum
+}
+
+type overviewData struct {
+	Summary  summary
+	Expiring []admin.DeviceInfo
+	Audit    []store.AuditEvent
+}
+
+func (s *Server) overview(w http.ResponseWriter, r *http.Request) {
+	infos, err := s.cfg.Admin.DeviceInfos(r.Context())
+	if err != nil {
+		s.failErr(w, r, err)
+		return
+	}
+	d := overviewData{Summary: s.summarize(infos)}
+	for _, info := range infos {
+		if s.expiring(info) {
+			d.Expiring = append(d.Expiring, info)
+		}
+	}
+	slices.SortFunc(d.Expiring, func(a, b admin.DeviceInfo) int { return a.NotAfter.Compare(b.NotAfter) })
+	d.Expiring = d.Expiring[:min(len(d.Expiring), 20)]
+	if d.Audit, err = s.cfg.Store.Audit(r.Context(), store.AuditFilter{Limit: 10}); err != nil {
+		s.failErr(w, r, err)
+		return
+	}
+	slices.Reverse(d.Audit) // newest first
+	s.render(w, r, http.StatusOK, "overview", page{Title: "Overview", Nav: "overview", Events: "/events", Data: d})
+}
+
+func (s *Server) apiOverview(w http.ResponseWriter, r *http.Request) {
+	infos, err := s.cfg.Admin.DeviceInfos(r.Context())
+	if err != nil {
+		s.failErr(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, s.summarize(infos))
+}
+
+type deviceRow struct {
+	admin.DeviceInfo
+	State        string
+	Expiring     bool
+	AgentVersion string
+}
+
+type devicesData struct {
+	Q, State, Role string
+	Rows           []deviceRow
+	Total, Matched int
+}
+
+func (s *Server) devices(w http.ResponseWriter, r *http.Request) {
+	q := r.URL.Query()
+	d := devicesData{Q: strings.TrimSpace(q.Get("q")), State: q.Get("state"), Role: q.Get("role")}
+	infos, err := s.cfg.Admin.DeviceInfos(r.Context())
+	if err != nil {
+		s.failErr(w, r, err)
+		return
+	}
+	d.Total = len(infos)
+	needle := strings.ToLower(d.Q)
+	for _, info := range infos {
+		row := deviceRow{DeviceInfo: info, State: deviceState(info), Expiring: s.expiring(info)}
+		switch {
+		case d.Role != "" && string(info.Role) != d.Role,
+			d.State == "expiring" && !row.Expiring,
+			d.State != "" && d.State != "expiring" && row.State != d.State,
+			needle != "" && !matches(info, needle):
+			continue
+		}
+		d.Matched++
+		if len(d.Rows) < s.cfg.MaxRows {
+			d.Rows = append(d.Rows, row)
+		}
+	}
+	for i := range d.Rows {
+		if d.Rows[i].Role == store.RoleDevice {
+			d.Rows[i].AgentVersion = s.agentVersion(r, d.Rows[i].ID)
+		}
+	}
+	s.render(w, r, http.StatusOK, "devices", page{Title: "Devices", Nav: "devices", Events: "/events", Data: d})
+}
+
+// matches reports whether a device's id or a label contains needle
+// (lowercase).
+func matches(d admin.DeviceInfo, needle string) bool {
+	if strings.Contains(strings.ToLower(d.ID), needle) {
+		return true
+	}
+	for k, v := range d.Labels {
+		if strings.Contains(strings.ToLower(k+"="+v), needle) {
+			return true
+		}
+	}
+	return false
+}
+
+// agentVersion reads agent_version from the device's newest telemetry.
+func (s *Server) agentVersion(r *http.Request, id string) string {
+	msgs, err := s.cfg.Store.Telemetry(r.Context(), id, time.Time{}, 1)
+	if err != nil || len(msgs) == 0 {
+		return ""
+	}
+	return stringField(msgs[0].Payload, "agent_version")
+}
+
+type deviceData struct {
+	Device       admin.DeviceInfo
+	State        string
+	Expiring     bool
+	AgentVersion string
+	Series       string // JSON of []series
+	Fields       []series
+	Samples      int
+	MaxPoints    int
+	Latest       *store.Message
+	LatestText   string
+	Audit        []store.AuditEvent
+}
+
+func (s *Server) device(w http.ResponseWriter, r *http.Request) {
+	id := r.PathValue("id")
+	info, err := s.cfg.Admin.DeviceInfo(r.Context(), id)
+	if err != nil {
+		s.failErr(w, r, err)
+		return
+	}
+	d := deviceData{Device: info, State: deviceState(info), Expiring: s.expiring(info), MaxPoints: s.cfg.MaxPoints}
+	msgs, err := s.cfg.Store.Telemetry(r.Context(), id, time.Time{}, s.cfg.MaxPoints)
+	if err != nil {
+		s.failErr(w, r, err)
+		return
+	}
+	d.Samples = len(msgs)
+	d.Fields = buildSeries(msgs)
+	b, err := json.Marshal(d.Fields)
+	if err != nil {
+		s.failErr(w, r, err)
+		return
+	}
+	d.Series = string(b)
+	for i := len(msgs) - 1; i >= 0 && d.AgentVersion == ""; i-- {
+		d.AgentVersion = stringField(msgs[i].Payload, "agent_version")
+	}
+	if len(msgs) > 0 {
+		m := msgs[len(msgs)-1]
+		d.Latest = &m
+		d.LatestText = payloadText(m.Payload)
+	}
+	if d.Audit, err = s.cfg.Store.Audit(r.Context(), store.AuditFilter{DeviceID: id, Limit: 20}); err != nil {
+		s.failErr(w, r, err)
+		return
+	}
+	slices.Reverse(d.Audit)
+	s.render(w, r, http.StatusOK, "device", page{
+		Title: id, Nav: "devices", Events: "/events?device=" + url.QueryEscape(id), Data: d,
+	})
+}
+
+// payloadText shows a payload: indented when it is JSON, cut when long.
+func payloadText(p []byte) string {
+	var buf bytes.Buffer
+	if json.Indent(&buf, p, "", "  ") == nil {
+		p = buf.Bytes()
+	}
+	const max = 4 << 10
+	if len(p) > max {
+		return string(p[:max]) + "\n…"
+	}
+	return strings.ToValidUTF8(string(p), "�")
+}
+
+func (s *Server) confirmRevokeDevice(w http.ResponseWriter, r *http.Request) {
+	info, err := s.cfg.Admin.DeviceInfo(r.Context(), r.PathValue("id"))
+	if err != nil {
+		s.failErr(w, r, err)
+		return
+	}
+	if info.Revoked() {
+		s.fail(w, r, http.StatusConflict, "This identity is already revoked.")
+		return
+	}
+	s.render(w, r, http.StatusOK, "revoke-device", page{Title: "Revoke " + info.ID, Nav: "devices", Data: deviceData{Device: info, State: deviceState(info)}})
+}
+
+// confirmed reports whether a POST came from a confirmation page.
+func confirmed(r *http.Request) bool { return r.PostFormValue("confirm") == "yes" }
+
+func (s *Server) revokeDevice(w http.ResponseWriter, r *http.Request) {
+	if !confirmed(r) {
+		s.fail(w, r, http.StatusBadRequest, "Revocation needs confirmation.")
+		return
+	}
+	id := r.PathValue("id")
+	if _, err := s.cfg.Admin.RevokeDevice(r.Context(), id, viewerOf(r.Context()).Remote); err != nil {
+		s.failErr(w, r, err)
+		return
+	}
+	http.Redirect(w, r, "/devices/"+url.PathEscape(id)+"?flash=revoked", http.StatusSeeOther)
+}
+
+type tokenRow struct {
+	store.Token
+	State string
+}
+
+func (s *Server) tokens(w http.ResponseWriter, r *http.Request) {
+	toks, err := s.cfg.Store.Tokens(r.Context())
+	if err != nil {
+		s.failErr(w, r, err)
+		return
+	}
+	slices.SortFunc(toks, func(a, b store.Token) int {
+		return cmp.Or(b.CreatedAt.Compare(a.CreatedAt), strings.Compare(a.ID, b.ID))
+	})
+	now := s.cfg.Now()
+	rows := make([]tokenRow, len(toks))
+	for i, t := range toks {
+		rows[i] = tokenRow{Token: t, State: "active"}
+		if err := t.Check(now); err != nil {
+			rows[i].State = strings.TrimPrefix(err.Error(), "token ")
+		}
+	}
+	s.render(w, r, http.StatusOK, "tokens", page{Title: "Tokens", Nav: "tokens", Data: rows})
+}
+
+// tokenForm is the token creation form, as typed.
+type tokenForm struct {
+	Device, Prefix, TTL, Labels, Format string
+	Count, Uses                         int
+}
+
+func parseTokenForm(get func(string) string) (tokenForm, admin.TokenRequest, error) {
+	f := tokenForm{
+		Device: strings.TrimSpace(get("device")), Prefix: strings.TrimSpace(get("prefix")),
+		TTL: strings.TrimSpace(get("ttl")), Labels: strings.TrimSpace(get("labels")), Format: get("format"),
+	}
+	var err error
+	if f.Count, err = optionalInt(get("count")); err != nil {
+		return f, admin.TokenRequest{}, errors.New("count must be a number")
+	}
+	if f.Uses, err = optionalInt(get("uses")); err != nil {
+		return f, admin.TokenRequest{}, errors.New("uses must be a number")
+	}
+	if f.TTL == "" {
+		f.TTL = "24h"
+	}
+	if f.Format != "csv" {
+		f.Format = "html"
+	}
+	ttl, err := parseDuration(f.TTL)
+	if err != nil {
+		return f, admin.TokenRequest{}, err
+	}
+	req := admin.TokenRequest{DeviceID: f.Device, Uses: f.Uses, TTL: ttl.String(), Prefix: f.Prefix}
+	if f.Count > 1 || f.Prefix != "" {
+		req.Count = f.Count
+	}
+	if f.Labels != "" {
+		req.Labels = map[string]string{}
+		for part := range strings.SplitSeq(f.Labels, ",") {
+			k, v, ok := strings.Cut(strings.TrimSpace(part), "=")
+			if !ok || k == "" {
+				return f, admin.TokenRequest{}, fmt.Errorf("labels are k=v pairs separated by commas, got %q", part)
+			}
+			req.Labels[k] = v
+		}
+	}
+	return f, req, nil
+}
+
+func optionalInt(s string) (int, error) {
+	if s = strings.TrimSpace(s); s == "" {
+		return 0, nil
+	}
+	return strconv.Atoi(s)
+}
+
+// parseDuration is time.ParseDuration plus a "d" (24h) unit.
+func parseDuration(s string) (time.Duration, error) {
+	if n, ok := strings.CutSuffix(s, "d"); ok {
+		days, err := strconv.ParseFloat(n, 64)
+		if err != nil || days <= 0 || days > 3660 {
+			return 0, fmt.Errorf("invalid duration %q", s)
+		}
+		return time.Duration(days * float64(24*time.Hour)), nil
+	}
+	d, err := time.ParseDuration(s)
+	if err != nil || d <= 0 {
+		return 0, fmt.Errorf("invalid duration %q (use e.g. 12h or 7d)", s)
+	}
+	return d, nil
+}
+
+type tokenConfirm struct {
+	Form  tokenForm
+	Count int // tokens that will be minted
+}
+
+func (s *Server) confirmTokens(w http.ResponseWriter, r *http.Request) {
+	f, req, err := parseTokenForm(r.URL.Query().Get)
+	if err != nil {
+		s.fail(w, r, http.StatusBadRequest, err.Error())
+		return
+	}
+	s.render(w, r, http.StatusOK, "token-new", page{Title: "Create tokens", Nav: "tokens", Data: tokenConfirm{Form: f, Count: max(1, req.Count)}})
+}
+
+func (s *Server) createTokens(w http.ResponseWriter, r *http.Request) {
+	if !confirmed(r) {
+		s.fail(w, r, http.StatusBadRequest, "Token creation needs confirmation.")
+		return
+	}
+	f, req, err := parseTokenForm(r.PostFormValue)
+	if err != nil {
+		s.fail(w, r, http.StatusBadRequest, err.Error())
+		return
+	}
+	toks, err := s.cfg.Admin.MintTokens(r.Context(), req, viewerOf(r.Context()).Remote)
+	if err != nil {
+		s.failErr(w, r, err)
+		return
+	}
+	if f.Format == "csv" {
+		var buf bytes.Buffer
+		cw := csv.NewWriter(&buf)
+		cw.Write([]string{"id", "token", "expires_at"})
+		for _, t := range toks {
+			cw.Write([]string{t.DeviceID, t.Secret, t.ExpiresAt.UTC().Format(time.RFC3339)})
+		}
+		cw.Flush()
+		w.Header().Set("Content-Type", "text/csv; charset=utf-8")
+		w.Header().Set("Content-Disposition", fmt.Sprintf(`attachment; filename="fleetmq-tokens-%s.csv"`, s.cfg.Now().UTC().Format("20060102-150405")))
+		w.Header().Set("Cache-Control", "no-store")
+		w.Write(buf.Bytes())
+		return
+	}
+	s.render(w, r, http.StatusCreated, "token-created", page{Title: "Tokens created", Nav: "tokens", Data: toks})
+}
+
+func (s *Server) findToken(r *http.Request, id string) (store.Token, error) {
+	toks, err := s.cfg.Store.Tokens(r.Context())
+	if err != nil {
+		return store.Token{}, err
+	}
+	for _, t := range toks {
+		if t.ID == id {
+			return t, nil
+		}
+	}
+	return store.Token{}, fmt.Errorf("token %s: %w", id, store.ErrNotFound)
+}
+
+func (s *Server) confirmRevokeToken(w http.ResponseWriter, r *http.Request) {
+	t, err := s.findToken(r, r.PathValue("id"))
+	if err != nil {
+		s.failErr(w, r, err)
+		return
+	}
+	s.render(w, r, http.StatusOK, "revoke-token", page{Title: "Revoke token " + t.ID, Nav: "tokens", Data: t})
+}
+
+func (s *Server) revokeToken(w http.ResponseWriter, r *http.Request) {
+	if !confirmed(r) {
+		s.fail(w, r, http.StatusBadRequest, "Revocation needs confirmation.")
+		return
+	}
+	if _, err := s.cfg.Admin.RevokeToken(r.Context(), r.PathValue("id"), viewerOf(r.Context()).Remote); err != nil {
+		s.failErr(w, r, err)
+		return
+	}
+	http.Redirect(w, r, "/tokens?flash=token-revoked", http.StatusSeeOther)
+}
+
+type auditData struct {
+	Device, Action string
+	Limit          int
+	Events         []store.AuditEvent
+	Actions        []string
+}
+
+var auditActions = []string{
+	store.ActTokenCreate, store.ActTokenUse, store.ActTokenFail, store.ActTokenRevoke, store.ActCertIssue,
+	store.ActCertRenew, store.ActRenewFail, store.ActDeviceRevoke, store.ActServiceIssue,
+}
+
+func (s *Server) audit(w http.ResponseWriter, r *http.Request) {
+	q := r.URL.Query()
+	d := auditData{Device: strings.TrimSpace(q.Get("device")), Action: q.Get("action"), Limit: 200, Actions: auditActions}
+	if n, err := strconv.Atoi(q.Get("limit")); err == nil && n > 0 && n <= 10_000 {
+		d.Limit = n
+	}
+	f := store.AuditFilter{DeviceID: d.Device, Limit: d.Limit}
+	if d.Action != "" {
+		// The store filters by device and time only; read deeper and
+		// filter here.
+		f.Limit = 10 * d.Limit
+	}
+	evs, err := s.cfg.Store.Audit(r.Context(), f)
+	if err != nil {
+		s.failErr(w, r, err)
+		return
+	}
+	for i := len(evs) - 1; i >= 0 && len(d.Events) < d.Limit; i-- {
+		if d.Action == "" || evs[i].Action == d.Action {
+			d.Events = append(d.Events, evs[i])
+		}
+	}
+	s.render(w, r, http.StatusOK, "audit", page{Title: "Audit log", Nav: "audit", Data: d})
+}

@@ -1,0 +1,390 @@
+package ui_test
+
+import (
+	"bufio"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/fleetmq/fleetmq/broker/admin"
+	"github.com/fleetmq/fleetmq/broker/ui"
+	"github.com/fleetmq/fleetmq/store"
+)
+
+func TestPagesRender(t *testing.T) {
+	f := newFleet()
+	now := time.Now()
+	f.addDevice(store.Device{ID: "pi-1", Role: store.RoleDevice, NotAfter: now.Add(30 * 24 * time.Hour), Labels: map[string]string{"site": "lab"}})
+	f.addDevice(store.Device{ID: "pi-2", Role: store.RoleDevice, NotAfter: now.Add(2 * 24 * time.Hour)})
+	f.addDevice(store.Device{ID: "pi-3", Role: store.RoleDevice, NotAfter: now.Add(time.Hour), RevokedAt: now})
+	f.addDevice(store.Device{ID: "svc", Role: store.RoleService, NotAfter: now.Add(time.Hour)})
+	f.setOnline("pi-1", true)
+	f.telemetry["pi-1"] = []store.Message{
+		{DeviceID: "pi-1", Received: now.Add(-time.Minute), Payload: []byte(`{"cpu_temp_c": 40.5, "agent_version": "0.9.0"}`)},
+		{DeviceID: "pi-1", Received: now, Payload: []byte(`{"cpu_temp_c": 41, "load1": 0.25, "agent_version": "1.2.3"}`)},
+	}
+	f.audit = []store.AuditEvent{{Seq: 1, Time: now, Action: store.ActCertIssue, DeviceID: "pi-1"}}
+	f.tokens = []store.Token{{ID: "abc123", DeviceID: "pi-9", MaxUses: 1, ExpiresAt: now.Add(time.Hour)}}
+	_, ts := newUI(t, f, nil)
+	c := browser(t)
+
+	for _, tc := range []struct {
+		path string
+		want []string
+	}{
+		{"/", []string{`id="count-online">1<`, `id="count-offline">1<`, `id="count-expiring">1<`, `id="count-revoked">1<`, "1 service(s)", "pi-2"}},
+		{"/devices", []string{"pi-1", "pi-2", "pi-3", "svc", "1.2.3", "site=lab"}},
+		{"/devices?q=lab", []string{"1 of 4 identities match", "pi-1"}},
+		{"/devices?state=revoked", []string{"1 of 4", "pi-3"}},
+		{"/devices/pi-1", []string{"1.2.3", `data-field="cpu_temp_c"`, `data-field="load1"`, "cert.issue", `href="/devices/pi-1/revoke"`}},
+		{"/devices/pi-3", []string{"revoked"}},
+		{"/tokens", []string{"abc123", "pi-9", `href="/tokens/abc123/revoke"`}},
+		{"/audit", []string{"cert.issue"}},
+	} {
+		r := do(t, c, "GET", ts.URL+tc.path, nil, nil)
+		if r.status != 200 {
+			t.Errorf("GET %s: %d\n%s", tc.path, r.status, r.body)
+			continue
+		}
+		for _, w := range tc.want {
+			if !strings.Contains(r.body, w) {
+				t.Errorf("GET %s: no %q in page", tc.path, w)
+			}
+		}
+		if cc := r.header.Get("Cache-Control"); cc != "no-store" {
+			t.Errorf("GET %s: Cache-Control %q", tc.path, cc)
+		}
+		if csp := r.header.Get("Content-Security-Policy"); !strings.Contains(csp, "script-src 'self'") || !strings.Contains(csp, "frame-ancestors 'none'") {
+			t.Errorf("GET %s: CSP %q", tc.path, csp)
+		}
+	}
+	if r := do(t, c, "GET", ts.URL+"/devices/pi-3", nil, nil); strings.Contains(r.body, `href="/devices/pi-3/revoke"`) {
+		t.Error("a revoked device offers revocation")
+	}
+	if r := do(t, c, "GET", ts.URL+"/devices/nope", nil, nil); r.status != 404 {
+		t.Errorf("unknown device: %d", r.status)
+	}
+	if r := do(t, c, "GET", ts.URL+"/static/app.js", nil, nil); r.status != 200 || !strings.Contains(r.body, "EventSource") {
+		t.Errorf("app.js: %d", r.status)
+	}
+
+	// The plotted series are the numeric fields of the stored messages.
+	r := do(t, c, "GET", ts.URL+"/devices/pi-1", nil, nil)
+	i := strings.Index(r.body, `data-series="`)
+	if i < 0 {
+		t.Fatal("no data-series")
+	}
+	raw := r.body[i+len(`data-series="`):]
+	raw = raw[:strings.IndexByte(raw, '"')]
+	var series []struct {
+		Name   string
+		Points [][2]float64
+	}
+	if err := json.Unmarshal([]byte(htmlUnescape(raw)), &series); err != nil {
+		t.Fatalf("data-series %q: %v", raw, err)
+	}
+	if len(series) != 2 || series[0].Name != "cpu_temp_c" || len(series[0].Points) != 2 || series[0].Points[1][1] != 41 ||
+		series[1].Name != "load1" || len(series[1].Points) != 1 {
+		t.Fatalf("series %+v", series)
+	}
+
+	var sum map[string]int
+	r = do(t, c, "GET", ts.URL+"/api/overview", nil, nil)
+	if err := json.Unmarshal([]byte(r.body), &sum); err != nil || sum["online"] != 1 || sum["revoked"] != 1 || sum["services"] != 1 {
+		t.Fatalf("/api/overview: %v %s", err, r.body)
+	}
+}
+
+// otherChar returns a token character that is not c.
+func otherChar(c byte) string {
+	if c == 'A' {
+		return "B"
+	}
+	return "A"
+}
+
+func htmlUnescape(s string) string {
+	return strings.NewReplacer("&#34;", `"`, "&quot;", `"`, "&amp;", "&", "&lt;", "<", "&gt;", ">", "&#39;", "'").Replace(s)
+}
+
+func TestLoopbackHostOnly(t *testing.T) {
+	f := newFleet()
+	_, ts := newUI(t, f, nil)
+	port := ts.URL[strings.LastIndexByte(ts.URL, ':')+1:]
+	c := browser(t)
+	for host, want := range map[string]int{
+		"127.0.0.1:" + port:      200,
+		"localhost:" + port:      200,
+		"LOCALHOST":              200,
+		"[::1]:" + port:          200,
+		"127.3.4.5":              200,
+		"evil.example:" + port:   403,
+		"evil.example":           403,
+		"192.168.1.10:" + port:   403,
+		"localhost.evil.example": 403,
+	} {
+		req, _ := http.NewRequest("GET", ts.URL+"/", nil)
+		req.Host = host
+		resp, err := c.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != want {
+			t.Errorf("Host %q: %d, want %d", host, resp.StatusCode, want)
+		}
+	}
+}
+
+func TestStateChangesNeedCSRFToken(t *testing.T) {
+	f := newFleet()
+	f.addDevice(store.Device{ID: "pi-1", Role: store.RoleDevice, NotAfter: time.Now().Add(time.Hour)})
+	_, ts := newUI(t, f, nil)
+	c := browser(t)
+	page := do(t, c, "GET", ts.URL+"/devices/pi-1/revoke", nil, nil)
+	if page.status != 200 || !strings.Contains(page.body, "Revoke pi-1?") {
+		t.Fatalf("confirmation page: %d %s", page.status, page.body)
+	}
+	tok := formToken(t, page.body)
+	ck := page.header.Get("Set-Cookie")
+	if !strings.Contains(ck, "HttpOnly") || !strings.Contains(ck, "SameSite=Strict") {
+		t.Errorf("session cookie %q", ck)
+	}
+	other := browser(t)
+	otherTok := formToken(t, do(t, other, "GET", ts.URL+"/devices/pi-1/revoke", nil, nil).body)
+	u := ts.URL + "/devices/pi-1/revoke"
+
+	for _, tc := range []struct {
+		name   string
+		c      *http.Client
+		form   url.Values
+		hdr    map[string]string
+		status int
+	}{
+		{"no token", c, url.Values{"confirm": {"yes"}}, nil, 403},
+		{"wrong token", c, url.Values{"confirm": {"yes"}, "csrf": {otherChar(tok[0]) + tok[1:]}}, nil, 403},
+		{"another session's token", c, url.Values{"confirm": {"yes"}, "csrf": {otherTok}}, nil, 403},
+		{"no session cookie", browser(t), url.Values{"confirm": {"yes"}, "csrf": {tok}}, nil, 403},
+		{"cross-origin", c, url.Values{"confirm": {"yes"}, "csrf": {tok}}, map[string]string{"Origin": "http://evil.example"}, 403},
+		{"cross-site fetch", c, url.Values{"confirm": {"yes"}, "csrf": {tok}}, map[string]string{"Sec-Fetch-Site": "cross-site"}, 403},
+		{"unconfirmed", c, url.Values{"csrf": {tok}}, nil, 400},
+	} {
+		r := do(t, tc.c, "POST", u, tc.form, tc.hdr)
+		if r.status != tc.status {
+			t.Errorf("%s: %d, want %d: %s", tc.name, r.status, tc.status, r.body)
+		}
+		if revoked, _ := f.changes(); len(revoked) != 0 {
+			t.Fatalf("%s: revoked %v", tc.name, revoked)
+		}
+	}
+	r := do(t, c, "POST", u, url.Values{"confirm": {"yes"}, "csrf": {tok}}, map[string]string{"Origin": strings.TrimSuffix(ts.URL, "/")})
+	if r.status != http.StatusSeeOther || r.header.Get("Location") != "/devices/pi-1?flash=revoked" {
+		t.Fatalf("revoke: %d %v", r.status, r.header)
+	}
+	if revoked, _ := f.changes(); !slices.Equal(revoked, []string{"pi-1 by ui:local"}) {
+		t.Fatalf("revoked %v", revoked)
+	}
+	if r := do(t, c, "GET", ts.URL+"/devices/pi-1?flash=revoked", nil, nil); !strings.Contains(r.body, "Device revoked") {
+		t.Error("no confirmation after revoking")
+	}
+
+	// Tokens: confirmation page, then a POST with the session's token.
+	page = do(t, c, "GET", ts.URL+"/tokens/new?count=3&prefix=pi-&uses=2&ttl=7d&labels=site%3Dlab", nil, nil)
+	if page.status != 200 || !strings.Contains(page.body, "Create 3 token(s)?") {
+		t.Fatalf("token confirmation: %d %s", page.status, page.body)
+	}
+	form := url.Values{"confirm": {"yes"}, "count": {"3"}, "prefix": {"pi-"}, "uses": {"2"}, "ttl": {"7d"}, "labels": {"site=lab"}}
+	if r := do(t, c, "POST", ts.URL+"/tokens", form, nil); r.status != 403 {
+		t.Fatalf("token creation without CSRF token: %d", r.status)
+	}
+	form.Set("csrf", formToken(t, page.body))
+	r = do(t, c, "POST", ts.URL+"/tokens", form, nil)
+	if r.status != http.StatusCreated || !strings.Contains(r.body, "fmq1.secret-2.x") || !strings.Contains(r.body, "pi-0003") {
+		t.Fatalf("token creation: %d %s", r.status, r.body)
+	}
+	_, minted := f.changes()
+	want := admin.TokenRequest{Count: 3, Prefix: "pi-", Uses: 2, TTL: (7 * 24 * time.Hour).String(), Labels: map[string]string{"site": "lab"}}
+	if len(minted) != 1 || minted[0].Count != want.Count || minted[0].Prefix != want.Prefix || minted[0].Uses != want.Uses ||
+		minted[0].TTL != want.TTL || minted[0].Labels["site"] != "lab" {
+		t.Fatalf("minted %+v, want %+v", minted, want)
+	}
+	form.Set("format", "csv")
+	r = do(t, c, "POST", ts.URL+"/tokens", form, nil)
+	if r.status != 200 || !strings.HasPrefix(r.header.Get("Content-Disposition"), "attachment") ||
+		!strings.HasPrefix(r.body, "id,token,expires_at\npi-0001,fmq1.secret-0.x,") {
+		t.Fatalf("CSV: %d %v %q", r.status, r.header, r.body)
+	}
+
+	page = do(t, c, "GET", ts.URL+"/tokens/abc/revoke", nil, nil)
+	if page.status != 404 {
+		t.Fatalf("revoking an unknown token: %d", page.status)
+	}
+	f.mu.Lock()
+	f.tokens = []store.Token{{ID: "abc", MaxUses: 1}}
+	f.mu.Unlock()
+	page = do(t, c, "GET", ts.URL+"/tokens/abc/revoke", nil, nil)
+	r = do(t, c, "POST", ts.URL+"/tokens/abc/revoke", url.Values{"confirm": {"yes"}, "csrf": {formToken(t, page.body)}}, nil)
+	if r.status != http.StatusSeeOther {
+		t.Fatalf("token revoke: %d %s", r.status, r.body)
+	}
+	if revoked, _ := f.changes(); !slices.Contains(revoked, "token abc by ui:local") {
+		t.Fatalf("revoked %v", revoked)
+	}
+}
+
+func TestOperatorCertificateRequired(t *testing.T) {
+	f := newFleet()
+	p := newPKI(t)
+	op := p.issue(t, f, "ops", store.RoleOperator)
+	dev := p.issue(t, f, "pi-1", store.RoleDevice)
+	svc := p.issue(t, f, "svc", store.RoleService)
+	gone := p.issue(t, f, "ops-gone", store.RoleOperator)
+	f.mu.Lock()
+	d := f.devices["ops-gone"]
+	d.RevokedAt = time.Now()
+	f.devices["ops-gone"] = d
+	f.mu.Unlock()
+	oldCert := p.issue(t, f, "ops-old", store.RoleOperator)
+	f.mu.Lock()
+	c := f.certs[enrollSerial(oldCert)]
+	c.RevokedAt = time.Now()
+	f.certs[enrollSerial(oldCert)] = c
+	f.mu.Unlock()
+	stranger := newPKI(t).issue(t, newFleet(), "ops", store.RoleOperator) // same name, unknown serial
+
+	s, err := ui.New(ui.Config{Store: f, Admin: f, Online: f.Online})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	for _, tc := range []struct {
+		name   string
+		leaf   *x509.Certificate
+		status int
+	}{
+		{"operator", op, 200},
+		{"no certificate", nil, 403},
+		{"device", dev, 403},
+		{"service", svc, 403},
+		{"revoked operator", gone, 403},
+		{"revoked certificate", oldCert, 403},
+		{"unknown serial", stranger, 403},
+	} {
+		req := httptest.NewRequest("GET", "https://fleet.example/", nil)
+		req.TLS = &tls.ConnectionState{}
+		if tc.leaf != nil {
+			req.TLS.PeerCertificates = []*x509.Certificate{tc.leaf}
+			req.TLS.VerifiedChains = [][]*x509.Certificate{{tc.leaf}}
+		}
+		rec := httptest.NewRecorder()
+		s.Handler().ServeHTTP(rec, req)
+		if rec.Code != tc.status {
+			t.Errorf("%s: %d, want %d: %s", tc.name, rec.Code, tc.status, rec.Body)
+		}
+		if tc.status == 200 && !strings.Contains(rec.Body.String(), "operator <b>ops</b>") {
+			t.Errorf("%s: the page does not name the operator", tc.name)
+		}
+		if ck := rec.Header().Get("Set-Cookie"); tc.status == 200 && !strings.HasPrefix(ck, "__Host-") {
+			t.Errorf("%s: session cookie %q lacks the __Host- prefix", tc.name, ck)
+		}
+	}
+}
+
+func enrollSerial(c *x509.Certificate) string { return c.SerialNumber.Text(16) }
+
+func TestListenRefusesNonLoopbackWithoutOperatorAuth(t *testing.T) {
+	f := newFleet()
+	s, err := ui.New(ui.Config{Addr: "0.0.0.0:0", Store: f, Admin: f, Online: f.Online})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	if err := s.Listen(); !errors.Is(err, ui.ErrInsecureAddr) {
+		t.Fatalf("Listen on 0.0.0.0 without client certificates: %v, want ErrInsecureAddr", err)
+	}
+	if _, err := ui.New(ui.Config{Store: f, Admin: f, Online: f.Online, GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return nil, nil }}); err == nil {
+		t.Fatal("GetCertificate without ClientCAs accepted")
+	}
+
+	s, err = ui.New(ui.Config{Addr: "127.0.0.1:0", Store: f, Admin: f, Online: f.Online})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	if err := s.Listen(); err != nil {
+		t.Fatal(err)
+	}
+	if s.Secure() || !strings.HasPrefix(s.URL(), "http://127.0.0.1:") {
+		t.Fatalf("loopback: secure %v, URL %s", s.Secure(), s.URL())
+	}
+	done := make(chan error, 1)
+	go func() { done <- s.Serve() }()
+	resp, err := http.Get(s.URL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 200 {
+		t.Fatalf("GET %s: %d", s.URL(), resp.StatusCode)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; !errors.Is(err, http.ErrServerClosed) {
+		t.Fatalf("Serve after Close: %v", err)
+	}
+}
+
+func TestEventStream(t *testing.T) {
+	f := newFleet()
+	f.addDevice(store.Device{ID: "pi-1", Role: store.RoleDevice})
+	s, ts := newUI(t, f, nil)
+	resp, err := http.Get(ts.URL + "/events?device=pi-1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if resp.Header.Get("Content-Type") != "text/event-stream" {
+		t.Fatalf("Content-Type %q", resp.Header.Get("Content-Type"))
+	}
+	ev := &sseReader{r: bufio.NewReader(resp.Body)}
+	// The stream answers once the subscriptions are in place.
+	f.setOnline("pi-1", true)
+	name, data := ev.next(t)
+	if name != "presence" || data != `{"id":"pi-1","online":true}` {
+		t.Fatalf("event %s %s", name, data)
+	}
+	ch := f.followers("pi-1")
+	if ch == nil {
+		t.Fatal("the stream does not follow pi-1")
+	}
+	at := time.UnixMilli(1_700_000_000_000)
+	ch <- store.Message{DeviceID: "pi-1", Received: at, Payload: []byte(`not json`)}
+	ch <- store.Message{DeviceID: "pi-1", Received: at, Payload: []byte(`{"cpu_temp_c": 50.5, "agent_version": "1"}`)}
+	name, data = ev.next(t)
+	if name != "telemetry" || data != `{"t":1700000000000,"values":{"cpu_temp_c":50.5}}` {
+		t.Fatalf("event %s %s", name, data)
+	}
+	f.setOnline("pi-1", false)
+	if name, data = ev.next(t); name != "presence" || data != `{"id":"pi-1","online":false}` {
+		t.Fatalf("event %s %s", name, data)
+	}
+	// Close ends the stream.
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ev.r.ReadString('\n'); err == nil {
+		// A heartbeat may be in flight; the stream must end right after.
+		if _, err := ev.r.ReadString('\n'); err == nil {
+			t.Fatal("stream still open after Close")
+		}
+	}
+}
