@@ -113,29 +113,10 @@ func csrAttrs() ([]byte, error) {
 }
 
 func (h *Handler) serveESTEnroll(w http.ResponseWriter, r *http.Request) {
-	remote := remoteHost(r)
-	if wait, ok := h.limiter.allowed(remote); !ok {
-		h.observe(OpEnroll, errRateLimited)
-		h.writeError(w, r, rateLimited(wait))
-		return
-	}
-	cert, tokenID, err := h.estEnroll(r, remote)
-	h.observe(OpEnroll, err)
-	if err != nil {
-		if e := AsError(err); e.Code == CodeTokenMissing {
-			// Clients that send credentials only once challenged (RFC
-			// 7030 §3.2.3, HTTP Basic) start every enrollment this way:
-			// not a failure to count or audit. It costs the server no
-			// lookup and no parsing.
-			h.writeError(w, r, e)
-			return
-		}
-		h.fail(w, r, err, store.AuditEvent{Action: store.ActTokenFail, TokenID: tokenID, Remote: remote})
-		return
-	}
-	h.log.Info().Str("device", cert.Subject.CommonName).Str("serial", SerialHex(cert.SerialNumber)).
-		Str("token_id", tokenID).Str("remote", remote).Str("via", "est").Msg("device enrolled")
-	h.writeESTCert(w, r, cert)
+	h.attempt(w, r, OpEnroll, "est", func(remote string) (*x509.Certificate, store.AuditEvent, error) {
+		cert, tokenID, err := h.estEnroll(r, remote)
+		return cert, store.AuditEvent{TokenID: tokenID}, err
+	}, func(cert *x509.Certificate) { h.writeESTCert(w, r, cert) })
 }
 
 // estEnroll is /v1/enroll with EST framing. The token id is returned, when
@@ -158,21 +139,10 @@ func (h *Handler) estEnroll(r *http.Request, remote string) (*x509.Certificate, 
 }
 
 func (h *Handler) serveESTReenroll(w http.ResponseWriter, r *http.Request) {
-	remote := remoteHost(r)
-	if wait, ok := h.limiter.allowed(remote); !ok {
-		h.observe(OpRenew, errRateLimited)
-		h.writeError(w, r, rateLimited(wait))
-		return
-	}
-	cert, id, err := h.estReenroll(r, remote)
-	h.observe(OpRenew, err)
-	if err != nil {
-		h.fail(w, r, err, store.AuditEvent{Action: store.ActRenewFail, DeviceID: id, Remote: remote})
-		return
-	}
-	h.log.Info().Str("device", id).Str("serial", SerialHex(cert.SerialNumber)).Str("remote", remote).
-		Str("via", "est").Msg("certificate renewed")
-	h.writeESTCert(w, r, cert)
+	h.attempt(w, r, OpRenew, "est", func(remote string) (*x509.Certificate, store.AuditEvent, error) {
+		cert, id, err := h.estReenroll(r, remote)
+		return cert, store.AuditEvent{DeviceID: id}, err
+	}, func(cert *x509.Certificate) { h.writeESTCert(w, r, cert) })
 }
 
 // estReenroll is /v1/renew with EST framing and RFC 7030's subject rule. The

@@ -247,21 +247,49 @@ type Response struct {
 }
 
 func (h *Handler) serveEnroll(w http.ResponseWriter, r *http.Request) {
+	h.attempt(w, r, OpEnroll, "v1", func(remote string) (*x509.Certificate, store.AuditEvent, error) {
+		cert, tokenID, err := h.enroll(r, remote)
+		return cert, store.AuditEvent{TokenID: tokenID}, err
+	}, func(cert *x509.Certificate) { h.writeCert(w, r, http.StatusCreated, cert) })
+}
+
+// attempt is the frame of every enrollment and renewal, /v1 and EST alike:
+// the per-address limit on failures, the outcome reported to Observe, the
+// audit record of a failure and the log line of a success. do returns the
+// audit fields that identify the attempt (token id or device id).
+func (h *Handler) attempt(w http.ResponseWriter, r *http.Request, op, via string,
+	do func(remote string) (*x509.Certificate, store.AuditEvent, error), write func(*x509.Certificate)) {
 	remote := remoteHost(r)
 	if wait, ok := h.limiter.allowed(remote); !ok {
-		h.observe(OpEnroll, errRateLimited)
+		h.observe(op, errRateLimited)
 		h.writeError(w, r, rateLimited(wait))
 		return
 	}
-	cert, tokenID, err := h.enroll(r, remote)
-	h.observe(OpEnroll, err)
+	cert, ev, err := do(remote)
+	h.observe(op, err)
 	if err != nil {
-		h.fail(w, r, err, store.AuditEvent{Action: store.ActTokenFail, TokenID: tokenID, Remote: remote})
+		if e := AsError(err); via == "est" && e.Code == CodeTokenMissing {
+			// Clients that send credentials only once challenged (RFC
+			// 7030 §3.2.3, HTTP Basic) start every enrollment this way:
+			// not a failure to count or audit. It costs the server no
+			// lookup and no parsing.
+			h.writeError(w, r, e)
+			return
+		}
+		ev.Action, ev.Remote = store.ActTokenFail, remote
+		if op == OpRenew {
+			ev.Action = store.ActRenewFail
+		}
+		h.fail(w, r, err, ev)
 		return
 	}
+	msg := "device enrolled"
+	if op == OpRenew {
+		msg = "certificate renewed"
+	}
 	h.log.Info().Str("device", cert.Subject.CommonName).Str("serial", SerialHex(cert.SerialNumber)).
-		Str("token_id", tokenID).Str("remote", remote).Msg("device enrolled")
-	h.writeCert(w, r, http.StatusCreated, cert)
+		Str("token_id", ev.TokenID).Str("remote", remote).Str("via", via).Msg(msg)
+	write(cert)
 }
 
 // enroll does the work of /v1/enroll. It returns the token's public id,
@@ -344,20 +372,10 @@ func (h *Handler) enrollCSR(ctx context.Context, tok ParsedToken, csr *x509.Cert
 }
 
 func (h *Handler) serveRenew(w http.ResponseWriter, r *http.Request) {
-	remote := remoteHost(r)
-	if wait, ok := h.limiter.allowed(remote); !ok {
-		h.observe(OpRenew, errRateLimited)
-		h.writeError(w, r, rateLimited(wait))
-		return
-	}
-	cert, id, err := h.renew(r, remote)
-	h.observe(OpRenew, err)
-	if err != nil {
-		h.fail(w, r, err, store.AuditEvent{Action: store.ActRenewFail, DeviceID: id, Remote: remote})
-		return
-	}
-	h.log.Info().Str("device", id).Str("serial", SerialHex(cert.SerialNumber)).Str("remote", remote).Msg("certificate renewed")
-	h.writeCert(w, r, http.StatusOK, cert)
+	h.attempt(w, r, OpRenew, "v1", func(remote string) (*x509.Certificate, store.AuditEvent, error) {
+		cert, id, err := h.renew(r, remote)
+		return cert, store.AuditEvent{DeviceID: id}, err
+	}, func(cert *x509.Certificate) { h.writeCert(w, r, http.StatusOK, cert) })
 }
 
 // RenewProof is the body of a renewal after expiry, when the client cannot
