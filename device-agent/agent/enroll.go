@@ -1,0 +1,212 @@
+package agent
+
+import (
+	"context"
+	"crypto"
+	"crypto/sha256"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+	"unicode"
+)
+
+// EnrollOptions are the arguments of `device-agent enroll`.
+type EnrollOptions struct {
+	ServerURL string // https://host:port of the enrollment server
+	Token     string // bootstrap token; never logged
+	DeviceID  string // requested id; empty lets the server use the id the token is bound to
+	Force     bool   // replace an existing identity
+}
+
+// EnrollResult describes the identity after Enroll.
+type EnrollResult struct {
+	DeviceID        string
+	NotAfter        time.Time
+	BrokerURL       string
+	AlreadyEnrolled bool // nothing was done: the device was enrolled and Force was false
+}
+
+// ErrAgentRunning is returned when an operation needs `run` to be stopped.
+var ErrAgentRunning = errors.New("device-agent run is active on this state folder; stop it first")
+
+// Enroll pins the CA named by the token, generates a P-256 key, sends a CSR
+// and stores key, certificate, CA bundle and broker URL in the state folder.
+func Enroll(ctx context.Context, cfg Config, opts EnrollOptions) (EnrollResult, error) {
+	cfg = cfg.withDefaults()
+	if err := cfg.validate(); err != nil {
+		return EnrollResult{}, err
+	}
+	tok, err := parseToken(opts.Token)
+	if err != nil {
+		return EnrollResult{}, err
+	}
+	base, err := parseServerURL(opts.ServerURL)
+	if err != nil {
+		return EnrollResult{}, err
+	}
+	if opts.DeviceID != "" {
+		if err := validDeviceID(opts.DeviceID); err != nil {
+			return EnrollResult{}, err
+		}
+	}
+	dir := cfg.StateDir
+	if err := ensureStateDir(dir); err != nil {
+		return EnrollResult{}, err
+	}
+	l, err := lock(ctx, filepath.Join(dir, identityLock))
+	if err != nil {
+		return EnrollResult{}, err
+	}
+	defer l.unlock()
+	removeTemps(dir)
+
+	cur, err := loadIdentity(dir)
+	switch {
+	case err == nil && !opts.Force:
+		st, _ := readState(dir)
+		return EnrollResult{DeviceID: cur.deviceID, NotAfter: cur.leaf.NotAfter, BrokerURL: st.BrokerURL, AlreadyEnrolled: true}, nil
+	case err != nil && !errors.Is(err, ErrNotEnrolled) && !opts.Force:
+		return EnrollResult{}, fmt.Errorf("%w (use --force to enroll again)", err)
+	}
+	if opts.Force {
+		if running, err := isLocked(filepath.Join(dir, runLock)); err != nil || running {
+			return EnrollResult{}, cmpErr(err, ErrAgentRunning)
+		}
+	}
+
+	caCert, err := fetchPinnedCA(ctx, cfg, base, tok.fingerprint)
+	if err != nil {
+		return EnrollResult{}, err
+	}
+	key, err := newKey()
+	if err != nil {
+		return EnrollResult{}, err
+	}
+	csrPEM, _, err := makeCSR(key, opts.DeviceID)
+	if err != nil {
+		return EnrollResult{}, err
+	}
+	c := newServerClient(base, trustedTLS(certPool(caCert), base.Hostname(), nil, cfg.Now), cfg)
+	var resp certResponse
+	hdr := http.Header{"Authorization": {"Bearer " + tok.raw}}
+	if _, err := c.do(ctx, http.MethodPost, "/v1/enroll", "application/pkcs10", hdr, csrPEM, &resp); err != nil {
+		return EnrollResult{}, fmt.Errorf("enroll: %w", err)
+	}
+	id, brokerURL, err := acceptCertResponse(key, resp, opts.DeviceID)
+	if err != nil {
+		return EnrollResult{}, fmt.Errorf("enroll: %w", err)
+	}
+	if err := commitIdentity(dir, id); err != nil {
+		return EnrollResult{}, err
+	}
+	if cur != nil && cur.deviceID != id.deviceID {
+		// Buffered telemetry belongs to the previous device; sent under the
+		// new id it would be attributed to the wrong device.
+		if err := os.RemoveAll(filepath.Join(dir, queueDir)); err != nil {
+			return EnrollResult{}, fmt.Errorf("drop previous device's queue: %w", err)
+		}
+	}
+	now := cfg.Now()
+	ss := &stateStore{dir: dir}
+	err = ss.update(ctx, func(s *State) {
+		*s = State{
+			DeviceID:   id.deviceID,
+			ServerURL:  base.String(),
+			BrokerURL:  brokerURL,
+			EnrolledAt: now,
+			NotAfter:   id.leaf.NotAfter,
+		}
+	})
+	if err != nil {
+		return EnrollResult{}, err
+	}
+	cfg.Logger.Info().Str("device_id", id.deviceID).Time("not_after", id.leaf.NotAfter).Msg("enrolled")
+	return EnrollResult{DeviceID: id.deviceID, NotAfter: id.leaf.NotAfter, BrokerURL: brokerURL}, nil
+}
+
+// fetchPinnedCA gets GET /v1/ca over a connection accepted only if the server
+// chains to the CA whose DER hashes to fp, and returns that CA certificate.
+func fetchPinnedCA(ctx context.Context, cfg Config, base *url.URL, fp [32]byte) ([]*x509.Certificate, error) {
+	pc := newServerClient(base, pinnedTLS(fp, base.Hostname(), cfg.Now), cfg)
+	bundle, err := pc.do(ctx, http.MethodGet, "/v1/ca", "", nil, nil, nil)
+	if err != nil {
+		return nil, fmt.Errorf("fetch ca: %w", err)
+	}
+	cas, err := parseCerts(bundle)
+	if err != nil {
+		return nil, fmt.Errorf("fetch ca: %w", err)
+	}
+	for _, c := range cas {
+		if sha256.Sum256(c.Raw) == fp {
+			return []*x509.Certificate{c}, nil
+		}
+	}
+	return nil, ErrCAMismatch
+}
+
+// acceptCertResponse checks an enroll or renew answer against the key that
+// signed the CSR and the id asked for (empty: any valid id).
+func acceptCertResponse(key crypto.Signer, r certResponse, wantID string) (*identity, string, error) {
+	id, err := identityFromKey(key, []byte(r.Certificate), []byte(r.CA))
+	if err != nil {
+		return nil, "", fmt.Errorf("certificate in answer: %w", err)
+	}
+	if err := verifiesAgainst(id.leaf, id.caPEM); err != nil {
+		return nil, "", err
+	}
+	if err := validDeviceID(r.DeviceID); err != nil {
+		return nil, "", fmt.Errorf("answer: %w", err)
+	}
+	if id.deviceID != r.DeviceID {
+		return nil, "", fmt.Errorf("certificate is for %q, answer says %q", id.deviceID, r.DeviceID)
+	}
+	if wantID != "" && r.DeviceID != wantID {
+		return nil, "", fmt.Errorf("asked for device id %q, got %q", wantID, r.DeviceID)
+	}
+	broker, err := parseBrokerURL(r.BrokerURL)
+	if err != nil {
+		return nil, "", err
+	}
+	return id, broker, nil
+}
+
+// parseBrokerURL accepts only TLS schemes: paho silently ignores the TLS
+// configuration for tcp://, which would send telemetry in clear.
+func parseBrokerURL(s string) (string, error) {
+	u, err := url.Parse(s)
+	if err != nil {
+		return "", fmt.Errorf("broker url: %w", err)
+	}
+	switch u.Scheme {
+	case "mqtts", "ssl", "tls", "tcps":
+	default:
+		return "", fmt.Errorf("broker url %q: want mqtts://host:port", s)
+	}
+	if u.Host == "" {
+		return "", fmt.Errorf("broker url %q: no host", s)
+	}
+	return u.String(), nil
+}
+
+// validDeviceID rejects ids that cannot be one MQTT topic level. The server
+// has the final word on what it accepts.
+func validDeviceID(id string) error {
+	if id == "" || len(id) > 128 {
+		return fmt.Errorf("device id must be 1 to 128 characters")
+	}
+	if strings.ContainsAny(id, "/+#") {
+		return fmt.Errorf("device id %q must not contain '/', '+' or '#'", id)
+	}
+	for _, r := range id {
+		if unicode.IsControl(r) || unicode.IsSpace(r) {
+			return fmt.Errorf("device id %q must not contain spaces or control characters", id)
+		}
+	}
+	return nil
+}

@@ -1,0 +1,304 @@
+package agent
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+func testConfig(tb testing.TB, dir string) Config {
+	tb.Helper()
+	return Config{StateDir: dir}
+}
+
+func enrollTest(tb testing.TB, f *fakeServer, dir, id string) EnrollResult {
+	tb.Helper()
+	res, err := Enroll(context.Background(), testConfig(tb, dir), EnrollOptions{ServerURL: f.srv.URL, Token: f.goodToken(), DeviceID: id})
+	if err != nil {
+		tb.Fatalf("Enroll: %v", err)
+	}
+	return res
+}
+
+func TestEnroll(t *testing.T) {
+	ca := newTestCA(t)
+	f := newFakeServer(t, ca)
+	dir := filepath.Join(t.TempDir(), "state")
+	res := enrollTest(t, f, dir, "pi-1")
+	if res.DeviceID != "pi-1" || res.AlreadyEnrolled || res.BrokerURL != "mqtts://127.0.0.1:1" {
+		t.Fatalf("result %+v", res)
+	}
+	st, err := os.Stat(dir)
+	if err != nil || st.Mode().Perm() != 0o700 {
+		t.Errorf("state dir mode %v, %v; want 0700", st.Mode().Perm(), err)
+	}
+	for name, mode := range map[string]os.FileMode{keyFile: 0o600, certFile: 0o644, caFile: 0o644, stateFile: 0o600} {
+		st, err := os.Stat(filepath.Join(dir, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st.Mode().Perm() != mode {
+			t.Errorf("%s mode %v, want %v", name, st.Mode().Perm(), mode)
+		}
+	}
+	s, err := readState(dir)
+	if err != nil || s.DeviceID != "pi-1" || s.ServerURL != f.srv.URL || s.BrokerURL != res.BrokerURL || s.EnrolledAt.IsZero() {
+		t.Errorf("state %+v, %v", s, err)
+	}
+	id, err := loadIdentity(dir)
+	if err != nil || id.deviceID != "pi-1" {
+		t.Fatalf("identity %v, %v", id, err)
+	}
+	for _, name := range []string{stateFile, certFile, caFile} {
+		b, _ := os.ReadFile(filepath.Join(dir, name))
+		if bytes.Contains(b, []byte(f.secret)) {
+			t.Errorf("%s contains the token secret", name)
+		}
+	}
+
+	// Enrolling again is a no-op that says so.
+	keyBefore, _ := os.ReadFile(filepath.Join(dir, keyFile))
+	res2 := enrollTest(t, f, dir, "pi-1")
+	keyAfter, _ := os.ReadFile(filepath.Join(dir, keyFile))
+	if !res2.AlreadyEnrolled || res2.DeviceID != "pi-1" || !bytes.Equal(keyBefore, keyAfter) {
+		t.Errorf("second enroll: %+v, key changed %v", res2, !bytes.Equal(keyBefore, keyAfter))
+	}
+
+	// --force enrolls again, with a new key.
+	res3, err := Enroll(context.Background(), testConfig(t, dir), EnrollOptions{ServerURL: f.srv.URL, Token: f.goodToken(), DeviceID: "pi-1", Force: true})
+	if err != nil || res3.AlreadyEnrolled {
+		t.Fatalf("forced enroll: %+v, %v", res3, err)
+	}
+	if keyForced, _ := os.ReadFile(filepath.Join(dir, keyFile)); bytes.Equal(keyForced, keyAfter) {
+		t.Error("--force kept the old key")
+	}
+}
+
+func TestEnrollWithoutIDUsesBoundID(t *testing.T) {
+	f := newFakeServer(t, newTestCA(t))
+	res := enrollTest(t, f, t.TempDir(), "")
+	if res.DeviceID != "bound-1" {
+		t.Errorf("device id %q, want the token's bound id", res.DeviceID)
+	}
+}
+
+func TestEnrollRefusesWrongCA(t *testing.T) {
+	ca := newTestCA(t)
+	f := newFakeServer(t, ca)
+	other := newTestCA(t)
+	dir := t.TempDir()
+	_, err := Enroll(context.Background(), testConfig(t, dir), EnrollOptions{
+		ServerURL: f.srv.URL, Token: f.token(sha256.Sum256(other.cert.Raw)), DeviceID: "pi-1",
+	})
+	if !errors.Is(err, ErrCAMismatch) {
+		t.Fatalf("Enroll against another CA = %v, want ErrCAMismatch", err)
+	}
+	if !strings.Contains(err.Error(), "CA fingerprint mismatch") {
+		t.Errorf("error %q does not say CA fingerprint mismatch", err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, keyFile)); !errors.Is(err, os.ErrNotExist) {
+		t.Error("key written although the server was refused")
+	}
+	if _, proof := f.counts(); proof != 0 {
+		t.Error("request reached the renew handler")
+	}
+}
+
+func TestEnrollServerErrors(t *testing.T) {
+	f := newFakeServer(t, newTestCA(t))
+	dir := t.TempDir()
+	bad := "fmq1." + strings.Repeat("A", 43) + "." + strings.Split(f.goodToken(), ".")[2]
+	_, err := Enroll(context.Background(), testConfig(t, dir), EnrollOptions{ServerURL: f.srv.URL, Token: bad, DeviceID: "pi-1"})
+	var se *ServerError
+	if !errors.As(err, &se) || se.Code != "token_unknown" || se.Status != 401 {
+		t.Fatalf("Enroll with unknown token = %v, want ServerError token_unknown", err)
+	}
+	if strings.Contains(err.Error(), strings.Repeat("A", 43)) {
+		t.Error("error contains the token")
+	}
+
+	for name, opts := range map[string]EnrollOptions{
+		"http url":  {ServerURL: strings.Replace(f.srv.URL, "https", "http", 1), Token: f.goodToken()},
+		"bad token": {ServerURL: f.srv.URL, Token: "nope"},
+		"bad id":    {ServerURL: f.srv.URL, Token: f.goodToken(), DeviceID: "a/b"},
+	} {
+		if _, err := Enroll(context.Background(), testConfig(t, dir), opts); err == nil {
+			t.Errorf("%s: no error", name)
+		}
+	}
+}
+
+func TestEnrollClockSkew(t *testing.T) {
+	f := newFakeServer(t, newTestCA(t))
+	f.set(func(f *fakeServer) { f.dateOffset = time.Hour })
+	bad := "fmq1." + strings.Repeat("A", 43) + "." + strings.Split(f.goodToken(), ".")[2]
+	_, err := Enroll(context.Background(), testConfig(t, t.TempDir()), EnrollOptions{ServerURL: f.srv.URL, Token: bad})
+	var ce *ClockError
+	if !errors.As(err, &ce) || ce.Skew > -59*time.Minute || ce.Skew < -61*time.Minute {
+		t.Fatalf("Enroll with a server an hour ahead = %v, want ClockError of about -1h", err)
+	}
+	var se *ServerError
+	if !errors.As(err, &se) || se.Code != "token_unknown" {
+		t.Errorf("the server's answer is lost: %v", err)
+	}
+	if classify(err) != failClock {
+		t.Error("not classified as a clock problem")
+	}
+}
+
+func TestEnrollRefusedWhileRunningWithForce(t *testing.T) {
+	f := newFakeServer(t, newTestCA(t))
+	dir := t.TempDir()
+	enrollTest(t, f, dir, "pi-1")
+	l, err := tryLock(filepath.Join(dir, runLock))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.unlock()
+	_, err = Enroll(context.Background(), testConfig(t, dir), EnrollOptions{ServerURL: f.srv.URL, Token: f.goodToken(), DeviceID: "pi-2", Force: true})
+	if !errors.Is(err, ErrAgentRunning) {
+		t.Fatalf("forced enroll while running = %v, want ErrAgentRunning", err)
+	}
+}
+
+func TestEnrollNewIDDropsOldQueue(t *testing.T) {
+	f := newFakeServer(t, newTestCA(t))
+	dir := t.TempDir()
+	enrollTest(t, f, dir, "pi-1")
+	q := openTestQueue(t, filepath.Join(dir, queueDir), QueueOptions{})
+	appendN(t, q, 0, 3)
+	if err := q.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Enroll(context.Background(), testConfig(t, dir), EnrollOptions{ServerURL: f.srv.URL, Token: f.goodToken(), DeviceID: "pi-2", Force: true}); err != nil {
+		t.Fatal(err)
+	}
+	q = openTestQueue(t, filepath.Join(dir, queueDir), QueueOptions{})
+	if p, _, _ := q.Stats(); p != 0 {
+		t.Errorf("%d messages of the previous device kept", p)
+	}
+}
+
+func TestRenew(t *testing.T) {
+	f := newFakeServer(t, newTestCA(t))
+	dir := t.TempDir()
+	enrollTest(t, f, dir, "pi-1")
+	before, _ := loadIdentity(dir)
+	keyBefore, _ := os.ReadFile(filepath.Join(dir, keyFile))
+
+	res, err := Renew(context.Background(), testConfig(t, dir))
+	if err != nil {
+		t.Fatalf("Renew: %v", err)
+	}
+	after, _ := loadIdentity(dir)
+	keyAfter, _ := os.ReadFile(filepath.Join(dir, keyFile))
+	if after.serial() == before.serial() || bytes.Equal(keyBefore, keyAfter) {
+		t.Error("renewal kept the certificate or the key")
+	}
+	if res.DeviceID != "pi-1" || !res.NotAfter.Equal(after.leaf.NotAfter) {
+		t.Errorf("result %+v", res)
+	}
+	if mtls, proof := f.counts(); mtls != 1 || proof != 0 {
+		t.Errorf("renewals mtls=%d proof=%d, want 1, 0", mtls, proof)
+	}
+	st, _ := readState(dir)
+	if st.LastRenewal.IsZero() || !st.NotAfter.Equal(after.leaf.NotAfter) {
+		t.Errorf("state after renewal %+v", st)
+	}
+}
+
+func TestRenewAfterExpiry(t *testing.T) {
+	f := newFakeServer(t, newTestCA(t))
+	dir := t.TempDir()
+	enrollTest(t, f, dir, "pi-1")
+	before, _ := loadIdentity(dir)
+	// The agent believes the certificate expired a day ago: it must use
+	// the signed proof, not mTLS.
+	cfg := testConfig(t, dir)
+	cfg.Now = func() time.Time { return before.leaf.NotAfter.Add(24 * time.Hour) }
+	if _, err := Renew(context.Background(), cfg); err != nil {
+		t.Fatalf("Renew after expiry: %v", err)
+	}
+	if mtls, proof := f.counts(); mtls != 0 || proof != 1 {
+		t.Errorf("renewals mtls=%d proof=%d, want 0, 1", mtls, proof)
+	}
+	after, _ := loadIdentity(dir)
+	if after.serial() == before.serial() {
+		t.Error("certificate not replaced")
+	}
+}
+
+func TestRenewFailuresKeepKeyMaterial(t *testing.T) {
+	cases := []struct {
+		name   string
+		setup  func(f *fakeServer)
+		now    func(notAfter time.Time) time.Time
+		want   failure
+		advice string
+	}{
+		{"revoked", func(f *fakeServer) { f.revoked["pi-1"] = true }, nil, failRevoked, "revoked"},
+		// Issued already expired, so the local clock and the server agree
+		// that it is; the server says the grace is over.
+		{"beyond grace", func(f *fakeServer) { f.expiredAns = true }, nil, failNeedsToken, "new token"},
+		{"clock skew", func(f *fakeServer) { f.revoked["pi-1"] = true; f.dateOffset = -time.Hour }, nil, failClock, "clock"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			f := newFakeServer(t, newTestCA(t))
+			dir := t.TempDir()
+			if c.name == "beyond grace" {
+				f.set(func(f *fakeServer) { f.lifetime = -30 * time.Second })
+			}
+			enrollTest(t, f, dir, "pi-1")
+			before, _ := loadIdentity(dir)
+			keyBefore, _ := os.ReadFile(filepath.Join(dir, keyFile))
+			f.set(c.setup)
+			cfg := testConfig(t, dir)
+			if c.now != nil {
+				cfg.Now = func() time.Time { return c.now(before.leaf.NotAfter) }
+			}
+			_, err := Renew(context.Background(), cfg)
+			if err == nil {
+				t.Fatal("no error")
+			}
+			if got := classify(err); got != c.want {
+				t.Errorf("classify(%v) = %v, want %v", err, got, c.want)
+			}
+			if !strings.Contains(err.Error(), c.advice) {
+				t.Errorf("error %q lacks %q", err, c.advice)
+			}
+			keyAfter, _ := os.ReadFile(filepath.Join(dir, keyFile))
+			after, err := loadIdentity(dir)
+			if err != nil || after.serial() != before.serial() || !bytes.Equal(keyBefore, keyAfter) {
+				t.Error("a failed renewal changed the key material")
+			}
+		})
+	}
+}
+
+func TestRenewAdoptsRenewalByAnotherProcess(t *testing.T) {
+	f := newFakeServer(t, newTestCA(t))
+	dir := t.TempDir()
+	enrollTest(t, f, dir, "pi-1")
+	stale, _ := loadIdentity(dir)
+	if _, err := Renew(context.Background(), testConfig(t, dir)); err != nil {
+		t.Fatal(err)
+	}
+	cfg := testConfig(t, dir).withDefaults()
+	got, err := renewAndCommit(context.Background(), cfg, &stateStore{dir: dir}, stale)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if mtls, _ := f.counts(); mtls != 1 {
+		t.Errorf("%d renewals, want 1: the newer certificate on disk should have been adopted", mtls)
+	}
+	if got.serial() == stale.serial() {
+		t.Error("stale identity returned")
+	}
+}

@@ -1,0 +1,218 @@
+package agent
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"time"
+
+	mqtt "github.com/eclipse/paho.mqtt.golang"
+)
+
+// sendWindow is how many queued messages are in flight at once. PUBACKs of
+// one connection come back in order, so acknowledging in order is exact.
+const sendWindow = 16
+
+const (
+	statusOnline  = "online"
+	statusOffline = "offline"
+)
+
+// offlineTimeout bounds the "offline" publish at shutdown.
+const offlineTimeout = 3 * time.Second
+
+// session runs one MQTT connection until it fails, the identity changes or
+// ctx ends; connected reports whether the broker accepted the connection. paho's own reconnect is off: each attempt is a fresh client, so
+// every connection goes through the clock and revocation checks of
+// connectLoop, and the offline queue (not paho's store) holds the messages.
+func (a *runner) session(ctx context.Context, id *identity, broker string, changed <-chan struct{}) (connected bool, _ error) {
+	lost := make(chan error, 1)
+	msgs := make(chan mqtt.Message, 16)
+	statusTopic := deviceTopic(id.deviceID, topicStatus)
+
+	tlsConf := &tls.Config{
+		MinVersion: tls.VersionTLS12,
+		RootCAs:    id.roots,
+		Time:       a.cfg.Now,
+		// Called on every handshake: a renewed certificate is used from the
+		// next connection without restarting the process.
+		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
+			cur, _, _ := a.current()
+			return &cur.cert, nil
+		},
+	}
+	opts := mqtt.NewClientOptions().
+		AddBroker(broker).
+		SetClientID(id.deviceID).
+		SetProtocolVersion(4). // else a refused CONNECT is retried as 3.1
+		SetTLSConfig(tlsConf).
+		SetCleanSession(true).
+		SetAutoReconnect(false).
+		SetConnectRetry(false).
+		SetKeepAlive(a.cfg.KeepAlive).
+		SetConnectTimeout(a.cfg.ConnectTimeout).
+		SetWriteTimeout(a.cfg.PublishTimeout).
+		SetBinaryWill(statusTopic, []byte(statusOffline), 1, true).
+		SetConnectionLostHandler(func(_ mqtt.Client, err error) {
+			select {
+			case lost <- err:
+			default:
+			}
+		})
+	c := mqtt.NewClient(opts)
+	tok := c.Connect()
+	if !tok.WaitTimeout(a.cfg.ConnectTimeout + 5*time.Second) {
+		c.Disconnect(0)
+		return false, errors.New("connect: timed out")
+	}
+	if err := tok.Error(); err != nil {
+		return false, fmt.Errorf("connect %s: %w", broker, err)
+	}
+
+	sctx, cancel := context.WithCancel(ctx)
+	sendErr := make(chan error, 1)
+	senderRunning := false
+	stop := func() {
+		cancel()
+		c.Disconnect(250) // fails the tokens the sender waits on
+		if senderRunning {
+			<-sendErr
+		}
+		a.saveState(context.WithoutCancel(ctx), func(s *State) {
+			s.Connected = false
+			s.ConnectedChanged = a.cfg.Now()
+		})
+	}
+
+	if err := a.wait(c.Publish(statusTopic, 1, true, statusOnline)); err != nil {
+		stop()
+		return true, fmt.Errorf("publish status: %w", err)
+	}
+	handler := func(_ mqtt.Client, m mqtt.Message) {
+		// Runs on paho's router: never block it.
+		select {
+		case msgs <- m:
+		default:
+			a.log.Warn().Msg("command dropped: too many pending")
+		}
+	}
+	filter := deviceTopic(id.deviceID, topicCommands) + "/#"
+	st := c.Subscribe(filter, 1, handler)
+	if err := a.wait(st); err != nil {
+		stop()
+		return true, fmt.Errorf("subscribe: %w", err)
+	}
+	if sub, ok := st.(*mqtt.SubscribeToken); ok && sub.Result()[filter] == 0x80 {
+		stop()
+		return true, errors.New("subscribe: refused by the broker")
+	}
+
+	a.setCondition(ctx, "", nil)
+	a.saveState(ctx, func(s *State) {
+		s.Connected = true
+		s.ConnectedChanged = a.cfg.Now()
+	})
+	a.log.Info().Str("broker", broker).Str("serial", id.serial()).Msg("connected")
+
+	shutdown := func() {
+		// A clean DISCONNECT discards the will, so say it ourselves;
+		// briefly: systemd allows 30 s for the whole stop.
+		if t := c.Publish(statusTopic, 1, true, statusOffline); !t.WaitTimeout(offlineTimeout) || t.Error() != nil {
+			a.log.Warn().Err(t.Error()).Msg("publish offline status")
+		}
+		stop()
+	}
+	senderRunning = true
+	go func() { sendErr <- a.sendLoop(sctx, c, id.deviceID) }()
+	for {
+		select {
+		case <-ctx.Done():
+			shutdown()
+			return true, nil
+		case err := <-lost:
+			stop()
+			return true, fmt.Errorf("connection lost: %w", err)
+		case <-changed:
+			a.log.Info().Msg("certificate changed; reconnecting with it")
+			stop()
+			return true, errIdentityChanged
+		case err := <-sendErr:
+			senderRunning = false
+			if ctx.Err() != nil { // the sender saw the shutdown first
+				shutdown()
+				return true, nil
+			}
+			stop()
+			return true, err
+		case m := <-msgs:
+			a.handleMessage(c, id, m)
+		}
+	}
+}
+
+// wait waits for a token with a bound: paho's Wait can hang forever.
+func (a *runner) wait(t mqtt.Token) error {
+	if !t.WaitTimeout(a.cfg.PublishTimeout) {
+		return errors.New("timed out waiting for the broker")
+	}
+	return t.Error()
+}
+
+// sendLoop drains the queue in order with QoS 1, removing a message only
+// after its PUBACK. Any failure ends the session; the next one resends from
+// the first unacknowledged message.
+func (a *runner) sendLoop(ctx context.Context, c mqtt.Client, deviceID string) error {
+	for {
+		recs, err := a.q.Peek(sendWindow)
+		if err != nil {
+			return err
+		}
+		if len(recs) == 0 {
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-a.q.Ready():
+				continue
+			}
+		}
+		toks := make([]mqtt.Token, len(recs))
+		for i, r := range recs {
+			toks[i] = c.Publish(deviceTopic(deviceID, r.Topic), 1, false, r.Payload)
+		}
+		for i, t := range toks {
+			if err := a.wait(t); err != nil {
+				return fmt.Errorf("publish queued message: %w", err)
+			}
+			if err := a.q.Ack(recs[i].Seq); err != nil {
+				return err
+			}
+		}
+	}
+}
+
+// handleMessage executes a command; anything else gets an error event.
+func (a *runner) handleMessage(c mqtt.Client, id *identity, m mqtt.Message) {
+	cmd, cerr := parseCommand(id.deviceID, m.Topic(), m.Payload(), m.Retained())
+	now := a.cfg.Now()
+	if cerr != nil {
+		a.log.Warn().Str("command", cmd.name).Str("code", cerr.Code).Msg("command refused")
+		a.publishEvent(c, deviceTopic(id.deviceID, topicError), errorEventPayload(now, cmd.name, cerr))
+		return
+	}
+	switch cmd.kind {
+	case cmdPing:
+		a.publishEvent(c, deviceTopic(id.deviceID, topicPong), pongPayload(now, cmd.payload))
+	case cmdRenew:
+		a.log.Info().Msg("renewal requested by command")
+		a.requestRenew()
+	case cmdInterval:
+		a.setInterval(cmd.interval)
+	}
+}
+
+func (a *runner) publishEvent(c mqtt.Client, topic string, payload []byte) {
+	if err := a.wait(c.Publish(topic, 1, false, payload)); err != nil {
+		a.log.Warn().Err(err).Str("topic", topic).Msg("publish event")
+	}
+}

@@ -1,0 +1,327 @@
+package agent
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+)
+
+func openTestQueue(tb testing.TB, dir string, opts QueueOptions) *queue {
+	tb.Helper()
+	q, err := openQueue(dir, opts)
+	if err != nil {
+		tb.Fatalf("openQueue: %v", err)
+	}
+	tb.Cleanup(func() { _ = q.Close() })
+	return q
+}
+
+func appendN(tb testing.TB, q *queue, from, n int) {
+	tb.Helper()
+	for i := from; i < from+n; i++ {
+		if err := q.Append("telemetry", []byte(fmt.Sprintf("msg-%05d", i))); err != nil {
+			tb.Fatalf("Append %d: %v", i, err)
+		}
+	}
+}
+
+// payloads peeks everything pending.
+func payloads(tb testing.TB, q *queue) []string {
+	tb.Helper()
+	recs, err := q.Peek(1 << 30)
+	if err != nil {
+		tb.Fatalf("Peek: %v", err)
+	}
+	out := make([]string, len(recs))
+	for i, r := range recs {
+		if r.Topic != "telemetry" {
+			tb.Fatalf("record %d topic %q", i, r.Topic)
+		}
+		out[i] = string(r.Payload)
+	}
+	return out
+}
+
+func wantRange(tb testing.TB, got []string, from, to int) {
+	tb.Helper()
+	if len(got) != to-from {
+		tb.Fatalf("got %d records, want %d (msg-%05d..msg-%05d); first %v", len(got), to-from, from, to-1, got[:min(3, len(got))])
+	}
+	for i, p := range got {
+		if want := fmt.Sprintf("msg-%05d", from+i); p != want {
+			tb.Fatalf("record %d = %q, want %q", i, p, want)
+		}
+	}
+}
+
+func TestQueueOrderAndAck(t *testing.T) {
+	q := openTestQueue(t, t.TempDir(), QueueOptions{})
+	appendN(t, q, 0, 10)
+	recs, err := q.Peek(4)
+	if err != nil || len(recs) != 4 {
+		t.Fatalf("Peek(4) = %d records, %v", len(recs), err)
+	}
+	for i := 1; i < len(recs); i++ {
+		if recs[i].Seq != recs[i-1].Seq+1 {
+			t.Fatalf("seqs not consecutive: %d then %d", recs[i-1].Seq, recs[i].Seq)
+		}
+	}
+	// Peek does not remove.
+	wantRange(t, payloads(t, q), 0, 10)
+	if err := q.Ack(recs[2].Seq); err != nil {
+		t.Fatal(err)
+	}
+	wantRange(t, payloads(t, q), 3, 10)
+	// Acking an older seq again changes nothing.
+	if err := q.Ack(recs[0].Seq); err != nil {
+		t.Fatal(err)
+	}
+	wantRange(t, payloads(t, q), 3, 10)
+	if p, _, d := q.Stats(); p != 7 || d != 0 {
+		t.Errorf("Stats = %d pending %d dropped, want 7, 0", p, d)
+	}
+}
+
+func TestQueueCapByCountDropsOldest(t *testing.T) {
+	dir := t.TempDir()
+	q := openTestQueue(t, dir, QueueOptions{MaxMessages: 5})
+	appendN(t, q, 0, 12)
+	wantRange(t, payloads(t, q), 7, 12)
+	if p, _, d := q.Stats(); p != 5 || d != 7 {
+		t.Errorf("Stats = %d pending %d dropped, want 5, 7", p, d)
+	}
+	// The drop count survives a restart.
+	if err := q.Close(); err != nil {
+		t.Fatal(err)
+	}
+	q = openTestQueue(t, dir, QueueOptions{MaxMessages: 5})
+	if _, _, d := q.Stats(); d != 7 {
+		t.Errorf("dropped after reopen = %d, want 7", d)
+	}
+	wantRange(t, payloads(t, q), 7, 12)
+}
+
+func TestQueueCapByBytesDropsOldest(t *testing.T) {
+	// Each record is 8 header + 2 + 9 topic + 9 payload = 28 bytes.
+	q := openTestQueue(t, t.TempDir(), QueueOptions{MaxBytes: 28 * 4})
+	appendN(t, q, 0, 10)
+	wantRange(t, payloads(t, q), 6, 10)
+	p, b, d := q.Stats()
+	if p != 4 || b != 28*4 || d != 6 {
+		t.Errorf("Stats = %d pending, %d bytes, %d dropped; want 4, 112, 6", p, b, d)
+	}
+	if err := q.Append("telemetry", make([]byte, 200)); err == nil {
+		t.Error("a record larger than the whole queue was accepted")
+	}
+	wantRange(t, payloads(t, q), 6, 10) // a refused record drops nothing
+}
+
+func TestQueueSurvivesReopen(t *testing.T) {
+	dir := t.TempDir()
+	opts := QueueOptions{SegmentBytes: 100} // several segments
+	q := openTestQueue(t, dir, opts)
+	appendN(t, q, 0, 20)
+	recs, _ := q.Peek(5)
+	if err := q.Ack(recs[4].Seq); err != nil {
+		t.Fatal(err)
+	}
+	if err := q.Close(); err != nil {
+		t.Fatal(err)
+	}
+	q = openTestQueue(t, dir, opts)
+	wantRange(t, payloads(t, q), 5, 20)
+	// Appends after reopen go after the old ones, with new seqs.
+	appendN(t, q, 20, 3)
+	got, _ := q.Peek(1 << 30)
+	wantRange(t, payloads(t, q), 5, 23)
+	for i := 1; i < len(got); i++ {
+		if got[i].Seq <= got[i-1].Seq {
+			t.Fatalf("seq not increasing after reopen: %d then %d", got[i-1].Seq, got[i].Seq)
+		}
+	}
+}
+
+func TestQueueUnsyncedAckRedeliversAfterCrash(t *testing.T) {
+	dir := t.TempDir()
+	q := openTestQueue(t, dir, QueueOptions{})
+	appendN(t, q, 0, 5)
+	if err := q.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	recs, _ := q.Peek(2)
+	if err := q.Ack(recs[1].Seq); err != nil {
+		t.Fatal(err)
+	}
+	// Simulated crash: no Sync or Close, so the pointer was not saved; the
+	// acknowledged messages come again (at least once), none is lost.
+	q2 := openTestQueue(t, dir, QueueOptions{})
+	wantRange(t, payloads(t, q2), 0, 5)
+}
+
+func TestQueueReleasesDeliveredSegments(t *testing.T) {
+	dir := t.TempDir()
+	q := openTestQueue(t, dir, QueueOptions{SegmentBytes: 56}) // 2 records of 28 bytes per segment
+	appendN(t, q, 0, 10)
+	segs := func() int {
+		names, err := segmentNames(filepath.Join(dir))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(names)
+	}
+	if n := segs(); n != 5 {
+		t.Fatalf("%d segments, want 5", n)
+	}
+	recs, _ := q.Peek(10)
+	if err := q.Ack(recs[9].Seq); err != nil {
+		t.Fatal(err)
+	}
+	if n := segs(); n != 1 {
+		t.Errorf("%d segments after acking everything, want 1 (the open tail)", n)
+	}
+}
+
+func TestQueueTornTail(t *testing.T) {
+	for _, cut := range []int{1, 5, 8, 12} { // inside the header and inside the body
+		t.Run(fmt.Sprintf("cut%d", cut), func(t *testing.T) {
+			dir := t.TempDir()
+			q := openTestQueue(t, dir, QueueOptions{})
+			appendN(t, q, 0, 6)
+			if err := q.Close(); err != nil {
+				t.Fatal(err)
+			}
+			names, _ := segmentNames(dir)
+			path := filepath.Join(dir, names[len(names)-1])
+			st, err := os.Stat(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			// Leave the last record partly written, as a crash mid-append would.
+			if err := os.Truncate(path, st.Size()-28+int64(cut)); err != nil {
+				t.Fatal(err)
+			}
+			q = openTestQueue(t, dir, QueueOptions{})
+			wantRange(t, payloads(t, q), 0, 5)
+			appendN(t, q, 5, 2)
+			wantRange(t, payloads(t, q), 0, 7)
+			// And once more from disk: the cut tail does not hide new records.
+			if err := q.Close(); err != nil {
+				t.Fatal(err)
+			}
+			q = openTestQueue(t, dir, QueueOptions{})
+			wantRange(t, payloads(t, q), 0, 7)
+		})
+	}
+}
+
+func TestQueueCorruptRecordIsCut(t *testing.T) {
+	dir := t.TempDir()
+	q := openTestQueue(t, dir, QueueOptions{})
+	appendN(t, q, 0, 4)
+	if err := q.Close(); err != nil {
+		t.Fatal(err)
+	}
+	names, _ := segmentNames(dir)
+	path := filepath.Join(dir, names[0])
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b[2*28+20] ^= 0xff // flip a payload byte of the third record
+	if err := os.WriteFile(path, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	q = openTestQueue(t, dir, QueueOptions{})
+	wantRange(t, payloads(t, q), 0, 2)
+}
+
+func TestQueueEmptySegmentAfterCrash(t *testing.T) {
+	dir := t.TempDir()
+	q := openTestQueue(t, dir, QueueOptions{})
+	appendN(t, q, 0, 3)
+	if err := q.Close(); err != nil {
+		t.Fatal(err)
+	}
+	// A segment created right before a crash, with nothing in it, named
+	// with the seq the next append will use.
+	if err := os.WriteFile(filepath.Join(dir, fmt.Sprintf("seg-%020d.log", 3)), nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	q = openTestQueue(t, dir, QueueOptions{})
+	appendN(t, q, 3, 2)
+	wantRange(t, payloads(t, q), 0, 5)
+}
+
+func TestQueueFilesArePrivate(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "q")
+	q := openTestQueue(t, dir, QueueOptions{})
+	appendN(t, q, 0, 2)
+	recs, _ := q.Peek(1)
+	_ = q.Ack(recs[0].Seq)
+	if err := q.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	err := filepath.Walk(dir, func(path string, info os.FileInfo, err error) error {
+		if err != nil {
+			return err
+		}
+		want := os.FileMode(0o600)
+		if info.IsDir() {
+			want = 0o700
+		}
+		if info.Mode().Perm() != want {
+			t.Errorf("%s mode %v, want %v", path, info.Mode().Perm(), want)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestQueueReady(t *testing.T) {
+	q := openTestQueue(t, t.TempDir(), QueueOptions{})
+	select {
+	case <-q.Ready():
+		t.Fatal("empty queue signals ready")
+	default:
+	}
+	appendN(t, q, 0, 1)
+	select {
+	case <-q.Ready():
+	default:
+		t.Fatal("append did not signal ready")
+	}
+}
+
+func TestQueueFlushSavesPointerOncePerInterval(t *testing.T) {
+	dir := t.TempDir()
+	now := time.Date(2025, 1, 1, 0, 0, 0, 0, time.UTC)
+	opts := QueueOptions{PointerInterval: time.Minute, Now: func() time.Time { return now }}
+	q := openTestQueue(t, dir, opts)
+	appendN(t, q, 0, 4)
+	recs, _ := q.Peek(2)
+	if err := q.Ack(recs[1].Seq); err != nil {
+		t.Fatal(err)
+	}
+	if err := q.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, ackFile)); !os.IsNotExist(err) {
+		t.Fatal("pointer saved before its interval")
+	}
+	// Appended records are durable after Flush even so: a crash now
+	// redelivers, never loses.
+	q2 := openTestQueue(t, dir, QueueOptions{})
+	wantRange(t, payloads(t, q2), 0, 4)
+	_ = q2.Close()
+
+	now = now.Add(time.Minute)
+	if err := q.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	q3 := openTestQueue(t, dir, QueueOptions{})
+	wantRange(t, payloads(t, q3), 2, 4)
+}

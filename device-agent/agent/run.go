@@ -1,0 +1,628 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/rs/zerolog"
+	"golang.org/x/sync/errgroup"
+)
+
+// runner is one `device-agent run`: four loops (sampling, maintenance,
+// renewal, connection) sharing the current identity.
+type runner struct {
+	cfg Config
+	log zerolog.Logger
+	dir string
+	ss  *stateStore
+	// runLock is held from startRunner to the end of run.
+	runLock *flock
+	q       *queue
+	samp    sampler
+
+	renewNow   chan struct{}      // renewal requested by a command
+	renewHint  chan struct{}      // the broker refused us: check with the server
+	intervalCh chan time.Duration // new telemetry period
+
+	mu           sync.Mutex
+	id           *identity
+	brokerURL    string
+	changed      chan struct{} // closed and replaced when the identity changes
+	certStamp    fileStamp
+	blockedUntil time.Time // revoked or needs a token: no connection attempts before
+	condition    string
+	clock        *clockRef // server time seen with a skewed local clock
+}
+
+// fileStamp identifies a version of a file cheaply.
+type fileStamp struct {
+	mod   int64 // UnixNano
+	size  int64
+	inode uint64 // a rename puts a new inode in place
+}
+
+func stampOf(path string) fileStamp {
+	st, err := os.Stat(path)
+	if err != nil {
+		return fileStamp{}
+	}
+	fs := fileStamp{mod: st.ModTime().UnixNano(), size: st.Size()}
+	if sys, ok := st.Sys().(*syscall.Stat_t); ok {
+		fs.inode = uint64(sys.Ino)
+	}
+	return fs
+}
+
+// clockRef is the server's time as seen once, plus a monotonic reading of
+// when: it tells whether the local wall clock was fixed since, without
+// asking the server again.
+type clockRef struct {
+	server time.Time
+	at     time.Time // time.Now(), carries the monotonic clock
+}
+
+// Run runs the agent until ctx is done: it publishes telemetry through the
+// offline queue, answers commands and renews the certificate.
+func Run(ctx context.Context, cfg Config) error {
+	a, err := startRunner(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	return a.run(ctx)
+}
+
+// startRunner takes the run lock and loads everything the loops need, so
+// that a broken state folder is an error before anything starts.
+func startRunner(ctx context.Context, cfg Config) (_ *runner, err error) {
+	cfg = cfg.withDefaults()
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
+	dir := cfg.StateDir
+	if err := ensureStateDir(dir); err != nil {
+		return nil, err
+	}
+	rl, err := tryLock(filepath.Join(dir, runLock))
+	if errors.Is(err, errLocked) {
+		return nil, ErrAgentRunning
+	}
+	if err != nil {
+		return nil, err
+	}
+	defer func() {
+		if err != nil {
+			_ = rl.unlock()
+		}
+	}()
+	removeTemps(dir)
+
+	a := &runner{
+		cfg:        cfg,
+		log:        cfg.Logger,
+		dir:        dir,
+		runLock:    rl,
+		ss:         &stateStore{dir: dir},
+		samp:       sampler{procRoot: cfg.ProcRoot, sysRoot: cfg.SysRoot, diskPath: cfg.DiskPath, version: cfg.Version},
+		renewNow:   make(chan struct{}, 1),
+		renewHint:  make(chan struct{}, 1),
+		intervalCh: make(chan time.Duration, 1),
+		changed:    make(chan struct{}),
+	}
+	id, err := a.loadFromDisk(ctx)
+	if err != nil {
+		return nil, err
+	}
+	st, err := readState(dir)
+	if err != nil {
+		return nil, err
+	}
+	if st.BrokerURL == "" {
+		return nil, errors.New("state.json has no broker url: enroll again with --force")
+	}
+	if st.DeviceID != id.deviceID {
+		a.log.Warn().Str("state", st.DeviceID).Str("certificate", id.deviceID).Msg("state.json and certificate disagree on the device id; using the certificate's")
+	}
+	id.received = receivedAt(st, id)
+	a.setIdentity(id, st.BrokerURL)
+	a.q, err = openQueue(filepath.Join(dir, queueDir), QueueOptions{
+		MaxMessages: cfg.QueueMaxMessages,
+		MaxBytes:    cfg.QueueMaxBytes,
+		Logger:      cfg.Logger,
+		Now:         cfg.Now,
+	})
+	if err != nil {
+		return nil, err
+	}
+	return a, nil
+}
+
+// run runs the loops until ctx is done, then closes the queue and the lock.
+func (a *runner) run(ctx context.Context) error {
+	defer a.runLock.unlock()
+	id, broker, _ := a.current()
+	a.saveState(ctx, func(s *State) {
+		s.PID = os.Getpid()
+		s.AgentVersion = a.cfg.Version
+		s.Connected = false
+		s.Condition = "" // found again if it still holds
+	})
+	a.log.Info().Str("device_id", id.deviceID).Str("broker", broker).Time("not_after", id.leaf.NotAfter).
+		Dur("interval", a.cfg.Interval).Str("version", a.cfg.Version).Msg("agent started")
+
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return a.sampleLoop(gctx) })
+	g.Go(func() error { return a.maintainLoop(gctx) })
+	g.Go(func() error { return a.renewLoop(gctx) })
+	g.Go(func() error { return a.connectLoop(gctx) })
+	err := g.Wait()
+
+	if cerr := a.q.Close(); cerr != nil {
+		err = cmpErr(err, cerr)
+	}
+	// ctx is done by now; the final state write must still happen.
+	a.saveState(context.WithoutCancel(ctx), func(s *State) {
+		s.PID = 0
+		s.Connected = false
+	})
+	a.log.Info().Msg("agent stopped")
+	return err
+}
+
+// receivedAt is when state.json says the certificate was obtained, if
+// state.json describes this certificate; zero otherwise.
+func receivedAt(st State, id *identity) time.Time {
+	if !st.NotAfter.Equal(id.leaf.NotAfter) {
+		return time.Time{}
+	}
+	if !st.LastRenewal.IsZero() {
+		return st.LastRenewal
+	}
+	return st.EnrolledAt
+}
+
+// loadFromDisk loads the identity under identity.lock.
+func (a *runner) loadFromDisk(ctx context.Context) (*identity, error) {
+	l, err := lock(ctx, filepath.Join(a.dir, identityLock))
+	if err != nil {
+		return nil, err
+	}
+	defer l.unlock()
+	return loadIdentity(a.dir)
+}
+
+// current returns the identity and a channel closed when it changes.
+func (a *runner) current() (*identity, string, <-chan struct{}) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.id, a.brokerURL, a.changed
+}
+
+// setIdentity installs a new identity and wakes the loops waiting on the old one.
+func (a *runner) setIdentity(id *identity, brokerURL string) {
+	id.jitter = a.cfg.Rand() // before publishing: identities are read without locks
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.id = id
+	if brokerURL != "" {
+		a.brokerURL = brokerURL
+	}
+	a.certStamp = stampOf(filepath.Join(a.dir, certFile))
+	a.blockedUntil = time.Time{}
+	a.condition = ""
+	close(a.changed)
+	a.changed = make(chan struct{})
+}
+
+func (a *runner) requestRenew() {
+	select {
+	case a.renewNow <- struct{}{}:
+	default:
+	}
+}
+
+// hintRenew asks for a renewal because the broker refused the connection:
+// the server's answer tells whether the certificate is revoked or expired
+// for it. renewLoop acts on at most one hint per RetryMax, so a broker that
+// refuses for other reasons cannot make the agent renew over and over.
+func (a *runner) hintRenew() {
+	select {
+	case a.renewHint <- struct{}{}:
+	default:
+	}
+}
+
+func (a *runner) setInterval(d time.Duration) {
+	for {
+		select {
+		case a.intervalCh <- d:
+			return
+		default:
+			select {
+			case <-a.intervalCh: // replace a value not yet taken
+			default:
+			}
+		}
+	}
+}
+
+// saveState updates state.json, adding the queue counters; a failure is
+// logged, not fatal: state.json is for people, the agent does not need it.
+func (a *runner) saveState(ctx context.Context, fn func(*State)) {
+	var pending int
+	var dropped uint64
+	if a.q != nil {
+		pending, _, dropped = a.q.Stats()
+	}
+	err := a.ss.update(ctx, func(s *State) {
+		fn(s)
+		s.QueuePending, s.QueueDropped = pending, dropped
+	})
+	if err != nil {
+		a.log.Warn().Err(err).Msg("save state")
+	}
+}
+
+func (a *runner) recordError(ctx context.Context, err error) {
+	now := a.cfg.Now()
+	a.saveState(ctx, func(s *State) {
+		s.LastError = err.Error()
+		s.LastErrorAt = now
+	})
+}
+
+// setCondition records a condition in memory and state.json, when it changes.
+func (a *runner) setCondition(ctx context.Context, cond string, err error) bool {
+	a.mu.Lock()
+	same := a.condition == cond
+	a.condition = cond
+	a.mu.Unlock()
+	if same {
+		return false
+	}
+	now := a.cfg.Now()
+	a.saveState(ctx, func(s *State) {
+		s.Condition = cond
+		if err != nil {
+			s.LastError, s.LastErrorAt = err.Error(), now
+		}
+	})
+	return true
+}
+
+// block stops connection attempts until until, for a revoked device or one
+// that needs a new token: retrying sooner cannot help.
+func (a *runner) block(ctx context.Context, cond string, err error, until time.Time) {
+	a.mu.Lock()
+	a.blockedUntil = until
+	a.mu.Unlock()
+	a.setCondition(ctx, cond, err)
+}
+
+func (a *runner) blocked(now time.Time) (time.Time, bool) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.blockedUntil, now.Before(a.blockedUntil)
+}
+
+// sleep waits for d, a change of identity or the end of ctx; it reports
+// whether ctx is still alive.
+func sleep(ctx context.Context, d time.Duration, changed <-chan struct{}) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-changed:
+	case <-t.C:
+	}
+	return true
+}
+
+// sampleLoop samples telemetry every interval into the queue, starting at once.
+func (a *runner) sampleLoop(ctx context.Context) error {
+	interval := a.cfg.Interval
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	a.sampleOnce()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case d := <-a.intervalCh:
+			interval = d
+			t.Reset(d)
+			a.log.Info().Dur("interval", d).Msg("telemetry interval changed")
+		case <-t.C:
+			a.sampleOnce()
+		}
+	}
+}
+
+func (a *runner) sampleOnce() {
+	s, err := a.samp.sample(a.cfg.Now())
+	if err != nil {
+		a.log.Warn().Err(err).Msg("telemetry sample failed")
+		return
+	}
+	b, err := json.Marshal(s)
+	if err != nil {
+		a.log.Error().Err(err).Msg("encode telemetry")
+		return
+	}
+	if err := a.q.Append(topicTelemetry, b); err != nil {
+		a.log.Error().Err(err).Msg("queue telemetry")
+	}
+}
+
+// maintainLoop syncs the queue in batches, watches cert.pem for a renewal
+// done by another process and saves queue counters now and then.
+func (a *runner) maintainLoop(ctx context.Context) error {
+	syncT := time.NewTicker(a.cfg.QueueSyncInterval)
+	defer syncT.Stop()
+	certT := time.NewTicker(a.cfg.CertCheckInterval)
+	defer certT.Stop()
+	stateT := time.NewTicker(a.cfg.StateInterval)
+	defer stateT.Stop()
+	var lastPending int
+	var lastDropped uint64
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-syncT.C:
+			if err := a.q.Flush(); err != nil {
+				a.log.Error().Err(err).Msg("sync queue")
+			}
+		case <-certT.C:
+			a.checkCertFile(ctx)
+		case <-stateT.C:
+			p, _, d := a.q.Stats()
+			if p != lastPending || d != lastDropped {
+				lastPending, lastDropped = p, d
+				a.saveState(ctx, func(*State) {})
+			}
+		}
+	}
+}
+
+// checkCertFile adopts a certificate written by `device-agent renew`.
+func (a *runner) checkCertFile(ctx context.Context) {
+	a.mu.Lock()
+	old := a.certStamp
+	cur := a.id
+	a.mu.Unlock()
+	if stampOf(filepath.Join(a.dir, certFile)) == old {
+		return
+	}
+	id, err := a.loadFromDisk(ctx)
+	if err != nil {
+		a.log.Warn().Err(err).Msg("reload certificate")
+		return
+	}
+	st, _ := readState(a.dir)
+	if id.serial() == cur.serial() {
+		a.mu.Lock()
+		a.certStamp = stampOf(filepath.Join(a.dir, certFile))
+		a.mu.Unlock()
+		return
+	}
+	id.received = receivedAt(st, id)
+	a.log.Info().Str("serial", id.serial()).Time("not_after", id.leaf.NotAfter).Msg("certificate renewed by another process; switching to it")
+	a.setIdentity(id, st.BrokerURL)
+}
+
+// renewLoop renews at the scheduled time, on request, and after expiry;
+// failures back off, revocation and the need for a new token back off long.
+func (a *runner) renewLoop(ctx context.Context) error {
+	attempt, blockedAttempt := 0, 0
+	var retryAt, lastHint time.Time
+	for {
+		id, _, changed := a.current()
+		now := a.cfg.Now()
+		mode, at := planRenewal(now, id.leaf.NotBefore, id.leaf.NotAfter, id.received, a.cfg.Grace, id.jitter)
+		switch mode {
+		case modeClockBehind:
+			if a.setCondition(ctx, CondClockWrong, errClockBehind) {
+				a.log.Warn().Time("now", now).Time("not_before", id.leaf.NotBefore).Msg(errClockBehind.Error())
+			}
+			at = now.Add(a.cfg.ClockPollInterval)
+		case modeWait:
+		default:
+			at = now
+		}
+		if a.clockStillWrong(now) {
+			at = now.Add(a.cfg.ClockPollInterval)
+			mode = modeClockBehind
+		}
+		if retryAt.After(at) {
+			at = retryAt
+		}
+		forced := false
+		if d := at.Sub(now); d > 0 {
+			a.log.Debug().Str("mode", mode.String()).Time("at", at).Msg("next renewal check")
+			t := time.NewTimer(d)
+			select {
+			case <-ctx.Done():
+				t.Stop()
+				return nil
+			case <-changed:
+				t.Stop()
+				attempt, blockedAttempt, retryAt = 0, 0, time.Time{}
+				continue
+			case <-a.renewNow:
+				t.Stop()
+				if retryAt.After(a.cfg.Now()) {
+					a.log.Info().Time("retry_at", retryAt).Msg("renewal requested; waiting for the backoff of the last failure")
+					continue
+				}
+				forced = true
+			case <-a.renewHint:
+				t.Stop()
+				now := a.cfg.Now()
+				if retryAt.After(now) || !lastHint.IsZero() && now.Sub(lastHint) < a.cfg.RetryMax {
+					a.log.Debug().Msg("broker refusal: renewal checked recently, not again yet")
+					continue
+				}
+				lastHint = now
+				forced = true
+			case <-t.C:
+				continue // plan again: the clock may have moved
+			}
+		}
+		if !forced && (mode == modeWait || mode == modeClockBehind) {
+			continue
+		}
+
+		newID, err := renewAndCommit(ctx, a.cfg, a.ss, id)
+		if ctx.Err() != nil {
+			return nil
+		}
+		now = a.cfg.Now()
+		if err == nil {
+			st, _ := readState(a.dir)
+			attempt, blockedAttempt, retryAt = 0, 0, time.Time{}
+			a.setIdentity(newID, st.BrokerURL)
+			a.saveState(ctx, func(s *State) { s.Condition = "" })
+			continue
+		}
+		switch classify(err) {
+		case failClock:
+			var ce *ClockError
+			if errors.As(err, &ce) && ce.Skew != 0 {
+				a.mu.Lock()
+				a.clock = &clockRef{server: now.Add(-ce.Skew), at: time.Now()}
+				a.mu.Unlock()
+			}
+			if a.setCondition(ctx, CondClockWrong, err) {
+				a.log.Warn().Err(err).Msg("renewal waits for time sync")
+			}
+			retryAt = now.Add(a.cfg.ClockPollInterval)
+		case failRevoked:
+			d := backoff(blockedAttempt, a.cfg.BlockedRetryMin, a.cfg.BlockedRetryMax, a.cfg.Rand())
+			blockedAttempt++
+			retryAt = now.Add(d)
+			a.block(ctx, CondRevoked, err, retryAt)
+			a.log.Error().Err(err).Time("retry_at", retryAt).Msg("device revoked by the server; it needs a new token (device-agent enroll --force)")
+		case failNeedsToken:
+			d := backoff(blockedAttempt, a.cfg.BlockedRetryMin, a.cfg.BlockedRetryMax, a.cfg.Rand())
+			blockedAttempt++
+			retryAt = now.Add(d)
+			a.block(ctx, CondNeedsToken, err, retryAt)
+			a.log.Error().Err(err).Time("retry_at", retryAt).Msg("certificate expired beyond the renewal grace; a new token is needed (device-agent enroll --force)")
+		default:
+			d := backoff(attempt, a.cfg.RetryMin, a.cfg.RetryMax, a.cfg.Rand())
+			attempt++
+			var se *ServerError
+			if errors.As(err, &se) && se.RetryAfter > d {
+				d = se.RetryAfter
+			}
+			retryAt = now.Add(d)
+			a.recordError(ctx, err)
+			a.log.Warn().Err(err).Dur("retry_in", d).Msg("renewal failed")
+		}
+	}
+}
+
+// clockStillWrong reports whether the local clock is still off the server
+// time last seen with a skew, estimated with the monotonic clock.
+func (a *runner) clockStillWrong(now time.Time) bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.clock == nil {
+		return false
+	}
+	server := a.clock.server.Add(time.Since(a.clock.at))
+	if abs(now.Sub(server)) > a.cfg.MaxClockSkew {
+		return true
+	}
+	a.clock = nil
+	a.log.Info().Msg("local clock agrees with the server again")
+	return false
+}
+
+// droppedAfterDial reports a connection closed by the broker during the
+// handshake or before CONNACK.
+func droppedAfterDial(err error) bool {
+	if err == nil {
+		return false
+	}
+	s := err.Error()
+	return strings.Contains(s, "EOF") || strings.Contains(s, "connection reset by peer") || strings.Contains(s, "broken pipe")
+}
+
+// errIdentityChanged ends a session so the next one uses the new certificate.
+var errIdentityChanged = errors.New("certificate changed")
+
+// connectLoop keeps one MQTT session up, with backoff between attempts.
+func (a *runner) connectLoop(ctx context.Context) error {
+	attempt, refusals := 0, 0
+	for ctx.Err() == nil {
+		id, broker, changed := a.current()
+		now := a.cfg.Now()
+		if until, ok := a.blocked(now); ok {
+			a.log.Info().Time("until", until).Msg("not connecting: device revoked or needs a new token")
+			if !sleep(ctx, until.Sub(now), changed) {
+				return nil
+			}
+			continue
+		}
+		if now.Before(id.leaf.NotBefore) {
+			// The broker's certificate would not verify either; retrying
+			// sooner only fills the log.
+			if !sleep(ctx, a.cfg.ClockPollInterval, changed) {
+				return nil
+			}
+			continue
+		}
+		if !now.Before(id.leaf.NotAfter) {
+			// renewLoop renews an expired certificate by itself.
+			a.log.Warn().Time("not_after", id.leaf.NotAfter).Msg("certificate expired; waiting for renewal before connecting")
+			if !sleep(ctx, a.cfg.ClockPollInterval, changed) {
+				return nil
+			}
+			continue
+		}
+		start := time.Now()
+		connected, err := a.session(ctx, id, broker, changed)
+		if ctx.Err() != nil {
+			return nil
+		}
+		if errors.Is(err, errIdentityChanged) {
+			attempt = 0
+			continue
+		}
+		if time.Since(start) > a.cfg.ConnectRetryMax {
+			attempt = 0 // a long session: the broker works, start backoff afresh
+		}
+		// A refused client certificate shows as a TLS alert, or, when the
+		// broker's reset overtakes the alert, as EOF or a reset.
+		switch {
+		case connected:
+			refusals = 0
+		case authRejected(err):
+			refusals = 0
+			a.log.Warn().Err(err).Msg("broker refused the certificate; checking it with the enrollment server")
+			a.hintRenew()
+		case droppedAfterDial(err):
+			if refusals++; refusals >= 3 {
+				refusals = 0
+				a.hintRenew()
+			}
+		}
+		d := backoff(attempt, a.cfg.ConnectRetryMin, a.cfg.ConnectRetryMax, a.cfg.Rand())
+		attempt++
+		a.recordError(ctx, err)
+		a.log.Warn().Err(err).Dur("retry_in", d).Msg("broker connection failed")
+		if !sleep(ctx, d, changed) {
+			return nil
+		}
+	}
+	return nil
+}

@@ -1,0 +1,406 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/rs/zerolog"
+)
+
+const waitLong = 20 * time.Second
+
+// fleet is an enrolled device with its fake server and broker.
+type fleet struct {
+	ca  *testCA
+	srv *fakeServer
+	brk *testBroker
+	dir string
+	id  string
+}
+
+func newFleet(tb testing.TB, lifetime time.Duration) *fleet {
+	tb.Helper()
+	ca := newTestCA(tb)
+	f := &fleet{ca: ca, srv: newFakeServer(tb, ca), brk: newTestBroker(tb, ca), dir: filepath.Join(tb.TempDir(), "state"), id: "pi-1"}
+	f.srv.set(func(s *fakeServer) { s.brokerURL = f.brk.url; s.lifetime = lifetime })
+	enrollTest(tb, f.srv, f.dir, f.id)
+	return f
+}
+
+func (f *fleet) topic(rel string) string { return deviceTopic(f.id, rel) }
+
+func (f *fleet) config(tb testing.TB) Config {
+	tb.Helper()
+	proc := fakeTree(tb, map[string]string{
+		"uptime":  "100.5 10\n",
+		"loadavg": "0.10 0.20 0.30 1/100 42\n",
+		"meminfo": fakeMeminfo,
+	})
+	return Config{
+		StateDir:          f.dir,
+		Interval:          20 * time.Millisecond,
+		ProcRoot:          proc,
+		SysRoot:           tb.TempDir(),
+		DiskPath:          f.dir,
+		Version:           "test",
+		QueueSyncInterval: 50 * time.Millisecond,
+		RetryMin:          20 * time.Millisecond,
+		RetryMax:          200 * time.Millisecond,
+		BlockedRetryMin:   time.Hour,
+		BlockedRetryMax:   2 * time.Hour,
+		ConnectRetryMin:   10 * time.Millisecond,
+		ConnectRetryMax:   100 * time.Millisecond,
+		ConnectTimeout:    5 * time.Second,
+		PublishTimeout:    5 * time.Second,
+		HTTPTimeout:       5 * time.Second,
+		CertCheckInterval: 50 * time.Millisecond,
+		StateInterval:     50 * time.Millisecond,
+		ClockPollInterval: 50 * time.Millisecond,
+		Logger:            zerolog.New(zerolog.NewTestWriter(tb)).Level(zerolog.DebugLevel),
+	}
+}
+
+// startAgent runs the agent until the test ends or stop is called.
+func startAgent(tb testing.TB, cfg Config) (r *runner, stop func() error) {
+	tb.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	r, err := startRunner(ctx, cfg)
+	if err != nil {
+		cancel()
+		tb.Fatalf("startRunner: %v", err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- r.run(ctx) }()
+	var stopped atomic.Bool
+	stop = func() error {
+		if stopped.Swap(true) {
+			return nil
+		}
+		cancel()
+		select {
+		case err := <-done:
+			return err
+		case <-time.After(waitLong):
+			tb.Fatal("agent did not stop")
+			return nil
+		}
+	}
+	tb.Cleanup(func() { _ = stop() })
+	return r, stop
+}
+
+func nextSerial(tb testing.TB, b *testBroker) string {
+	tb.Helper()
+	select {
+	case s := <-b.serials:
+		return s
+	case <-time.After(waitLong):
+		tb.Fatal("no connection to the broker")
+		return ""
+	}
+}
+
+func TestRunPublishesAndAnswersCommands(t *testing.T) {
+	f := newFleet(t, time.Hour)
+	_, stop := startAgent(t, f.config(t))
+
+	if m := f.brk.next(t, f.topic(topicStatus), waitLong); m.payload != statusOnline || !m.retain {
+		t.Fatalf("status %+v, want retained online", m)
+	}
+	var tel Telemetry
+	m := f.brk.next(t, f.topic(topicTelemetry), waitLong)
+	if err := json.Unmarshal([]byte(m.payload), &tel); err != nil {
+		t.Fatal(err)
+	}
+	if tel.UptimeS != 100.5 || tel.Load5 != 0.2 || tel.MemTotalKB != 948304 || tel.AgentVersion != "test" || m.retain {
+		t.Errorf("telemetry %+v (retained %v)", tel, m.retain)
+	}
+
+	if err := f.brk.srv.Publish(f.topic("commands/ping"), []byte(`{"nonce":"abc"}`), false, 1); err != nil {
+		t.Fatal(err)
+	}
+	pong := f.brk.next(t, f.topic(topicPong), waitLong)
+	if !strings.Contains(pong.payload, `"request":{"nonce":"abc"}`) {
+		t.Errorf("pong %s", pong.payload)
+	}
+	if err := f.brk.srv.Publish(f.topic("commands/reboot"), nil, false, 1); err != nil {
+		t.Fatal(err)
+	}
+	if ev := f.brk.next(t, f.topic(topicError), waitLong); !strings.Contains(ev.payload, `"code":"unknown_command"`) || !strings.Contains(ev.payload, `"command":"reboot"`) {
+		t.Errorf("error event %s", ev.payload)
+	}
+	eventually(t, waitLong, "status shows connected", func() bool {
+		s, err := ReadStatus(f.dir)
+		return err == nil && s.Running && s.Connected && s.DeviceID == f.id
+	})
+
+	if err := stop(); err != nil {
+		t.Fatalf("Run returned %v", err)
+	}
+	if m := f.brk.next(t, f.topic(topicStatus), waitLong); m.payload != statusOffline || !m.retain {
+		t.Errorf("status at shutdown %+v, want retained offline", m)
+	}
+	s, err := ReadStatus(f.dir)
+	if err != nil || s.Running || s.Connected {
+		t.Errorf("status after stop: %+v, %v", s, err)
+	}
+}
+
+func TestRunIntervalCommand(t *testing.T) {
+	f := newFleet(t, time.Hour)
+	cfg := f.config(t)
+	cfg.Interval = time.Hour // only the sample taken at start
+	r, _ := startAgent(t, cfg)
+	f.brk.next(t, f.topic(topicTelemetry), waitLong)
+	if err := f.brk.srv.Publish(f.topic("commands/interval"), []byte("1s"), false, 1); err != nil {
+		t.Fatal(err)
+	}
+	// Samples now come every second instead of every hour.
+	f.brk.next(t, f.topic(topicTelemetry), 5*time.Second)
+	if err := f.brk.srv.Publish(f.topic("commands/interval"), []byte("1ms"), false, 1); err != nil {
+		t.Fatal(err)
+	}
+	if ev := f.brk.next(t, f.topic(topicError), waitLong); !strings.Contains(ev.payload, "invalid_payload") {
+		t.Errorf("error event %s", ev.payload)
+	}
+	_ = r
+}
+
+func TestRunBuffersWhileBrokerIsDown(t *testing.T) {
+	f := newFleet(t, time.Hour)
+	r, _ := startAgent(t, f.config(t))
+	f.brk.next(t, f.topic(topicTelemetry), waitLong)
+
+	f.brk.gate.setOpen(false)
+	// Nothing is removed without a PUBACK, so the queue grows.
+	eventually(t, waitLong, "telemetry buffered", func() bool {
+		p, _, _ := r.q.Stats()
+		return p >= 20
+	})
+	eventually(t, waitLong, "status shows disconnected", func() bool {
+		s, err := ReadStatus(f.dir)
+		return err == nil && s.Running && !s.Connected
+	})
+	buffered, err := r.q.Peek(1 << 20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var want []string
+	for _, rec := range buffered {
+		var tel Telemetry
+		if err := json.Unmarshal(rec.Payload, &tel); err != nil {
+			t.Fatal(err)
+		}
+		want = append(want, tel.Time)
+	}
+
+	f.brk.gate.setOpen(true)
+	// Collect telemetry until the last buffered sample arrived.
+	seen := map[string]bool{}
+	var order []string
+	last := want[len(want)-1]
+	for !seen[last] {
+		m := f.brk.next(t, f.topic(topicTelemetry), waitLong)
+		var tel Telemetry
+		if err := json.Unmarshal([]byte(m.payload), &tel); err != nil {
+			t.Fatal(err)
+		}
+		if !seen[tel.Time] { // at least once: a resent window may repeat
+			seen[tel.Time] = true
+			order = append(order, tel.Time)
+		}
+	}
+	for i := 1; i < len(order); i++ {
+		if order[i] <= order[i-1] {
+			t.Fatalf("delivered out of order: %s after %s", order[i], order[i-1])
+		}
+	}
+	for _, w := range want {
+		if !seen[w] {
+			t.Fatalf("buffered sample %s never delivered", w)
+		}
+	}
+	eventually(t, waitLong, "queue drained", func() bool {
+		p, _, _ := r.q.Stats()
+		return p < 5
+	})
+}
+
+func TestRunRenewsByCommandWithoutRestart(t *testing.T) {
+	f := newFleet(t, time.Hour)
+	_, _ = startAgent(t, f.config(t))
+	first := nextSerial(t, f.brk)
+	// Telemetry is sent only once the command subscription is in place.
+	f.brk.next(t, f.topic(topicTelemetry), waitLong)
+
+	if err := f.brk.srv.Publish(f.topic("commands/renew"), nil, false, 1); err != nil {
+		t.Fatal(err)
+	}
+	second := nextSerial(t, f.brk)
+	if second == first {
+		t.Fatal("reconnected with the old certificate")
+	}
+	id, err := loadIdentity(f.dir)
+	if err != nil || id.serial() != second {
+		t.Fatalf("broker saw %s, disk has %v (%v)", second, id, err)
+	}
+	// The new session works: telemetry keeps flowing.
+	f.brk.next(t, f.topic(topicStatus), waitLong)
+	f.brk.next(t, f.topic(topicTelemetry), waitLong)
+	drain(f.brk)
+	f.brk.next(t, f.topic(topicTelemetry), waitLong)
+	if st, _ := readState(f.dir); st.LastRenewal.IsZero() {
+		t.Error("last renewal not recorded")
+	}
+	// A retained renew command is refused, not executed on every connect.
+	// (Delivered live first, it is executed once; replayed on the next
+	// subscription, it is refused. An empty payload would clear it.)
+	if err := f.brk.srv.Publish(f.topic("commands/renew"), []byte("now"), true, 1); err != nil {
+		t.Fatal(err)
+	}
+	if ev := f.brk.next(t, f.topic(topicError), waitLong); !strings.Contains(ev.payload, "retained_command") {
+		t.Errorf("error event %s", ev.payload)
+	}
+	_ = f.brk.srv.Publish(f.topic("commands/renew"), nil, true, 0) // clear the retained message
+}
+
+// drain discards the messages received so far.
+func drain(b *testBroker) {
+	for {
+		select {
+		case <-b.msgs:
+		default:
+			return
+		}
+	}
+}
+
+func TestRunRenewsOnScheduleWithoutRestart(t *testing.T) {
+	// 6 s of life from receipt (the fake server backdates NotBefore by a
+	// minute, which must not make the renewal immediate): the renewal is
+	// due at 2/3 ± 5 %, 3.7 s to 4.3 s in.
+	f := newFleet(t, 6*time.Second)
+	id, err := loadIdentity(f.dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, _ := readState(f.dir)
+	earliest := renewalTime(st.EnrolledAt, id.leaf.NotAfter, 0)
+	_, _ = startAgent(t, f.config(t))
+	first := nextSerial(t, f.brk)
+	second := nextSerial(t, f.brk)
+	now := time.Now()
+	if second == first {
+		t.Fatal("reconnected with the old certificate")
+	}
+	if now.Before(earliest) || now.After(id.leaf.NotAfter) {
+		t.Errorf("renewed and reconnected at %v, want between %v (2/3 of the lifetime - 5 %%) and expiry %v",
+			now.Sub(st.EnrolledAt), earliest.Sub(st.EnrolledAt), id.leaf.NotAfter.Sub(st.EnrolledAt))
+	}
+	if mtls, proof := f.srv.counts(); mtls != 1 || proof != 0 {
+		t.Errorf("renewals mtls=%d proof=%d, want exactly one over mTLS", mtls, proof)
+	}
+}
+
+func TestRunAdoptsRenewalByCommandLine(t *testing.T) {
+	f := newFleet(t, time.Hour)
+	cfg := f.config(t)
+	_, _ = startAgent(t, cfg)
+	first := nextSerial(t, f.brk)
+	if _, err := Renew(context.Background(), Config{StateDir: f.dir}); err != nil {
+		t.Fatal(err)
+	}
+	if second := nextSerial(t, f.brk); second == first {
+		t.Fatal("running agent did not switch to the renewed certificate")
+	}
+	if mtls, _ := f.srv.counts(); mtls != 1 {
+		t.Errorf("%d renewals, want only the command line's", mtls)
+	}
+}
+
+func TestRunRevokedDeviceBacksOff(t *testing.T) {
+	f := newFleet(t, time.Hour)
+	r, _ := startAgent(t, f.config(t))
+	serial := nextSerial(t, f.brk)
+	f.srv.set(func(s *fakeServer) { s.revoked[f.id] = true })
+	f.brk.revoke(serial)
+	f.brk.gate.setOpen(false) // cut the live session
+	f.brk.gate.setOpen(true)
+
+	eventually(t, waitLong, "status shows revoked", func() bool {
+		s, err := ReadStatus(f.dir)
+		return err == nil && s.Condition == CondRevoked && strings.Contains(s.LastError, "device_revoked")
+	})
+	until, blocked := r.blocked(time.Now())
+	if !blocked || time.Until(until) < 25*time.Minute {
+		t.Errorf("blocked=%v until %v: want a long backoff (BlockedRetryMin 1h, jittered to ≥ 30m)", blocked, until)
+	}
+	mtls, proof := f.srv.counts()
+	if mtls+proof > 2 {
+		t.Errorf("%d renewal attempts for a revoked device, want at most mTLS + proof once", mtls+proof)
+	}
+	if len(f.brk.serials) != 0 {
+		t.Error("the broker accepted a revoked certificate")
+	}
+}
+
+func TestRunBrokerRefusalTriggersOneRenewal(t *testing.T) {
+	// The broker refuses the current certificate (say, revoked by serial),
+	// the server still renews: the agent renews once and reconnects.
+	f := newFleet(t, time.Hour)
+	_, _ = startAgent(t, f.config(t))
+	first := nextSerial(t, f.brk)
+	f.brk.revoke(first)
+	f.brk.gate.setOpen(false)
+	f.brk.gate.setOpen(true)
+	if second := nextSerial(t, f.brk); second == first {
+		t.Fatal("reconnected with the refused certificate")
+	}
+	if mtls, proof := f.srv.counts(); mtls != 1 || proof != 0 {
+		t.Errorf("renewals mtls=%d proof=%d, want one", mtls, proof)
+	}
+}
+
+func TestRunWaitsForClock(t *testing.T) {
+	f := newFleet(t, time.Hour)
+	var offset atomic.Int64
+	offset.Store(int64(-48 * time.Hour)) // a Pi without RTC just after boot
+	cfg := f.config(t)
+	cfg.Now = func() time.Time { return time.Now().Add(time.Duration(offset.Load())) }
+	_, _ = startAgent(t, cfg)
+	eventually(t, waitLong, "status shows waiting for clock", func() bool {
+		s, err := ReadStatus(f.dir)
+		return err == nil && s.Condition == CondClockWrong
+	})
+	select {
+	case <-f.brk.serials:
+		t.Fatal("connected with a clock before the certificate's NotBefore")
+	default:
+	}
+	offset.Store(0) // time sync
+	nextSerial(t, f.brk)
+	eventually(t, waitLong, "condition cleared", func() bool {
+		s, err := ReadStatus(f.dir)
+		return err == nil && s.Condition == "" && s.Connected
+	})
+}
+
+func TestRunRefusesSecondAgent(t *testing.T) {
+	f := newFleet(t, time.Hour)
+	_, _ = startAgent(t, f.config(t))
+	if err := Run(context.Background(), f.config(t)); !errors.Is(err, ErrAgentRunning) {
+		t.Fatalf("second Run = %v, want ErrAgentRunning", err)
+	}
+}
+
+func TestRunNotEnrolled(t *testing.T) {
+	if err := Run(context.Background(), Config{StateDir: t.TempDir()}); !errors.Is(err, ErrNotEnrolled) {
+		t.Fatalf("Run = %v, want ErrNotEnrolled", err)
+	}
+}

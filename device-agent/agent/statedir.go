@@ -1,0 +1,251 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// Files of the state folder.
+const (
+	keyFile      = "key.pem"
+	certFile     = "cert.pem"
+	caFile       = "ca.pem"
+	stateFile    = "state.json"
+	queueDir     = "queue"
+	runLock      = "run.lock"
+	identityLock = "identity.lock"
+	stateLock    = "state.lock"
+	nextSuffix   = ".next" // a half-committed key pair, see commitIdentity
+	tempMarker   = ".tmp-"
+)
+
+// writeFileAtomic replaces path with data so that a crash or power loss
+// leaves either the old or the new content, never a mix: temp file in the
+// same folder, chmod, write, fsync, checked close, rename, fsync the folder.
+func writeFileAtomic(path string, data []byte, perm fs.FileMode) (err error) {
+	dir, base := filepath.Split(path)
+	if dir == "" {
+		dir = "."
+	}
+	f, err := os.CreateTemp(dir, "."+base+tempMarker+"*")
+	if err != nil {
+		return fmt.Errorf("create temp for %s: %w", base, err)
+	}
+	tmp := f.Name()
+	defer func() {
+		if err != nil {
+			_ = f.Close()
+			_ = os.Remove(tmp)
+		}
+	}()
+	if err = f.Chmod(perm); err != nil {
+		return fmt.Errorf("chmod %s: %w", base, err)
+	}
+	if _, err = f.Write(data); err != nil {
+		return fmt.Errorf("write %s: %w", base, err)
+	}
+	if err = f.Sync(); err != nil {
+		return fmt.Errorf("sync %s: %w", base, err)
+	}
+	if err = f.Close(); err != nil {
+		return fmt.Errorf("close %s: %w", base, err)
+	}
+	if err = os.Rename(tmp, path); err != nil {
+		return fmt.Errorf("rename %s: %w", base, err)
+	}
+	return syncDir(dir)
+}
+
+// syncDir makes renames and removals in dir durable.
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return fmt.Errorf("open dir: %w", err)
+	}
+	err = d.Sync()
+	if cerr := d.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("sync dir %s: %w", dir, err)
+	}
+	return nil
+}
+
+// removeTemps deletes temp files left by a crash inside writeFileAtomic.
+func removeTemps(dir string) {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return
+	}
+	for _, e := range entries {
+		if strings.HasPrefix(e.Name(), ".") && strings.Contains(e.Name(), tempMarker) {
+			_ = os.Remove(filepath.Join(dir, e.Name()))
+		}
+	}
+}
+
+// ensureStateDir creates the state folder with mode 0700 if it is missing.
+func ensureStateDir(dir string) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("create state dir: %w", err)
+	}
+	return nil
+}
+
+// errLocked is returned by tryLock when another process holds the lock.
+var errLocked = errors.New("locked by another process")
+
+// flock is an advisory lock on a file of the state folder.
+type flock struct{ f *os.File }
+
+// tryLock takes an exclusive lock without waiting.
+func tryLock(path string) (*flock, error) {
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("open lock: %w", err)
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		_ = f.Close()
+		if errors.Is(err, syscall.EWOULDBLOCK) {
+			return nil, errLocked
+		}
+		return nil, fmt.Errorf("lock %s: %w", filepath.Base(path), err)
+	}
+	return &flock{f: f}, nil
+}
+
+// lockPoll is how often lock retries a busy lock. flock(2) cannot be
+// interrupted by a context, so waiting is done by polling.
+const lockPoll = 50 * time.Millisecond
+
+// lock takes an exclusive lock, waiting until ctx is done.
+func lock(ctx context.Context, path string) (*flock, error) {
+	for {
+		l, err := tryLock(path)
+		if !errors.Is(err, errLocked) {
+			return l, err
+		}
+		t := time.NewTimer(lockPoll)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil, fmt.Errorf("wait for %s: %w", filepath.Base(path), ctx.Err())
+		case <-t.C:
+		}
+	}
+}
+
+func (l *flock) unlock() error {
+	if l == nil || l.f == nil {
+		return nil
+	}
+	err := l.f.Close() // closing the descriptor drops the lock
+	l.f = nil
+	return err
+}
+
+// isLocked reports whether some process holds path's lock; a missing file
+// means no one does. It never creates the file, so a read-only `status` is safe.
+func isLocked(path string) (bool, error) {
+	f, err := os.Open(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("open lock: %w", err)
+	}
+	defer f.Close()
+	err = syscall.Flock(int(f.Fd()), syscall.LOCK_SH|syscall.LOCK_NB)
+	if errors.Is(err, syscall.EWOULDBLOCK) {
+		return true, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("probe lock: %w", err)
+	}
+	return false, nil
+}
+
+// Conditions that stop the agent from working normally, shown by `status`.
+const (
+	CondRevoked    = "revoked"           // the server revoked the certificate or device
+	CondNeedsToken = "needs_token"       // the certificate expired beyond the grace
+	CondClockWrong = "waiting_for_clock" // local clock too far from the certificate or server
+)
+
+// State is state.json: what `status` shows and what `run` needs besides the
+// key material. It holds no secret.
+type State struct {
+	DeviceID    string    `json:"device_id"`
+	ServerURL   string    `json:"server_url"`
+	BrokerURL   string    `json:"broker_url"`
+	EnrolledAt  time.Time `json:"enrolled_at,omitzero"`
+	LastRenewal time.Time `json:"last_renewal,omitzero"`
+	NotAfter    time.Time `json:"not_after,omitzero"`
+
+	Connected        bool      `json:"connected"`
+	ConnectedChanged time.Time `json:"connected_changed,omitzero"`
+	Condition        string    `json:"condition,omitempty"`
+	LastError        string    `json:"last_error,omitempty"`
+	LastErrorAt      time.Time `json:"last_error_at,omitzero"`
+	QueuePending     int       `json:"queue_pending"`
+	QueueDropped     uint64    `json:"queue_dropped"`
+	PID              int       `json:"pid,omitempty"`
+	AgentVersion     string    `json:"agent_version,omitempty"`
+}
+
+// stateStore serializes read-modify-write cycles of state.json, within the
+// process by a mutex and across processes by state.lock.
+type stateStore struct {
+	dir string
+	mu  sync.Mutex
+}
+
+// ErrNotEnrolled is returned when the state folder holds no identity.
+var ErrNotEnrolled = errors.New("not enrolled: run `device-agent enroll` first")
+
+func readState(dir string) (State, error) {
+	var s State
+	b, err := os.ReadFile(filepath.Join(dir, stateFile))
+	if errors.Is(err, fs.ErrNotExist) {
+		return s, ErrNotEnrolled
+	}
+	if err != nil {
+		return s, fmt.Errorf("read state: %w", err)
+	}
+	if err := json.Unmarshal(b, &s); err != nil {
+		return s, fmt.Errorf("parse state: %w", err)
+	}
+	return s, nil
+}
+
+// update applies fn to the current state and writes it back atomically. A
+// missing state.json starts from the zero State.
+func (s *stateStore) update(ctx context.Context, fn func(*State)) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	l, err := lock(ctx, filepath.Join(s.dir, stateLock))
+	if err != nil {
+		return err
+	}
+	defer l.unlock()
+	st, err := readState(s.dir)
+	if err != nil && !errors.Is(err, ErrNotEnrolled) {
+		return err
+	}
+	fn(&st)
+	b, err := json.MarshalIndent(st, "", "  ")
+	if err != nil {
+		return fmt.Errorf("encode state: %w", err)
+	}
+	return writeFileAtomic(filepath.Join(s.dir, stateFile), append(b, '\n'), 0o600)
+}

@@ -1,0 +1,144 @@
+package agent
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"path/filepath"
+	"time"
+)
+
+// Status is what `device-agent status` shows.
+type Status struct {
+	Enrolled     bool      `json:"enrolled"`
+	DeviceID     string    `json:"device_id,omitempty"`
+	ServerURL    string    `json:"server_url,omitempty"`
+	BrokerURL    string    `json:"broker_url,omitempty"`
+	Serial       string    `json:"serial,omitempty"`
+	NotBefore    time.Time `json:"not_before,omitzero"`
+	NotAfter     time.Time `json:"not_after,omitzero"`
+	LastRenewal  time.Time `json:"last_renewal,omitzero"`
+	Running      bool      `json:"running"`   // a `run` holds the state folder
+	Connected    bool      `json:"connected"` // to the broker, as last reported by the running agent
+	Since        time.Time `json:"since,omitzero"`
+	Condition    string    `json:"condition,omitempty"`
+	LastError    string    `json:"last_error,omitempty"`
+	LastErrorAt  time.Time `json:"last_error_at,omitzero"`
+	QueuePending int       `json:"queue_pending"`
+	QueueDropped uint64    `json:"queue_dropped"`
+}
+
+// ReadStatus reads the state folder without changing it, so it is safe
+// while an agent runs. The certificate on disk is the truth for dates; a
+// connected flag left by an agent that died is not reported as connected.
+func ReadStatus(stateDir string) (Status, error) {
+	if stateDir == "" {
+		stateDir = DefaultStateDir
+	}
+	st, err := readState(stateDir)
+	if errors.Is(err, ErrNotEnrolled) {
+		return Status{}, nil
+	}
+	if err != nil {
+		return Status{}, err
+	}
+	s := Status{
+		Enrolled:     true,
+		DeviceID:     st.DeviceID,
+		ServerURL:    st.ServerURL,
+		BrokerURL:    st.BrokerURL,
+		NotAfter:     st.NotAfter,
+		LastRenewal:  st.LastRenewal,
+		Since:        st.ConnectedChanged,
+		Condition:    st.Condition,
+		LastError:    st.LastError,
+		LastErrorAt:  st.LastErrorAt,
+		QueuePending: st.QueuePending,
+		QueueDropped: st.QueueDropped,
+	}
+	if b, err := readOptional(filepath.Join(stateDir, certFile)); err == nil && b != nil {
+		if certs, err := parseCerts(b); err == nil {
+			c := certs[0]
+			s.DeviceID, s.Serial, s.NotBefore, s.NotAfter = c.Subject.CommonName, c.SerialNumber.Text(16), c.NotBefore, c.NotAfter
+		}
+	}
+	if s.Running, err = isLocked(filepath.Join(stateDir, runLock)); err != nil {
+		return s, err
+	}
+	s.Connected = s.Running && st.Connected
+	return s, nil
+}
+
+// WriteText prints s for a person.
+func (s Status) WriteText(w io.Writer, now time.Time) error {
+	if !s.Enrolled {
+		_, err := fmt.Fprintln(w, "not enrolled")
+		return err
+	}
+	ts := func(t time.Time) string {
+		if t.IsZero() {
+			return "never"
+		}
+		return t.Local().Format(time.RFC3339) + " (" + human(t.Sub(now)) + ")"
+	}
+	conn := "not running"
+	switch {
+	case s.Connected:
+		conn = "running, connected since " + ts(s.Since)
+	case s.Running:
+		conn = "running, not connected"
+	}
+	lines := []struct{ k, v string }{
+		{"device", s.DeviceID},
+		{"agent", conn},
+		{"certificate", "serial " + s.Serial + ", valid until " + ts(s.NotAfter)},
+		{"last renewal", ts(s.LastRenewal)},
+		{"broker", s.BrokerURL},
+		{"server", s.ServerURL},
+		{"queue", fmt.Sprintf("%d pending, %d dropped", s.QueuePending, s.QueueDropped)},
+	}
+	if s.Condition != "" {
+		lines = append(lines, struct{ k, v string }{"attention", conditionText(s.Condition)})
+	}
+	if s.LastError != "" {
+		lines = append(lines, struct{ k, v string }{"last error", s.LastError + " at " + ts(s.LastErrorAt)})
+	}
+	for _, l := range lines {
+		if _, err := fmt.Fprintf(w, "%-13s %s\n", l.k+":", l.v); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func conditionText(c string) string {
+	switch c {
+	case CondRevoked:
+		return "revoked by the server: re-enroll with a new token (device-agent enroll --force)"
+	case CondNeedsToken:
+		return "certificate expired beyond the renewal grace: re-enroll with a new token (device-agent enroll --force)"
+	case CondClockWrong:
+		return "waiting for the system clock to be set (time sync)"
+	}
+	return c
+}
+
+// human renders a duration relative to now: "in 3d4h", "2h ago".
+func human(d time.Duration) string {
+	suffix := ""
+	prefix := "in "
+	if d < 0 {
+		d, prefix, suffix = -d, "", " ago"
+	}
+	d = d.Round(time.Minute)
+	var s string
+	if days := d / (24 * time.Hour); days > 0 {
+		s = fmt.Sprintf("%dd%dh", days, (d%(24*time.Hour))/time.Hour)
+	} else {
+		s = d.String()
+		if len(s) > 2 && s[len(s)-2:] == "0s" {
+			s = s[:len(s)-2]
+		}
+	}
+	return prefix + s + suffix
+}

@@ -1,0 +1,326 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+)
+
+const testToken = "fmq1.SECRETsecretSECRETsecretSECRETsecretSECR.0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+
+// shell prefers dash, a strict POSIX sh, so bashisms fail the test.
+func shell(tb testing.TB) string {
+	tb.Helper()
+	for _, sh := range []string{"dash", "sh"} {
+		if p, err := exec.LookPath(sh); err == nil {
+			return p
+		}
+	}
+	tb.Skip("no sh")
+	return ""
+}
+
+// fakeDist is a dist folder with a distinct fake binary per architecture.
+func fakeDist(tb testing.TB) string {
+	tb.Helper()
+	dist := tb.TempDir()
+	for _, arch := range []string{"armv6", "armv7", "arm64", "amd64"} {
+		if err := os.WriteFile(filepath.Join(dist, "device-agent-linux-"+arch), []byte("#!/bin/sh\necho "+arch+"\n"), 0o755); err != nil {
+			tb.Fatal(err)
+		}
+	}
+	return dist
+}
+
+type installRun struct {
+	out  string
+	err  error
+	root string
+}
+
+func runInstall(tb testing.TB, root, machine string, args ...string) installRun {
+	tb.Helper()
+	cmd := exec.Command(shell(tb), append([]string{"../scripts/install-agent.sh", "--root", root}, args...)...)
+	cmd.Env = append(os.Environ(), "UNAME_M="+machine)
+	out, err := cmd.CombinedOutput()
+	if strings.Contains(string(out), "SECRETsecret") {
+		tb.Errorf("install output shows the token:\n%s", out)
+	}
+	return installRun{out: string(out), err: err, root: root}
+}
+
+func mode(tb testing.TB, path string) os.FileMode {
+	tb.Helper()
+	st, err := os.Lstat(path)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return st.Mode()
+}
+
+func TestInstallScript(t *testing.T) {
+	dist := fakeDist(t)
+	root := filepath.Join(t.TempDir(), "root")
+	r := runInstall(t, root, "armv6l", "--dist", dist, "--server", "https://fleet.example:8443", "--token", testToken, "--id", "pi-1")
+	if r.err != nil {
+		t.Fatalf("install: %v\n%s", r.err, r.out)
+	}
+
+	bin := filepath.Join(root, "usr/local/bin/device-agent")
+	if b, _ := os.ReadFile(bin); !strings.Contains(string(b), "armv6") {
+		t.Errorf("installed binary %q, want the armv6 one", b)
+	}
+	if m := mode(t, bin); m.Perm() != 0o755 {
+		t.Errorf("binary mode %v", m)
+	}
+	unit := filepath.Join(root, "etc/systemd/system/device-agent.service")
+	want, err := os.ReadFile("../scripts/device-agent.service")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := os.ReadFile(unit); !bytes.Equal(got, want) {
+		t.Error("installed unit differs from scripts/device-agent.service")
+	}
+	if m := mode(t, unit); m.Perm() != 0o644 {
+		t.Errorf("unit mode %v", m)
+	}
+	if m := mode(t, filepath.Join(root, "var/lib/device-agent")); !m.IsDir() || m.Perm() != 0o700 {
+		t.Errorf("state dir mode %v", m)
+	}
+	link := filepath.Join(root, "etc/systemd/system/multi-user.target.wants/device-agent.service")
+	if target, err := os.Readlink(link); err != nil || target != "/etc/systemd/system/device-agent.service" {
+		t.Errorf("enable link %q, %v", target, err)
+	}
+	for _, w := range []string{
+		"would run: useradd --system",
+		"would run: chown device-agent:device-agent",
+		"would run as device-agent: /usr/local/bin/device-agent enroll --state-dir /var/lib/device-agent --server https://fleet.example:8443 --token - --id pi-1",
+		"would run: systemctl daemon-reload",
+		"would run: systemctl enable device-agent.service",
+		"would run: systemctl restart device-agent.service",
+	} {
+		if !strings.Contains(r.out, w) {
+			t.Errorf("output lacks %q:\n%s", w, r.out)
+		}
+	}
+	entries, _ := os.ReadDir(filepath.Dir(bin))
+	if len(entries) != 1 {
+		t.Errorf("temp files left next to the binary: %v", entries)
+	}
+
+	// Idempotent: a second run succeeds and leaves the same tree.
+	before := tree(t, root)
+	if r := runInstall(t, root, "armv6l", "--dist", dist, "--server", "https://fleet.example:8443", "--token", testToken); r.err != nil {
+		t.Fatalf("second install: %v\n%s", r.err, r.out)
+	}
+	if after := tree(t, root); !slices.Equal(before, after) {
+		t.Errorf("second run changed the tree:\n%v\n%v", before, after)
+	}
+
+	// Once enrolled, an upgrade needs no token and does not enroll again.
+	if err := os.WriteFile(filepath.Join(root, "var/lib/device-agent/cert.pem"), []byte("x"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	r = runInstall(t, root, "armv6l", "--dist", dist)
+	if r.err != nil || !strings.Contains(r.out, "already enrolled") || strings.Contains(r.out, " enroll --state-dir") {
+		t.Errorf("upgrade of an enrolled device: %v\n%s", r.err, r.out)
+	}
+	// --force enrolls again.
+	r = runInstall(t, root, "armv6l", "--dist", dist, "--server", "https://fleet.example:8443", "--token", testToken, "--force")
+	if r.err != nil || !strings.Contains(r.out, "--token - --force") {
+		t.Errorf("forced install: %v\n%s", r.err, r.out)
+	}
+
+	// Uninstall keeps the identity; --purge removes it.
+	r = runInstall(t, root, "armv6l", "--uninstall")
+	if r.err != nil {
+		t.Fatalf("uninstall: %v\n%s", r.err, r.out)
+	}
+	for _, p := range []string{bin, unit, link} {
+		if _, err := os.Lstat(p); !os.IsNotExist(err) {
+			t.Errorf("%s still there after uninstall", p)
+		}
+	}
+	if !strings.Contains(r.out, "would run: systemctl disable --now device-agent.service") {
+		t.Errorf("uninstall output:\n%s", r.out)
+	}
+	if _, err := os.Stat(filepath.Join(root, "var/lib/device-agent/cert.pem")); err != nil {
+		t.Error("uninstall deleted the identity")
+	}
+	r = runInstall(t, root, "armv6l", "--uninstall", "--purge")
+	if _, err := os.Stat(filepath.Join(root, "var/lib/device-agent")); r.err != nil || !os.IsNotExist(err) {
+		t.Errorf("purge: %v, state dir: %v\n%s", r.err, err, r.out)
+	}
+}
+
+// tree lists every path with its mode and content.
+func tree(tb testing.TB, root string) []string {
+	tb.Helper()
+	var out []string
+	err := filepath.Walk(root, func(p string, info os.FileInfo, err error) error {
+		if err != nil {
+			return err
+		}
+		line := strings.TrimPrefix(p, root) + " " + info.Mode().String()
+		if info.Mode().IsRegular() {
+			b, _ := os.ReadFile(p)
+			line += " " + string(b)
+		}
+		out = append(out, line)
+		return nil
+	})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return out
+}
+
+func TestInstallScriptPicksArchitecture(t *testing.T) {
+	dist := fakeDist(t)
+	for machine, arch := range map[string]string{"armv6l": "armv6", "armv7l": "armv7", "aarch64": "arm64", "x86_64": "amd64"} {
+		t.Run(machine, func(t *testing.T) {
+			root := t.TempDir()
+			r := runInstall(t, root, machine, "--dist", dist, "--server", "https://s:8443", "--token", testToken)
+			if r.err != nil {
+				t.Fatalf("%v\n%s", r.err, r.out)
+			}
+			if b, _ := os.ReadFile(filepath.Join(root, "usr/local/bin/device-agent")); !strings.Contains(string(b), arch) {
+				t.Errorf("installed %q, want %s", b, arch)
+			}
+		})
+	}
+	root := t.TempDir()
+	if r := runInstall(t, root, "mips", "--dist", dist, "--server", "https://s:8443", "--token", testToken); r.err == nil || !strings.Contains(r.out, "unsupported machine mips") {
+		t.Errorf("mips: %v\n%s", r.err, r.out)
+	}
+	if _, err := os.Stat(filepath.Join(root, "usr/local/bin/device-agent")); !os.IsNotExist(err) {
+		t.Error("a binary was installed for an unsupported machine")
+	}
+}
+
+func TestInstallScriptRefusals(t *testing.T) {
+	dist := fakeDist(t)
+	cases := map[string][]string{
+		"no token":       {"--dist", dist, "--server", "https://s:8443"},
+		"no server":      {"--dist", dist, "--token", testToken},
+		"missing binary": {"--binary", filepath.Join(dist, "nope"), "--server", "https://s:8443", "--token", testToken},
+		"unknown option": {"--dist", dist, "--colour"},
+		"dangling value": {"--dist", dist, "--server"},
+	}
+	for name, args := range cases {
+		t.Run(name, func(t *testing.T) {
+			if r := runInstall(t, t.TempDir(), "x86_64", args...); r.err == nil {
+				t.Errorf("succeeded:\n%s", r.out)
+			}
+		})
+	}
+	// --binary and the token from stdin.
+	root := t.TempDir()
+	cmd := exec.Command(shell(t), "../scripts/install-agent.sh", "--root", root, "--binary", filepath.Join(dist, "device-agent-linux-arm64"),
+		"--server", "https://s:8443", "--token", "-")
+	cmd.Env = append(os.Environ(), "UNAME_M=x86_64")
+	cmd.Stdin = strings.NewReader(testToken + "\n")
+	if out, err := cmd.CombinedOutput(); err != nil || strings.Contains(string(out), "SECRETsecret") {
+		t.Errorf("--binary with token on stdin: %v\n%s", err, out)
+	}
+	if b, _ := os.ReadFile(filepath.Join(root, "usr/local/bin/device-agent")); !strings.Contains(string(b), "arm64") {
+		t.Errorf("--binary not used: %q", b)
+	}
+}
+
+// unitDirectives parses a unit file into section.Key → values.
+func unitDirectives(tb testing.TB, path string) map[string][]string {
+	tb.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer f.Close()
+	out := map[string][]string{}
+	section := ""
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		line := strings.TrimSpace(sc.Text())
+		switch {
+		case line == "" || strings.HasPrefix(line, "#"):
+		case strings.HasPrefix(line, "["):
+			section = strings.Trim(line, "[]")
+		default:
+			k, v, ok := strings.Cut(line, "=")
+			if !ok {
+				tb.Fatalf("bad unit line %q", line)
+			}
+			out[section+"."+k] = append(out[section+"."+k], v)
+		}
+	}
+	return out
+}
+
+func TestUnitDirectives(t *testing.T) {
+	d := unitDirectives(t, "../scripts/device-agent.service")
+	exact := map[string]string{
+		"Service.User":               "device-agent",
+		"Service.Group":              "device-agent",
+		"Service.ExecStart":          "/usr/local/bin/device-agent run",
+		"Service.StateDirectory":     "device-agent",
+		"Service.StateDirectoryMode": "0700",
+		"Service.ProtectSystem":      "strict",
+		"Service.ProtectHome":        "true",
+		"Service.PrivateTmp":         "true",
+		"Service.NoNewPrivileges":    "true",
+		"Service.Restart":            "always",
+		"Service.RestartSec":         "10",
+		"Install.WantedBy":           "multi-user.target",
+	}
+	for k, v := range exact {
+		if got := d[k]; len(got) != 1 || got[0] != v {
+			t.Errorf("%s = %v, want %q", k, got, v)
+		}
+	}
+	for _, k := range []string{"Unit.After", "Unit.Wants"} {
+		deps := strings.Fields(strings.Join(d[k], " "))
+		for _, w := range []string{"network-online.target", "time-sync.target"} {
+			if !slices.Contains(deps, w) {
+				t.Errorf("%s lacks %s", k, w)
+			}
+		}
+	}
+	// Hardening that would break telemetry must not creep in: ProcSubset=pid
+	// hides /proc/loadavg and /proc/meminfo, PrivateNetwork cuts the broker.
+	for _, k := range []string{"Service.ProcSubset", "Service.PrivateNetwork", "Service.DynamicUser"} {
+		if v, ok := d[k]; ok {
+			t.Errorf("%s=%v breaks the agent", k, v)
+		}
+	}
+}
+
+// TestUnitVerifies runs systemd-analyze verify on the unit as installed by
+// the script into a root that has the system's units and the binary.
+func TestUnitVerifies(t *testing.T) {
+	analyze, err := exec.LookPath("systemd-analyze")
+	if err != nil {
+		t.Skip("systemd-analyze not installed")
+	}
+	root := t.TempDir()
+	if r := runInstall(t, root, "x86_64", "--dist", fakeDist(t), "--server", "https://s:8443", "--token", testToken); r.err != nil {
+		t.Fatalf("install: %v\n%s", r.err, r.out)
+	}
+	// verify resolves dependencies (sysinit.target, ...) inside the root.
+	if err := os.MkdirAll(filepath.Join(root, "usr/lib/systemd"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command("cp", "-a", "/usr/lib/systemd/system", filepath.Join(root, "usr/lib/systemd/")).CombinedOutput(); err != nil {
+		t.Skipf("no system units to verify against: %v %s", err, out)
+	}
+	cmd := exec.Command(analyze, "verify", "--man=no", "--root="+root, "/etc/systemd/system/device-agent.service")
+	var stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stderr, &stderr
+	if err := cmd.Run(); err != nil || stderr.Len() > 0 {
+		t.Errorf("systemd-analyze verify: %v\n%s", err, stderr.String())
+	}
+}
