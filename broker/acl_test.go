@@ -180,6 +180,17 @@ func FuzzAllowed(f *testing.F) {
 			if matches(topic, other) {
 				t.Fatalf("device %q filter %q matches %q", id, topic, other)
 			}
+			// Within its tree, only the documented grant.
+			rest := strings.Split(strings.TrimPrefix(topic, prefix), "/")
+			switch {
+			case write && rest[0] == "telemetry":
+			case write && rest[0] == "events" && len(rest) > 1:
+			case write && rest[0] == "status" && len(rest) == 1:
+			case !write && rest[0] == "commands" && len(rest) > 1:
+			case !write && rest[0] == "config" && len(rest) == 1:
+			default:
+				t.Fatalf("device %q granted %q (write %v) outside telemetry, events, status, commands and config", id, topic, write)
+			}
 		case store.RoleService:
 			lv := strings.Split(topic, "/")
 			if lv[0] != "devices" || len(lv) < 3 {

@@ -101,7 +101,7 @@ func TestClientIDMustBeCN(t *testing.T) {
 	}
 
 	// An identity named like mochi's inline client is never admitted.
-	inline := f.device(t, "inline")
+	inline := f.forgeDevice(t, "inline") // enrollment refuses the id; the broker must too
 	c = paho.NewClient(f.pahoOpts("inline", f.clientTLS(inline)))
 	if err := wait(t, c.Connect()); !errors.Is(err, pahopackets.ErrorRefusedNotAuthorised) {
 		t.Fatalf("connect as inline: %v, want not authorized", err)

@@ -3,17 +3,24 @@ package enroll
 // maxIDLen is the longest device id ValidateID accepts, in bytes.
 const maxIDLen = 64
 
+// reservedID is mochi's inline client id (mqtt.InlineClientId).
+const reservedID = "inline"
+
 // ValidateID checks a device id: 1 to 64 characters of [a-z0-9._-], the first
 // a letter or digit. The id becomes a certificate CN, an MQTT client id and a
 // topic level, so anything MQTT treats specially (/ + #), anything a file
 // system or shell may treat specially, upper case (two ids that differ only in
 // case would look like one device to a human) and non-ASCII look-alikes are
-// refused. The error never quotes the input: it may be hostile or a typo'd
-// secret, so the message names the rule and the position instead.
+// refused. So is "inline", the client id mochi reserves for its own client:
+// the broker never admits it, so a certificate for it would be useless. The
+// error never quotes the input: it may be hostile or a typo'd secret, so the
+// message names the rule and the position instead.
 func ValidateID(id string) error {
 	switch {
 	case id == "":
 		return Errorf(CodeIDInvalid, "id is empty")
+	case id == reservedID:
+		return Errorf(CodeIDInvalid, "id is reserved for the broker's own client")
 	case len(id) > maxIDLen:
 		return Errorf(CodeIDInvalid, "id is %d bytes long; at most %d are allowed", len(id), maxIDLen)
 	case !isIDAlnum(id[0]):

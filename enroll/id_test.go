@@ -49,6 +49,7 @@ func TestValidateIDBad(t *testing.T) {
 		{"fullwidth a", "\uff41", "start"},
 		{"colon", "a:b", "position 2"},
 		{"dollar", "$sys", "start"},
+		{"mochi's inline client", "inline", "reserved"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -78,7 +79,7 @@ func FuzzValidateID(f *testing.F) {
 			if !errors.As(err, &e) || e.Code != CodeIDInvalid {
 				t.Fatalf("err = %v, want code %s", err, CodeIDInvalid)
 			}
-			if idPattern.MatchString(id) {
+			if idPattern.MatchString(id) && id != "inline" {
 				t.Fatalf("rejected an id that matches the pattern: %v", err)
 			}
 			return

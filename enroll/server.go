@@ -18,6 +18,7 @@ import (
 	"mime"
 	"net"
 	"net/http"
+	"path"
 	"strconv"
 	"strings"
 	"sync"
@@ -106,8 +107,10 @@ func NewHandler(cfg Config, st Store) (*Handler, error) {
 	if cfg.CertLifetime == 0 {
 		cfg.CertLifetime = 30 * 24 * time.Hour
 	}
-	if cfg.CertLifetime < time.Minute {
-		return nil, fmt.Errorf("enroll: certificate lifetime %v is shorter than a minute", cfg.CertLifetime)
+	// Below 10 s a device could not renew and reconnect before expiry.
+	// Lifetimes of seconds serve tests of scheduled renewal end to end.
+	if cfg.CertLifetime < 10*time.Second {
+		return nil, fmt.Errorf("enroll: certificate lifetime %v is shorter than 10s", cfg.CertLifetime)
 	}
 	if cfg.RenewGrace == 0 {
 		cfg.RenewGrace = 7 * 24 * time.Hour
@@ -163,6 +166,13 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 				return
 			}
 		}
+	}
+	// The mux would redirect a path with dot segments or doubled slashes to
+	// its clean form, with an empty body; no client needs that, so such a
+	// path is refused like any unknown one.
+	if p := r.URL.Path; path.Clean(p) != p {
+		h.writeError(w, r, Errorf(CodeNotFound, "no such endpoint"))
+		return
 	}
 	// The mux answers unknown paths and methods in plain text; keep every
 	// answer in the one JSON error format.
@@ -513,7 +523,8 @@ func parseProof(body []byte) (*x509.Certificate, *x509.CertificateRequest, error
 	if err := dec.Decode(&p); err != nil {
 		return nil, nil, &Error{Code: CodeBadRequest, Message: "renewal proof is not valid JSON", Err: err}
 	}
-	if dec.More() {
+	// More() misses a stray '}' or ']'; only the end of input will do.
+	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
 		return nil, nil, Errorf(CodeBadRequest, "renewal proof has trailing data")
 	}
 	csr, err := ParseCSR([]byte(p.CSR))

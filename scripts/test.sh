@@ -7,6 +7,7 @@
 #   scripts/test.sh            everything: vet, unit + end-to-end tests (race), fuzz smoke
 #   FUZZTIME=30s scripts/test.sh   longer fuzzing
 #   SKIP_FUZZ=1 scripts/test.sh    no fuzzing
+#   FLEETMQ_SOAK=10s scripts/test.sh   shorter 2,000-device soak (TestSoak; default 60s, 10s with -short)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,7 +42,7 @@ if [ "${SKIP_FUZZ:-}" = "" ]; then
     dir=$(go list -f '{{.Dir}}' "$pkg")
     for target in $(grep -ho '^func Fuzz[A-Za-z0-9_]*' "$dir"/*_test.go 2>/dev/null | sed 's/^func //'); do
       echo "-- $pkg $target"
-      go test -run '^$' -fuzz "^${target}\$" -fuzztime "${FUZZTIME:-10s}" "$pkg"
+      go test -run '^$' -fuzz "^${target}\$" -fuzztime "${FUZZTIME:-10s}" -fuzzminimizetime 2s "$pkg"
     done
   done
 fi

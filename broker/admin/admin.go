@@ -197,7 +197,9 @@ func (h *Handler) MintTokens(ctx context.Context, req TokenRequest, remote strin
 	}
 	var ids []string
 	switch {
-	case req.Count > 0 || req.Prefix != "":
+	// Any count but zero asks for a batch, so a negative one is refused
+	// below rather than read as "no count".
+	case req.Count != 0 || req.Prefix != "":
 		if req.DeviceID != "" {
 			return nil, enroll.Errorf(enroll.CodeBadRequest, "count/prefix and device_id exclude each other")
 		}
@@ -642,7 +644,8 @@ func decode(r *http.Request, v any) error {
 	if err := dec.Decode(v); err != nil {
 		return &enroll.Error{Code: enroll.CodeBadRequest, Message: "request body is not the expected JSON", Err: err}
 	}
-	if dec.More() {
+	// More() misses a stray '}' or ']'; only the end of input will do.
+	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
 		return enroll.Errorf(enroll.CodeBadRequest, "request body has trailing data")
 	}
 	return nil

@@ -36,6 +36,7 @@ func serve(ctx context.Context, args []string, env Env) error {
 	fs.IntVar(&cfg.Broker.PublishBurst, "publish-burst", 200, "per-device publish burst")
 	fs.StringVar(&cfg.MetricsAddr, "metrics-addr", "127.0.0.1:9464", "Prometheus /metrics, /healthz and /readyz listen address (plain HTTP); \"off\" or empty disables")
 	fs.StringVar(&cfg.UIAddr, "ui-addr", "127.0.0.1:8080", "dashboard listen address: plain HTTP on loopback, otherwise HTTPS for operator certificates only; \"off\" or empty disables")
+	fs.StringVar(&cfg.PprofAddr, "pprof-addr", "", "loopback address serving net/http/pprof for profiling (e.g. 127.0.0.1:6060); default off")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
 	logFormat := fs.String("log-format", "auto", "json, console, or auto (console on a terminal)")
 	if err := fs.parse(args, 0); err != nil {

@@ -63,6 +63,16 @@ type Config struct {
 	// address, otherwise HTTPS for operator certificates only. Default
 	// none: not served ("off" too); `fleetmq serve` passes 127.0.0.1:8080.
 	UIAddr string
+	// PprofAddr is a loopback listener serving net/http/pprof, for
+	// profiling a running node. Default none: not served ("off" too).
+	PprofAddr string
+	// EnrollReadHeaderTimeout bounds reading the headers of an enrollment
+	// request (and the TLS handshake before them); default 10s.
+	EnrollReadHeaderTimeout time.Duration
+	// EnrollReadTimeout bounds reading a whole enrollment request, body
+	// included: a client dribbling its body is answered 400 and cut off
+	// when it runs out; default 30s.
+	EnrollReadTimeout time.Duration
 
 	Logger zerolog.Logger   // default zerolog.Nop()
 	Now    func() time.Time // default time.Now
@@ -86,6 +96,12 @@ func (c *Config) setDefaults() {
 	}
 	if c.RetentionCount == 0 {
 		c.RetentionCount = 100_000
+	}
+	if c.EnrollReadHeaderTimeout == 0 {
+		c.EnrollReadHeaderTimeout = 10 * time.Second
+	}
+	if c.EnrollReadTimeout == 0 {
+		c.EnrollReadTimeout = 30 * time.Second
 	}
 	if c.Now == nil {
 		c.Now = time.Now
@@ -113,6 +129,8 @@ type Server struct {
 	metrics    *metrics.Metrics
 	metricsSrv *http.Server
 	metricsLn  net.Listener
+	pprofSrv   *http.Server
+	pprofLn    net.Listener
 	ui         *ui.Server
 	ready      atomic.Bool // between the end of Start and the start of Close
 
@@ -248,6 +266,14 @@ func (s *Server) readiness(ctx context.Context) error {
 // background. The MQTT port's ephemeral port, if any, is known once the
 // enrollment endpoint hands out broker URLs.
 func (s *Server) Start() error {
+	if enabled(s.cfg.PprofAddr) {
+		// First: the others' listeners would outlive a failure here.
+		ln, err := listenPprof(s.cfg.PprofAddr)
+		if err != nil {
+			return err
+		}
+		s.pprofLn, s.pprofSrv = ln, s.pprofServer()
+	}
 	if err := s.mqtt.Start(); err != nil {
 		return fmt.Errorf("start MQTT listener: %w", err)
 	}
@@ -264,8 +290,8 @@ func (s *Server) Start() error {
 	s.httpLn = tls.NewListener(ln, s.httpsTLS())
 	s.httpSrv = &http.Server{
 		Handler:           s.enroll,
-		ReadHeaderTimeout: 10 * time.Second,
-		ReadTimeout:       30 * time.Second,
+		ReadHeaderTimeout: s.cfg.EnrollReadHeaderTimeout,
+		ReadTimeout:       s.cfg.EnrollReadTimeout,
 		WriteTimeout:      30 * time.Second,
 		IdleTimeout:       2 * time.Minute,
 		MaxHeaderBytes:    64 << 10,
@@ -298,6 +324,9 @@ func (s *Server) Start() error {
 	if s.metricsSrv != nil {
 		s.serve("metrics", func() error { return s.metricsSrv.Serve(s.metricsLn) })
 	}
+	if s.pprofSrv != nil {
+		s.serve("pprof", func() error { return s.pprofSrv.Serve(s.pprofLn) })
+	}
 	if s.ui != nil {
 		s.serve("ui", s.ui.Serve)
 	}
@@ -312,6 +341,9 @@ func (s *Server) Start() error {
 	}
 	if s.ui != nil {
 		ev = ev.Str("ui", s.ui.URL())
+	}
+	if s.pprofLn != nil {
+		ev = ev.Str("pprof", "http://"+s.pprofLn.Addr().String()+"/debug/pprof/")
 	}
 	ev.Msg("fleetmq serving")
 	return nil
@@ -505,6 +537,12 @@ func (s *Server) Close() error {
 				errs = append(errs, err)
 			}
 		}
+		if s.pprofSrv != nil {
+			// A CPU profile in progress would hold Shutdown for its length.
+			errs = append(errs, s.pprofSrv.Close())
+		} else if s.pprofLn != nil {
+			errs = append(errs, s.pprofLn.Close())
+		}
 		if s.httpSrv != nil {
 			errs = append(errs, s.httpSrv.Shutdown(shut))
 		}
@@ -535,6 +573,14 @@ func (s *Server) MQTTAddr() net.Addr { return s.mqtt.Addr() }
 
 // AdminSocket is the path of the admin socket.
 func (s *Server) AdminSocket() string { return filepath.Join(s.cfg.DataDir, admin.SocketName) }
+
+// PprofAddr is the bound pprof address, or nil when not served.
+func (s *Server) PprofAddr() net.Addr {
+	if s.pprofLn == nil {
+		return nil
+	}
+	return s.pprofLn.Addr()
+}
 
 // MetricsAddr is the bound metrics address, or nil when not served.
 func (s *Server) MetricsAddr() net.Addr {
