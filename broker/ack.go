@@ -3,6 +3,7 @@ package broker
 import (
 	"sync"
 
+	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
 )
 
@@ -23,9 +24,13 @@ const maxPendingAcks = 256
 
 // pendingPub is a QoS 1 publish waiting for its PUBACK.
 type pendingPub struct {
-	pk   packets.Packet
+	id   uint16
 	code packets.Code // PUBACK reason, once done
 	done bool         // guarded by ackQueue.mu
+	// pk is the publish to deliver once acknowledged, or nil when nothing
+	// could receive it (see unwatched): a packet is 800 bytes, and copying
+	// every one to the heap was a tenth of the work of a QoS 1 message.
+	pk *packets.Packet
 }
 
 // ackQueue is a connection's QoS 1 publishes in arrival order.
@@ -91,6 +96,7 @@ func (c *conn) startAckerLocked() bool {
 // the head is not done.
 func (c *conn) runAcker() {
 	defer c.b.ackers.Done()
+	var buf []byte
 	for {
 		q := &c.acks
 		q.mu.Lock()
@@ -109,36 +115,91 @@ func (c *conn) runAcker() {
 		clear(q.queue[rest:])
 		q.queue = q.queue[:rest]
 		q.mu.Unlock()
-		for _, p := range ready {
-			c.b.acknowledge(c, p)
+		buf = c.b.acknowledge(c, ready, buf)
+		for range ready {
 			<-q.slots
 		}
 	}
 }
 
-// acknowledge sends p's PUBACK and, if it was accepted, delivers it.
-func (b *Broker) acknowledge(c *conn, p *pendingPub) {
+// acknowledge sends the PUBACKs of ready, in order, then delivers the
+// accepted messages. A commit completes many publishes of a connection at
+// once, and one write (one TLS record, one syscall) per PUBACK was a fifth
+// of the broker's time under QoS 1 load: the PUBACKs go out in one write,
+// plus one per MQTT 5 refusal. buf is scratch space, returned for reuse.
+func (b *Broker) acknowledge(c *conn, ready []*pendingPub, buf []byte) []byte {
 	cl := c.cl
-	ack := packets.Packet{
-		FixedHeader: packets.FixedHeader{Type: packets.Puback},
-		PacketID:    p.pk.PacketID,
-		ReasonCode:  p.code.Code,
-	}
-	if p.code.Code >= packets.ErrUnspecifiedError.Code {
+	v5 := cl.Properties.ProtocolVersion == 5
+	buf = buf[:0]
+	for _, p := range ready {
+		id := p.id
+		switch {
+		case p.code.Code < packets.ErrUnspecifiedError.Code && (!v5 || p.code.Code == 0):
+			// Success: a 3.1.1 PUBACK, or an MQTT 5 one that may leave
+			// out a zero reason code and its properties.
+			buf = append(buf, packets.Puback<<4, 2, byte(id>>8), byte(id))
+		case p.code.Code < packets.ErrUnspecifiedError.Code:
+			buf = append(buf, packets.Puback<<4, 3, byte(id>>8), byte(id), p.code.Code)
+		case v5:
+			// A refusal carries its reason string: mochi encodes it.
+			writeRaw(cl, buf)
+			buf = buf[:0]
+			refuseAck(cl, id, p.code)
+		}
 		// A 3.1.1 PUBACK cannot refuse: the client gets none and resends
 		// after reconnecting.
-		if cl.Properties.ProtocolVersion == 5 {
-			ack.Properties.ReasonString = p.code.Reason
-			_ = cl.WritePacket(ack)
-		}
-		return
 	}
 	// A failed write means the client is gone; it resends when it comes
-	// back, and the stored message stays stored.
+	// back, and the stored messages stay stored.
+	writeRaw(cl, buf)
+	for _, p := range ready {
+		if p.code.Code < packets.ErrUnspecifiedError.Code {
+			b.deliver(c, p)
+		}
+	}
+	return buf
+}
+
+// writeRaw writes encoded packets to the client's connection under the
+// client's lock, as mochi's WritePacket does.
+func writeRaw(cl *mqtt.Client, buf []byte) {
+	if len(buf) == 0 || cl.Closed() {
+		return
+	}
+	cl.Lock()
+	defer cl.Unlock()
+	_, _ = cl.Net.Conn.Write(buf)
+}
+
+// refuseAck sends an MQTT 5 PUBACK refusing packet id with code.
+func refuseAck(cl *mqtt.Client, id uint16, code packets.Code) {
+	ack := packets.Packet{
+		FixedHeader: packets.FixedHeader{Type: packets.Puback},
+		PacketID:    id,
+		ReasonCode:  code.Code,
+	}
+	ack.Properties.ReasonString = code.Reason
 	_ = cl.WritePacket(ack)
-	pk := p.pk
+}
+
+// deliver hands an acknowledged publish to mochi for delivery. Most
+// telemetry has no subscriber on this node, and mochi's delivery path
+// costs as much as the rest of the publish: it is skipped when no
+// subscription can match (see subscribers.go), unless the message is
+// retained (mochi keeps it for later subscribers).
+func (b *Broker) deliver(c *conn, p *pendingPub) {
+	if p.pk == nil || (!p.pk.FixedHeader.Retain && !b.hasSubscribers(p.pk.TopicName)) {
+		return
+	}
+	pk := *p.pk
 	pk.Properties.TopicAlias, pk.Properties.TopicAliasFlag = 0, false
 	if err := b.srv.InjectPacket(b.inline, pk); err != nil {
 		b.log.Debug().Err(err).Str("id", c.id).Msg("broker: delivering acknowledged publish")
 	}
+}
+
+// hasSubscribers reports whether any subscription matches topic.
+func (b *Broker) hasSubscribers(topic string) bool {
+	s := b.srv.Topics.Subscribers(topic)
+	return len(s.Subscriptions) > 0 || len(s.Shared) > 0 || len(s.InlineSubscriptions) > 0
 }

@@ -169,6 +169,9 @@ const (
 // listenerID is the id of the broker's one mochi listener.
 const listenerID = "mqtts"
 
+// readBuffer is the size of mochi's per-connection read buffer.
+const readBuffer = 512
+
 // Broker is the MQTT broker. Its methods are safe for concurrent use.
 type Broker struct {
 	cfg    Config
@@ -180,6 +183,8 @@ type Broker struct {
 	w      *telemetryWriter
 	stats  *counters
 
+	serverCert atomic.Pointer[trimmed] // see getCertificate
+
 	mu     sync.Mutex
 	state  int
 	ln     *guardedListener
@@ -188,6 +193,12 @@ type Broker struct {
 	fmu       sync.RWMutex
 	followers map[string]map[*follower]struct{} // by device id; nil once closed
 	nfollow   atomic.Int64
+
+	// Subscriptions held by clients other than devices, by client id and
+	// filter (see subscribers.go).
+	smu       sync.Mutex
+	watchers  map[string]struct{}
+	nwatchers atomic.Int64
 
 	serveDone chan struct{}  // closed when the accept loop has returned
 	conns     sync.WaitGroup // connection goroutines, mochi's included
@@ -212,6 +223,7 @@ func New(cfg Config, st Store) (*Broker, error) {
 		stats:     newCounters(),
 		idents:    make(map[string]*identity),
 		followers: make(map[string]map[*follower]struct{}),
+		watchers:  make(map[string]struct{}),
 		serveDone: make(chan struct{}),
 	}
 	b.w = newTelemetryWriter(st, b.log, b.stats, b.notifyFollowers)
@@ -227,7 +239,7 @@ func New(cfg Config, st Store) (*Broker, error) {
 			tls.TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
 			tls.TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
 		},
-		GetCertificate: cfg.GetCertificate,
+		GetCertificate: b.getCertificate,
 		ClientAuth:     tls.RequireAndVerifyClientCert,
 		ClientCAs:      cfg.ClientCAs,
 		// VerifyConnection, unlike VerifyPeerCertificate, also runs when a
@@ -251,7 +263,10 @@ func New(cfg Config, st Store) (*Broker, error) {
 	b.srv = mqtt.New(&mqtt.Options{
 		Capabilities: caps,
 		InlineClient: true,
-		Logger:       newMochiLogger(b.log),
+		// Each connection keeps its read buffer for life (2 KiB by
+		// default); crypto/tls already buffers a whole record below it.
+		ClientNetReadBufferSize: readBuffer,
+		Logger:                  newMochiLogger(b.log),
 		// $SYS topics are denied to every client; refresh them rarely, as
 		// each refresh reads runtime.MemStats.
 		SysTopicResendInterval: 3600,

@@ -28,7 +28,8 @@ func (h *hook) ID() string { return "fleetmq-auth" }
 func (h *hook) Provides(b byte) bool {
 	switch b {
 	case mqtt.OnConnect, mqtt.OnConnectAuthenticate, mqtt.OnACLCheck,
-		mqtt.OnSubscribe, mqtt.OnPublish, mqtt.OnPacketSent:
+		mqtt.OnSubscribe, mqtt.OnSubscribed, mqtt.OnUnsubscribed,
+		mqtt.OnPublish, mqtt.OnPacketSent:
 		return true
 	}
 	return false
@@ -205,20 +206,27 @@ func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 		if m != nil && !b.w.storeAsync(*m) {
 			b.stats.dropped.Add(1)
 		}
+		if !pk.FixedHeader.Retain && b.unwatched(g) {
+			return handedOver(pk), nil // nobody could receive it
+		}
 		return pk, nil
 	case 1:
 		if m == nil && c.acksIdle() {
 			// Nothing queued ahead: mochi may answer now, in order.
 			return pk, refusePublish(cl, qos, code)
 		}
-		p := &pendingPub{pk: pk, code: code, done: m == nil}
+		p := &pendingPub{id: pk.PacketID, code: code, done: m == nil}
+		if pk.FixedHeader.Retain || !b.unwatched(g) {
+			deliver := pk
+			p.pk = &deliver
+		}
 		if !c.enqueueAck(p) {
 			return pk, packets.ErrRejectPacket
 		}
 		if m != nil {
 			b.w.storeAcked(*m, c, p)
 		}
-		return pk, packets.ErrRejectPacket // acknowledged and delivered by the acker
+		return handedOver(pk), nil // acknowledged and delivered by the acker
 	default:
 		if code == packets.CodeSuccess && m != nil {
 			if err := b.w.store(*m); err != nil {
@@ -235,6 +243,18 @@ func (h *hook) OnPacketSent(_ *mqtt.Client, pk packets.Packet, _ []byte) {
 	if pk.FixedHeader.Type == packets.Publish {
 		h.b.stats.out[min(pk.FixedHeader.Qos, 2)].Add(1)
 	}
+}
+
+// handedOver returns pk changed so that mochi forgets it without a word:
+// the broker acknowledges and delivers it itself. mochi's own way,
+// ErrRejectPacket, passes the whole packet to a debug log call, which
+// copies it to the heap on every publish even with debug logs off; a QoS 0
+// packet marked Ignore is neither acknowledged, nor retained, nor
+// delivered.
+func handedOver(pk packets.Packet) packets.Packet {
+	pk.FixedHeader.Qos = 0
+	pk.Ignore = true
+	return pk
 }
 
 // refusePublish returns what OnPublish returns for code: nil on success;

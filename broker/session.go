@@ -66,6 +66,11 @@ type conn struct {
 	closed      chan struct{}
 	acks        ackQueue
 
+	// The deadline last set and how far a refresh may move it before it
+	// is applied; only mochi's read goroutine sets deadlines.
+	deadline      time.Time
+	deadlineSlack time.Duration
+
 	// Guarded by b.mu; id, cl and ident are set once, by register.
 	id       string
 	cl       *mqtt.Client
@@ -85,6 +90,27 @@ func (c *conn) Close() error {
 	return c.Conn.Close()
 }
 
+// SetDeadline coalesces mochi's keepalive deadline refreshes. mochi moves
+// the deadline to now + 1.5 keepalives before every packet it reads, and
+// each move re-arms a runtime timer: under QoS 0 load that was 7% of the
+// broker's time. A refresh is applied only once it would move
+// the deadline by more than a sixteenth of the keepalive window, so a
+// silent client is still given at least 15/16 of what mochi asked for
+// (more than 1.4 keepalives).
+func (c *conn) SetDeadline(t time.Time) error {
+	if !t.IsZero() && !c.deadline.IsZero() {
+		if d := t.Sub(c.deadline); d >= 0 && d < c.deadlineSlack {
+			return nil
+		}
+	}
+	c.deadline = t
+	c.deadlineSlack = 0
+	if !t.IsZero() {
+		c.deadlineSlack = time.Until(t) / 16
+	}
+	return c.Conn.SetDeadline(t)
+}
+
 // leaf returns the verified client certificate.
 func (c *conn) leaf() *x509.Certificate {
 	cs := c.ConnectionState()
@@ -97,7 +123,15 @@ func (c *conn) leaf() *x509.Certificate {
 // allowed applies the connection's grant.
 func (c *conn) allowed(topic string, write bool) bool {
 	g := c.grant.Load()
-	return g != nil && !c.revoked.Load() && Allowed(g.role, g.id, topic, write)
+	if g == nil || c.revoked.Load() {
+		return false
+	}
+	if write && g.role == store.RoleDevice && isUnder(topic, g.telemetry) {
+		// Nearly every publish: what Allowed would answer, without
+		// splitting the topic.
+		return wellFormed(topic, true)
+	}
+	return Allowed(g.role, g.id, topic, write)
 }
 
 // identity is the broker's state of one identity with connections.

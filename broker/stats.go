@@ -59,7 +59,7 @@ type Stats struct {
 	TelemetryStored   uint64            // telemetry messages committed to the store
 	TelemetryCommits  uint64            // AppendTelemetry calls that succeeded (stored/commits = batch size)
 	TelemetryTooLarge uint64            // telemetry refused for its payload size
-	TelemetryDropped  uint64            // QoS 0 telemetry dropped: queue full
+	TelemetryDropped  uint64            // QoS 0 telemetry dropped: the writer's queue stayed full (store stuck)
 	TelemetryFailed   uint64            // telemetry the store failed to write
 	FollowDropped     uint64            // messages not delivered to a slow Follow reader
 	PresenceFailed    uint64            // presence updates the store failed to write

@@ -6,6 +6,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/mochi-mqtt/server/v2/packets"
 	"github.com/rs/zerolog"
@@ -15,10 +16,14 @@ import (
 
 // Writer queue and batch sizes. QoS 1 and 2 messages wait in syncQueue
 // (their publishers' reads wait when it is full); QoS 0 messages are
-// buffered up to asyncQueue and dropped beyond it.
+// buffered up to asyncQueue, and beyond it their publishers wait up to
+// asyncWait for room before a message is dropped: an overload slows
+// publishers down (TCP pushes back) instead of losing telemetry, and only
+// a store stuck that long loses it.
 const (
 	syncQueue     = 4096
 	asyncQueue    = 8192
+	asyncWait     = time.Second
 	maxBatch      = 4096    // messages per AppendTelemetry call
 	maxBatchBytes = 8 << 20 // payload bytes per AppendTelemetry call
 	followBuffer  = 256     // messages buffered per Follow reader
@@ -108,14 +113,23 @@ func (w *telemetryWriter) storeAcked(m store.Message, c *conn, p *pendingPub) {
 	}
 }
 
-// storeAsync queues m without waiting; false means the queue was full.
+// storeAsync queues m, waiting up to asyncWait for room; false means it
+// was dropped.
 func (w *telemetryWriter) storeAsync(m store.Message) bool {
 	select {
 	case w.async <- m:
 		return true
 	default:
-		return false
 	}
+	t := time.NewTimer(asyncWait)
+	defer t.Stop()
+	select {
+	case w.async <- m:
+		return true
+	case <-t.C:
+	case <-w.done:
+	}
+	return false
 }
 
 // setPresence records p to be written; a later state of the same identity

@@ -30,20 +30,26 @@ var (
 // nanoKey is t as an 8-byte big-endian key prefix that sorts like time, with
 // times before 1970 clamped to 0 and after 2262 to the largest key.
 func nanoKey(t time.Time) []byte {
-	var n uint64
-	switch {
-	case t.Before(minTime):
-		n = 0
-	case t.After(maxTime):
-		n = math.MaxInt64
-	default:
-		n = uint64(t.UnixNano())
-	}
-	return binary.BigEndian.AppendUint64(make([]byte, 0, 16), n)
+	return binary.BigEndian.AppendUint64(make([]byte, 0, 16), nanoUint(t))
 }
 
-func encodeMessage(m Message) []byte {
-	v := make([]byte, 0, 2+binary.MaxVarintLen64+len(m.Topic)+len(m.Payload))
+// nanoUint is the number nanoKey encodes.
+func nanoUint(t time.Time) uint64 {
+	switch {
+	case t.Before(minTime):
+		return 0
+	case t.After(maxTime):
+		return math.MaxInt64
+	}
+	return uint64(t.UnixNano())
+}
+
+// encodedLen bounds the length of m's encoded value.
+func encodedLen(m Message) int {
+	return 2 + binary.MaxVarintLen64 + len(m.Topic) + len(m.Payload)
+}
+
+func appendMessage(v []byte, m Message) []byte {
 	v = append(v, telemetryV1, m.QoS)
 	v = binary.AppendUvarint(v, uint64(len(m.Topic)))
 	v = append(v, m.Topic...)
@@ -81,7 +87,14 @@ func (db *DB) AppendTelemetry(ctx context.Context, msgs []Message) error {
 			return fmt.Errorf("append telemetry: message without device id or with received %s: %w", m.Received, ErrInvalid)
 		}
 	}
+	// bbolt keeps the key and value slices until the commit: every
+	// message's key and value are cut from one allocation.
+	size := 0
+	for _, m := range msgs {
+		size += 16 + encodedLen(m)
+	}
 	err := db.update(ctx, func(tx *bbolt.Tx) error {
+		arena := make([]byte, 0, size)
 		tb := tx.Bucket(bucketTelemetry)
 		var b *bbolt.Bucket
 		var last string
@@ -98,8 +111,12 @@ func (db *DB) AppendTelemetry(ctx context.Context, msgs []Message) error {
 			if err != nil {
 				return fmt.Errorf("telemetry sequence: %w", err)
 			}
-			k := binary.BigEndian.AppendUint64(nanoKey(m.Received), seq)
-			if err := b.Put(k, encodeMessage(m)); err != nil {
+			start := len(arena)
+			arena = binary.BigEndian.AppendUint64(arena, nanoUint(m.Received))
+			arena = binary.BigEndian.AppendUint64(arena, seq)
+			arena = appendMessage(arena, m)
+			k, v := arena[start:start+16:start+16], arena[start+16:len(arena):len(arena)]
+			if err := b.Put(k, v); err != nil {
 				return fmt.Errorf("put telemetry of %s: %w", m.DeviceID, err)
 			}
 		}

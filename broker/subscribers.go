@@ -1,0 +1,76 @@
+package broker
+
+import (
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/fleetmq/fleetmq/store"
+)
+
+// Delivering a publish costs mochi a walk of its topic index and four maps
+// per message, as much as the rest of the publish, and usually finds no
+// one: a device may subscribe only to its own commands and config, which
+// no device publishes, so only the subscriptions of other clients
+// (services, or mochi's inline client) can receive what devices publish.
+// The broker counts those subscriptions, and while there are none, device
+// publishes skip delivery (see unwatched).
+//
+// The count never falls short of the subscriptions in mochi's index: a
+// subscription is counted in OnSubscribed, after mochi has indexed it but
+// before its SUBACK is sent, so that any publish after the SUBACK sees it;
+// and it is uncounted in OnUnsubscribed, after mochi has removed it (also
+// when mochi drops a session's subscriptions).
+
+// watcherKey identifies one subscription.
+func watcherKey(clientID, filter string) string { return clientID + "\x00" + filter }
+
+// unwatched reports whether what the holder of g publishes has no possible
+// receiver.
+func (b *Broker) unwatched(g *grant) bool {
+	return g != nil && g.role == store.RoleDevice && b.nwatchers.Load() == 0
+}
+
+// isDevice reports whether cl is an authorized device connection.
+func isDevice(cl *mqtt.Client) bool {
+	c, ok := cl.Net.Conn.(*conn)
+	if !ok {
+		return false
+	}
+	g := c.grant.Load()
+	return g != nil && g.role == store.RoleDevice
+}
+
+// OnSubscribed counts the granted subscriptions of clients other than
+// devices.
+func (h *hook) OnSubscribed(cl *mqtt.Client, pk packets.Packet, reasonCodes []byte) {
+	if isDevice(cl) {
+		return
+	}
+	b := h.b
+	b.smu.Lock()
+	defer b.smu.Unlock()
+	for i, f := range pk.Filters {
+		if i >= len(reasonCodes) || reasonCodes[i] >= packets.ErrUnspecifiedError.Code {
+			continue
+		}
+		k := watcherKey(cl.ID, f.Filter)
+		if _, ok := b.watchers[k]; !ok {
+			b.watchers[k] = struct{}{}
+			b.nwatchers.Add(1)
+		}
+	}
+}
+
+// OnUnsubscribed uncounts removed subscriptions.
+func (h *hook) OnUnsubscribed(cl *mqtt.Client, pk packets.Packet) {
+	b := h.b
+	b.smu.Lock()
+	defer b.smu.Unlock()
+	for _, f := range pk.Filters {
+		k := watcherKey(cl.ID, f.Filter)
+		if _, ok := b.watchers[k]; ok {
+			delete(b.watchers, k)
+			b.nwatchers.Add(-1)
+		}
+	}
+}
