@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+	"golang.org/x/net/netutil"
 
 	"github.com/fleetmq/fleetmq/broker"
 	"github.com/fleetmq/fleetmq/broker/admin"
@@ -73,6 +74,10 @@ type Config struct {
 	// included: a client dribbling its body is answered 400 and cut off
 	// when it runs out; default 30s.
 	EnrollReadTimeout time.Duration
+	// EnrollMaxConnections bounds the open HTTPS enrollment connections, so
+	// a flood there cannot take the file descriptors devices need to reach
+	// the broker; further clients wait in the listen backlog. Default 1024.
+	EnrollMaxConnections int
 
 	Logger zerolog.Logger   // default zerolog.Nop()
 	Now    func() time.Time // default time.Now
@@ -102,6 +107,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.EnrollReadTimeout == 0 {
 		c.EnrollReadTimeout = 30 * time.Second
+	}
+	if c.EnrollMaxConnections == 0 {
+		c.EnrollMaxConnections = 1024
 	}
 	if c.Now == nil {
 		c.Now = time.Now
@@ -287,7 +295,7 @@ func (s *Server) Start() error {
 	if err != nil {
 		return fmt.Errorf("listen for enrollment on %s: %w", s.cfg.EnrollAddr, err)
 	}
-	s.httpLn = tls.NewListener(ln, s.httpsTLS())
+	s.httpLn = tls.NewListener(netutil.LimitListener(ln, s.cfg.EnrollMaxConnections), s.httpsTLS())
 	s.httpSrv = &http.Server{
 		Handler:           s.enroll,
 		ReadHeaderTimeout: s.cfg.EnrollReadHeaderTimeout,
