@@ -315,6 +315,17 @@ type DeviceInfo struct {
 	LastSeen time.Time `json:"last_seen,omitzero"`
 }
 
+// State is how operators see an identity: revoked, online or offline.
+func (d DeviceInfo) State() string {
+	switch {
+	case d.Revoked():
+		return "revoked"
+	case d.Online:
+		return "online"
+	}
+	return "offline"
+}
+
 // DeviceInfos lists every identity with its connection state.
 func (h *Handler) DeviceInfos(ctx context.Context) ([]DeviceInfo, error) {
 	devs, err := h.st.Devices(ctx)

@@ -253,19 +253,9 @@ func deviceList(ctx context.Context, args []string, env Env) error {
 	}
 	rows := make([][]string, len(kept))
 	for i, d := range kept {
-		rows[i] = []string{d.ID, string(d.Role), deviceState(d), fmtTime(d.LastSeen), fmtTime(d.NotAfter)}
+		rows[i] = []string{d.ID, string(d.Role), d.State(), fmtTime(d.LastSeen), fmtTime(d.NotAfter)}
 	}
 	return table(env.Stdout, "ID\tROLE\tSTATE\tLAST SEEN\tCERT EXPIRES", rows)
-}
-
-func deviceState(d admin.DeviceInfo) string {
-	switch {
-	case d.Revoked():
-		return "revoked"
-	case d.Online:
-		return "online"
-	}
-	return "offline"
 }
 
 func deviceShow(ctx context.Context, args []string, env Env) error {
@@ -281,7 +271,7 @@ func deviceShow(ctx context.Context, args []string, env Env) error {
 		return printJSON(env.Stdout, d)
 	}
 	return table(env.Stdout, "FIELD\tVALUE", [][]string{
-		{"id", d.ID}, {"role", string(d.Role)}, {"state", deviceState(d)},
+		{"id", d.ID}, {"role", string(d.Role)}, {"state", d.State()},
 		{"created", fmtTime(d.CreatedAt)}, {"last seen", fmtTime(d.LastSeen)},
 		{"serial", d.Serial}, {"cert expires", fmtTime(d.NotAfter)},
 		{"last renewal", fmtTime(d.LastRenewal)}, {"revoked", fmtTime(d.RevokedAt)},

@@ -132,17 +132,6 @@ type summary struct {
 	Operators int `json:"operators"`
 }
 
-// deviceState is what the dashboard shows for an identity.
-func deviceState(d admin.DeviceInfo) string {
-	switch {
-	case d.Revoked():
-		return "revoked"
-	case d.Online:
-		return "online"
-	}
-	return "offline"
-}
-
 func (s *Server) expiring(d admin.DeviceInfo) bool {
 	return !d.Revoked() && d.NotAfter.Before(s.cfg.Now().Add(s.cfg.ExpiryWindow))
 }
@@ -158,7 +147,7 @@ func (s *Server) summarize(infos []admin.DeviceInfo) summary {
 			sum.Operators++
 			continue
 		}
-		switch deviceState(d) {
+		switch d.State() {
 		case "revoked":
 			sum.Revoked++
 		case "online":
@@ -234,7 +223,7 @@ func (s *Server) devices(w http.ResponseWriter, r *http.Request) {
 	d.Total = len(infos)
 	needle := strings.ToLower(d.Q)
 	for _, info := range infos {
-		row := deviceRow{DeviceInfo: info, State: deviceState(info), Expiring: s.expiring(info)}
+		row := deviceRow{DeviceInfo: info, State: info.State(), Expiring: s.expiring(info)}
 		switch {
 		case d.Role != "" && string(info.Role) != d.Role,
 			d.State == "expiring" && !row.Expiring,
@@ -299,7 +288,7 @@ func (s *Server) device(w http.ResponseWriter, r *http.Request) {
 		s.failErr(w, r, err)
 		return
 	}
-	d := deviceData{Device: info, State: deviceState(info), Expiring: s.expiring(info), MaxPoints: s.cfg.MaxPoints}
+	d := deviceData{Device: info, State: info.State(), Expiring: s.expiring(info), MaxPoints: s.cfg.MaxPoints}
 	msgs, err := s.cfg.Store.Telemetry(r.Context(), id, time.Time{}, s.cfg.MaxPoints)
 	if err != nil {
 		s.failErr(w, r, err)
@@ -354,7 +343,7 @@ func (s *Server) confirmRevokeDevice(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, r, http.StatusConflict, "This identity is already revoked.")
 		return
 	}
-	s.render(w, r, http.StatusOK, "revoke-device", page{Title: "Revoke " + info.ID, Nav: "devices", Data: deviceData{Device: info, State: deviceState(info)}})
+	s.render(w, r, http.StatusOK, "revoke-device", page{Title: "Revoke " + info.ID, Nav: "devices", Data: deviceData{Device: info, State: info.State()}})
 }
 
 // confirmed reports whether a POST came from a confirmation page.
