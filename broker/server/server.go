@@ -152,7 +152,7 @@ type Server struct {
 }
 
 // New opens the data folder, the store and the CA. Nothing listens yet.
-func New(cfg Config) (s *Server, err error) {
+func New(cfg Config) (_ *Server, err error) {
 	cfg.setDefaults()
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("create data folder: %w", err)
@@ -162,8 +162,10 @@ func New(cfg Config) (s *Server, err error) {
 	if err := os.Chmod(cfg.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("restrict data folder: %w", err)
 	}
-	s = &Server{cfg: cfg, log: cfg.Logger, errc: make(chan error, 4), closed: make(chan struct{})}
+	s := &Server{cfg: cfg, log: cfg.Logger, errc: make(chan error, 4), closed: make(chan struct{})}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
+	// On any failure below, release what was opened (the store's file
+	// lock above all); s, not the nil result, is what holds it.
 	defer func() {
 		if err != nil {
 			s.Close()
