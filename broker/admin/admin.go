@@ -294,7 +294,16 @@ func (h *Handler) revokeToken(w http.ResponseWriter, r *http.Request) {
 func (h *Handler) RevokeToken(ctx context.Context, id, remote string) (store.Token, error) {
 	t, err := h.st.RevokeToken(ctx, id, remote, h.cfg.Now())
 	h.observe(OpRevokeToken, err)
-	return t, err
+	return t, named(err, "token", id)
+}
+
+// named turns the store's bare "not found" into a message that says what
+// was not found.
+func named(err error, what, id string) error {
+	if errors.Is(err, store.ErrNotFound) {
+		return &enroll.Error{Code: enroll.CodeNotFound, Message: fmt.Sprintf("no %s %q", what, id), Err: err}
+	}
+	return err
 }
 
 func (h *Handler) observe(op string, err error) {
@@ -339,7 +348,7 @@ func (h *Handler) DeviceInfos(ctx context.Context) ([]DeviceInfo, error) {
 func (h *Handler) DeviceInfo(ctx context.Context, id string) (DeviceInfo, error) {
 	d, err := h.st.Device(ctx, id)
 	if err != nil {
-		return DeviceInfo{}, err
+		return DeviceInfo{}, named(err, "identity", id)
 	}
 	infos, err := h.deviceInfos(ctx, []store.Device{d})
 	if err != nil {
@@ -406,7 +415,7 @@ func (h *Handler) RevokeDevice(ctx context.Context, id, remote string) (RevokeRe
 	certs, err := h.st.RevokeDevice(ctx, id, remote, h.cfg.Now())
 	h.observe(OpRevokeDevice, err)
 	if err != nil {
-		return RevokeResult{}, err
+		return RevokeResult{}, named(err, "identity", id)
 	}
 	if h.cfg.OnRevoke != nil {
 		h.cfg.OnRevoke(context.WithoutCancel(ctx), id, certs)
@@ -528,7 +537,7 @@ func (h *Handler) telemetry(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if _, err := h.st.Device(r.Context(), id); err != nil {
-		writeErr(w, h.cfg.Logger, err)
+		writeErr(w, h.cfg.Logger, named(err, "identity", id))
 		return
 	}
 	follow := q.Get("follow") == "1" || q.Get("follow") == "true"

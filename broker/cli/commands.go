@@ -85,6 +85,9 @@ func tokenCreate(ctx context.Context, args []string, env Env) error {
 	if err := fs.parse(args, 0); err != nil {
 		return err
 	}
+	if req.Uses < 1 {
+		return usagef("--uses must be at least 1")
+	}
 	req.TTL = ttl.String()
 	if len(labels) > 0 {
 		req.Labels = map[string]string{}

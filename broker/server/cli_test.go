@@ -52,7 +52,7 @@ func TestOperatorCLI(t *testing.T) {
 	if code != 0 || !strings.Contains(out, "site=lab") {
 		t.Fatalf("device show:\n%s", out)
 	}
-	if _, errs, code := s.cli(t, "device", "show", "nope"); code != 1 || !strings.Contains(errs, "not_found") {
+	if _, errs, code := s.cli(t, "device", "show", "nope"); code != 1 || !strings.Contains(errs, `no identity "nope" (not_found)`) {
 		t.Fatalf("device show unknown: %d %s", code, errs)
 	}
 	if _, _, code := s.cli(t, "device", "revoke", "pi-cli"); code != 0 {
@@ -70,6 +70,7 @@ func TestOperatorCLI(t *testing.T) {
 	for _, args := range [][]string{
 		{"token", "create", "--label", "nokey"},
 		{"token", "create", "--ttl", "soon"},
+		{"token", "create", "--uses", "0"},
 		{"device", "show"},
 		{"frobnicate"},
 		{"token"},

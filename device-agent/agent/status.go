@@ -130,6 +130,10 @@ func human(d time.Duration) string {
 	if d < 0 {
 		d, prefix, suffix = -d, "", " ago"
 	}
+	if d < time.Minute {
+		// Rounded to minutes, a fresh connection would read "0s ago".
+		return prefix + d.Round(time.Second).String() + suffix
+	}
 	d = d.Round(time.Minute)
 	var s string
 	if days := d / (24 * time.Hour); days > 0 {
