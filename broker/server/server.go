@@ -437,20 +437,26 @@ func (s *Server) renewServerCert() error {
 	return nil
 }
 
+// renewServerCertLoop reissues the certificate both TLS listeners present,
+// at two thirds of its lifetime (counted from issuance: NotBefore is
+// backdated), and retries a failure after a minute. Handshakes pick the new
+// one up through getCertificate.
 func (s *Server) renewServerCertLoop(ctx context.Context) {
+	wait := s.cfg.ServerCertLifetime * 2 / 3
 	for {
-		leaf := s.cert.Load().Leaf
-		life := leaf.NotAfter.Sub(leaf.NotBefore)
-		wait := time.Until(leaf.NotBefore.Add(life * 2 / 3))
+		t := time.NewTimer(wait)
 		select {
 		case <-ctx.Done():
+			t.Stop()
 			return
-		case <-time.After(max(wait, time.Minute)):
+		case <-t.C:
 		}
 		if err := s.renewServerCert(); err != nil {
 			s.log.Error().Err(err).Msg("renew server certificate")
+			wait = min(time.Minute, s.cfg.ServerCertLifetime/3)
 			continue
 		}
+		wait = s.cfg.ServerCertLifetime * 2 / 3
 		s.log.Info().Time("not_after", s.cert.Load().Leaf.NotAfter).Msg("server certificate renewed")
 	}
 }
