@@ -24,7 +24,7 @@ import (
 	"github.com/fleetmq/fleetmq/broker/cli"
 	"github.com/fleetmq/fleetmq/broker/server"
 	"github.com/fleetmq/fleetmq/enroll"
-	"github.com/fleetmq/fleetmq/store"
+	"github.com/fleetmq/fleetmq/store/storetest"
 )
 
 // clock is a settable clock shared by the server under test.
@@ -237,26 +237,7 @@ func parseCert(tb testing.TB, p string) *x509.Certificate {
 }
 
 // snapshot is the fleet state that a refused request must leave unchanged.
-type snapshot struct {
-	Devices []store.Device
-	Tokens  []store.Token
-	Revoked []store.Cert
-}
-
 func (s *testServer) snapshot(tb testing.TB) string {
 	tb.Helper()
-	ctx := context.Background()
-	var snap snapshot
-	var err error
-	if snap.Devices, err = s.Store().Devices(ctx); err != nil {
-		tb.Fatal(err)
-	}
-	if snap.Tokens, err = s.Store().Tokens(ctx); err != nil {
-		tb.Fatal(err)
-	}
-	if snap.Revoked, err = s.Store().RevokedCerts(ctx); err != nil {
-		tb.Fatal(err)
-	}
-	b, _ := json.Marshal(snap)
-	return string(b)
+	return storetest.FleetState(tb, s.Store())
 }
