@@ -27,6 +27,14 @@ const (
 	maxBatch      = 4096    // messages per AppendTelemetry call
 	maxBatchBytes = 8 << 20 // payload bytes per AppendTelemetry call
 	followBuffer  = 256     // messages buffered per Follow reader
+
+	// presenceDelay is how long a presence change may wait to be written
+	// with the changes that follow it. Each write is a commit (an fsync):
+	// at 1,500 connects a second, writing each change at once cost 5% of
+	// the broker's CPU and shared the disk with QoS 1 telemetry. The
+	// timestamps are taken when the change happens, so only its
+	// visibility in the store is delayed.
+	presenceDelay = 250 * time.Millisecond
 )
 
 var errWriterClosed = errors.New("telemetry writer closed")
@@ -173,6 +181,7 @@ func (b *batch) full() bool { return len(b.msgs) >= maxBatch || b.bytes >= maxBa
 func (w *telemetryWriter) run() {
 	defer close(w.done)
 	b := &batch{}
+	var presence <-chan time.Time // pending presence is due; nil if none
 	for {
 		select {
 		case r := <-w.sync:
@@ -180,6 +189,14 @@ func (w *telemetryWriter) run() {
 		case m := <-w.async:
 			b.add(m)
 		case <-w.kick:
+			if presence == nil {
+				presence = time.After(presenceDelay)
+			}
+			continue
+		case <-presence:
+			presence = nil
+			w.flushPresence()
+			continue
 		case <-w.stop:
 			// Hooks have stopped: write what is left, then end.
 			for w.gather(b) {
@@ -189,7 +206,6 @@ func (w *telemetryWriter) run() {
 			return
 		}
 		w.gather(b)
-		w.flushPresence()
 		w.write(b)
 	}
 }
