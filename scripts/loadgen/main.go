@@ -42,7 +42,7 @@ type config struct {
 	fleetmqArgs        []string
 }
 
-var allScenarios = []string{"connect", "resume", "qos0", "qos1", "latency", "memory"}
+var allScenarios = []string{"connect", "connect-x25519", "resume", "qos0", "qos1", "latency", "memory"}
 
 func main() {
 	var cfg config
@@ -104,8 +104,11 @@ func main() {
 // side is what one broker measured, one entry per round.
 type side struct {
 	connect, resume  []connectResult
+	connectX         []connectResult // the client offering X25519 only
 	connectCPU       []time.Duration // broker CPU per connect
 	clientCPU        []time.Duration // load generator CPU per connect
+	connectXCPU      []time.Duration
+	clientXCPU       []time.Duration
 	resumeCPU        []time.Duration
 	qos0, qos1       []float64
 	qos0CPU, qos1CPU []time.Duration // broker CPU per message
@@ -222,7 +225,7 @@ func run(ctx context.Context, cfg config) (err error) {
 		if round%2 == 1 {
 			order = []target{mosq, fleet}
 		}
-		for _, sc := range []string{"connect", "resume", "qos0", "qos1", "latency"} {
+		for _, sc := range []string{"connect", "connect-x25519", "resume", "qos0", "qos1", "latency"} {
 			if !cfg.scenarios[sc] {
 				continue
 			}
@@ -239,12 +242,20 @@ func run(ctx context.Context, cfg config) (err error) {
 				self0, _ := procCPU(os.Getpid())
 				var ops int
 				switch sc {
-				case "connect":
-					r, err := runConnects(t.b.addr, connectDevs, p.pool, cfg.dialers, nil)
+				case "connect", "connect-x25519":
+					var curves []tls.CurveID // Go's default: X25519MLKEM768 first
+					if sc == "connect-x25519" {
+						curves = []tls.CurveID{tls.X25519}
+					}
+					r, err := runConnects(t.b.addr, connectDevs, p.pool, cfg.dialers, nil, curves)
 					if err != nil {
 						return fmt.Errorf("%s: %w", t.name, err)
 					}
-					t.s.connect = append(t.s.connect, r)
+					if sc == "connect" {
+						t.s.connect = append(t.s.connect, r)
+					} else {
+						t.s.connectX = append(t.s.connectX, r)
+					}
 					ops = r.n
 					logf("  %.0f connects/s, p50 %s, p99 %s", r.rate, r.p50, r.p99)
 				case "resume":
@@ -253,11 +264,11 @@ func run(ctx context.Context, cfg config) (err error) {
 						caches[i] = tls.NewLRUClientSessionCache(1)
 					}
 					// The first pass gets each device a session ticket.
-					if _, err := runConnects(t.b.addr, connectDevs, p.pool, cfg.dialers, caches); err != nil {
+					if _, err := runConnects(t.b.addr, connectDevs, p.pool, cfg.dialers, caches, nil); err != nil {
 						return fmt.Errorf("%s: %w", t.name, err)
 					}
 					cpu0, _ = procCPU(t.b.pid())
-					r, err := runConnects(t.b.addr, connectDevs, p.pool, cfg.dialers, caches)
+					r, err := runConnects(t.b.addr, connectDevs, p.pool, cfg.dialers, caches, nil)
 					if err != nil {
 						return fmt.Errorf("%s: %w", t.name, err)
 					}
@@ -302,11 +313,16 @@ func run(ctx context.Context, cfg config) (err error) {
 				if sc == "connect" && ops > 0 {
 					t.s.clientCPU = append(t.s.clientCPU, (self1-self0)/time.Duration(ops))
 				}
+				if sc == "connect-x25519" && ops > 0 {
+					t.s.clientXCPU = append(t.s.clientXCPU, (self1-self0)/time.Duration(ops))
+				}
 				if ops > 0 {
 					per := (cpu1 - cpu0) / time.Duration(ops)
 					switch sc {
 					case "connect":
 						t.s.connectCPU = append(t.s.connectCPU, per)
+					case "connect-x25519":
+						t.s.connectXCPU = append(t.s.connectXCPU, per)
 					case "resume":
 						t.s.resumeCPU = append(t.s.resumeCPU, per)
 					case "qos0":

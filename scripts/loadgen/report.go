@@ -158,6 +158,8 @@ func (res *results) markdown() string {
 			median(f.connect, rate), median(m.connect, rate), perSec, true, 2.0},
 		{"connect latency p50 (dial → CONNACK)", median(f.connect, p50), median(m.connect, p50), ms, false, 0},
 		{"connect latency p99", median(f.connect, p99), median(m.connect, p99), ms, false, 1.0},
+		{"full mTLS connects/s, X25519 key exchange on both (see notes)", median(f.connectX, rate), median(m.connectX, rate), perSec, true, 0},
+		{"connect latency p99, X25519 key exchange on both", median(f.connectX, p99), median(m.connectX, p99), ms, false, 0},
 		{"resumed-session (TLS ticket) reconnects/s", median(f.resume, rate), median(m.resume, rate), perSec, true, 0},
 		{"reconnect latency p99", median(f.resume, p99), median(m.resume, p99), ms, false, 0},
 		{fmt.Sprintf("QoS 0 msgs/s (%d devices × %d msgs)", c.pubDevices, c.msgs),
@@ -173,6 +175,8 @@ func (res *results) markdown() string {
 	cpuRows := []row{
 		{"per full connect", median(f.connectCPU, dur), median(m.connectCPU, dur), us, false, 0},
 		{"per full connect, load generator (client side)", median(f.clientCPU, dur), median(m.clientCPU, dur), us, false, 0},
+		{"per full connect, X25519 key exchange on both", median(f.connectXCPU, dur), median(m.connectXCPU, dur), us, false, 0},
+		{"per full connect, X25519, load generator (client side)", median(f.clientXCPU, dur), median(m.clientXCPU, dur), us, false, 0},
 		{"per resumed reconnect", median(f.resumeCPU, dur), median(m.resumeCPU, dur), us, false, 0},
 		{"per QoS 0 message", median(f.qos0CPU, dur), median(m.qos0CPU, dur), us, false, 0},
 		{"per QoS 1 message", median(f.qos1CPU, dur), median(m.qos1CPU, dur), us, false, 0},
@@ -194,6 +198,16 @@ func (res *results) markdown() string {
 	b.WriteString("\nNotes:\n\n")
 	b.WriteString("- **fleetmq's QoS 1 PUBACK is sent after the message is committed to disk** (bbolt, fsync, group commit); " +
 		"mosquitto's QoS 1 is in memory only (`persistence false`, and mosquitto's persistence is a periodic snapshot anyway).\n")
+	if len(f.connect) > 0 && len(m.connect) > 0 {
+		fk, mk := f.connect[0].kex, m.connect[0].kex
+		fmt.Fprintf(&b, "- Key exchange: the devices (Go's TLS defaults, as the device-agent) offer X25519MLKEM768, the post-quantum "+
+			"hybrid, and X25519; fleetmq negotiated %s, mosquitto %s.", fk, mk)
+		if fk != mk {
+			b.WriteString(" They do different work per handshake (ML-KEM-768 on top of X25519); the \"X25519 key exchange on both\" " +
+				"rows have the devices offer X25519 only, so that both do the same. fleetmq's default stays the hybrid.")
+		}
+		b.WriteString("\n")
+	}
 	if res.qos0Sent > 0 {
 		fmt.Fprintf(&b, "- QoS 0: fleetmq stores QoS 0 telemetry too, asynchronously in batches; when its write queue is full a publisher waits (TCP pushes back) up to 1 s before a message is dropped. %s of %s QoS 0 messages were dropped (`fleetmq_telemetry_rejected_total`); mosquitto stores none.\n",
 			thousands(res.qos0Dropped), thousands(res.qos0Sent))
@@ -249,7 +263,8 @@ Method (scripts/loadgen, everything on loopback, load generator on the same mach
 - The client is a minimal MQTT 3.1.1 client over Go's crypto/tls with Go's defaults (as the device-agent):
   TLS 1.3 negotiated with both. One write per packet.
 - Connects: each device connects once per round (TCP, full TLS handshake with client certificate, CONNECT,
-  CONNACK; latency measured from dial to CONNACK), then sends DISCONNECT. Resumed reconnects: a first
+  CONNACK; latency measured from dial to CONNACK), then sends DISCONNECT; once with Go's default key
+  exchanges offered, once with X25519 only. Resumed reconnects: a first
   pass gets each device a TLS session ticket, the measured pass resumes it.
 - QoS 0 / QoS 1: the publishing devices connect, then each publishes its messages (64-byte JSON) to
   ` + "`devices/{id}/telemetry`" + `. QoS 1 counts a message when its PUBACK is read; QoS 0 counts a device's messages

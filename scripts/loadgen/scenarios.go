@@ -19,12 +19,14 @@ type connectResult struct {
 	p99     time.Duration
 	resumed int // handshakes that resumed a TLS session
 	n       int
+	kex     tls.CurveID // key exchange of the first connection
 }
 
 // runConnects connects each device once from dialers concurrent dialers:
 // TCP, TLS handshake, CONNECT, CONNACK (the latency measured), then
-// DISCONNECT. caches, when not nil, holds each device's TLS session cache.
-func runConnects(addr string, devs []*device, roots *x509.CertPool, dialers int, caches []tls.ClientSessionCache) (connectResult, error) {
+// DISCONNECT. caches, when not nil, holds each device's TLS session cache;
+// curves, when not nil, are the only key exchanges the devices offer.
+func runConnects(addr string, devs []*device, roots *x509.CertPool, dialers int, caches []tls.ClientSessionCache, curves []tls.CurveID) (connectResult, error) {
 	cfgs := make([]*tls.Config, len(devs))
 	for i, d := range devs {
 		var cache tls.ClientSessionCache
@@ -32,8 +34,10 @@ func runConnects(addr string, devs []*device, roots *x509.CertPool, dialers int,
 			cache = caches[i]
 		}
 		cfgs[i] = d.tlsConfig(roots, cache)
+		cfgs[i].CurvePreferences = curves
 	}
 	lats := make([]time.Duration, len(devs))
+	kex := make([]tls.CurveID, len(devs))
 	var next atomic.Int64
 	var resumed atomic.Int64
 	var wg sync.WaitGroup
@@ -53,7 +57,9 @@ func runConnects(addr string, devs []*device, roots *x509.CertPool, dialers int,
 					return
 				}
 				lats[i] = time.Since(t0)
-				if c.tc.ConnectionState().DidResume {
+				cs := c.tc.ConnectionState()
+				kex[i] = cs.CurveID
+				if cs.DidResume {
 					resumed.Add(1)
 				}
 				c.disconnect()
@@ -73,6 +79,7 @@ func runConnects(addr string, devs []*device, roots *x509.CertPool, dialers int,
 		p99:     percentile(lats, 0.99),
 		resumed: int(resumed.Load()),
 		n:       len(devs),
+		kex:     kex[0],
 	}, nil
 }
 
