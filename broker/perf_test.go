@@ -1,14 +1,18 @@
 package broker
 
 import (
+	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"fmt"
 	"math/big"
 	"net"
+	"path/filepath"
+	"sync"
 	"testing"
 	"time"
 
@@ -272,5 +276,64 @@ func TestQoS0BackpressureInsteadOfLoss(t *testing.T) {
 	close(w.done) // the writer has ended
 	if receive(t, done, "the waiting publisher") {
 		t.Fatal("queued after the writer ended")
+	}
+}
+
+// presenceLog records when each SetPresence call came and what it wrote.
+type presenceLog struct {
+	*store.DB
+	mu    sync.Mutex
+	calls []time.Time
+}
+
+func (p *presenceLog) SetPresence(ctx context.Context, ps ...store.Presence) error {
+	p.mu.Lock()
+	p.calls = append(p.calls, time.Now())
+	p.mu.Unlock()
+	return p.DB.SetPresence(ctx, ps...)
+}
+
+func TestPresenceChangesShareCommits(t *testing.T) {
+	db := openStore(t, filepath.Join(t.TempDir(), "fleet.db"))
+	log := &presenceLog{DB: db}
+	w := newTelemetryWriter(log, zerolog.Nop(), newCounters(), func([]store.Message) {})
+	go w.run()
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+
+	// Changes keep coming for three windows: each is written at most once
+	// per window, never one commit per change.
+	tick := time.NewTicker(time.Millisecond)
+	defer tick.Stop()
+	start, n := time.Now(), 0
+	for time.Since(start) < 3*presenceDelay {
+		w.setPresence(store.Presence{DeviceID: fmt.Sprint("dev-", n%10), Online: n%3 != 0, LastSeen: t0.Add(time.Duration(n) * time.Second)})
+		n++
+		<-tick.C
+	}
+	w.close() // writes what is pending
+
+	log.mu.Lock()
+	calls := log.calls
+	log.mu.Unlock()
+	if len(calls) < 3 {
+		t.Fatalf("%d presence writes for %d changes over %s", len(calls), n, 3*presenceDelay)
+	}
+	// The last write is Close's, which does not wait.
+	for i := 1; i < len(calls)-1; i++ {
+		if d := calls[i].Sub(calls[i-1]); d < presenceDelay {
+			t.Fatalf("presence writes %d and %d %s apart, want at least %s (%d changes, %d writes)", i-1, i, d, presenceDelay, n, len(calls))
+		}
+	}
+	// Each device's last change is what the store holds.
+	ps, err := db.Presences(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for k := max(n-10, 0); k < n; k++ {
+		id := fmt.Sprint("dev-", k%10)
+		want := store.Presence{DeviceID: id, Online: k%3 != 0, LastSeen: t0.Add(time.Duration(k) * time.Second)}
+		if got := ps[id]; got.Online != want.Online || !got.LastSeen.Equal(want.LastSeen) {
+			t.Errorf("%s: stored %+v, want %+v", id, got, want)
+		}
 	}
 }
