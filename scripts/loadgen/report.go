@@ -198,6 +198,11 @@ func (res *results) markdown() string {
 	b.WriteString("\nNotes:\n\n")
 	b.WriteString("- **fleetmq's QoS 1 PUBACK is sent after the message is committed to disk** (bbolt, fsync, group commit); " +
 		"mosquitto's QoS 1 is in memory only (`persistence false`, and mosquitto's persistence is a periodic snapshot anyway).\n")
+	if len(f.latency) > 0 {
+		b.WriteString("- Publish → subscriber latency: fleetmq forwards QoS 1 telemetry to subscribers from the commit that releases its " +
+			"PUBACK, so a subscriber never sees a message the store could still lose, and the latency includes that commit's fsync; " +
+			"mosquitto forwards from memory as soon as the message is read.\n")
+	}
 	if len(f.connect) > 0 && len(m.connect) > 0 {
 		fk, mk := f.connect[0].kex, m.connect[0].kex
 		fmt.Fprintf(&b, "- Key exchange: the devices (Go's TLS defaults, as the device-agent) offer X25519MLKEM768, the post-quantum "+
