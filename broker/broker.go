@@ -301,7 +301,7 @@ func (b *Broker) Start() error {
 	gl.onRefuse = func() { b.stats.refused.inc(ReasonMaxConnections) }
 	gl.onError = func(err error, backoff time.Duration) {
 		b.stats.acceptErrors.Add(1)
-		b.log.Warn().Err(err).Dur("retry_in", backoff).Msg("broker: accept failed")
+		b.log.Warn().Err(err).Stringer("retry_in", backoff).Msg("broker: accept failed")
 	}
 	if err := b.srv.AddListener(&mqttListener{b: b, ln: gl}); err != nil {
 		_ = ln.Close()

@@ -154,7 +154,7 @@ func (a *runner) run(ctx context.Context) error {
 		s.Condition = "" // found again if it still holds
 	})
 	a.log.Info().Str("device_id", id.deviceID).Str("broker", broker).Time("not_after", id.leaf.NotAfter).
-		Dur("interval", a.cfg.Interval).Str("version", a.cfg.Version).Msg("agent started")
+		Stringer("interval", a.cfg.Interval).Str("version", a.cfg.Version).Msg("agent started")
 
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return a.sampleLoop(gctx) })
@@ -338,7 +338,7 @@ func (a *runner) sampleLoop(ctx context.Context) error {
 		case d := <-a.intervalCh:
 			interval = d
 			t.Reset(d)
-			a.log.Info().Dur("interval", d).Msg("telemetry interval changed")
+			a.log.Info().Stringer("interval", d).Msg("telemetry interval changed")
 		case <-t.C:
 			a.sampleOnce()
 		}
@@ -525,7 +525,7 @@ func (a *runner) renewLoop(ctx context.Context) error {
 			}
 			retryAt = now.Add(d)
 			a.recordError(ctx, err)
-			a.log.Warn().Err(err).Dur("retry_in", d).Msg("renewal failed")
+			a.log.Warn().Err(err).Stringer("retry_in", d.Round(time.Millisecond)).Msg("renewal failed")
 		}
 	}
 }
@@ -619,7 +619,7 @@ func (a *runner) connectLoop(ctx context.Context) error {
 		d := backoff(attempt, a.cfg.ConnectRetryMin, a.cfg.ConnectRetryMax, a.cfg.Rand())
 		attempt++
 		a.recordError(ctx, err)
-		a.log.Warn().Err(err).Dur("retry_in", d).Msg("broker connection failed")
+		a.log.Warn().Err(err).Stringer("retry_in", d.Round(time.Millisecond)).Msg("broker connection failed")
 		if !sleep(ctx, d, changed) {
 			return nil
 		}
