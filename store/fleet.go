@@ -32,8 +32,9 @@ func (db *DB) checked(ctx context.Context, fn txFunc) error {
 }
 
 // CreateTokens stores toks in one transaction: all or none. A token whose
-// hash or public id is already stored is refused with ErrTokenExists. One
-// ActTokenCreate audit event is appended per token.
+// hash or public id is already stored is refused with ErrTokenExists, one
+// bound to the id of an existing device (revoked or not) with
+// ErrDeviceExists. One ActTokenCreate audit event is appended per token.
 func (db *DB) CreateTokens(ctx context.Context, toks []Token, remote string, now time.Time) error {
 	if len(toks) == 0 {
 		return nil
@@ -59,10 +60,15 @@ func (db *DB) CreateTokens(ctx context.Context, toks []Token, remote string, now
 		recs[i] = t
 	}
 	err := db.checked(ctx, func(tx *bbolt.Tx) error {
-		tb, ib := tx.Bucket(bucketTokens), tx.Bucket(bucketTokenIDs)
+		tb, ib, devs := tx.Bucket(bucketTokens), tx.Bucket(bucketTokenIDs), tx.Bucket(bucketDevices)
 		for _, t := range recs {
 			if tb.Get(t.Hash[:]) != nil || ib.Get([]byte(t.ID)) != nil {
 				return fmt.Errorf("token %s: %w", t.ID, ErrTokenExists)
+			}
+			// Enrollment never reuses an id, revoked ones included: a
+			// token bound to an existing id could never be used.
+			if t.DeviceID != "" && devs.Get([]byte(t.DeviceID)) != nil {
+				return fmt.Errorf("token %s: device %s: %w", t.ID, t.DeviceID, ErrDeviceExists)
 			}
 		}
 		if !tx.Writable() {

@@ -395,6 +395,17 @@ func TestRefusedRequestsWriteNothing(t *testing.T) {
 				{ID: "fresh", Hash: tokenHash("other"), MaxUses: 1, ExpiresAt: exp},
 			}, "admin", t0)
 		}, store.ErrTokenExists},
+		{"create tokens, one bound to an existing device", func(db *store.DB) error {
+			return db.CreateTokens(ctx, []store.Token{
+				{ID: "new", Hash: tokenHash("new"), MaxUses: 1, ExpiresAt: exp},
+				{ID: "new-d1", Hash: tokenHash("new-d1"), DeviceID: "d1", MaxUses: 1, ExpiresAt: exp},
+			}, "admin", t0)
+		}, store.ErrDeviceExists},
+		{"create token bound to a revoked device", func(db *store.DB) error {
+			return db.CreateTokens(ctx, []store.Token{
+				{ID: "new-rev", Hash: tokenHash("new-rev"), DeviceID: "d-rev", MaxUses: 1, ExpiresAt: exp},
+			}, "admin", t0)
+		}, store.ErrDeviceExists},
 		{"create tokens, hash twice in batch", func(db *store.DB) error {
 			return db.CreateTokens(ctx, []store.Token{
 				{ID: "new", Hash: tokenHash("new"), MaxUses: 1, ExpiresAt: exp},

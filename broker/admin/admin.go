@@ -255,9 +255,30 @@ func (h *Handler) MintTokens(ctx context.Context, req TokenRequest, remote strin
 		out = append(out, NewToken{Token: t, Secret: secret})
 	}
 	if err := h.st.CreateTokens(ctx, recs, remote, now); err != nil {
+		if errors.Is(err, store.ErrDeviceExists) {
+			return nil, h.idTaken(ctx, ids, err)
+		}
 		return nil, fmt.Errorf("admin: store tokens: %w", err)
 	}
 	return out, nil
+}
+
+// idTaken names an id of ids that is taken, for the operator who tried to
+// bind tokens to it.
+func (h *Handler) idTaken(ctx context.Context, ids []string, err error) error {
+	for _, id := range ids {
+		d, derr := h.st.Device(ctx, id)
+		if derr != nil {
+			continue
+		}
+		state := "active"
+		if d.Revoked() {
+			state = "revoked"
+		}
+		return &enroll.Error{Code: enroll.CodeIDTaken, Err: err, Message: fmt.Sprintf(
+			"device %s already exists (%s); ids are never reused, revoked ones included: bind the token to a new id", id, state)}
+	}
+	return fmt.Errorf("admin: store tokens: %w", err)
 }
 
 func checkLabels(labels map[string]string) error {

@@ -65,6 +65,16 @@ func TestOperatorCLI(t *testing.T) {
 	if _, errs, code := s.cli(t, "device", "revoke", "pi-cli"); code != 1 || !strings.Contains(errs, "device_revoked") {
 		t.Fatalf("second revoke: %d %s", code, errs)
 	}
+	// Enrollment never reuses an id: a token bound to one in use could
+	// never be used, so none is minted.
+	before, _, _ := s.cli(t, "token", "list", "--json")
+	if _, errs, code := s.cli(t, "token", "create", "--device", "pi-cli"); code != 1 ||
+		!strings.Contains(errs, "id_taken") || !strings.Contains(errs, "device pi-cli already exists (revoked)") {
+		t.Fatalf("token for a revoked device's id: %d %s", code, errs)
+	}
+	if after, _, _ := s.cli(t, "token", "list", "--json"); after != before {
+		t.Fatalf("a refused token create changed the token list:\n%s\n%s", before, after)
+	}
 
 	// Usage errors exit 2 with a message, and touch nothing.
 	for _, args := range [][]string{
