@@ -7,6 +7,7 @@ import (
 	"encoding/binary"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"slices"
 	"time"
 
@@ -50,6 +51,8 @@ func (db *DB) CreateTokens(ctx context.Context, toks []Token, remote string, now
 			return fmt.Errorf("create tokens: token %s: empty hash: %w", t.ID, ErrInvalid)
 		case t.MaxUses < 1:
 			return fmt.Errorf("create tokens: token %s: max uses %d: %w", t.ID, t.MaxUses, ErrInvalid)
+		case t.Reprovision && t.DeviceID == "":
+			return fmt.Errorf("create tokens: token %s: re-provisioning needs a bound id: %w", t.ID, ErrInvalid)
 		case hashes[t.Hash] || ids[t.ID]:
 			return fmt.Errorf("create tokens: token %s given twice: %w", t.ID, ErrTokenExists)
 		}
@@ -65,10 +68,11 @@ func (db *DB) CreateTokens(ctx context.Context, toks []Token, remote string, now
 			if tb.Get(t.Hash[:]) != nil || ib.Get([]byte(t.ID)) != nil {
 				return fmt.Errorf("token %s: %w", t.ID, ErrTokenExists)
 			}
-			// Enrollment never reuses an id, revoked ones included: a
-			// token bound to an existing id could never be used.
-			if t.DeviceID != "" && devs.Get([]byte(t.DeviceID)) != nil {
-				return fmt.Errorf("token %s: device %s: %w", t.ID, t.DeviceID, ErrDeviceExists)
+			if t.DeviceID == "" {
+				continue
+			}
+			if err := checkBinding(devs.Get([]byte(t.DeviceID)), t); err != nil {
+				return fmt.Errorf("token %s: device %s: %w", t.ID, t.DeviceID, err)
 			}
 		}
 		if !tx.Writable() {
@@ -179,11 +183,41 @@ func (db *DB) RevokeToken(ctx context.Context, id, remote string, now time.Time)
 	return out, nil
 }
 
+// checkBinding says whether a token may be bound to the device stored as
+// rec (nil: none). A new id is always fine. An existing one only with
+// Reprovision, and only a device that is not revoked: revoked ids are never
+// used again, and tokens never yield service or operator certificates.
+func checkBinding(rec []byte, t Token) error {
+	switch {
+	case rec == nil && t.Reprovision:
+		return ErrNotFound // nothing to re-provision
+	case rec == nil:
+		return nil
+	case !t.Reprovision:
+		return ErrDeviceExists
+	}
+	var d Device
+	if err := json.Unmarshal(rec, &d); err != nil {
+		return fmt.Errorf("decode device: %w", err)
+	}
+	switch {
+	case d.Revoked():
+		return ErrDeviceRevoked
+	case d.Role != RoleDevice:
+		return ErrDeviceExists
+	}
+	return nil
+}
+
 // Enroll applies one enrollment in one transaction after checking the token
 // (ErrTokenUnknown, ErrTokenRevoked, ErrTokenExpired, ErrTokenUsed,
-// ErrTokenBound) and that the device id was never taken (ErrDeviceExists):
-// it spends one use of the token, stores the device with role RoleDevice and
-// its certificate, and appends ActTokenUse and ActCertIssue.
+// ErrTokenBound) and that the device id is new (ErrDeviceExists), or that
+// the token re-provisions it (see Token.Reprovision; ErrDeviceRevoked): it
+// spends one use of the token, stores the device with role RoleDevice and
+// its certificate, and appends ActTokenUse and ActCertIssue (and
+// ActReprovision). A re-provisioned device keeps its creation time and
+// labels (the token's are added), and its other certificates stay valid
+// until they expire, as after a renewal.
 func (db *DB) Enroll(ctx context.Context, e Enrollment) error {
 	id := e.Device.ID
 	switch {
@@ -207,8 +241,19 @@ func (db *DB) Enroll(ctx context.Context, e Enrollment) error {
 		if t.DeviceID != "" && t.DeviceID != id {
 			return fmt.Errorf("token %s: %w", t.ID, ErrTokenBound)
 		}
-		if tx.Bucket(bucketDevices).Get([]byte(id)) != nil {
-			return ErrDeviceExists
+		var prev *Device
+		if rec := tx.Bucket(bucketDevices).Get([]byte(id)); rec != nil {
+			if t.DeviceID != id {
+				return ErrDeviceExists // a free token's CN
+			}
+			if err := checkBinding(rec, t); err != nil {
+				return err
+			}
+			d, err := getDevice(tx, id)
+			if err != nil {
+				return err
+			}
+			prev = &d
 		}
 		if tx.Bucket(bucketCerts).Get([]byte(e.Cert.Serial)) != nil {
 			return fmt.Errorf("serial %s: %w", e.Cert.Serial, ErrCertExists)
@@ -223,6 +268,15 @@ func (db *DB) Enroll(ctx context.Context, e Enrollment) error {
 		d := e.Device
 		d.Role = RoleDevice
 		d.CreatedAt = e.Now
+		if prev != nil {
+			d.CreatedAt = prev.CreatedAt
+			labels := maps.Clone(prev.Labels)
+			if labels == nil && len(d.Labels) > 0 {
+				labels = make(map[string]string, len(d.Labels))
+			}
+			maps.Copy(labels, d.Labels)
+			d.Labels = labels
+		}
 		d.Serial = e.Cert.Serial
 		d.NotAfter = e.Cert.NotAfter
 		d.LastRenewal = time.Time{}
@@ -234,10 +288,15 @@ func (db *DB) Enroll(ctx context.Context, e Enrollment) error {
 		if err := putCert(tx, id, e.Cert, e.Now); err != nil {
 			return err
 		}
-		return db.appendAudit(tx, []AuditEvent{
+		evs := []AuditEvent{
 			{Time: e.Now, Action: ActTokenUse, DeviceID: id, TokenID: t.ID, Remote: e.Remote},
 			{Time: e.Now, Action: ActCertIssue, DeviceID: id, Serial: e.Cert.Serial, TokenID: t.ID, Remote: e.Remote},
-		})
+		}
+		if prev != nil {
+			evs = append(evs, AuditEvent{Time: e.Now, Action: ActReprovision, DeviceID: id, Serial: e.Cert.Serial, TokenID: t.ID, Remote: e.Remote,
+				Detail: "previous certificate " + prev.Serial})
+		}
+		return db.appendAudit(tx, evs)
 	})
 	if err != nil {
 		return fmt.Errorf("enroll %s: %w", id, err)

@@ -279,7 +279,7 @@ func fixture(t *testing.T) *store.DB {
 	db := store.OpenTest(t)
 	exp := t0.Add(time.Hour)
 	mustCreateTokens(t, db,
-		store.Token{ID: "fresh", Hash: tokenHash("fresh"), MaxUses: 5, ExpiresAt: exp},
+		store.Token{ID: "fresh", Hash: tokenHash("fresh"), MaxUses: 10, ExpiresAt: exp},
 		store.Token{ID: "expired", Hash: tokenHash("expired"), MaxUses: 1, ExpiresAt: t0},
 		store.Token{ID: "revoked", Hash: tokenHash("revoked"), MaxUses: 1, ExpiresAt: exp},
 		store.Token{ID: "used", Hash: tokenHash("used"), MaxUses: 1, ExpiresAt: exp},
@@ -303,6 +303,13 @@ func fixture(t *testing.T) *store.DB {
 	_, err = db.RevokeToken(ctx, "revoked", "admin", t0)
 	must(err)
 	must(db.CreateIdentity(ctx, store.Device{ID: "svc", Role: store.RoleService}, cert("svc", "s-svc"), "admin", t0))
+	// A token bound to an id that a free token took meanwhile, and a
+	// re-provisioning token whose device was revoked meanwhile.
+	mustCreateTokens(t, db, store.Token{ID: "bound-early", Hash: tokenHash("bound-early"), MaxUses: 1, ExpiresAt: exp, DeviceID: "d-race"})
+	must(db.Enroll(ctx, enrollment(tokenHash("fresh"), "d-race", "s-race")))
+	mustCreateTokens(t, db, store.Token{ID: "reprov-rev", Hash: tokenHash("reprov-rev"), MaxUses: 1, ExpiresAt: exp, DeviceID: "d-race", Reprovision: true})
+	_, err = db.RevokeDevice(ctx, "d-race", "admin", t0)
+	must(err)
 	return db
 }
 
@@ -406,6 +413,24 @@ func TestRefusedRequestsWriteNothing(t *testing.T) {
 				{ID: "new-rev", Hash: tokenHash("new-rev"), DeviceID: "d-rev", MaxUses: 1, ExpiresAt: exp},
 			}, "admin", t0)
 		}, store.ErrDeviceExists},
+		{"enroll with a token bound to an id taken meanwhile", func(db *store.DB) error {
+			return db.Enroll(ctx, enrollment(tokenHash("bound-early"), "d-race", "sn1"))
+		}, store.ErrDeviceExists},
+		{"re-provision a device revoked after the token was made", func(db *store.DB) error {
+			return db.Enroll(ctx, enrollment(tokenHash("reprov-rev"), "d-race", "sn1"))
+		}, store.ErrDeviceRevoked},
+		{"create re-provisioning token for a revoked device", func(db *store.DB) error {
+			return db.CreateTokens(ctx, []store.Token{{ID: "rp", Hash: tokenHash("rp"), DeviceID: "d-rev", Reprovision: true, MaxUses: 1, ExpiresAt: exp}}, "admin", t0)
+		}, store.ErrDeviceRevoked},
+		{"create re-provisioning token for a service", func(db *store.DB) error {
+			return db.CreateTokens(ctx, []store.Token{{ID: "rp", Hash: tokenHash("rp"), DeviceID: "svc", Reprovision: true, MaxUses: 1, ExpiresAt: exp}}, "admin", t0)
+		}, store.ErrDeviceExists},
+		{"create re-provisioning token for an unknown id", func(db *store.DB) error {
+			return db.CreateTokens(ctx, []store.Token{{ID: "rp", Hash: tokenHash("rp"), DeviceID: "nobody", Reprovision: true, MaxUses: 1, ExpiresAt: exp}}, "admin", t0)
+		}, store.ErrNotFound},
+		{"create re-provisioning token without an id", func(db *store.DB) error {
+			return db.CreateTokens(ctx, []store.Token{{ID: "rp", Hash: tokenHash("rp"), Reprovision: true, MaxUses: 1, ExpiresAt: exp}}, "admin", t0)
+		}, store.ErrInvalid},
 		{"create tokens, hash twice in batch", func(db *store.DB) error {
 			return db.CreateTokens(ctx, []store.Token{
 				{ID: "new", Hash: tokenHash("new"), MaxUses: 1, ExpiresAt: exp},
@@ -459,4 +484,54 @@ func diff(a, b map[string]string) string {
 		}
 	}
 	return buf.String()
+}
+
+func TestReprovision(t *testing.T) {
+	ctx := context.Background()
+	db := store.OpenTest(t)
+	exp := t0.Add(time.Hour)
+	mustCreateTokens(t, db, store.Token{ID: "first", Hash: tokenHash("first"), MaxUses: 1, ExpiresAt: exp, DeviceID: "pi"})
+	if err := db.Enroll(ctx, enrollment(tokenHash("first"), "pi", "s-old")); err != nil {
+		t.Fatal(err)
+	}
+	mustCreateTokens(t, db, store.Token{ID: "again", Hash: tokenHash("again"), MaxUses: 1, ExpiresAt: exp, DeviceID: "pi", Reprovision: true})
+
+	e := enrollment(tokenHash("again"), "pi", "s-new")
+	e.Device.Labels = map[string]string{"site": "b", "rack": "2"}
+	e.Now = t0.Add(30 * time.Minute)
+	if err := db.Enroll(ctx, e); err != nil {
+		t.Fatalf("re-provision: %v", err)
+	}
+	d, err := db.Device(ctx, "pi")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d.Serial != "s-new" || !d.CreatedAt.Equal(t0) || d.TokenID != "again" || d.Revoked() || d.Role != store.RoleDevice {
+		t.Fatalf("device after re-provisioning: %+v", d)
+	}
+	if want := map[string]string{"site": "b", "rack": "2"}; !maps.Equal(d.Labels, want) {
+		t.Fatalf("labels %v, want %v (the token's win)", d.Labels, want)
+	}
+	// The old certificate is replaced, not revoked: it expires as after a
+	// renewal.
+	if c, err := db.Cert(ctx, "s-old"); err != nil || c.Revoked() || c.DeviceID != "pi" {
+		t.Fatalf("old certificate: %+v, %v", c, err)
+	}
+	evs, err := db.Audit(ctx, store.AuditFilter{DeviceID: "pi"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var seen bool
+	for _, ev := range evs {
+		if ev.Action == store.ActReprovision && ev.Serial == "s-new" && ev.TokenID == "again" && ev.Detail == "previous certificate s-old" {
+			seen = true
+		}
+	}
+	if !seen {
+		t.Fatalf("no %s audit event in %+v", store.ActReprovision, evs)
+	}
+	// The token is spent like any other.
+	if err := db.Enroll(ctx, enrollment(tokenHash("again"), "pi", "s-third")); !errors.Is(err, store.ErrTokenUsed) {
+		t.Fatalf("second use of a one-use re-provisioning token: %v", err)
+	}
 }

@@ -52,15 +52,20 @@ func (d Device) Revoked() bool { return !d.RevokedAt.IsZero() }
 
 // Token is a bootstrap token as stored: only the SHA-256 of its secret.
 type Token struct {
-	ID        string            `json:"id"`                  // public id: hex of the first 6 bytes of Hash
-	Hash      [32]byte          `json:"-"`                   // SHA-256 of the secret
-	DeviceID  string            `json:"device_id,omitempty"` // bound id; empty means free
-	MaxUses   int               `json:"max_uses"`
-	Uses      int               `json:"uses"`
-	Labels    map[string]string `json:"labels,omitempty"`
-	CreatedAt time.Time         `json:"created_at"`
-	ExpiresAt time.Time         `json:"expires_at"`
-	RevokedAt time.Time         `json:"revoked_at,omitzero"`
+	ID       string   `json:"id"`                  // public id: hex of the first 6 bytes of Hash
+	Hash     [32]byte `json:"-"`                   // SHA-256 of the secret
+	DeviceID string   `json:"device_id,omitempty"` // bound id; empty means free
+	// Reprovision lets a token bound to the id of an existing device,
+	// active and not revoked, enroll it again: a new key and certificate
+	// for the same identity, after its certificate expired beyond the
+	// renewal grace or its key was lost. Without it a bound id must be new.
+	Reprovision bool              `json:"reprovision,omitempty"`
+	MaxUses     int               `json:"max_uses"`
+	Uses        int               `json:"uses"`
+	Labels      map[string]string `json:"labels,omitempty"`
+	CreatedAt   time.Time         `json:"created_at"`
+	ExpiresAt   time.Time         `json:"expires_at"`
+	RevokedAt   time.Time         `json:"revoked_at,omitzero"`
 }
 
 // Check returns why the token cannot be used at now, or nil.
@@ -100,6 +105,7 @@ const (
 	ActCertRenew    = "cert.renew"
 	ActRenewFail    = "cert.renew_fail"
 	ActDeviceRevoke = "device.revoke"
+	ActReprovision  = "device.reprovision"
 	ActServiceIssue = "service.issue"
 )
 

@@ -133,12 +133,15 @@ func (h *Handler) getCA(w http.ResponseWriter, r *http.Request) {
 
 // TokenRequest asks for one or more bootstrap tokens.
 type TokenRequest struct {
-	DeviceID string            `json:"device_id,omitempty"` // bind the token to this id
-	Uses     int               `json:"uses,omitempty"`      // default 1
-	TTL      string            `json:"ttl,omitempty"`       // Go duration; default 24h
-	Labels   map[string]string `json:"labels,omitempty"`
-	Count    int               `json:"count,omitempty"`  // mint this many tokens bound to Prefix+0001…; default 1
-	Prefix   string            `json:"prefix,omitempty"` // with Count
+	DeviceID string `json:"device_id,omitempty"` // bind the token to this id
+	// Reprovision, with DeviceID, lets the token enroll that existing
+	// device again (see store.Token.Reprovision).
+	Reprovision bool              `json:"reprovision,omitempty"`
+	Uses        int               `json:"uses,omitempty"` // default 1
+	TTL         string            `json:"ttl,omitempty"`  // Go duration; default 24h
+	Labels      map[string]string `json:"labels,omitempty"`
+	Count       int               `json:"count,omitempty"`  // mint this many tokens bound to Prefix+0001…; default 1
+	Prefix      string            `json:"prefix,omitempty"` // with Count
 	// Start is the number of the first id with Count, so that a large
 	// batch can be minted in several requests; default 1.
 	Start int `json:"start,omitempty"`
@@ -200,8 +203,8 @@ func (h *Handler) MintTokens(ctx context.Context, req TokenRequest, remote strin
 	// Any count but zero asks for a batch, so a negative one is refused
 	// below rather than read as "no count".
 	case req.Count != 0 || req.Prefix != "":
-		if req.DeviceID != "" {
-			return nil, enroll.Errorf(enroll.CodeBadRequest, "count/prefix and device_id exclude each other")
+		if req.DeviceID != "" || req.Reprovision {
+			return nil, enroll.Errorf(enroll.CodeBadRequest, "count/prefix exclude device_id and reprovision")
 		}
 		if req.Count < 1 || req.Count > h.cfg.MaxTokensPerRequest {
 			return nil, enroll.Errorf(enroll.CodeBadRequest, "count must be between 1 and %d", h.cfg.MaxTokensPerRequest)
@@ -228,6 +231,8 @@ func (h *Handler) MintTokens(ctx context.Context, req TokenRequest, remote strin
 		return nil, enroll.Errorf(enroll.CodeBadRequest, "start and width go with count")
 	case req.DeviceID != "":
 		ids = []string{req.DeviceID}
+	case req.Reprovision:
+		return nil, enroll.Errorf(enroll.CodeBadRequest, "reprovision needs the device_id to re-provision")
 	default:
 		ids = []string{""}
 	}
@@ -248,37 +253,48 @@ func (h *Handler) MintTokens(ctx context.Context, req TokenRequest, remote strin
 			return nil, fmt.Errorf("admin: mint token: %w", err)
 		}
 		t := store.Token{
-			ID: enroll.TokenID(hash), Hash: hash, DeviceID: id, MaxUses: uses,
+			ID: enroll.TokenID(hash), Hash: hash, DeviceID: id, Reprovision: req.Reprovision, MaxUses: uses,
 			Labels: req.Labels, CreatedAt: now, ExpiresAt: now.Add(ttl),
 		}
 		recs = append(recs, t)
 		out = append(out, NewToken{Token: t, Secret: secret})
 	}
 	if err := h.st.CreateTokens(ctx, recs, remote, now); err != nil {
-		if errors.Is(err, store.ErrDeviceExists) {
-			return nil, h.idTaken(ctx, ids, err)
+		if e := h.bindError(ctx, req, ids, err); e != nil {
+			return nil, e
 		}
 		return nil, fmt.Errorf("admin: store tokens: %w", err)
 	}
 	return out, nil
 }
 
-// idTaken names an id of ids that is taken, for the operator who tried to
-// bind tokens to it.
-func (h *Handler) idTaken(ctx context.Context, ids []string, err error) error {
+// bindError tells the operator why tokens could not be bound to ids, or
+// returns nil if err is not about that.
+func (h *Handler) bindError(ctx context.Context, req TokenRequest, ids []string, err error) error {
+	fail := func(code enroll.Code, format string, args ...any) error {
+		return &enroll.Error{Code: code, Err: err, Message: fmt.Sprintf(format, args...)}
+	}
+	switch {
+	case req.Reprovision && errors.Is(err, store.ErrNotFound):
+		return fail(enroll.CodeNotFound, "no device %s to re-provision", req.DeviceID)
+	case req.Reprovision && errors.Is(err, store.ErrDeviceRevoked):
+		return fail(enroll.CodeDeviceRevoked, "device %s was revoked; revoked ids are never used again: bind the token to a new id", req.DeviceID)
+	case !errors.Is(err, store.ErrDeviceExists):
+		return nil
+	}
 	for _, id := range ids {
 		d, derr := h.st.Device(ctx, id)
-		if derr != nil {
+		switch {
+		case derr != nil:
 			continue
+		case d.Role != store.RoleDevice:
+			return fail(enroll.CodeIDTaken, "%s is a %s identity; tokens only enroll devices", id, d.Role)
+		case d.Revoked():
+			return fail(enroll.CodeIDTaken, "device %s exists and was revoked; revoked ids are never used again: bind the token to a new id", id)
 		}
-		state := "active"
-		if d.Revoked() {
-			state = "revoked"
-		}
-		return &enroll.Error{Code: enroll.CodeIDTaken, Err: err, Message: fmt.Sprintf(
-			"device %s already exists (%s); ids are never reused, revoked ones included: bind the token to a new id", id, state)}
+		return fail(enroll.CodeIDTaken, "device %s already exists; to let this token enroll it again (a new key and certificate, e.g. after its certificate expired beyond the renewal grace), add --reprovision", id)
 	}
-	return fmt.Errorf("admin: store tokens: %w", err)
+	return nil
 }
 
 func checkLabels(labels map[string]string) error {

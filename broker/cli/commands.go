@@ -74,6 +74,7 @@ func tokenCreate(ctx context.Context, args []string, env Env) error {
 	fs := newFlags("token create", env)
 	var req admin.TokenRequest
 	fs.StringVar(&req.DeviceID, "device", "", "bind the token to this device id (default: the CSR's CN becomes the id)")
+	fs.BoolVar(&req.Reprovision, "reprovision", false, "with --device: let the token enroll that existing device again (new key and certificate)")
 	fs.IntVar(&req.Uses, "uses", 1, "how many enrollments the token allows")
 	ttl := 24 * time.Hour
 	fs.Var(durationValue{&ttl}, "ttl", "how long the token is valid (e.g. 24h, 7d)")
@@ -102,6 +103,9 @@ func tokenCreate(ctx context.Context, args []string, env Env) error {
 	if req.Prefix != "" && req.Count == 0 {
 		return usagef("--prefix goes with --count")
 	}
+	if req.Reprovision && req.DeviceID == "" {
+		return usagef("--reprovision needs --device")
+	}
 	if req.Count > maxBulkTokens {
 		return usagef("--count is at most %d", maxBulkTokens)
 	}
@@ -128,7 +132,11 @@ func tokenCreate(ctx context.Context, args []string, env Env) error {
 	if len(toks) == 1 {
 		t := toks[0]
 		fmt.Fprintln(env.Stdout, t.Secret)
-		fmt.Fprintf(env.Stderr, "token %s: device %s, %d use(s), expires %s\n", t.ID, orDash(t.DeviceID), t.MaxUses, fmtTime(t.ExpiresAt))
+		what := "device " + orDash(t.DeviceID)
+		if t.Reprovision {
+			what = "re-provisions device " + t.DeviceID
+		}
+		fmt.Fprintf(env.Stderr, "token %s: %s, %d use(s), expires %s\n", t.ID, what, t.MaxUses, fmtTime(t.ExpiresAt))
 		return nil
 	}
 	rows := make([][]string, len(toks))
@@ -206,7 +214,11 @@ func tokenList(ctx context.Context, args []string, env Env) error {
 		if err := t.Check(now); err != nil {
 			state = strings.TrimPrefix(err.Error(), "token ")
 		}
-		rows[i] = []string{t.ID, orDash(t.DeviceID), fmt.Sprintf("%d/%d", t.Uses, t.MaxUses), fmtTime(t.ExpiresAt), state, labelsString(t.Labels)}
+		dev := orDash(t.DeviceID)
+		if t.Reprovision {
+			dev += " (re-provision)"
+		}
+		rows[i] = []string{t.ID, dev, fmt.Sprintf("%d/%d", t.Uses, t.MaxUses), fmtTime(t.ExpiresAt), state, labelsString(t.Labels)}
 	}
 	return table(env.Stdout, "ID\tDEVICE\tUSES\tEXPIRES\tSTATE\tLABELS", rows)
 }

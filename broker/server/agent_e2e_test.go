@@ -294,7 +294,7 @@ func testAgentRevoked(t *testing.T, bin agentBinary) {
 		t.Errorf("status after revocation: %+v", st)
 	}
 	out, _, code := bin.exec(t, "", "status", "--state-dir", dir)
-	if code != 0 || !strings.Contains(out, "re-enroll with a new token") {
+	if code != 0 || !strings.Contains(out, "enroll under a new id with a new token") {
 		t.Errorf("status text after revocation (exit %d):\n%s", code, out)
 	}
 

@@ -69,8 +69,14 @@ func TestOperatorCLI(t *testing.T) {
 	// never be used, so none is minted.
 	before, _, _ := s.cli(t, "token", "list", "--json")
 	if _, errs, code := s.cli(t, "token", "create", "--device", "pi-cli"); code != 1 ||
-		!strings.Contains(errs, "id_taken") || !strings.Contains(errs, "device pi-cli already exists (revoked)") {
+		!strings.Contains(errs, "id_taken") || !strings.Contains(errs, "device pi-cli exists and was revoked") {
 		t.Fatalf("token for a revoked device's id: %d %s", code, errs)
+	}
+	if _, errs, code := s.cli(t, "token", "create", "--device", "pi-cli", "--reprovision"); code != 1 || !strings.Contains(errs, "device_revoked") {
+		t.Fatalf("re-provisioning token for a revoked device: %d %s", code, errs)
+	}
+	if _, errs, code := s.cli(t, "token", "create", "--device", "nobody", "--reprovision"); code != 1 || !strings.Contains(errs, "no device nobody to re-provision") {
+		t.Fatalf("re-provisioning token for an unknown id: %d %s", code, errs)
 	}
 	if after, _, _ := s.cli(t, "token", "list", "--json"); after != before {
 		t.Fatalf("a refused token create changed the token list:\n%s\n%s", before, after)
@@ -81,6 +87,7 @@ func TestOperatorCLI(t *testing.T) {
 		{"token", "create", "--label", "nokey"},
 		{"token", "create", "--ttl", "soon"},
 		{"token", "create", "--uses", "0"},
+		{"token", "create", "--reprovision"},
 		{"device", "show"},
 		{"frobnicate"},
 		{"token"},

@@ -182,6 +182,24 @@ func TestRenewAfterExpiry(t *testing.T) {
 	if a.code != "cert_expired" {
 		t.Fatalf("renew outside grace over TLS: %d %s", a.status, a.body)
 	}
+
+	// The operator re-provisions it: the same id, a new key and
+	// certificate, through a token that says so.
+	if _, errs, code := s.cli(t, "token", "create", "--device", "pi-late"); code != 1 || !strings.Contains(errs, "--reprovision") {
+		t.Fatalf("token for an existing id without --reprovision: %d %s", code, errs)
+	}
+	d3 := s.enroll(t, s.token(t, "--device", "pi-late", "--reprovision"), "pi-late")
+	if d3.cert.Subject.CommonName != "pi-late" || !d3.cert.NotAfter.After(s.clock.Now()) {
+		t.Fatalf("re-provisioned certificate: CN %q, not after %v", d3.cert.Subject.CommonName, d3.cert.NotAfter)
+	}
+	r := dialMQTT(t, s.MQTTAddr().String(), s.mqttTLS(d3))
+	if code := r.connect("pi-late", 30); code != 0 {
+		t.Fatalf("re-provisioned device: CONNACK %d", code)
+	}
+	out, _, _ := s.cli(t, "audit", "--device", "pi-late")
+	if !strings.Contains(out, "device.reprovision") {
+		t.Fatalf("audit has no re-provisioning:\n%s", out)
+	}
 }
 
 func TestSingleUseTokenConcurrent(t *testing.T) {

@@ -97,7 +97,7 @@ func TestStatusText(t *testing.T) {
 	if err := s.WriteText(&b, now); err != nil {
 		t.Fatal(err)
 	}
-	for _, w := range []string{"pi-1", "running, not connected", "(in 2d2h)", "12 pending, 3 dropped", "re-enroll with a new token", "(1h0m ago)", "device_revoked"} {
+	for _, w := range []string{"pi-1", "running, not connected", "(in 2d2h)", "12 pending, 3 dropped", "enroll under a new id with a new token", "(1h0m ago)", "device_revoked"} {
 		if !strings.Contains(b.String(), w) {
 			t.Errorf("status text lacks %q:\n%s", w, b.String())
 		}

@@ -96,7 +96,7 @@ func Enroll(ctx context.Context, cfg Config, opts EnrollOptions) (EnrollResult, 
 	var resp certResponse
 	hdr := http.Header{"Authorization": {"Bearer " + tok.raw}}
 	if _, err := c.do(ctx, http.MethodPost, "/v1/enroll", "application/pkcs10", hdr, csrPEM, &resp); err != nil {
-		return EnrollResult{}, fmt.Errorf("enroll: %w", err)
+		return EnrollResult{}, fmt.Errorf("enroll: %w", enrollAdvice(err, opts.DeviceID))
 	}
 	id, brokerURL, err := acceptCertResponse(key, resp, opts.DeviceID)
 	if err != nil {
@@ -209,4 +209,20 @@ func validDeviceID(id string) error {
 		}
 	}
 	return nil
+}
+
+// enrollAdvice adds what to do to the enrollment refusals a person can fix.
+func enrollAdvice(err error, id string) error {
+	var se *ServerError
+	if !errors.As(err, &se) {
+		return err
+	}
+	switch {
+	case se.Code == codeIDInvalid && id == "":
+		return fmt.Errorf("%w: this token is not bound to a device id; name the device with --id", err)
+	case se.Code == codeIDTaken:
+		return fmt.Errorf("%w: ids are for life; use another id, or ask the operator for a token that re-provisions "+
+			"this device (fleetmq token create --device ID --reprovision)", err)
+	}
+	return err
 }

@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -242,10 +243,10 @@ func TestRenewFailuresKeepKeyMaterial(t *testing.T) {
 		want   failure
 		advice string
 	}{
-		{"revoked", func(f *fakeServer) { f.revoked["pi-1"] = true }, nil, failRevoked, "revoked"},
+		{"revoked", func(f *fakeServer) { f.revoked["pi-1"] = true }, nil, failRevoked, "enroll under a new id"},
 		// Issued already expired, so the local clock and the server agree
 		// that it is; the server says the grace is over.
-		{"beyond grace", func(f *fakeServer) { f.expiredAns = true }, nil, failNeedsToken, "new token"},
+		{"beyond grace", func(f *fakeServer) { f.expiredAns = true }, nil, failNeedsToken, "--reprovision"},
 		{"clock skew", func(f *fakeServer) { f.revoked["pi-1"] = true; f.dateOffset = -time.Hour }, nil, failClock, "clock"},
 	}
 	for _, c := range cases {
@@ -300,5 +301,38 @@ func TestRenewAdoptsRenewalByAnotherProcess(t *testing.T) {
 	}
 	if got.serial() == stale.serial() {
 		t.Error("stale identity returned")
+	}
+}
+
+func TestEnrollAdvice(t *testing.T) {
+	wrap := func(code string) error {
+		return fmt.Errorf("post: %w", &ServerError{Status: 400, Code: code, Message: "m"})
+	}
+	cases := []struct {
+		err    error
+		id     string
+		advice string // "" for none
+	}{
+		{wrap(codeIDInvalid), "", "name the device with --id"},
+		{wrap(codeIDInvalid), "Bad/Id", ""},
+		{wrap(codeIDTaken), "pi-1", "--reprovision"},
+		{wrap(codeTokenUsed), "", ""},
+		{errors.New("dial: refused"), "", ""},
+	}
+	for _, c := range cases {
+		got := enrollAdvice(c.err, c.id)
+		if !errors.Is(got, c.err) {
+			t.Errorf("%v: the cause is lost: %v", c.err, got)
+		}
+		if c.advice == "" {
+			if got != c.err {
+				t.Errorf("%v (id %q): advice added: %v", c.err, c.id, got)
+			}
+			continue
+		}
+		var se *ServerError
+		if !strings.Contains(got.Error(), c.advice) || !errors.As(got, &se) {
+			t.Errorf("%v (id %q) = %v, want %q and the server error kept", c.err, c.id, got, c.advice)
+		}
 	}
 }

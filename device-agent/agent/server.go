@@ -29,6 +29,8 @@ const (
 	codeCertRevoked   = "cert_revoked"
 	codeDeviceRevoked = "device_revoked"
 	codeRateLimited   = "rate_limited"
+	codeIDInvalid     = "id_invalid"
+	codeIDTaken       = "id_taken"
 )
 
 // ErrCAMismatch is returned when the enrollment server does not present the

@@ -114,9 +114,9 @@ func (s Status) WriteText(w io.Writer, now time.Time) error {
 func conditionText(c string) string {
 	switch c {
 	case CondRevoked:
-		return "revoked by the server: re-enroll with a new token (device-agent enroll --force)"
+		return "revoked by the server; revoked ids are never used again: enroll under a new id with a new token (device-agent enroll --force --token TOKEN --id NEW-ID)"
 	case CondNeedsToken:
-		return "certificate expired beyond the renewal grace: re-enroll with a new token (device-agent enroll --force)"
+		return "certificate expired beyond the renewal grace: ask the operator for a token that re-provisions this device (fleetmq token create --device ID --reprovision), then device-agent enroll --force --token TOKEN"
 	case CondClockWrong:
 		return "waiting for the system clock to be set (time sync)"
 	}
