@@ -91,13 +91,13 @@ func TestStatusText(t *testing.T) {
 	s := Status{
 		Enrolled: true, DeviceID: "pi-1", Serial: "ab", NotAfter: now.Add(50 * time.Hour), Running: true,
 		Condition: CondRevoked, LastError: "server answered 403 device_revoked", LastErrorAt: now.Add(-time.Hour),
-		QueuePending: 12, QueueDropped: 3,
+		QueuePending: 12, QueueDropped: 3, QueueCounted: now.Add(-4 * time.Minute),
 	}
 	var b bytes.Buffer
 	if err := s.WriteText(&b, now); err != nil {
 		t.Fatal(err)
 	}
-	for _, w := range []string{"pi-1", "running, not connected", "(in 2d2h)", "12 pending, 3 dropped", "enroll under a new id with a new token", "(1h0m ago)", "device_revoked"} {
+	for _, w := range []string{"pi-1", "running, not connected", "(in 2d2h)", "12 pending, 3 dropped (counted 4m ago)", "enroll under a new id with a new token", "(1h0m ago)", "device_revoked"} {
 		if !strings.Contains(b.String(), w) {
 			t.Errorf("status text lacks %q:\n%s", w, b.String())
 		}

@@ -260,9 +260,12 @@ func (a *runner) saveState(ctx context.Context, fn func(*State)) {
 	if a.q != nil {
 		pending, _, dropped = a.q.Stats()
 	}
+	now := a.cfg.Now()
 	err := a.ss.update(ctx, func(s *State) {
 		fn(s)
-		s.QueuePending, s.QueueDropped = pending, dropped
+		if a.q != nil {
+			s.QueuePending, s.QueueDropped, s.QueueCounted = pending, dropped, now
+		}
 	})
 	if err != nil {
 		a.log.Warn().Err(err).Msg("save state")

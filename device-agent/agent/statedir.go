@@ -199,6 +199,7 @@ type State struct {
 	LastErrorAt      time.Time `json:"last_error_at,omitzero"`
 	QueuePending     int       `json:"queue_pending"`
 	QueueDropped     uint64    `json:"queue_dropped"`
+	QueueCounted     time.Time `json:"queue_counted,omitzero"` // when the two above were taken
 	PID              int       `json:"pid,omitempty"`
 	AgentVersion     string    `json:"agent_version,omitempty"`
 }

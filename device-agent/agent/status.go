@@ -26,6 +26,9 @@ type Status struct {
 	LastErrorAt  time.Time `json:"last_error_at,omitzero"`
 	QueuePending int       `json:"queue_pending"`
 	QueueDropped uint64    `json:"queue_dropped"`
+	// QueueCounted is when the running agent last saved the queue counters
+	// (on state changes and every few minutes, to spare the SD card).
+	QueueCounted time.Time `json:"queue_counted,omitzero"`
 }
 
 // ReadStatus reads the state folder without changing it, so it is safe
@@ -55,6 +58,7 @@ func ReadStatus(stateDir string) (Status, error) {
 		LastErrorAt:  st.LastErrorAt,
 		QueuePending: st.QueuePending,
 		QueueDropped: st.QueueDropped,
+		QueueCounted: st.QueueCounted,
 	}
 	if b, err := readOptional(filepath.Join(stateDir, certFile)); err == nil && b != nil {
 		if certs, err := parseCerts(b); err == nil {
@@ -95,7 +99,7 @@ func (s Status) WriteText(w io.Writer, now time.Time) error {
 		{"last renewal", ts(s.LastRenewal)},
 		{"broker", s.BrokerURL},
 		{"server", s.ServerURL},
-		{"queue", fmt.Sprintf("%d pending, %d dropped", s.QueuePending, s.QueueDropped)},
+		{"queue", queueText(s, now)},
 	}
 	if s.Condition != "" {
 		lines = append(lines, struct{ k, v string }{"attention", conditionText(s.Condition)})
@@ -109,6 +113,16 @@ func (s Status) WriteText(w io.Writer, now time.Time) error {
 		}
 	}
 	return nil
+}
+
+// queueText gives the queue counters with their age: the agent saves them
+// every few minutes, so "3 pending" may be from before the queue drained.
+func queueText(s Status, now time.Time) string {
+	q := fmt.Sprintf("%d pending, %d dropped", s.QueuePending, s.QueueDropped)
+	if !s.QueueCounted.IsZero() {
+		q += " (counted " + human(s.QueueCounted.Sub(now)) + ")"
+	}
+	return q
 }
 
 func conditionText(c string) string {
