@@ -292,7 +292,7 @@ func (h *Handler) bindError(ctx context.Context, req TokenRequest, ids []string,
 		case d.Revoked():
 			return fail(enroll.CodeIDTaken, "device %s exists and was revoked; revoked ids are never used again: bind the token to a new id", id)
 		}
-		return fail(enroll.CodeIDTaken, "device %s already exists; to let this token enroll it again (a new key and certificate, e.g. after its certificate expired beyond the renewal grace), add --reprovision", id)
+		return fail(enroll.CodeIDTaken, "device %s already exists; to let this token enroll it again (a new key and certificate, e.g. after its certificate expired beyond the renewal grace), make it a re-provisioning token (token create --reprovision, or the dashboard's \"enroll it again\" box)", id)
 	}
 	return nil
 }

@@ -391,12 +391,14 @@ func (s *Server) tokens(w http.ResponseWriter, r *http.Request) {
 type tokenForm struct {
 	Device, Prefix, TTL, Labels, Format string
 	Count, Uses                         int
+	Reprovision                         bool // the device exists: enroll it again
 }
 
 func parseTokenForm(get func(string) string) (tokenForm, admin.TokenRequest, error) {
 	f := tokenForm{
 		Device: strings.TrimSpace(get("device")), Prefix: strings.TrimSpace(get("prefix")),
 		TTL: strings.TrimSpace(get("ttl")), Labels: strings.TrimSpace(get("labels")), Format: get("format"),
+		Reprovision: get("reprovision") == "yes",
 	}
 	var err error
 	if f.Count, err = optionalInt(get("count")); err != nil {
@@ -415,7 +417,7 @@ func parseTokenForm(get func(string) string) (tokenForm, admin.TokenRequest, err
 	if err != nil {
 		return f, admin.TokenRequest{}, err
 	}
-	req := admin.TokenRequest{DeviceID: f.Device, Uses: f.Uses, TTL: ttl.String(), Prefix: f.Prefix}
+	req := admin.TokenRequest{DeviceID: f.Device, Reprovision: f.Reprovision, Uses: f.Uses, TTL: ttl.String(), Prefix: f.Prefix}
 	if f.Count > 1 || f.Prefix != "" {
 		req.Count = f.Count
 	}

@@ -223,6 +223,19 @@ func TestStateChangesNeedCSRFToken(t *testing.T) {
 		t.Fatalf("CSV: %d %v %q", r.status, r.header, r.body)
 	}
 
+	// A re-provisioning token for one device.
+	page = do(t, c, "GET", ts.URL+"/tokens/new?device=pi-7&reprovision=yes&ttl=24h", nil, nil)
+	if page.status != 200 || !strings.Contains(page.body, "re-provisioning the existing device pi-7") {
+		t.Fatalf("re-provisioning confirmation: %d %s", page.status, page.body)
+	}
+	form = url.Values{"confirm": {"yes"}, "device": {"pi-7"}, "reprovision": {"yes"}, "ttl": {"24h"}, "csrf": {formToken(t, page.body)}}
+	if r := do(t, c, "POST", ts.URL+"/tokens", form, nil); r.status != http.StatusCreated {
+		t.Fatalf("re-provisioning token: %d %s", r.status, r.body)
+	}
+	if _, minted := f.changes(); len(minted) == 0 || minted[len(minted)-1].DeviceID != "pi-7" || !minted[len(minted)-1].Reprovision {
+		t.Fatalf("minted %+v, want a re-provisioning token for pi-7", minted)
+	}
+
 	page = do(t, c, "GET", ts.URL+"/tokens/abc/revoke", nil, nil)
 	if page.status != 404 {
 		t.Fatalf("revoking an unknown token: %d", page.status)
