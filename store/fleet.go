@@ -33,9 +33,10 @@ func (db *DB) checked(ctx context.Context, fn txFunc) error {
 }
 
 // CreateTokens stores toks in one transaction: all or none. A token whose
-// hash or public id is already stored is refused with ErrTokenExists, one
-// bound to the id of an existing device (revoked or not) with
-// ErrDeviceExists. One ActTokenCreate audit event is appended per token.
+// hash or public id is already stored is refused with ErrTokenExists; one
+// bound to an id that cannot be bound as asked, as checkBinding says
+// (ErrDeviceExists, ErrDeviceRevoked, ErrNotFound). One ActTokenCreate audit
+// event is appended per token.
 func (db *DB) CreateTokens(ctx context.Context, toks []Token, remote string, now time.Time) error {
 	if len(toks) == 0 {
 		return nil
