@@ -357,7 +357,9 @@ func (h *Handler) observe(op string, err error) {
 // DeviceInfo is a device with its connection state.
 type DeviceInfo struct {
 	store.Device
-	Online   bool      `json:"online"`
+	Online bool `json:"online"`
+	// LastSeen is now for a connected identity, else when its last
+	// connection ended (zero: never connected).
 	LastSeen time.Time `json:"last_seen,omitzero"`
 }
 
@@ -405,10 +407,16 @@ func (h *Handler) deviceInfos(ctx context.Context, devs []store.Device) ([]Devic
 			online[id] = true
 		}
 	}
+	now := h.cfg.Now()
 	out := make([]DeviceInfo, 0, len(devs))
 	for _, d := range devs {
-		p := pres[d.ID]
-		out = append(out, DeviceInfo{Device: d, Online: online[d.ID], LastSeen: p.LastSeen})
+		seen := pres[d.ID].LastSeen
+		if online[d.ID] {
+			// The stored time is when it connected: shown as "last
+			// seen", a device online for a week read as gone a week.
+			seen = now
+		}
+		out = append(out, DeviceInfo{Device: d, Online: online[d.ID], LastSeen: seen})
 	}
 	return out, nil
 }

@@ -92,9 +92,15 @@ func testAgentTelemetryAndCommands(t *testing.T, bin agentBinary) {
 	}
 
 	st := waitStatus(t, bin, a, dir, "connected", func(st agentStatus) bool { return st.Connected })
+	asked := time.Now()
 	dev := s.deviceInfo(t, id)
 	if st.DeviceID != id || st.Serial != dev.Serial || !st.Running {
 		t.Fatalf("status %+v, store serial %s", st, dev.Serial)
+	}
+	// The presence record holds the connect time; a connected device is
+	// seen at the moment it is asked about (this server's clock is real).
+	if !dev.Online || dev.LastSeen.Before(asked) {
+		t.Errorf("device show: online %v, last seen %v, asked at %v", dev.Online, dev.LastSeen, asked)
 	}
 
 	// A backend with a service certificate commands the device.
