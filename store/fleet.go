@@ -72,7 +72,7 @@ func (db *DB) CreateTokens(ctx context.Context, toks []Token, remote string, now
 			if t.DeviceID == "" {
 				continue
 			}
-			if err := checkBinding(devs.Get([]byte(t.DeviceID)), t); err != nil {
+			if _, err := checkBinding(devs.Get([]byte(t.DeviceID)), t); err != nil {
 				return fmt.Errorf("token %s: device %s: %w", t.ID, t.DeviceID, err)
 			}
 		}
@@ -185,29 +185,30 @@ func (db *DB) RevokeToken(ctx context.Context, id, remote string, now time.Time)
 }
 
 // checkBinding says whether a token may be bound to the device stored as
-// rec (nil: none). A new id is always fine. An existing one only with
-// Reprovision, and only a device that is not revoked: revoked ids are never
-// used again, and tokens never yield service or operator certificates.
-func checkBinding(rec []byte, t Token) error {
+// rec (nil: none), and returns that device when it may. A new id is always
+// fine. An existing one only with Reprovision, and only a device that is
+// not revoked: revoked ids are never used again, and tokens never yield
+// service or operator certificates.
+func checkBinding(rec []byte, t Token) (*Device, error) {
 	switch {
 	case rec == nil && t.Reprovision:
-		return ErrNotFound // nothing to re-provision
+		return nil, ErrNotFound // nothing to re-provision
 	case rec == nil:
-		return nil
+		return nil, nil
 	case !t.Reprovision:
-		return ErrDeviceExists
+		return nil, ErrDeviceExists
 	}
 	var d Device
 	if err := json.Unmarshal(rec, &d); err != nil {
-		return fmt.Errorf("decode device: %w", err)
+		return nil, fmt.Errorf("decode device: %w", err)
 	}
 	switch {
 	case d.Revoked():
-		return ErrDeviceRevoked
+		return nil, ErrDeviceRevoked
 	case d.Role != RoleDevice:
-		return ErrDeviceExists
+		return nil, ErrDeviceExists
 	}
-	return nil
+	return &d, nil
 }
 
 // Enroll applies one enrollment in one transaction after checking the token
@@ -242,19 +243,14 @@ func (db *DB) Enroll(ctx context.Context, e Enrollment) error {
 		if t.DeviceID != "" && t.DeviceID != id {
 			return fmt.Errorf("token %s: %w", t.ID, ErrTokenBound)
 		}
-		var prev *Device
+		var prev *Device // the device re-provisioned
 		if rec := tx.Bucket(bucketDevices).Get([]byte(id)); rec != nil {
 			if t.DeviceID != id {
 				return ErrDeviceExists // a free token's CN
 			}
-			if err := checkBinding(rec, t); err != nil {
+			if prev, err = checkBinding(rec, t); err != nil {
 				return err
 			}
-			d, err := getDevice(tx, id)
-			if err != nil {
-				return err
-			}
-			prev = &d
 		}
 		if tx.Bucket(bucketCerts).Get([]byte(e.Cert.Serial)) != nil {
 			return fmt.Errorf("serial %s: %w", e.Cert.Serial, ErrCertExists)
