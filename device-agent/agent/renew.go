@@ -248,9 +248,9 @@ func classify(err error) failure {
 func explain(err error) error {
 	switch classify(err) {
 	case failRevoked:
-		return fmt.Errorf("%w: this device was revoked and its id is never used again; enroll under a new id with a new token (device-agent enroll --force --id NEW-ID)", err)
+		return fmt.Errorf("%w: this device was revoked; %s", err, adviceRevoked)
 	case failNeedsToken:
-		return fmt.Errorf("%w: the certificate expired beyond the renewal grace; enroll again with a token that re-provisions this device (fleetmq token create --device ID --reprovision, then device-agent enroll --force)", err)
+		return fmt.Errorf("%w: the certificate expired beyond the renewal grace; %s", err, adviceNeedsToken)
 	}
 	return err
 }

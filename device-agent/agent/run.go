@@ -512,13 +512,13 @@ func (a *runner) renewLoop(ctx context.Context) error {
 			blockedAttempt++
 			retryAt = now.Add(d)
 			a.block(ctx, CondRevoked, err, retryAt)
-			a.log.Error().Err(err).Time("retry_at", retryAt).Msg("device revoked by the server; its id is never used again: enroll under a new id with a new token (device-agent enroll --force --id NEW-ID)")
+			a.log.Error().Err(err).Time("retry_at", retryAt).Msg("device revoked by the server; " + adviceRevoked)
 		case failNeedsToken:
 			d := backoff(blockedAttempt, a.cfg.BlockedRetryMin, a.cfg.BlockedRetryMax, a.cfg.Rand())
 			blockedAttempt++
 			retryAt = now.Add(d)
 			a.block(ctx, CondNeedsToken, err, retryAt)
-			a.log.Error().Err(err).Time("retry_at", retryAt).Msg("certificate expired beyond the renewal grace; enroll again with a token that re-provisions this device (fleetmq token create --device ID --reprovision)")
+			a.log.Error().Err(err).Time("retry_at", retryAt).Msg("certificate expired beyond the renewal grace; " + adviceNeedsToken)
 		default:
 			d := backoff(attempt, a.cfg.RetryMin, a.cfg.RetryMax, a.cfg.Rand())
 			attempt++

@@ -125,12 +125,19 @@ func queueText(s Status, now time.Time) string {
 	return q
 }
 
+// What a person does about an agent the server turned away, in status,
+// errors and logs alike.
+const (
+	adviceRevoked    = "revoked ids are never used again: enroll under a new id with a new token (device-agent enroll --force --token TOKEN --id NEW-ID)"
+	adviceNeedsToken = "enroll again with a token that re-provisions this device (fleetmq token create --device ID --reprovision on the server, then device-agent enroll --force --token TOKEN)"
+)
+
 func conditionText(c string) string {
 	switch c {
 	case CondRevoked:
-		return "revoked by the server; revoked ids are never used again: enroll under a new id with a new token (device-agent enroll --force --token TOKEN --id NEW-ID)"
+		return "revoked by the server; " + adviceRevoked
 	case CondNeedsToken:
-		return "certificate expired beyond the renewal grace: ask the operator for a token that re-provisions this device (fleetmq token create --device ID --reprovision), then device-agent enroll --force --token TOKEN"
+		return "certificate expired beyond the renewal grace; " + adviceNeedsToken
 	case CondClockWrong:
 		return "waiting for the system clock to be set (time sync)"
 	}
