@@ -267,10 +267,8 @@ func (db *DB) Enroll(ctx context.Context, e Enrollment) error {
 		d.CreatedAt = e.Now
 		if prev != nil {
 			d.CreatedAt = prev.CreatedAt
-			labels := maps.Clone(prev.Labels)
-			if labels == nil && len(d.Labels) > 0 {
-				labels = make(map[string]string, len(d.Labels))
-			}
+			labels := make(map[string]string, len(prev.Labels)+len(d.Labels))
+			maps.Copy(labels, prev.Labels)
 			maps.Copy(labels, d.Labels)
 			d.Labels = labels
 		}
