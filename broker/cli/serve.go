@@ -44,7 +44,7 @@ func serve(ctx context.Context, args []string, env Env) error {
 	}
 	cfg.DataDir = *fs.data
 	cfg.Broker.MaxPacketSize = uint32(*maxPacket)
-	log, err := newLogger(env.Stderr, *logLevel, *logFormat)
+	log, err := newLogger(env.Stderr, *logLevel, *logFormat, env.Getenv("NO_COLOR") != "")
 	if err != nil {
 		return usagef("%v", err)
 	}
@@ -56,7 +56,12 @@ func serve(ctx context.Context, args []string, env Env) error {
 	return srv.Run(ctx)
 }
 
-func newLogger(w io.Writer, level, format string) (zerolog.Logger, error) {
+// newLogger colours console output only on a terminal: escape codes in a
+// file or the journal make the log unreadable to grep. NO_COLOR
+// (no-color.org) turns colour off on a terminal too.
+func newLogger(w io.Writer, level, format string, noColor bool) (zerolog.Logger, error) {
+	f, ok := w.(*os.File)
+	tty := ok && isatty.IsTerminal(f.Fd())
 	lvl, err := zerolog.ParseLevel(strings.ToLower(level))
 	if err != nil || lvl == zerolog.NoLevel {
 		return zerolog.Logger{}, fmt.Errorf("unknown log level %q", level)
@@ -64,10 +69,10 @@ func newLogger(w io.Writer, level, format string) (zerolog.Logger, error) {
 	switch format {
 	case "json":
 	case "console":
-		w = zerolog.ConsoleWriter{Out: w}
+		w = zerolog.ConsoleWriter{Out: w, NoColor: noColor || !tty}
 	case "auto":
-		if f, ok := w.(*os.File); ok && isatty.IsTerminal(f.Fd()) {
-			w = zerolog.ConsoleWriter{Out: w}
+		if tty {
+			w = zerolog.ConsoleWriter{Out: w, NoColor: noColor}
 		}
 	default:
 		return zerolog.Logger{}, fmt.Errorf("unknown log format %q", format)
