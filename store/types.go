@@ -107,6 +107,7 @@ const (
 	ActDeviceRevoke = "device.revoke"
 	ActReprovision  = "device.reprovision"
 	ActServiceIssue = "service.issue"
+	ActBackup       = "store.backup"
 )
 
 // AuditEvent is one append-only audit record.
