@@ -51,13 +51,15 @@ func WriteFileAtomic(path string, data []byte, perm os.FileMode) (err error) {
 		return fmt.Errorf("write %s: rename temp file: %w", path, err)
 	}
 	// Without this the rename itself may be lost on power failure.
-	if err := syncDir(dir); err != nil {
+	if err := SyncDir(dir); err != nil {
 		return fmt.Errorf("write %s: %w", path, err)
 	}
 	return nil
 }
 
-func syncDir(dir string) error {
+// SyncDir flushes dir's entries to disk, so that a file created or renamed
+// in it survives a power failure.
+func SyncDir(dir string) error {
 	if runtime.GOOS == "windows" {
 		// Directories cannot be opened for syncing on Windows; NTFS
 		// journals the rename instead.

@@ -35,6 +35,8 @@ type Store interface {
 	Audit(ctx context.Context, f store.AuditFilter) ([]store.AuditEvent, error)
 	Telemetry(ctx context.Context, deviceID string, since time.Time, limit int) ([]store.Message, error)
 	Presences(ctx context.Context) (map[string]store.Presence, error)
+	Backup(ctx context.Context, w io.Writer, size func(int64)) (int64, error)
+	AppendAudit(ctx context.Context, evs ...store.AuditEvent) error
 }
 
 // Config configures the admin API. Zero values mean the defaults named.
@@ -99,6 +101,7 @@ func New(cfg Config, st Store) (*Handler, error) {
 	h.mux.HandleFunc("POST /v1/identities", h.issueIdentity)
 	h.mux.HandleFunc("GET /v1/audit", h.audit)
 	h.mux.HandleFunc("GET /v1/telemetry/{id}", h.telemetry)
+	h.mux.HandleFunc("GET /v1/backup", h.backup)
 	return h, nil
 }
 
@@ -714,6 +717,34 @@ func decode(r *http.Request, v any) error {
 		return enroll.Errorf(enroll.CodeBadRequest, "request body has trailing data")
 	}
 	return nil
+}
+
+// backup streams a consistent copy of the database. The headers go out
+// with the snapshot's size, so a failure after that can only cut the
+// stream short, which the client sees against Content-Length.
+func (h *Handler) backup(w http.ResponseWriter, r *http.Request) {
+	started := false
+	n, err := h.st.Backup(r.Context(), w, func(size int64) {
+		started = true
+		w.Header().Set("Content-Type", "application/octet-stream")
+		w.Header().Set("Content-Length", strconv.FormatInt(size, 10))
+		w.WriteHeader(http.StatusOK)
+	})
+	if err != nil {
+		if !started {
+			writeErr(w, h.cfg.Logger, err)
+			return
+		}
+		h.cfg.Logger.Warn().Err(err).Int64("bytes", n).Msg("backup cut short")
+		panic(http.ErrAbortHandler) // close the connection, no more to say
+	}
+	h.cfg.Logger.Info().Int64("bytes", n).Msg("backup taken")
+	// Recorded once the copy is complete, even if the caller hung up on
+	// the last byte: the data left the server.
+	ev := store.AuditEvent{Time: h.cfg.Now(), Action: store.ActBackup, Remote: remote, Detail: fmt.Sprintf("%d bytes", n)}
+	if err := h.st.AppendAudit(context.WithoutCancel(r.Context()), ev); err != nil {
+		h.cfg.Logger.Error().Err(err).Msg("audit the backup")
+	}
 }
 
 func writeErr(w http.ResponseWriter, log zerolog.Logger, err error) {

@@ -100,6 +100,24 @@ func (c *Client) send(ctx context.Context, method, path string, in any) (*http.R
 	return resp, nil
 }
 
+// Backup streams a consistent copy of the server's database into w and
+// returns its size. A stream cut short is an error.
+func (c *Client) Backup(ctx context.Context, w io.Writer) (int64, error) {
+	resp, err := c.send(ctx, http.MethodGet, "/v1/backup", nil)
+	if err != nil {
+		return 0, err
+	}
+	defer resp.Body.Close()
+	n, err := io.Copy(w, resp.Body)
+	if err == nil && resp.ContentLength >= 0 && n != resp.ContentLength {
+		err = io.ErrUnexpectedEOF
+	}
+	if err != nil {
+		return n, fmt.Errorf("backup cut short after %d of %d bytes: %w", n, resp.ContentLength, err)
+	}
+	return n, nil
+}
+
 // CA describes the fleet CA.
 func (c *Client) CA(ctx context.Context) (CAInfo, error) {
 	var out CAInfo

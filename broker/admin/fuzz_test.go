@@ -11,6 +11,7 @@ import (
 	"crypto/x509/pkix"
 	"encoding/json"
 	"encoding/pem"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -66,6 +67,10 @@ func (s *recordingStore) Telemetry(context.Context, string, time.Time, int) ([]s
 func (s *recordingStore) Presences(context.Context) (map[string]store.Presence, error) {
 	return nil, nil
 }
+func (s *recordingStore) Backup(context.Context, io.Writer, func(int64)) (int64, error) {
+	return 0, store.ErrClosed
+}
+func (s *recordingStore) AppendAudit(context.Context, ...store.AuditEvent) error { return nil }
 
 // fuzzMaxTokens keeps each fuzz input cheap: minting costs a random secret
 // per token.

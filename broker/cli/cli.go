@@ -73,6 +73,7 @@ Usage:
   fleetmq telemetry ID [--since 1h] [--limit N] [--follow]
   fleetmq audit [--device ID] [--since 24h] [--limit N]
   fleetmq ca show
+  fleetmq backup DIR                   copy of the database and CA, while it runs
   fleetmq version
 
 Operator commands find the server through the admin socket in the data
@@ -118,6 +119,8 @@ func run(ctx context.Context, args []string, env Env) error {
 		return telemetryCmd(ctx, rest, env)
 	case "audit":
 		return auditCmd(ctx, rest, env)
+	case "backup":
+		return backupCmd(ctx, rest, env)
 	}
 	return usagef("unknown command %q; see 'fleetmq help'", cmd)
 }

@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -221,23 +222,30 @@ func TestTelemetrySurvivesRestart(t *testing.T) {
 	}
 
 	s2 := startServer(t, func(c *server.Config) { c.DataDir = dir })
-	out, errs, code := s2.cli(t, "telemetry", "pi-d1", "--json", "--limit", "100")
+	s2.wantNumbered(t, "pi-d1", 20)
+	// The device reconnects to the restarted server with the same certificate.
+	c2 := pahoClient(t, s2, d, "pi-d1", nil)
+	c2.Disconnect(100)
+}
+
+// wantNumbered checks that id's stored telemetry is exactly {"n":0} …
+// {"n":count-1}, in order.
+func (s *testServer) wantNumbered(tb testing.TB, id string, count int) {
+	tb.Helper()
+	out, errs, code := s.cli(tb, "telemetry", id, "--json", "--limit", strconv.Itoa(count+100))
 	if code != 0 {
-		t.Fatalf("telemetry: %s", errs)
+		tb.Fatalf("telemetry: %s", errs)
 	}
 	lines := strings.Split(strings.TrimSpace(out), "\n")
-	if len(lines) != 20 {
-		t.Fatalf("%d messages after restart, want 20:\n%s", len(lines), out)
+	if len(lines) != count {
+		tb.Fatalf("%d messages stored, want %d:\n%s", len(lines), count, out)
 	}
 	for i, l := range lines {
 		var rec admin.TelemetryRecord
 		if err := json.Unmarshal([]byte(l), &rec); err != nil || string(rec.Payload) != fmt.Sprintf(`{"n":%d}`, i) {
-			t.Fatalf("message %d: %s (%v)", i, l, err)
+			tb.Fatalf("message %d: %s (%v)", i, l, err)
 		}
 	}
-	// The device reconnects to the restarted server with the same certificate.
-	c2 := pahoClient(t, s2, d, "pi-d1", nil)
-	c2.Disconnect(100)
 }
 
 func TestTelemetryFollow(t *testing.T) {

@@ -1,0 +1,203 @@
+package cli
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+
+	"github.com/fleetmq/fleetmq/broker/server"
+	"github.com/fleetmq/fleetmq/enroll"
+	"github.com/fleetmq/fleetmq/store"
+)
+
+// BackupResult is what `fleetmq backup --json` prints.
+type BackupResult struct {
+	Dir        string `json:"dir"`
+	Bytes      int64  `json:"bytes"`
+	Identities int    `json:"identities"`
+	// CAIncluded is false when the server uses an operator-provided CA
+	// (--ca-cert, --ca-key) kept outside the data folder.
+	CAIncluded bool `json:"ca_included"`
+}
+
+// caFiles are the generated CA's files in a data folder, with their modes.
+var caFiles = []struct {
+	name string
+	mode os.FileMode
+}{{"ca.pem", 0o644}, {"ca.key", 0o600}}
+
+// backupCmd writes a backup of a running server as a data folder: the
+// database copied from a consistent snapshot and checked, plus the
+// generated CA's files, so `fleetmq serve --data DIR` restores it.
+func backupCmd(ctx context.Context, args []string, env Env) (err error) {
+	fset := newFlags("backup", env)
+	if err := fset.parse(args, 1); err != nil {
+		return err
+	}
+	dir := fset.Arg(0)
+	created, err := backupDir(dir)
+	if err != nil {
+		return err
+	}
+	var written []string
+	defer func() {
+		if err == nil {
+			return
+		}
+		for _, p := range written {
+			_ = os.Remove(p)
+		}
+		if created {
+			_ = os.Remove(dir)
+		}
+	}()
+
+	dbPath := filepath.Join(dir, server.DBName)
+	partial := dbPath + ".partial"
+	written = append(written, partial)
+	n, err := fetchBackup(ctx, fset, partial)
+	if err != nil {
+		return err
+	}
+	ids, err := checkBackup(ctx, partial)
+	if err != nil {
+		return err
+	}
+	if err := os.Rename(partial, dbPath); err != nil {
+		return fmt.Errorf("backup: %w", err)
+	}
+	written = append(written, dbPath)
+
+	res := BackupResult{Dir: dir, Bytes: n, Identities: ids}
+	res.CAIncluded, err = servesGeneratedCA(ctx, fset)
+	if err != nil {
+		return err
+	}
+	for _, f := range caFiles {
+		if !res.CAIncluded {
+			break
+		}
+		b, err := os.ReadFile(filepath.Join(*fset.data, f.name))
+		if err != nil {
+			return fmt.Errorf("backup the CA: %w", err)
+		}
+		dst := filepath.Join(dir, f.name)
+		if err := enroll.WriteFileAtomic(dst, b, f.mode); err != nil {
+			return fmt.Errorf("backup the CA: %w", err)
+		}
+		written = append(written, dst)
+	}
+	if err := enroll.SyncDir(dir); err != nil {
+		return fmt.Errorf("backup: %w", err)
+	}
+
+	if *fset.json {
+		return printJSON(env.Stdout, res)
+	}
+	noun := "identities"
+	if ids == 1 {
+		noun = "identity"
+	}
+	fmt.Fprintf(env.Stdout, "backup of %d %s (%s) in %s\n", ids, noun, sizeString(n), dir)
+	if !res.CAIncluded {
+		fmt.Fprintln(env.Stdout, "the CA is not in the data folder (--ca-cert, --ca-key): keep its files with this backup")
+	}
+	fmt.Fprintf(env.Stdout, "to restore: stop fleetmq, then run it with --data %s\n", dir)
+	return nil
+}
+
+// servesGeneratedCA reports whether the server's CA is the one generated in
+// its data folder. With --ca-cert the folder may still hold a CA generated
+// before; copying that one would restore the wrong CA.
+func servesGeneratedCA(ctx context.Context, fset flagSet) (bool, error) {
+	b, err := os.ReadFile(filepath.Join(*fset.data, caFiles[0].name))
+	if errors.Is(err, fs.ErrNotExist) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("backup the CA: %w", err)
+	}
+	info, err := fset.client().CA(ctx)
+	if err != nil {
+		return false, err
+	}
+	block, _ := pem.Decode(b)
+	if block == nil {
+		return false, nil
+	}
+	sum := sha256.Sum256(block.Bytes)
+	return hex.EncodeToString(sum[:]) == info.Fingerprint, nil
+}
+
+// backupDir makes sure dir exists and is empty, creating it (0700) if
+// missing: a backup never overwrites anything.
+func backupDir(dir string) (created bool, err error) {
+	if err := os.Mkdir(dir, 0o700); err == nil {
+		return true, nil
+	} else if !errors.Is(err, fs.ErrExist) {
+		return false, fmt.Errorf("backup folder: %w", err)
+	}
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return false, fmt.Errorf("backup folder: %w", err)
+	}
+	if len(entries) > 0 {
+		return false, usagef("backup folder %s is not empty; a backup never overwrites files", dir)
+	}
+	return false, nil
+}
+
+// fetchBackup streams the server's snapshot into a new file at path and
+// flushes it to disk.
+func fetchBackup(ctx context.Context, fset flagSet, path string) (int64, error) {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return 0, fmt.Errorf("backup: %w", err)
+	}
+	n, err := fset.client().Backup(ctx, f)
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return n, fmt.Errorf("backup: %w", err)
+	}
+	return n, nil
+}
+
+// checkBackup opens the copy as the server would and runs bbolt's
+// consistency check on it: a backup nobody can restore is worse than none.
+func checkBackup(ctx context.Context, path string) (int, error) {
+	db, err := store.Open(path, store.Options{})
+	if err != nil {
+		return 0, fmt.Errorf("backup does not open: %w", err)
+	}
+	defer db.Close()
+	if err := db.Check(); err != nil {
+		return 0, fmt.Errorf("backup is damaged: %w", err)
+	}
+	devs, err := db.Devices(ctx)
+	if err != nil {
+		return 0, fmt.Errorf("backup is damaged: %w", err)
+	}
+	return len(devs), nil
+}
+
+func sizeString(n int64) string {
+	switch {
+	case n >= 1<<30:
+		return fmt.Sprintf("%.1f GiB", float64(n)/(1<<30))
+	case n >= 1<<20:
+		return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20))
+	default:
+		return fmt.Sprintf("%d KiB", (n+1023)/1024)
+	}
+}
