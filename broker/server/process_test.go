@@ -66,9 +66,16 @@ func startNode(tb testing.TB, bin, data string, wrap []string, flags ...string) 
 	args := append(append(wrap[:len(wrap):len(wrap)], bin, "serve", "--data", data,
 		"--enroll-addr", "127.0.0.1:0", "--mqtt-addr", "127.0.0.1:0",
 		"--metrics-addr", "off", "--ui-addr", "off", "--log-format", "json"), flags...)
+	return runNode(tb, args, append(os.Environ(), "FLEETMQ_DATA="+data), data)
+}
+
+// runNode runs the command line args, a `fleetmq serve` using data, with
+// env, and waits for its "fleetmq serving" line (logs must be JSON).
+func runNode(tb testing.TB, args, env []string, data string) *node {
+	tb.Helper()
 	n := &node{tb: tb, data: data, logs: &syncBuffer{}, exited: make(chan struct{})}
 	n.cmd = exec.Command(args[0], args[1:]...)
-	n.cmd.Env = append(os.Environ(), "FLEETMQ_DATA="+data)
+	n.cmd.Env = env
 	pr, pw := io.Pipe()
 	n.cmd.Stderr = pw
 	n.cmd.Stdout = pw
