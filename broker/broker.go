@@ -414,6 +414,13 @@ func (b *Broker) Revoke(id string) {
 }
 
 // Online returns the ids of the identities connected to this node, sorted.
+// UnwrittenPresence returns, by identity, the presence changes this node
+// has seen but not yet stored: they are written at most presenceDelay
+// later, and until then they are newer than the store's.
+func (b *Broker) UnwrittenPresence() map[string]store.Presence {
+	return b.w.unwrittenPresence()
+}
+
 func (b *Broker) Online() []string {
 	b.mu.Lock()
 	ids := make([]string, 0, len(b.idents))

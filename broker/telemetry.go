@@ -3,6 +3,7 @@ package broker
 import (
 	"context"
 	"errors"
+	"maps"
 	"slices"
 	"strings"
 	"sync"
@@ -265,20 +266,35 @@ func (w *telemetryWriter) write(b *batch) {
 	b.msgs, b.reqs, b.bytes = b.msgs[:0], b.reqs[:0], 0
 }
 
+// flushPresence stores the pending presence changes. They stay pending
+// until committed, so unwrittenPresence never misses one; a change made
+// meanwhile replaces its entry and is written by the next flush.
 func (w *telemetryWriter) flushPresence() {
 	w.presMu.Lock()
-	if len(w.pres) == 0 {
-		w.presMu.Unlock()
-		return
-	}
 	ps := make([]store.Presence, 0, len(w.pres))
 	for _, p := range w.pres {
 		ps = append(ps, p)
 	}
-	clear(w.pres)
 	w.presMu.Unlock()
+	if len(ps) == 0 {
+		return
+	}
 	if err := w.st.SetPresence(context.Background(), ps...); err != nil {
 		w.stats.presenceFailed.Add(uint64(len(ps)))
 		w.log.Error().Err(err).Int("identities", len(ps)).Msg("broker: storing presence failed")
 	}
+	w.presMu.Lock()
+	for _, p := range ps {
+		if w.pres[p.DeviceID] == p {
+			delete(w.pres, p.DeviceID)
+		}
+	}
+	w.presMu.Unlock()
+}
+
+// unwrittenPresence copies the presence changes not yet committed.
+func (w *telemetryWriter) unwrittenPresence() map[string]store.Presence {
+	w.presMu.Lock()
+	defer w.presMu.Unlock()
+	return maps.Clone(w.pres)
 }

@@ -47,6 +47,11 @@ type Config struct {
 	OnRevoke func(ctx context.Context, id string, certs []store.Cert)
 	// Online lists the identities connected to this node. Optional.
 	Online func() []string
+	// Unwritten returns this node's presence changes not yet in the
+	// store, which are newer than the store's: without them a device
+	// that just went offline showed its connect time as last seen.
+	// Optional.
+	Unwritten func() map[string]store.Presence
 	// Follow streams telemetry as it is stored, for `fleetmq telemetry --follow`. Optional.
 	Follow func(id string) (<-chan store.Message, func())
 	// ServiceLifetime is the lifetime of service and operator certificates; default 365 days.
@@ -408,6 +413,11 @@ func (h *Handler) deviceInfos(ctx context.Context, devs []store.Device) ([]Devic
 	if h.cfg.Online != nil {
 		for _, id := range h.cfg.Online() {
 			online[id] = true
+		}
+	}
+	if h.cfg.Unwritten != nil {
+		for id, p := range h.cfg.Unwritten() {
+			pres[id] = p
 		}
 	}
 	now := h.cfg.Now()

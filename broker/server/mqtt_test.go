@@ -205,6 +205,23 @@ func TestRevokeThroughCLIDisconnectsWithinASecond(t *testing.T) {
 	}
 }
 
+// A device that has just disconnected is shown offline with its disconnect
+// time as last seen, also while that change still waits to be stored
+// (presence is written up to 250 ms later, in one commit for many).
+func TestLastSeenRightAfterDisconnect(t *testing.T) {
+	s := startServer(t)
+	d := s.enroll(t, s.token(t), "pi-ls")
+	c := pahoClient(t, s, d, "pi-ls", nil)
+	connected := s.clock.Now()
+	s.clock.Advance(time.Hour)
+	c.Disconnect(0)
+	var info admin.DeviceInfo
+	eventually(t, func() bool { info = s.deviceInfo(t, "pi-ls"); return !info.Online }, "pi-ls offline")
+	if !info.LastSeen.Equal(connected.Add(time.Hour)) {
+		t.Fatalf("last seen %v, want the disconnect at %v (connected at %v)", info.LastSeen, connected.Add(time.Hour), connected)
+	}
+}
+
 func TestTelemetrySurvivesRestart(t *testing.T) {
 	dir := t.TempDir() + "/data"
 	s := startServer(t, func(c *server.Config) { c.DataDir = dir })

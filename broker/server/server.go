@@ -218,13 +218,14 @@ func New(cfg Config) (_ *Server, err error) {
 		return nil, err
 	}
 	s.admin, err = admin.New(admin.Config{
-		CA:       s.ca,
-		OnRevoke: s.onRevoke,
-		Online:   s.mqtt.Online,
-		Follow:   s.mqtt.Follow,
-		Observe:  s.metrics.ObserveAdmin,
-		Logger:   s.log.With().Str("component", "admin").Logger(),
-		Now:      s.cfg.Now,
+		CA:        s.ca,
+		OnRevoke:  s.onRevoke,
+		Online:    s.mqtt.Online,
+		Unwritten: s.mqtt.UnwrittenPresence,
+		Follow:    s.mqtt.Follow,
+		Observe:   s.metrics.ObserveAdmin,
+		Logger:    s.log.With().Str("component", "admin").Logger(),
+		Now:       s.cfg.Now,
 	}, s.db)
 	if err != nil {
 		return nil, err
