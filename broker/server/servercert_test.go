@@ -21,8 +21,11 @@ func TestServerCertificateRenewsItself(t *testing.T) {
 	leaf := func(addr net.Addr) *x509.Certificate {
 		t.Helper()
 		// Verification by the client checks the renewed certificate for
-		// real: chain to the fleet CA, validity, SAN.
-		conn, err := tls.Dial("tcp", addr.String(), &tls.Config{RootCAs: s.CA().Pool(), ServerName: "fleet.example"})
+		// real: chain to the fleet CA, validity, SAN. Validity is checked
+		// at the server's (test) clock, which issued it: NotAfter has
+		// whole seconds, so at real time a 3 s certificate may be gone
+		// after 2 s, as it was once in CI.
+		conn, err := tls.Dial("tcp", addr.String(), &tls.Config{RootCAs: s.CA().Pool(), ServerName: "fleet.example", Time: s.clock.Now})
 		if err != nil {
 			t.Fatalf("handshake with %s: %v", addr, err)
 		}
@@ -47,7 +50,7 @@ func TestServerCertificateRenewsItself(t *testing.T) {
 	}
 	defer conn.Close()
 	var seen *x509.Certificate
-	tc := tls.Client(conn, &tls.Config{RootCAs: s.CA().Pool(), ServerName: "fleet.example",
+	tc := tls.Client(conn, &tls.Config{RootCAs: s.CA().Pool(), ServerName: "fleet.example", Time: s.clock.Now,
 		VerifyConnection: func(cs tls.ConnectionState) error { seen = cs.PeerCertificates[0]; return nil }})
 	tc.SetDeadline(time.Now().Add(10 * time.Second))
 	tc.Handshake()
