@@ -1,0 +1,83 @@
+package cli
+
+import (
+	"bytes"
+	"context"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+
+	"github.com/fleetmq/fleetmq/broker/admin"
+)
+
+// serveAdmin answers the admin socket of a data folder with h, standing in
+// for a server that fails mid-backup (a real one cannot be made to fail at
+// a chosen byte).
+func serveAdmin(t *testing.T, h http.HandlerFunc) string {
+	t.Helper()
+	data := filepath.Join(t.TempDir(), "data")
+	if err := os.Mkdir(data, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("unix", filepath.Join(data, admin.SocketName))
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: h}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	return data
+}
+
+func runBackup(t *testing.T, data, dir string) (string, int) {
+	t.Helper()
+	var out, errs bytes.Buffer
+	code := Main(context.Background(), []string{"backup", "--data", data, dir}, Env{Stdout: &out, Stderr: &errs, Getenv: func(string) string { return "" }})
+	return out.String() + errs.String(), code
+}
+
+// A backup that fails — the stream cut short, or a copy that is not a
+// database — leaves nothing: no partial file, and no folder it created.
+func TestFailedBackupLeavesNothing(t *testing.T) {
+	cut := serveAdmin(t, func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Length", strconv.Itoa(1<<20))
+		w.WriteHeader(http.StatusOK)
+		w.Write(make([]byte, 4096))
+		panic(http.ErrAbortHandler) // the server died mid-stream
+	})
+	junk := serveAdmin(t, func(w http.ResponseWriter, r *http.Request) {
+		w.Write(bytes.Repeat([]byte("not a database "), 4096))
+	})
+	for _, tc := range []struct {
+		name, data, want string
+		existing         bool
+	}{
+		{"cut short, new folder", cut, "cut short", false},
+		{"cut short, empty folder", cut, "cut short", true},
+		{"not a database", junk, "backup does not open", false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := filepath.Join(t.TempDir(), "backup")
+			if tc.existing {
+				if err := os.Mkdir(dir, 0o700); err != nil {
+					t.Fatal(err)
+				}
+			}
+			out, code := runBackup(t, tc.data, dir)
+			if code != 1 || !strings.Contains(out, tc.want) {
+				t.Fatalf("exit %d, want 1 and %q:\n%s", code, tc.want, out)
+			}
+			entries, err := os.ReadDir(dir)
+			switch {
+			case tc.existing && (err != nil || len(entries) != 0):
+				t.Fatalf("the folder given was changed: %v %v", entries, err)
+			case !tc.existing && !os.IsNotExist(err):
+				t.Fatalf("the folder it created is still there: %v %v", entries, err)
+			}
+		})
+	}
+}
