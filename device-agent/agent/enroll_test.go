@@ -111,6 +111,25 @@ func TestEnrollRefusesWrongCA(t *testing.T) {
 	}
 }
 
+// The commonest set-up mistake: the server's certificate does not name the
+// host the device was given (fleetmq started without --hostname). The
+// error says so and what to do, and nothing is written.
+func TestEnrollServerNotNamedInCertificate(t *testing.T) {
+	ca := newTestCA(t)
+	ca.serverNames = []string{"fleet.example"}
+	f := newFakeServer(t, ca)
+	dir := t.TempDir()
+	_, err := Enroll(context.Background(), testConfig(t, dir), EnrollOptions{ServerURL: f.srv.URL, Token: f.goodToken(), DeviceID: "pi-1"})
+	if err == nil || !strings.Contains(err.Error(), "does not name 127.0.0.1: start fleetmq with --hostname 127.0.0.1") {
+		t.Fatalf("Enroll = %v, want advice about --hostname", err)
+	}
+	for _, name := range []string{keyFile, certFile, caFile, stateFile} {
+		if _, err := os.Stat(filepath.Join(dir, name)); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("%s written although the server was refused", name)
+		}
+	}
+}
+
 func TestEnrollServerErrors(t *testing.T) {
 	f := newFakeServer(t, newTestCA(t))
 	dir := t.TempDir()

@@ -22,6 +22,9 @@ type testCA struct {
 	key    *ecdsa.PrivateKey
 	pem    []byte
 	serial atomic.Int64
+	// serverNames are the names (DNS or IP) in server certificates;
+	// default localhost and 127.0.0.1.
+	serverNames []string
 }
 
 func newTestCA(tb testing.TB) *testCA {
@@ -65,8 +68,17 @@ func (ca *testCA) issue(tb testing.TB, pub crypto.PublicKey, cn string, nb, na t
 	}
 	if server {
 		tmpl.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}
-		tmpl.DNSNames = []string{"localhost"}
-		tmpl.IPAddresses = []net.IP{net.ParseIP("127.0.0.1")}
+		names := ca.serverNames
+		if names == nil {
+			names = []string{"localhost", "127.0.0.1"}
+		}
+		for _, n := range names {
+			if ip := net.ParseIP(n); ip != nil {
+				tmpl.IPAddresses = append(tmpl.IPAddresses, ip)
+			} else {
+				tmpl.DNSNames = append(tmpl.DNSNames, n)
+			}
+		}
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, pub, ca.key)
 	if err != nil {

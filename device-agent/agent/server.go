@@ -128,7 +128,7 @@ func (c *serverClient) roundTrip(ctx context.Context, req *http.Request) (*http.
 	d := tls.Dialer{Config: c.tls}
 	conn, err := d.DialContext(ctx, "tcp", addr)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, hostAdvice(err, c.base.Hostname())
 	}
 	defer conn.Close()
 	stop := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(time.Unix(1, 0)) })
@@ -147,6 +147,17 @@ func (c *serverClient) roundTrip(ctx context.Context, req *http.Request) (*http.
 		return nil, nil, cmpErr(ctx.Err(), fmt.Errorf("read answer: %w", err))
 	}
 	return resp, b, nil
+}
+
+// hostAdvice says what to do when the server's certificate does not name
+// the host the device was given: the commonest set-up mistake, and
+// x509's wording alone does not point at the server's flag.
+func hostAdvice(err error, host string) error {
+	var he x509.HostnameError
+	if !errors.As(err, &he) {
+		return err
+	}
+	return fmt.Errorf("%w; the server's certificate does not name %s: start fleetmq with --hostname %s, or use a name it has", err, host, host)
 }
 
 // pinnedTLS accepts a server only if its presented chain contains the CA
