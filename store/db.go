@@ -71,10 +71,11 @@ type Options struct {
 	// Logger receives the store's rare diagnostics. Default zerolog.Nop().
 	Logger zerolog.Logger
 	// OnCommit, when set, is called by the writer after each group commit
-	// with how long the transaction took (fsync included) and how many
-	// requests it held, failed commits too. It runs on the writer
+	// with how long the transaction took (fsync included), how many
+	// requests it held and, for a commit that failed (a full disk, an I/O
+	// error), the error every request in it got. It runs on the writer
 	// goroutine, so it must not block. Default none.
-	OnCommit func(d time.Duration, requests int)
+	OnCommit func(d time.Duration, requests int, err error)
 }
 
 func (o *Options) setDefaults() {
@@ -106,7 +107,7 @@ type DB struct {
 
 	reqs       chan *request
 	writerDone chan struct{}
-	onCommit   func(time.Duration, int)
+	onCommit   func(time.Duration, int, error)
 
 	// groupHook, when set (tests only), is called by the writer with the
 	// number of requests in each group it commits.

@@ -18,7 +18,10 @@ func TestOnCommitReportsEachGroup(t *testing.T) {
 	var mu sync.Mutex
 	var calls []call
 	db := store.OpenTestPath(t, filepath.Join(t.TempDir(), "fleet.db"), store.Options{
-		OnCommit: func(d time.Duration, n int) {
+		OnCommit: func(d time.Duration, n int, err error) {
+			if err != nil {
+				t.Errorf("commit failed: %v", err)
+			}
 			mu.Lock()
 			calls = append(calls, call{d, n})
 			mu.Unlock()

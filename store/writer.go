@@ -160,7 +160,7 @@ func (db *DB) commitGroup(group []*request) {
 			db.log.Error().Err(err).Int("group", len(group)).Msg("store: commit failed")
 		}
 		if db.onCommit != nil {
-			db.onCommit(time.Since(start), len(group))
+			db.onCommit(time.Since(start), len(group), err)
 		}
 		if db.groupHook != nil {
 			db.groupHook(len(group))

@@ -67,6 +67,7 @@ type Metrics struct {
 	revocations *prometheus.CounterVec
 	commitDur   prometheus.Histogram
 	commitSize  prometheus.Histogram
+	commitFail  prometheus.Counter
 	// enrollLimited counts enrollments and renewals refused with 429, for
 	// fleetmq_rate_limited_total beside the broker's publish limit.
 	enrollLimited atomic.Uint64
@@ -118,6 +119,10 @@ func New(cfg Config) (*Metrics, error) {
 			Help:    "Write requests grouped in one store commit.",
 			Buckets: prometheus.ExponentialBuckets(1, 2, 11), // 1 to 1024, the store's largest group
 		}),
+		commitFail: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "fleetmq_store_commit_failures_total",
+			Help: "Store commits that failed (disk full, I/O error): every write in them was refused.",
+		}),
 	}
 	m.fleet = &fleetCache{load: cfg.Devices, now: cfg.Now, ttl: cfg.CacheFor}
 	// Series that exist from the start: a rate over a series that appears
@@ -128,7 +133,7 @@ func New(cfg Config) (*Metrics, error) {
 	m.revocations.WithLabelValues(kindToken, resultOK)
 
 	for _, c := range []prometheus.Collector{
-		m.enrollments, m.renewals, m.revocations, m.commitDur, m.commitSize,
+		m.enrollments, m.renewals, m.revocations, m.commitDur, m.commitSize, m.commitFail,
 		&collector{m: m},
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
@@ -171,9 +176,12 @@ func (m *Metrics) ObserveAdmin(op, result string) {
 }
 
 // ObserveCommit records one store commit; it is store.Options.OnCommit.
-func (m *Metrics) ObserveCommit(d time.Duration, requests int) {
+func (m *Metrics) ObserveCommit(d time.Duration, requests int, err error) {
 	m.commitDur.Observe(d.Seconds())
 	m.commitSize.Observe(float64(requests))
+	if err != nil {
+		m.commitFail.Inc()
+	}
 }
 
 // Registry is the registry behind Handler, for tests and embedding.

@@ -123,8 +123,9 @@ func TestScrapeReadsNodeState(t *testing.T) {
 	m.ObserveAdmin("revoke_device", "ok")
 	m.ObserveAdmin("revoke_device", "device_revoked")
 	m.ObserveAdmin("revoke_token", "not_found")
-	m.ObserveCommit(2*time.Millisecond, 4)
-	m.ObserveCommit(time.Millisecond, 1)
+	m.ObserveCommit(2*time.Millisecond, 4, nil)
+	m.ObserveCommit(time.Millisecond, 1, nil)
+	m.ObserveCommit(time.Millisecond, 2, errors.New("no space left on device"))
 	url := serve(t, m)
 
 	fams := metricstest.Scrape(t, url+"/metrics")
@@ -157,8 +158,9 @@ func TestScrapeReadsNodeState(t *testing.T) {
 		{1, "fleetmq_revocations_total", []string{"kind", "device", "result", "device_revoked"}},
 		{0, "fleetmq_revocations_total", []string{"kind", "token", "result", "ok"}},
 		{1, "fleetmq_revocations_total", []string{"kind", "token", "result", "not_found"}},
-		{2, "fleetmq_store_commit_duration_seconds", nil},
-		{2, "fleetmq_store_commit_requests", nil},
+		{3, "fleetmq_store_commit_duration_seconds", nil},
+		{3, "fleetmq_store_commit_requests", nil},
+		{1, "fleetmq_store_commit_failures_total", nil},
 		{1, "fleetmq_connected_devices", []string{"role", "device"}},
 		{1, "fleetmq_connected_devices", []string{"role", "service"}},
 		{0, "fleetmq_connected_devices", []string{"role", "operator"}},
@@ -173,8 +175,8 @@ func TestScrapeReadsNodeState(t *testing.T) {
 	}
 	// The commit histogram has its observations in the right buckets.
 	h := fams["fleetmq_store_commit_duration_seconds"].GetMetric()[0].GetHistogram()
-	if h.GetSampleSum() < 0.0029 || h.GetSampleSum() > 0.0031 {
-		t.Errorf("commit duration sum %v, want 0.003", h.GetSampleSum())
+	if h.GetSampleSum() < 0.0039 || h.GetSampleSum() > 0.0041 {
+		t.Errorf("commit duration sum %v, want 0.004", h.GetSampleSum())
 	}
 	// The Go runtime and process collectors are in.
 	if _, ok := fams["go_goroutines"]; !ok {

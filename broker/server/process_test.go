@@ -55,6 +55,7 @@ type node struct {
 	err    error // of Wait, once exited is closed
 
 	enrollAddr, mqttAddr string
+	metricsURL           string // "" unless --metrics-addr is set
 }
 
 // startNode runs `fleetmq serve` on data with ephemeral ports, JSON logs and
@@ -82,7 +83,7 @@ func runNode(tb testing.TB, args, env []string, data string) *node {
 	if err := n.cmd.Start(); err != nil {
 		tb.Fatalf("start fleetmq: %v", err)
 	}
-	ready := make(chan [2]string, 1)
+	ready := make(chan [3]string, 1)
 	go func() {
 		sc := bufio.NewScanner(pr)
 		sc.Buffer(make([]byte, 64<<10), 1<<20)
@@ -90,10 +91,10 @@ func runNode(tb testing.TB, args, env []string, data string) *node {
 			line := sc.Bytes()
 			n.logs.Write(line)
 			n.logs.Write([]byte{'\n'})
-			var l struct{ Message, Enroll, MQTT string }
+			var l struct{ Message, Enroll, MQTT, Metrics string }
 			if json.Unmarshal(line, &l) == nil && l.Message == "fleetmq serving" {
 				select {
-				case ready <- [2]string{l.Enroll, l.MQTT}:
+				case ready <- [3]string{l.Enroll, l.MQTT, l.Metrics}:
 				default:
 				}
 			}
@@ -113,7 +114,7 @@ func runNode(tb testing.TB, args, env []string, data string) *node {
 	})
 	select {
 	case addrs := <-ready:
-		n.enrollAddr, n.mqttAddr = addrs[0], addrs[1]
+		n.enrollAddr, n.mqttAddr, n.metricsURL = addrs[0], addrs[1], addrs[2]
 	case <-n.exited:
 		tb.Fatalf("fleetmq exited before serving: %v\n%s", n.err, n.logs.String())
 	case <-time.After(60 * time.Second):
