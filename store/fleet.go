@@ -184,29 +184,23 @@ func (db *DB) RevokeToken(ctx context.Context, id, remote string, now time.Time)
 	return out, nil
 }
 
-// checkBinding says whether a token may be bound to the device stored as
-// rec (nil: none), and returns that device when it may. A new id is always
-// fine. An existing one only with Reprovision, and only a device that is
-// not revoked: revoked ids are never used again, and tokens never yield
-// service or operator certificates.
+// checkBinding applies Token.BindingErr to the device stored as rec (nil:
+// none), and returns that device when a re-provisioning token may enroll
+// it again.
 func checkBinding(rec []byte, t Token) (*Device, error) {
-	switch {
-	case rec == nil && t.Reprovision:
-		return nil, ErrNotFound // nothing to re-provision
-	case rec == nil:
-		return nil, nil
-	case !t.Reprovision:
-		return nil, ErrDeviceExists
+	if rec == nil || !t.Reprovision {
+		var d *Device
+		if rec != nil {
+			d = &Device{} // only a re-provisioning token looks inside
+		}
+		return nil, t.BindingErr(d)
 	}
 	var d Device
 	if err := json.Unmarshal(rec, &d); err != nil {
 		return nil, fmt.Errorf("decode device: %w", err)
 	}
-	switch {
-	case d.Revoked():
-		return nil, ErrDeviceRevoked
-	case d.Role != RoleDevice:
-		return nil, ErrDeviceExists
+	if err := t.BindingErr(&d); err != nil {
+		return nil, err
 	}
 	return &d, nil
 }

@@ -81,6 +81,31 @@ func (t Token) Check(now time.Time) error {
 	return nil
 }
 
+// BindingErr says why t cannot enroll the id it is bound to, given d, the
+// stored identity with that id (nil: none), or returns nil if it can or t
+// is bound to no id. A new id is always fine; an existing one only with
+// Reprovision, and only a device that is not revoked: revoked ids are
+// never used again, and tokens never yield service or operator
+// certificates. Token creation and Enroll apply this rule; listings use
+// it to show tokens that can no longer be used.
+func (t Token) BindingErr(d *Device) error {
+	switch {
+	case t.DeviceID == "":
+		return nil
+	case d == nil && t.Reprovision:
+		return ErrNotFound // nothing to re-provision
+	case d == nil:
+		return nil
+	case !t.Reprovision:
+		return ErrDeviceExists
+	case d.Revoked():
+		return ErrDeviceRevoked
+	case d.Role != RoleDevice:
+		return ErrDeviceExists
+	}
+	return nil
+}
+
 // Cert is the record of one issued certificate.
 type Cert struct {
 	Serial    string    `json:"serial"` // lowercase hex, no leading zeros

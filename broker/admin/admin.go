@@ -4,6 +4,7 @@
 package admin
 
 import (
+	"cmp"
 	"context"
 	"crypto/x509"
 	"encoding/hex"
@@ -13,6 +14,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -317,13 +319,89 @@ func checkLabels(labels map[string]string) error {
 	return nil
 }
 
+// Token states, as listed.
+const (
+	TokenActive   = "active"
+	TokenUsed     = "used"
+	TokenExpired  = "expired"
+	TokenRevoked  = "revoked"
+	TokenUnusable = "unusable" // active, but its bound id can no longer be enrolled with it
+)
+
+// TokenInfo is a token as listed: its record and whether it can still
+// enroll anything.
+type TokenInfo struct {
+	store.Token
+	State string `json:"state"`
+	Why   string `json:"why,omitempty"` // for TokenUnusable
+}
+
+// TokenInfos lists toks newest first with their states at now. device
+// returns the stored identity with an id, if any: a token bound to an id
+// that was enrolled since (with another token, or over EST) stays valid
+// but can never be used, and is listed as unusable, with why.
+func TokenInfos(toks []store.Token, device func(id string) (store.Device, bool), now time.Time) []TokenInfo {
+	out := make([]TokenInfo, len(toks))
+	for i, t := range toks {
+		out[i] = TokenInfo{Token: t, State: TokenActive}
+		switch t.Check(now) {
+		case nil:
+		case store.ErrTokenRevoked:
+			out[i].State = TokenRevoked
+			continue
+		case store.ErrTokenExpired:
+			out[i].State = TokenExpired
+			continue
+		default:
+			out[i].State = TokenUsed
+			continue
+		}
+		var dp *store.Device
+		if d, ok := device(t.DeviceID); ok && t.DeviceID != "" {
+			dp = &d
+		}
+		switch err := t.BindingErr(dp); {
+		case err == nil:
+		case errors.Is(err, store.ErrDeviceRevoked):
+			out[i].State, out[i].Why = TokenUnusable, fmt.Sprintf("%s was revoked; revoked ids are never used again", t.DeviceID)
+		case errors.Is(err, store.ErrNotFound):
+			out[i].State, out[i].Why = TokenUnusable, fmt.Sprintf("no device %s to re-provision", t.DeviceID)
+		case dp.Role != store.RoleDevice:
+			out[i].State, out[i].Why = TokenUnusable, fmt.Sprintf("%s is a %s identity; tokens only enroll devices", t.DeviceID, dp.Role)
+		default:
+			out[i].State, out[i].Why = TokenUnusable, fmt.Sprintf("%s exists; only a re-provisioning token (token create --reprovision) enrolls it again", t.DeviceID)
+		}
+	}
+	slices.SortStableFunc(out, func(a, b TokenInfo) int {
+		return cmp.Or(b.CreatedAt.Compare(a.CreatedAt), strings.Compare(a.ID, b.ID))
+	})
+	return out
+}
+
+// TokenInfos lists every token, newest first, with its state.
+func (h *Handler) TokenInfos(ctx context.Context) ([]TokenInfo, error) {
+	toks, err := h.st.Tokens(ctx)
+	if err != nil {
+		return nil, err
+	}
+	devs, err := h.st.Devices(ctx)
+	if err != nil {
+		return nil, err
+	}
+	byID := make(map[string]store.Device, len(devs))
+	for _, d := range devs {
+		byID[d.ID] = d
+	}
+	return TokenInfos(toks, func(id string) (store.Device, bool) { d, ok := byID[id]; return d, ok }, h.cfg.Now()), nil
+}
+
 func (h *Handler) listTokens(w http.ResponseWriter, r *http.Request) {
-	toks, err := h.st.Tokens(r.Context())
+	infos, err := h.TokenInfos(r.Context())
 	if err != nil {
 		writeErr(w, h.cfg.Logger, err)
 		return
 	}
-	writeJSON(w, http.StatusOK, nonNil(toks))
+	writeJSON(w, http.StatusOK, infos)
 }
 
 func (h *Handler) revokeToken(w http.ResponseWriter, r *http.Request) {

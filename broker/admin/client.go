@@ -131,8 +131,8 @@ func (c *Client) CreateTokens(ctx context.Context, req TokenRequest) ([]NewToken
 }
 
 // Tokens lists tokens (never their secrets).
-func (c *Client) Tokens(ctx context.Context) ([]NewToken, error) {
-	var out []NewToken
+func (c *Client) Tokens(ctx context.Context) ([]TokenInfo, error) {
+	var out []TokenInfo
 	return out, c.do(ctx, http.MethodGet, "/v1/tokens", nil, &out)
 }
 

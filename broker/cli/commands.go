@@ -207,20 +207,20 @@ func tokenList(ctx context.Context, args []string, env Env) error {
 	if *fs.json {
 		return printJSON(env.Stdout, toks)
 	}
-	now := time.Now()
 	rows := make([][]string, len(toks))
 	for i, t := range toks {
-		state := "active"
-		if err := t.Check(now); err != nil {
-			state = strings.TrimPrefix(err.Error(), "token ")
-		}
 		dev := orDash(t.DeviceID)
 		if t.Reprovision {
 			dev += " (re-provision)"
 		}
-		rows[i] = []string{t.ID, dev, fmt.Sprintf("%d/%d", t.Uses, t.MaxUses), fmtTime(t.ExpiresAt), state, labelsString(t.Labels)}
+		state := t.State
+		if t.Why != "" {
+			state += ": " + t.Why
+		}
+		rows[i] = []string{t.ID, dev, fmt.Sprintf("%d/%d", t.Uses, t.MaxUses), fmtTime(t.ExpiresAt), labelsString(t.Labels), state}
 	}
-	return table(env.Stdout, "ID\tDEVICE\tUSES\tEXPIRES\tSTATE\tLABELS", rows)
+	// STATE last: an unusable token's reason is long.
+	return table(env.Stdout, "ID\tDEVICE\tUSES\tEXPIRES\tLABELS\tSTATE", rows)
 }
 
 func tokenRevoke(ctx context.Context, args []string, env Env) error {

@@ -82,6 +82,30 @@ func TestOperatorCLI(t *testing.T) {
 		t.Fatalf("a refused token create changed the token list:\n%s\n%s", before, after)
 	}
 
+	// A token bound to an id enrolled since with another token stays
+	// valid but can never be used: listed as unusable, with why.
+	spare := s.token(t, "--device", "pi-spare")
+	s.enroll(t, s.token(t), "pi-spare")
+	out, _, _ = s.cli(t, "token", "list")
+	if !strings.Contains(out, "unusable: pi-spare exists; only a re-provisioning token") {
+		t.Fatalf("token list does not show the spare token as unusable:\n%s", out)
+	}
+	var infos []admin.TokenInfo
+	out, _, _ = s.cli(t, "token", "list", "--json")
+	if err := json.Unmarshal([]byte(out), &infos); err != nil {
+		t.Fatal(err)
+	}
+	states := map[string]string{}
+	for _, ti := range infos {
+		states[ti.DeviceID] += ti.State + " "
+	}
+	if states["pi-spare"] != "unusable " || states["pi-cli"] != "used " || states[""] != "used " {
+		t.Fatalf("token states by bound id %q:\n%s", states, out)
+	}
+	if strings.Contains(out, strings.Split(spare, ".")[1]) {
+		t.Fatal("token list shows a secret")
+	}
+
 	// Usage errors exit 2 with a message, and touch nothing.
 	for _, args := range [][]string{
 		{"token", "create", "--label", "nokey"},

@@ -118,6 +118,12 @@ func (f *fleet) Tokens(context.Context) ([]store.Token, error) {
 	return slices.Clone(f.tokens), nil
 }
 
+func (f *fleet) TokenInfos(context.Context) ([]admin.TokenInfo, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return admin.TokenInfos(f.tokens, func(id string) (store.Device, bool) { d, ok := f.devices[id]; return d, ok }, time.Now()), nil
+}
+
 func (f *fleet) Audit(_ context.Context, flt store.AuditFilter) ([]store.AuditEvent, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()

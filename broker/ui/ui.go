@@ -47,6 +47,7 @@ type Store interface {
 type Admin interface {
 	DeviceInfos(ctx context.Context) ([]admin.DeviceInfo, error)
 	DeviceInfo(ctx context.Context, id string) (admin.DeviceInfo, error)
+	TokenInfos(ctx context.Context) ([]admin.TokenInfo, error)
 	MintTokens(ctx context.Context, req admin.TokenRequest, remote string) ([]admin.NewToken, error)
 	RevokeToken(ctx context.Context, id, remote string) (store.Token, error)
 	RevokeDevice(ctx context.Context, id, remote string) (admin.RevokeResult, error)
@@ -77,7 +78,7 @@ type Config struct {
 	// MaxPoints is the number of newest telemetry messages plotted on a
 	// device page. Default 500.
 	MaxPoints int
-	// MaxRows is the most rows of the device table. Default 500.
+	// MaxRows is the most rows of the device and token tables. Default 500.
 	MaxRows int
 	Logger  zerolog.Logger   // default zerolog.Nop()
 	Now     func() time.Time // default time.Now

@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -32,7 +33,10 @@ func TestPagesRender(t *testing.T) {
 		{DeviceID: "pi-1", Received: now, Payload: []byte(`{"cpu_temp_c": 41, "load1": 0.25, "agent_version": "1.2.3"}`)},
 	}
 	f.audit = []store.AuditEvent{{Seq: 1, Time: now, Action: store.ActCertIssue, DeviceID: "pi-1"}}
-	f.tokens = []store.Token{{ID: "abc123", DeviceID: "pi-9", MaxUses: 1, ExpiresAt: now.Add(time.Hour)}}
+	f.tokens = []store.Token{
+		{ID: "abc123", DeviceID: "pi-9", MaxUses: 1, ExpiresAt: now.Add(time.Hour)},
+		{ID: "def456", DeviceID: "pi-1", MaxUses: 1, ExpiresAt: now.Add(time.Hour)}, // pi-1 enrolled since
+	}
 	_, ts := newUI(t, f, nil)
 	c := browser(t)
 
@@ -46,7 +50,9 @@ func TestPagesRender(t *testing.T) {
 		{"/devices?state=revoked", []string{"1 of 4", "pi-3"}},
 		{"/devices/pi-1", []string{"1.2.3", `data-field="cpu_temp_c"`, `data-field="load1"`, "cert.issue", `href="/devices/pi-1/revoke"`}},
 		{"/devices/pi-3", []string{"revoked"}},
-		{"/tokens", []string{"abc123", "pi-9", `href="/tokens/abc123/revoke"`}},
+		{"/tokens", []string{"abc123", "pi-9", `href="/tokens/abc123/revoke"`, "2 of 2 tokens match"}},
+		{"/tokens?state=unusable", []string{"1 of 2 tokens match", "def456", "pi-1 exists; only a re-provisioning token"}},
+		{"/tokens?q=pi-9", []string{"1 of 2 tokens match", "abc123"}},
 		{"/audit", []string{"cert.issue"}},
 	} {
 		r := do(t, c, "GET", ts.URL+tc.path, nil, nil)
@@ -100,6 +106,27 @@ func TestPagesRender(t *testing.T) {
 	r = do(t, c, "GET", ts.URL+"/api/overview", nil, nil)
 	if err := json.Unmarshal([]byte(r.body), &sum); err != nil || sum["online"] != 1 || sum["revoked"] != 1 || sum["services"] != 1 {
 		t.Fatalf("/api/overview: %v %s", err, r.body)
+	}
+}
+
+// A production line mints tens of thousands of tokens: the page shows the
+// newest MaxRows of those that match, and says so.
+func TestTokensPageIsBounded(t *testing.T) {
+	f := newFleet()
+	now := time.Now()
+	for i := range 5 {
+		f.tokens = append(f.tokens, store.Token{ID: fmt.Sprintf("tok%d", i), DeviceID: fmt.Sprintf("pi-%d", i),
+			MaxUses: 1, CreatedAt: now.Add(time.Duration(i) * time.Minute), ExpiresAt: now.Add(time.Hour)})
+	}
+	_, ts := newUI(t, f, func(c *ui.Config) { c.MaxRows = 2 })
+	r := do(t, browser(t), "GET", ts.URL+"/tokens", nil, nil)
+	if r.status != 200 || !strings.Contains(r.body, "5 of 5 tokens match; the newest 2 are shown") {
+		t.Fatalf("GET /tokens: %d\n%s", r.status, r.body)
+	}
+	for i := range 5 {
+		if shown := strings.Contains(r.body, fmt.Sprintf(">tok%d<", i)); shown != (i >= 3) {
+			t.Errorf("tok%d shown: %v", i, shown)
+		}
 	}
 }
 
