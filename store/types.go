@@ -135,6 +135,12 @@ const (
 	ActBackup       = "store.backup"
 )
 
+// AuditActions lists every audit action, for filters.
+var AuditActions = []string{
+	ActTokenCreate, ActTokenUse, ActTokenFail, ActTokenRevoke, ActCertIssue, ActCertRenew,
+	ActRenewFail, ActDeviceRevoke, ActReprovision, ActServiceIssue, ActBackup,
+}
+
 // AuditEvent is one append-only audit record.
 type AuditEvent struct {
 	Seq      uint64    `json:"seq"` // assigned by the store

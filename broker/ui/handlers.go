@@ -560,14 +560,9 @@ type auditData struct {
 	Actions        []string
 }
 
-var auditActions = []string{
-	store.ActTokenCreate, store.ActTokenUse, store.ActTokenFail, store.ActTokenRevoke, store.ActCertIssue,
-	store.ActCertRenew, store.ActRenewFail, store.ActDeviceRevoke, store.ActServiceIssue,
-}
-
 func (s *Server) audit(w http.ResponseWriter, r *http.Request) {
 	q := r.URL.Query()
-	d := auditData{Device: strings.TrimSpace(q.Get("device")), Action: q.Get("action"), Limit: 200, Actions: auditActions}
+	d := auditData{Device: strings.TrimSpace(q.Get("device")), Action: q.Get("action"), Limit: 200, Actions: store.AuditActions}
 	if n, err := strconv.Atoi(q.Get("limit")); err == nil && n > 0 && n <= 10_000 {
 		d.Limit = n
 	}
