@@ -49,6 +49,10 @@ func TestAgentEndToEnd(t *testing.T) {
 		t.Parallel()
 		testAgentRevoked(t, builds.get(t, "amd64"))
 	})
+	t.Run("ServerRestoredFromOlderBackup", func(t *testing.T) {
+		t.Parallel()
+		testAgentServerRestored(t, builds.get(t, "amd64"))
+	})
 	for _, arch := range []string{"armv7", "arm64"} {
 		t.Run("Qemu_"+arch, func(t *testing.T) {
 			if testing.Short() {
@@ -322,6 +326,38 @@ func testAgentRevoked(t *testing.T, bin agentBinary) {
 				t.Fatalf("agent connected to the broker %d more times after learning it is revoked", n-accepted)
 			}
 		}
+	}
+}
+
+// testAgentServerRestored: the node is restored from a backup taken before
+// the device enrolled. The restored node refuses the certificate it has no
+// record of; the agent says what to do and stops trying.
+func testAgentServerRestored(t *testing.T, bin agentBinary) {
+	s := startServer(t, realClock)
+	enrollAddr, mqttAddr := s.EnrollAddr().String(), s.MQTTAddr().String()
+	backup := filepath.Join(t.TempDir(), "backup")
+	if _, errs, code := s.cli(t, "backup", backup); code != 0 {
+		t.Fatalf("backup: %s", errs)
+	}
+	const id = "pi-e2e-restored"
+	dir := bin.enroll(t, s, s.token(t, "--device", id))
+	a := bin.start(t, dir, "--interval", "1s")
+	waitStatus(t, bin, a, dir, "connected", func(st agentStatus) bool { return st.Connected })
+
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	s.cfg.DataDir = backup
+	restartServer(t, s, enrollAddr, mqttAddr)
+	st := waitStatus(t, bin, a, dir, "status reporting the unknown certificate", func(st agentStatus) bool {
+		return st.Condition == "cert_unknown"
+	})
+	if st.Connected || !strings.Contains(st.LastError, "cert_invalid") {
+		t.Errorf("status after the restore: %+v", st)
+	}
+	out, _, code := bin.exec(t, "", "status", "--state-dir", dir)
+	if code != 0 || !strings.Contains(out, "restored from an older backup") {
+		t.Errorf("status text after the restore (exit %d):\n%s", code, out)
 	}
 }
 

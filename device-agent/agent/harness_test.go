@@ -43,6 +43,7 @@ type fakeServer struct {
 	brokerURL  string
 	revoked    map[string]bool // device ids
 	expiredAns bool            // answer cert_expired on renewal after expiry
+	forgotten  bool            // answer cert_invalid to every renewal, as a server restored from an older backup
 	dateOffset time.Duration   // added to the Date header
 	renewMTLS  int
 	renewProof int
@@ -153,6 +154,13 @@ func (f *fakeServer) enroll(w http.ResponseWriter, r *http.Request) {
 
 func (f *fakeServer) renew(w http.ResponseWriter, r *http.Request) {
 	body, _ := io.ReadAll(r.Body)
+	f.mu.Lock()
+	forgotten := f.forgotten
+	f.mu.Unlock()
+	if forgotten {
+		f.fail(w, 401, "cert_invalid")
+		return
+	}
 	if r.TLS != nil && len(r.TLS.PeerCertificates) > 0 {
 		f.mu.Lock()
 		f.renewMTLS++

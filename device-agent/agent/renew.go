@@ -221,11 +221,20 @@ func Renew(ctx context.Context, cfg Config) (RenewResult, error) {
 type failure int
 
 const (
-	failTransient  failure = iota // retry with exponential backoff
-	failClock                     // wait for time sync
-	failRevoked                   // long backoff, report
-	failNeedsToken                // long backoff, report: a new token is needed
+	failTransient   failure = iota // retry with exponential backoff
+	failClock                      // wait for time sync
+	failRevoked                    // long backoff, report
+	failNeedsToken                 // long backoff, report: a new token is needed
+	failCertUnknown                // long backoff, report: the server does not know the certificate
 )
+
+// blockedConditions are the conditions the failures that no retry mends
+// put the agent in, until the long backoff ends or a person acts.
+var blockedConditions = map[failure]string{
+	failRevoked:     CondRevoked,
+	failNeedsToken:  CondNeedsToken,
+	failCertUnknown: CondCertUnknown,
+}
 
 func classify(err error) failure {
 	var ce *ClockError
@@ -239,6 +248,10 @@ func classify(err error) failure {
 			return failRevoked
 		case se.Code == codeCertExpired:
 			return failNeedsToken
+		case se.Code == codeCertInvalid:
+			// The server's CA verified the certificate for TLS, yet
+			// the server has no record of it: no retry brings it back.
+			return failCertUnknown
 		}
 	}
 	return failTransient
@@ -251,6 +264,8 @@ func explain(err error) error {
 		return fmt.Errorf("%w: this device was revoked; %s", err, adviceRevoked)
 	case failNeedsToken:
 		return fmt.Errorf("%w: the certificate expired beyond the renewal grace; %s", err, adviceNeedsToken)
+	case failCertUnknown:
+		return fmt.Errorf("%w: %s", err, adviceCertUnknown)
 	}
 	return err
 }

@@ -299,8 +299,9 @@ func (a *runner) setCondition(ctx context.Context, cond string, err error) bool 
 	return true
 }
 
-// block stops connection attempts until until, for a revoked device or one
-// that needs a new token: retrying sooner cannot help.
+// block stops connection attempts until until, for a device the server
+// turned away for good (revoked, expired beyond the grace, certificate
+// unknown): retrying sooner cannot help.
 func (a *runner) block(ctx context.Context, cond string, err error, until time.Time) {
 	a.mu.Lock()
 	a.blockedUntil = until
@@ -495,7 +496,7 @@ func (a *runner) renewLoop(ctx context.Context) error {
 			a.saveState(ctx, func(s *State) { s.Condition = "" })
 			continue
 		}
-		switch classify(err) {
+		switch f := classify(err); f {
 		case failClock:
 			var ce *ClockError
 			if errors.As(err, &ce) && ce.Skew != 0 {
@@ -507,18 +508,13 @@ func (a *runner) renewLoop(ctx context.Context) error {
 				a.log.Warn().Err(err).Msg("renewal waits for time sync")
 			}
 			retryAt = now.Add(a.cfg.ClockPollInterval)
-		case failRevoked:
+		case failRevoked, failNeedsToken, failCertUnknown:
 			d := backoff(blockedAttempt, a.cfg.BlockedRetryMin, a.cfg.BlockedRetryMax, a.cfg.Rand())
 			blockedAttempt++
 			retryAt = now.Add(d)
-			a.block(ctx, CondRevoked, err, retryAt)
-			a.log.Error().Err(err).Time("retry_at", retryAt).Msg("device revoked by the server; " + adviceRevoked)
-		case failNeedsToken:
-			d := backoff(blockedAttempt, a.cfg.BlockedRetryMin, a.cfg.BlockedRetryMax, a.cfg.Rand())
-			blockedAttempt++
-			retryAt = now.Add(d)
-			a.block(ctx, CondNeedsToken, err, retryAt)
-			a.log.Error().Err(err).Time("retry_at", retryAt).Msg("certificate expired beyond the renewal grace; " + adviceNeedsToken)
+			cond := blockedConditions[f]
+			a.block(ctx, cond, err, retryAt)
+			a.log.Error().Err(err).Time("retry_at", retryAt).Msg(conditionText(cond))
 		default:
 			d := backoff(attempt, a.cfg.RetryMin, a.cfg.RetryMax, a.cfg.Rand())
 			attempt++
@@ -570,7 +566,7 @@ func (a *runner) connectLoop(ctx context.Context) error {
 		id, broker, changed := a.current()
 		now := a.cfg.Now()
 		if until, ok := a.blocked(now); ok {
-			a.log.Info().Time("until", until).Msg("not connecting: device revoked or needs a new token")
+			a.log.Info().Time("until", until).Msg("not connecting: the server turned this device away; see device-agent status")
 			if !sleep(ctx, until.Sub(now), changed) {
 				return nil
 			}

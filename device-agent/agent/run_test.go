@@ -324,29 +324,42 @@ func TestRunAdoptsRenewalByCommandLine(t *testing.T) {
 	}
 }
 
-func TestRunRevokedDeviceBacksOff(t *testing.T) {
-	f := newFleet(t, time.Hour)
-	r, _ := startAgent(t, f.config(t))
-	serial := nextSerial(t, f.brk)
-	f.srv.set(func(s *fakeServer) { s.revoked[f.id] = true })
-	f.brk.revoke(serial)
-	f.brk.gate.setOpen(false) // cut the live session
-	f.brk.gate.setOpen(true)
+// A device the server turns away for good — revoked, or with a certificate
+// the server has no record of (restored from an older backup) — says so
+// in status and backs off for long instead of hammering the server.
+func TestRunTurnedAwayBacksOff(t *testing.T) {
+	for _, c := range []struct {
+		name, cond, code string
+		setup            func(s *fakeServer, id string)
+	}{
+		{"revoked", CondRevoked, "device_revoked", func(s *fakeServer, id string) { s.revoked[id] = true }},
+		{"certificate unknown", CondCertUnknown, "cert_invalid", func(s *fakeServer, _ string) { s.forgotten = true }},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			f := newFleet(t, time.Hour)
+			r, _ := startAgent(t, f.config(t))
+			serial := nextSerial(t, f.brk)
+			f.srv.set(func(s *fakeServer) { c.setup(s, f.id) })
+			f.brk.revoke(serial)
+			f.brk.gate.setOpen(false) // cut the live session
+			f.brk.gate.setOpen(true)
 
-	eventually(t, waitLong, "status shows revoked", func() bool {
-		s, err := ReadStatus(f.dir)
-		return err == nil && s.Condition == CondRevoked && strings.Contains(s.LastError, "device_revoked")
-	})
-	until, blocked := r.blocked(time.Now())
-	if !blocked || time.Until(until) < 25*time.Minute {
-		t.Errorf("blocked=%v until %v: want a long backoff (BlockedRetryMin 1h, jittered to ≥ 30m)", blocked, until)
-	}
-	mtls, proof := f.srv.counts()
-	if mtls+proof > 2 {
-		t.Errorf("%d renewal attempts for a revoked device, want at most mTLS + proof once", mtls+proof)
-	}
-	if len(f.brk.serials) != 0 {
-		t.Error("the broker accepted a revoked certificate")
+			eventually(t, waitLong, "status shows "+c.cond, func() bool {
+				s, err := ReadStatus(f.dir)
+				return err == nil && s.Condition == c.cond && strings.Contains(s.LastError, c.code)
+			})
+			until, blocked := r.blocked(time.Now())
+			if !blocked || time.Until(until) < 25*time.Minute {
+				t.Errorf("blocked=%v until %v: want a long backoff (BlockedRetryMin 1h, jittered to ≥ 30m)", blocked, until)
+			}
+			mtls, proof := f.srv.counts()
+			if mtls+proof > 2 {
+				t.Errorf("%d renewal attempts, want at most mTLS + proof once", mtls+proof)
+			}
+			if len(f.brk.serials) != 0 {
+				t.Error("the broker accepted the refused certificate")
+			}
+		})
 	}
 }
 

@@ -27,6 +27,7 @@ const (
 	codeTokenUnknown  = "token_unknown"
 	codeCertExpired   = "cert_expired"
 	codeCertRevoked   = "cert_revoked"
+	codeCertInvalid   = "cert_invalid"
 	codeDeviceRevoked = "device_revoked"
 	codeRateLimited   = "rate_limited"
 	codeIDInvalid     = "id_invalid"

@@ -177,9 +177,10 @@ func isLocked(path string) (bool, error) {
 
 // Conditions that stop the agent from working normally, shown by `status`.
 const (
-	CondRevoked    = "revoked"           // the server revoked the certificate or device
-	CondNeedsToken = "needs_token"       // the certificate expired beyond the grace
-	CondClockWrong = "waiting_for_clock" // local clock too far from the certificate or server
+	CondRevoked     = "revoked"           // the server revoked the certificate or device
+	CondNeedsToken  = "needs_token"       // the certificate expired beyond the grace
+	CondCertUnknown = "cert_unknown"      // the server has no record of the certificate
+	CondClockWrong  = "waiting_for_clock" // local clock too far from the certificate or server
 )
 
 // State is state.json: what `status` shows and what `run` needs besides the

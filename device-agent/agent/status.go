@@ -130,6 +130,10 @@ func queueText(s Status, now time.Time) string {
 const (
 	adviceRevoked    = "revoked ids are never used again: enroll under a new id with a new token (device-agent enroll --force --token TOKEN --id NEW-ID)"
 	adviceNeedsToken = "enroll again with a token that re-provisions this device (fleetmq token create --device ID --reprovision on the server, then device-agent enroll --force --token TOKEN)"
+	// A server reset, or restored from a backup older than this
+	// certificate: it may not know the device either, or know it with an
+	// older certificate.
+	adviceCertUnknown = "the server has no record of this certificate (its database was reset, or restored from an older backup): enroll again (fleetmq token create --device ID on the server, with --reprovision if it still lists the device; then device-agent enroll --force --token TOKEN)"
 )
 
 func conditionText(c string) string {
@@ -138,6 +142,8 @@ func conditionText(c string) string {
 		return "revoked by the server; " + adviceRevoked
 	case CondNeedsToken:
 		return "certificate expired beyond the renewal grace; " + adviceNeedsToken
+	case CondCertUnknown:
+		return adviceCertUnknown
 	case CondClockWrong:
 		return "waiting for the system clock to be set (time sync)"
 	}
