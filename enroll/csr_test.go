@@ -277,6 +277,7 @@ func TestCheckKey(t *testing.T) {
 		{"rsa nil modulus", &rsa.PublicKey{E: 65537}, false},
 		{"nil rsa", (*rsa.PublicKey)(nil), false},
 		{"p521", p521.Public(), false},
+		//lint:ignore SA1019 a hostile key is built from raw coordinates on purpose
 		{"p256 point off the curve", &ecdsa.PublicKey{Curve: elliptic.P256(), X: big.NewInt(1), Y: big.NewInt(1)}, false},
 		{"ecdsa without curve", &ecdsa.PublicKey{}, false},
 		{"nil ecdsa", (*ecdsa.PublicKey)(nil), false},

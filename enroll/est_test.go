@@ -577,7 +577,7 @@ func TestESTReenroll(t *testing.T) {
 	current := wantESTCert(t, rep, newKey.Public())
 
 	// Within the grace after expiry, the expired certificate still renews.
-	e.clock.Set(current.NotAfter.Sub(time.Now()) + time.Hour)
+	e.clock.Set(time.Until(current.NotAfter) + time.Hour)
 	rep = e.do(t, e.client(t, tlsCert(current, newKey)), http.MethodPost, path, hdr, estBase64Body(estCSR(t, newKey, "pi-1")))
 	current = wantESTCert(t, rep, newKey.Public())
 	e.clock.Set(0)
@@ -608,7 +608,7 @@ func TestESTReenroll(t *testing.T) {
 		{"certificate of another CA", tlsCert(foreign, key), "application/pkcs10", estBase64Body(estCSR(t, genP256(t), "pi-1")), 0, 401, CodeCertInvalid},
 		{"revoked", tlsCert(revoked, revokedKey), "application/pkcs10", estBase64Body(estCSR(t, genP256(t), "pi-revoked")), 0, 403, CodeCertRevoked},
 		{"expired beyond the grace", tlsCert(current, newKey), "application/pkcs10", estBase64Body(estCSR(t, genP256(t), "pi-1")),
-			current.NotAfter.Sub(time.Now()) + 8*24*time.Hour, 401, CodeCertExpired},
+			time.Until(current.NotAfter) + 8*24*time.Hour, 401, CodeCertExpired},
 		{"wrong content type", tlsCert(current, newKey), "application/json", estBase64Body(estCSR(t, genP256(t), "pi-1")), 0, 415, CodeUnsupportedMedia},
 		{"PEM body", tlsCert(current, newKey), "application/pkcs10",
 			pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: estCSR(t, genP256(t), "pi-1")}), 0, 400, CodeCSRInvalid},

@@ -91,9 +91,8 @@ type Handler struct {
 
 	mqttPort atomic.Int64
 
-	crlMu  sync.Mutex
-	crl    []byte
-	crlErr error
+	crlMu sync.Mutex
+	crl   []byte
 }
 
 // NewHandler returns the enrollment handler.

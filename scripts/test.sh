@@ -4,7 +4,7 @@
 # agent builds, testssl.sh, systemd-analyze, chromium for the dashboard)
 # when missing.
 #
-#   scripts/test.sh            everything: vet, unit + end-to-end tests (race), fuzz smoke
+#   scripts/test.sh            everything: vet, staticcheck, unit + end-to-end tests (race), fuzz smoke
 #   FUZZTIME=1000000x scripts/test.sh   longer fuzzing (a count, or a duration like 30s)
 #   SKIP_FUZZ=1 scripts/test.sh    no fuzzing
 #   FLEETMQ_SOAK=10s scripts/test.sh   shorter 2,000-device soak (TestSoak; default 60s, 10s with -short)
@@ -27,10 +27,13 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
-echo "== gofmt, go vet"
+echo "== gofmt, go vet, staticcheck"
 unformatted=$(gofmt -l $(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))
 if [ -n "$unformatted" ]; then echo "gofmt needed: $unformatted"; exit 1; fi
 go vet ./...
+# A tool run from the module proxy, not a dependency of the module. Pinned:
+# a new release may bring new checks, taken on deliberately.
+go run honnef.co/go/tools/cmd/staticcheck@v0.8.2 ./...
 
 echo "== tests (race detector)"
 go test -race -count=1 -timeout 12m ./...
