@@ -58,6 +58,15 @@ type Config struct {
 	// purpose: a relying party that enforces NextUpdate must never lock the
 	// fleet out because the server was down; default 30 days.
 	CRLValidity time.Duration
+	// RestoredFrom and RestoredAt, when set, say that the store is a
+	// backup copy whose snapshot was taken at RestoredFrom and that was
+	// first served at RestoredAt (store.RestoredWindow). Certificates the
+	// CA issued in between exist without a record. A renewal authenticated
+	// by such a certificate, for a device the store knows and has not
+	// revoked, adopts it (store.ActCertAdopt) instead of refusing it: the
+	// devices that renewed after the backup come back by themselves.
+	// Default: not a restored store; unknown certificates are refused.
+	RestoredFrom, RestoredAt time.Time
 	// Observe, when set, is called once per enrollment or renewal request
 	// (EST included) with op OpEnroll or OpRenew and the outcome: "ok" or
 	// the public error code, e.g. "rate_limited". It feeds metrics and
@@ -459,6 +468,15 @@ func (h *Handler) renewCert(ctx context.Context, leaf *x509.Certificate, csr *x5
 	}
 	old := SerialHex(leaf.SerialNumber)
 	rec, err := h.st.Cert(ctx, old)
+	var adopt *store.Cert
+	if errors.Is(err, store.ErrCertUnknown) && h.issuedWhileLost(leaf) {
+		// Only for a device the store knows (checked below like any
+		// other); one enrolled after the snapshot stays unknown.
+		if _, derr := h.st.Device(ctx, id); derr == nil {
+			rec = certRecord(leaf, id, leaf.NotBefore.Add(backdate))
+			adopt, err = &rec, nil
+		}
+	}
 	if err != nil {
 		return nil, id, err
 	}
@@ -485,12 +503,23 @@ func (h *Handler) renewCert(ctx context.Context, leaf *x509.Certificate, csr *x5
 		return nil, id, err
 	}
 	err = h.st.Renew(ctx, store.Renewal{
-		DeviceID: id, OldSerial: old, Cert: certRecord(cert, id, now), Remote: remote, Now: now,
+		DeviceID: id, OldSerial: old, Cert: certRecord(cert, id, now), Remote: remote, Now: now, Adopt: adopt,
 	})
 	if err != nil {
 		return nil, id, err
 	}
 	return cert, id, nil
+}
+
+// issuedWhileLost reports whether the CA issued leaf in the span a restored
+// store has no records of: after its snapshot (a minute of slack for the
+// clock), before it was first served. leaf is known to be the CA's.
+func (h *Handler) issuedWhileLost(leaf *x509.Certificate) bool {
+	if h.cfg.RestoredAt.IsZero() {
+		return false
+	}
+	issued := leaf.NotBefore.Add(backdate)
+	return !issued.Before(h.cfg.RestoredFrom.Add(-time.Minute)) && !issued.After(h.cfg.RestoredAt)
 }
 
 // verifyClientCert checks that leaf was issued by the fleet CA for client

@@ -6,6 +6,7 @@ import (
 	"context"
 	"encoding/binary"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"maps"
 	"slices"
@@ -351,7 +352,8 @@ func getDevice(tx *bbolt.Tx, id string) (Device, error) {
 // Renew records a renewed certificate in one transaction after checking the
 // device (ErrNotFound, ErrDeviceRevoked) and the certificate that
 // authenticated the request (ErrCertUnknown, ErrCertMismatch, ErrCertRevoked).
-// The old certificate stays valid until it expires.
+// The old certificate stays valid until it expires. An unknown old
+// certificate given in r.Adopt is stored first (ActCertAdopt).
 func (db *DB) Renew(ctx context.Context, r Renewal) error {
 	id := r.DeviceID
 	switch {
@@ -373,6 +375,17 @@ func (db *DB) Renew(ctx context.Context, r Renewal) error {
 			return ErrDeviceRevoked
 		}
 		old, err := getCert(tx, r.OldSerial)
+		var evs []AuditEvent
+		if errors.Is(err, ErrCertUnknown) && r.Adopt != nil && r.Adopt.Serial == r.OldSerial && r.Adopt.DeviceID == id {
+			old, err = *r.Adopt, nil
+			if tx.Writable() {
+				if err := putCert(tx, id, old, r.Now); err != nil {
+					return err
+				}
+			}
+			evs = append(evs, AuditEvent{Time: r.Now, Action: ActCertAdopt, DeviceID: id, Serial: old.Serial, Remote: r.Remote,
+				Detail: "issued after the backup this store was restored from"})
+		}
 		if err != nil {
 			return fmt.Errorf("serial %s: %w", r.OldSerial, err)
 		}
@@ -397,7 +410,8 @@ func (db *DB) Renew(ctx context.Context, r Renewal) error {
 		if err := putJSON(tx.Bucket(bucketDevices), []byte(id), d); err != nil {
 			return err
 		}
-		return db.appendAudit(tx, []AuditEvent{{Time: r.Now, Action: ActCertRenew, DeviceID: id, Serial: r.Cert.Serial, Remote: r.Remote, Detail: "from " + r.OldSerial}})
+		evs = append(evs, AuditEvent{Time: r.Now, Action: ActCertRenew, DeviceID: id, Serial: r.Cert.Serial, Remote: r.Remote, Detail: "from " + r.OldSerial})
+		return db.appendAudit(tx, evs)
 	})
 	if err != nil {
 		return fmt.Errorf("renew %s: %w", id, err)

@@ -133,12 +133,13 @@ const (
 	ActReprovision  = "device.reprovision"
 	ActServiceIssue = "service.issue"
 	ActBackup       = "store.backup"
+	ActCertAdopt    = "cert.adopt"
 )
 
 // AuditActions lists every audit action, for filters.
 var AuditActions = []string{
 	ActTokenCreate, ActTokenUse, ActTokenFail, ActTokenRevoke, ActCertIssue, ActCertRenew,
-	ActRenewFail, ActDeviceRevoke, ActReprovision, ActServiceIssue, ActBackup,
+	ActRenewFail, ActDeviceRevoke, ActReprovision, ActServiceIssue, ActBackup, ActCertAdopt,
 }
 
 // AuditEvent is one append-only audit record.
@@ -176,6 +177,11 @@ type Renewal struct {
 	Cert      Cert   // the new certificate
 	Remote    string
 	Now       time.Time
+	// Adopt, when set, is the record of the certificate OldSerial names,
+	// to be stored if the store has none (ActCertAdopt): a certificate
+	// issued after the backup this store was restored from. The caller
+	// has checked that the CA issued it within the RestoredWindow.
+	Adopt *Cert
 }
 
 // Message is one stored telemetry message.

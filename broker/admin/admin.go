@@ -807,6 +807,9 @@ func decode(r *http.Request, v any) error {
 	return nil
 }
 
+// SnapshotHeader carries the time of a backup's snapshot.
+const SnapshotHeader = "Fleetmq-Snapshot-Time"
+
 // backup streams a consistent copy of the database. The headers go out
 // with the snapshot's size, so a failure after that can only cut the
 // stream short, which the client sees against Content-Length.
@@ -816,6 +819,9 @@ func (h *Handler) backup(w http.ResponseWriter, r *http.Request) {
 		started = true
 		w.Header().Set("Content-Type", "application/octet-stream")
 		w.Header().Set("Content-Length", strconv.FormatInt(size, 10))
+		// On the server's clock, which dates the certificates: the copy
+		// is marked with it (store.MarkSnapshot).
+		w.Header().Set(SnapshotHeader, h.cfg.Now().UTC().Format(time.RFC3339Nano))
 		w.WriteHeader(http.StatusOK)
 	})
 	if err != nil {

@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"net/url"
 	"syscall"
+	"time"
 
 	"github.com/fleetmq/fleetmq/enroll"
 	"github.com/fleetmq/fleetmq/store"
@@ -101,21 +102,26 @@ func (c *Client) send(ctx context.Context, method, path string, in any) (*http.R
 }
 
 // Backup streams a consistent copy of the server's database into w and
-// returns its size. A stream cut short is an error.
-func (c *Client) Backup(ctx context.Context, w io.Writer) (int64, error) {
+// returns its size and when, on the server's clock, the snapshot was taken.
+// A stream cut short is an error.
+func (c *Client) Backup(ctx context.Context, w io.Writer) (int64, time.Time, error) {
 	resp, err := c.send(ctx, http.MethodGet, "/v1/backup", nil)
 	if err != nil {
-		return 0, err
+		return 0, time.Time{}, err
 	}
 	defer resp.Body.Close()
+	at, err := time.Parse(time.RFC3339Nano, resp.Header.Get(SnapshotHeader))
+	if err != nil {
+		return 0, time.Time{}, fmt.Errorf("the server did not say when its snapshot was taken: %w", err)
+	}
 	n, err := io.Copy(w, resp.Body)
 	if err == nil && resp.ContentLength >= 0 && n != resp.ContentLength {
 		err = io.ErrUnexpectedEOF
 	}
 	if err != nil {
-		return n, fmt.Errorf("backup cut short after %d of %d bytes: %w", n, resp.ContentLength, err)
+		return n, time.Time{}, fmt.Errorf("stream cut short after %d of %d bytes: %w", n, resp.ContentLength, err)
 	}
-	return n, nil
+	return n, at, nil
 }
 
 // CA describes the fleet CA.

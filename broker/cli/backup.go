@@ -10,6 +10,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"time"
 
 	"github.com/fleetmq/fleetmq/broker/server"
 	"github.com/fleetmq/fleetmq/enroll"
@@ -61,11 +62,11 @@ func backupCmd(ctx context.Context, args []string, env Env) (err error) {
 	dbPath := filepath.Join(dir, server.DBName)
 	partial := dbPath + ".partial"
 	written = append(written, partial)
-	n, err := fetchBackup(ctx, fset, partial)
+	n, at, err := fetchBackup(ctx, fset, partial)
 	if err != nil {
 		return err
 	}
-	ids, err := checkBackup(ctx, partial)
+	ids, err := checkBackup(ctx, partial, at)
 	if err != nil {
 		return err
 	}
@@ -154,13 +155,13 @@ func backupDir(dir string) (created bool, err error) {
 }
 
 // fetchBackup streams the server's snapshot into a new file at path and
-// flushes it to disk.
-func fetchBackup(ctx context.Context, fset flagSet, path string) (int64, error) {
+// flushes it to disk; it returns the size and the time of the snapshot.
+func fetchBackup(ctx context.Context, fset flagSet, path string) (int64, time.Time, error) {
 	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
-		return 0, fmt.Errorf("backup: %w", err)
+		return 0, time.Time{}, fmt.Errorf("backup: %w", err)
 	}
-	n, err := fset.client().Backup(ctx, f)
+	n, at, err := fset.client().Backup(ctx, f)
 	if err == nil {
 		err = f.Sync()
 	}
@@ -168,14 +169,17 @@ func fetchBackup(ctx context.Context, fset flagSet, path string) (int64, error) 
 		err = cerr
 	}
 	if err != nil {
-		return n, fmt.Errorf("backup: %w", err)
+		return n, time.Time{}, fmt.Errorf("backup: %w", err)
 	}
-	return n, nil
+	return n, at, nil
 }
 
 // checkBackup opens the copy as the server would and runs bbolt's
 // consistency check on it: a backup nobody can restore is worse than none.
-func checkBackup(ctx context.Context, path string) (int, error) {
+// It marks the copy as the fleet at snapshot time at, so that a server
+// restored from it takes back devices that renewed after it (see
+// store.MarkSnapshot).
+func checkBackup(ctx context.Context, path string, at time.Time) (int, error) {
 	db, err := store.Open(path, store.Options{})
 	if err != nil {
 		return 0, fmt.Errorf("backup does not open: %w", err)
@@ -187,6 +191,9 @@ func checkBackup(ctx context.Context, path string) (int, error) {
 	devs, err := db.Devices(ctx)
 	if err != nil {
 		return 0, fmt.Errorf("backup is damaged: %w", err)
+	}
+	if err := db.MarkSnapshot(ctx, at); err != nil {
+		return 0, fmt.Errorf("backup: %w", err)
 	}
 	return len(devs), nil
 }

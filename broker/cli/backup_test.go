@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/fleetmq/fleetmq/broker/admin"
 )
@@ -45,11 +46,13 @@ func runBackup(t *testing.T, data, dir string) (string, int) {
 func TestFailedBackupLeavesNothing(t *testing.T) {
 	cut := serveAdmin(t, func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Length", strconv.Itoa(1<<20))
+		w.Header().Set(admin.SnapshotHeader, time.Now().Format(time.RFC3339Nano))
 		w.WriteHeader(http.StatusOK)
 		w.Write(make([]byte, 4096))
 		panic(http.ErrAbortHandler) // the server died mid-stream
 	})
 	junk := serveAdmin(t, func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set(admin.SnapshotHeader, time.Now().Format(time.RFC3339Nano))
 		w.Write(bytes.Repeat([]byte("not a database "), 4096))
 	})
 	for _, tc := range []struct {

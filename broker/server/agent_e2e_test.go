@@ -356,7 +356,7 @@ func testAgentServerRestored(t *testing.T, bin agentBinary) {
 		t.Errorf("status after the restore: %+v", st)
 	}
 	out, _, code := bin.exec(t, "", "status", "--state-dir", dir)
-	if code != 0 || !strings.Contains(out, "restored from an older backup") {
+	if code != 0 || !strings.Contains(out, "restored from a backup older than this device") {
 		t.Errorf("status text after the restore (exit %d):\n%s", code, out)
 	}
 }

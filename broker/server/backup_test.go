@@ -1,8 +1,10 @@
 package server_test
 
 import (
+	"crypto/tls"
 	"encoding/json"
 	"fmt"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -78,6 +80,87 @@ func TestBackupRestore(t *testing.T) {
 	}
 	r.wantNumbered(t, "pi-b1", 20) // not the 10 sent after the backup
 	pahoClient(t, r, d, "pi-b1", nil).Disconnect(100)
+}
+
+// renewOver renews d's certificate over mTLS with a new key.
+func (s *testServer) renewOver(tb testing.TB, d *device) (*device, answer) {
+	tb.Helper()
+	key := newKey(tb)
+	a := s.post(tb, s.client(d.tlsCert()), "/v1/renew", map[string]string{"Content-Type": "application/pkcs10"}, csrPEM(tb, key, ""))
+	if a.status != http.StatusOK {
+		return nil, a
+	}
+	return &device{key: key, cert: parseCert(tb, a.resp.Certificate)}, a
+}
+
+// TestRestoreTakesBackRenewedDevices: a device that renewed after the
+// backup presents a certificate the restored node has no record of. The
+// broker refuses it like any unknown certificate; a renewal with it is
+// taken back (cert.adopt) and the new certificate connects. Certificates
+// the CA issued outside the lost span — before the snapshot, after the
+// restore — stay refused, as does a device enrolled after the backup.
+//
+// The node's clock is the test's: certificates carry whole seconds, so the
+// steps are minutes apart; less than the 5 minutes certificates are
+// backdated, so that they stay valid for the real clock of the clients.
+func TestRestoreTakesBackRenewedDevices(t *testing.T) {
+	s := startServer(t)
+	a := s.enroll(t, s.token(t), "pi-a")
+	strayKey := newKey(t)
+	before, err := s.CA().IssueDevice(strayKey.Public(), "pi-a", time.Hour) // never recorded
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.clock.Advance(2 * time.Minute)
+	dir := filepath.Join(t.TempDir(), "backup")
+	if _, errs, code := s.cli(t, "backup", dir); code != 0 {
+		t.Fatalf("backup: %s", errs)
+	}
+	a2, ans := s.renewOver(t, a)
+	if a2 == nil {
+		t.Fatalf("renew after the backup: %d %s", ans.status, ans.body)
+	}
+	late := s.enroll(t, s.token(t), "pi-late")
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	r := startServer(t, func(c *server.Config) { c.DataDir, c.Now = dir, s.clock.Now })
+	conn, err := tls.Dial("tcp", r.MQTTAddr().String(), r.mqttTLS(a2))
+	if err == nil {
+		conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+		_, err = conn.Read(make([]byte, 1))
+		conn.Close()
+	}
+	if err == nil || !strings.Contains(err.Error(), "tls:") {
+		t.Fatalf("the broker took a certificate it has no record of: %v", err)
+	}
+	a3, ans := r.renewOver(t, a2)
+	if a3 == nil {
+		t.Fatalf("renewal with the certificate renewed after the backup: %d %s", ans.status, ans.body)
+	}
+	pahoClient(t, r, a3, "pi-a", nil).Disconnect(100)
+	out, _, _ := r.cli(t, "audit", "--device", "pi-a", "--json")
+	var evs []store.AuditEvent
+	if err := json.Unmarshal([]byte(out), &evs); err != nil || len(evs) < 2 ||
+		evs[len(evs)-2].Action != store.ActCertAdopt || evs[len(evs)-2].Serial != enroll.SerialHex(a2.cert.SerialNumber) {
+		t.Fatalf("audit: %v\n%s", err, out)
+	}
+
+	s.clock.Advance(2 * time.Minute)
+	after, err := r.CA().IssueDevice(strayKey.Public(), "pi-a", time.Hour) // after the restore, never recorded
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, d := range map[string]*device{
+		"issued before the snapshot":       {key: strayKey, cert: before},
+		"issued after the restore":         {key: strayKey, cert: after},
+		"device enrolled after the backup": late,
+	} {
+		if got, ans := r.renewOver(t, d); got != nil || ans.status != http.StatusUnauthorized || ans.code != "cert_invalid" {
+			t.Errorf("%s: %d %s, want 401 cert_invalid", name, ans.status, ans.body)
+		}
+	}
 }
 
 // With an operator-provided CA the backup says the CA is not in it, even

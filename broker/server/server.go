@@ -201,6 +201,15 @@ func New(cfg Config) (_ *Server, err error) {
 	ec.CA, ec.CertLifetime, ec.RenewGrace, ec.BrokerURL = s.ca, cfg.CertLifetime, cfg.RenewGrace, cfg.BrokerURL
 	ec.Logger, ec.Now = cfg.Logger.With().Str("component", "enroll").Logger(), cfg.Now
 	ec.Observe = chain(ec.Observe, s.metrics.ObserveEnroll)
+	from, to, restored, err := s.db.RestoredWindow(context.Background(), cfg.Now())
+	if err != nil {
+		return nil, err
+	}
+	if restored {
+		ec.RestoredFrom, ec.RestoredAt = from, to
+		s.log.Info().Time("snapshot", from).Time("restored", to).
+			Msg("serving a restored backup: devices renewing certificates issued between the two are taken back")
+	}
 	if _, port, err := net.SplitHostPort(cfg.MQTTAddr); err == nil {
 		ec.MQTTPort, _ = strconv.Atoi(port)
 	}

@@ -266,7 +266,7 @@ func TestRenewFailuresKeepKeyMaterial(t *testing.T) {
 		// Issued already expired, so the local clock and the server agree
 		// that it is; the server says the grace is over.
 		{"beyond grace", func(f *fakeServer) { f.expiredAns = true }, nil, failNeedsToken, "--reprovision"},
-		{"unknown to the server", func(f *fakeServer) { f.forgotten = true }, nil, failCertUnknown, "restored from an older backup"},
+		{"unknown to the server", func(f *fakeServer) { f.forgotten = true }, nil, failCertUnknown, "restored from a backup older than this device"},
 		{"clock skew", func(f *fakeServer) { f.revoked["pi-1"] = true; f.dateOffset = -time.Hour }, nil, failClock, "clock"},
 	}
 	for _, c := range cases {

@@ -130,10 +130,9 @@ func queueText(s Status, now time.Time) string {
 const (
 	adviceRevoked    = "revoked ids are never used again: enroll under a new id with a new token (device-agent enroll --force --token TOKEN --id NEW-ID)"
 	adviceNeedsToken = "enroll again with a token that re-provisions this device (fleetmq token create --device ID --reprovision on the server, then device-agent enroll --force --token TOKEN)"
-	// A server reset, or restored from a backup older than this
-	// certificate: it may not know the device either, or know it with an
-	// older certificate.
-	adviceCertUnknown = "the server has no record of this certificate (its database was reset, or restored from an older backup): enroll again (fleetmq token create --device ID on the server, with --reprovision if it still lists the device; then device-agent enroll --force --token TOKEN)"
+	// A server reset, or restored from a backup older than the device's
+	// enrollment (a device it knows is taken back when it renews).
+	adviceCertUnknown = "the server has no record of this certificate (its database was reset, or restored from a backup older than this device's enrollment): enroll again (fleetmq token create --device ID on the server, with --reprovision if it still lists the device; then device-agent enroll --force --token TOKEN)"
 )
 
 func conditionText(c string) string {
