@@ -329,15 +329,20 @@ func testAgentRevoked(t *testing.T, bin agentBinary) {
 	}
 }
 
-// testAgentServerRestored: the node is restored from a backup taken before
-// the device enrolled. The restored node refuses the certificate it has no
-// record of; the agent says what to do and stops trying.
+// testAgentServerRestored: the node is restored from a backup. A device
+// that only renewed its certificate after the backup is refused by the
+// broker, renews, is taken back and connects, by itself. A device enrolled
+// after the backup is unknown: the agent says what to do and stops trying.
 func testAgentServerRestored(t *testing.T, bin agentBinary) {
 	s := startServer(t, realClock)
 	enrollAddr, mqttAddr := s.EnrollAddr().String(), s.MQTTAddr().String()
+	renewed := bin.enroll(t, s, s.token(t, "--device", "pi-e2e-renewed"))
 	backup := filepath.Join(t.TempDir(), "backup")
 	if _, errs, code := s.cli(t, "backup", backup); code != 0 {
 		t.Fatalf("backup: %s", errs)
+	}
+	if out, errs, code := bin.exec(t, "", "renew", "--state-dir", renewed); code != 0 {
+		t.Fatalf("renew after the backup: exit %d\n%s%s", code, out, errs)
 	}
 	const id = "pi-e2e-restored"
 	dir := bin.enroll(t, s, s.token(t, "--device", id))
@@ -348,7 +353,14 @@ func testAgentServerRestored(t *testing.T, bin agentBinary) {
 		t.Fatal(err)
 	}
 	s.cfg.DataDir = backup
-	restartServer(t, s, enrollAddr, mqttAddr)
+	r := restartServer(t, s, enrollAddr, mqttAddr)
+
+	b := bin.start(t, renewed, "--interval", "1s")
+	waitStatus(t, bin, b, renewed, "the device renewed after the backup connected", func(st agentStatus) bool { return st.Connected })
+	if out, _, _ := r.cli(t, "audit", "--device", "pi-e2e-renewed"); !strings.Contains(out, "cert.adopt") {
+		t.Errorf("no cert.adopt in the audit log:\n%s", out)
+	}
+
 	st := waitStatus(t, bin, a, dir, "status reporting the unknown certificate", func(st agentStatus) bool {
 		return st.Condition == "cert_unknown"
 	})
