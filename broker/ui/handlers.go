@@ -246,10 +246,13 @@ func (s *Server) devices(w http.ResponseWriter, r *http.Request) {
 // matches reports whether a device's id or a label contains needle
 // (lowercase).
 func matches(d admin.DeviceInfo, needle string) bool {
-	if strings.Contains(strings.ToLower(d.ID), needle) {
-		return true
-	}
-	for k, v := range d.Labels {
+	return strings.Contains(strings.ToLower(d.ID), needle) || labelsContain(d.Labels, needle)
+}
+
+// labelsContain reports whether a key=value of labels contains needle
+// (lower case).
+func labelsContain(labels map[string]string, needle string) bool {
+	for k, v := range labels {
 		if strings.Contains(strings.ToLower(k+"="+v), needle) {
 			return true
 		}
@@ -392,15 +395,8 @@ func (s *Server) tokens(w http.ResponseWriter, r *http.Request) {
 }
 
 func tokenMatches(t admin.TokenInfo, needle string) bool {
-	if strings.Contains(strings.ToLower(t.ID), needle) || strings.Contains(strings.ToLower(t.DeviceID), needle) {
-		return true
-	}
-	for k, v := range t.Labels {
-		if strings.Contains(strings.ToLower(k+"="+v), needle) {
-			return true
-		}
-	}
-	return false
+	return strings.Contains(strings.ToLower(t.ID), needle) || strings.Contains(strings.ToLower(t.DeviceID), needle) ||
+		labelsContain(t.Labels, needle)
 }
 
 // tokenForm is the token creation form, as typed.
