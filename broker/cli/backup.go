@@ -80,19 +80,12 @@ func backupCmd(ctx context.Context, args []string, env Env) (err error) {
 	if err != nil {
 		return err
 	}
-	for _, f := range caFiles {
-		if !res.CAIncluded {
-			break
-		}
-		b, err := os.ReadFile(filepath.Join(*fset.data, f.name))
+	if res.CAIncluded {
+		copied, err := copyCA(*fset.data, dir)
+		written = append(written, copied...)
 		if err != nil {
-			return fmt.Errorf("backup the CA: %w", err)
+			return err
 		}
-		dst := filepath.Join(dir, f.name)
-		if err := enroll.WriteFileAtomic(dst, b, f.mode); err != nil {
-			return fmt.Errorf("backup the CA: %w", err)
-		}
-		written = append(written, dst)
 	}
 	if err := enroll.SyncDir(dir); err != nil {
 		return fmt.Errorf("backup: %w", err)
@@ -111,6 +104,24 @@ func backupCmd(ctx context.Context, args []string, env Env) (err error) {
 	}
 	fmt.Fprintf(env.Stdout, "to restore: stop fleetmq, then run it with --data %s\n", dir)
 	return nil
+}
+
+// copyCA copies the generated CA's files from the data folder into dir and
+// returns the paths it wrote, also on failure.
+func copyCA(data, dir string) ([]string, error) {
+	var written []string
+	for _, f := range caFiles {
+		b, err := os.ReadFile(filepath.Join(data, f.name))
+		if err != nil {
+			return written, fmt.Errorf("backup the CA: %w", err)
+		}
+		dst := filepath.Join(dir, f.name)
+		if err := enroll.WriteFileAtomic(dst, b, f.mode); err != nil {
+			return written, fmt.Errorf("backup the CA: %w", err)
+		}
+		written = append(written, dst)
+	}
+	return written, nil
 }
 
 // servesGeneratedCA reports whether the server's CA is the one generated in
