@@ -13,6 +13,7 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/asn1"
+	"encoding/hex"
 	"encoding/pem"
 	"errors"
 	"fmt"
@@ -65,7 +66,14 @@ type CAConfig struct {
 	KeyFile string
 	// Now is the clock. Default time.Now.
 	Now func() time.Time
+	// MustExist refuses to generate a CA in Dir (ErrNoCA): set when the
+	// fleet already has certificates, which a new CA would not have
+	// issued. Default false.
+	MustExist bool
 }
+
+// ErrNoCA means there is no CA to load and none may be generated.
+var ErrNoCA = errors.New("ca: no CA to load")
 
 // CA issues device and server certificates and CRLs. It is immutable and
 // safe for concurrent use.
@@ -124,6 +132,9 @@ func LoadOrCreateCA(cfg CAConfig) (*CA, error) {
 		return nil, fmt.Errorf("ca: %s exists but %s does not; refusing to generate a new CA over it: restore the missing file, or remove both to start a new CA (every device must then re-enroll)", certPath, keyPath)
 	case haveKey:
 		return nil, fmt.Errorf("ca: %s exists but %s does not; refusing to generate a new CA over it: restore the missing file, or remove both to start a new CA (every device must then re-enroll)", keyPath, certPath)
+	}
+	if cfg.MustExist {
+		return nil, fmt.Errorf("%w: neither %s nor %s exists", ErrNoCA, certPath, keyPath)
 	}
 	if err := os.MkdirAll(cfg.Dir, 0o700); err != nil {
 		return nil, fmt.Errorf("ca: create data directory: %w", err)
@@ -410,6 +421,14 @@ func (ca *CA) Pool() *x509.CertPool {
 // Fingerprint returns the SHA-256 of the issuing CA certificate DER, the
 // value carried in bootstrap tokens.
 func (ca *CA) Fingerprint() [32]byte { return ca.fp }
+
+// KeyID identifies the CA's key: the SHA-256 of its public key, hex. It
+// stays the same when an operator re-issues their CA certificate for the
+// same key, which keeps every certificate it signed valid.
+func (ca *CA) KeyID() string {
+	sum := sha256.Sum256(ca.cert.RawSubjectPublicKeyInfo)
+	return hex.EncodeToString(sum[:])
+}
 
 // IssueDevice issues a client certificate for the device id with public key
 // pub. The certificate names the device in its CN and nothing else: a CSR's

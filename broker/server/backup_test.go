@@ -3,6 +3,7 @@ package server_test
 import (
 	"crypto/tls"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/http"
 	"os"
@@ -195,4 +196,57 @@ func TestBackupWithOperatorCA(t *testing.T) {
 	if !strings.Contains(out, "the CA is not in the data folder") {
 		t.Fatalf("no word about the CA:\n%s", out)
 	}
+}
+
+// TestCAMustMatchTheFleet: a database whose certificates one CA issued is
+// never served with another — not a CA generated because the operator CA
+// was not given again (restoring a backup of a server that ran with
+// --ca-cert), not another operator CA. The server refuses to start and
+// says what to give it; nothing is generated.
+func TestCAMustMatchTheFleet(t *testing.T) {
+	own := t.TempDir()
+	if _, err := enroll.LoadOrCreateCA(enroll.CAConfig{Dir: own}); err != nil {
+		t.Fatal(err)
+	}
+	withOwn := func(c *server.Config) {
+		c.CACertFile, c.CAKeyFile = filepath.Join(own, "ca.pem"), filepath.Join(own, "ca.key")
+	}
+	s := startServer(t, withOwn)
+	s.enroll(t, s.token(t), "pi-ca")
+	cfg := s.cfg
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	cfg.EnrollAddr, cfg.MQTTAddr = "127.0.0.1:0", "127.0.0.1:0"
+	noCA := cfg
+	noCA.CACertFile, noCA.CAKeyFile = "", ""
+	if srv, err := server.New(noCA); err == nil {
+		srv.Close()
+		t.Fatal("served a fleet with a newly generated CA")
+	} else if !errors.Is(err, enroll.ErrNoCA) || !strings.Contains(err.Error(), "--ca-cert") {
+		t.Fatalf("error %q does not say to give the CA", err)
+	}
+	if _, err := os.Stat(filepath.Join(cfg.DataDir, "ca.pem")); err == nil {
+		t.Fatal("a CA was generated in the data folder")
+	}
+
+	other := t.TempDir()
+	if _, err := enroll.LoadOrCreateCA(enroll.CAConfig{Dir: other}); err != nil {
+		t.Fatal(err)
+	}
+	wrong := cfg
+	wrong.CACertFile, wrong.CAKeyFile = filepath.Join(other, "ca.pem"), filepath.Join(other, "ca.key")
+	if srv, err := server.New(wrong); err == nil {
+		srv.Close()
+		t.Fatal("served the fleet with another CA")
+	} else if !errors.Is(err, store.ErrCAMismatch) {
+		t.Fatalf("error %q is not about the CA", err)
+	}
+
+	srv, err := server.New(cfg) // the right one
+	if err != nil {
+		t.Fatalf("with its own CA: %v", err)
+	}
+	srv.Close()
 }

@@ -187,11 +187,8 @@ func New(cfg Config) (_ *Server, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("open store: %w", err)
 	}
-	s.ca, err = enroll.LoadOrCreateCA(enroll.CAConfig{
-		Dir: cfg.DataDir, CertFile: cfg.CACertFile, KeyFile: cfg.CAKeyFile, Now: cfg.Now,
-	})
-	if err != nil {
-		return nil, fmt.Errorf("load CA: %w", err)
+	if s.ca, err = s.loadCA(); err != nil {
+		return nil, err
 	}
 	if err := s.renewServerCert(); err != nil {
 		return nil, err
@@ -308,11 +305,16 @@ func (s *Server) Start() error {
 		return fmt.Errorf("listen for enrollment on %s: %w", s.cfg.EnrollAddr, err)
 	}
 	s.httpLn = tls.NewListener(netutil.LimitListener(ln, s.cfg.EnrollMaxConnections), s.httpsTLS())
+	// WriteTimeout is longer than ReadTimeout: net/http counts the write
+	// deadline from the end of the headers, so with equal timeouts a client
+	// that dribbles its body until the read deadline would be cut off
+	// before its error answer is written. The margin is for the handler's
+	// work and the answer.
 	s.httpSrv = &http.Server{
 		Handler:           s.enroll,
 		ReadHeaderTimeout: s.cfg.EnrollReadHeaderTimeout,
 		ReadTimeout:       s.cfg.EnrollReadTimeout,
-		WriteTimeout:      30 * time.Second,
+		WriteTimeout:      s.cfg.EnrollReadTimeout + 30*time.Second,
 		IdleTimeout:       2 * time.Minute,
 		MaxHeaderBytes:    64 << 10,
 		ErrorLog:          newHTTPErrorLog(s.log),
@@ -436,6 +438,34 @@ var secureSuites = []uint16{
 
 func (s *Server) getCertificate(*tls.ClientHelloInfo) (*tls.Certificate, error) {
 	return s.cert.Load(), nil
+}
+
+// loadCA loads (or, for a new fleet, generates) the CA and checks that it
+// is the one that issued the fleet's certificates. Restoring a backup of a
+// server that ran with --ca-cert without giving it again would otherwise
+// generate a new CA, and every device would be refused.
+func (s *Server) loadCA() (*enroll.CA, error) {
+	ctx := context.Background()
+	has, err := s.db.HasIdentities(ctx)
+	if err != nil {
+		return nil, err
+	}
+	ca, err := enroll.LoadOrCreateCA(enroll.CAConfig{
+		Dir: s.cfg.DataDir, CertFile: s.cfg.CACertFile, KeyFile: s.cfg.CAKeyFile, Now: s.cfg.Now,
+		MustExist: has,
+	})
+	if errors.Is(err, enroll.ErrNoCA) {
+		return nil, fmt.Errorf("load CA: %w; the database already holds identities, so a new CA would lock out the whole fleet: "+
+			"put back the data folder's ca.pem and ca.key (a backup of a server that ran with --ca-cert/--ca-key does not hold them), "+
+			"or start with the --ca-cert and --ca-key it ran with", err)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("load CA: %w", err)
+	}
+	if err := s.db.BindCA(ctx, ca.KeyID()); err != nil {
+		return nil, fmt.Errorf("load CA: %w; start with the CA this database was used with (--ca-cert/--ca-key, or the data folder's ca.pem and ca.key)", err)
+	}
+	return ca, nil
 }
 
 func (s *Server) renewServerCert() error {
