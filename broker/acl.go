@@ -2,6 +2,7 @@ package broker
 
 import (
 	"strings"
+	"unicode"
 	"unicode/utf8"
 
 	"github.com/fleetmq/fleetmq/store"
@@ -17,8 +18,11 @@ const (
 	levelCommands  = "commands"
 	levelConfig    = "config"
 
-	// maxTopicLen is the MQTT limit on a UTF-8 string.
-	maxTopicLen = 65535
+	// maxTopicLen bounds topics and filters. MQTT allows 65,535 bytes;
+	// every topic of the grants below fits in a fraction of this, and a
+	// stored telemetry message carries its topic next to its (capped)
+	// payload.
+	maxTopicLen = 512
 )
 
 // Allowed reports whether the identity id with role may publish to topic
@@ -94,12 +98,20 @@ func deviceSubscribe(rest []string) bool {
 	return false
 }
 
+// unwanted reports the characters MQTT says topics should not hold
+// (§1.5.4): control characters — NUL, and the escape sequences a topic would
+// otherwise carry into an operator's terminal — and Unicode noncharacters.
+func unwanted(r rune) bool {
+	return unicode.IsControl(r) || (r >= 0xfdd0 && r <= 0xfdef) || r&0xfffe == 0xfffe
+}
+
 // wellFormed rejects what no grant may contain: empty or over-long topics,
 // invalid UTF-8 and NUL, $-topics, empty levels, and wildcards that are not a
 // whole level ('#' only as the last one); write topics take no wildcard.
+// Control characters and noncharacters are refused too (see unwanted).
 func wellFormed(topic string, write bool) bool {
-	if topic == "" || len(topic) > maxTopicLen || topic[0] == '$' ||
-		!utf8.ValidString(topic) || strings.IndexByte(topic, 0) >= 0 {
+	if topic == "" || len(topic) > maxTopicLen || topic[0] == '$' || !utf8.ValidString(topic) ||
+		strings.IndexFunc(topic, unwanted) >= 0 {
 		return false
 	}
 	n := strings.Count(topic, "/") + 1

@@ -3,6 +3,7 @@ package broker
 import (
 	"strings"
 	"testing"
+	"unicode"
 
 	"github.com/fleetmq/fleetmq/store"
 )
@@ -44,6 +45,14 @@ func TestAllowed(t *testing.T) {
 		{dev, "d1", "", pub, false},
 		{dev, "d1", "devices/d1/telemetry/\x00", pub, false},
 		{dev, "d1", "devices/d1/telemetry/\xff", pub, false},
+		{dev, "d1", "devices/d1/telemetry/\x1b[31mred", pub, false},
+		{dev, "d1", "devices/d1/telemetry/a\nb", pub, false},
+		{dev, "d1", "devices/d1/telemetry/\u0085", pub, false},
+		{dev, "d1", "devices/d1/telemetry/\uffff", pub, false},
+		{dev, "d1", "devices/d1/telemetry/\ufdd0", pub, false},
+		{dev, "d1", "devices/d1/telemetry/température", pub, true},
+		{dev, "d1", "devices/d1/telemetry/" + strings.Repeat("a", maxTopicLen-len("devices/d1/telemetry/")), pub, true},
+		{dev, "d1", "devices/d1/telemetry/" + strings.Repeat("a", maxTopicLen-len("devices/d1/telemetry/")+1), pub, false},
 		// Device subscriptions and deliveries.
 		{dev, "d1", "devices/d1/commands/#", sub, true},
 		{dev, "d1", "devices/d1/commands/+", sub, true},
@@ -158,6 +167,9 @@ func FuzzAllowed(f *testing.F) {
 		}
 		if topic == "" || topic[0] == '$' {
 			t.Fatalf("granted $ or empty topic %q", topic)
+		}
+		if len(topic) > maxTopicLen || strings.IndexFunc(topic, unicode.IsControl) >= 0 {
+			t.Fatalf("granted an over-long topic or one with control characters %q", topic)
 		}
 		if strings.Contains(topic, "//") || strings.HasSuffix(topic, "/") {
 			t.Fatalf("granted topic with an empty level %q", topic)

@@ -660,6 +660,48 @@ func TestTelemetryPayloadCapAndRateLimit(t *testing.T) {
 	if len(msgs) != 2 || string(msgs[0].Payload) != "0123456789abcdef" || string(msgs[1].Payload) != "ok" {
 		t.Fatalf("stored %d messages, want the 2 accepted", len(msgs))
 	}
+
+	// Nor does reconnecting refill it: with no connection left, the
+	// identity's bucket is kept until it has refilled by itself.
+	d.Disconnect(0)
+	r.conn.Close()
+	eventually(t, func() bool { return len(f.b.Online()) == 0 && f.b.Stats().OpenConnections == 0 }, "all connections closed")
+	r = dialRaw(t, f.addr, f.clientTLS(cert))
+	if ack := r.connect("dev-a"); ack.ReasonCode != 0 {
+		t.Fatalf("reconnect: %#x", ack.ReasonCode)
+	}
+	r.publish("devices/dev-a/telemetry", 1, 2, []byte("again"))
+	if ack := r.mustRead(packets.Puback); ack.ReasonCode != packets.ErrMessageRateTooHigh.Code {
+		t.Fatalf("publish after reconnecting: PUBACK %#x, want %#x (rate limited)", ack.ReasonCode, packets.ErrMessageRateTooHigh.Code)
+	}
+}
+
+// TestRateLimitHoldsMQTT311Publishes: MQTT 3.1.1 cannot refuse a publish,
+// so one over the rate waits for the bucket instead of being dropped
+// without a PUBACK (which a client waits out for its whole timeout): every
+// QoS 1 message of a burst over the limit is acknowledged and stored, at
+// the rate.
+func TestRateLimitHoldsMQTT311Publishes(t *testing.T) {
+	f := newFixture(t, func(c *Config) {
+		c.PublishRate = 50
+		c.PublishBurst = 2
+	})
+	cert := f.device(t, "dev-a")
+	d := connect(t, f.pahoOpts("dev-a", f.clientTLS(cert)))
+	const n = 20
+	toks := make([]paho.Token, n)
+	for i := range toks {
+		toks[i] = d.Publish("devices/dev-a/telemetry", 1, false, fmt.Sprintf(`{"n":%d}`, i))
+	}
+	for i, tok := range toks {
+		if err := wait(t, tok); err != nil {
+			t.Fatalf("publish %d: %v", i, err)
+		}
+	}
+	s := f.b.Stats()
+	if s.RateLimited != 0 || s.Delayed == 0 || s.TelemetryStored != n {
+		t.Fatalf("rate limited %d, delayed %d, stored %d; want 0, > 0, %d", s.RateLimited, s.Delayed, s.TelemetryStored, n)
+	}
 }
 
 func TestHandshakeAndConnectDeadline(t *testing.T) {

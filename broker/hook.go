@@ -175,7 +175,7 @@ func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 	code := packets.CodeSuccess
 	var m *store.Message // telemetry to store
 	switch {
-	case !c.ident.lim.Allow():
+	case !b.allowPublish(cl, c):
 		b.stats.rateLimited.Add(1)
 		code = packets.ErrMessageRateTooHigh
 	case g.role == store.RoleDevice && isUnder(pk.TopicName, g.telemetry):

@@ -138,6 +138,10 @@ func (c *conn) allowed(topic string, write bool) bool {
 type identity struct {
 	lim   *rate.Limiter  // publish rate, shared by its connections
 	conns map[*conn]bool // true once authorized
+	// forget, while the identity has no connection, drops it once its
+	// bucket has refilled: until then a reconnect must find the bucket as
+	// it was left, or reconnecting would be a way around the limit.
+	forget *time.Timer
 }
 
 func (i *identity) authorized() bool {
@@ -164,6 +168,10 @@ func (b *Broker) register(c *conn, cl *mqtt.Client, id string) bool {
 			conns: make(map[*conn]bool),
 		}
 		b.idents[id] = ident
+	}
+	if ident.forget != nil {
+		ident.forget.Stop()
+		ident.forget = nil
 	}
 	ident.conns[c] = false
 	c.id, c.cl, c.ident = id, cl, ident
@@ -212,8 +220,60 @@ func (b *Broker) release(c *conn) {
 		b.w.setPresence(store.Presence{DeviceID: id, Online: false, LastSeen: b.cfg.Now(), Node: b.cfg.Node})
 	}
 	if len(ident.conns) == 0 && b.idents[id] == ident {
-		delete(b.idents, id)
+		b.forgetWhenRefilled(id, ident)
 	}
+}
+
+// maxPublishDelay is the longest an MQTT 3.1.1 publish over the rate limit
+// is held for a token of the bucket before it is dropped.
+const maxPublishDelay = time.Second
+
+// allowPublish takes a token of the identity's publish bucket. An MQTT 5
+// client over the limit is told at once (PUBACK 0x96). MQTT 3.1.1 has no
+// way to say it: a dropped QoS 1 publish gets no PUBACK, and its sender
+// waits for one until it gives up — the device-agent after 30 s, then it
+// reconnects — so a backlog sent as fast as the client can would drain at a
+// few messages a second. A 3.1.1 publish that a token will cover within
+// maxPublishDelay therefore waits for it on the connection's own reader:
+// the device is slowed to the rate (TCP pushes back), nothing is lost, and
+// no other connection waits.
+func (b *Broker) allowPublish(cl *mqtt.Client, c *conn) bool {
+	if cl.Properties.ProtocolVersion >= 5 {
+		return c.ident.lim.Allow()
+	}
+	r := c.ident.lim.Reserve()
+	switch d := r.Delay(); {
+	case !r.OK():
+		return false
+	case d == 0:
+		return true
+	case d > maxPublishDelay:
+		r.Cancel()
+		return false
+	default:
+		b.stats.delayed.Add(1)
+		time.Sleep(d)
+		return true
+	}
+}
+
+// forgetWhenRefilled drops an identity without connections at once if its
+// publish bucket is full, else when it will be. Called with b.mu held.
+func (b *Broker) forgetWhenRefilled(id string, ident *identity) {
+	now := time.Now() // the limiter's clock
+	missing := float64(ident.lim.Burst()) - ident.lim.TokensAt(now)
+	if missing <= 0 || ident.lim.Limit() <= 0 || ident.lim.Limit() == rate.Inf {
+		delete(b.idents, id)
+		return
+	}
+	wait := time.Duration(missing / float64(ident.lim.Limit()) * float64(time.Second))
+	ident.forget = time.AfterFunc(wait, func() {
+		b.mu.Lock()
+		defer b.mu.Unlock()
+		if len(ident.conns) == 0 && b.idents[id] == ident {
+			delete(b.idents, id)
+		}
+	})
 }
 
 // checkLeaf checks a verified client certificate against the store: its

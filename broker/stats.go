@@ -54,6 +54,7 @@ type Stats struct {
 	ACLDenied         uint64            // publishes, subscriptions and deliveries denied
 	SubscriptionLimit uint64            // subscriptions refused over the per-client limit
 	RateLimited       uint64            // publishes refused by the rate limit
+	Delayed           uint64            // MQTT 3.1.1 publishes held until the rate limit let them in
 	MessagesIn        [3]uint64         // PUBLISH received from clients, by QoS
 	MessagesOut       [3]uint64         // PUBLISH sent to clients, by QoS
 	TelemetryStored   uint64            // telemetry messages committed to the store
@@ -108,7 +109,7 @@ func (s counterSet) snapshot() map[string]uint64 {
 // counters are the broker's live counters; Stats copies them.
 type counters struct {
 	accepted, acceptErrors, resumed, sessionsTotal atomic.Uint64
-	aclDenied, subLimit, rateLimited               atomic.Uint64
+	aclDenied, subLimit, rateLimited, delayed      atomic.Uint64
 	in, out                                        [3]atomic.Uint64
 	stored, commits, tooLarge, dropped, failed     atomic.Uint64
 	followDropped, presenceFailed                  atomic.Uint64
@@ -136,6 +137,7 @@ func (c *counters) snapshot() Stats {
 		ACLDenied:         c.aclDenied.Load(),
 		SubscriptionLimit: c.subLimit.Load(),
 		RateLimited:       c.rateLimited.Load(),
+		Delayed:           c.delayed.Load(),
 		TelemetryStored:   c.stored.Load(),
 		TelemetryCommits:  c.commits.Load(),
 		TelemetryTooLarge: c.tooLarge.Load(),

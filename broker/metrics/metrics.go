@@ -288,6 +288,8 @@ var (
 		"Telemetry messages not stored, by reason (too_large, queue_full, store_error).", []string{"reason"}, nil)
 	descRateLimited = prometheus.NewDesc("fleetmq_rate_limited_total",
 		"Requests refused by a rate limit: mqtt_publish (per-identity publish rate) or enrollment (HTTP 429).", []string{"limit"}, nil)
+	descDelayed = prometheus.NewDesc("fleetmq_mqtt_publishes_delayed_total",
+		"MQTT 3.1.1 publishes over the per-identity publish rate held until it let them in, instead of dropped.", nil, nil)
 	descDevices = prometheus.NewDesc("fleetmq_devices",
 		"Identities in the store by role and state (active, revoked).", []string{"role", "state"}, nil)
 	descExpiring = prometheus.NewDesc("fleetmq_devices_expiring_soon",
@@ -302,7 +304,7 @@ type collector struct{ m *Metrics }
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{
 		descConnected, descOpen, descAccepted, descHandshake, descRefused, descKicked, descACL,
-		descIn, descOut, descStored, descTelemetryLost, descRateLimited, descDevices, descExpiring,
+		descIn, descOut, descStored, descTelemetryLost, descRateLimited, descDelayed, descDevices, descExpiring,
 	} {
 		ch <- d
 	}
@@ -339,6 +341,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	counter(descTelemetryLost, s.TelemetryFailed, "store_error")
 	counter(descRateLimited, s.RateLimited, "mqtt_publish")
 	counter(descRateLimited, c.m.enrollLimited.Load(), "enrollment")
+	counter(descDelayed, s.Delayed)
 
 	online := cfg.Online()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
