@@ -18,6 +18,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+	"unicode"
+	"unicode/utf8"
 
 	"github.com/rs/zerolog"
 
@@ -199,7 +201,7 @@ func (h *Handler) MintTokens(ctx context.Context, req TokenRequest, remote strin
 	}
 	ttl := 24 * time.Hour
 	if req.TTL != "" {
-		d, err := time.ParseDuration(req.TTL)
+		d, err := ParseDuration(req.TTL)
 		if err != nil || d <= 0 || d > maxTokenTTL {
 			return nil, enroll.Errorf(enroll.CodeBadRequest, "ttl must be a positive duration up to %s", maxTokenTTL)
 		}
@@ -312,11 +314,28 @@ func checkLabels(labels map[string]string) error {
 		return enroll.Errorf(enroll.CodeBadRequest, "at most %d labels", maxLabels)
 	}
 	for k, v := range labels {
-		if k == "" || len(k) > maxLabelLen || len(v) > maxLabelLen || strings.ContainsAny(k, "=\x00") || strings.ContainsRune(v, 0) {
+		if k == "" || len(k) > maxLabelLen || len(v) > maxLabelLen || strings.Contains(k, "=") {
 			return enroll.Errorf(enroll.CodeBadRequest, "labels need a non-empty key without '=' and values of at most %d bytes", maxLabelLen)
+		}
+		// Labels are printed in terminals and tables: an escape sequence
+		// or a newline in one would rewrite what an operator sees.
+		if !printable(k) || !printable(v) {
+			return enroll.Errorf(enroll.CodeBadRequest, "label %q: keys and values must be UTF-8 text without control characters", k)
 		}
 	}
 	return nil
+}
+
+func printable(s string) bool {
+	if !utf8.ValidString(s) {
+		return false
+	}
+	for _, r := range s {
+		if unicode.IsControl(r) || r == '\u2028' || r == '\u2029' || unicode.In(r, unicode.Bidi_Control) {
+			return false
+		}
+	}
+	return true
 }
 
 // Token states, as listed.
@@ -638,23 +657,32 @@ func (h *Handler) audit(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, nonNil(evs))
 }
 
-// TelemetryRecord is one message as the admin API shows it: the payload is
-// embedded as JSON when it is JSON, and as a string otherwise.
+// TelemetryRecord is one message as the admin API shows it.
 type TelemetryRecord struct {
-	DeviceID string          `json:"device_id"`
-	Topic    string          `json:"topic"`
-	Received time.Time       `json:"received"`
-	QoS      byte            `json:"qos"`
-	Payload  json.RawMessage `json:"payload"`
+	DeviceID string    `json:"device_id"`
+	Topic    string    `json:"topic"`
+	Received time.Time `json:"received"`
+	QoS      byte      `json:"qos"`
+	// Payload is the message when it is JSON, a JSON string when it is
+	// other UTF-8 text, and absent when it is binary (CBOR, protobuf…),
+	// which PayloadBase64 then holds byte for byte.
+	Payload       json.RawMessage `json:"payload,omitempty"`
+	PayloadBase64 []byte          `json:"payload_base64,omitempty"`
 }
 
 // Record converts a stored message.
 func Record(m store.Message) TelemetryRecord {
-	p := json.RawMessage(m.Payload)
-	if !json.Valid(m.Payload) {
-		p, _ = json.Marshal(string(m.Payload))
+	r := TelemetryRecord{DeviceID: m.DeviceID, Topic: m.Topic, Received: m.Received.UTC(), QoS: m.QoS}
+	switch {
+	case json.Valid(m.Payload):
+		r.Payload = json.RawMessage(m.Payload)
+	case utf8.Valid(m.Payload):
+		r.Payload, _ = json.Marshal(string(m.Payload))
+	default:
+		// A JSON string would replace every invalid byte with U+FFFD.
+		r.PayloadBase64 = m.Payload
 	}
-	return TelemetryRecord{DeviceID: m.DeviceID, Topic: m.Topic, Received: m.Received.UTC(), QoS: m.QoS, Payload: p}
+	return r
 }
 
 // telemetry streams NDJSON: one TelemetryRecord per line, oldest first; with
@@ -771,13 +799,19 @@ func parseSince(s string, now time.Time) (time.Time, error) {
 	if s == "" {
 		return time.Time{}, nil
 	}
-	if d, err := time.ParseDuration(s); err == nil && d >= 0 {
-		return now.Add(-d), nil
-	}
 	if t, err := time.Parse(time.RFC3339Nano, s); err == nil {
 		return t, nil
 	}
-	return time.Time{}, enroll.Errorf(enroll.CodeBadRequest, "since must be a duration like 1h or an RFC 3339 time")
+	d, err := ParseDuration(s)
+	switch {
+	case err == nil && d < 0:
+		return time.Time{}, enroll.Errorf(enroll.CodeBadRequest, "since must not be negative: %q", s)
+	case err == nil && d > now.Sub(time.Time{}):
+		return time.Time{}, nil // before anything was recorded
+	case err == nil:
+		return now.Add(-d), nil
+	}
+	return time.Time{}, enroll.Errorf(enroll.CodeBadRequest, "since must be a duration like 1h or 7d, or an RFC 3339 time: %v", err)
 }
 
 func parseLimit(s string) (int, error) {
@@ -832,7 +866,7 @@ func (h *Handler) backup(w http.ResponseWriter, r *http.Request) {
 		h.cfg.Logger.Warn().Err(err).Int64("bytes", n).Msg("backup cut short")
 		panic(http.ErrAbortHandler) // close the connection, no more to say
 	}
-	h.cfg.Logger.Info().Int64("bytes", n).Msg("backup taken")
+	h.cfg.Logger.Info().Int64("bytes", n).Msg("backup copy sent")
 	// Recorded once the copy is complete, even if the caller hung up on
 	// the last byte: the data left the server.
 	ev := store.AuditEvent{Time: h.cfg.Now(), Action: store.ActBackup, Remote: remote, Detail: fmt.Sprintf("%d bytes", n)}

@@ -8,9 +8,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"net"
 	"net/http"
 	"net/url"
+	"os"
+	"path/filepath"
 	"syscall"
 	"time"
 
@@ -85,6 +88,12 @@ func (c *Client) send(ctx context.Context, method, path string, in any) (*http.R
 	}
 	resp, err := c.hc.Do(req)
 	if err != nil {
+		dir := filepath.Dir(c.socket)
+		if fi, serr := os.Stat(dir); errors.Is(serr, fs.ErrNotExist) {
+			return nil, fmt.Errorf("no data folder %s: give the server's with --data or FLEETMQ_DATA", dir)
+		} else if serr == nil && !fi.IsDir() {
+			return nil, fmt.Errorf("%s is not a folder: give the server's data folder with --data or FLEETMQ_DATA", dir)
+		}
 		if errors.Is(err, syscall.ENOENT) || errors.Is(err, syscall.ECONNREFUSED) {
 			return nil, fmt.Errorf("%w: %s", ErrNotRunning, c.socket)
 		}
@@ -218,6 +227,9 @@ func (c *Client) Telemetry(ctx context.Context, device, since string, limit int,
 		}
 	}
 	if err := sc.Err(); err != nil && ctx.Err() == nil {
+		if follow && errors.Is(err, io.ErrUnexpectedEOF) {
+			return errors.New("the server closed the stream (it is shutting down or restarting)")
+		}
 		return fmt.Errorf("read telemetry: %w", err)
 	}
 	return nil

@@ -10,6 +10,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/fleetmq/fleetmq/broker/server"
@@ -42,6 +43,9 @@ func backupCmd(ctx context.Context, args []string, env Env) (err error) {
 		return err
 	}
 	dir := fset.Arg(0)
+	if inside(dir, *fset.data) {
+		return usagef("backup folder %s is inside the data folder %s: a backup must survive losing it", dir, *fset.data)
+	}
 	created, err := backupDir(dir)
 	if err != nil {
 		return err
@@ -104,6 +108,17 @@ func backupCmd(ctx context.Context, args []string, env Env) (err error) {
 	}
 	fmt.Fprintf(env.Stdout, "to restore: stop fleetmq, then run it with --data %s\n", dir)
 	return nil
+}
+
+// inside reports whether path is dir or below it.
+func inside(path, dir string) bool {
+	p, err1 := filepath.Abs(path)
+	d, err2 := filepath.Abs(dir)
+	if err1 != nil || err2 != nil {
+		return false
+	}
+	rel, err := filepath.Rel(d, p)
+	return err == nil && rel != ".." && !strings.HasPrefix(rel, "../")
 }
 
 // copyCA copies the generated CA's files from the data folder into dir and

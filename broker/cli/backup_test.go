@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -82,5 +83,24 @@ func TestFailedBackupLeavesNothing(t *testing.T) {
 				t.Fatalf("the folder it created is still there: %v %v", entries, err)
 			}
 		})
+	}
+}
+
+// A backup inside the data folder would be lost with it: refused before
+// anything is asked of the server or written.
+func TestBackupRefusesTheDataFolder(t *testing.T) {
+	var asked atomic.Bool
+	data := serveAdmin(t, func(w http.ResponseWriter, r *http.Request) { asked.Store(true) })
+	for _, dir := range []string{data, filepath.Join(data, "inner"), filepath.Join(data, "a", "..", "b")} {
+		out, code := runBackup(t, data, dir)
+		if code != 2 || !strings.Contains(out, "inside the data folder") {
+			t.Errorf("backup %s: exit %d\n%s", dir, code, out)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(data, "inner")); err == nil || asked.Load() {
+		t.Fatalf("a refused backup wrote something or asked the server (%v)", asked.Load())
+	}
+	if !inside("/x/data/../data/y", "/x/data") || inside("/x/data2", "/x/data") || inside("/x", "/x/data") {
+		t.Fatal("inside")
 	}
 }

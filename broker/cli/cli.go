@@ -11,7 +11,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
-	"strconv"
+	"slices"
 	"strings"
 	"time"
 
@@ -82,9 +82,14 @@ Run 'fleetmq COMMAND -h' for its flags.
 `
 
 func run(ctx context.Context, args []string, env Env) error {
+	args = commandFirst(args)
 	if len(args) == 0 || strings.HasPrefix(args[0], "-") {
-		if len(args) > 0 && (args[0] == "-h" || args[0] == "--help" || args[0] == "-help") {
+		switch {
+		case len(args) > 0 && (args[0] == "-h" || args[0] == "--help" || args[0] == "-help"):
 			fmt.Fprint(env.Stdout, usage)
+			return nil
+		case len(args) > 0 && (args[0] == "--version" || args[0] == "-version"):
+			fmt.Fprintln(env.Stdout, "fleetmq", Version)
 			return nil
 		}
 		return serve(ctx, args, env)
@@ -125,6 +130,41 @@ func run(ctx context.Context, args []string, env Env) error {
 	return usagef("unknown command %q; see 'fleetmq help'", cmd)
 }
 
+// commandFirst moves the flags every command shares (--data, --json)
+// from before a command to its end — `fleetmq --data /var/lib/fleetmq
+// device list` — where the command's own flags parse them. Anything else
+// before the first word stays, as flags of serve.
+func commandFirst(args []string) []string {
+	var lead []string
+	i := 0
+	for i < len(args) {
+		a := args[i]
+		name, _, hasValue := strings.Cut(strings.TrimLeft(a, "-"), "=")
+		switch {
+		case !strings.HasPrefix(a, "-"):
+			if _, ok := commandWords[a]; !ok || len(lead) == 0 {
+				return args
+			}
+			return append(slices.Clone(args[i:]), lead...)
+		case name == "data" && !hasValue && i+1 < len(args):
+			lead = append(lead, a, args[i+1])
+			i += 2
+		case name == "data" || name == "json":
+			lead = append(lead, a)
+			i++
+		default:
+			return args
+		}
+	}
+	return args
+}
+
+// commandWords are the first words of the commands other than serve.
+var commandWords = map[string]struct{}{
+	"token": {}, "device": {}, "service": {}, "operator": {}, "ca": {},
+	"telemetry": {}, "audit": {}, "backup": {}, "serve": {},
+}
+
 var operatorCommands = map[string]func(context.Context, []string, Env) error{
 	"token create":   tokenCreate,
 	"token list":     tokenList,
@@ -157,6 +197,13 @@ func newFlags(name string, env Env) flagSet {
 		data:    fs.String("data", def, "data folder of the server (env FLEETMQ_DATA)"),
 		json:    fs.Bool("json", false, "print JSON for scripts"),
 	}
+}
+
+// given reports whether the flag name was set on the command line.
+func (f flagSet) given(name string) bool {
+	set := false
+	f.Visit(func(fl *flag.Flag) { set = set || fl.Name == name })
+	return set
 }
 
 // parse parses args and checks the number of positional arguments.
@@ -207,24 +254,7 @@ func (f flagSet) client() *admin.Client {
 	return admin.NewClient(filepath.Join(*f.data, admin.SocketName))
 }
 
-// parseDuration is time.ParseDuration plus a "d" (24h) unit, since
-// certificate lifetimes and retention are spoken of in days.
-func parseDuration(s string) (time.Duration, error) {
-	if strings.HasSuffix(s, "d") {
-		n, err := strconv.ParseFloat(strings.TrimSuffix(s, "d"), 64)
-		if err != nil {
-			return 0, fmt.Errorf("invalid duration %q", s)
-		}
-		return time.Duration(n * float64(24*time.Hour)), nil
-	}
-	d, err := time.ParseDuration(s)
-	if err != nil {
-		return 0, fmt.Errorf("invalid duration %q (use e.g. 90s, 12h, 30d)", s)
-	}
-	return d, nil
-}
-
-// durationValue is a flag.Value using parseDuration.
+// durationValue is a flag.Value using admin.ParseDuration.
 type durationValue struct{ d *time.Duration }
 
 func (v durationValue) String() string {
@@ -238,7 +268,7 @@ func (v durationValue) String() string {
 }
 
 func (v durationValue) Set(s string) error {
-	d, err := parseDuration(s)
+	d, err := admin.ParseDuration(s)
 	if err != nil {
 		return err
 	}

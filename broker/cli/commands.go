@@ -7,9 +7,11 @@ import (
 	"crypto/rand"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/base64"
 	"encoding/csv"
 	"encoding/json"
 	"encoding/pem"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -19,6 +21,8 @@ import (
 	"strings"
 	"text/tabwriter"
 	"time"
+	"unicode"
+	"unicode/utf8"
 
 	"github.com/fleetmq/fleetmq/broker/admin"
 	"github.com/fleetmq/fleetmq/enroll"
@@ -35,9 +39,25 @@ func table(w io.Writer, header string, rows [][]string) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, header)
 	for _, r := range rows {
-		fmt.Fprintln(tw, strings.Join(r, "\t"))
+		cells := make([]string, len(r))
+		for i, c := range r {
+			cells[i] = terminalSafe(c)
+		}
+		fmt.Fprintln(tw, strings.Join(cells, "\t"))
 	}
 	return tw.Flush()
+}
+
+// terminalSafe quotes control characters (escape sequences, newlines,
+// tabs), which would otherwise let a value in the store — a label, or a
+// field of an audit record an attacker caused — rewrite what an operator
+// sees in the terminal or break the table.
+func terminalSafe(s string) string {
+	if strings.IndexFunc(s, func(r rune) bool { return unicode.IsControl(r) || r == utf8.RuneError }) < 0 {
+		return s
+	}
+	q := strconv.QuoteToGraphic(s)
+	return q[1 : len(q)-1]
 }
 
 func fmtTime(t time.Time) string {
@@ -97,8 +117,17 @@ func tokenCreate(ctx context.Context, args []string, env Env) error {
 			if !ok || k == "" {
 				return usagef("--label wants k=v, got %q", l)
 			}
+			if !utf8.ValidString(l) {
+				return usagef("--label %q is not UTF-8 text", l)
+			}
+			if _, dup := req.Labels[k]; dup {
+				return usagef("--label %s given twice", k)
+			}
 			req.Labels[k] = v
 		}
+	}
+	if fs.given("count") && req.Count < 1 {
+		return usagef("--count must be at least 1")
 	}
 	if req.Prefix != "" && req.Count == 0 {
 		return usagef("--prefix goes with --count")
@@ -109,27 +138,63 @@ func tokenCreate(ctx context.Context, args []string, env Env) error {
 	if req.Count > maxBulkTokens {
 		return usagef("--count is at most %d", maxBulkTokens)
 	}
-	toks, err := createTokens(ctx, fs.client(), req, newProgress(env.Stderr, "minting tokens", req.Count))
-	if err != nil {
-		if len(toks) > 0 && *csvPath != "" {
-			// The tokens minted so far are live: keep their secrets.
-			if werr := writeTokenCSV(*csvPath, toks); werr == nil {
-				return fmt.Errorf("%w (the %d tokens minted before the failure are in %s)", err, len(toks), *csvPath)
+	if *csvPath != "" {
+		// Claim the file before minting: once minted, a token's secret
+		// exists only in this process, so a path that cannot be written
+		// (no such folder, a file already there: an earlier batch's
+		// secrets) must be refused while nothing is live yet.
+		f, err := os.OpenFile(*csvPath, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+		if err != nil {
+			if errors.Is(err, os.ErrExist) {
+				return fmt.Errorf("%s exists; a token file is never overwritten (it may hold live secrets): choose a new name", *csvPath)
 			}
+			return fmt.Errorf("cannot create %s: %w", *csvPath, err)
+		}
+		f.Close()
+	}
+	toks, err := createTokens(ctx, fs.client(), req, newProgress(env.Stderr, "minting tokens", req.Count))
+	if err != nil && len(toks) == 0 {
+		if *csvPath != "" {
+			os.Remove(*csvPath)
 		}
 		return err
 	}
-	if *csvPath != "" {
-		if err := writeTokenCSV(*csvPath, toks); err != nil {
-			return err
+	if err != nil {
+		// The tokens minted so far are live: hand over their secrets
+		// before saying what failed.
+		where, perr := printTokens(env, toks, *csvPath, *fs.json)
+		if perr != nil {
+			return fmt.Errorf("%w; and the %d tokens minted before the failure could not be written: %v", err, len(toks), perr)
 		}
-		fmt.Fprintf(env.Stderr, "wrote %d tokens to %s\n", len(toks), *csvPath)
-		return nil
+		return fmt.Errorf("%w (%d tokens were minted before the failure; they are %s)", err, len(toks), where)
 	}
-	if *fs.json {
+	_, err = printTokens(env, toks, *csvPath, *fs.json)
+	return err
+}
+
+// printTokens hands newly minted tokens to the operator: into the CSV file
+// at path (claimed beforehand) or on stdout, and says where they went.
+// Should the file fail at this point (a full disk), the secrets go to
+// stdout rather than nowhere.
+func printTokens(env Env, toks []admin.NewToken, path string, asJSON bool) (string, error) {
+	if path != "" {
+		err := writeTokenCSV(path, toks)
+		if err == nil {
+			fmt.Fprintf(env.Stderr, "wrote %d tokens to %s\n", len(toks), path)
+			return "in " + path, nil
+		}
+		os.Remove(path)
+		fmt.Fprintf(env.Stderr, "fleetmq: %v; the tokens follow on stdout instead\n", err)
+		asJSON = false
+	}
+	return "on stdout", writeTokens(env, toks, asJSON, path == "")
+}
+
+func writeTokens(env Env, toks []admin.NewToken, asJSON, single bool) error {
+	if asJSON {
 		return printJSON(env.Stdout, toks)
 	}
-	if len(toks) == 1 {
+	if len(toks) == 1 && single {
 		t := toks[0]
 		fmt.Fprintln(env.Stdout, t.Secret)
 		what := "device " + orDash(t.DeviceID)
@@ -189,10 +254,7 @@ func writeTokenCSV(path string, toks []admin.NewToken) error {
 		return err
 	}
 	// The file holds live secrets.
-	if err := enroll.WriteFileAtomic(path, []byte(b.String()), 0o600); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	return nil
+	return enroll.WriteFileAtomic(path, []byte(b.String()), 0o600)
 }
 
 func tokenList(ctx context.Context, args []string, env Env) error {
@@ -323,22 +385,21 @@ func identityIssue(role string) func(context.Context, []string, Env) error {
 		if err := enroll.ValidateID(name); err != nil {
 			return usagef("%v", err)
 		}
+		// Everything that can fail here is tried before the server
+		// issues anything: ids are for life, so a certificate issued for a
+		// key that was then not written would burn the name.
+		if err := os.MkdirAll(*out, 0o700); err != nil {
+			return fmt.Errorf("--out: %w", err)
+		}
 		keyPath := filepath.Join(*out, name+".key")
-		if _, err := os.Stat(keyPath); err == nil {
-			return fmt.Errorf("%s exists; refusing to overwrite a key", keyPath)
+		certPath := filepath.Join(*out, name+".pem")
+		caPath := filepath.Join(*out, "ca.pem")
+		for _, p := range []string{keyPath, certPath} {
+			if _, err := os.Lstat(p); err == nil {
+				return fmt.Errorf("%s exists; refusing to overwrite it", p)
+			}
 		}
 		key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-		if err != nil {
-			return err
-		}
-		csrDER, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{Subject: pkix.Name{CommonName: name}}, key)
-		if err != nil {
-			return err
-		}
-		res, err := fs.client().IssueIdentity(ctx, admin.IdentityRequest{
-			Name: name, Role: store.Role(role),
-			CSR: string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: csrDER})),
-		})
 		if err != nil {
 			return err
 		}
@@ -346,29 +407,42 @@ func identityIssue(role string) func(context.Context, []string, Env) error {
 		if err != nil {
 			return err
 		}
+		if err := enroll.WriteFileAtomic(keyPath, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}), 0o600); err != nil {
+			return err
+		}
+		csrDER, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{Subject: pkix.Name{CommonName: name}}, key)
+		if err != nil {
+			os.Remove(keyPath)
+			return err
+		}
+		res, err := fs.client().IssueIdentity(ctx, admin.IdentityRequest{
+			Name: name, Role: store.Role(role),
+			CSR: string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: csrDER})),
+		})
+		if err != nil {
+			os.Remove(keyPath) // nothing was issued for it
+			return err
+		}
 		files := []struct {
 			path string
 			data []byte
-			mode os.FileMode
-		}{
-			{keyPath, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}), 0o600},
-			{filepath.Join(*out, name+".pem"), []byte(res.Certificate), 0o644},
-			{filepath.Join(*out, "ca.pem"), []byte(res.CA), 0o644},
-		}
+		}{{certPath, []byte(res.Certificate)}, {caPath, []byte(res.CA)}}
 		for _, f := range files {
-			if err := enroll.WriteFileAtomic(f.path, f.data, f.mode); err != nil {
-				return fmt.Errorf("write %s: %w", f.path, err)
+			if err := enroll.WriteFileAtomic(f.path, f.data, 0o644); err != nil {
+				// The key is safe; the certificate exists only here now.
+				fmt.Fprint(env.Stdout, res.Certificate, res.CA)
+				return fmt.Errorf("%w; the certificate and CA are printed above: save them as %s and %s", err, certPath, caPath)
 			}
 		}
 		if *fs.json {
 			return printJSON(env.Stdout, res)
 		}
-		fmt.Fprintf(env.Stdout, "%s %s issued until %s: %s, %s, %s\n", role, name, fmtTime(res.NotAfter), files[0].path, files[1].path, files[2].path)
+		fmt.Fprintf(env.Stdout, "%s %s issued until %s: %s, %s, %s\n", role, name, fmtTime(res.NotAfter), keyPath, certPath, caPath)
 		if role == string(store.RoleOperator) {
 			// Browsers import a PKCS #12 bundle; openssl makes one
 			// without another dependency here.
 			fmt.Fprintf(env.Stdout, "for a browser: openssl pkcs12 -export -inkey %s -in %s -certfile %s -name %s -out %s\n",
-				files[0].path, files[1].path, files[2].path, name, filepath.Join(*out, name+".p12"))
+				keyPath, certPath, caPath, name, filepath.Join(*out, name+".p12"))
 		}
 		return nil
 	}
@@ -396,9 +470,12 @@ func auditCmd(ctx context.Context, args []string, env Env) error {
 	fs := newFlags("audit", env)
 	device := fs.String("device", "", "only events of this device")
 	since := fs.String("since", "", "only events newer than this (e.g. 24h, or an RFC 3339 time)")
-	limit := fs.Int("limit", 100, "newest N events")
+	limit := fs.Int("limit", 100, "newest N events (1–100000)")
 	if err := fs.parse(args, 0); err != nil {
 		return err
+	}
+	if *limit < 1 || *limit > 100_000 {
+		return usagef("--limit must be between 1 and 100000")
 	}
 	evs, err := fs.client().Audit(ctx, *device, *since, *limit)
 	if err != nil {
@@ -417,10 +494,13 @@ func auditCmd(ctx context.Context, args []string, env Env) error {
 func telemetryCmd(ctx context.Context, args []string, env Env) error {
 	fs := newFlags("telemetry", env)
 	since := fs.String("since", "", "only messages newer than this (e.g. 1h, or an RFC 3339 time)")
-	limit := fs.Int("limit", 100, "newest N messages")
+	limit := fs.Int("limit", 100, "newest N messages (1–100000)")
 	follow := fs.Bool("follow", false, "keep streaming new messages")
 	if err := fs.parse(args, 1); err != nil {
 		return err
+	}
+	if *limit < 1 || *limit > 100_000 {
+		return usagef("--limit must be between 1 and 100000")
 	}
 	return fs.client().Telemetry(ctx, fs.Arg(0), *since, *limit, *follow, func(r admin.TelemetryRecord) error {
 		if *fs.json {
@@ -431,7 +511,16 @@ func telemetryCmd(ctx context.Context, args []string, env Env) error {
 			_, err = fmt.Fprintf(env.Stdout, "%s\n", b)
 			return err
 		}
-		_, err := fmt.Fprintf(env.Stdout, "%s  %s  %s\n", r.Received.Local().Format("2006-01-02 15:04:05.000"), r.Topic, r.Payload)
+		payload := string(r.Payload)
+		var text string
+		switch {
+		case r.PayloadBase64 != nil:
+			payload = fmt.Sprintf("(%d bytes, binary) base64:%s", len(r.PayloadBase64), base64.StdEncoding.EncodeToString(r.PayloadBase64))
+		case json.Unmarshal(r.Payload, &text) == nil:
+			payload = text
+		}
+		// The topic and payload are the device's words.
+		_, err := fmt.Fprintf(env.Stdout, "%s  %s  %s\n", r.Received.Local().Format("2006-01-02 15:04:05.000"), terminalSafe(r.Topic), terminalSafe(payload))
 		return err
 	})
 }

@@ -124,6 +124,95 @@ func TestOperatorCLI(t *testing.T) {
 	if _, errs, code := s.cli(t, "token", "create", "--device", "Bad/Id"); code != 1 || !strings.Contains(errs, "id_invalid") {
 		t.Errorf("token for an invalid id: %d %s", code, errs)
 	}
+	for _, label := range []string{"k=\x1b[31mred", "k=two\nlines", "k\t=v"} {
+		if _, errs, code := s.cli(t, "token", "create", "--label", label); code != 1 || !strings.Contains(errs, "without control characters") {
+			t.Errorf("label %q: %d %s", label, code, errs)
+		}
+	}
+	if after, _, _ := s.cli(t, "token", "list", "--json"); !strings.Contains(after, "pi-spare") || strings.Contains(after, "red") {
+		t.Fatalf("refused labels stored:\n%s", after)
+	}
+	// Durations in days everywhere; --limit within bounds.
+	for _, args := range [][]string{{"audit", "--since", "7d"}, {"telemetry", "pi-cli", "--since", "1d"}} {
+		if _, errs, code := s.cli(t, args...); code != 0 {
+			t.Errorf("%v: %d %s", args, code, errs)
+		}
+	}
+	for _, args := range [][]string{{"audit", "--since", "-1h"}, {"audit", "--since", "NaNd"}} {
+		if _, errs, code := s.cli(t, args...); code != 1 || !strings.Contains(errs, "bad_request") {
+			t.Errorf("%v: %d %s", args, code, errs)
+		}
+	}
+}
+
+// TestCLIUsageErrors: mistakes on the command line exit 2 with a message
+// and change nothing on the server.
+func TestCLIUsageErrors(t *testing.T) {
+	s := startServer(t)
+	before, _, _ := s.cli(t, "token", "list", "--json")
+	for _, args := range [][]string{
+		{"token", "create", "--label", "a=1", "--label", "a=2"},
+		{"token", "create", "--label", "k=\xff"},
+		{"token", "create", "--ttl", "NaNd"},
+		{"token", "create", "--ttl", "99999999d"},
+		{"token", "create", "--count", "0", "--prefix", "z-"},
+		{"device", "list", "--expiring", "99999999d"},
+		{"audit", "--limit", "0"},
+		{"audit", "--limit", "-1"},
+		{"telemetry", "pi-1", "--limit", "0"},
+	} {
+		if _, errs, code := s.cli(t, args...); code != 2 || errs == "" {
+			t.Errorf("%v: exit %d, stderr %q", args, code, errs)
+		}
+	}
+	if after, _, _ := s.cli(t, "token", "list", "--json"); after != before {
+		t.Fatalf("usage errors changed the token list:\n%s\n%s", before, after)
+	}
+	// The shared flag before the command, as people type it.
+	if out, errs, code := s.cli(t, "--data", s.cfg.DataDir, "token", "list"); code != 0 || !strings.Contains(out, "DEVICE") {
+		t.Errorf("--data before the command: %d %s %s", code, out, errs)
+	}
+	dir := t.TempDir()
+	file := filepath.Join(dir, "file")
+	os.WriteFile(file, nil, 0o600)
+	for data, want := range map[string]string{filepath.Join(dir, "nope"): "no data folder", file: "is not a folder"} {
+		if _, errs, code := s.cli(t, "device", "list", "--data", data); code != 1 || !strings.Contains(errs, want) {
+			t.Errorf("--data %s: %d %s", data, code, errs)
+		}
+	}
+}
+
+// TestIdentityIssueChecksOutputFirst: an --out the key cannot be written to
+// is refused before the server issues anything — ids are for life, so a
+// certificate issued for a lost key would burn the name.
+func TestIdentityIssueChecksOutputFirst(t *testing.T) {
+	s := startServer(t)
+	dir := t.TempDir()
+	blocker := filepath.Join(dir, "file")
+	os.WriteFile(blocker, nil, 0o600)
+	if _, errs, code := s.cli(t, "service", "issue", "svc-a", "--out", filepath.Join(blocker, "sub")); code != 1 || errs == "" {
+		t.Fatalf("issue into a path under a file: %d %s", code, errs)
+	}
+	if out, _, _ := s.cli(t, "device", "list", "--json"); strings.Contains(out, "svc-a") {
+		t.Fatalf("identity issued although its key could not be written:\n%s", out)
+	}
+	// A new folder is made (0700), as the README's example expects.
+	out := filepath.Join(dir, "new", "svc-a")
+	if _, errs, code := s.cli(t, "service", "issue", "svc-a", "--out", out); code != 0 {
+		t.Fatalf("issue into a new folder: %s", errs)
+	}
+	if fi, err := os.Stat(out); err != nil || fi.Mode().Perm() != 0o700 {
+		t.Fatalf("--out folder: %v %v", fi, err)
+	}
+	for name, mode := range map[string]os.FileMode{"svc-a.key": 0o600, "svc-a.pem": 0o644, "ca.pem": 0o644} {
+		if fi, err := os.Stat(filepath.Join(out, name)); err != nil || fi.Mode().Perm() != mode {
+			t.Errorf("%s: %v %v", name, fi, err)
+		}
+	}
+	// An existing key or certificate is never overwritten.
+	if _, errs, code := s.cli(t, "operator", "issue", "svc-a", "--out", out); code != 1 || !strings.Contains(errs, "exists") {
+		t.Fatalf("issue over existing files: %d %s", code, errs)
+	}
 }
 
 func TestBulkTokensCSV(t *testing.T) {
@@ -145,6 +234,30 @@ func TestBulkTokensCSV(t *testing.T) {
 	d := s.enroll(t, rows[7][1], "")
 	if d.resp.DeviceID != "pi-0007" {
 		t.Fatalf("bound bulk token enrolled %q", d.resp.DeviceID)
+	}
+
+	// A CSV path that cannot be written, or that would overwrite an
+	// earlier batch's secrets, is refused before any token is minted.
+	before, _, _ := s.cli(t, "token", "list", "--json")
+	for _, p := range []string{path, filepath.Join(t.TempDir(), "no", "such.csv"), t.TempDir()} {
+		if _, errs, code := s.cli(t, "token", "create", "--count", "3", "--prefix", "x-", "--csv", p); code != 1 || errs == "" {
+			t.Errorf("--csv %s: %d %s", p, code, errs)
+		}
+	}
+	if after, _, _ := s.cli(t, "token", "list", "--json"); after != before {
+		t.Fatalf("refused --csv minted tokens:\n%s", after)
+	}
+	if rows2, _ := os.ReadFile(path); !strings.Contains(string(rows2), "pi-0025") {
+		t.Fatal("the earlier CSV was overwritten")
+	}
+
+	// A batch that fails midway (its 1001st id exists) still hands over
+	// the 1000 tokens it minted, on stdout without --csv.
+	s.enroll(t, s.token(t, "--device", "cc-1001"), "cc-1001")
+	out, errs, code := s.cli(t, "token", "create", "--count", "1001", "--prefix", "cc-")
+	if code != 1 || !strings.Contains(errs, "1000 tokens were minted before the failure; they are on stdout") ||
+		strings.Count(out, "fmq1.") != 1000 || !strings.Contains(out, "cc-1000") {
+		t.Fatalf("partial batch: exit %d, %d tokens printed, stderr %s", code, strings.Count(out, "fmq1."), errs)
 	}
 }
 

@@ -122,6 +122,25 @@ wait:
 	if code != 0 || !strings.Contains(out, `"payload":{"cpu_temp_c":41.5}`) {
 		t.Fatalf("telemetry --json:\n%s", out)
 	}
+	// Binary payloads come back byte for byte; a device's escape
+	// sequences never reach the operator's terminal raw.
+	bin := filepath.Join(t.TempDir(), "payload.bin")
+	if err := os.WriteFile(bin, []byte{0xff, 0x00, 0x01, 0xfe}, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, m := range [][]string{{"-f", bin}, {"-m", "\x1b[2J\x1b[31mred\nline"}} {
+		if out, err := s.mosq(t, "mosquitto_pub", append(append(tlsArgs, "-i", "pi-m1", "-q", "1", "-t", "devices/pi-m1/telemetry/raw"), m...)...); err != nil {
+			t.Fatalf("mosquitto_pub %v: %v %s", m, err, out)
+		}
+	}
+	out, _, _ = s.cli(t, "telemetry", "pi-m1", "--json")
+	if !strings.Contains(out, `"payload_base64":"/wAB/g=="`) || !strings.Contains(out, `"payload":"\u001b[2J\u001b[31mred\nline"`) {
+		t.Fatalf("telemetry --json of binary and control characters:\n%s", out)
+	}
+	out, _, _ = s.cli(t, "telemetry", "pi-m1")
+	if strings.ContainsAny(out, "\x1b\x00") || !strings.Contains(out, `\x1b[31mred\nline`) || !strings.Contains(out, "(4 bytes, binary) base64:/wAB/g==") {
+		t.Fatalf("telemetry:\n%q", out)
+	}
 
 	// Client id other than the CN: CONNACK not authorized.
 	out, err := s.mosq(t, "mosquitto_pub", append(tlsArgs, "-i", "someone-else", "-t", "devices/pi-m1/telemetry", "-m", "x")...)

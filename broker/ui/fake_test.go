@@ -190,6 +190,13 @@ func (f *fleet) MintTokens(_ context.Context, req admin.TokenRequest, remote str
 func (f *fleet) RevokeToken(_ context.Context, id, remote string) (store.Token, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	for i, t := range f.tokens {
+		if t.ID == id && !t.RevokedAt.IsZero() {
+			return store.Token{}, fmt.Errorf("revoke token %s: %w", id, store.ErrTokenRevoked)
+		} else if t.ID == id {
+			f.tokens[i].RevokedAt = time.Now()
+		}
+	}
 	f.revoked = append(f.revoked, "token "+id+" by "+remote)
 	return store.Token{ID: id}, nil
 }
@@ -200,6 +207,9 @@ func (f *fleet) RevokeDevice(_ context.Context, id, remote string) (admin.Revoke
 	d, ok := f.devices[id]
 	if !ok {
 		return admin.RevokeResult{}, fmt.Errorf("revoke %s: %w", id, store.ErrNotFound)
+	}
+	if d.Revoked() {
+		return admin.RevokeResult{}, fmt.Errorf("revoke %s: %w", id, store.ErrDeviceRevoked)
 	}
 	d.RevokedAt = time.Now()
 	f.devices[id] = d

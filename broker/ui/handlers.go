@@ -108,10 +108,19 @@ func (s *Server) forbidden(w http.ResponseWriter, r *http.Request, msg string) {
 // their status and message, anything else is a logged internal error.
 func (s *Server) failErr(w http.ResponseWriter, r *http.Request, err error) {
 	e := enroll.AsError(err)
-	if e.Status() >= 500 {
+	status := e.Status()
+	switch e.Code {
+	case enroll.CodeTokenRevoked, enroll.CodeDeviceRevoked, enroll.CodeCertRevoked:
+		// The enrollment table answers a device presenting a revoked
+		// credential (401/403); here an operator asks to change
+		// something already in that state: a conflict, not a refusal
+		// of the operator.
+		status = http.StatusConflict
+	}
+	if status >= 500 {
 		s.log.Error().Err(err).Str("path", r.URL.Path).Msg("ui: request failed")
 	}
-	s.fail(w, r, e.Status(), e.Message)
+	s.fail(w, r, status, e.Message)
 }
 
 func writeJSON(w http.ResponseWriter, status int, v any) {
@@ -138,11 +147,14 @@ func (s *Server) expiring(d admin.DeviceInfo) bool {
 func (s *Server) summarize(infos []admin.DeviceInfo) summary {
 	var sum summary
 	for _, d := range infos {
-		switch d.Role {
-		case store.RoleService:
+		switch {
+		case d.Role == store.RoleDevice:
+		case d.Revoked():
+			continue // a revoked service or operator no longer counts
+		case d.Role == store.RoleService:
 			sum.Services++
 			continue
-		case store.RoleOperator:
+		case d.Role == store.RoleOperator:
 			sum.Operators++
 			continue
 		}
@@ -260,13 +272,30 @@ func labelsContain(labels map[string]string, needle string) bool {
 	return false
 }
 
-// agentVersion reads agent_version from the device's newest telemetry.
+// agentVersionScan is how many of a device's newest messages the device
+// list looks through for agent_version: the agent sends it with every
+// sample, but a device may publish other telemetry (sub-topics) between.
+const agentVersionScan = 20
+
+// agentVersion reads agent_version from the device's newest telemetry
+// that carries it.
 func (s *Server) agentVersion(r *http.Request, id string) string {
-	msgs, err := s.cfg.Store.Telemetry(r.Context(), id, time.Time{}, 1)
-	if err != nil || len(msgs) == 0 {
+	msgs, err := s.cfg.Store.Telemetry(r.Context(), id, time.Time{}, agentVersionScan)
+	if err != nil {
 		return ""
 	}
-	return stringField(msgs[0].Payload, "agent_version")
+	return latestAgentVersion(msgs)
+}
+
+// latestAgentVersion is the agent_version of the newest of msgs (oldest
+// first) that has one.
+func latestAgentVersion(msgs []store.Message) string {
+	for i := len(msgs) - 1; i >= 0; i-- {
+		if v := stringField(msgs[i].Payload, "agent_version"); v != "" {
+			return v
+		}
+	}
+	return ""
 }
 
 type deviceData struct {
@@ -304,9 +333,7 @@ func (s *Server) device(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	d.Series = string(b)
-	for i := len(msgs) - 1; i >= 0 && d.AgentVersion == ""; i-- {
-		d.AgentVersion = stringField(msgs[i].Payload, "agent_version")
-	}
+	d.AgentVersion = latestAgentVersion(msgs)
 	if len(msgs) > 0 {
 		m := msgs[len(msgs)-1]
 		d.Latest = &m
@@ -413,11 +440,13 @@ func parseTokenForm(get func(string) string) (tokenForm, admin.TokenRequest, err
 		Reprovision: get("reprovision") == "yes",
 	}
 	var err error
-	if f.Count, err = optionalInt(get("count")); err != nil {
-		return f, admin.TokenRequest{}, errors.New("count must be a number")
+	// Empty means the default; a typed 0 or a negative is a mistake,
+	// refused here so that the confirmation page never offers it.
+	if f.Count, err = optionalInt(get("count")); err != nil || f.Count < 0 || (f.Count == 0 && strings.TrimSpace(get("count")) != "") {
+		return f, admin.TokenRequest{}, errors.New("count must be a number of at least 1")
 	}
-	if f.Uses, err = optionalInt(get("uses")); err != nil {
-		return f, admin.TokenRequest{}, errors.New("uses must be a number")
+	if f.Uses, err = optionalInt(get("uses")); err != nil || f.Uses < 0 || (f.Uses == 0 && strings.TrimSpace(get("uses")) != "") {
+		return f, admin.TokenRequest{}, errors.New("uses must be a number of at least 1")
 	}
 	if f.TTL == "" {
 		f.TTL = "24h"
@@ -425,9 +454,12 @@ func parseTokenForm(get func(string) string) (tokenForm, admin.TokenRequest, err
 	if f.Format != "csv" {
 		f.Format = "html"
 	}
-	ttl, err := parseDuration(f.TTL)
+	ttl, err := admin.ParseDuration(f.TTL)
 	if err != nil {
 		return f, admin.TokenRequest{}, err
+	}
+	if ttl <= 0 {
+		return f, admin.TokenRequest{}, fmt.Errorf("ttl must be positive, got %q", f.TTL)
 	}
 	req := admin.TokenRequest{DeviceID: f.Device, Reprovision: f.Reprovision, Uses: f.Uses, TTL: ttl.String(), Prefix: f.Prefix}
 	if f.Count > 1 || f.Prefix != "" {
@@ -451,22 +483,6 @@ func optionalInt(s string) (int, error) {
 		return 0, nil
 	}
 	return strconv.Atoi(s)
-}
-
-// parseDuration is time.ParseDuration plus a "d" (24h) unit.
-func parseDuration(s string) (time.Duration, error) {
-	if n, ok := strings.CutSuffix(s, "d"); ok {
-		days, err := strconv.ParseFloat(n, 64)
-		if err != nil || days <= 0 || days > 3660 {
-			return 0, fmt.Errorf("invalid duration %q", s)
-		}
-		return time.Duration(days * float64(24*time.Hour)), nil
-	}
-	d, err := time.ParseDuration(s)
-	if err != nil || d <= 0 {
-		return 0, fmt.Errorf("invalid duration %q (use e.g. 12h or 7d)", s)
-	}
-	return d, nil
 }
 
 type tokenConfirm struct {
@@ -532,6 +548,10 @@ func (s *Server) confirmRevokeToken(w http.ResponseWriter, r *http.Request) {
 	t, err := s.findToken(r, r.PathValue("id"))
 	if err != nil {
 		s.failErr(w, r, err)
+		return
+	}
+	if !t.RevokedAt.IsZero() {
+		s.fail(w, r, http.StatusConflict, "This token is already revoked.")
 		return
 	}
 	s.render(w, r, http.StatusOK, "revoke-token", page{Title: "Revoke token " + t.ID, Nav: "tokens", Data: t})

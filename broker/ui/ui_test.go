@@ -27,7 +27,13 @@ func TestPagesRender(t *testing.T) {
 	f.addDevice(store.Device{ID: "pi-2", Role: store.RoleDevice, NotAfter: now.Add(2 * 24 * time.Hour)})
 	f.addDevice(store.Device{ID: "pi-3", Role: store.RoleDevice, NotAfter: now.Add(time.Hour), RevokedAt: now})
 	f.addDevice(store.Device{ID: "svc", Role: store.RoleService, NotAfter: now.Add(time.Hour)})
+	f.addDevice(store.Device{ID: "svc-old", Role: store.RoleService, NotAfter: now.Add(time.Hour), RevokedAt: now})
 	f.setOnline("pi-1", true)
+	// pi-2's newest message has no agent_version: the one before tells.
+	f.telemetry["pi-2"] = []store.Message{
+		{DeviceID: "pi-2", Received: now.Add(-time.Minute), Payload: []byte(`{"agent_version": "2.0.7"}`)},
+		{DeviceID: "pi-2", Topic: "devices/pi-2/telemetry/door", Received: now, Payload: []byte(`{"open": true}`)},
+	}
 	f.telemetry["pi-1"] = []store.Message{
 		{DeviceID: "pi-1", Received: now.Add(-time.Minute), Payload: []byte(`{"cpu_temp_c": 40.5, "agent_version": "0.9.0"}`)},
 		{DeviceID: "pi-1", Received: now, Payload: []byte(`{"cpu_temp_c": 41, "load1": 0.25, "agent_version": "1.2.3"}`)},
@@ -45,9 +51,10 @@ func TestPagesRender(t *testing.T) {
 		want []string
 	}{
 		{"/", []string{`id="count-online">1<`, `id="count-offline">1<`, `id="count-expiring">1<`, `id="count-revoked">1<`, "1 service(s)", "pi-2"}},
-		{"/devices", []string{"pi-1", "pi-2", "pi-3", "svc", "1.2.3", "site=lab"}},
-		{"/devices?q=lab", []string{"1 of 4 identities match", "pi-1"}},
-		{"/devices?state=revoked", []string{"1 of 4", "pi-3"}},
+		{"/devices", []string{"pi-1", "pi-2", "pi-3", "svc", "1.2.3", "2.0.7", "site=lab"}},
+		{"/devices?q=lab", []string{"1 of 5 identities match", "pi-1"}},
+		{"/devices?state=revoked", []string{"2 of 5", "pi-3"}},
+		{"/devices/pi-2", []string{"2.0.7"}},
 		{"/devices/pi-1", []string{"1.2.3", `data-field="cpu_temp_c"`, `data-field="load1"`, "cert.issue", `href="/devices/pi-1/revoke"`}},
 		{"/devices/pi-3", []string{"revoked"}},
 		{"/tokens", []string{"abc123", "pi-9", `href="/tokens/abc123/revoke"`, "2 of 2 tokens match"}},
@@ -277,6 +284,45 @@ func TestStateChangesNeedCSRFToken(t *testing.T) {
 	}
 	if revoked, _ := f.changes(); !slices.Contains(revoked, "token abc by ui:local") {
 		t.Fatalf("revoked %v", revoked)
+	}
+
+	// Revoking again (another tab, a second operator) is a conflict, not
+	// a refusal of the operator, and is not offered again.
+	if r := do(t, c, "GET", ts.URL+"/tokens/abc/revoke", nil, nil); r.status != http.StatusConflict {
+		t.Errorf("confirming a revoked token's revocation: %d", r.status)
+	}
+	if r := do(t, c, "POST", ts.URL+"/tokens/abc/revoke", url.Values{"confirm": {"yes"}, "csrf": {tok}}, nil); r.status != http.StatusConflict {
+		t.Errorf("revoking a revoked token: %d %s", r.status, r.body)
+	}
+	if r := do(t, c, "POST", ts.URL+"/devices/pi-1/revoke", url.Values{"confirm": {"yes"}, "csrf": {tok}}, nil); r.status != http.StatusConflict {
+		t.Errorf("revoking a revoked device: %d %s", r.status, r.body)
+	}
+}
+
+// TestTokenFormRefusesBadValues: a value the server would refuse, or
+// would read as something else than typed (uses=0 as one use), never gets
+// a confirmation page, and a POST of it mints nothing.
+func TestTokenFormRefusesBadValues(t *testing.T) {
+	f := newFleet()
+	_, ts := newUI(t, f, nil)
+	c := browser(t)
+	tok := formToken(t, do(t, c, "GET", ts.URL+"/tokens/new?ttl=24h", nil, nil).body)
+	for _, q := range []string{"ttl=NaNd", "ttl=Infd", "ttl=-1h", "ttl=0d", "ttl=99999999d", "count=-1&prefix=pi-", "count=0&prefix=pi-", "uses=0", "uses=-3", "uses=x"} {
+		if r := do(t, c, "GET", ts.URL+"/tokens/new?"+q, nil, nil); r.status != http.StatusBadRequest {
+			t.Errorf("GET /tokens/new?%s: %d, want 400", q, r.status)
+		}
+		form, err := url.ParseQuery(q)
+		if err != nil {
+			t.Fatal(err)
+		}
+		form.Set("confirm", "yes")
+		form.Set("csrf", tok)
+		if r := do(t, c, "POST", ts.URL+"/tokens", form, nil); r.status != http.StatusBadRequest {
+			t.Errorf("POST /tokens %s: %d, want 400: %s", q, r.status, r.body)
+		}
+	}
+	if _, minted := f.changes(); len(minted) != 0 {
+		t.Fatalf("minted %+v", minted)
 	}
 }
 
