@@ -8,7 +8,10 @@ import (
 	"crypto/elliptic"
 	"crypto/rsa"
 	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/asn1"
 	"encoding/pem"
+	"slices"
 )
 
 // MaxCSRSize is the largest CSR ParseCSR accepts, PEM or DER. Real CSRs for
@@ -24,8 +27,9 @@ const (
 
 // ParseCSR parses a PKCS#10 certificate request, PEM ("CERTIFICATE REQUEST"
 // or "NEW CERTIFICATE REQUEST", nothing but white space around the block) or
-// raw DER, and checks its key type and its self-signature. Errors are *Error
-// with CodeCSRInvalid or CodeKeyUnsupported.
+// raw DER, and checks its key type and its self-signature. A subject with
+// more than one CN is refused. Errors are *Error with CodeCSRInvalid or
+// CodeKeyUnsupported.
 //
 // The key is checked before the signature: it is cheaper, and it refuses an
 // oversized RSA key before the server spends time verifying with it.
@@ -55,7 +59,17 @@ func ParseCSR(data []byte) (*x509.CertificateRequest, error) {
 	}
 	csr, err := x509.ParseCertificateRequest(der)
 	if err != nil {
+		if e := unsupportedCurve(der); e != nil {
+			e.Err = err
+			return nil, e
+		}
 		return nil, &Error{Code: CodeCSRInvalid, Message: "csr is not a valid PKCS#10 request", Err: err}
+	}
+	// pkix.Name keeps the last of several CNs, so /CN=zz-evil/CN=pi-0009
+	// would read as pi-0009 here, and pass the bound-token and renewal
+	// rules, while other tools show zz-evil. Such a subject is ambiguous.
+	if n := countCN(csr.Subject.Names); n > 1 {
+		return nil, Errorf(CodeCSRInvalid, "csr subject has %d CommonName (CN) attributes; give at most one, CN=<device id>", n)
 	}
 	if csr.PublicKey == nil {
 		return nil, Errorf(CodeKeyUnsupported, "csr key algorithm is not supported; %s", allowedKeys)
@@ -67,6 +81,85 @@ func ParseCSR(data []byte) (*x509.CertificateRequest, error) {
 		return nil, &Error{Code: CodeCSRInvalid, Message: "csr signature does not verify", Err: err}
 	}
 	return csr, nil
+}
+
+var oidCommonName = asn1.ObjectIdentifier{2, 5, 4, 3}
+
+func countCN(names []pkix.AttributeTypeAndValue) int {
+	n := 0
+	for _, a := range names {
+		if a.Type.Equal(oidCommonName) {
+			n++
+		}
+	}
+	return n
+}
+
+// Named curves x509 parses (P-224 and P-521 are then refused by CheckKey),
+// and names of some it does not, for messages.
+var (
+	parsedCurves = []asn1.ObjectIdentifier{
+		oidP256,
+		{1, 3, 132, 0, 34}, // P-384
+		{1, 3, 132, 0, 33}, // P-224
+		{1, 3, 132, 0, 35}, // P-521
+	}
+	curveNames = map[string]string{
+		"1.3.132.0.10":          "secp256k1",
+		"1.2.840.10045.3.1.1":   "P-192",
+		"1.3.36.3.3.2.8.1.1.7":  "brainpoolP256r1",
+		"1.3.36.3.3.2.8.1.1.11": "brainpoolP384r1",
+		"1.3.36.3.3.2.8.1.1.13": "brainpoolP512r1",
+		"1.2.156.10197.1.301":   "SM2",
+	}
+)
+
+// unsupportedCurve picks out, among the requests x509 cannot parse, those
+// that fail only because their ECDSA key is on a curve Go does not
+// implement (secp256k1, brainpool): x509 gives up on the key before it
+// looks at anything else. For a request whose outline is a PKCS#10 request
+// with such a key it returns CodeKeyUnsupported naming the curve, for any
+// other nil. Only the outline is decoded, with encoding/asn1; no signature
+// is checked, since none can be with such a key, and the request is refused
+// either way.
+func unsupportedCurve(der []byte) *Error {
+	var req struct {
+		Info   asn1.RawValue
+		SigAlg pkix.AlgorithmIdentifier
+		Sig    asn1.BitString
+	}
+	if rest, err := asn1.Unmarshal(der, &req); err != nil || len(rest) != 0 {
+		return nil
+	}
+	var info struct {
+		Version int
+		Subject asn1.RawValue
+		SPKI    struct {
+			Algorithm pkix.AlgorithmIdentifier
+			PublicKey asn1.BitString
+		}
+		Attributes asn1.RawValue
+	}
+	if rest, err := asn1.Unmarshal(req.Info.FullBytes, &info); err != nil || len(rest) != 0 {
+		return nil
+	}
+	if info.Attributes.Class != asn1.ClassContextSpecific || info.Attributes.Tag != 0 ||
+		!info.SPKI.Algorithm.Algorithm.Equal(oidECPublicKey) {
+		return nil
+	}
+	var curve asn1.ObjectIdentifier
+	if rest, err := asn1.Unmarshal(info.SPKI.Algorithm.Parameters.FullBytes, &curve); err != nil || len(rest) != 0 {
+		return Errorf(CodeKeyUnsupported, "ecdsa keys must name their curve, not give its parameters; %s", allowedKeys)
+	}
+	if slices.ContainsFunc(parsedCurves, curve.Equal) {
+		// A curve x509 knows: the key itself is broken.
+		return nil
+	}
+	name, ok := curveNames[curve.String()]
+	if !ok {
+		name = "with OID " + curve.String()
+	}
+	return Errorf(CodeKeyUnsupported, "ecdsa curve %s is not supported; %s", name, allowedKeys)
 }
 
 const allowedKeys = "use ECDSA P-256 or P-384, Ed25519, or RSA 2048 to 8192 bits"

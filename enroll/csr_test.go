@@ -16,6 +16,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"math/big"
+	"strings"
 	"testing"
 )
 
@@ -142,10 +143,31 @@ func TestParseCSRKeys(t *testing.T) {
 		t.Fatal(err)
 	}
 
+	// ECDSA keys on curves x509 does not parse; the point is the right
+	// size, but no signature is checked with it.
+	ecKey := func(params any) []byte {
+		der, err := asn1.Marshal(params)
+		if err != nil {
+			t.Fatal(err)
+		}
+		point := append([]byte{4}, make([]byte, 64)...)
+		return rawSPKI(t, asn1.ObjectIdentifier{1, 2, 840, 10045, 2, 1}, der, point)
+	}
+	explicit := struct {
+		Version int
+		Field   struct {
+			Type  asn1.ObjectIdentifier
+			Prime *big.Int
+		}
+	}{Version: 1}
+	explicit.Field.Type = asn1.ObjectIdentifier{1, 2, 840, 10045, 1, 1}
+	explicit.Field.Prime = big.NewInt(23)
+
 	tests := []struct {
 		name string
 		der  []byte
-		code Code // empty: accepted
+		code Code   // empty: accepted
+		msg  string // in the refusal's message
 	}{
 		{name: "p256", der: makeCSR(t, p256)},
 		{name: "p384", der: makeCSR(t, p384)},
@@ -157,6 +179,10 @@ func TestParseCSRKeys(t *testing.T) {
 		{name: "x25519", der: craftCSR(t, marshalSPKI(t, x.PublicKey()), p256), code: CodeKeyUnsupported},
 		{name: "dsa", der: craftCSR(t, dsaSPKI(t), p256), code: CodeKeyUnsupported},
 		{name: "unknown algorithm (ed448)", der: craftCSR(t, rawSPKI(t, asn1.ObjectIdentifier{1, 3, 101, 113}, nil, make([]byte, 57)), p256), code: CodeKeyUnsupported},
+		{name: "secp256k1", der: craftCSR(t, ecKey(asn1.ObjectIdentifier{1, 3, 132, 0, 10}), p256), code: CodeKeyUnsupported, msg: "ecdsa curve secp256k1 is not supported"},
+		{name: "brainpoolP384r1", der: craftCSR(t, ecKey(asn1.ObjectIdentifier{1, 3, 36, 3, 3, 2, 8, 1, 1, 11}), p256), code: CodeKeyUnsupported, msg: "ecdsa curve brainpoolP384r1 is not supported"},
+		{name: "curve without a name", der: craftCSR(t, ecKey(asn1.ObjectIdentifier{1, 2, 3, 4}), p256), code: CodeKeyUnsupported, msg: "ecdsa curve with OID 1.2.3.4 is not supported"},
+		{name: "explicit curve parameters", der: craftCSR(t, ecKey(explicit), p256), code: CodeKeyUnsupported, msg: "must name their curve"},
 	}
 	for _, tt := range tests {
 		for _, enc := range []struct {
@@ -172,6 +198,9 @@ func TestParseCSRKeys(t *testing.T) {
 				csr, err := ParseCSR(enc.data)
 				if tt.code != "" {
 					wantCode(t, err, tt.code)
+					if msg := AsError(err).Message; !strings.Contains(msg, tt.msg) {
+						t.Errorf("message %q does not say %q", msg, tt.msg)
+					}
 					return
 				}
 				if err != nil {
@@ -207,6 +236,23 @@ func TestParseCSRMalformed(t *testing.T) {
 		b[i] = 'x'
 		return b
 	}
+	cnAttr := func(cn string) pkix.AttributeTypeAndValue {
+		return pkix.AttributeTypeAndValue{Type: asn1.ObjectIdentifier{2, 5, 4, 3}, Value: cn}
+	}
+	subjectCSR := func(rdns pkix.RDNSequence) []byte {
+		raw, err := asn1.Marshal(rdns)
+		if err != nil {
+			t.Fatal(err)
+		}
+		der, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{RawSubject: raw}, p256)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return der
+	}
+	p256Point := func(point []byte) []byte {
+		return rawSPKI(t, asn1.ObjectIdentifier{1, 2, 840, 10045, 2, 1}, []byte{0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07}, point)
+	}
 	withHeaders := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Headers: map[string]string{"Proc-Type": "4,ENCRYPTED"}, Bytes: good})
 	brokenBase64 := bytes.Replace(bytes.Clone(goodPEM), []byte("MI"), []byte("!!"), 1)
 
@@ -234,6 +280,11 @@ func TestParseCSRMalformed(t *testing.T) {
 		{"nil", nil, CodeCSRInvalid},
 		{"certificate instead", newTestCA(t, testNow).Cert().Raw, CodeCSRInvalid},
 		{"oversize", append(bytes.Clone(goodPEM), bytes.Repeat([]byte("\n"), MaxCSRSize)...), CodeCSRInvalid},
+		// pkix.Name would keep the last CN: pi-0009, where other tools show zz-evil.
+		{"two CNs", subjectCSR(pkix.RDNSequence{{cnAttr("zz-evil")}, {cnAttr("pi-0009")}}), CodeCSRInvalid},
+		{"two CNs in one RDN", subjectCSR(pkix.RDNSequence{{cnAttr("zz-evil"), cnAttr("pi-0009")}}), CodeCSRInvalid},
+		// A curve x509 knows, but no point on it: malformed, not unsupported.
+		{"P-256 key that is no point", craftCSR(t, p256Point(append([]byte{4}, make([]byte, 64)...)), p256), CodeCSRInvalid},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -114,28 +114,27 @@ func csrAttrs() ([]byte, error) {
 
 func (h *Handler) serveESTEnroll(w http.ResponseWriter, r *http.Request) {
 	h.attempt(w, r, OpEnroll, "est", func(remote string) (*x509.Certificate, store.AuditEvent, error) {
-		cert, tokenID, err := h.estEnroll(r, remote)
-		return cert, store.AuditEvent{TokenID: tokenID}, err
+		return h.estEnroll(r, remote)
 	}, func(cert *x509.Certificate) { h.writeESTCert(w, r, cert) })
 }
 
-// estEnroll is /v1/enroll with EST framing. The token id is returned, when
-// known, for the audit record of a failure.
-func (h *Handler) estEnroll(r *http.Request, remote string) (*x509.Certificate, string, error) {
+// estEnroll is /v1/enroll with EST framing. It returns the audit fields
+// that identify a failed attempt (see checkToken).
+func (h *Handler) estEnroll(r *http.Request, remote string) (*x509.Certificate, store.AuditEvent, error) {
 	secret, err := estToken(r)
 	if err != nil {
-		return nil, "", err
+		return nil, store.AuditEvent{}, err
 	}
-	tok, tokenID, err := h.parseToken(secret)
+	tok, who, err := h.checkToken(r.Context(), secret)
 	if err != nil {
-		return nil, tokenID, err
+		return nil, who, err
 	}
 	csr, err := readESTCSR(r)
 	if err != nil {
-		return nil, tokenID, err
+		return nil, who, err
 	}
 	cert, err := h.enrollCSR(r.Context(), tok, csr, remote)
-	return cert, tokenID, err
+	return cert, who, err
 }
 
 func (h *Handler) serveESTReenroll(w http.ResponseWriter, r *http.Request) {

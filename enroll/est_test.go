@@ -62,8 +62,9 @@ func (c *offsetClock) Set(off time.Duration) {
 }
 
 type estOptions struct {
-	ca     *CA           // default: a new generated CA
-	mutate func(*Config) // edits the handler config
+	ca     *CA                // default: a new generated CA
+	mutate func(*Config)      // edits the handler config
+	server func(*http.Server) // edits the HTTP server before it starts
 }
 
 func newESTEnv(tb testing.TB, opts estOptions) *estEnv {
@@ -108,6 +109,9 @@ func newESTEnv(tb testing.TB, opts estOptions) *estEnv {
 		Certificates: []tls.Certificate{serverCert},
 		ClientAuth:   tls.RequestClientCert,
 		MinVersion:   tls.VersionTLS12,
+	}
+	if opts.server != nil {
+		opts.server(srv.Config)
 	}
 	srv.StartTLS()
 	tb.Cleanup(srv.Close)
@@ -508,6 +512,7 @@ func TestESTEnrollRefused(t *testing.T) {
 		{"token of another CA", basicAuth("", foreignToken), pkcs10, estBase64Body(good), 401, CodeTokenUnknown},
 		{"token reuse", basicAuth("pi-new", usedToken), pkcs10, estBase64Body(good), 401, CodeTokenUsed},
 		{"token bound to another id", basicAuth("", boundToken), pkcs10, estBase64Body(good), 403, CodeIDMismatch},
+		{"two CNs, the last the token's id", basicAuth("", boundToken), pkcs10, estBase64Body(severalCNsCSR(t, key, "zz-evil", "pi-bound")), 400, CodeCSRInvalid},
 		{"id taken", basicAuth("", token), pkcs10, estBase64Body(estCSR(t, key, "pi-taken")), 409, CodeIDTaken},
 	}
 	for _, tc := range cases {
@@ -681,17 +686,24 @@ func TestESTRateLimited(t *testing.T) {
 		wantESTError(t, post("/.well-known/est/simpleenroll", basicAuth("pi-1", "not-a-token")), 401, CodeTokenInvalid)
 	}
 	before := e.snapshot(t)
-	// Now even a good request waits; so does re-enrollment.
-	for _, path := range []string{"/.well-known/est/simpleenroll", "/.well-known/est/simplereenroll"} {
-		rep := post(path, basicAuth("pi-1", token))
-		wantESTError(t, rep, 429, CodeRateLimited)
-		secs, err := strconv.Atoi(rep.header.Get("Retry-After"))
-		if err != nil || secs < 1 {
-			t.Errorf("%s: Retry-After %q", path, rep.header.Get("Retry-After"))
+	// Now even a good request waits; so does re-enrollment. A refusal by
+	// the limiter is not audited: the limiter is what keeps a flood of
+	// failures out of the audit log.
+	evs = newAudit(t, e, func() {
+		for _, path := range []string{"/.well-known/est/simpleenroll", "/.well-known/est/simplereenroll"} {
+			rep := post(path, basicAuth("pi-1", token))
+			wantESTError(t, rep, 429, CodeRateLimited)
+			secs, err := strconv.Atoi(rep.header.Get("Retry-After"))
+			if err != nil || secs < 1 {
+				t.Errorf("%s: Retry-After %q", path, rep.header.Get("Retry-After"))
+			}
 		}
-	}
+	})
 	if after := e.snapshot(t); before != after {
 		t.Errorf("rate-limited request changed the store")
+	}
+	if len(evs) != 0 {
+		t.Errorf("rate-limited requests were audited: %+v", evs)
 	}
 }
 

@@ -1,6 +1,7 @@
 package enroll
 
 import (
+	"bytes"
 	"context"
 	"crypto"
 	"crypto/ecdsa"
@@ -18,7 +19,9 @@ import (
 	"mime"
 	"net"
 	"net/http"
+	"os"
 	"path"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -185,8 +188,11 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	// The mux answers unknown paths and methods in plain text; keep every
 	// answer in the one JSON error format.
 	if _, pattern := h.mux.Handler(r); pattern == "" {
-		if h.pathKnown(r) {
-			h.writeError(w, r, Errorf(CodeMethod, "method %s not allowed here", r.Method))
+		if allow := h.allowedMethods(r); len(allow) > 0 {
+			// RFC 9110 section 15.5.6: a 405 lists the methods the path has.
+			w.Header().Set("Allow", strings.Join(allow, ", "))
+			h.writeError(w, r, Errorf(CodeMethod, "method %s not allowed here; use %s",
+				clientText(r.Method, 16), strings.Join(allow, " or ")))
 		} else {
 			h.writeError(w, r, Errorf(CodeNotFound, "no such endpoint"))
 		}
@@ -195,15 +201,25 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	h.mux.ServeHTTP(w, r)
 }
 
-func (h *Handler) pathKnown(r *http.Request) bool {
-	for _, m := range []string{http.MethodGet, http.MethodPost} {
-		probe := r.Clone(r.Context())
+// probeMethods are the methods allowedMethods tries: every method a route
+// could be registered for. The mux serves HEAD wherever it serves GET.
+var probeMethods = []string{
+	http.MethodGet, http.MethodHead, http.MethodPost, http.MethodPut, http.MethodPatch, http.MethodDelete,
+}
+
+// allowedMethods returns the methods the mux serves on r's path, none for
+// an unknown path.
+func (h *Handler) allowedMethods(r *http.Request) []string {
+	var allow []string
+	for _, m := range probeMethods {
+		// A shallow copy: the mux reads only the method, host and path.
+		probe := r.WithContext(r.Context())
 		probe.Method = m
 		if _, p := h.mux.Handler(probe); p != "" {
-			return true
+			allow = append(allow, m)
 		}
 	}
-	return false
+	return allow
 }
 
 func (h *Handler) serveCA(w http.ResponseWriter, r *http.Request) {
@@ -266,15 +282,19 @@ type Response struct {
 
 func (h *Handler) serveEnroll(w http.ResponseWriter, r *http.Request) {
 	h.attempt(w, r, OpEnroll, "v1", func(remote string) (*x509.Certificate, store.AuditEvent, error) {
-		cert, tokenID, err := h.enroll(r, remote)
-		return cert, store.AuditEvent{TokenID: tokenID}, err
+		return h.enroll(r, remote)
 	}, func(cert *x509.Certificate) { h.writeCert(w, r, http.StatusCreated, cert) })
 }
 
 // attempt is the frame of every enrollment and renewal, /v1 and EST alike:
 // the per-address limit on failures, the outcome reported to Observe, the
 // audit record of a failure and the log line of a success. do returns the
-// audit fields that identify the attempt (token id or device id).
+// audit fields that identify the attempt (token id, device id). Each must
+// come from the server, never from the client unverified: a failure record
+// is written for anyone who connects, and must not say more than is known.
+//
+// A request the limiter refuses is not audited: the limiter is what keeps
+// a flood of failures out of the audit log.
 func (h *Handler) attempt(w http.ResponseWriter, r *http.Request, op, via string,
 	do func(remote string) (*x509.Certificate, store.AuditEvent, error), write func(*x509.Certificate)) {
 	remote := remoteHost(r)
@@ -310,58 +330,66 @@ func (h *Handler) attempt(w http.ResponseWriter, r *http.Request, op, via string
 	write(cert)
 }
 
-// enroll does the work of /v1/enroll. It returns the token's public id,
-// when known, for the audit record of a failure.
-func (h *Handler) enroll(r *http.Request, remote string) (*x509.Certificate, string, error) {
+// enroll does the work of /v1/enroll. It returns the audit fields that
+// identify a failed attempt (see checkToken).
+func (h *Handler) enroll(r *http.Request, remote string) (*x509.Certificate, store.AuditEvent, error) {
 	secret, err := bearerToken(r)
 	if err != nil {
-		return nil, "", err
+		return nil, store.AuditEvent{}, err
 	}
-	tok, tokenID, err := h.parseToken(secret)
+	tok, who, err := h.checkToken(r.Context(), secret)
 	if err != nil {
-		return nil, tokenID, err
+		return nil, who, err
 	}
 	if err := csrContentType(r); err != nil {
-		return nil, tokenID, err
+		return nil, who, err
 	}
 	body, err := readBody(r)
 	if err != nil {
-		return nil, tokenID, err
+		return nil, who, err
 	}
 	csr, err := ParseCSR(body)
 	if err != nil {
-		return nil, tokenID, err
+		return nil, who, err
 	}
 	cert, err := h.enrollCSR(r.Context(), tok, csr, remote)
-	return cert, tokenID, err
+	return cert, who, err
 }
 
-// parseToken checks the shape of a bootstrap token and that it was minted
-// for this CA. The token id is returned as soon as it is known, for the
-// audit record of a failure.
-func (h *Handler) parseToken(secret string) (ParsedToken, string, error) {
+// checkToken checks the shape of a bootstrap token, that it was minted for
+// this CA, and that the store has it and it is usable now. It runs before
+// the CSR is read: a lookup costs less than parsing and verifying a CSR.
+//
+// It also returns the audit fields that identify a failed attempt, as soon
+// as each is known: the token's public id, computed here, and the device
+// id the stored token is bound to, so that `fleetmq audit --device ID`
+// shows failed attempts with that device's token. Both come from the
+// server; the id a CSR asks for does not go into the record.
+func (h *Handler) checkToken(ctx context.Context, secret string) (store.Token, store.AuditEvent, error) {
 	tok, err := ParseToken(secret)
 	if err != nil {
-		return ParsedToken{}, "", err
+		return store.Token{}, store.AuditEvent{}, err
 	}
-	tokenID := TokenID(tok.Hash)
+	who := store.AuditEvent{TokenID: TokenID(tok.Hash)}
 	if tok.CAFingerprint != h.cfg.CA.Fingerprint() {
-		return ParsedToken{}, tokenID, Errorf(CodeTokenUnknown, "token was issued for another CA")
+		return store.Token{}, who, Errorf(CodeTokenUnknown, "token was issued for another CA")
 	}
-	return tok, tokenID, nil
-}
-
-// enrollCSR trades a parsed token and a checked CSR for a device
-// certificate: the flow shared by /v1/enroll and EST simpleenroll.
-func (h *Handler) enrollCSR(ctx context.Context, tok ParsedToken, csr *x509.CertificateRequest, remote string) (*x509.Certificate, error) {
-	now := h.cfg.Now()
 	stored, err := h.st.TokenByHash(ctx, tok.Hash)
 	if err != nil {
-		return nil, err
+		return store.Token{}, who, err
 	}
-	if err := stored.Check(now); err != nil {
-		return nil, err
+	who.DeviceID = stored.DeviceID
+	if err := stored.Check(h.cfg.Now()); err != nil {
+		return store.Token{}, who, err
 	}
+	return stored, who, nil
+}
+
+// enrollCSR trades a usable stored token (checkToken) and a checked CSR for
+// a device certificate: the flow shared by /v1/enroll and EST simpleenroll.
+// The store checks the token again in the transaction that uses it.
+func (h *Handler) enrollCSR(ctx context.Context, stored store.Token, csr *x509.CertificateRequest, remote string) (*x509.Certificate, error) {
+	now := h.cfg.Now()
 	id := csr.Subject.CommonName
 	if stored.DeviceID != "" {
 		if id != "" && id != stored.DeviceID {
@@ -377,7 +405,7 @@ func (h *Handler) enrollCSR(ctx context.Context, tok ParsedToken, csr *x509.Cert
 		return nil, err
 	}
 	err = h.st.Enroll(ctx, store.Enrollment{
-		TokenHash: tok.Hash,
+		TokenHash: stored.Hash,
 		Device:    store.Device{ID: id, Role: store.RoleDevice, Labels: stored.Labels},
 		Cert:      certRecord(cert, id, now),
 		Remote:    remote,
@@ -454,17 +482,32 @@ func sameCN(leaf *x509.Certificate, csr *x509.CertificateRequest) error {
 // renewCert issues a new certificate for the device of leaf, a certificate
 // whose key the client has proven to hold: the flow shared by /v1/renew and
 // EST simplereenroll. checkCSR is the endpoint's rule for the CSR's subject;
-// it runs only once leaf is known to be ours. The device id is returned for
-// the audit record of a failure.
+// it runs only once leaf is known to be ours.
+//
+// The device id is returned for the audit record of a failure, but only
+// once leaf verifies as issued by the CA: until then its CN is whatever the
+// client wrote (a real device's id, terminal escapes, 30,000 characters),
+// and a self-signed certificate could file failures under any device.
 func (h *Handler) renewCert(ctx context.Context, leaf *x509.Certificate, csr *x509.CertificateRequest, remote string,
 	checkCSR func(leaf *x509.Certificate, csr *x509.CertificateRequest) error) (*x509.Certificate, string, error) {
-	id := leaf.Subject.CommonName
 	now := h.cfg.Now()
-	if err := h.verifyClientCert(leaf, now); err != nil {
-		return nil, id, err
+	beyondGrace, err := h.verifyClientCert(leaf, now)
+	if err != nil {
+		return nil, "", err
+	}
+	id := leaf.Subject.CommonName
+	// The CA issues devices valid ids only, but an operator's CA may have
+	// issued other client certificates too: a CN that is no device id
+	// names no device in the audit record either.
+	who := id
+	if ValidateID(id) != nil {
+		who = ""
+	}
+	if beyondGrace {
+		return nil, who, h.refuseExpired(ctx, leaf, id)
 	}
 	if err := checkCSR(leaf, csr); err != nil {
-		return nil, id, err
+		return nil, who, err
 	}
 	old := SerialHex(leaf.SerialNumber)
 	rec, err := h.st.Cert(ctx, old)
@@ -478,37 +521,37 @@ func (h *Handler) renewCert(ctx context.Context, leaf *x509.Certificate, csr *x5
 		}
 	}
 	if err != nil {
-		return nil, id, err
+		return nil, who, err
 	}
 	if rec.DeviceID != id {
-		return nil, id, Errorf(CodeIDMismatch, "certificate record belongs to another device")
+		return nil, who, Errorf(CodeIDMismatch, "certificate record belongs to another device")
 	}
 	if rec.Revoked() {
-		return nil, id, Errorf(CodeCertRevoked, "certificate is revoked")
+		return nil, who, Errorf(CodeCertRevoked, "certificate is revoked")
 	}
 	dev, err := h.st.Device(ctx, id)
 	if err != nil {
-		return nil, id, err
+		return nil, who, err
 	}
 	if dev.Revoked() {
-		return nil, id, Errorf(CodeDeviceRevoked, "device is revoked")
+		return nil, who, Errorf(CodeDeviceRevoked, "device is revoked")
 	}
 	if dev.Role != store.RoleDevice {
 		// Services and operators are issued by an operator, never renewed
 		// by themselves through the device endpoint.
-		return nil, id, Errorf(CodeIDMismatch, "only devices renew here")
+		return nil, who, Errorf(CodeIDMismatch, "only devices renew here")
 	}
 	cert, err := h.cfg.CA.IssueDevice(csr.PublicKey, id, h.cfg.CertLifetime)
 	if err != nil {
-		return nil, id, err
+		return nil, who, err
 	}
 	err = h.st.Renew(ctx, store.Renewal{
 		DeviceID: id, OldSerial: old, Cert: certRecord(cert, id, now), Remote: remote, Now: now, Adopt: adopt,
 	})
 	if err != nil {
-		return nil, id, err
+		return nil, who, err
 	}
-	return cert, id, nil
+	return cert, who, nil
 }
 
 // issuedWhileLost reports whether the CA issued leaf in the span a restored
@@ -523,33 +566,61 @@ func (h *Handler) issuedWhileLost(leaf *x509.Certificate) bool {
 }
 
 // verifyClientCert checks that leaf was issued by the fleet CA for client
-// authentication and is still valid, or expired less than RenewGrace ago.
-func (h *Handler) verifyClientCert(leaf *x509.Certificate, now time.Time) error {
+// authentication, an *Error with CodeCertInvalid if not, and reports
+// whether it expired more than RenewGrace ago. The chain is checked first,
+// also for a certificate long expired, so that the answer to one of ours
+// can say whether it is revoked (refuseExpired) and the answer to any other
+// never depends on what it claims.
+func (h *Handler) verifyClientCert(leaf *x509.Certificate, now time.Time) (beyondGrace bool, err error) {
 	at := now
 	if now.After(leaf.NotAfter) {
-		if now.Sub(leaf.NotAfter) > h.cfg.RenewGrace {
-			return Errorf(CodeCertExpired, "certificate expired more than %s ago; enroll again with a new token", h.cfg.RenewGrace)
-		}
 		// Check the chain as it stood just before expiry.
 		at = leaf.NotAfter
 	}
-	_, err := leaf.Verify(x509.VerifyOptions{
+	_, err = leaf.Verify(x509.VerifyOptions{
 		Roots:       h.cfg.CA.Pool(),
 		CurrentTime: at,
 		KeyUsages:   []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
 	})
 	if err != nil {
-		return &Error{Code: CodeCertInvalid, Message: "certificate was not issued by this CA for a client", Err: err}
+		return false, &Error{Code: CodeCertInvalid, Message: "certificate was not issued by this CA for a client", Err: err}
 	}
-	return nil
+	return now.Sub(leaf.NotAfter) > h.cfg.RenewGrace, nil
+}
+
+// refuseExpired answers leaf, a certificate of the CA for device id that
+// expired more than RenewGrace ago. A revoked certificate or device is told
+// so, as within the grace: the advice for an expired one, re-provisioning,
+// would only end in another refusal, since a revoked id is never used
+// again. The message is the advice device-agent gives for cert_expired.
+func (h *Handler) refuseExpired(ctx context.Context, leaf *x509.Certificate, id string) error {
+	rec, err := h.st.Cert(ctx, SerialHex(leaf.SerialNumber))
+	switch {
+	case err == nil && rec.Revoked():
+		return Errorf(CodeCertRevoked, "certificate is revoked")
+	case err != nil && !errors.Is(err, store.ErrCertUnknown):
+		return err
+	}
+	dev, err := h.st.Device(ctx, id)
+	switch {
+	case err == nil && dev.Revoked():
+		return Errorf(CodeDeviceRevoked, "device is revoked")
+	case err != nil && !errors.Is(err, store.ErrNotFound):
+		return err
+	}
+	if ValidateID(id) != nil {
+		id = "ID"
+	}
+	return Errorf(CodeCertExpired, "certificate expired more than %s ago; enroll again with a token that re-provisions this device "+
+		"(fleetmq token create --device %s --reprovision)", h.cfg.RenewGrace, id)
 }
 
 func parseProof(body []byte) (*x509.Certificate, *x509.CertificateRequest, error) {
 	var p RenewProof
-	dec := json.NewDecoder(strings.NewReader(string(body)))
+	dec := json.NewDecoder(bytes.NewReader(body))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&p); err != nil {
-		return nil, nil, &Error{Code: CodeBadRequest, Message: "renewal proof is not valid JSON", Err: err}
+		return nil, nil, proofJSONError(body, err)
 	}
 	// More() misses a stray '}' or ']'; only the end of input will do.
 	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
@@ -575,6 +646,63 @@ func parseProof(body []byte) (*x509.Certificate, *x509.CertificateRequest, error
 		return nil, nil, Errorf(CodeProofInvalid, "signature does not verify with the certificate's key")
 	}
 	return leaf, csr, nil
+}
+
+// proofFields are the JSON names of RenewProof's fields.
+var proofFields = []string{"csr", "certificate", "signature"}
+
+// proofJSONError says what is wrong with a renewal proof that encoding/json
+// refused: a syntax error, a value that is not a string, or a field that
+// RenewProof does not have. Client text in the message is cut short.
+func proofJSONError(body []byte, err error) *Error {
+	e := &Error{Code: CodeBadRequest, Err: err}
+	var syntax *json.SyntaxError
+	var typ *json.UnmarshalTypeError
+	switch {
+	case errors.As(err, &syntax):
+		e.Message = fmt.Sprintf("renewal proof is not valid JSON (at byte %d)", syntax.Offset)
+	case errors.Is(err, io.ErrUnexpectedEOF):
+		e.Message = "renewal proof is not valid JSON (it ends too early)"
+	case errors.As(err, &typ) && typ.Field != "":
+		e.Message = fmt.Sprintf("renewal proof field %q must be a string", clientText(typ.Field, 32))
+	case errors.As(err, &typ):
+		e.Message = "renewal proof must be a JSON object with the fields " + strings.Join(proofFields, ", ")
+	default:
+		// encoding/json reports an unknown field in an untyped error;
+		// finding the field again beats parsing the error's text.
+		if name, ok := unknownProofField(body); ok {
+			e.Message = fmt.Sprintf("renewal proof has an unknown field %q; its fields are %s",
+				clientText(name, 64), strings.Join(proofFields, ", "))
+		} else {
+			e.Message = "renewal proof must be a JSON object with the fields " + strings.Join(proofFields, ", ")
+		}
+	}
+	return e
+}
+
+// unknownProofField returns the first key of the JSON object body that is
+// none of proofFields, matched without regard to case as encoding/json
+// matches them.
+func unknownProofField(body []byte) (string, bool) {
+	dec := json.NewDecoder(bytes.NewReader(body))
+	if tok, err := dec.Token(); err != nil || tok != json.Delim('{') {
+		return "", false
+	}
+	for dec.More() {
+		tok, err := dec.Token()
+		if err != nil {
+			return "", false
+		}
+		key, _ := tok.(string)
+		if !slices.ContainsFunc(proofFields, func(f string) bool { return strings.EqualFold(f, key) }) {
+			return key, true
+		}
+		var skip json.RawMessage
+		if err := dec.Decode(&skip); err != nil {
+			return "", false
+		}
+	}
+	return "", false
 }
 
 // verifyProof checks a signature over msg (the CSR DER) by pub. Replaying a
@@ -697,6 +825,10 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 	w.WriteHeader(status)
 	enc := json.NewEncoder(w)
 	enc.SetIndent("", "  ")
+	// Messages quote syntax such as 'Bearer <token>'. The answer is JSON
+	// with nosniff, never HTML, so escaping <, > and & as \u003c, \u003e
+	// and \u0026 would only garble it for people and shell scripts.
+	enc.SetEscapeHTML(false)
 	enc.Encode(v)
 }
 
@@ -751,6 +883,12 @@ func readBody(r *http.Request) ([]byte, error) {
 		return nil, Errorf(CodeBodyTooLarge, "body larger than %d bytes", MaxBodySize)
 	}
 	body, err := io.ReadAll(io.LimitReader(r.Body, MaxBodySize+1))
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		// The server's read timeout ran out before the body did: a client
+		// sending slowly or stalled. The write timeout is longer, so it
+		// still gets this answer.
+		return nil, &Error{Code: CodeBadRequest, Message: "the request body did not arrive within the server's read timeout", Err: err}
+	}
 	if err != nil {
 		return nil, &Error{Code: CodeBadRequest, Message: "could not read the request body", Err: err}
 	}
@@ -763,10 +901,36 @@ func readBody(r *http.Request) ([]byte, error) {
 	return body, nil
 }
 
+// maxRemoteLen bounds the remote address kept for the failure limiter, log
+// lines and audit records; an IP address takes at most 45 characters, with
+// room left for a zone.
+const maxRemoteLen = 64
+
+// remoteHost is the client's address without the port. net/http takes
+// RemoteAddr from the connection, but a handler wrapping this one (a
+// proxy's middleware, say) may set it from a header to anything: so it is
+// cut short and cleaned like any text from a client.
 func remoteHost(r *http.Request) string {
 	host, _, err := net.SplitHostPort(r.RemoteAddr)
 	if err != nil {
-		return r.RemoteAddr
+		host = r.RemoteAddr
 	}
-	return host
+	return clientText(host, maxRemoteLen)
+}
+
+// clientText makes text a client controls safe for a log line, an audit
+// record or a message: at most n bytes, every byte outside printable ASCII
+// replaced by '?'. So it can neither break a record or a terminal with
+// newlines and escape sequences nor bloat what it goes into.
+func clientText(s string, n int) string {
+	if len(s) > n {
+		s = s[:n]
+	}
+	b := []byte(s)
+	for i, c := range b {
+		if c < 0x20 || c > 0x7e {
+			b[i] = '?'
+		}
+	}
+	return string(b)
 }

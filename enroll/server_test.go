@@ -1,0 +1,549 @@
+package enroll
+
+import (
+	"bufio"
+	"context"
+	"crypto"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/asn1"
+	"encoding/json"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/fleetmq/fleetmq/store"
+)
+
+// newOperatorCAEnv is an estEnv whose CA is an operator root the test holds
+// the key of, so that it can sign client certificates the handler never
+// issued.
+func newOperatorCAEnv(tb testing.TB) (*estEnv, testCert) {
+	tb.Helper()
+	root := newRoot(tb, genP256(tb), time.Now(), nil)
+	ca, err := LoadOrCreateCA(writeOperatorCA(tb, certsPEM(root.cert), keyPEM(tb, root.key, "pkcs8"), 0o600))
+	if err != nil {
+		tb.Fatalf("LoadOrCreateCA: %v", err)
+	}
+	return newESTEnv(tb, estOptions{ca: ca}), root
+}
+
+// clientCert makes a 30-day client certificate for cn and key, signed by
+// parent, or self-signed when parent is nil.
+func clientCert(tb testing.TB, parent *testCert, key crypto.Signer, cn string) *x509.Certificate {
+	tb.Helper()
+	serial, err := randomSerial()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	now := time.Now()
+	tmpl := &x509.Certificate{
+		SerialNumber: serial,
+		Subject:      pkix.Name{CommonName: cn},
+		NotBefore:    now.Add(-time.Hour),
+		NotAfter:     now.Add(30 * 24 * time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+	}
+	issuer, signer := tmpl, key
+	if parent != nil {
+		issuer, signer = parent.cert, parent.key
+	}
+	return createCert(tb, tmpl, issuer, key.Public(), signer)
+}
+
+// renewVias are the three ways to renew: /v1/renew with the certificate in
+// the TLS handshake, /v1/renew with a JSON proof signed by its key, and EST
+// simplereenroll. Each asks for a new key.
+var renewVias = []struct {
+	name  string
+	renew func(tb testing.TB, e *estEnv, leaf *x509.Certificate, key crypto.Signer) estReply
+}{
+	{"v1 mTLS", func(tb testing.TB, e *estEnv, leaf *x509.Certificate, key crypto.Signer) estReply {
+		return e.do(tb, e.client(tb, tlsCert(leaf, key)), http.MethodPost, "/v1/renew",
+			map[string]string{"Content-Type": "application/pkcs10"}, estCSR(tb, genP256(tb), ""))
+	}},
+	{"v1 proof", func(tb testing.TB, e *estEnv, leaf *x509.Certificate, key crypto.Signer) estReply {
+		return e.do(tb, e.client(tb, nil), http.MethodPost, "/v1/renew",
+			map[string]string{"Content-Type": "application/json"}, proofBody(tb, leaf, key, estCSR(tb, genP256(tb), "")))
+	}},
+	{"EST", func(tb testing.TB, e *estEnv, leaf *x509.Certificate, key crypto.Signer) estReply {
+		// RFC 7030 wants the subject of the certificate in the CSR.
+		return e.do(tb, e.client(tb, tlsCert(leaf, key)), http.MethodPost, "/.well-known/est/simplereenroll",
+			map[string]string{"Content-Type": "application/pkcs10"}, estBase64Body(estCSR(tb, genP256(tb), leaf.Subject.CommonName)))
+	}},
+}
+
+// apiError returns the code and message of an error answer, JSON or EST
+// plain text.
+func apiError(tb testing.TB, rep estReply) (Code, string) {
+	tb.Helper()
+	if rep.header.Get("Content-Type") == "application/json" {
+		var body struct{ Code, Message string }
+		if err := json.Unmarshal(rep.body, &body); err != nil {
+			tb.Fatalf("error answer is not JSON: %v: %q", err, rep.body)
+		}
+		return Code(body.Code), body.Message
+	}
+	code, msg, ok := strings.Cut(strings.TrimSuffix(string(rep.body), "\n"), ": ")
+	if !ok {
+		tb.Fatalf("error answer is not '<code>: <message>': %q", rep.body)
+	}
+	return Code(code), msg
+}
+
+// newAudit runs do and returns the audit events it added.
+func newAudit(tb testing.TB, e *estEnv, do func()) []store.AuditEvent {
+	tb.Helper()
+	ctx := context.Background()
+	before, err := e.db.Audit(ctx, store.AuditFilter{})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	do()
+	after, err := e.db.Audit(ctx, store.AuditFilter{})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	if len(after) < len(before) {
+		tb.Fatalf("audit shrank from %d to %d events", len(before), len(after))
+	}
+	return after[len(before):]
+}
+
+// wantFailAudit checks that evs is the one audit record of a refusal.
+func wantFailAudit(tb testing.TB, evs []store.AuditEvent, action string, code Code, device, tokenID string) {
+	tb.Helper()
+	if len(evs) != 1 {
+		tb.Fatalf("%d audit events, want one %s: %+v", len(evs), action, evs)
+	}
+	ev := evs[0]
+	if ev.Action != action || ev.Detail != string(code) || ev.DeviceID != device || ev.TokenID != tokenID || ev.Remote != "127.0.0.1" {
+		tb.Errorf("audit event %+v, want %s %s for device %q, token %q, from 127.0.0.1", ev, action, code, device, tokenID)
+	}
+}
+
+// TestRenewFailureAudit: a failed renewal names a device in its audit
+// record only if the certificate verifies as the CA's and its CN is a
+// device id. A forged certificate could otherwise file records of any size
+// and content under any real device's name.
+func TestRenewFailureAudit(t *testing.T) {
+	e, root := newOperatorCAEnv(t)
+	ctx := context.Background()
+	// pi-0100 is a real device: the name a forger would borrow.
+	e.enroll(t, e.mintToken(t, "pi-0100", 1), genP256(t), "pi-0100")
+	goneKey := genP256(t)
+	gone := e.enroll(t, e.mintToken(t, "pi-gone", 1), goneKey, "pi-gone")
+	if _, err := e.db.RevokeDevice(ctx, "pi-gone", "test", time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	k1, k2, k3, k4 := genP256(t), genP256(t), genP256(t), genP256(t)
+	// Self-signed, a 30,000-character CN would be there twice, as subject
+	// and issuer, and the JSON proof over the body limit.
+	forger := newRoot(t, genP256(t), time.Now(), nil)
+	cases := []struct {
+		name   string
+		leaf   *x509.Certificate
+		key    crypto.Signer
+		status int
+		code   Code
+		device string // of the audit record
+	}{
+		{"self-signed, a real device's id", clientCert(t, nil, k1, "pi-0100"), k1, 401, CodeCertInvalid, ""},
+		{"self-signed, terminal escapes and a newline", clientCert(t, nil, k2, "\x1b[2J\x1b[31mpi-0100\x1b[0m\nforged"), k2, 401, CodeCertInvalid, ""},
+		{"another CA's, 30,000 characters", clientCert(t, &forger, k3, strings.Repeat("p", 30_000)), k3, 401, CodeCertInvalid, ""},
+		{"the CA's, revoked", gone, goneKey, 403, CodeCertRevoked, "pi-gone"},
+		// Verified, but the CA issued it outside the enrollment API: its
+		// CN is no device id and the store has no record of it.
+		{"the CA's, CN no device id", clientCert(t, &root, k4, "Ops Team\n"), k4, 401, CodeCertInvalid, ""},
+	}
+	for _, via := range renewVias {
+		for _, tc := range cases {
+			t.Run(via.name+"/"+tc.name, func(t *testing.T) {
+				var rep estReply
+				evs := newAudit(t, e, func() { rep = via.renew(t, e, tc.leaf, tc.key) })
+				if code, msg := apiError(t, rep); rep.status != tc.status || code != tc.code {
+					t.Fatalf("answer %d %s (%s), want %d %s", rep.status, code, msg, tc.status, tc.code)
+				}
+				wantFailAudit(t, evs, store.ActRenewFail, tc.code, tc.device, "")
+			})
+		}
+	}
+	evs, err := e.db.Audit(ctx, store.AuditFilter{DeviceID: "pi-0100"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, ev := range evs {
+		if ev.Action == store.ActRenewFail {
+			t.Errorf("a forged certificate filed %+v under pi-0100", ev)
+		}
+	}
+}
+
+// TestRenewExpiredBeyondGrace: a certificate of the CA that expired beyond
+// the grace is told that it is revoked when it is, and otherwise how to
+// come back (a re-provisioning token, as device-agent advises). One that is
+// not the CA's is invalid, whatever its dates.
+func TestRenewExpiredBeyondGrace(t *testing.T) {
+	e, root := newOperatorCAEnv(t)
+	ctx := context.Background()
+	idleKey, revokedKey, droppedKey, forgedKey := genP256(t), genP256(t), genP256(t), genP256(t)
+	idle := e.enroll(t, e.mintToken(t, "pi-idle", 1), idleKey, "pi-idle")
+	revoked := e.enroll(t, e.mintToken(t, "pi-revoked", 1), revokedKey, "pi-revoked")
+	e.enroll(t, e.mintToken(t, "pi-dropped", 1), genP256(t), "pi-dropped")
+	for _, id := range []string{"pi-revoked", "pi-dropped"} {
+		if _, err := e.db.RevokeDevice(ctx, id, "test", time.Now()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The CA's, for a revoked device, but not on record (it was issued
+	// while a restored store was lost, say): the device decides.
+	dropped := clientCert(t, &root, droppedKey, "pi-dropped")
+	forged := clientCert(t, nil, forgedKey, "pi-idle")
+	e.clock.Set(time.Until(idle.NotAfter) + 8*24*time.Hour) // the grace is 7 days
+
+	cases := []struct {
+		name   string
+		leaf   *x509.Certificate
+		key    crypto.Signer
+		status int
+		code   Code
+		device string // of the audit record
+		advice string // in the message
+	}{
+		{"not revoked", idle, idleKey, 401, CodeCertExpired, "pi-idle", "fleetmq token create --device pi-idle --reprovision"},
+		{"revoked", revoked, revokedKey, 403, CodeCertRevoked, "pi-revoked", ""},
+		{"device revoked, certificate not on record", dropped, droppedKey, 403, CodeDeviceRevoked, "pi-dropped", ""},
+		{"not the CA's", forged, forgedKey, 401, CodeCertInvalid, "", ""},
+	}
+	for _, via := range renewVias {
+		for _, tc := range cases {
+			t.Run(via.name+"/"+tc.name, func(t *testing.T) {
+				before := e.snapshot(t)
+				var rep estReply
+				evs := newAudit(t, e, func() { rep = via.renew(t, e, tc.leaf, tc.key) })
+				code, msg := apiError(t, rep)
+				if rep.status != tc.status || code != tc.code {
+					t.Fatalf("answer %d %s (%s), want %d %s", rep.status, code, msg, tc.status, tc.code)
+				}
+				if !strings.Contains(msg, tc.advice) {
+					t.Errorf("message %q does not say %q", msg, tc.advice)
+				}
+				wantFailAudit(t, evs, store.ActRenewFail, tc.code, tc.device, "")
+				if after := e.snapshot(t); before != after {
+					t.Error("refused renewal changed the store")
+				}
+			})
+		}
+	}
+}
+
+// TestEnrollFailureAudit: a failed enrollment names the device its token is
+// bound to (the store says so), never the id a CSR asks for.
+func TestEnrollFailureAudit(t *testing.T) {
+	e := newESTEnv(t, estOptions{})
+	e.enroll(t, e.mintToken(t, "pi-0001", 1), genP256(t), "pi-0001")
+	usedSecret := e.mintToken(t, "pi-0002", 1)
+	e.enroll(t, usedSecret, genP256(t), "pi-0002")
+	boundSecret := e.mintToken(t, "pi-0003", 5)
+	freeSecret := e.mintToken(t, "", 5)
+	tokenID := func(secret string) string {
+		t.Helper()
+		tok, err := ParseToken(secret)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return TokenID(tok.Hash)
+	}
+	key := genP256(t)
+	cases := []struct {
+		name   string
+		secret string
+		csr    []byte // DER
+		code   Code
+		device string // of the audit record
+	}{
+		{"used token bound to a device", usedSecret, estCSR(t, key, "pi-0002"), CodeTokenUsed, "pi-0002"},
+		{"bound token, CSR for another id", boundSecret, estCSR(t, key, "pi-0001"), CodeIDMismatch, "pi-0003"},
+		{"bound token, broken CSR", boundSecret, []byte("0\x03\x02\x01\x00"), CodeCSRInvalid, "pi-0003"},
+		{"free token, CSR for a taken id", freeSecret, estCSR(t, key, "pi-0001"), CodeIDTaken, ""},
+	}
+	for _, tc := range cases {
+		for _, via := range []string{"v1", "EST"} {
+			t.Run(via+"/"+tc.name, func(t *testing.T) {
+				var rep estReply
+				evs := newAudit(t, e, func() {
+					if via == "v1" {
+						rep = e.do(t, e.client(t, nil), http.MethodPost, "/v1/enroll",
+							map[string]string{"Content-Type": "application/pkcs10", "Authorization": "Bearer " + tc.secret}, tc.csr)
+					} else {
+						rep = e.do(t, e.client(t, nil), http.MethodPost, "/.well-known/est/simpleenroll",
+							map[string]string{"Content-Type": "application/pkcs10", "Authorization": basicAuth("", tc.secret)}, estBase64Body(tc.csr))
+					}
+				})
+				if code, msg := apiError(t, rep); code != tc.code {
+					t.Fatalf("answer %d %s (%s), want %s", rep.status, code, msg, tc.code)
+				}
+				wantFailAudit(t, evs, store.ActTokenFail, tc.code, tc.device, tokenID(tc.secret))
+			})
+		}
+	}
+	// What `fleetmq audit --device pi-0003` shows.
+	evs, err := e.db.Audit(context.Background(), store.AuditFilter{DeviceID: "pi-0003"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	fails := 0
+	for _, ev := range evs {
+		if ev.Action == store.ActTokenFail {
+			fails++
+		}
+	}
+	if fails != 4 {
+		t.Errorf("pi-0003 has %d %s audit events, want the 4 failed attempts with its token", fails, store.ActTokenFail)
+	}
+}
+
+// TestRemoteAddrCleaned: the remote address goes into audit records and
+// log lines; whatever a wrapping handler set it to, it stays one short line.
+func TestRemoteAddrCleaned(t *testing.T) {
+	e := newESTEnv(t, estOptions{})
+	cases := []struct {
+		remote, want string
+	}{
+		{"192.0.2.7:4242", "192.0.2.7"},
+		{"[2001:db8::1]:4242", "2001:db8::1"},
+		{"10.0.0.1\r\nforged audit line", "10.0.0.1??forged audit line"},
+		{"\x1b[2J" + strings.Repeat("a", 30_000) + ":1", "?[2J" + strings.Repeat("a", maxRemoteLen-4)},
+	}
+	for _, tc := range cases {
+		req := httptest.NewRequest(http.MethodPost, "/v1/enroll", strings.NewReader("x"))
+		req.RemoteAddr = tc.remote
+		req.Header.Set("Authorization", "Bearer nope")
+		var rec *httptest.ResponseRecorder
+		evs := newAudit(t, e, func() {
+			rec = httptest.NewRecorder()
+			e.srv.Config.Handler.ServeHTTP(rec, req)
+		})
+		if rec.Code != http.StatusUnauthorized || len(evs) != 1 {
+			t.Fatalf("remote %.40q: answer %d, %d audit events", tc.remote, rec.Code, len(evs))
+		}
+		if evs[0].Remote != tc.want {
+			t.Errorf("remote %.40q recorded as %.80q, want %.80q", tc.remote, evs[0].Remote, tc.want)
+		}
+	}
+}
+
+// TestSeveralCNsRefused: a CSR subject with more than one CN is refused
+// before any rule reads "the" CN, whichever the parser would keep.
+func TestSeveralCNsRefused(t *testing.T) {
+	e := newESTEnv(t, estOptions{})
+	key := genP256(t)
+	cert := e.enroll(t, e.mintToken(t, "pi-0009", 1), key, "pi-0009")
+	bound := e.mintToken(t, "pi-0010", 1)
+	free := e.mintToken(t, "", 1)
+	twoCNs := severalCNsCSR(t, genP256(t), "zz-evil", "pi-0010")
+	cases := []struct {
+		name   string
+		client *http.Client
+		path   string
+		hdr    map[string]string
+		body   []byte
+	}{
+		{"v1 enroll, bound token", e.client(t, nil), "/v1/enroll",
+			map[string]string{"Content-Type": "application/pkcs10", "Authorization": "Bearer " + bound}, twoCNs},
+		{"v1 enroll, free token", e.client(t, nil), "/v1/enroll",
+			map[string]string{"Content-Type": "application/pkcs10", "Authorization": "Bearer " + free}, severalCNsCSR(t, genP256(t), "zz-evil", "pi-0011")},
+		{"v1 renew", e.client(t, tlsCert(cert, key)), "/v1/renew",
+			map[string]string{"Content-Type": "application/pkcs10"}, severalCNsCSR(t, genP256(t), "zz-evil", "pi-0009")},
+		{"EST enroll, bound token", e.client(t, nil), "/.well-known/est/simpleenroll",
+			map[string]string{"Content-Type": "application/pkcs10", "Authorization": basicAuth("", bound)}, estBase64Body(twoCNs)},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			before := e.snapshot(t)
+			rep := e.do(t, tc.client, http.MethodPost, tc.path, tc.hdr, tc.body)
+			if code, msg := apiError(t, rep); rep.status != 400 || code != CodeCSRInvalid || !strings.Contains(msg, "2 CommonName") {
+				t.Errorf("answer %d %s (%s), want 400 %s", rep.status, code, msg, CodeCSRInvalid)
+			}
+			if after := e.snapshot(t); before != after {
+				t.Error("refused request changed the store")
+			}
+		})
+	}
+}
+
+// severalCNsCSR returns a DER CSR whose subject has one CN attribute per
+// name, in order, as openssl req -subj /CN=a/CN=b writes it.
+func severalCNsCSR(tb testing.TB, key crypto.Signer, cns ...string) []byte {
+	tb.Helper()
+	var rdns pkix.RDNSequence
+	for _, cn := range cns {
+		rdns = append(rdns, pkix.RelativeDistinguishedNameSET{{Type: oidCommonName, Value: cn}})
+	}
+	raw, err := asn1.Marshal(rdns)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	der, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{RawSubject: raw}, key)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return der
+}
+
+// TestCSRsFromOpenSSL: what QA made with openssl is refused with the code
+// that says what is wrong.
+func TestCSRsFromOpenSSL(t *testing.T) {
+	requireTools(t, "openssl")
+	dir := t.TempDir()
+	cases := []struct {
+		name, curve, subject string
+		code                 Code
+		msg                  string
+	}{
+		{"two CNs", "P-256", "/CN=zz-evil/CN=pi-0009", CodeCSRInvalid, "2 CommonName"},
+		{"secp256k1", "secp256k1", "/CN=pi-0009", CodeKeyUnsupported, "curve secp256k1 is not supported"},
+		{"brainpoolP256r1", "brainpoolP256r1", "/CN=pi-0009", CodeKeyUnsupported, "curve brainpoolP256r1 is not supported"},
+		{"P-256", "P-256", "/CN=pi-0009", "", ""},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			out := filepath.Join(dir, tc.name+".csr")
+			runTool(t, dir, "openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:"+tc.curve, "-nodes",
+				"-keyout", filepath.Join(dir, tc.name+".key"), "-subj", tc.subject, "-out", out)
+			data, err := os.ReadFile(out)
+			if err != nil {
+				t.Fatal(err)
+			}
+			_, err = ParseCSR(data)
+			if tc.code == "" {
+				if err != nil {
+					t.Fatalf("refused: %v", err)
+				}
+				return
+			}
+			wantCode(t, err, tc.code)
+			if e := AsError(err); !strings.Contains(e.Message, tc.msg) {
+				t.Errorf("message %q does not say %q", e.Message, tc.msg)
+			}
+		})
+	}
+}
+
+// TestMethodNotAllowed: a 405 says which methods the path has (RFC 9110
+// section 15.5.6); a 404 has no Allow.
+func TestMethodNotAllowed(t *testing.T) {
+	e := newESTEnv(t, estOptions{})
+	c := e.client(t, nil)
+	cases := []struct {
+		method, path string
+		status       int
+		allow        string
+	}{
+		{"GET", "/v1/enroll", 405, "POST"},
+		{"PUT", "/v1/renew", 405, "POST"},
+		{"DELETE", "/v1/ca", 405, "GET, HEAD"},
+		{"POST", "/v1/crl", 405, "GET, HEAD"},
+		{"GET", "/.well-known/est/simpleenroll", 405, "POST"},
+		{"POST", "/.well-known/est/factory-a/cacerts", 405, "GET, HEAD"},
+		{"GET", "/v1/nothing", 404, ""},
+	}
+	for _, tc := range cases {
+		t.Run(tc.method+" "+tc.path, func(t *testing.T) {
+			rep := e.do(t, c, tc.method, tc.path, nil, nil)
+			if rep.status != tc.status {
+				t.Fatalf("status %d, want %d", rep.status, tc.status)
+			}
+			if got, ok := rep.header["Allow"]; tc.allow == "" && ok || tc.allow != "" && (len(got) != 1 || got[0] != tc.allow) {
+				t.Errorf("Allow %q, want %q", got, tc.allow)
+			}
+		})
+	}
+}
+
+// TestJSONAnswersNotHTMLEscaped: the JSON answers are read by people and
+// scripts, not browsers; <token> stays <token>.
+func TestJSONAnswersNotHTMLEscaped(t *testing.T) {
+	e := newESTEnv(t, estOptions{})
+	rep := e.do(t, e.client(t, nil), http.MethodPost, "/v1/enroll", map[string]string{"Content-Type": "application/pkcs10"}, []byte("x"))
+	if rep.status != http.StatusUnauthorized || !strings.Contains(string(rep.body), "'Authorization: Bearer <token>'") {
+		t.Errorf("answer %d %s, want the message with <token> as is", rep.status, rep.body)
+	}
+}
+
+// TestRenewProofJSONErrors: a refused renewal proof says what is wrong
+// with it, in a message of bounded size.
+func TestRenewProofJSONErrors(t *testing.T) {
+	cases := []struct {
+		name, body, msg string
+	}{
+		{"unknown field", `{"csr":"","certificate":"","signature":"","x":1}`, `renewal proof has an unknown field "x"; its fields are csr, certificate, signature`},
+		{"unknown field after a field in upper case", `{"CSR":"","admin":true}`, `unknown field "admin"`},
+		{"unknown field with escapes, long", `{"\u001b[2J` + strings.Repeat("y", 5000) + `":1}`, `unknown field "?[2J` + strings.Repeat("y", 60) + `"`},
+		{"number for a string", `{"csr":1}`, `renewal proof field "csr" must be a string`},
+		{"array", `[]`, "renewal proof must be a JSON object with the fields csr, certificate, signature"},
+		{"truncated", `{"csr":`, "renewal proof is not valid JSON (it ends too early)"},
+		{"syntax error", `{"csr" 1}`, "renewal proof is not valid JSON (at byte "},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			_, _, err := parseProof([]byte(tc.body))
+			wantCode(t, err, CodeBadRequest)
+			if msg := AsError(err).Message; !strings.Contains(msg, tc.msg) || len(msg) > 200 {
+				t.Errorf("message %q, want one with %q", msg, tc.msg)
+			}
+		})
+	}
+	// And the client gets it.
+	e := newESTEnv(t, estOptions{})
+	rep := e.do(t, e.client(t, nil), http.MethodPost, "/v1/renew", map[string]string{"Content-Type": "application/json"}, []byte(cases[0].body))
+	if code, msg := apiError(t, rep); rep.status != 400 || code != CodeBadRequest || msg != cases[0].msg {
+		t.Errorf("answer %d %s %q, want 400 %s %q", rep.status, code, msg, CodeBadRequest, cases[0].msg)
+	}
+}
+
+// TestBodyReadTimeout: a body that has not arrived when the server's read
+// timeout runs out is answered, with a message that says so, as long as the
+// write timeout is the longer one (broker/server sets them so).
+func TestBodyReadTimeout(t *testing.T) {
+	const readTimeout = time.Second
+	e := newESTEnv(t, estOptions{server: func(s *http.Server) {
+		s.ReadTimeout = readTimeout
+		s.WriteTimeout = readTimeout + 10*time.Second
+	}})
+	for _, path := range []string{"/v1/enroll", "/.well-known/est/simpleenroll"} {
+		t.Run(path, func(t *testing.T) {
+			token := e.mintToken(t, "", 1)
+			conn, err := tls.Dial("tcp", e.srv.Listener.Addr().String(), &tls.Config{RootCAs: e.ca.Pool(), ServerName: "127.0.0.1"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			_ = conn.SetDeadline(time.Now().Add(readTimeout + 20*time.Second))
+			// Headers and the first bytes of a body that never ends.
+			head := "POST " + path + " HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + token +
+				"\r\nContent-Type: application/pkcs10\r\nContent-Length: 1000\r\n\r\nMIIB"
+			if _, err := io.WriteString(conn, head); err != nil {
+				t.Fatal(err)
+			}
+			resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+			if err != nil {
+				t.Fatalf("no answer after the read timeout: %v", err)
+			}
+			b, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			rep := estReply{status: resp.StatusCode, header: resp.Header, body: b}
+			if code, msg := apiError(t, rep); rep.status != 400 || code != CodeBadRequest || !strings.Contains(msg, "read timeout") {
+				t.Errorf("answer %d %s %q, want 400 %s saying the read timeout ran out", rep.status, code, msg, CodeBadRequest)
+			}
+		})
+	}
+}
