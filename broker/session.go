@@ -238,8 +238,11 @@ const maxPublishDelay = time.Second
 // the device is slowed to the rate (TCP pushes back), nothing is lost, and
 // no other connection waits.
 func (b *Broker) allowPublish(cl *mqtt.Client, c *conn) bool {
+	if c.ident.lim.Allow() {
+		return true // the common case, without Reserve's allocation
+	}
 	if cl.Properties.ProtocolVersion >= 5 {
-		return c.ident.lim.Allow()
+		return false
 	}
 	r := c.ident.lim.Reserve()
 	switch d := r.Delay(); {
