@@ -7,6 +7,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 )
@@ -322,5 +323,182 @@ func TestUnitVerifies(t *testing.T) {
 	cmd.Stdout, cmd.Stderr = &stderr, &stderr
 	if err := cmd.Run(); err != nil || stderr.Len() > 0 {
 		t.Errorf("systemd-analyze verify: %v\n%s", err, stderr.String())
+	}
+}
+
+// fakeSystem is a folder of fake system commands (systemctl, runuser,
+// useradd, chown, userdel) for running install-agent.sh with
+// RUN_SYSTEM_COMMANDS=1 inside a --root: each logs its command line to
+// log; runuser saves its stdin (the token) and exits with enrollExit;
+// systemctl is-active and is-enabled answer as told.
+type fakeSystem struct {
+	bin, log, stdin string
+}
+
+func newFakeSystem(tb testing.TB, active, enabled bool, enrollExit int) fakeSystem {
+	tb.Helper()
+	dir := tb.TempDir()
+	fs := fakeSystem{bin: filepath.Join(dir, "bin"), log: filepath.Join(dir, "log"), stdin: filepath.Join(dir, "stdin")}
+	if err := os.Mkdir(fs.bin, 0o755); err != nil {
+		tb.Fatal(err)
+	}
+	code := func(ok bool) string {
+		if ok {
+			return "0"
+		}
+		return "3"
+	}
+	scripts := map[string]string{
+		"systemctl": `case "$1" in is-active) exit ` + code(active) + ` ;; is-enabled) exit ` + code(enabled) + ` ;; esac`,
+		"runuser":   `cat > '` + fs.stdin + `'; exit ` + strconv.Itoa(enrollExit),
+		"useradd":   "",
+		"chown":     "",
+		"userdel":   "",
+	}
+	for name, body := range scripts {
+		sh := "#!/bin/sh\necho \"" + name + " $*\" >> '" + fs.log + "'\n" + body + "\n"
+		if err := os.WriteFile(filepath.Join(fs.bin, name), []byte(sh), 0o755); err != nil {
+			tb.Fatal(err)
+		}
+	}
+	return fs
+}
+
+// run runs the install script inside root with the fake system commands.
+func (fs fakeSystem) run(tb testing.TB, root, stdin string, args ...string) installRun {
+	tb.Helper()
+	cmd := exec.Command(shell(tb), append([]string{"../scripts/install-agent.sh", "--root", root}, args...)...)
+	cmd.Env = append(os.Environ(), "UNAME_M=x86_64", "RUN_SYSTEM_COMMANDS=1", "PATH="+fs.bin+":"+os.Getenv("PATH"))
+	cmd.Stdin = strings.NewReader(stdin)
+	out, err := cmd.CombinedOutput()
+	return installRun{out: string(out), err: err, root: root}
+}
+
+func (fs fakeSystem) calls(tb testing.TB) []string {
+	tb.Helper()
+	b, err := os.ReadFile(fs.log)
+	if err != nil && !os.IsNotExist(err) {
+		tb.Fatal(err)
+	}
+	return strings.Split(strings.TrimSpace(string(b)), "\n")
+}
+
+// enrolledRoot is a root in which the device is enrolled.
+func enrolledRoot(tb testing.TB) string {
+	tb.Helper()
+	root := tb.TempDir()
+	state := filepath.Join(root, "var/lib/device-agent")
+	if err := os.MkdirAll(state, 0o700); err != nil {
+		tb.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(state, "cert.pem"), []byte("x"), 0o644); err != nil {
+		tb.Fatal(err)
+	}
+	return root
+}
+
+// --force stops the service to enroll again; a refused token must not
+// leave a working device offline.
+func TestInstallScriptForceFailureRestartsService(t *testing.T) {
+	dist := fakeDist(t)
+	args := []string{"--dist", dist, "--server", "https://s:8443", "--token", "-", "--force"}
+	for _, c := range []struct {
+		name            string
+		active, enabled bool
+		restart         bool
+	}{
+		{"running", true, true, true},
+		{"enabled, stopped", false, true, true},
+		{"not installed as a service", false, false, false},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			fs := newFakeSystem(t, c.active, c.enabled, 1)
+			r := fs.run(t, enrolledRoot(t), testToken+"\n", args...)
+			if r.err == nil {
+				t.Fatalf("succeeded although enrollment failed:\n%s", r.out)
+			}
+			calls := strings.Join(fs.calls(t), "\n")
+			stop := strings.Index(calls, "systemctl stop device-agent.service")
+			enroll := strings.Index(calls, "runuser -u device-agent -- /usr/local/bin/device-agent enroll")
+			start := strings.Index(calls, "systemctl start device-agent.service")
+			if stop < 0 || enroll < stop {
+				t.Fatalf("want stop, then enroll:\n%s", calls)
+			}
+			if c.restart != (start > enroll) || c.restart != strings.Contains(r.out, "started again") {
+				t.Errorf("service started again: %v, want %v\ncalls:\n%s\noutput:\n%s", start > enroll, c.restart, calls, r.out)
+			}
+			if !strings.Contains(r.out, "enrollment failed") {
+				t.Errorf("output does not say the enrollment failed:\n%s", r.out)
+			}
+			if strings.Contains(calls, "systemctl enable") || strings.Contains(calls, "systemctl restart") {
+				t.Errorf("went on after the failure:\n%s", calls)
+			}
+		})
+	}
+	// And on success: stop, enroll with the token on stdin, enable, restart.
+	fs := newFakeSystem(t, true, true, 0)
+	r := fs.run(t, enrolledRoot(t), testToken+"\n", args...)
+	if r.err != nil {
+		t.Fatalf("forced install: %v\n%s", r.err, r.out)
+	}
+	if b, _ := os.ReadFile(fs.stdin); strings.TrimSpace(string(b)) != testToken {
+		t.Errorf("enroll got %q on stdin, want the token", b)
+	}
+	calls := strings.Join(fs.calls(t), "\n")
+	if i, j := strings.Index(calls, "runuser"), strings.Index(calls, "systemctl restart device-agent.service"); i < 0 || j < i || strings.Contains(calls, "systemctl start") {
+		t.Errorf("calls:\n%s", calls)
+	}
+}
+
+// The README's upgrade command, re-run on an enrolled device with nothing
+// on stdin, upgrades without asking for a token.
+func TestInstallScriptUpgradeIgnoresTokenStdin(t *testing.T) {
+	dist := fakeDist(t)
+	root := enrolledRoot(t)
+	cmd := exec.Command(shell(t), "../scripts/install-agent.sh", "--root", root, "--dist", dist, "--server", "https://s:8443", "--token", "-")
+	cmd.Env = append(os.Environ(), "UNAME_M=x86_64")
+	cmd.Stdin = strings.NewReader("")
+	out, err := cmd.CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "already enrolled") || strings.Contains(string(out), " enroll --state-dir") {
+		t.Errorf("upgrade with --token - and empty stdin: %v\n%s", err, out)
+	}
+	if b, _ := os.ReadFile(filepath.Join(root, "usr/local/bin/device-agent")); !strings.Contains(string(b), "amd64") {
+		t.Errorf("binary not upgraded: %q", b)
+	}
+
+	// Enrolling does need it, and an empty one is named as such.
+	cmd = exec.Command(shell(t), "../scripts/install-agent.sh", "--root", t.TempDir(), "--dist", dist, "--server", "https://s:8443", "--token", "-")
+	cmd.Env = append(os.Environ(), "UNAME_M=x86_64")
+	cmd.Stdin = strings.NewReader("\n")
+	if out, err := cmd.CombinedOutput(); err == nil || !strings.Contains(string(out), "the token read from stdin is empty") {
+		t.Errorf("empty token on stdin: %v\n%s", err, out)
+	}
+}
+
+func TestInstallScriptPurgeNeedsUninstall(t *testing.T) {
+	root := enrolledRoot(t)
+	r := runInstall(t, root, "x86_64", "--dist", fakeDist(t), "--purge")
+	if r.err == nil || !strings.Contains(r.out, "--purge only goes with --uninstall") {
+		t.Errorf("--purge alone: %v\n%s", r.err, r.out)
+	}
+	if _, err := os.Stat(filepath.Join(root, "usr/local/bin/device-agent")); !os.IsNotExist(err) {
+		t.Error("--purge alone went on to install")
+	}
+	if _, err := os.Stat(filepath.Join(root, "var/lib/device-agent/cert.pem")); err != nil {
+		t.Error("--purge alone deleted the identity")
+	}
+}
+
+// The token goes through stdin, never on a command line: the script's own
+// examples must not show otherwise.
+func TestInstallScriptExamplesKeepTokenOffCommandLine(t *testing.T) {
+	b, err := os.ReadFile("../scripts/install-agent.sh")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, line := range strings.Split(string(b), "\n") {
+		if strings.HasPrefix(line, "#") && strings.Contains(line, "--token") && !strings.Contains(line, "--token -") {
+			t.Errorf("line %d shows a token on the command line: %s", i+1, line)
+		}
 	}
 }

@@ -3,7 +3,9 @@
 # any systemd Linux). Idempotent: running it again upgrades the binary and
 # the unit and keeps the enrollment.
 #
-#   sudo sh install-agent.sh --server https://fleet.example:8443 --token fmq1.... [--id pi-kitchen]
+#   sudo sh install-agent.sh --server https://fleet.example:8443 --token - [--id pi-kitchen]
+#   (paste the token, Enter: it goes through stdin, never on a command line,
+#   where `ps` and the shell history would show it)
 #   sudo sh install-agent.sh --uninstall [--purge]
 #
 # The binary is taken from --binary, or from --dist DIR (default: this
@@ -13,7 +15,8 @@
 #
 # --root DIR installs into DIR instead of / (for tests and image builds): it
 # writes only below DIR and prints the system commands (useradd, chown,
-# runuser, systemctl) instead of running them.
+# runuser, systemctl) instead of running them. For tests, RUN_SYSTEM_COMMANDS=1
+# runs them anyway, as found on PATH (fakes), with the same arguments.
 set -eu
 
 NAME=device-agent
@@ -30,8 +33,9 @@ usage: install-agent.sh --server URL --token TOKEN [--id ID] [--force]
        install-agent.sh --uninstall [--purge] [--root DIR]
 
   --server URL    enrollment server, https://host:port
-  --token TOKEN   bootstrap token ("-" reads it from stdin); not needed when
-                  the device is already enrolled
+  --token TOKEN   bootstrap token; "-" reads it from stdin, which keeps it
+                  out of `ps` and the shell history. Read and needed only
+                  when enrolling (not on an upgrade of an enrolled device)
   --id ID         device id to ask for (default: the id bound to the token)
   --force         enroll again even if already enrolled
   --binary PATH   agent binary to install
@@ -51,9 +55,9 @@ say() {
 	printf '%s\n' "$*"
 }
 
-# sys runs a system command, or prints it with --root.
+# sys runs a system command, or prints it with --root (see DRY below).
 sys() {
-	if [ -n "$ROOT" ]; then
+	if [ -n "$DRY" ]; then
 		say "would run: $*"
 	else
 		"$@"
@@ -96,10 +100,20 @@ while [ $# -gt 0 ]; do
 	esac
 done
 
+if [ -n "$PURGE" ] && [ -z "$UNINSTALL" ]; then
+	# Going on to install would ignore it; deleting the identity is never a guess.
+	die "--purge only goes with --uninstall (it deletes the device's identity); nothing done"
+fi
+
 if [ -n "$ROOT" ]; then
 	mkdir -p "$ROOT" || die "cannot create $ROOT"
 	ROOT=$(cd "$ROOT" && pwd) || die "bad --root $ROOT"
 	[ "$ROOT" != / ] || ROOT=
+fi
+# DRY: print the system commands instead of running them.
+DRY=
+if [ -n "$ROOT" ] && [ "${RUN_SYSTEM_COMMANDS:-}" != 1 ]; then
+	DRY=1
 fi
 if [ -z "$ROOT" ] && [ "$(id -u)" -ne 0 ]; then
 	die "run as root (sudo), or use --root DIR"
@@ -148,14 +162,21 @@ UNIT_SRC=$DIST/$NAME.service
 [ -f "$UNIT_SRC" ] || UNIT_SRC=$SCRIPT_DIR/$NAME.service
 [ -f "$UNIT_SRC" ] || die "no $NAME.service next to the binary or this script"
 
-if [ "$TOKEN" = - ]; then
-	IFS= read -r TOKEN || [ -n "$TOKEN" ] || die "no token on stdin"
-fi
-
 ENROLLED=
 [ -f "$ROOT$STATE_PATH/cert.pem" ] && ENROLLED=1
+ENROLL=
 if [ -z "$ENROLLED" ] || [ -n "$FORCE" ]; then
+	ENROLL=1
+fi
+# The token is read and required only when enrolling: the README's upgrade
+# command (--token -) must work on an enrolled device with nothing on stdin.
+if [ -n "$ENROLL" ]; then
 	[ -n "$SERVER" ] || die "--server is required to enroll"
+	if [ "$TOKEN" = - ]; then
+		TOKEN=
+		IFS= read -r TOKEN || [ -n "$TOKEN" ] || die "--token -: no token on stdin (paste it, then Enter)"
+		[ -n "$TOKEN" ] || die "--token -: the token read from stdin is empty"
+	fi
 	[ -n "$TOKEN" ] || die "--token is required to enroll"
 fi
 
@@ -204,25 +225,42 @@ as_agent() {
 	fi
 }
 
-if [ -n "$ENROLLED" ] && [ -z "$FORCE" ]; then
+if [ -z "$ENROLL" ]; then
 	say "already enrolled; keeping the identity in $STATE_PATH (--force enrolls again)"
 else
 	set -- "$BIN_PATH" enroll --state-dir "$STATE_PATH" --server "$SERVER" --token -
 	[ -z "$DEVICE_ID" ] || set -- "$@" --id "$DEVICE_ID"
 	[ -z "$FORCE" ] || set -- "$@" --force
-	if [ -n "$ROOT" ]; then
+	if [ -n "$DRY" ]; then
 		say "would run as $AGENT_USER: $* (token on stdin)"
 	else
+		# enroll --force refuses while the agent runs. A failed enrollment
+		# (a bad or expired token) changes nothing on disk, so the service
+		# goes back to work with its old identity instead of leaving a
+		# working device offline.
+		WAS_UP=
 		if [ -n "$FORCE" ]; then
+			if systemctl is-active --quiet "$NAME.service" 2>/dev/null ||
+				systemctl is-enabled --quiet "$NAME.service" 2>/dev/null; then
+				WAS_UP=1
+			fi
 			systemctl stop "$NAME.service" 2>/dev/null || true
 		fi
-		as_agent "$@" || die "enrollment failed (see the message above)"
+		if ! as_agent "$@"; then
+			if [ -z "$WAS_UP" ]; then
+				die "enrollment failed (see the message above)"
+			fi
+			if systemctl start "$NAME.service"; then
+				die "enrollment failed (see the message above); the previous identity is kept and $NAME.service was started again with it"
+			fi
+			die "enrollment failed (see the message above), and starting $NAME.service again failed too: see systemctl status $NAME"
+		fi
 	fi
 fi
 
 # ---- enable and start ----------------------------------------------------------------
 
-if [ -n "$ROOT" ]; then
+if [ -n "$DRY" ]; then
 	# What `systemctl enable` does, inside the root.
 	mkdir -p "$ROOT$WANTS_DIR"
 	ln -sf "$UNIT_PATH" "$ROOT$WANTS_DIR/$NAME.service"

@@ -28,7 +28,8 @@ commands:
                   enroll this device (TOKEN "-" reads it from stdin)
   run [--interval 30s]
                   publish telemetry and keep the certificate fresh
-  status [--json] show the enrollment and connection state
+  status [--json] show the enrollment and connection state (exit 1 if the
+                  identity or state.json is broken)
   renew           renew the certificate now
   version         print the version
 
@@ -112,6 +113,9 @@ func Main(ctx context.Context, args []string, std Stdio, version string) int {
 			if tok, err = readLine(std.In); err != nil {
 				return fail(fmt.Errorf("read token from stdin: %w", err))
 			}
+			if tok == "" {
+				return fail(errors.New("--token -: the token read from stdin is empty (pipe or paste it in, then Enter)"))
+			}
 		}
 		if *server == "" || tok == "" {
 			fmt.Fprintln(std.Err, "device-agent enroll: --server and --token are required")
@@ -151,6 +155,10 @@ func Main(ctx context.Context, args []string, std Stdio, version string) int {
 			}
 		} else if err := s.WriteText(std.Out, time.Now()); err != nil {
 			return fail(err)
+		}
+		if s.Broken != "" {
+			// `run` would fail: scripts and monitoring see it in the code.
+			return 1
 		}
 	case "renew":
 		res, err := Renew(ctx, cfg)

@@ -50,15 +50,22 @@ type Config struct {
 	Grace time.Duration
 
 	// RetryMin and RetryMax bound the exponential backoff of failed
-	// renewals. Defaults 10s and 1h.
+	// renewals: retry n (from 0) waits a random time in [d/2, d] with
+	// d = min(RetryMin·2ⁿ, RetryMax) (see backoff). Defaults 10s and 1h.
 	RetryMin time.Duration
 	RetryMax time.Duration
-	// BlockedRetryMin and BlockedRetryMax bound the backoff while the device
-	// is revoked or needs a new token. Defaults 1h and 24h.
+	// BlockedRetryMin and BlockedRetryMax bound the backoff, drawn the same
+	// way, while the device is revoked or needs a new token. Defaults 1h
+	// and 24h.
 	BlockedRetryMin time.Duration
 	BlockedRetryMax time.Duration
+	// RenewCommandInterval is the least time between the last renewal (or
+	// accepted renew command) and a renew command that is obeyed: a backend
+	// stuck in a loop must not wear the SD card or load the CA. Scheduled
+	// renewals are not limited by it. Default 10m.
+	RenewCommandInterval time.Duration
 	// ConnectRetryMin and ConnectRetryMax bound the backoff between broker
-	// connection attempts. Defaults 1s and 2m.
+	// connection attempts, drawn the same way. Defaults 1s and 2m.
 	ConnectRetryMin time.Duration
 	ConnectRetryMax time.Duration
 
@@ -121,6 +128,7 @@ func (c Config) withDefaults() Config {
 	setDur(&c.RetryMax, time.Hour)
 	setDur(&c.BlockedRetryMin, time.Hour)
 	setDur(&c.BlockedRetryMax, 24*time.Hour)
+	setDur(&c.RenewCommandInterval, 10*time.Minute)
 	setDur(&c.ConnectRetryMin, time.Second)
 	setDur(&c.ConnectRetryMax, 2*time.Minute)
 	setDur(&c.ConnectTimeout, 30*time.Second)

@@ -15,7 +15,9 @@
 //   - run.lock is held by `run` for its whole life, so two agents never
 //     deliver the same queue; `status` probes it to tell whether an agent runs.
 //   - identity.lock is held around every change of the key pair (enroll,
-//     renew), including the HTTPS request, so two renewals never race.
+//     renew), including the HTTPS request, so two renewals never race;
+//     `status` takes it shared (opened read-only, never created) while it
+//     checks the key pair, so it does not mistake a commit for a break.
 //   - state.lock is held for the short read-modify-write of state.json.
 //
 // `device-agent renew` renews by itself under identity.lock. A running agent

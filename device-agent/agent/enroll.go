@@ -56,6 +56,9 @@ func Enroll(ctx context.Context, cfg Config, opts EnrollOptions) (EnrollResult, 
 		}
 	}
 	dir := cfg.StateDir
+	if err := checkStateOwner(dir, "enroll", os.Geteuid()); err != nil {
+		return EnrollResult{}, err
+	}
 	if err := ensureStateDir(dir); err != nil {
 		return EnrollResult{}, err
 	}
@@ -66,10 +69,16 @@ func Enroll(ctx context.Context, cfg Config, opts EnrollOptions) (EnrollResult, 
 	defer l.unlock()
 	removeTemps(dir)
 
-	cur, err := loadIdentity(dir)
+	cur, err := loadIdentity(dir, cfg.Logger)
 	switch {
 	case err == nil && !opts.Force:
-		st, _ := readState(dir)
+		st, err := readState(dir)
+		if errors.Is(err, ErrNotEnrolled) {
+			err = errStateMissing // "already enrolled" would leave a device that cannot run
+		}
+		if err != nil {
+			return EnrollResult{}, err
+		}
 		return EnrollResult{DeviceID: cur.deviceID, NotAfter: cur.leaf.NotAfter, BrokerURL: st.BrokerURL, AlreadyEnrolled: true}, nil
 	case err != nil && !errors.Is(err, ErrNotEnrolled) && !opts.Force:
 		return EnrollResult{}, fmt.Errorf("%w (use --force to enroll again)", err)
@@ -114,14 +123,12 @@ func Enroll(ctx context.Context, cfg Config, opts EnrollOptions) (EnrollResult, 
 	}
 	now := cfg.Now()
 	ss := &stateStore{dir: dir}
-	err = ss.update(ctx, func(s *State) {
-		*s = State{
-			DeviceID:   id.deviceID,
-			ServerURL:  base.String(),
-			BrokerURL:  brokerURL,
-			EnrolledAt: now,
-			NotAfter:   id.leaf.NotAfter,
-		}
+	err = ss.replace(ctx, State{
+		DeviceID:   id.deviceID,
+		ServerURL:  base.String(),
+		BrokerURL:  brokerURL,
+		EnrolledAt: now,
+		NotAfter:   id.leaf.NotAfter,
 	})
 	if err != nil {
 		return EnrollResult{}, err

@@ -11,6 +11,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/rs/zerolog"
 )
 
 func testConfig(tb testing.TB, dir string) Config {
@@ -52,7 +54,7 @@ func TestEnroll(t *testing.T) {
 	if err != nil || s.DeviceID != "pi-1" || s.ServerURL != f.srv.URL || s.BrokerURL != res.BrokerURL || s.EnrolledAt.IsZero() {
 		t.Errorf("state %+v, %v", s, err)
 	}
-	id, err := loadIdentity(dir)
+	id, err := loadIdentity(dir, zerolog.Nop())
 	if err != nil || id.deviceID != "pi-1" {
 		t.Fatalf("identity %v, %v", id, err)
 	}
@@ -209,14 +211,14 @@ func TestRenew(t *testing.T) {
 	f := newFakeServer(t, newTestCA(t))
 	dir := t.TempDir()
 	enrollTest(t, f, dir, "pi-1")
-	before, _ := loadIdentity(dir)
+	before, _ := loadIdentity(dir, zerolog.Nop())
 	keyBefore, _ := os.ReadFile(filepath.Join(dir, keyFile))
 
 	res, err := Renew(context.Background(), testConfig(t, dir))
 	if err != nil {
 		t.Fatalf("Renew: %v", err)
 	}
-	after, _ := loadIdentity(dir)
+	after, _ := loadIdentity(dir, zerolog.Nop())
 	keyAfter, _ := os.ReadFile(filepath.Join(dir, keyFile))
 	if after.serial() == before.serial() || bytes.Equal(keyBefore, keyAfter) {
 		t.Error("renewal kept the certificate or the key")
@@ -237,7 +239,7 @@ func TestRenewAfterExpiry(t *testing.T) {
 	f := newFakeServer(t, newTestCA(t))
 	dir := t.TempDir()
 	enrollTest(t, f, dir, "pi-1")
-	before, _ := loadIdentity(dir)
+	before, _ := loadIdentity(dir, zerolog.Nop())
 	// The agent believes the certificate expired a day ago: it must use
 	// the signed proof, not mTLS.
 	cfg := testConfig(t, dir)
@@ -248,7 +250,7 @@ func TestRenewAfterExpiry(t *testing.T) {
 	if mtls, proof := f.counts(); mtls != 0 || proof != 1 {
 		t.Errorf("renewals mtls=%d proof=%d, want 0, 1", mtls, proof)
 	}
-	after, _ := loadIdentity(dir)
+	after, _ := loadIdentity(dir, zerolog.Nop())
 	if after.serial() == before.serial() {
 		t.Error("certificate not replaced")
 	}
@@ -277,7 +279,7 @@ func TestRenewFailuresKeepKeyMaterial(t *testing.T) {
 				f.set(func(f *fakeServer) { f.lifetime = -30 * time.Second })
 			}
 			enrollTest(t, f, dir, "pi-1")
-			before, _ := loadIdentity(dir)
+			before, _ := loadIdentity(dir, zerolog.Nop())
 			keyBefore, _ := os.ReadFile(filepath.Join(dir, keyFile))
 			f.set(c.setup)
 			cfg := testConfig(t, dir)
@@ -295,7 +297,7 @@ func TestRenewFailuresKeepKeyMaterial(t *testing.T) {
 				t.Errorf("error %q lacks %q", err, c.advice)
 			}
 			keyAfter, _ := os.ReadFile(filepath.Join(dir, keyFile))
-			after, err := loadIdentity(dir)
+			after, err := loadIdentity(dir, zerolog.Nop())
 			if err != nil || after.serial() != before.serial() || !bytes.Equal(keyBefore, keyAfter) {
 				t.Error("a failed renewal changed the key material")
 			}
@@ -307,7 +309,7 @@ func TestRenewAdoptsRenewalByAnotherProcess(t *testing.T) {
 	f := newFakeServer(t, newTestCA(t))
 	dir := t.TempDir()
 	enrollTest(t, f, dir, "pi-1")
-	stale, _ := loadIdentity(dir)
+	stale, _ := loadIdentity(dir, zerolog.Nop())
 	if _, err := Renew(context.Background(), testConfig(t, dir)); err != nil {
 		t.Fatal(err)
 	}

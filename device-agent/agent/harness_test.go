@@ -6,6 +6,7 @@ package agent
 // the agent binary never links it (see ../deps_test.go).
 
 import (
+	"bufio"
 	"crypto/ecdsa"
 	"crypto/sha256"
 	"crypto/tls"
@@ -404,6 +405,99 @@ func eventually(tb testing.TB, timeout time.Duration, what string, cond func() b
 		case <-deadline.C:
 			tb.Fatalf("timed out after %v waiting for %s", timeout, what)
 		case <-tick.C:
+		}
+	}
+}
+
+// hangingBroker is a broker that stops answering: it accepts TCP and then
+// says nothing (not even the TLS handshake), or, with connack, completes
+// the handshake and CONNACKs, then reads and never acknowledges anything.
+type hangingBroker struct {
+	url     string
+	packets chan byte // type of every packet read after CONNACK; a value on accept without connack
+
+	mu    sync.Mutex
+	conns []net.Conn
+}
+
+func newHangingBroker(tb testing.TB, ca *testCA, connack bool) *hangingBroker {
+	tb.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	h := &hangingBroker{url: "mqtts://" + ln.Addr().String(), packets: make(chan byte, 100)}
+	tlsConf := &tls.Config{Certificates: []tls.Certificate{ca.serverTLS(tb)}, ClientAuth: tls.RequestClientCert}
+	var wg sync.WaitGroup
+	tb.Cleanup(func() {
+		_ = ln.Close()
+		h.mu.Lock()
+		for _, c := range h.conns {
+			_ = c.Close()
+		}
+		h.mu.Unlock()
+		wg.Wait()
+	})
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			h.mu.Lock()
+			h.conns = append(h.conns, c)
+			h.mu.Unlock()
+			if !connack {
+				select {
+				case h.packets <- 0:
+				default:
+				}
+				continue // holds the connection, says nothing
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				h.serve(tls.Server(c, tlsConf))
+			}()
+		}
+	}()
+	return h
+}
+
+// serve answers CONNECT, then reports and ignores every packet.
+func (h *hangingBroker) serve(c net.Conn) {
+	r := bufio.NewReader(c)
+	for first := true; ; first = false {
+		typ, err := r.ReadByte()
+		if err != nil {
+			return
+		}
+		var n, shift int
+		for {
+			b, err := r.ReadByte()
+			if err != nil {
+				return
+			}
+			n |= int(b&0x7f) << shift
+			shift += 7
+			if b&0x80 == 0 {
+				break
+			}
+		}
+		if _, err := io.CopyN(io.Discard, r, int64(n)); err != nil {
+			return
+		}
+		if first {
+			if _, err := c.Write([]byte{0x20, 0x02, 0x00, 0x00}); err != nil { // CONNACK, accepted
+				return
+			}
+			continue
+		}
+		select {
+		case h.packets <- typ >> 4:
+		default:
 		}
 	}
 }

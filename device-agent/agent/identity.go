@@ -15,6 +15,8 @@ import (
 	"os"
 	"path/filepath"
 	"time"
+
+	"github.com/rs/zerolog"
 )
 
 // identity is the device's key pair and trust anchors as loaded from the
@@ -194,36 +196,58 @@ func readOptional(path string) ([]byte, error) {
 	return b, nil
 }
 
-// loadIdentity reads the key pair, finishing or discarding a commit that a
-// crash interrupted (see commitIdentity). The caller holds identity.lock.
+// ErrKeyMissing is a cert.pem without its key.pem. No crash leaves that
+// (commitIdentity puts the key in place first): the key was deleted, and
+// nothing brings it back.
+var ErrKeyMissing = errors.New("key.pem is missing although cert.pem is there: the private key cannot be recovered; " + adviceReenroll)
+
+// identityPick is the key pair loadIdentity settles on, found without
+// changing anything in the folder.
+type identityPick struct {
+	key     crypto.Signer
+	leaf    *x509.Certificate
+	certPEM []byte
+	caPEM   []byte
+	// What the folder holds besides the winner under its canonical names;
+	// loadIdentity renames or removes these.
+	keyNext, certNext, caNext bool // the winner's file is the .next one
+	staleKey, staleCert       bool // a .next file not part of the winner
+	staleCA                   bool // a ca.pem.next the winner does not chain to
+}
+
+// pickIdentity reads the candidate key pairs and picks the one loadIdentity
+// uses, changing nothing: `status` calls it too.
 //
 // Candidates are {key.pem, key.pem.next} × {cert.pem, cert.pem.next}; of the
 // pairs whose certificate matches its key, the most recently issued (latest
-// NotBefore) wins and is moved to the canonical names. A .next file that is
-// not part of the winner belongs to an aborted commit whose certificate was
-// never fully written, so removing it loses nothing usable.
-func loadIdentity(dir string) (*identity, error) {
+// NotBefore) wins. A .next file that is not part of the winner belongs to an
+// aborted commit whose certificate was never fully written. The .next names
+// are read first: a commit renames .next to canonical, so a reader racing
+// it sees each new file under one name or the other.
+func pickIdentity(dir string) (*identityPick, error) {
 	p := func(name string) string { return filepath.Join(dir, name) }
-	var keys, certs [2][]byte
-	var err error
-	for i, name := range []string{keyFile, keyFile + nextSuffix} {
-		if keys[i], err = readOptional(p(name)); err != nil {
-			return nil, err
+	names := [2][2]string{{keyFile, keyFile + nextSuffix}, {certFile, certFile + nextSuffix}}
+	var files [2][2][]byte // [key, cert][canonical, next]
+	for kind := range names {
+		for _, i := range []int{1, 0} {
+			b, err := readOptional(p(names[kind][i]))
+			if err != nil {
+				return nil, err
+			}
+			files[kind][i] = b
 		}
 	}
-	for i, name := range []string{certFile, certFile + nextSuffix} {
-		if certs[i], err = readOptional(p(name)); err != nil {
-			return nil, err
-		}
-	}
-	if (keys[0] == nil && keys[1] == nil) || (certs[0] == nil && certs[1] == nil) {
+	keys, certs := files[0], files[1]
+	switch {
+	case certs[0] == nil && certs[1] == nil:
 		// Without a certificate a key is useless: a first enrollment that
 		// crashed before its certificate was written starts over.
 		return nil, ErrNotEnrolled
+	case keys[0] == nil && keys[1] == nil:
+		return nil, ErrKeyMissing
 	}
 
-	var bestKey crypto.Signer
-	var bestLeaf *x509.Certificate
+	var best identityPick
 	bk, bc := -1, -1
 	var firstErr error
 	for ki := range keys {
@@ -232,7 +256,7 @@ func loadIdentity(dir string) (*identity, error) {
 		}
 		k, err := parseKey(keys[ki])
 		if err != nil {
-			firstErr = cmpErr(firstErr, err)
+			firstErr = cmpErr(firstErr, fmt.Errorf("%s: %w", names[0][ki], err))
 			continue
 		}
 		for ci := range certs {
@@ -241,73 +265,150 @@ func loadIdentity(dir string) (*identity, error) {
 			}
 			chain, err := parseCerts(certs[ci])
 			if err != nil {
-				firstErr = cmpErr(firstErr, err)
+				firstErr = cmpErr(firstErr, fmt.Errorf("%s: %w", names[1][ci], err))
 				continue
 			}
 			if !publicKeysEqual(chain[0], k) {
-				firstErr = cmpErr(firstErr, errors.New("certificate does not match the key"))
+				firstErr = cmpErr(firstErr, fmt.Errorf("%s does not match %s (the certificate of another key, or of another device)",
+					names[1][ci], names[0][ki]))
 				continue
 			}
-			if bestLeaf == nil || !chain[0].NotBefore.Before(bestLeaf.NotBefore) {
-				bestKey, bestLeaf, bk, bc = k, chain[0], ki, ci
+			if best.leaf == nil || !chain[0].NotBefore.Before(best.leaf.NotBefore) {
+				best.key, best.leaf, best.certPEM, bk, bc = k, chain[0], certs[ci], ki, ci
 			}
 		}
 	}
-	if bestLeaf == nil {
+	if best.leaf == nil {
 		if firstErr == nil {
 			firstErr = errors.New("no certificate")
 		}
 		return nil, fmt.Errorf("load identity: %w", firstErr)
 	}
+	best.keyNext, best.certNext = bk == 1, bc == 1
+	best.staleKey = bk == 0 && keys[1] != nil
+	best.staleCert = bc == 0 && certs[1] != nil
 
-	// Roll the winner forward to the canonical names.
-	if bk == 1 {
-		if err := os.Rename(p(keyFile+nextSuffix), p(keyFile)); err != nil {
-			return nil, fmt.Errorf("finish key commit: %w", err)
-		}
-	} else if keys[1] != nil {
-		_ = os.Remove(p(keyFile + nextSuffix))
-	}
-	if bc == 1 {
-		if err := os.Rename(p(certFile+nextSuffix), p(certFile)); err != nil {
-			return nil, fmt.Errorf("finish certificate commit: %w", err)
-		}
-	} else if certs[1] != nil {
-		_ = os.Remove(p(certFile + nextSuffix))
-	}
-	caPEM, err := readOptional(p(caFile))
+	caNext, err := readOptional(p(caFile + nextSuffix))
 	if err != nil {
 		return nil, err
 	}
-	caNext, err := readOptional(p(caFile + nextSuffix))
+	caPEM, err := readOptional(p(caFile))
 	if err != nil {
 		return nil, err
 	}
 	if caNext != nil {
 		// Written before the key pair: it belongs to the winner if the
 		// winner chains to it; otherwise its commit was aborted.
-		if verifiesAgainst(bestLeaf, caNext) == nil {
-			if err := os.Rename(p(caFile+nextSuffix), p(caFile)); err != nil {
-				return nil, fmt.Errorf("finish ca commit: %w", err)
-			}
-			caPEM = caNext
+		if verifiesAgainst(best.leaf, caNext) == nil {
+			best.caNext, caPEM = true, caNext
 		} else {
-			_ = os.Remove(p(caFile + nextSuffix))
+			best.staleCA = true
 		}
 	}
 	if caPEM == nil {
 		return nil, errors.New("load identity: ca.pem missing")
 	}
-	if keys[1] != nil || certs[1] != nil || caNext != nil {
+	best.caPEM = caPEM
+	return &best, nil
+}
+
+// loadIdentity reads the key pair, finishing or discarding a commit that a
+// crash interrupted (see commitIdentity and pickIdentity), and makes sure
+// key.pem is private. The caller holds identity.lock.
+func loadIdentity(dir string, log zerolog.Logger) (*identity, error) {
+	p := func(name string) string { return filepath.Join(dir, name) }
+	pick, err := pickIdentity(dir)
+	if err != nil {
+		return nil, err
+	}
+	// Roll the winner forward to the canonical names.
+	for _, f := range []struct {
+		name        string
+		next, stale bool
+	}{
+		{keyFile, pick.keyNext, pick.staleKey},
+		{certFile, pick.certNext, pick.staleCert},
+		{caFile, pick.caNext, pick.staleCA},
+	} {
+		if f.next {
+			if err := os.Rename(p(f.name+nextSuffix), p(f.name)); err != nil {
+				return nil, fmt.Errorf("finish commit of %s: %w", f.name, err)
+			}
+		} else if f.stale {
+			_ = os.Remove(p(f.name + nextSuffix))
+		}
+	}
+	if pick.keyNext || pick.certNext || pick.caNext || pick.staleKey || pick.staleCert || pick.staleCA {
 		if err := syncDir(dir); err != nil {
 			return nil, err
 		}
 	}
-	certPEM, err := os.ReadFile(p(certFile))
-	if err != nil {
-		return nil, fmt.Errorf("read certificate: %w", err)
+	if err := ensureKeyPrivate(p(keyFile), log); err != nil {
+		return nil, err
 	}
-	return identityFromKey(bestKey, certPEM, caPEM)
+	return pick.identity()
+}
+
+// identity assembles the picked pair and checks what every committed
+// identity satisfies (acceptCertResponse checked more before the commit):
+// the certificate names a device and was issued by a CA of the bundle next
+// to it. A ca.pem swapped for another fleet's would otherwise only show as
+// TLS failures, over and over.
+func (pick *identityPick) identity() (*identity, error) {
+	id, err := identityFromKey(pick.key, pick.certPEM, pick.caPEM)
+	if err != nil {
+		return nil, err
+	}
+	if err := signedByBundle(id.leaf, id.caPEM); err != nil {
+		return nil, err
+	}
+	return id, nil
+}
+
+// signedByBundle checks that a CA of the bundle signed leaf. Unlike
+// verifiesAgainst it looks at no date: whether the files belong together
+// must not depend on the clock, nor on how the CA's validity and the
+// leaf's backdating line up.
+func signedByBundle(leaf *x509.Certificate, caPEM []byte) error {
+	cas, err := parseCerts(caPEM)
+	if err != nil {
+		return fmt.Errorf("ca.pem: %w", err)
+	}
+	for _, ca := range cas {
+		if leaf.CheckSignatureFrom(ca) == nil {
+			return nil
+		}
+	}
+	return errors.New("cert.pem was not issued by a CA in ca.pem (is ca.pem another fleet's?)")
+}
+
+// keyModeProblem describes a key file that users other than its owner may
+// access, or returns "".
+func keyModeProblem(mode fs.FileMode) string {
+	if mode.Perm()&0o077 == 0 {
+		return ""
+	}
+	return fmt.Sprintf("key.pem has mode %04o: other users may read the private key", mode.Perm())
+}
+
+// ensureKeyPrivate gives key.pem mode 0600 if group or others have any
+// access (a copy or restore with the wrong umask), and refuses to go on if
+// it cannot: a key others can read is no proof of identity.
+func ensureKeyPrivate(path string, log zerolog.Logger) error {
+	st, err := os.Stat(path)
+	if err != nil {
+		return fmt.Errorf("check key mode: %w", err)
+	}
+	problem := keyModeProblem(st.Mode())
+	if problem == "" {
+		return nil
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		return fmt.Errorf("%s, and making it 0600 failed: %w (run chmod 600 %s as its owner)", problem, err, path)
+	}
+	log.Warn().Str("file", path).Str("old_mode", fmt.Sprintf("%04o", st.Mode().Perm())).
+		Msg(problem + "; set it to 0600. Anyone who read it may hold a copy: device-agent renew replaces the key")
+	return nil
 }
 
 func cmpErr(first, err error) error {

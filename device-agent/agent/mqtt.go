@@ -23,7 +23,8 @@ const (
 const offlineTimeout = 3 * time.Second
 
 // session runs one MQTT connection until it fails, the identity changes or
-// ctx ends; connected reports whether the broker accepted the connection. paho's own reconnect is off: each attempt is a fresh client, so
+// ctx ends; connected reports whether the broker accepted the connection.
+// paho's own reconnect is off: each attempt is a fresh client, so
 // every connection goes through the clock and revocation checks of
 // connectLoop, and the offline queue (not paho's store) holds the messages.
 func (a *runner) session(ctx context.Context, id *identity, broker string, changed <-chan struct{}) (connected bool, _ error) {
@@ -61,12 +62,17 @@ func (a *runner) session(ctx context.Context, id *identity, broker string, chang
 			}
 		})
 	c := mqtt.NewClient(opts)
-	tok := c.Connect()
-	if !tok.WaitTimeout(a.cfg.ConnectTimeout + 5*time.Second) {
-		c.Disconnect(0)
-		return false, errors.New("connect: timed out")
-	}
-	if err := tok.Error(); err != nil {
+	// paho bounds the attempt by ConnectTimeout itself; the extra margin
+	// only guards against a token that never completes. ctx is watched
+	// too: a broker that accepts TCP and never answers must not keep a
+	// stopping agent past systemd's TimeoutStopSec (30 s), or it is killed
+	// before it saves the queue's delivery pointer.
+	if err := await(ctx, c.Connect(), a.cfg.ConnectTimeout+5*time.Second); err != nil {
+		if errors.Is(err, errTokenTimeout) || ctx.Err() != nil {
+			// Returns at once; paho ends the attempt in the background
+			// (the process is exiting, or the next attempt is a new client).
+			c.Disconnect(0)
+		}
 		return false, fmt.Errorf("connect %s: %w", broker, err)
 	}
 
@@ -85,7 +91,21 @@ func (a *runner) session(ctx context.Context, id *identity, broker string, chang
 		})
 	}
 
-	if err := a.wait(c.Publish(statusTopic, 1, true, statusOnline)); err != nil {
+	shutdown := func() {
+		// A clean DISCONNECT discards the will, so say it ourselves;
+		// briefly: systemd allows 30 s for the whole stop.
+		if t := c.Publish(statusTopic, 1, true, statusOffline); !t.WaitTimeout(offlineTimeout) || t.Error() != nil {
+			a.log.Warn().Err(t.Error()).Msg("publish offline status")
+		}
+		stop()
+	}
+
+	if err := a.wait(ctx, c.Publish(statusTopic, 1, true, statusOnline)); err != nil {
+		if ctx.Err() != nil {
+			// "online" may have reached the broker: take it back.
+			shutdown()
+			return true, nil
+		}
 		stop()
 		return true, fmt.Errorf("publish status: %w", err)
 	}
@@ -99,7 +119,11 @@ func (a *runner) session(ctx context.Context, id *identity, broker string, chang
 	}
 	filter := deviceTopic(id.deviceID, topicCommands) + "/#"
 	st := c.Subscribe(filter, 1, handler)
-	if err := a.wait(st); err != nil {
+	if err := a.wait(ctx, st); err != nil {
+		if ctx.Err() != nil {
+			shutdown()
+			return true, nil
+		}
 		stop()
 		return true, fmt.Errorf("subscribe: %w", err)
 	}
@@ -115,14 +139,6 @@ func (a *runner) session(ctx context.Context, id *identity, broker string, chang
 	})
 	a.log.Info().Str("broker", broker).Str("serial", id.serial()).Msg("connected")
 
-	shutdown := func() {
-		// A clean DISCONNECT discards the will, so say it ourselves;
-		// briefly: systemd allows 30 s for the whole stop.
-		if t := c.Publish(statusTopic, 1, true, statusOffline); !t.WaitTimeout(offlineTimeout) || t.Error() != nil {
-			a.log.Warn().Err(t.Error()).Msg("publish offline status")
-		}
-		stop()
-	}
 	senderRunning = true
 	go func() { sendErr <- a.sendLoop(sctx, c, id.deviceID) }()
 	for {
@@ -146,17 +162,34 @@ func (a *runner) session(ctx context.Context, id *identity, broker string, chang
 			stop()
 			return true, err
 		case m := <-msgs:
-			a.handleMessage(c, id, m)
+			a.handleMessage(ctx, c, id, m)
 		}
 	}
 }
 
-// wait waits for a token with a bound: paho's Wait can hang forever.
-func (a *runner) wait(t mqtt.Token) error {
-	if !t.WaitTimeout(a.cfg.PublishTimeout) {
-		return errors.New("timed out waiting for the broker")
+// errTokenTimeout is returned by await when the broker did not answer in time.
+var errTokenTimeout = errors.New("timed out waiting for the broker")
+
+// await waits for a paho token until it completes, d passes or ctx ends.
+// paho's Wait can hang forever, and WaitTimeout cannot be interrupted: a
+// broker that stops answering would hold a stopping agent for the whole
+// timeout.
+func await(ctx context.Context, t mqtt.Token, d time.Duration) error {
+	timer := time.NewTimer(d)
+	defer timer.Stop()
+	select {
+	case <-t.Done():
+		return t.Error()
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-timer.C:
+		return errTokenTimeout
 	}
-	return t.Error()
+}
+
+// wait waits for a publish or subscribe token, see await.
+func (a *runner) wait(ctx context.Context, t mqtt.Token) error {
+	return await(ctx, t, a.cfg.PublishTimeout)
 }
 
 // sendLoop drains the queue in order with QoS 1, removing a message only
@@ -181,7 +214,7 @@ func (a *runner) sendLoop(ctx context.Context, c mqtt.Client, deviceID string) e
 			toks[i] = c.Publish(deviceTopic(deviceID, r.Topic), 1, false, r.Payload)
 		}
 		for i, t := range toks {
-			if err := a.wait(t); err != nil {
+			if err := a.wait(ctx, t); err != nil {
 				return fmt.Errorf("publish queued message: %w", err)
 			}
 			if err := a.q.Ack(recs[i].Seq); err != nil {
@@ -192,17 +225,22 @@ func (a *runner) sendLoop(ctx context.Context, c mqtt.Client, deviceID string) e
 }
 
 // handleMessage executes a command; anything else gets an error event.
-func (a *runner) handleMessage(c mqtt.Client, id *identity, m mqtt.Message) {
+// It runs on the session's loop, so its waits watch ctx: a stop must not
+// wait for a broker that no longer acknowledges.
+func (a *runner) handleMessage(ctx context.Context, c mqtt.Client, id *identity, m mqtt.Message) {
 	cmd, cerr := parseCommand(id.deviceID, m.Topic(), m.Payload(), m.Retained())
 	now := a.cfg.Now()
+	if cerr == nil && cmd.kind == cmdRenew {
+		cerr = a.admitRenewCommand(now)
+	}
 	if cerr != nil {
-		a.log.Warn().Str("command", cmd.name).Str("code", cerr.Code).Msg("command refused")
-		a.publishEvent(c, deviceTopic(id.deviceID, topicError), errorEventPayload(now, cmd.name, cerr))
+		a.log.Warn().Str("command", cmd.name).Str("code", cerr.Code).Str("reason", cerr.Message).Msg("command refused")
+		a.publishEvent(ctx, c, deviceTopic(id.deviceID, topicError), errorEventPayload(now, cmd.name, cerr))
 		return
 	}
 	switch cmd.kind {
 	case cmdPing:
-		a.publishEvent(c, deviceTopic(id.deviceID, topicPong), pongPayload(now, cmd.payload))
+		a.publishEvent(ctx, c, deviceTopic(id.deviceID, topicPong), pongPayload(now, cmd.payload))
 	case cmdRenew:
 		a.log.Info().Msg("renewal requested by command")
 		a.requestRenew()
@@ -211,8 +249,8 @@ func (a *runner) handleMessage(c mqtt.Client, id *identity, m mqtt.Message) {
 	}
 }
 
-func (a *runner) publishEvent(c mqtt.Client, topic string, payload []byte) {
-	if err := a.wait(c.Publish(topic, 1, false, payload)); err != nil {
+func (a *runner) publishEvent(ctx context.Context, c mqtt.Client, topic string, payload []byte) {
+	if err := a.wait(ctx, c.Publish(topic, 1, false, payload)); err != nil {
 		a.log.Warn().Err(err).Str("topic", topic).Msg("publish event")
 	}
 }

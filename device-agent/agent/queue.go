@@ -32,8 +32,8 @@ import (
 // delivery pointer is saved in batches too: after a power loss at most the
 // last unsynced batch is lost and a few delivered messages are sent again,
 // which at-least-once delivery allows. A torn or corrupt tail is cut off at
-// open. Segments are removed once every record in them was delivered or
-// dropped.
+// open, its records counted as dropped. Segments are removed once every
+// record in them was delivered or dropped.
 
 const (
 	recordHeader  = 8
@@ -155,7 +155,16 @@ func openQueue(dir string, opts QueueOptions) (*queue, error) {
 		return nil, err
 	}
 	for i, name := range names {
-		if err := q.loadSegment(name, i == len(names)-1); err != nil {
+		// The next segment's name is where this one's records end, which
+		// tells exactly how many a cut tail held.
+		var nextBase *uint64
+		for _, n := range names[i+1:] {
+			if b, ok := segmentBase(n); ok {
+				nextBase = &b
+				break
+			}
+		}
+		if err := q.loadSegment(name, nextBase); err != nil {
 			q.closeFiles()
 			return nil, err
 		}
@@ -182,10 +191,24 @@ func openQueue(dir string, opts QueueOptions) (*queue, error) {
 		q.closeFiles()
 		return nil, err
 	}
+	if q.dropped != q.saved.Dropped {
+		// Records cut or dropped just now: count them durably at once,
+		// the cut itself is already on disk.
+		if err := q.syncLocked(true); err != nil {
+			q.closeFiles()
+			return nil, err
+		}
+	}
 	if len(q.entries) > 0 {
 		q.ready <- struct{}{}
 	}
 	return q, nil
+}
+
+// segmentBase parses the first seq out of a segment name.
+func segmentBase(name string) (uint64, bool) {
+	b, err := strconv.ParseUint(strings.TrimSuffix(strings.TrimPrefix(name, segPrefix), segSuffix), 10, 64)
+	return b, err == nil
 }
 
 func segmentNames(dir string) ([]string, error) {
@@ -207,9 +230,10 @@ func segmentNames(dir string) ([]string, error) {
 // loadSegment indexes one segment file. Every segment found at open is
 // sealed: appending after a possibly torn region, or with seqs a moved
 // pointer may already cover, is never worth the risk; a new one is cheap.
-func (q *queue) loadSegment(name string, last bool) error {
-	base, err := strconv.ParseUint(strings.TrimSuffix(strings.TrimPrefix(name, segPrefix), segSuffix), 10, 64)
-	if err != nil {
+// nextBase is the first seq of the following segment, nil for the last.
+func (q *queue) loadSegment(name string, nextBase *uint64) error {
+	base, ok := segmentBase(name)
+	if !ok {
 		q.log.Warn().Str("file", name).Msg("queue: ignoring file with a bad name")
 		return nil
 	}
@@ -257,9 +281,21 @@ func (q *queue) loadSegment(name string, last bool) error {
 	}
 	if st.Size() > off {
 		// A crash mid-append (or bit rot) left a tail that is not a whole
-		// valid record. Cutting it keeps later scans simple.
+		// valid record. Cutting it keeps later scans simple; the records
+		// it held are lost, and counted as dropped like those the bounds
+		// drop, so `status` shows the loss.
+		cut, exact := countCut(f, off, st.Size())
+		if firstCut := base + uint64(s.count); nextBase != nil && *nextBase > firstCut {
+			cut, exact = *nextBase-firstCut, true
+		}
+		lost := cut
+		if firstCut := base + uint64(s.count); q.head > firstCut {
+			lost -= min(q.head-firstCut, cut) // delivered before: not lost
+		}
+		q.dropped += lost
 		q.log.Warn().Str("segment", name).Int64("kept_bytes", off).Int64("cut_bytes", st.Size()-off).
-			Bool("last", last).Msg("queue: cutting a torn or corrupt segment tail")
+			Uint64("cut_records", cut).Bool("count_exact", exact).Uint64("dropped", lost).Bool("last", nextBase == nil).
+			Msg("queue: cutting a torn or corrupt segment tail")
 		if err := f.Truncate(off); err != nil {
 			f.Close()
 			return fmt.Errorf("truncate queue segment: %w", err)
@@ -282,6 +318,42 @@ func (q *queue) loadSegment(name string, last bool) error {
 	s.size = off
 	q.segs = append(q.segs, s)
 	return nil
+}
+
+// countCut counts the records in the bytes of f from off to size, the
+// first of which did not verify. It steps over that one if its length is
+// plausible, then counts records while they verify. exact is false when the
+// walk lost the record boundaries (a corrupt length, or a second bad
+// record): the count is then a lower bound, at least one.
+func countCut(f *os.File, off, size int64) (n uint64, exact bool) {
+	hdr := make([]byte, recordHeader)
+	var body []byte
+	for first := true; off < size; first = false {
+		n++
+		if size-off < recordHeader {
+			return n, true // a torn header: the end of an interrupted append
+		}
+		if _, err := f.ReadAt(hdr, off); err != nil {
+			return n, false
+		}
+		l := binary.LittleEndian.Uint32(hdr[0:4])
+		if l < 2 || l > maxRecordBody {
+			return n, false
+		}
+		end := off + recordHeader + int64(l)
+		if end > size {
+			return n, true // a torn body: the end of an interrupted append
+		}
+		if !first {
+			body = slices.Grow(body[:0], int(l))[:l]
+			if _, err := f.ReadAt(body, off+recordHeader); err != nil ||
+				crc32.Checksum(body, crcTable) != binary.LittleEndian.Uint32(hdr[4:8]) {
+				return n, false
+			}
+		}
+		off = end
+	}
+	return n, true
 }
 
 // overLimit reports whether adding a record of size would break a bound.

@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"os"
 	"path/filepath"
 	"time"
 )
@@ -158,7 +159,7 @@ func renewAndCommit(ctx context.Context, cfg Config, ss *stateStore, have *ident
 		return nil, err
 	}
 	defer l.unlock()
-	cur, err := loadIdentity(dir)
+	cur, err := loadIdentity(dir, cfg.Logger)
 	if err != nil {
 		return nil, err
 	}
@@ -166,6 +167,9 @@ func renewAndCommit(ctx context.Context, cfg Config, ss *stateStore, have *ident
 		return cur, nil
 	}
 	st, err := readState(dir)
+	if errors.Is(err, ErrNotEnrolled) {
+		err = errStateMissing // the key pair is there: not a fresh device
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -208,6 +212,12 @@ type RenewResult struct {
 func Renew(ctx context.Context, cfg Config) (RenewResult, error) {
 	cfg = cfg.withDefaults()
 	if err := cfg.validate(); err != nil {
+		return RenewResult{}, err
+	}
+	if err := requireStateDir(cfg.StateDir); err != nil {
+		return RenewResult{}, err
+	}
+	if err := checkStateOwner(cfg.StateDir, "renew", os.Geteuid()); err != nil {
 		return RenewResult{}, err
 	}
 	id, err := renewAndCommit(ctx, cfg, &stateStore{dir: cfg.StateDir}, nil)

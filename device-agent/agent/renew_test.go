@@ -146,3 +146,28 @@ func TestProofSignature(t *testing.T) {
 		t.Error("Ed25519 proof does not verify over the CSR DER")
 	}
 }
+
+// TestBackoffAsDocumented pins the waits device-agent/README.md states
+// ("Renewal"): retry n waits between d/2 and d, d = min·2ⁿ capped at max.
+func TestBackoffAsDocumented(t *testing.T) {
+	c := Config{}.withDefaults()
+	cases := []struct {
+		what     string
+		attempt  int
+		min, max time.Duration
+		lo, hi   time.Duration
+	}{
+		{"first retry", 0, c.RetryMin, c.RetryMax, 5 * time.Second, 10 * time.Second},
+		{"second retry", 1, c.RetryMin, c.RetryMax, 10 * time.Second, 20 * time.Second},
+		{"retries at the cap", 20, c.RetryMin, c.RetryMax, 30 * time.Minute, time.Hour},
+		{"first wait when turned away", 0, c.BlockedRetryMin, c.BlockedRetryMax, 30 * time.Minute, time.Hour},
+		{"second wait when turned away", 1, c.BlockedRetryMin, c.BlockedRetryMax, time.Hour, 2 * time.Hour},
+		{"turned away, at the cap", 20, c.BlockedRetryMin, c.BlockedRetryMax, 12 * time.Hour, 24 * time.Hour},
+	}
+	for _, k := range cases {
+		lo, hi := backoff(k.attempt, k.min, k.max, 0), backoff(k.attempt, k.min, k.max, 0.999999999)
+		if lo != k.lo || hi < k.hi-time.Second || hi > k.hi {
+			t.Errorf("%s: %v … %v, documented %v … %v", k.what, lo, hi, k.lo, k.hi)
+		}
+	}
+}

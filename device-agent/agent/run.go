@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -39,6 +40,8 @@ type runner struct {
 	blockedUntil time.Time // revoked or needs a token: no connection attempts before
 	condition    string
 	clock        *clockRef // server time seen with a skewed local clock
+	lastRenewal  time.Time // by this process or another; zero if never
+	lastRenewCmd time.Time // last renew command obeyed
 }
 
 // fileStamp identifies a version of a file cheaply.
@@ -86,7 +89,11 @@ func startRunner(ctx context.Context, cfg Config) (_ *runner, err error) {
 		return nil, err
 	}
 	dir := cfg.StateDir
-	if err := ensureStateDir(dir); err != nil {
+	// Not created here: an empty folder would only hide the real problem.
+	if err := requireStateDir(dir); err != nil {
+		return nil, err
+	}
+	if err := checkStateOwner(dir, "run", os.Geteuid()); err != nil {
 		return nil, err
 	}
 	rl, err := tryLock(filepath.Join(dir, runLock))
@@ -120,6 +127,10 @@ func startRunner(ctx context.Context, cfg Config) (_ *runner, err error) {
 		return nil, err
 	}
 	st, err := readState(dir)
+	if errors.Is(err, ErrNotEnrolled) {
+		// The identity is there, so this is not a fresh device.
+		return nil, errStateMissing
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -131,6 +142,7 @@ func startRunner(ctx context.Context, cfg Config) (_ *runner, err error) {
 	}
 	id.received = receivedAt(st, id)
 	a.setIdentity(id, st.BrokerURL)
+	a.lastRenewal = st.LastRenewal
 	a.q, err = openQueue(filepath.Join(dir, queueDir), QueueOptions{
 		MaxMessages: cfg.QueueMaxMessages,
 		MaxBytes:    cfg.QueueMaxBytes,
@@ -194,7 +206,7 @@ func (a *runner) loadFromDisk(ctx context.Context) (*identity, error) {
 		return nil, err
 	}
 	defer l.unlock()
-	return loadIdentity(a.dir)
+	return loadIdentity(a.dir, a.log)
 }
 
 // current returns the identity and a channel closed when it changes.
@@ -218,6 +230,40 @@ func (a *runner) setIdentity(id *identity, brokerURL string) {
 	a.condition = ""
 	close(a.changed)
 	a.changed = make(chan struct{})
+}
+
+// noteRenewal records when the certificate was last renewed, for
+// admitRenewCommand.
+func (a *runner) noteRenewal(at time.Time) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if at.After(a.lastRenewal) {
+		a.lastRenewal = at
+	}
+}
+
+// admitRenewCommand decides whether a renew command is obeyed: not within
+// RenewCommandInterval of the last renewal or obeyed command. Each renewal
+// writes a new key to the SD card and asks the CA to sign; a backend stuck
+// in a loop must not do that every second. Scheduled renewals, and those
+// the broker's refusals call for, do not come through here.
+func (a *runner) admitRenewCommand(now time.Time) *commandError {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	last := a.lastRenewal
+	if a.lastRenewCmd.After(last) {
+		last = a.lastRenewCmd
+	}
+	// A clock set back since (a Pi without RTC) puts last in the future:
+	// then the interval cannot be measured, and the command is obeyed.
+	if since := now.Sub(last); !last.IsZero() && since >= 0 && since < a.cfg.RenewCommandInterval {
+		next := last.Add(a.cfg.RenewCommandInterval)
+		return &commandError{"rate_limited", fmt.Sprintf(
+			"renewed or asked to renew %s ago; at most one renew command per %s is obeyed, the next from %s",
+			since.Round(time.Second), a.cfg.RenewCommandInterval, next.UTC().Format(time.RFC3339))}
+	}
+	a.lastRenewCmd = now
+	return nil
 }
 
 func (a *runner) requestRenew() {
@@ -420,6 +466,7 @@ func (a *runner) checkCertFile(ctx context.Context) {
 	id.received = receivedAt(st, id)
 	a.log.Info().Str("serial", id.serial()).Time("not_after", id.leaf.NotAfter).Msg("certificate renewed by another process; switching to it")
 	a.setIdentity(id, st.BrokerURL)
+	a.noteRenewal(st.LastRenewal)
 }
 
 // renewLoop renews at the scheduled time, on request, and after expiry;
@@ -493,6 +540,7 @@ func (a *runner) renewLoop(ctx context.Context) error {
 			st, _ := readState(a.dir)
 			attempt, blockedAttempt, retryAt = 0, 0, time.Time{}
 			a.setIdentity(newID, st.BrokerURL)
+			a.noteRenewal(now)
 			a.saveState(ctx, func(s *State) { s.Condition = "" })
 			continue
 		}

@@ -246,7 +246,7 @@ func TestRunRenewsByCommandWithoutRestart(t *testing.T) {
 	if second == first {
 		t.Fatal("reconnected with the old certificate")
 	}
-	id, err := loadIdentity(f.dir)
+	id, err := loadIdentity(f.dir, zerolog.Nop())
 	if err != nil || id.serial() != second {
 		t.Fatalf("broker saw %s, disk has %v (%v)", second, id, err)
 	}
@@ -258,16 +258,118 @@ func TestRunRenewsByCommandWithoutRestart(t *testing.T) {
 	if st, _ := readState(f.dir); st.LastRenewal.IsZero() {
 		t.Error("last renewal not recorded")
 	}
+	f.awaitCommands(t)
 	// A retained renew command is refused, not executed on every connect.
-	// (Delivered live first, it is executed once; replayed on the next
-	// subscription, it is refused. An empty payload would clear it.)
+	// Delivered live first, it comes too soon after the renewal; replayed
+	// on the next subscription, it is refused as retained. (An empty
+	// payload would clear it.)
 	if err := f.brk.srv.Publish(f.topic("commands/renew"), []byte("now"), true, 1); err != nil {
 		t.Fatal(err)
 	}
+	if ev := f.brk.next(t, f.topic(topicError), waitLong); !strings.Contains(ev.payload, `"code":"rate_limited"`) {
+		t.Errorf("error event %s, want rate_limited", ev.payload)
+	}
+	f.brk.gate.setOpen(false) // cut the session: the agent connects and subscribes again
+	f.brk.gate.setOpen(true)
 	if ev := f.brk.next(t, f.topic(topicError), waitLong); !strings.Contains(ev.payload, "retained_command") {
-		t.Errorf("error event %s", ev.payload)
+		t.Errorf("error event %s, want retained_command", ev.payload)
 	}
 	_ = f.brk.srv.Publish(f.topic("commands/renew"), nil, true, 0) // clear the retained message
+	if mtls, proof := f.srv.counts(); mtls != 1 || proof != 0 {
+		t.Errorf("renewals mtls=%d proof=%d, want the one the first command asked for", mtls, proof)
+	}
+}
+
+// A backend stuck in a loop sends renew after renew: one is obeyed, the
+// others are answered with rate_limited until RenewCommandInterval has
+// passed since that renewal.
+func TestRunRenewCommandRateLimit(t *testing.T) {
+	f := newFleet(t, time.Hour)
+	var offset atomic.Int64
+	cfg := f.config(t)
+	cfg.Now = func() time.Time { return time.Now().Add(time.Duration(offset.Load())) }
+	_, _ = startAgent(t, cfg)
+	first := nextSerial(t, f.brk)
+	f.awaitCommands(t)
+
+	if err := f.brk.srv.Publish(f.topic("commands/renew"), nil, false, 1); err != nil {
+		t.Fatal(err)
+	}
+	second := nextSerial(t, f.brk)
+	if second == first {
+		t.Fatal("reconnected with the old certificate")
+	}
+	f.awaitCommands(t) // the new session subscribed
+	renewedAt := time.Now()
+	for i := range 5 {
+		if err := f.brk.srv.Publish(f.topic("commands/renew"), nil, false, 1); err != nil {
+			t.Fatal(err)
+		}
+		ev := f.brk.next(t, f.topic(topicError), waitLong)
+		var got struct{ Command, Code, Message string }
+		if err := json.Unmarshal([]byte(ev.payload), &got); err != nil {
+			t.Fatal(err)
+		}
+		if got.Command != "renew" || got.Code != "rate_limited" || !strings.Contains(got.Message, "10m0s") {
+			t.Fatalf("renew command %d answered %s, want rate_limited naming the interval", i+2, ev.payload)
+		}
+		// The message says from when a command is obeyed again.
+		var from time.Time
+		if _, after, ok := strings.Cut(got.Message, "the next from "); ok {
+			from, _ = time.Parse(time.RFC3339, after)
+		}
+		if from.Before(renewedAt.Add(9*time.Minute)) || from.After(time.Now().Add(10*time.Minute)) {
+			t.Errorf("message %q: want the time 10 minutes after the renewal", got.Message)
+		}
+	}
+	if mtls, _ := f.srv.counts(); mtls != 1 {
+		t.Fatalf("%d renewals for 6 renew commands, want 1", mtls)
+	}
+	select {
+	case s := <-f.brk.serials:
+		t.Fatalf("reconnected (serial %s) for a refused command", s)
+	default:
+	}
+
+	// Ten minutes later (by the agent's clock) a command is obeyed again.
+	offset.Store(int64(10*time.Minute + time.Second))
+	if err := f.brk.srv.Publish(f.topic("commands/renew"), nil, false, 1); err != nil {
+		t.Fatal(err)
+	}
+	if third := nextSerial(t, f.brk); third == second {
+		t.Fatal("reconnected with the old certificate")
+	}
+	if mtls, _ := f.srv.counts(); mtls != 2 {
+		t.Errorf("%d renewals, want 2", mtls)
+	}
+}
+
+// awaitCommands pings the device until it answers: its session has
+// subscribed to its commands. (Telemetry is no proof after a reconnection:
+// the previous session's may still be on its way.)
+func (f *fleet) awaitCommands(tb testing.TB) {
+	tb.Helper()
+	deadline := time.NewTimer(waitLong)
+	defer deadline.Stop()
+	for {
+		if err := f.brk.srv.Publish(f.topic("commands/ping"), []byte("subscribed?"), false, 1); err != nil {
+			tb.Fatal(err)
+		}
+		retry := time.NewTimer(200 * time.Millisecond)
+		for waiting := true; waiting; {
+			select {
+			case m := <-f.brk.msgs:
+				if m.topic == f.topic(topicPong) {
+					retry.Stop()
+					return
+				}
+			case <-retry.C:
+				waiting = false
+			case <-deadline.C:
+				tb.Fatal("the device never answered a ping")
+			}
+		}
+	}
 }
 
 // drain discards the messages received so far.
@@ -286,7 +388,7 @@ func TestRunRenewsOnScheduleWithoutRestart(t *testing.T) {
 	// minute, which must not make the renewal immediate): the renewal is
 	// due at 2/3 ± 5 %, 3.7 s to 4.3 s in.
 	f := newFleet(t, 6*time.Second)
-	id, err := loadIdentity(f.dir)
+	id, err := loadIdentity(f.dir, zerolog.Nop())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -402,6 +504,53 @@ func TestRunWaitsForClock(t *testing.T) {
 		s, err := ReadStatus(f.dir)
 		return err == nil && s.Condition == "" && s.Connected
 	})
+}
+
+// SIGTERM must stop the agent well within systemd's TimeoutStopSec (30 s)
+// even while the broker has stopped answering in the middle of a
+// connection; otherwise systemd kills it before it saves the queue's
+// delivery pointer and state.
+func TestRunStopsPromptlyWhileBrokerHangs(t *testing.T) {
+	for _, c := range []struct {
+		name    string
+		connack bool
+		packet  byte // what the broker sees last before the agent waits
+	}{
+		{"during connect", false, 0},
+		{"waiting for a puback", true, 3}, // PUBLISH of the retained "online"
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			f := newFleet(t, time.Hour)
+			hb := newHangingBroker(t, f.ca, c.connack)
+			err := (&stateStore{dir: f.dir}).update(context.Background(), func(s *State) { s.BrokerURL = hb.url })
+			if err != nil {
+				t.Fatal(err)
+			}
+			cfg := f.config(t)
+			// Far beyond TimeoutStopSec: only watching the stop gets out in time.
+			cfg.ConnectTimeout, cfg.PublishTimeout = time.Minute, time.Minute
+			_, stop := startAgent(t, cfg)
+			for p := byte(0xff); p != c.packet; {
+				select {
+				case p = <-hb.packets:
+				case <-time.After(waitLong):
+					t.Fatalf("the agent never reached the hanging broker")
+				}
+			}
+			start := time.Now()
+			if err := stop(); err != nil {
+				t.Fatalf("Run returned %v", err)
+			}
+			// With a broker that answers nothing, the "offline" publish at
+			// shutdown takes its whole bound (offlineTimeout).
+			if d := time.Since(start); d > offlineTimeout+5*time.Second {
+				t.Errorf("stopped %v after the cancel, want promptly", d.Round(time.Millisecond))
+			}
+			if st, err := readState(f.dir); err != nil || st.PID != 0 {
+				t.Errorf("final state not saved: pid %d, %v", st.PID, err)
+			}
+		})
+	}
 }
 
 func TestRunRefusesSecondAgent(t *testing.T) {

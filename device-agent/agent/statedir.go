@@ -7,7 +7,9 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
+	"os/user"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -102,6 +104,49 @@ func ensureStateDir(dir string) error {
 	return nil
 }
 
+// requireStateDir is for the commands that need an enrolled device: a
+// missing folder means a wrong --state-dir or no enrollment, which the
+// lock file's "no such file or directory" would not say.
+func requireStateDir(dir string) error {
+	st, err := os.Stat(dir)
+	if errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("state folder %s does not exist: %w (or pass the right --state-dir)", dir, ErrNotEnrolled)
+	}
+	if err != nil {
+		return fmt.Errorf("state folder: %w", err)
+	}
+	if !st.IsDir() {
+		return fmt.Errorf("state folder %s is not a folder", dir)
+	}
+	return nil
+}
+
+// checkStateOwner refuses to let root work in a state folder that belongs
+// to another user (the service's): every file it wrote there — a renewed
+// key.pem (0600), state.json, lock files, queue segments — would be
+// root's, and the service could no longer read its own key. euid is the
+// effective user id (os.Geteuid), cmd the command to suggest.
+func checkStateOwner(dir, cmd string, euid int) error {
+	if euid != 0 {
+		return nil // only root can write into another user's 0700 folder
+	}
+	st, err := os.Stat(dir)
+	if err != nil {
+		return nil // a missing folder is created as root's; other errors show up on use
+	}
+	sys, ok := st.Sys().(*syscall.Stat_t)
+	if !ok || sys.Uid == 0 {
+		return nil
+	}
+	uid := strconv.FormatUint(uint64(sys.Uid), 10)
+	name, sudoUser := "uid "+uid, "'#"+uid+"'" // sudo -u accepts #uid
+	if u, err := user.LookupId(uid); err == nil {
+		name, sudoUser = u.Username+" (uid "+uid+")", u.Username
+	}
+	return fmt.Errorf("the state folder %s is owned by %s; run as that user: sudo -u %s device-agent %s --state-dir %s "+
+		"(as root, %s would leave files there that the service cannot read)", dir, name, sudoUser, cmd, dir, cmd)
+}
+
 // errLocked is returned by tryLock when another process holds the lock.
 var errLocked = errors.New("locked by another process")
 
@@ -152,6 +197,29 @@ func (l *flock) unlock() error {
 	err := l.f.Close() // closing the descriptor drops the lock
 	l.f = nil
 	return err
+}
+
+// rlock takes path's lock shared, for a reader that must not create files
+// (`status`, perhaps run by another user): it opens read-only and waits at
+// most budget, then reports false and the caller reads without the lock.
+// A missing file means no one ever locked it.
+func rlock(path string, budget time.Duration) (*flock, bool) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, false
+	}
+	deadline := time.Now().Add(budget)
+	for {
+		err := syscall.Flock(int(f.Fd()), syscall.LOCK_SH|syscall.LOCK_NB)
+		if err == nil {
+			return &flock{f: f}, true
+		}
+		if !errors.Is(err, syscall.EWOULDBLOCK) || time.Now().After(deadline) {
+			_ = f.Close()
+			return nil, false
+		}
+		time.Sleep(lockPoll)
+	}
 }
 
 // isLocked reports whether some process holds path's lock; a missing file
@@ -215,9 +283,27 @@ type stateStore struct {
 // ErrNotEnrolled is returned when the state folder holds no identity.
 var ErrNotEnrolled = errors.New("not enrolled: run `device-agent enroll` first")
 
+// adviceReenroll is how a device whose state folder lost something that
+// only the server can give back gets it again, keeping its id.
+const adviceReenroll = "enroll again under the same id: fleetmq token create --device ID --reprovision on the server, " +
+	"then device-agent enroll --force --server URL --token TOKEN"
+
+// state.json is the agent's bookkeeping, but it is also the only place on
+// the device that holds the server and broker URLs given at enrollment:
+// without them the agent can neither connect nor renew, so it cannot start
+// afresh from an empty state. What it does instead is say so.
+var (
+	// errStateUnreadable is a state.json that exists but does not parse.
+	errStateUnreadable = errors.New("state.json is unreadable")
+	// errStateMissing is a missing state.json next to a key pair.
+	errStateMissing = errors.New("state.json is missing although the device has a certificate: it holds the server and broker URLs " +
+		"this device enrolled with, which nothing else on the device records; " + adviceReenroll)
+)
+
 func readState(dir string) (State, error) {
 	var s State
-	b, err := os.ReadFile(filepath.Join(dir, stateFile))
+	path := filepath.Join(dir, stateFile)
+	b, err := os.ReadFile(path)
 	if errors.Is(err, fs.ErrNotExist) {
 		return s, ErrNotEnrolled
 	}
@@ -225,7 +311,10 @@ func readState(dir string) (State, error) {
 		return s, fmt.Errorf("read state: %w", err)
 	}
 	if err := json.Unmarshal(b, &s); err != nil {
-		return s, fmt.Errorf("parse state: %w", err)
+		return State{}, fmt.Errorf("%w (%s: %v). It is the agent's bookkeeping, but it also holds the server and broker URLs "+
+			"this device enrolled with, which nothing else on the device records, so removing it does not help: "+
+			`write them back as {"server_url": "https://...", "broker_url": "mqtts://..."} (the other fields are refilled by the agent), `+
+			"or %s", errStateUnreadable, path, err, adviceReenroll)
 	}
 	return s, nil
 }
@@ -245,9 +334,27 @@ func (s *stateStore) update(ctx context.Context, fn func(*State)) error {
 		return err
 	}
 	fn(&st)
+	return writeState(s.dir, st)
+}
+
+// replace writes st as the whole state, whatever state.json held: an
+// enrollment starts the bookkeeping afresh, and may be what mends an
+// unreadable state.json.
+func (s *stateStore) replace(ctx context.Context, st State) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	l, err := lock(ctx, filepath.Join(s.dir, stateLock))
+	if err != nil {
+		return err
+	}
+	defer l.unlock()
+	return writeState(s.dir, st)
+}
+
+func writeState(dir string, st State) error {
 	b, err := json.MarshalIndent(st, "", "  ")
 	if err != nil {
 		return fmt.Errorf("encode state: %w", err)
 	}
-	return writeFileAtomic(filepath.Join(s.dir, stateFile), append(b, '\n'), 0o600)
+	return writeFileAtomic(filepath.Join(dir, stateFile), append(b, '\n'), 0o600)
 }

@@ -9,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/rs/zerolog"
 )
 
 func TestWriteFileAtomic(t *testing.T) {
@@ -147,7 +149,7 @@ func TestCommitAndLoadIdentity(t *testing.T) {
 	if err := commitIdentity(dir, id); err != nil {
 		t.Fatal(err)
 	}
-	got, err := loadIdentity(dir)
+	got, err := loadIdentity(dir, zerolog.Nop())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -163,7 +165,7 @@ func TestCommitAndLoadIdentity(t *testing.T) {
 			t.Errorf("%s mode %v, want %v", name, st.Mode().Perm(), mode)
 		}
 	}
-	if _, err := loadIdentity(t.TempDir()); !errors.Is(err, ErrNotEnrolled) {
+	if _, err := loadIdentity(t.TempDir(), zerolog.Nop()); !errors.Is(err, ErrNotEnrolled) {
 		t.Errorf("loadIdentity(empty) = %v, want ErrNotEnrolled", err)
 	}
 }
@@ -215,7 +217,7 @@ func TestLoadIdentityRecoversInterruptedCommit(t *testing.T) {
 				t.Fatal(err)
 			}
 			s.crash(t, dir)
-			got, err := loadIdentity(dir)
+			got, err := loadIdentity(dir, zerolog.Nop())
 			if err != nil {
 				t.Fatalf("loadIdentity: %v", err)
 			}
@@ -255,7 +257,7 @@ func TestLoadIdentityKeyWithoutCertificateIsNotEnrolled(t *testing.T) {
 	}
 	keyPEM, _ := marshalKey(k)
 	writeFile(t, filepath.Join(dir, keyFile+nextSuffix), keyPEM)
-	if _, err := loadIdentity(dir); !errors.Is(err, ErrNotEnrolled) {
+	if _, err := loadIdentity(dir, zerolog.Nop()); !errors.Is(err, ErrNotEnrolled) {
 		t.Fatalf("loadIdentity = %v, want ErrNotEnrolled", err)
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"path/filepath"
 	"time"
 )
@@ -29,47 +30,100 @@ type Status struct {
 	// QueueCounted is when the running agent last saved the queue counters
 	// (on state changes and every few minutes, to spare the SD card).
 	QueueCounted time.Time `json:"queue_counted,omitzero"`
+	// Broken says why `run` cannot work with this state folder (key and
+	// certificate missing, unreadable or not a pair, state.json unreadable),
+	// and what to do; empty when the folder is sound. `status` exits 1 then.
+	Broken string `json:"broken,omitempty"`
+	// Warnings are problems the agent works around or fixes at start.
+	Warnings []string `json:"warnings,omitempty"`
 }
+
+// identityLockBudget bounds how long status waits for a renewal in progress.
+const identityLockBudget = 2 * time.Second
 
 // ReadStatus reads the state folder without changing it, so it is safe
 // while an agent runs. The certificate on disk is the truth for dates; a
 // connected flag left by an agent that died is not reported as connected.
+// The key pair is checked the way `run` loads it; a broken one is reported
+// in Broken, not as an error, so the rest of the status still shows.
 func ReadStatus(stateDir string) (Status, error) {
 	if stateDir == "" {
 		stateDir = DefaultStateDir
 	}
-	st, err := readState(stateDir)
-	if errors.Is(err, ErrNotEnrolled) {
-		return Status{}, nil
+	st, stateErr := readState(stateDir)
+	if stateErr != nil && !errors.Is(stateErr, ErrNotEnrolled) && !errors.Is(stateErr, errStateUnreadable) {
+		return Status{}, stateErr
 	}
-	if err != nil {
-		return Status{}, err
-	}
-	s := Status{
-		Enrolled:     true,
-		DeviceID:     st.DeviceID,
-		ServerURL:    st.ServerURL,
-		BrokerURL:    st.BrokerURL,
-		NotAfter:     st.NotAfter,
-		LastRenewal:  st.LastRenewal,
-		Since:        st.ConnectedChanged,
-		Condition:    st.Condition,
-		LastError:    st.LastError,
-		LastErrorAt:  st.LastErrorAt,
-		QueuePending: st.QueuePending,
-		QueueDropped: st.QueueDropped,
-		QueueCounted: st.QueueCounted,
-	}
-	if b, err := readOptional(filepath.Join(stateDir, certFile)); err == nil && b != nil {
-		if certs, err := parseCerts(b); err == nil {
-			c := certs[0]
-			s.DeviceID, s.Serial, s.NotBefore, s.NotAfter = c.Subject.CommonName, c.SerialNumber.Text(16), c.NotBefore, c.NotAfter
+	s, idErr := inspectIdentity(stateDir)
+	if errors.Is(stateErr, ErrNotEnrolled) {
+		if errors.Is(idErr, ErrNotEnrolled) {
+			return Status{}, nil
 		}
+		stateErr = errStateMissing
 	}
+	s.Enrolled = true
+	if stateErr == nil {
+		if s.DeviceID != "" && st.DeviceID != "" && s.DeviceID != st.DeviceID {
+			s.Warnings = append(s.Warnings, fmt.Sprintf("cert.pem is for device %s, state.json says %s: the agent uses the certificate's", s.DeviceID, st.DeviceID))
+		}
+		if s.DeviceID == "" {
+			s.DeviceID = st.DeviceID
+		}
+		if s.NotAfter.IsZero() {
+			s.NotAfter = st.NotAfter
+		}
+		s.ServerURL, s.BrokerURL, s.LastRenewal = st.ServerURL, st.BrokerURL, st.LastRenewal
+		s.Since, s.Condition, s.LastError, s.LastErrorAt = st.ConnectedChanged, st.Condition, st.LastError, st.LastErrorAt
+		s.QueuePending, s.QueueDropped, s.QueueCounted = st.QueuePending, st.QueueDropped, st.QueueCounted
+	}
+	if err := cmpErr(idErr, stateErr); err != nil {
+		s.Broken = err.Error()
+	}
+	var err error
 	if s.Running, err = isLocked(filepath.Join(stateDir, runLock)); err != nil {
 		return s, err
 	}
 	s.Connected = s.Running && st.Connected
+	return s, nil
+}
+
+// inspectIdentity checks the key pair as loadIdentity would load it, and
+// returns what it found about the certificate. An error means `run` would
+// refuse to start (or, for ErrNotEnrolled, that there is no identity).
+func inspectIdentity(dir string) (Status, error) {
+	var s Status
+	// A renewal renames several files; wait briefly for one in progress
+	// so as not to report a half-done commit as broken.
+	if l, ok := rlock(filepath.Join(dir, identityLock), identityLockBudget); ok {
+		defer l.unlock()
+	}
+	pick, err := pickIdentity(dir)
+	if err != nil {
+		if b, _ := readOptional(filepath.Join(dir, certFile)); b != nil {
+			// Still show what the certificate says, if it parses.
+			if certs, err := parseCerts(b); err == nil {
+				s.DeviceID, s.Serial, s.NotBefore, s.NotAfter = certs[0].Subject.CommonName, certs[0].SerialNumber.Text(16), certs[0].NotBefore, certs[0].NotAfter
+			}
+		}
+		return s, err
+	}
+	c := pick.leaf
+	s.DeviceID, s.Serial, s.NotBefore, s.NotAfter = c.Subject.CommonName, c.SerialNumber.Text(16), c.NotBefore, c.NotAfter
+	if _, err := pick.identity(); err != nil {
+		return s, err
+	}
+	if pick.keyNext || pick.certNext || pick.caNext {
+		s.Warnings = append(s.Warnings, "a renewal was interrupted after its new certificate was saved: the agent completes it at start")
+	}
+	name := keyFile
+	if pick.keyNext {
+		name += nextSuffix
+	}
+	if st, err := os.Stat(filepath.Join(dir, name)); err == nil {
+		if p := keyModeProblem(st.Mode()); p != "" {
+			s.Warnings = append(s.Warnings, p+"; the agent makes it 0600 at start, and device-agent renew replaces the key")
+		}
+	}
 	return s, nil
 }
 
@@ -92,17 +146,27 @@ func (s Status) WriteText(w io.Writer, now time.Time) error {
 	case s.Running:
 		conn = "running, not connected"
 	}
+	cert := "serial " + s.Serial + ", valid until " + ts(s.NotAfter)
+	if s.Serial == "" {
+		cert = "unreadable"
+	}
 	lines := []struct{ k, v string }{
 		{"device", s.DeviceID},
 		{"agent", conn},
-		{"certificate", "serial " + s.Serial + ", valid until " + ts(s.NotAfter)},
+		{"certificate", cert},
 		{"last renewal", ts(s.LastRenewal)},
 		{"broker", s.BrokerURL},
 		{"server", s.ServerURL},
 		{"queue", queueText(s, now)},
 	}
+	if s.Broken != "" {
+		lines = append(lines, struct{ k, v string }{"attention", "broken: " + s.Broken})
+	}
 	if s.Condition != "" {
 		lines = append(lines, struct{ k, v string }{"attention", conditionText(s.Condition)})
+	}
+	for _, w := range s.Warnings {
+		lines = append(lines, struct{ k, v string }{"warning", w})
 	}
 	if s.LastError != "" {
 		lines = append(lines, struct{ k, v string }{"last error", s.LastError + " at " + ts(s.LastErrorAt)})

@@ -1,0 +1,347 @@
+package agent
+
+// Tests of what the agent says and does when the state folder is not as it
+// left it: broken or foreign identities, an unreadable state.json, a key
+// others can read, a folder owned by the service user while root runs.
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"os"
+	"os/user"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/rs/zerolog"
+)
+
+// enrolledDir is a state folder enrolled as pi-1 with a fake server.
+func enrolledDir(tb testing.TB) (*fakeServer, string) {
+	tb.Helper()
+	f := newFakeServer(tb, newTestCA(tb))
+	dir := filepath.Join(tb.TempDir(), "state")
+	enrollTest(tb, f, dir, "pi-1")
+	return f, dir
+}
+
+func TestStatusReportsBrokenIdentity(t *testing.T) {
+	cases := []struct {
+		name    string
+		breakIt func(t *testing.T, f *fakeServer, dir string)
+		want    string // in Broken
+	}{
+		{"garbage cert.pem", func(t *testing.T, _ *fakeServer, dir string) {
+			writeFile(t, filepath.Join(dir, certFile), []byte("garbage"))
+		}, "cert.pem: no certificate in PEM"},
+		{"key.pem deleted", func(t *testing.T, _ *fakeServer, dir string) {
+			if err := os.Remove(filepath.Join(dir, keyFile)); err != nil {
+				t.Fatal(err)
+			}
+		}, "key.pem is missing"},
+		{"another device's cert.pem", func(t *testing.T, f *fakeServer, dir string) {
+			other := f.ca.testIdentity(t, "pi-9", time.Now().Add(-time.Minute), time.Now().Add(time.Hour))
+			writeFile(t, filepath.Join(dir, certFile), other.certPEM())
+		}, "cert.pem does not match key.pem"},
+		{"garbage key.pem", func(t *testing.T, _ *fakeServer, dir string) {
+			writeFile(t, filepath.Join(dir, keyFile), []byte("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"))
+		}, "key.pem: parse key"},
+		{"ca.pem missing", func(t *testing.T, _ *fakeServer, dir string) {
+			if err := os.Remove(filepath.Join(dir, caFile)); err != nil {
+				t.Fatal(err)
+			}
+		}, "ca.pem missing"},
+		{"ca.pem of another fleet", func(t *testing.T, _ *fakeServer, dir string) {
+			writeFile(t, filepath.Join(dir, caFile), newTestCA(t).pem)
+		}, "cert.pem was not issued by a CA in ca.pem"},
+		{"garbage state.json", func(t *testing.T, _ *fakeServer, dir string) {
+			writeFile(t, filepath.Join(dir, stateFile), []byte("{garbage"))
+		}, "state.json is unreadable"},
+		{"state.json deleted", func(t *testing.T, _ *fakeServer, dir string) {
+			if err := os.Remove(filepath.Join(dir, stateFile)); err != nil {
+				t.Fatal(err)
+			}
+		}, "state.json is missing"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			f, dir := enrolledDir(t)
+			c.breakIt(t, f, dir)
+			s, err := ReadStatus(dir)
+			if err != nil {
+				t.Fatalf("ReadStatus: %v", err)
+			}
+			if !strings.Contains(s.Broken, c.want) || !s.Enrolled {
+				t.Errorf("Broken = %q, want %q", s.Broken, c.want)
+			}
+
+			code, out, _ := runMain(t, "", nil, "status", "--state-dir", dir)
+			if code != 1 || !strings.Contains(out, "attention:    broken: ") || !strings.Contains(out, c.want) {
+				t.Errorf("status: exit %d, want 1 and the problem:\n%s", code, out)
+			}
+			if strings.Contains(out, "serial ,") {
+				t.Errorf("status shows an empty serial:\n%s", out)
+			}
+			code, out, _ = runMain(t, "", nil, "status", "--json", "--state-dir", dir)
+			var js map[string]any
+			if err := json.Unmarshal([]byte(out), &js); code != 1 || err != nil || !strings.Contains(js["broken"].(string), c.want) {
+				t.Errorf("status --json: exit %d, %v\n%s", code, err, out)
+			}
+			// run refuses to start for the same reason.
+			ctx, cancel := context.WithTimeout(context.Background(), waitLong)
+			defer cancel()
+			err = Run(ctx, Config{StateDir: dir})
+			if err == nil || !strings.Contains(err.Error(), c.want) {
+				t.Errorf("Run = %v, want %q", err, c.want)
+			}
+		})
+	}
+
+	// A sound folder: no attention, exit 0.
+	_, dir := enrolledDir(t)
+	code, out, _ := runMain(t, "", nil, "status", "--state-dir", dir)
+	if code != 0 || strings.Contains(out, "attention") || strings.Contains(out, "warning") {
+		t.Errorf("healthy status: exit %d\n%s", code, out)
+	}
+}
+
+// A deleted key.pem is not "not enrolled": that would send a person to
+// enroll without --force, and hide that the key is gone.
+func TestRunSaysKeyIsMissing(t *testing.T) {
+	_, dir := enrolledDir(t)
+	if err := os.Remove(filepath.Join(dir, keyFile)); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), waitLong)
+	defer cancel()
+	err := Run(ctx, Config{StateDir: dir})
+	if !errors.Is(err, ErrKeyMissing) || errors.Is(err, ErrNotEnrolled) || !strings.Contains(err.Error(), "--reprovision") {
+		t.Fatalf("Run = %v, want ErrKeyMissing with what to do", err)
+	}
+	code, _, errOut := runMain(t, "", nil, "renew", "--state-dir", dir)
+	if code != 1 || !strings.Contains(errOut, "key.pem is missing") {
+		t.Errorf("renew: exit %d %q", code, errOut)
+	}
+}
+
+func TestKeyReadableByOthersIsMadePrivate(t *testing.T) {
+	_, dir := enrolledDir(t)
+	keyPath := filepath.Join(dir, keyFile)
+	if err := os.Chmod(keyPath, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	s, err := ReadStatus(dir)
+	if err != nil || s.Broken != "" || len(s.Warnings) != 1 || !strings.Contains(s.Warnings[0], "mode 0644") {
+		t.Errorf("status of a 0644 key: broken %q warnings %q, %v", s.Broken, s.Warnings, err)
+	}
+	if st, _ := os.Stat(keyPath); st.Mode().Perm() != 0o644 {
+		t.Error("status changed the key's mode: it must only read")
+	}
+
+	var logs bytes.Buffer
+	if _, err := loadIdentity(dir, zerolog.New(&logs)); err != nil {
+		t.Fatal(err)
+	}
+	if st, _ := os.Stat(keyPath); st.Mode().Perm() != 0o600 {
+		t.Errorf("key mode %v after load, want 0600", st.Mode().Perm())
+	}
+	if !strings.Contains(logs.String(), `"level":"warn"`) || !strings.Contains(logs.String(), "0644") {
+		t.Errorf("no warning logged: %s", logs.String())
+	}
+	// Group access alone is fixed too.
+	if err := os.Chmod(keyPath, 0o640); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Renew(context.Background(), Config{StateDir: dir}); err != nil {
+		t.Fatal(err)
+	}
+	if st, _ := os.Stat(keyPath); st.Mode().Perm() != 0o600 {
+		t.Errorf("key mode %v after renew, want 0600", st.Mode().Perm())
+	}
+}
+
+func TestUnreadableStateJSON(t *testing.T) {
+	f, dir := enrolledDir(t)
+	path := filepath.Join(dir, stateFile)
+	writeFile(t, path, []byte("{\"device_id\": \"pi-1\", garbage"))
+	for _, args := range [][]string{{"renew"}, {"run"}} {
+		code, _, errOut := runMain(t, "", nil, append(args, "--state-dir", dir)...)
+		for _, w := range []string{path, "server and broker URLs", "removing it does not help", `"broker_url"`, "enroll --force"} {
+			if code != 1 || !strings.Contains(errOut, w) {
+				t.Errorf("%v: exit %d, message lacks %q:\n%s", args, code, w, errOut)
+			}
+		}
+	}
+	// Enrolling again mends it.
+	code, _, errOut := runMain(t, f.goodToken()+"\n", nil, "enroll", "--force", "--server", f.srv.URL, "--token", "-", "--state-dir", dir)
+	if code != 0 {
+		t.Fatalf("enroll --force over an unreadable state.json: %d %s", code, errOut)
+	}
+	if st, err := readState(dir); err != nil || st.BrokerURL == "" {
+		t.Errorf("state after enroll: %+v, %v", st, err)
+	}
+	// As does writing the URLs back by hand: the rest is refilled.
+	writeFile(t, path, []byte(`{"server_url": "`+f.srv.URL+`", "broker_url": "mqtts://127.0.0.1:1"}`))
+	if code, out, errOut := runMain(t, "", nil, "renew", "--state-dir", dir); code != 0 {
+		t.Errorf("renew with hand-written state.json: %d %s %s", code, out, errOut)
+	}
+}
+
+// A deleted state.json next to a key pair: enroll without --force must not
+// say "already enrolled" (run would then never start).
+func TestEnrollWithMissingStateJSON(t *testing.T) {
+	f, dir := enrolledDir(t)
+	if err := os.Remove(filepath.Join(dir, stateFile)); err != nil {
+		t.Fatal(err)
+	}
+	code, out, errOut := runMain(t, f.goodToken()+"\n", nil, "enroll", "--server", f.srv.URL, "--token", "-", "--state-dir", dir)
+	if code != 1 || strings.Contains(out, "already enrolled") || !strings.Contains(errOut, "state.json is missing") {
+		t.Errorf("enroll: exit %d\n%s%s", code, out, errOut)
+	}
+	for _, cmd := range []string{"renew", "run"} {
+		if code, _, errOut := runMain(t, "", nil, cmd, "--state-dir", dir); code != 1 || !strings.Contains(errOut, "state.json is missing") {
+			t.Errorf("%s: exit %d %s", cmd, code, errOut)
+		}
+	}
+}
+
+func TestMainMessages(t *testing.T) {
+	f := newFakeServer(t, newTestCA(t))
+	code, _, errOut := runMain(t, "", nil, "enroll", "--server", f.srv.URL, "--token", "-", "--state-dir", t.TempDir())
+	if code == 0 || !strings.Contains(errOut, "the token read from stdin is empty") || strings.Contains(errOut, "are required") {
+		t.Errorf("empty token on stdin: %d %q", code, errOut)
+	}
+
+	missing := filepath.Join(t.TempDir(), "nonexistent")
+	for _, cmd := range []string{"renew", "run"} {
+		code, _, errOut = runMain(t, "", nil, cmd, "--state-dir", missing)
+		if code != 1 || !strings.Contains(errOut, "state folder "+missing+" does not exist") || !strings.Contains(errOut, "not enrolled") ||
+			strings.Contains(errOut, "open lock") {
+			t.Errorf("%s in a missing folder: %d %q", cmd, code, errOut)
+		}
+		if _, err := os.Stat(missing); !os.IsNotExist(err) {
+			t.Errorf("%s created the missing state folder", cmd)
+		}
+	}
+}
+
+// ownedByOther returns a state folder enrolled as pi-1 and owned by another
+// user than root, and that user's name and uid; root only.
+func ownedByOther(t *testing.T) (f *fakeServer, dir, name string, uid int) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to hand a folder to another user")
+	}
+	f, dir = enrolledDir(t)
+	uid = 65534 // nobody
+	err := filepath.Walk(dir, func(p string, _ os.FileInfo, err error) error {
+		if err != nil {
+			return err
+		}
+		return os.Lchown(p, uid, uid)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	name = "uid " + strconv.Itoa(uid)
+	if u, err := user.LookupId(strconv.Itoa(uid)); err == nil {
+		name = u.Username
+	}
+	return f, dir, name, uid
+}
+
+func TestCheckStateOwner(t *testing.T) {
+	dir := t.TempDir()
+	uid := os.Geteuid()
+	if uid == 0 {
+		uid = 65534
+		if err := os.Chown(dir, uid, uid); err != nil {
+			t.Fatal(err)
+		}
+	}
+	err := checkStateOwner(dir, "renew", 0)
+	want := "is owned by "
+	if err == nil || !strings.Contains(err.Error(), want) || !strings.Contains(err.Error(), "(uid "+strconv.Itoa(uid)+")") ||
+		!strings.Contains(err.Error(), "; run as that user: sudo -u ") || !strings.Contains(err.Error(), " device-agent renew --state-dir "+dir) {
+		t.Errorf("root in a folder of uid %d: %v", uid, err)
+	}
+	if err := checkStateOwner(dir, "renew", uid); err != nil {
+		t.Errorf("the owner: %v", err)
+	}
+	if err := checkStateOwner("/", "renew", 0); err != nil {
+		t.Errorf("root in a folder of root's: %v", err)
+	}
+	if err := checkStateOwner(filepath.Join(dir, "missing"), "enroll", 0); err != nil {
+		t.Errorf("root and a folder to create: %v", err)
+	}
+}
+
+// root running the commands that write into the state folder on a device
+// where it belongs to the service user would leave root-owned files the
+// service cannot read (key.pem 0600 first of all).
+func TestRootRefusesServiceUsersFolder(t *testing.T) {
+	f, dir, name, uid := ownedByOther(t)
+	keyBefore, _ := os.ReadFile(filepath.Join(dir, keyFile))
+	for _, args := range [][]string{
+		{"renew"},
+		{"run"},
+		{"enroll", "--force", "--server", f.srv.URL, "--token", "-"},
+		{"enroll", "--server", f.srv.URL, "--token", "-"},
+	} {
+		code, _, errOut := runMain(t, f.goodToken()+"\n", nil, append(args, "--state-dir", dir)...)
+		want := "the state folder " + dir + " is owned by " + name
+		if code != 1 || !strings.Contains(errOut, want) || !strings.Contains(errOut, "run as that user: sudo -u "+name+" device-agent "+args[0]) {
+			t.Errorf("%v as root: exit %d, want %q:\n%s", args, code, want, errOut)
+		}
+	}
+	err := filepath.Walk(dir, func(p string, info os.FileInfo, err error) error {
+		if err != nil {
+			return err
+		}
+		if st := info.Sys().(*syscall.Stat_t); int(st.Uid) != uid {
+			t.Errorf("%s is owned by uid %d now", p, st.Uid)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if keyAfter, _ := os.ReadFile(filepath.Join(dir, keyFile)); !bytes.Equal(keyBefore, keyAfter) {
+		t.Error("the key changed")
+	}
+	// status only reads: allowed.
+	if code, out, errOut := runMain(t, "", nil, "status", "--state-dir", dir); code != 0 || !strings.Contains(out, "pi-1") {
+		t.Errorf("status as root: %d\n%s%s", code, out, errOut)
+	}
+}
+
+// Records the queue cut at start (a corrupt segment) show as dropped in status.
+func TestStatusCountsCutRecords(t *testing.T) {
+	f := newFleet(t, time.Hour)
+	qdir := filepath.Join(f.dir, queueDir)
+	q := openTestQueue(t, qdir, QueueOptions{})
+	appendN(t, q, 0, 4)
+	if err := q.Close(); err != nil {
+		t.Fatal(err)
+	}
+	names, _ := segmentNames(qdir)
+	path := filepath.Join(qdir, names[0])
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b[28+20] ^= 0xff // second record's payload
+	writeFile(t, path, b)
+	cfg := f.config(t)
+	cfg.Interval = time.Hour
+	_, _ = startAgent(t, cfg)
+	eventually(t, waitLong, "status shows the cut records as dropped", func() bool {
+		s, err := ReadStatus(f.dir)
+		return err == nil && s.QueueDropped == 3
+	})
+}
