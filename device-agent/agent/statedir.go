@@ -322,25 +322,26 @@ func readState(dir string) (State, error) {
 // update applies fn to the current state and writes it back atomically. A
 // missing state.json starts from the zero State.
 func (s *stateStore) update(ctx context.Context, fn func(*State)) error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	l, err := lock(ctx, filepath.Join(s.dir, stateLock))
-	if err != nil {
-		return err
-	}
-	defer l.unlock()
-	st, err := readState(s.dir)
-	if err != nil && !errors.Is(err, ErrNotEnrolled) {
-		return err
-	}
-	fn(&st)
-	return writeState(s.dir, st)
+	return s.locked(ctx, func() error {
+		st, err := readState(s.dir)
+		if err != nil && !errors.Is(err, ErrNotEnrolled) {
+			return err
+		}
+		fn(&st)
+		return writeState(s.dir, st)
+	})
 }
 
 // replace writes st as the whole state, whatever state.json held: an
 // enrollment starts the bookkeeping afresh, and may be what mends an
 // unreadable state.json.
 func (s *stateStore) replace(ctx context.Context, st State) error {
+	return s.locked(ctx, func() error { return writeState(s.dir, st) })
+}
+
+// locked runs fn holding the state lock, against this process's other
+// goroutines (mu) and other processes (the lock file).
+func (s *stateStore) locked(ctx context.Context, fn func() error) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	l, err := lock(ctx, filepath.Join(s.dir, stateLock))
@@ -348,7 +349,7 @@ func (s *stateStore) replace(ctx context.Context, st State) error {
 		return err
 	}
 	defer l.unlock()
-	return writeState(s.dir, st)
+	return fn()
 }
 
 func writeState(dir string, st State) error {
