@@ -14,6 +14,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"reflect"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -48,6 +49,10 @@ func TestAgentEndToEnd(t *testing.T) {
 	t.Run("Revoked", func(t *testing.T) {
 		t.Parallel()
 		testAgentRevoked(t, builds.get(t, "amd64"))
+	})
+	t.Run("FullDisk", func(t *testing.T) {
+		t.Parallel()
+		testAgentFullDisk(t, builds.get(t, "amd64"))
 	})
 	t.Run("ServerRestoredFromOlderBackup", func(t *testing.T) {
 		t.Parallel()
@@ -283,6 +288,57 @@ func testAgentBrokerOutage(t *testing.T, bin agentBinary) {
 	if st := bin.status(t, dir); st.Running || st.Connected {
 		t.Errorf("status after stop: %+v", st)
 	}
+}
+
+// testAgentFullDisk: with its state folder unwritable (the file size limit
+// of the running agent set to 0 with prlimit: every write fails as on a full
+// SD card, as TestDiskFullNode does for the node) a connected agent keeps
+// publishing, from memory, and says why; once space is back it writes to
+// disk again without a restart.
+func testAgentFullDisk(t *testing.T, bin agentBinary) {
+	prlimit, err := exec.LookPath("prlimit")
+	if err != nil {
+		t.Fatalf("prlimit (util-linux) is needed: %v", err)
+	}
+	s := startServer(t, realClock)
+	const id = "pi-e2e-full"
+	dir := bin.enroll(t, s, s.token(t, "--device", id))
+	a := bin.start(t, dir, "--interval", "1s")
+	waitFor(t, a, 30*time.Second, "telemetry flowing", func() bool { return len(s.agentSamples(t, id)) >= 2 })
+
+	limit := func(fsize string) {
+		t.Helper()
+		pid := strconv.Itoa(a.cmd.Process.Pid)
+		if out, err := exec.Command(prlimit, "--pid", pid, "--fsize="+fsize).CombinedOutput(); err != nil {
+			t.Fatalf("prlimit --fsize=%s: %v: %s", fsize, err, out)
+		}
+	}
+	limit("0:unlimited")
+	full := time.Now()
+	waitFor(t, a, 30*time.Second, "telemetry sampled on a full disk stored", func() bool {
+		n := 0
+		for _, x := range s.agentSamples(t, id) {
+			if x.at.After(full.Add(time.Second)) {
+				n++
+			}
+		}
+		return n >= 3
+	})
+	if !strings.Contains(a.logs.String(), "holding telemetry in memory") {
+		t.Errorf("agent log does not say the disk is full:\n%s", a.logs.String())
+	}
+
+	limit("unlimited")
+	waitFor(t, a, 30*time.Second, "the agent writing to disk again", func() bool {
+		return strings.Contains(a.logs.String(), "writing to disk again")
+	})
+	freed := time.Now()
+	waitFor(t, a, 30*time.Second, "telemetry after space was freed", func() bool {
+		smp := s.agentSamples(t, id)
+		return len(smp) > 0 && smp[len(smp)-1].at.After(freed)
+	})
+	checkSequence(t, s.agentSamples(t, id), time.Second)
+	a.stop(t)
 }
 
 // testAgentRevoked: a revoked device is refused, learns why from the

@@ -54,6 +54,11 @@ type QueueOptions struct {
 	MaxBytes     int64 // of pending records, headers included; default 16 MiB
 	SegmentBytes int64 // a segment is closed for appends beyond this; default 1 MiB
 	SyncEvery    int   // fsync after this many appends even without Sync; default 64
+	// MemoryBytes bounds the records held in memory while the folder cannot
+	// be written (a full SD card): the device keeps publishing while
+	// connected, and keeps the newest of them while offline, but they do not
+	// survive a restart. Default 256 KiB, about two hours of 30 s samples.
+	MemoryBytes int64
 	// PointerInterval is how often Flush saves the delivery pointer. Each
 	// save is a small atomic file write; a crash re-sends at most what was
 	// delivered since the last one. Default 1m.
@@ -81,9 +86,10 @@ type segment struct {
 
 type qentry struct {
 	seq  uint64
-	seg  *segment
+	seg  *segment // nil for a record held in memory
 	off  int64
 	size int64
+	mem  []byte // the whole record, when seg is nil
 }
 
 // queue is a durable, bounded FIFO. It is safe for concurrent use.
@@ -98,6 +104,8 @@ type queue struct {
 	head     uint64   // first undelivered seq
 	next     uint64   // seq of the next append
 	bytes    int64    // size of pending records
+	memBytes int64    // size of pending records held in memory
+	memErr   bool     // the last append could not be written to disk
 	dropped  uint64
 	unsynced int
 	dirDirty bool
@@ -125,6 +133,9 @@ func openQueue(dir string, opts QueueOptions) (*queue, error) {
 	}
 	if opts.SyncEvery <= 0 {
 		opts.SyncEvery = 64
+	}
+	if opts.MemoryBytes <= 0 {
+		opts.MemoryBytes = 256 << 10
 	}
 	if opts.PointerInterval <= 0 {
 		opts.PointerInterval = time.Minute
@@ -369,6 +380,9 @@ func (q *queue) dropOldest() {
 	e := q.entries[0]
 	q.entries = q.entries[1:]
 	q.bytes -= e.size
+	if e.seg == nil {
+		q.memBytes -= e.size
+	}
 	q.head = e.seq + 1
 	q.dropped++
 }
@@ -405,13 +419,18 @@ func (q *queue) Append(topic string, payload []byte) error {
 		q.log.Warn().Int("dropped", dropped).Uint64("dropped_total", q.dropped).Msg("queue full: dropped oldest messages")
 	}
 	s, err := q.tail()
-	if err != nil {
-		return err
+	if err == nil {
+		if _, werr := s.f.WriteAt(buf, s.size); werr != nil {
+			err = fmt.Errorf("queue: write: %w", werr)
+			q.abandonTail(s)
+		}
 	}
-	if _, err := s.f.WriteAt(buf, s.size); err != nil {
-		// Cut what may have been written so the next record starts clean.
-		_ = s.f.Truncate(s.size)
-		return fmt.Errorf("queue: write: %w", err)
+	if err != nil {
+		return q.appendMemory(buf, err)
+	}
+	if q.memErr {
+		q.memErr = false
+		q.log.Info().Msg("queue: writing to disk again")
 	}
 	q.entries = append(q.entries, qentry{seq: q.next, seg: s, off: s.size, size: size})
 	s.size += size
@@ -428,6 +447,64 @@ func (q *queue) Append(topic string, payload []byte) error {
 			return err
 		}
 	}
+	select {
+	case q.ready <- struct{}{}:
+	default:
+	}
+	return nil
+}
+
+// abandonTail gives up on s after a failed write. A segment's records are
+// numbered from its name, so the record about to be held in memory takes a
+// seq s can no longer hold: s is sealed (cut back to its last whole record),
+// or removed when it has none.
+func (q *queue) abandonTail(s *segment) {
+	if s.count > 0 {
+		_ = s.f.Truncate(s.size)
+		s.sealed = true
+		return
+	}
+	_ = s.f.Close()
+	_ = os.Remove(s.path)
+	q.segs = q.segs[:len(q.segs)-1]
+	q.dirDirty = true
+}
+
+// appendMemory keeps a record that could not be written to disk in memory,
+// within MemoryBytes, dropping the oldest record held in memory to make
+// room: a full card must not silence a connected device. cause is returned
+// when even that is impossible, and logged once when memory takes over.
+func (q *queue) appendMemory(buf []byte, cause error) error {
+	size := int64(len(buf))
+	if size > q.opts.MemoryBytes {
+		return cause
+	}
+	dropped := 0
+	for q.memBytes+size > q.opts.MemoryBytes {
+		i := slices.IndexFunc(q.entries, func(e qentry) bool { return e.seg == nil })
+		if i == 0 {
+			q.dropOldest()
+		} else {
+			e := q.entries[i]
+			q.entries = slices.Delete(q.entries, i, i+1)
+			q.bytes -= e.size
+			q.memBytes -= e.size
+			q.dropped++
+		}
+		dropped++
+	}
+	if !q.memErr {
+		q.memErr = true
+		q.log.Error().Err(cause).Int64("memory_bytes", q.opts.MemoryBytes).
+			Msg("queue: cannot write to the state folder; holding telemetry in memory, lost if the agent stops")
+	}
+	if dropped > 0 {
+		q.log.Warn().Int("dropped", dropped).Uint64("dropped_total", q.dropped).Msg("queue memory full: dropped oldest messages")
+	}
+	q.entries = append(q.entries, qentry{seq: q.next, size: size, mem: buf})
+	q.next++
+	q.bytes += size
+	q.memBytes += size
 	select {
 	case q.ready <- struct{}{}:
 	default:
@@ -487,9 +564,12 @@ func (q *queue) Peek(n int) ([]Record, error) {
 	n = min(n, len(q.entries))
 	out := make([]Record, 0, n)
 	for _, e := range q.entries[:n] {
-		buf := make([]byte, e.size)
-		if _, err := e.seg.f.ReadAt(buf, e.off); err != nil {
-			return out, fmt.Errorf("queue: read: %w", err)
+		buf := e.mem
+		if e.seg != nil {
+			buf = make([]byte, e.size)
+			if _, err := e.seg.f.ReadAt(buf, e.off); err != nil {
+				return out, fmt.Errorf("queue: read: %w", err)
+			}
 		}
 		tl := int(binary.LittleEndian.Uint16(buf[8:10]))
 		out = append(out, Record{
@@ -520,6 +600,9 @@ func (q *queue) Ack(seq uint64) error {
 	i := 0
 	for i < len(q.entries) && q.entries[i].seq <= seq {
 		q.bytes -= q.entries[i].size
+		if q.entries[i].seg == nil {
+			q.memBytes -= q.entries[i].size
+		}
 		i++
 	}
 	q.entries = q.entries[i:]
@@ -604,6 +687,11 @@ func (q *queue) Close() error {
 	defer q.mu.Unlock()
 	if q.closed {
 		return nil
+	}
+	for _, e := range q.entries {
+		if e.seg == nil {
+			q.dropped++ // held in memory: gone with the process
+		}
 	}
 	err := q.syncLocked(true)
 	q.closeFiles()

@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"sync"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -405,5 +407,91 @@ func TestQueueCutRecordsCountAsDropped(t *testing.T) {
 				t.Errorf("dropped after a crash and reopen = %d, want %d", d, c.dropped)
 			}
 		})
+	}
+}
+
+// limitFileSize sets this process's file size limit (RLIMIT_FSIZE) until
+// the returned func: every write past it fails with EFBIG, as writes do on
+// a full disk. Go ignores SIGXFSZ, so only the write fails.
+func limitFileSize(tb testing.TB, n uint64) (restore func()) {
+	tb.Helper()
+	var old syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_FSIZE, &old); err != nil {
+		tb.Fatal(err)
+	}
+	if err := syscall.Setrlimit(syscall.RLIMIT_FSIZE, &syscall.Rlimit{Cur: n, Max: old.Max}); err != nil {
+		tb.Fatal(err)
+	}
+	var once sync.Once
+	restore = func() {
+		once.Do(func() {
+			if err := syscall.Setrlimit(syscall.RLIMIT_FSIZE, &old); err != nil {
+				tb.Fatal(err)
+			}
+		})
+	}
+	tb.Cleanup(restore)
+	return restore
+}
+
+// TestQueueFullDisk: records that cannot be written are held in memory,
+// within MemoryBytes (the oldest held dropped first), delivered in order
+// with those on disk; disk writes resume when they can, and the sequence
+// numbers stay consistent across a reopen, memory-held records counted as
+// dropped when the queue closes with them.
+func TestQueueFullDisk(t *testing.T) {
+	dir := t.TempDir()
+	recSize := int64(recordHeader + 2 + len("telemetry") + len("msg-00000"))
+	opts := QueueOptions{MemoryBytes: 5 * recSize}
+	q := openTestQueue(t, dir, opts)
+	appendN(t, q, 0, 5)
+
+	restore := limitFileSize(t, 0)
+	appendN(t, q, 5, 10) // 5..9 dropped from memory for 10..14
+	restore()
+	appendN(t, q, 15, 5)
+
+	got := payloads(t, q)
+	want := []string{}
+	for _, i := range []int{0, 1, 2, 3, 4, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19} {
+		want = append(want, fmt.Sprintf("msg-%05d", i))
+	}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("pending %v, want %v", got, want)
+	}
+	if pending, _, dropped := q.Stats(); pending != 15 || dropped != 5 {
+		t.Fatalf("pending %d dropped %d, want 15 and 5", pending, dropped)
+	}
+	if err := q.Ack(2); err != nil {
+		t.Fatal(err)
+	}
+	if err := q.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	q = openTestQueue(t, dir, opts)
+	recs, err := q.Peek(100)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var seqs []string
+	for _, r := range recs {
+		seqs = append(seqs, fmt.Sprintf("%d:%s", r.Seq, r.Payload))
+	}
+	if want := "[3:msg-00003 4:msg-00004 15:msg-00015 16:msg-00016 17:msg-00017 18:msg-00018 19:msg-00019]"; fmt.Sprint(seqs) != want {
+		t.Fatalf("after reopen %v, want %s", seqs, want)
+	}
+	if _, _, dropped := q.Stats(); dropped != 10 {
+		t.Errorf("dropped %d after reopen, want 10 (5 for room, 5 held in memory at close)", dropped)
+	}
+	appendN(t, q, 20, 1)
+	if recs, _ := q.Peek(100); recs[len(recs)-1].Seq != 20 {
+		t.Errorf("next append got seq %d, want 20", recs[len(recs)-1].Seq)
+	}
+	if err := q.Ack(20); err != nil {
+		t.Fatal(err)
+	}
+	if pending, _, _ := q.Stats(); pending != 0 {
+		t.Errorf("%d pending after acking everything", pending)
 	}
 }
