@@ -82,6 +82,7 @@ var storeCodes = []struct {
 	{store.ErrTokenUsed, CodeTokenUsed},
 	{store.ErrTokenRevoked, CodeTokenRevoked},
 	{store.ErrTokenBound, CodeIDMismatch},
+	{store.ErrIDRevoked, CodeIDTaken}, // before ErrDeviceExists, which it wraps
 	{store.ErrDeviceExists, CodeIDTaken},
 	{store.ErrDeviceRevoked, CodeDeviceRevoked},
 	{store.ErrCertUnknown, CodeCertInvalid},

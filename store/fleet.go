@@ -240,8 +240,12 @@ func (db *DB) Enroll(ctx context.Context, e Enrollment) error {
 		}
 		var prev *Device // the device re-provisioned
 		if rec := tx.Bucket(bucketDevices).Get([]byte(id)); rec != nil {
-			if t.DeviceID != id {
-				return ErrDeviceExists // a free token's CN
+			if t.DeviceID != id { // a free token's CN
+				var d Device
+				if json.Unmarshal(rec, &d) == nil && d.Revoked() {
+					return ErrIDRevoked
+				}
+				return ErrDeviceExists
 			}
 			if prev, err = checkBinding(rec, t); err != nil {
 				return err

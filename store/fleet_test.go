@@ -344,7 +344,7 @@ func TestRefusedRequestsWriteNothing(t *testing.T) {
 		}, store.ErrDeviceExists},
 		{"enroll revoked device's id", func(db *store.DB) error {
 			return db.Enroll(ctx, enrollment(tokenHash("fresh"), "d-rev", "sn1"))
-		}, store.ErrDeviceExists},
+		}, store.ErrIDRevoked}, // which is also ErrDeviceExists
 		{"enroll service's id", func(db *store.DB) error {
 			return db.Enroll(ctx, enrollment(tokenHash("fresh"), "svc", "sn1"))
 		}, store.ErrDeviceExists},

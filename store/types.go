@@ -2,6 +2,7 @@ package store
 
 import (
 	"errors"
+	"fmt"
 	"time"
 )
 
@@ -18,9 +19,12 @@ var (
 	ErrTokenBound    = errors.New("token is bound to another device id")
 	ErrDeviceExists  = errors.New("device id already taken")
 	ErrDeviceRevoked = errors.New("device revoked")
-	ErrCertUnknown   = errors.New("certificate unknown")
-	ErrCertRevoked   = errors.New("certificate revoked")
-	ErrCertMismatch  = errors.New("certificate belongs to another device")
+	// ErrIDRevoked is ErrDeviceExists for the id of a revoked device, which
+	// not even re-provisioning brings back.
+	ErrIDRevoked    = fmt.Errorf("%w: it was revoked, and revoked ids are never used again", ErrDeviceExists)
+	ErrCertUnknown  = errors.New("certificate unknown")
+	ErrCertRevoked  = errors.New("certificate revoked")
+	ErrCertMismatch = errors.New("certificate belongs to another device")
 )
 
 // Role says what an identity may do on the broker. It is fixed when the

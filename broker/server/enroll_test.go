@@ -238,6 +238,10 @@ func TestSingleUseTokenConcurrent(t *testing.T) {
 func TestEnrollBadInput(t *testing.T) {
 	s := startServer(t, func(c *server.Config) { c.Enroll.FailureBurst = 1000 })
 	existing := s.enroll(t, s.token(t), "taken")
+	s.enroll(t, s.token(t), "gone")
+	if _, errs, code := s.cli(t, "device", "revoke", "gone"); code != 0 {
+		t.Fatalf("device revoke: %s", errs)
+	}
 	free := s.token(t, "--uses", "100")
 	bound := s.token(t, "--device", "bound-1")
 	expired := s.token(t, "--ttl", "1h")
@@ -299,12 +303,18 @@ func TestEnrollBadInput(t *testing.T) {
 			}
 		})
 	}
+	// A revoked id is taken too, and the answer says it never comes back:
+	// re-provisioning, the way out for a taken id, is refused for it.
+	a := s.post(t, s.client(nil), "/v1/enroll", hdr(free), csrPEM(t, newKey(t), "gone"))
+	if a.status != 409 || a.code != "id_taken" || !strings.Contains(string(a.body), "revoked ids are never used again") {
+		t.Errorf("free token, CN of a revoked device: got %d %s", a.status, a.body)
+	}
 	if after := s.snapshot(t); after != before {
 		t.Errorf("refused enrollments changed the store:\nbefore %s\nafter  %s", before, after)
 	}
 
 	// Renewal with another device's CN, and without a certificate.
-	a := s.post(t, s.client(existing.tlsCert()), "/v1/renew", map[string]string{"Content-Type": "application/pkcs10"}, csrPEM(t, newKey(t), "used-once"))
+	a = s.post(t, s.client(existing.tlsCert()), "/v1/renew", map[string]string{"Content-Type": "application/pkcs10"}, csrPEM(t, newKey(t), "used-once"))
 	if a.status != 403 || a.code != "id_mismatch" {
 		t.Errorf("renew for another CN: %d %s", a.status, a.body)
 	}

@@ -227,6 +227,8 @@ func enrollAdvice(err error, id string) error {
 	switch {
 	case se.Code == codeIDInvalid && id == "":
 		return fmt.Errorf("%w: this token is not bound to a device id; name the device with --id", err)
+	case se.Code == codeIDTaken && strings.Contains(se.Message, "revoked"):
+		return fmt.Errorf("%w: enroll this device under another id (--id)", err)
 	case se.Code == codeIDTaken:
 		return fmt.Errorf("%w: ids are for life; use another id, or ask the operator for a token that re-provisions "+
 			"this device (fleetmq token create --device ID --reprovision)", err)

@@ -338,6 +338,7 @@ func TestEnrollAdvice(t *testing.T) {
 		{wrap(codeIDInvalid), "", "name the device with --id"},
 		{wrap(codeIDInvalid), "Bad/Id", ""},
 		{wrap(codeIDTaken), "pi-1", "--reprovision"},
+		{&ServerError{Status: 409, Code: codeIDTaken, Message: "device id already taken: it was revoked, and revoked ids are never used again"}, "pi-1", "under another id (--id)"},
 		{wrap(codeTokenUsed), "", ""},
 		{errors.New("dial: refused"), "", ""},
 	}
