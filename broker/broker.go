@@ -67,6 +67,13 @@ type Config struct {
 	// writing (mochi's MaximumClientWritesPending); more are dropped.
 	// Default 128.
 	WriteQueue int
+	// WriteTimeout is the longest one write to a client may block. mochi
+	// writes to a client holding its lock, which every publisher delivering
+	// to that client waits for: a subscriber that stops reading (a stuck
+	// backend, a half-dead link) would hold up the PUBACKs of every device
+	// it listens to. Past this it is disconnected (its session is kept).
+	// Default 10s.
+	WriteTimeout time.Duration
 	// SessionExpiry is the longest a disconnected session is kept.
 	// Default 1h.
 	SessionExpiry time.Duration
@@ -108,6 +115,9 @@ func (c *Config) setDefaults() {
 	if c.WriteQueue == 0 {
 		c.WriteQueue = 128
 	}
+	if c.WriteTimeout == 0 {
+		c.WriteTimeout = 10 * time.Second
+	}
 	if c.SessionExpiry == 0 {
 		c.SessionExpiry = time.Hour
 	}
@@ -145,6 +155,8 @@ func (c *Config) validate() error {
 		return fmt.Errorf("broker config: MaxConnections %d is negative", c.MaxConnections)
 	case c.WriteQueue < 0 || c.WriteQueue > math.MaxInt32:
 		return fmt.Errorf("broker config: WriteQueue %d is out of range", c.WriteQueue)
+	case c.WriteTimeout < 100*time.Millisecond:
+		return fmt.Errorf("broker config: WriteTimeout %s is under 100ms", c.WriteTimeout)
 	case c.SessionExpiry < time.Second || c.SessionExpiry/time.Second > math.MaxUint32:
 		return fmt.Errorf("broker config: SessionExpiry %s is out of range", c.SessionExpiry)
 	case c.MaxKeepalive < time.Second || c.MaxKeepalive/time.Second > math.MaxUint16:

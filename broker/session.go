@@ -9,6 +9,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -70,6 +71,10 @@ type conn struct {
 	// is applied; only mochi's read goroutine sets deadlines.
 	deadline      time.Time
 	deadlineSlack time.Duration
+	// The write deadline last set; see Write.
+	wmu       sync.Mutex
+	wdeadline time.Time
+	stuck     sync.Once
 
 	// Guarded by b.mu; id, cl and ident are set once, by register.
 	id       string
@@ -108,7 +113,42 @@ func (c *conn) SetDeadline(t time.Time) error {
 	if !t.IsZero() {
 		c.deadlineSlack = time.Until(t) / 16
 	}
-	return c.Conn.SetDeadline(t)
+	// Writes have their own, shorter deadline (see Write).
+	return c.Conn.SetReadDeadline(t)
+}
+
+// Write bounds every write by WriteTimeout. mochi writes to a client
+// holding the client's lock, and a publisher delivering a QoS 1 message to
+// it waits for that lock (Client.NextPacketID): without a bound, a
+// subscriber that stops reading holds up the PUBACKs of every device it
+// listens to until its keepalive runs out. Past the timeout the socket is
+// closed, which ends the client for mochi. Like SetDeadline, the deadline
+// moves only by more than a sixteenth of the timeout, sparing a timer
+// re-arm per write.
+func (c *conn) Write(p []byte) (int, error) {
+	timeout := c.b.cfg.WriteTimeout
+	c.wmu.Lock()
+	if d := time.Now().Add(timeout); d.Sub(c.wdeadline) > timeout/16 {
+		c.wdeadline = d
+		_ = c.Conn.SetWriteDeadline(d)
+	}
+	c.wmu.Unlock()
+	n, err := c.Conn.Write(p)
+	if err != nil && errors.Is(err, os.ErrDeadlineExceeded) {
+		c.stuck.Do(func() {
+			c.b.stats.kicked.inc(KickWriteTimeout)
+			var id string
+			if g := c.grant.Load(); g != nil {
+				id = g.id
+			}
+			c.b.log.Warn().Str("id", id).Stringer("timeout", timeout).
+				Msg("broker: closing a client that stopped reading")
+			// The TLS stream is broken mid-record: close the socket, not
+			// the TLS connection (no close_notify can be sent).
+			_ = c.Conn.NetConn().Close()
+		})
+	}
+	return n, err
 }
 
 // leaf returns the verified client certificate.

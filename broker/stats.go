@@ -37,6 +37,8 @@ const (
 const (
 	KickRevoked     = "revoked"      // Revoke
 	KickCertExpired = "cert_expired" // the session outlived its certificate
+	// A write to the client blocked for WriteTimeout: it stopped reading.
+	KickWriteTimeout = "write_timeout"
 )
 
 // Stats is a snapshot of the broker's counters. Counters count since New;
@@ -77,7 +79,7 @@ var (
 		ReasonCertExpired, ReasonCertInvalid, ReasonTLS,
 		ReasonRevoked, ReasonUnknownIdentity, ReasonCertUnknown, ReasonCertMismatch, ReasonStore,
 	}
-	kickReasons = []string{KickRevoked, KickCertExpired}
+	kickReasons = []string{KickRevoked, KickCertExpired, KickWriteTimeout}
 )
 
 // counterSet is a fixed set of named counters; its map is never written

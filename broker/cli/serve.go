@@ -31,6 +31,7 @@ func serve(ctx context.Context, args []string, env Env) error {
 	fs.IntVar(&cfg.RetentionCount, "retention-count", 100_000, "most telemetry messages kept per device")
 	fs.IntVar(&cfg.Broker.MaxConnections, "max-connections", 10_000, "most concurrent MQTT connections")
 	fs.Var(durationValue{&cfg.Broker.HandshakeTimeout}, "handshake-timeout", "deadline for the TLS handshake and the MQTT CONNECT (default 10s)")
+	fs.Var(durationValue{&cfg.Broker.WriteTimeout}, "write-timeout", "longest a write to an MQTT client may block before it is disconnected (default 10s)")
 	maxPacket := fs.Uint("max-packet-size", 256<<10, "largest MQTT packet accepted, bytes")
 	fs.Float64Var(&cfg.Broker.PublishRate, "publish-rate", 100, "per-device publish rate limit, messages per second")
 	fs.IntVar(&cfg.Broker.PublishBurst, "publish-burst", 200, "per-device publish burst")

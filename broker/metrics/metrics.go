@@ -275,7 +275,7 @@ var (
 	descRefused = prometheus.NewDesc("fleetmq_mqtt_connect_refusals_total",
 		"MQTT connections refused before a session by reason (client_id, role, revoked, max_connections, ...).", []string{"reason"}, nil)
 	descKicked = prometheus.NewDesc("fleetmq_mqtt_sessions_closed_total",
-		"Live MQTT sessions closed by the broker by reason (revoked, cert_expired).", []string{"reason"}, nil)
+		"Live MQTT sessions closed by the broker by reason (revoked, cert_expired, write_timeout).", []string{"reason"}, nil)
 	descACL = prometheus.NewDesc("fleetmq_mqtt_acl_denials_total",
 		"Publishes, subscriptions and deliveries denied by the topic ACL.", nil, nil)
 	descIn = prometheus.NewDesc("fleetmq_mqtt_messages_received_total",

@@ -1,0 +1,73 @@
+package broker
+
+import (
+	"bufio"
+	"bytes"
+	"crypto/tls"
+	"net"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/mochi-mqtt/server/v2/packets"
+)
+
+// TestSlowSubscriberDoesNotStallPublishers: a QoS 1 subscriber that stops
+// reading (a stuck backend, a half-dead link) fills its socket; mochi
+// writes to a client holding its lock, and every publisher delivering to it
+// waits for that lock. The subscriber is disconnected after WriteTimeout,
+// so the devices' PUBACKs stall for that long at most, not for the
+// subscriber's keepalive.
+func TestSlowSubscriberDoesNotStallPublishers(t *testing.T) {
+	const writeTimeout = 500 * time.Millisecond
+	f := newFixture(t, func(c *Config) {
+		c.WriteTimeout = writeTimeout
+		c.PublishRate, c.PublishBurst = 100000, 100000
+	})
+
+	// The subscriber's socket takes little before it stops the sender.
+	d := net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {
+		var serr error
+		if err := rc.Control(func(fd uintptr) {
+			serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096)
+		}); err != nil {
+			return err
+		}
+		return serr
+	}}
+	raw, err := d.Dial("tcp", f.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = raw.Close() })
+	sub := &rawClient{tb: t, ver: 5}
+	sub.conn = tls.Client(raw, f.clientTLS(f.service(t, "stuck-svc")))
+	sub.br = bufio.NewReader(sub.conn)
+	if ack := sub.connect("stuck-svc"); ack.ReasonCode != 0 {
+		t.Fatalf("CONNACK %#x", ack.ReasonCode)
+	}
+	sub.write(packets.Packet{
+		FixedHeader: packets.FixedHeader{Type: packets.Subscribe, Qos: 1},
+		PacketID:    1,
+		Filters:     packets.Subscriptions{{Filter: "devices/+/telemetry", Qos: 1}},
+	})
+	if ack := sub.mustRead(packets.Suback); len(ack.ReasonCodes) != 1 || ack.ReasonCodes[0] != 1 {
+		t.Fatalf("SUBACK %v", ack.ReasonCodes)
+	}
+	// From here on the subscriber reads nothing.
+
+	dev := connect(t, f.pahoOpts("busy-dev", f.clientTLS(f.device(t, "busy-dev"))))
+	payload := bytes.Repeat([]byte("x"), 60_000)
+	start := time.Now()
+	for i := range 300 { // 18 MB, far beyond what the stuck socket takes
+		if err := wait(t, dev.Publish("devices/busy-dev/telemetry", 1, false, payload)); err != nil {
+			t.Fatalf("publish %d: %v", i, err)
+		}
+	}
+	t.Logf("300 QoS 1 publishes acknowledged in %s", time.Since(start).Round(time.Millisecond))
+	eventually(t, func() bool { return f.b.Stats().Kicked[KickWriteTimeout] == 1 }, "the stuck subscriber closed")
+	if !strings.Contains(f.logs.String(), "stopped reading") {
+		t.Errorf("no log of the stuck subscriber:\n%s", f.logs.String())
+	}
+}
