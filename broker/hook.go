@@ -29,7 +29,7 @@ func (h *hook) Provides(b byte) bool {
 	switch b {
 	case mqtt.OnConnect, mqtt.OnConnectAuthenticate, mqtt.OnACLCheck,
 		mqtt.OnSubscribe, mqtt.OnSubscribed, mqtt.OnUnsubscribed,
-		mqtt.OnPublish, mqtt.OnPacketSent:
+		mqtt.OnPublish, mqtt.OnPacketSent, mqtt.OnClientExpired:
 		return true
 	}
 	return false

@@ -74,3 +74,11 @@ func (h *hook) OnUnsubscribed(cl *mqtt.Client, pk packets.Packet) {
 		}
 	}
 }
+
+// OnClientExpired drops an expired session's subscriptions. mochi forgets
+// the client but leaves them in its topic index: memory that grew with
+// every expired session, and subscriptions delivered to the next client
+// taking the id.
+func (h *hook) OnClientExpired(cl *mqtt.Client) {
+	h.b.srv.UnsubscribeClient(cl)
+}

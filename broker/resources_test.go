@@ -71,3 +71,23 @@ func TestSlowSubscriberDoesNotStallPublishers(t *testing.T) {
 		t.Errorf("no log of the stuck subscriber:\n%s", f.logs.String())
 	}
 }
+
+// TestExpiredSessionReleasesSubscriptions: mochi forgets an expired
+// session's client but not its subscriptions, which stayed in the topic
+// index for ever (memory a client could grow session after session) and
+// were delivered to the next client taking the id.
+func TestExpiredSessionReleasesSubscriptions(t *testing.T) {
+	f := newFixture(t, func(c *Config) { c.SessionExpiry = time.Second })
+	const topic = "devices/dev-x/telemetry"
+	svc := connect(t, f.pahoOpts("svc", f.clientTLS(f.service(t, "svc"))).SetCleanSession(false))
+	if err := wait(t, svc.Subscribe("devices/+/telemetry", 1, nil)); err != nil {
+		t.Fatal(err)
+	}
+	if !f.b.hasSubscribers(topic) || f.b.nwatchers.Load() != 1 {
+		t.Fatal("subscription not indexed")
+	}
+	svc.Disconnect(0)
+	eventually(t, func() bool {
+		return !f.b.hasSubscribers(topic) && f.b.nwatchers.Load() == 0
+	}, "the expired session's subscription removed")
+}
