@@ -5,8 +5,10 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -552,5 +554,72 @@ sampling:
 	if late > early+early/4+32<<20 {
 		t.Errorf("server memory grew from %d MiB to %d MiB during the soak", early>>20, late>>20)
 	}
+	n.stop()
+}
+
+// TestIdleHTTPConnectionsCannotStarveDevices runs the fleetmq binary with
+// a low file descriptor limit and holds many kept-alive connections to the
+// metrics listener after one request each (a scraper left hanging, or a
+// flood where metrics is reachable): they are capped, so the broker and
+// the enrollment endpoint keep their descriptors.
+func TestIdleHTTPConnectionsCannotStarveDevices(t *testing.T) {
+	prlimit, err := exec.LookPath("prlimit")
+	if err != nil {
+		t.Fatalf("prlimit (util-linux) is needed: %v", err)
+	}
+	bin := buildFleetmq(t)
+	data := filepath.Join(t.TempDir(), "data")
+	const limit = 128
+	n := startNode(t, bin, data, []string{prlimit, "--nofile=" + strconv.Itoa(limit) + ":" + strconv.Itoa(limit), "--"},
+		"--metrics-addr", "127.0.0.1:0")
+	tok := n.tokens(1, "idle-")
+	d, err := enrollOver(n.httpsClient(), n.enrollAddr, tok[0].Secret, "")
+	if err != nil {
+		t.Fatalf("enroll: %v", err)
+	}
+	metricsAddr := strings.TrimSuffix(strings.TrimPrefix(n.metricsURL, "http://"), "/metrics")
+
+	var held []net.Conn
+	t.Cleanup(func() {
+		for _, c := range held {
+			_ = c.Close()
+		}
+	})
+	for range 2 * limit {
+		c, err := net.DialTimeout("tcp", metricsAddr, 10*time.Second)
+		if err != nil {
+			t.Fatalf("dial metrics: %v", err)
+		}
+		held = append(held, c)
+		if _, err := io.WriteString(c, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"); err != nil {
+			t.Fatalf("request: %v", err)
+		}
+	}
+	// The first ones are answered and then idle, kept alive.
+	for _, c := range held[:8] {
+		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		if err != nil {
+			t.Fatalf("healthz on a held connection: %v", err)
+		}
+		resp.Body.Close()
+	}
+
+	c, err := dialQoS1(n.mqttAddr, deviceTLS(n.ca(), d), d.resp.DeviceID, 30)
+	if err != nil {
+		t.Fatalf("a device cannot connect while metrics connections are held: %v", err)
+	}
+	defer c.close()
+	if err := c.publish("devices/"+d.resp.DeviceID+"/telemetry", []byte(`{"ok":1}`)); err != nil {
+		t.Fatalf("publish: %v", err)
+	}
+	resp, err := n.httpsClient().Get("https://" + n.enrollAddr + "/v1/ca")
+	if err != nil {
+		t.Fatalf("enrollment endpoint while metrics connections are held: %v", err)
+	}
+	resp.Body.Close()
+	if strings.Contains(n.logs.String(), "too many open files") {
+		t.Errorf("the node ran out of descriptors:\n%s", n.logs.String())
+	}
+	c.close()
 	n.stop()
 }

@@ -119,6 +119,10 @@ func (c *Config) setDefaults() {
 // DBName is the database file inside the data folder.
 const DBName = "fleetmq.db"
 
+// metricsMaxConnections is the most metrics connections open at once; more
+// wait in the listen backlog.
+const metricsMaxConnections = 16
+
 // Server is one running fleetmq node.
 type Server struct {
 	cfg    Config
@@ -326,10 +330,16 @@ func (s *Server) Start() error {
 		if s.metricsLn, err = net.Listen("tcp", s.cfg.MetricsAddr); err != nil {
 			return fmt.Errorf("listen for metrics on %s: %w", s.cfg.MetricsAddr, err)
 		}
+		// A scraper needs one connection, kept alive: held or idle sockets
+		// beyond a few must not take the descriptors the broker needs.
+		s.metricsLn = netutil.LimitListener(s.metricsLn, metricsMaxConnections)
 		s.metricsSrv = &http.Server{
 			Handler:           s.metrics.Handler(),
 			ReadHeaderTimeout: 10 * time.Second,
+			ReadTimeout:       30 * time.Second,
 			WriteTimeout:      30 * time.Second,
+			IdleTimeout:       2 * time.Minute,
+			MaxHeaderBytes:    64 << 10,
 			ErrorLog:          newHTTPErrorLog(s.log),
 		}
 	}

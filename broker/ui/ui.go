@@ -26,6 +26,7 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+	"golang.org/x/net/netutil"
 
 	"github.com/fleetmq/fleetmq/broker/admin"
 	"github.com/fleetmq/fleetmq/store"
@@ -151,6 +152,10 @@ func New(cfg Config) (*Server, error) {
 	return s, nil
 }
 
+// MaxConnections is the most dashboard connections open at once; more wait
+// in the listen backlog. Each browser tab holds one event stream.
+const MaxConnections = 256
+
 // Listen binds Config.Addr. On a loopback address the dashboard will speak
 // plain HTTP; on any other, HTTPS with required operator certificates, or
 // Listen fails with ErrInsecureAddr when the config cannot do that.
@@ -161,6 +166,9 @@ func (s *Server) Listen() error {
 	}
 	tcp, _ := ln.Addr().(*net.TCPAddr)
 	secure := tcp == nil || !tcp.IP.IsLoopback()
+	// Sockets held open (idle, or never finishing a request) must not take
+	// the process's file descriptors, which the broker needs.
+	ln = netutil.LimitListener(ln, MaxConnections)
 	if secure && s.cfg.GetCertificate == nil {
 		ln.Close()
 		return fmt.Errorf("ui: refusing to listen on %s: %w", ln.Addr(), ErrInsecureAddr)
