@@ -296,10 +296,7 @@ func testAgentBrokerOutage(t *testing.T, bin agentBinary) {
 // publishing, from memory, and says why; once space is back it writes to
 // disk again without a restart.
 func testAgentFullDisk(t *testing.T, bin agentBinary) {
-	prlimit, err := exec.LookPath("prlimit")
-	if err != nil {
-		t.Fatalf("prlimit (util-linux) is needed: %v", err)
-	}
+	prlimit := prlimitPath(t)
 	s := startServer(t, realClock)
 	const id = "pi-e2e-full"
 	dir := bin.enroll(t, s, s.token(t, "--device", id))

@@ -101,10 +101,7 @@ func (c *v5Client) publish(topic string, payload []byte) byte {
 // serving; once the cap is lifted (space freed) the same connection
 // stores again, without a restart, and the file passes bbolt's check.
 func TestDiskFullNode(t *testing.T) {
-	prlimit, err := exec.LookPath("prlimit")
-	if err != nil {
-		t.Fatalf("prlimit (util-linux) is needed: %v", err)
-	}
+	prlimit := prlimitPath(t)
 	bin := buildFleetmq(t)
 	data := filepath.Join(t.TempDir(), "data")
 	n := startNode(t, bin, data, []string{prlimit, "--fsize=" + strconv.Itoa(2<<20) + ":unlimited", "--"},

@@ -10,7 +10,6 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"runtime"
 	"strconv"
@@ -160,10 +159,7 @@ func eventually(tb testing.TB, cond func() bool, what string) {
 // never handshake, then closes them: the MQTT and HTTPS listeners recover
 // by themselves and a device connects and publishes.
 func TestFileDescriptorExhaustion(t *testing.T) {
-	prlimit, err := exec.LookPath("prlimit")
-	if err != nil {
-		t.Fatalf("prlimit (util-linux) is needed: %v", err)
-	}
+	prlimit := prlimitPath(t)
 	bin := buildFleetmq(t)
 	data := filepath.Join(t.TempDir(), "data")
 	const limit = 64
@@ -563,10 +559,7 @@ sampling:
 // flood where metrics is reachable): they are capped, so the broker and
 // the enrollment endpoint keep their descriptors.
 func TestIdleHTTPConnectionsCannotStarveDevices(t *testing.T) {
-	prlimit, err := exec.LookPath("prlimit")
-	if err != nil {
-		t.Fatalf("prlimit (util-linux) is needed: %v", err)
-	}
+	prlimit := prlimitPath(t)
 	bin := buildFleetmq(t)
 	data := filepath.Join(t.TempDir(), "data")
 	const limit = 128

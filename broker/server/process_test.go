@@ -70,6 +70,17 @@ func startNode(tb testing.TB, bin, data string, wrap []string, flags ...string) 
 	return runNode(tb, args, append(os.Environ(), "FLEETMQ_DATA="+data), data)
 }
 
+// prlimitPath returns the path of prlimit (util-linux), which the tests use
+// to give a process a real resource limit.
+func prlimitPath(tb testing.TB) string {
+	tb.Helper()
+	p, err := exec.LookPath("prlimit")
+	if err != nil {
+		tb.Fatalf("prlimit (util-linux) is needed: %v", err)
+	}
+	return p
+}
+
 // runNode runs the command line args, a `fleetmq serve` using data, with
 // env, and waits for its "fleetmq serving" line (logs must be JSON).
 func runNode(tb testing.TB, args, env []string, data string) *node {
