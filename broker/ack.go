@@ -131,7 +131,8 @@ func (b *Broker) acknowledge(c *conn, ready []*pendingPub, buf []byte) []byte {
 	cl := c.cl
 	v5 := cl.Properties.ProtocolVersion == 5
 	buf = buf[:0]
-	for _, p := range ready {
+	refused := -1 // a 3.1.1 refusal: nothing after it is acknowledged
+	for i, p := range ready {
 		id := p.id
 		switch {
 		case p.code.Code < packets.ErrUnspecifiedError.Code && (!v5 || p.code.Code == 0):
@@ -145,17 +146,29 @@ func (b *Broker) acknowledge(c *conn, ready []*pendingPub, buf []byte) []byte {
 			writeRaw(cl, buf)
 			buf = buf[:0]
 			refuseAck(cl, id, p.code)
+		default:
+			refused = i
 		}
-		// A 3.1.1 PUBACK cannot refuse: the client gets none and resends
-		// after reconnecting.
+		if refused >= 0 {
+			break
+		}
 	}
 	// A failed write means the client is gone; it resends when it comes
 	// back, and the stored messages stay stored.
 	writeRaw(cl, buf)
-	for _, p := range ready {
+	accepted := ready
+	if refused >= 0 {
+		accepted = ready[:refused]
+	}
+	for _, p := range accepted {
 		if p.code.Code < packets.ErrUnspecifiedError.Code {
 			b.deliver(c, p)
 		}
+	}
+	if refused >= 0 {
+		// Those after it were stored but are not acknowledged: PUBACKs
+		// go in publish order. They come again, at least once.
+		b.refuse311(cl, ready[refused].code)
 	}
 	return buf
 }

@@ -213,7 +213,7 @@ func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 	case 1:
 		if m == nil && c.acksIdle() {
 			// Nothing queued ahead: mochi may answer now, in order.
-			return pk, refusePublish(cl, qos, code)
+			return pk, b.refusePublish(cl, qos, code)
 		}
 		p := &pendingPub{id: pk.PacketID, code: code, done: m == nil}
 		if pk.FixedHeader.Retain || !b.unwatched(g) {
@@ -234,7 +234,7 @@ func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 				code = packets.ErrUnspecifiedError
 			}
 		}
-		return pk, refusePublish(cl, qos, code)
+		return pk, b.refusePublish(cl, qos, code)
 	}
 }
 
@@ -258,17 +258,30 @@ func handedOver(pk packets.Packet) packets.Packet {
 }
 
 // refusePublish returns what OnPublish returns for code: nil on success;
-// otherwise an MQTT 5 QoS 1/2 publisher gets code in its PUBACK, and
-// anything else is dropped with no PUBACK (a 3.1.1 PUBACK cannot carry a
-// failure, and mochi acknowledges on any other error).
-func refusePublish(cl *mqtt.Client, qos byte, code packets.Code) error {
+// otherwise an MQTT 5 QoS 1/2 publisher gets code in its PUBACK, a QoS 0
+// publish is dropped, and an MQTT 3.1.1 QoS 1/2 publisher is disconnected
+// (see refuse311).
+func (b *Broker) refusePublish(cl *mqtt.Client, qos byte, code packets.Code) error {
 	switch {
 	case code == packets.CodeSuccess:
 		return nil
 	case cl.Properties.ProtocolVersion == 5 && qos > 0:
 		return code
+	case qos > 0:
+		b.refuse311(cl, code)
 	}
 	return packets.ErrRejectPacket
+}
+
+// refuse311 disconnects an MQTT 3.1.1 client whose QoS 1/2 publish was not
+// accepted (not stored, too large, over the rate). A 3.1.1 PUBACK cannot
+// carry a failure, and a publish left unanswered holds one of the client's
+// in-flight slots until it reconnects: a client with a full window (on a
+// full disk, every slot) would stall for good. Disconnected, it reconnects
+// and resends what was not acknowledged.
+func (b *Broker) refuse311(cl *mqtt.Client, code packets.Code) {
+	b.log.Debug().Str("id", cl.ID).Str("reason", code.Reason).Msg("broker: MQTT 3.1.1 publish refused, disconnecting")
+	_ = b.srv.DisconnectClient(cl, code)
 }
 
 // retainable reports whether a retained message on topic is kept: only a
