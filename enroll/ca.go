@@ -33,6 +33,9 @@ import (
 const (
 	caCertName = "ca.pem"
 	caKeyName  = "ca.key"
+	// caPendingKeyName holds a generated CA key until its certificate is
+	// written: a pair is created as key (pending), certificate, rename.
+	caPendingKeyName = ".ca.key.pending"
 )
 
 const (
@@ -125,6 +128,11 @@ func LoadOrCreateCA(cfg CAConfig) (*CA, error) {
 	if err != nil {
 		return nil, fmt.Errorf("ca: %w", err)
 	}
+	if !haveKey {
+		if haveKey, err = finishCreation(cfg.Dir, haveCert, now); err != nil {
+			return nil, err
+		}
+	}
 	switch {
 	case haveCert && haveKey:
 		return loadCA(certPath, keyPath, now)
@@ -140,6 +148,35 @@ func LoadOrCreateCA(cfg CAConfig) (*CA, error) {
 		return nil, fmt.Errorf("ca: create data directory: %w", err)
 	}
 	return createCA(certPath, keyPath, now)
+}
+
+// finishCreation completes or discards a CA creation a crash interrupted
+// (see createCA), and reports whether the key is now in place. With the
+// certificate written, the pending key is the CA's: it is moved in place.
+// Without it, nothing was ever signed or trusted: the key is removed and a
+// new pair is made.
+func finishCreation(dir string, haveCert bool, now func() time.Time) (bool, error) {
+	pending := filepath.Join(dir, caPendingKeyName)
+	ok, err := fileExists(pending)
+	if err != nil || !ok {
+		return false, err
+	}
+	if !haveCert {
+		if err := os.Remove(pending); err != nil {
+			return false, fmt.Errorf("ca: remove the key of an unfinished CA creation: %w", err)
+		}
+		return false, nil
+	}
+	if _, err := loadCA(filepath.Join(dir, caCertName), pending, now); err != nil {
+		return false, nil // not this certificate's key: the caller refuses the half pair
+	}
+	if err := os.Rename(pending, filepath.Join(dir, caKeyName)); err != nil {
+		return false, fmt.Errorf("ca: finish an interrupted CA creation: %w", err)
+	}
+	if err := SyncDir(dir); err != nil {
+		return false, fmt.Errorf("ca: %w", err)
+	}
+	return true, nil
 }
 
 func fileExists(path string) (bool, error) {
@@ -320,15 +357,26 @@ func createCA(certPath, keyPath string, now func() time.Time) (*CA, error) {
 		return nil, fmt.Errorf("ca: marshal key: %w", err)
 	}
 	keyPEM := pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER})
-	if err := WriteFileAtomic(keyPath, keyPEM, 0o600); err != nil {
+	// Two files cannot appear at once. The key goes first under a pending
+	// name, then the certificate, then the key is renamed: whatever a
+	// crash leaves, the next start finishes or discards it (finishCreation)
+	// instead of finding a lone key it must refuse.
+	dir := filepath.Dir(keyPath)
+	pending := filepath.Join(dir, caPendingKeyName)
+	if err := WriteFileAtomic(pending, keyPEM, 0o600); err != nil {
 		return nil, fmt.Errorf("ca: %w", err)
 	}
 	if err := WriteFileAtomic(certPath, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o644); err != nil {
-		// The key was written a moment ago and nothing trusts it yet;
-		// removing it avoids leaving a half pair that blocks the next start.
-		if rerr := os.Remove(keyPath); rerr != nil {
+		// Nothing trusts this key yet.
+		if rerr := os.Remove(pending); rerr != nil {
 			err = errors.Join(err, rerr)
 		}
+		return nil, fmt.Errorf("ca: %w", err)
+	}
+	if err := os.Rename(pending, keyPath); err != nil {
+		return nil, fmt.Errorf("ca: %w", err)
+	}
+	if err := SyncDir(dir); err != nil {
 		return nil, fmt.Errorf("ca: %w", err)
 	}
 	return newCA([]*x509.Certificate{cert}, key, now), nil

@@ -347,6 +347,73 @@ func TestCAHalfPresentPairRefused(t *testing.T) {
 	}
 }
 
+// TestCACreationInterrupted lays out what a crash during the first start
+// can leave (see createCA): the next start finishes the creation when the
+// certificate was written, starts afresh when it was not, and refuses a
+// pending key that is not the certificate's.
+func TestCACreationInterrupted(t *testing.T) {
+	src := t.TempDir()
+	orig, err := LoadOrCreateCA(CAConfig{Dir: src, Now: testNow})
+	if err != nil {
+		t.Fatal(err)
+	}
+	other := t.TempDir()
+	if _, err := LoadOrCreateCA(CAConfig{Dir: other, Now: testNow}); err != nil {
+		t.Fatal(err)
+	}
+	read := func(dir, name string) []byte {
+		b, err := os.ReadFile(filepath.Join(dir, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+
+	t.Run("key written, certificate not", func(t *testing.T) {
+		dir := t.TempDir()
+		writeFile(t, filepath.Join(dir, caPendingKeyName), read(src, caKeyName), 0o600)
+		ca, err := LoadOrCreateCA(CAConfig{Dir: dir, Now: testNow})
+		if err != nil {
+			t.Fatalf("start after the crash: %v", err)
+		}
+		if bytes.Equal(ca.Cert().Raw, orig.Cert().Raw) {
+			t.Error("a key whose certificate was never written was kept")
+		}
+		if names := dirNames(t, dir); !slices.Equal(names, []string{caKeyName, caCertName}) {
+			t.Errorf("dir holds %q", names)
+		}
+	})
+	t.Run("certificate written, key not renamed", func(t *testing.T) {
+		dir := t.TempDir()
+		writeFile(t, filepath.Join(dir, caCertName), read(src, caCertName), 0o644)
+		writeFile(t, filepath.Join(dir, caPendingKeyName), read(src, caKeyName), 0o600)
+		ca, err := LoadOrCreateCA(CAConfig{Dir: dir, Now: testNow})
+		if err != nil {
+			t.Fatalf("start after the crash: %v", err)
+		}
+		if !bytes.Equal(ca.Cert().Raw, orig.Cert().Raw) {
+			t.Error("the CA whose certificate was written was not kept")
+		}
+		if fi, err := os.Stat(filepath.Join(dir, caKeyName)); err != nil || fi.Mode().Perm() != 0o600 {
+			t.Errorf("ca.key after finishing: %v %v", fi, err)
+		}
+		if names := dirNames(t, dir); !slices.Equal(names, []string{caKeyName, caCertName}) {
+			t.Errorf("dir holds %q", names)
+		}
+	})
+	t.Run("pending key of another CA", func(t *testing.T) {
+		dir := t.TempDir()
+		writeFile(t, filepath.Join(dir, caCertName), read(src, caCertName), 0o644)
+		writeFile(t, filepath.Join(dir, caPendingKeyName), read(other, caKeyName), 0o600)
+		if _, err := LoadOrCreateCA(CAConfig{Dir: dir, Now: testNow}); err == nil || !strings.Contains(err.Error(), "refusing") {
+			t.Fatalf("err = %v, want a refusal", err)
+		}
+		if names := dirNames(t, dir); !slices.Equal(names, []string{caPendingKeyName, caCertName}) {
+			t.Errorf("dir holds %q", names)
+		}
+	})
+}
+
 func TestCACorruptFilesNotOverwritten(t *testing.T) {
 	src := t.TempDir()
 	if _, err := LoadOrCreateCA(CAConfig{Dir: src, Now: testNow}); err != nil {
