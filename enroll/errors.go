@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"syscall"
 
 	"github.com/fleetmq/fleetmq/store"
 )
@@ -140,5 +141,16 @@ func AsError(err error) *Error {
 			return &Error{Code: sc.code, Message: sc.err.Error(), Err: err}
 		}
 	}
+	if DiskFull(err) {
+		// Not the client's fault nor a bug, and over once space is freed:
+		// the client should come back later.
+		return &Error{Code: CodeUnavailable, Message: "the server cannot store anything now; try again later", Err: err}
+	}
 	return &Error{Code: CodeInternal, Message: "internal error", Err: err}
+}
+
+// DiskFull reports whether err comes from a full disk, an exhausted quota or
+// the process's file size limit: writes that fail until space is freed.
+func DiskFull(err error) bool {
+	return errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT) || errors.Is(err, syscall.EFBIG)
 }

@@ -4,9 +4,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"net/http"
 	"net/http/httptest"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/fleetmq/fleetmq/store"
@@ -58,6 +60,8 @@ func TestAsError(t *testing.T) {
 		{"cert revoked", store.ErrCertRevoked, CodeCertRevoked},
 		{"cert mismatch", store.ErrCertMismatch, CodeIDMismatch},
 		{"not found", store.ErrNotFound, CodeNotFound},
+		{"disk full", fmt.Errorf("commit: %w", &fs.PathError{Op: "write", Path: "/data/fleetmq.db", Err: syscall.ENOSPC}), CodeUnavailable},
+		{"quota", &fs.PathError{Op: "write", Path: "/data/fleetmq.db", Err: syscall.EDQUOT}, CodeUnavailable},
 		{"anything else", internal, CodeInternal},
 	}
 	for _, c := range cases {

@@ -3,6 +3,7 @@ package store_test
 import (
 	"bytes"
 	"context"
+	"errors"
 	"path/filepath"
 	"sync"
 	"syscall"
@@ -62,6 +63,11 @@ func TestFullDiskFailsCommitsAndRecovers(t *testing.T) {
 		t.Fatal("16 MiB of telemetry fitted under a 1 MiB file size limit")
 	}
 	t.Logf("%d messages stored, then: %v", stored, err)
+	// bbolt flattens the cause into text; callers still tell a full disk
+	// from a fault.
+	if !errors.Is(err, syscall.EFBIG) {
+		t.Errorf("the commit error does not say the file could not grow: %v", err)
+	}
 	restore()
 	mu.Lock()
 	if len(failed) == 0 {

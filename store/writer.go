@@ -2,9 +2,12 @@ package store
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"go.etcd.io/bbolt"
@@ -156,7 +159,7 @@ func (db *DB) commitGroup(group []*request) {
 			continue
 		}
 		if err != nil {
-			err = fmt.Errorf("commit: %w", err)
+			err = fmt.Errorf("commit: %w", restoreErrno(err))
 			db.log.Error().Err(err).Int("group", len(group)).Msg("store: commit failed")
 		}
 		if db.onCommit != nil {
@@ -170,4 +173,29 @@ func (db *DB) commitGroup(group []*request) {
 		}
 		return
 	}
+}
+
+// errnoError is an error whose errno was flattened into its text.
+type errnoError struct {
+	err   error
+	errno syscall.Errno
+}
+
+func (e errnoError) Error() string   { return e.err.Error() }
+func (e errnoError) Unwrap() []error { return []error{e.err, e.errno} }
+
+// restoreErrno makes errors.Is find the errno of a commit that failed for
+// want of space: bbolt formats the error of growing the file with %s
+// ("file resize error: truncate …: file too large"), and callers tell a
+// full disk (over once space is freed) from a fault by the errno.
+func restoreErrno(err error) error {
+	for _, errno := range []syscall.Errno{syscall.ENOSPC, syscall.EDQUOT, syscall.EFBIG} {
+		if errors.Is(err, errno) {
+			return err
+		}
+		if strings.HasSuffix(err.Error(), ": "+errno.Error()) {
+			return errnoError{err, errno}
+		}
+	}
+	return err
 }

@@ -877,6 +877,10 @@ func (h *Handler) backup(w http.ResponseWriter, r *http.Request) {
 
 func writeErr(w http.ResponseWriter, log zerolog.Logger, err error) {
 	e := enroll.AsError(err)
+	if enroll.DiskFull(err) {
+		// The operator may know what a device may not.
+		e = &enroll.Error{Code: enroll.CodeUnavailable, Message: "the server's disk is full (or its file size limit is reached): nothing can be stored until space is freed", Err: err}
+	}
 	if e.Status() >= 500 {
 		log.Error().Err(err).Msg("admin request failed")
 	}

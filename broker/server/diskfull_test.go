@@ -3,6 +3,7 @@ package server_test
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"crypto/tls"
 	"fmt"
 	"net"
@@ -15,6 +16,7 @@ import (
 
 	"github.com/mochi-mqtt/server/v2/packets"
 
+	"github.com/fleetmq/fleetmq/broker/admin"
 	"github.com/fleetmq/fleetmq/broker/metrics/metricstest"
 )
 
@@ -147,6 +149,11 @@ func TestDiskFullNode(t *testing.T) {
 		t.Fatalf("enrollment endpoint on a full disk: %v %v", resp, err)
 	}
 	resp.Body.Close()
+	// The operator is told why, not "internal error".
+	_, err = n.admin().CreateTokens(context.Background(), admin.TokenRequest{Count: 1000, Prefix: "more-"})
+	if err == nil || !strings.Contains(err.Error(), "disk is full") || !strings.Contains(err.Error(), "unavailable") {
+		t.Errorf("1000 tokens on a full disk: %v, want unavailable: disk is full", err)
+	}
 
 	if out, err := exec.Command(prlimit, "--pid", strconv.Itoa(n.cmd.Process.Pid), "--fsize=unlimited").CombinedOutput(); err != nil {
 		t.Fatalf("lift the limit: %v %s", err, out)
