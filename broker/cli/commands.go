@@ -223,7 +223,8 @@ const (
 // the tokens minted by the chunks that succeeded.
 func createTokens(ctx context.Context, c *admin.Client, req admin.TokenRequest, bar *progress) ([]admin.NewToken, error) {
 	if req.Count <= tokenChunk {
-		return c.CreateTokens(ctx, req)
+		toks, err := c.CreateTokens(ctx, req)
+		return toks, mintingUnknown(err, req)
 	}
 	total := req.Count
 	req.Width = max(4, len(strconv.Itoa(total)))
@@ -234,12 +235,33 @@ func createTokens(ctx context.Context, c *admin.Client, req admin.TokenRequest, 
 		req.Start, req.Count = start, min(tokenChunk, total-start+1)
 		toks, err := c.CreateTokens(ctx, req)
 		if err != nil {
-			return out, fmt.Errorf("minting tokens %d to %d of %d: %w", start, start+req.Count-1, total, err)
+			return out, fmt.Errorf("minting tokens %d to %d of %d: %w", start, start+req.Count-1, total, mintingUnknown(err, req))
 		}
 		out = append(out, toks...)
 		bar.set(len(out))
 	}
 	return out, nil
+}
+
+// mintingUnknown adds to err, when the server did not answer (it stopped,
+// the connection broke), that req may have been minted all the same: its
+// secrets are then lost, and the tokens live until revoked.
+func mintingUnknown(err error, req admin.TokenRequest) error {
+	var apiErr *admin.APIError
+	if err == nil || errors.As(err, &apiErr) || errors.Is(err, admin.ErrNotRunning) {
+		return err
+	}
+	what := "a token"
+	switch {
+	case req.Prefix != "":
+		width := max(req.Width, 4, len(strconv.Itoa(req.Start+req.Count-1)))
+		start := max(req.Start, 1)
+		what = fmt.Sprintf("the tokens for %s%0*d to %s%0*d", req.Prefix, width, start, req.Prefix, width, start+req.Count-1)
+	case req.DeviceID != "":
+		what = "the token for " + req.DeviceID
+	}
+	return fmt.Errorf("%w; the server did not answer, so %s may have been minted with secrets no one has: "+
+		"look for them with `fleetmq token list` and revoke them (`fleetmq token revoke ID`)", err, what)
 }
 
 func writeTokenCSV(path string, toks []admin.NewToken) error {
