@@ -864,13 +864,19 @@ func (h *Handler) backup(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		h.cfg.Logger.Warn().Err(err).Int64("bytes", n).Msg("backup cut short")
+		// Part of the database left the server all the same.
+		h.auditBackup(r.Context(), fmt.Sprintf("cut short after %d bytes", n))
 		panic(http.ErrAbortHandler) // close the connection, no more to say
 	}
 	h.cfg.Logger.Info().Int64("bytes", n).Msg("backup copy sent")
 	// Recorded once the copy is complete, even if the caller hung up on
 	// the last byte: the data left the server.
-	ev := store.AuditEvent{Time: h.cfg.Now(), Action: store.ActBackup, Remote: remote, Detail: fmt.Sprintf("%d bytes", n)}
-	if err := h.st.AppendAudit(context.WithoutCancel(r.Context()), ev); err != nil {
+	h.auditBackup(r.Context(), fmt.Sprintf("%d bytes", n))
+}
+
+func (h *Handler) auditBackup(ctx context.Context, detail string) {
+	ev := store.AuditEvent{Time: h.cfg.Now(), Action: store.ActBackup, Remote: remote, Detail: detail}
+	if err := h.st.AppendAudit(context.WithoutCancel(ctx), ev); err != nil {
 		h.cfg.Logger.Error().Err(err).Msg("audit the backup")
 	}
 }

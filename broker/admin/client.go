@@ -123,14 +123,33 @@ func (c *Client) Backup(ctx context.Context, w io.Writer) (int64, time.Time, err
 	if err != nil {
 		return 0, time.Time{}, fmt.Errorf("the server did not say when its snapshot was taken: %w", err)
 	}
-	n, err := io.Copy(w, resp.Body)
+	dst := &errWriter{w: w}
+	n, err := io.Copy(dst, resp.Body)
 	if err == nil && resp.ContentLength >= 0 && n != resp.ContentLength {
 		err = io.ErrUnexpectedEOF
 	}
-	if err != nil {
+	switch {
+	case dst.err != nil:
+		return n, time.Time{}, fmt.Errorf("writing the copy, after %d of %d bytes: %w", n, resp.ContentLength, dst.err)
+	case err != nil:
 		return n, time.Time{}, fmt.Errorf("stream cut short after %d of %d bytes: %w", n, resp.ContentLength, err)
 	}
 	return n, at, nil
+}
+
+// errWriter remembers its writer's error, to tell a local failure (a full
+// disk) from the server's stream breaking.
+type errWriter struct {
+	w   io.Writer
+	err error
+}
+
+func (e *errWriter) Write(p []byte) (int, error) {
+	n, err := e.w.Write(p)
+	if err != nil && e.err == nil {
+		e.err = err
+	}
+	return n, err
 }
 
 // CA describes the fleet CA.

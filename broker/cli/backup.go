@@ -174,6 +174,14 @@ func backupDir(dir string) (created bool, err error) {
 	if err != nil {
 		return false, fmt.Errorf("backup folder: %w", err)
 	}
+	if len(entries) == 1 && entries[0].Name() == server.DBName+".partial" && entries[0].Type().IsRegular() {
+		// What a backup killed mid-copy (SIGKILL, power loss) leaves:
+		// its own unfinished file, never a usable backup.
+		if err := os.Remove(filepath.Join(dir, entries[0].Name())); err != nil {
+			return false, fmt.Errorf("backup folder: remove an unfinished backup: %w", err)
+		}
+		return false, nil
+	}
 	if len(entries) > 0 {
 		return false, usagef("backup folder %s is not empty; a backup never overwrites files", dir)
 	}

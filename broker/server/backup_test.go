@@ -1,6 +1,7 @@
 package server_test
 
 import (
+	"context"
 	"crypto/tls"
 	"encoding/json"
 	"errors"
@@ -9,9 +10,11 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
+	"github.com/fleetmq/fleetmq/broker/admin"
 	"github.com/fleetmq/fleetmq/broker/cli"
 	"github.com/fleetmq/fleetmq/broker/server"
 	"github.com/fleetmq/fleetmq/enroll"
@@ -48,7 +51,14 @@ func TestBackupRestore(t *testing.T) {
 		t.Fatalf("a refused backup wrote into the folder: %v", entries)
 	}
 
+	// A folder holding only what a killed backup left is taken.
 	dir := filepath.Join(t.TempDir(), "backup")
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, server.DBName+".partial"), []byte("torn"), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	out, errs, code := s.cli(t, "backup", dir)
 	if code != 0 || !strings.Contains(out, "backup of 1 identity") || !strings.Contains(out, "--data "+dir) {
 		t.Fatalf("backup: exit %d\n%s%s", code, out, errs)
@@ -249,4 +259,42 @@ func TestCAMustMatchTheFleet(t *testing.T) {
 		t.Fatalf("with its own CA: %v", err)
 	}
 	srv.Close()
+}
+
+// failingWriter takes n bytes, then fails as a full disk does.
+type failingWriter struct{ n int }
+
+func (w *failingWriter) Write(p []byte) (int, error) {
+	if len(p) > w.n {
+		k := w.n
+		w.n = 0
+		return k, syscall.ENOSPC
+	}
+	w.n -= len(p)
+	return len(p), nil
+}
+
+// TestBackupWriteFailure: a backup whose local copy cannot be written
+// says so (not "stream cut short"), and the server audits the part of the
+// database that left it.
+func TestBackupWriteFailure(t *testing.T) {
+	s := startServer(t)
+	s.enroll(t, s.token(t), "pi-w1")
+	_, _, err := admin.NewClient(s.AdminSocket()).Backup(context.Background(), &failingWriter{n: 4096})
+	if !errors.Is(err, syscall.ENOSPC) || !strings.Contains(err.Error(), "writing the copy") {
+		t.Fatalf("backup into a full disk: %v", err)
+	}
+	var last store.AuditEvent
+	eventually(t, func() bool {
+		out, _, _ := s.cli(t, "audit", "--json")
+		var evs []store.AuditEvent
+		if json.Unmarshal([]byte(out), &evs) != nil || len(evs) == 0 {
+			return false
+		}
+		last = evs[len(evs)-1]
+		return last.Action == store.ActBackup
+	}, "the cut-short backup audited")
+	if !strings.HasPrefix(last.Detail, "cut short after") {
+		t.Errorf("audit detail %q, want cut short", last.Detail)
+	}
 }
