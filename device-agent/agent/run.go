@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -30,6 +31,7 @@ type runner struct {
 
 	renewNow   chan struct{}      // renewal requested by a command
 	renewHint  chan struct{}      // the broker refused us: check with the server
+	sessions   atomic.Uint64      // MQTT sessions the broker accepted
 	intervalCh chan time.Duration // new telemetry period
 
 	mu           sync.Mutex
@@ -275,8 +277,11 @@ func (a *runner) requestRenew() {
 
 // hintRenew asks for a renewal because the broker refused the connection:
 // the server's answer tells whether the certificate is revoked or expired
-// for it. renewLoop acts on at most one hint per RetryMax, so a broker that
-// refuses for other reasons cannot make the agent renew over and over.
+// for it. renewLoop acts on the first hint after the broker last accepted
+// the device, then on at most one per RetryMax, so a broker that refuses
+// for other reasons cannot make the agent renew over and over, while a
+// refusal after a working session (a revocation, the server restored from
+// an older backup) is checked at once.
 func (a *runner) hintRenew() {
 	select {
 	case a.renewHint <- struct{}{}:
@@ -474,6 +479,7 @@ func (a *runner) checkCertFile(ctx context.Context) {
 func (a *runner) renewLoop(ctx context.Context) error {
 	attempt, blockedAttempt := 0, 0
 	var retryAt, lastHint time.Time
+	var hintSessions uint64 // a.sessions when lastHint was acted on
 	for {
 		id, _, changed := a.current()
 		now := a.cfg.Now()
@@ -517,11 +523,13 @@ func (a *runner) renewLoop(ctx context.Context) error {
 			case <-a.renewHint:
 				t.Stop()
 				now := a.cfg.Now()
-				if retryAt.After(now) || !lastHint.IsZero() && now.Sub(lastHint) < a.cfg.RetryMax {
+				sessions := a.sessions.Load()
+				recent := !lastHint.IsZero() && sessions == hintSessions && now.Sub(lastHint) < a.cfg.RetryMax
+				if retryAt.After(now) || recent {
 					a.log.Debug().Msg("broker refusal: renewal checked recently, not again yet")
 					continue
 				}
-				lastHint = now
+				lastHint, hintSessions = now, sessions
 				forced = true
 			case <-t.C:
 				continue // plan again: the clock may have moved
@@ -653,6 +661,7 @@ func (a *runner) connectLoop(ctx context.Context) error {
 		switch {
 		case connected:
 			refusals = 0
+			a.sessions.Add(1)
 		case authRejected(err):
 			refusals = 0
 			a.log.Warn().Err(err).Msg("broker refused the certificate; checking it with the enrollment server")

@@ -482,6 +482,32 @@ func TestRunBrokerRefusalTriggersOneRenewal(t *testing.T) {
 	}
 }
 
+// TestRunRefusalAfterSessionIsCheckedAtOnce: broker refusals are checked
+// with the server at most once per RetryMax, unless the broker accepted
+// the device in between: a refusal after a working session (revoked, or
+// the server restored from an older backup) is checked at once, not up to
+// an hour later.
+func TestRunRefusalAfterSessionIsCheckedAtOnce(t *testing.T) {
+	f := newFleet(t, time.Hour)
+	cfg := f.config(t)
+	cfg.RetryMax = time.Hour
+	_, _ = startAgent(t, cfg)
+	serial := nextSerial(t, f.brk)
+	for i := 1; i <= 2; i++ {
+		f.brk.revoke(serial)
+		f.brk.gate.setOpen(false)
+		f.brk.gate.setOpen(true)
+		next := nextSerial(t, f.brk)
+		if next == serial {
+			t.Fatalf("refusal %d: reconnected with the refused certificate", i)
+		}
+		serial = next
+		if mtls, _ := f.srv.counts(); mtls != i {
+			t.Fatalf("after refusal %d: %d renewals, want %d", i, mtls, i)
+		}
+	}
+}
+
 func TestRunWaitsForClock(t *testing.T) {
 	f := newFleet(t, time.Hour)
 	var offset atomic.Int64
