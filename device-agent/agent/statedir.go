@@ -286,7 +286,7 @@ var ErrNotEnrolled = errors.New("not enrolled: run `device-agent enroll` first")
 // adviceReenroll is how a device whose state folder lost something that
 // only the server can give back gets it again, keeping its id.
 const adviceReenroll = "enroll again under the same id: fleetmq token create --device ID --reprovision on the server, " +
-	"then device-agent enroll --force --server URL --token TOKEN"
+	"then " + reenrollSteps
 
 // state.json is the agent's bookkeeping, but it is also the only place on
 // the device that holds the server and broker URLs given at enrollment:

@@ -192,11 +192,17 @@ func queueText(s Status, now time.Time) string {
 // What a person does about an agent the server turned away, in status,
 // errors and logs alike.
 const (
-	adviceRevoked    = "revoked ids are never used again: enroll under a new id with a new token (device-agent enroll --force --token TOKEN --id NEW-ID)"
-	adviceNeedsToken = "enroll again with a token that re-provisions this device (fleetmq token create --device ID --reprovision on the server, then device-agent enroll --force --token TOKEN)"
+	adviceRevoked    = "revoked ids are never used again: enroll under a new id with a new token (" + reenrollEnroll + " --id NEW-ID" + reenrollStart + ")"
+	adviceNeedsToken = "enroll again with a token that re-provisions this device (fleetmq token create --device ID --reprovision on the server, then " + reenrollSteps + ")"
 	// A server reset, or restored from a backup older than the device's
 	// enrollment (a device it knows is taken back when it renews).
-	adviceCertUnknown = "the server has no record of this certificate (its database was reset, or restored from a backup older than this device's enrollment): enroll again (fleetmq token create --device ID on the server, with --reprovision if it still lists the device; then device-agent enroll --force --token TOKEN)"
+	adviceCertUnknown = "the server has no record of this certificate (its database was reset, or restored from a backup older than this device's enrollment): enroll again (fleetmq token create --device ID on the server, with --reprovision if it still lists the device; then " + reenrollSteps + ")"
+	// reenrollSteps enrolls a device again: the running agent holds the
+	// state folder, and "-" reads the token from stdin, out of the shell's
+	// history and the process list.
+	reenrollSteps  = reenrollEnroll + reenrollStart
+	reenrollEnroll = "systemctl stop device-agent; device-agent enroll --force --server URL --token -"
+	reenrollStart  = "; systemctl start device-agent"
 )
 
 func conditionText(c string) string {
