@@ -179,8 +179,33 @@ func TestRenewProofRefusesWrongSigner(t *testing.T) {
 	_, _, err = parseProof(proofBody(t, leaf, other, csr))
 	wantCode(t, err, CodeProofInvalid)
 
-	// A signature over one CSR does not vouch for another.
+	// The certificate may come with its chain (the PEM answer of
+	// /v1/enroll, saved as is), but nothing else may follow it.
 	var p RenewProof
+	for _, tc := range []struct {
+		tail string
+		ok   bool
+	}{
+		{string(ca.ChainPEM()), true},
+		{string(ca.ChainPEM()) + "\n\n", true},
+		{"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n", false},
+		{"trailing text", false},
+	} {
+		if err := json.Unmarshal(proofBody(t, leaf, key, csr), &p); err != nil {
+			t.Fatal(err)
+		}
+		p.Certificate += tc.tail
+		b, _ := json.Marshal(p)
+		got, _, err := parseProof(b)
+		switch {
+		case tc.ok && (err != nil || !got.Equal(leaf)):
+			t.Errorf("certificate followed by %q: %v", tc.tail, err)
+		case !tc.ok:
+			wantCode(t, err, CodeCertInvalid)
+		}
+	}
+
+	// A signature over one CSR does not vouch for another.
 	if err := json.Unmarshal(proofBody(t, leaf, key, csr), &p); err != nil {
 		t.Fatal(err)
 	}

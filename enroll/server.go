@@ -631,8 +631,16 @@ func parseProof(body []byte) (*x509.Certificate, *x509.CertificateRequest, error
 		return nil, nil, err
 	}
 	block, rest := pem.Decode([]byte(p.Certificate))
-	if block == nil || block.Type != "CERTIFICATE" || len(strings.TrimSpace(string(rest))) != 0 {
-		return nil, nil, Errorf(CodeCertInvalid, "certificate must be one PEM CERTIFICATE block")
+	if block == nil || block.Type != "CERTIFICATE" {
+		return nil, nil, Errorf(CodeCertInvalid, "certificate must be PEM CERTIFICATE blocks, the device's first")
+	}
+	// Its chain may follow, as in the PEM answer of /v1/enroll: the
+	// server checks the leaf against its own CA and ignores the rest.
+	for next := rest; len(bytes.TrimSpace(next)) != 0; {
+		var b *pem.Block
+		if b, next = pem.Decode(next); b == nil || b.Type != "CERTIFICATE" {
+			return nil, nil, Errorf(CodeCertInvalid, "certificate must be PEM CERTIFICATE blocks, the device's first")
+		}
 	}
 	leaf, err := x509.ParseCertificate(block.Bytes)
 	if err != nil {
