@@ -549,18 +549,7 @@ func TestTelemetryNotAcknowledgedWhenStoreFails(t *testing.T) {
 	// that it resends after reconnecting rather than wait for ever with
 	// an in-flight slot taken.
 	v3.publish("devices/dev-b/telemetry", 1, 8, []byte("lost"))
-	for {
-		pk, err := v3.read()
-		if err != nil {
-			if !errors.Is(err, io.EOF) {
-				t.Fatalf("3.1.1 publisher after a failed commit: %v, want the connection closed", err)
-			}
-			break
-		}
-		if pk.FixedHeader.Type != packets.Disconnect {
-			t.Fatalf("3.1.1 publisher got packet type %d after a failed commit", pk.FixedHeader.Type)
-		}
-	}
+	v3.mustBeDisconnected("after a failed commit")
 	if got := f.b.Stats().TelemetryFailed; got != 1 {
 		t.Fatalf("failed = %d, want 1", got)
 	}
@@ -624,6 +613,27 @@ func TestQoS0TelemetryAndFollow(t *testing.T) {
 	cancelLate()
 	if _, ok := <-late; ok {
 		t.Fatal("Follow after Close returned an open channel")
+	}
+}
+
+// TestMQTT311RefusedPublishDisconnects: a 3.1.1 PUBACK cannot refuse, and
+// an unanswered QoS 1 publish would hold one of the client's in-flight
+// slots for good: the client is disconnected and resends.
+func TestMQTT311RefusedPublishDisconnects(t *testing.T) {
+	f := newFixture(t, func(c *Config) { c.MaxTelemetryPayload = 16 })
+	r := dialRaw(t, f.addr, f.clientTLS(f.device(t, "dev-a")))
+	r.ver = 4
+	if ack := r.connect("dev-a"); ack.ReasonCode != 0 {
+		t.Fatalf("connect: %#x", ack.ReasonCode)
+	}
+	r.publish("devices/dev-a/telemetry", 1, 1, []byte("fits"))
+	if ack := r.mustRead(packets.Puback); ack.PacketID != 1 {
+		t.Fatalf("PUBACK for %d", ack.PacketID)
+	}
+	r.publish("devices/dev-a/telemetry", 1, 2, []byte("0123456789abcdefX"))
+	r.mustBeDisconnected("after a publish over the size limit")
+	if s := f.b.Stats(); s.TelemetryTooLarge != 1 || s.TelemetryStored != 1 {
+		t.Fatalf("too large %d, stored %d; want 1, 1", s.TelemetryTooLarge, s.TelemetryStored)
 	}
 }
 

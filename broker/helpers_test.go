@@ -354,6 +354,24 @@ func (r *rawClient) mustRead(typ byte) packets.Packet {
 	}
 }
 
+// mustBeDisconnected reads until the broker closes the connection, which
+// may send a DISCONNECT first; any other packet fails the test.
+func (r *rawClient) mustBeDisconnected(when string) {
+	r.tb.Helper()
+	for {
+		pk, err := r.read()
+		if err != nil {
+			if !errors.Is(err, io.EOF) {
+				r.tb.Fatalf("%s: %v, want the connection closed", when, err)
+			}
+			return
+		}
+		if pk.FixedHeader.Type != packets.Disconnect {
+			r.tb.Fatalf("%s: got packet type %d, want the connection closed", when, pk.FixedHeader.Type)
+		}
+	}
+}
+
 // connect sends CONNECT with client id and returns the CONNACK.
 func (r *rawClient) connect(id string) packets.Packet {
 	r.tb.Helper()
