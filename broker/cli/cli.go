@@ -38,7 +38,7 @@ func Main(ctx context.Context, args []string, env Env) int {
 	case err == nil:
 		return 0
 	case errors.Is(err, flag.ErrHelp):
-		return 2
+		return 0 // asked for: the usage was printed
 	case errors.As(err, new(usageError)):
 		var ue usageError
 		errors.As(err, &ue)

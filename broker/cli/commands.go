@@ -13,6 +13,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"math"
 	"io"
 	"os"
 	"path/filepath"
@@ -102,6 +103,7 @@ func tokenCreate(ctx context.Context, args []string, env Env) error {
 	fs.Var(listValue{&labels}, "label", "k=v label recorded on the token and the devices it enrolls (repeatable)")
 	fs.IntVar(&req.Count, "count", 0, "mint this many tokens, bound to ids PREFIX0001…")
 	fs.StringVar(&req.Prefix, "prefix", "", "id prefix for --count (e.g. pi-)")
+	start := fs.Int("start", 1, "with --count: number of the first id, to mint another batch with the same prefix")
 	csvPath := fs.String("csv", "", "with --count: write id,token,expiry to this file (mode 0600)")
 	if err := fs.parse(args, 0); err != nil {
 		return err
@@ -131,6 +133,15 @@ func tokenCreate(ctx context.Context, args []string, env Env) error {
 	}
 	if req.Prefix != "" && req.Count == 0 {
 		return usagef("--prefix goes with --count")
+	}
+	if req.Count > 0 && req.Prefix == "" {
+		return usagef("--count needs --prefix: the ids are PREFIX0001, PREFIX0002, …")
+	}
+	if fs.given("start") && (req.Count == 0 || *start < 1 || *start > math.MaxInt32-maxBulkTokens) {
+		return usagef("--start goes with --count and is at least 1")
+	}
+	if req.Count > 0 {
+		req.Start = *start
 	}
 	if req.Reprovision && req.DeviceID == "" {
 		return usagef("--reprovision needs --device")
@@ -226,16 +237,16 @@ func createTokens(ctx context.Context, c *admin.Client, req admin.TokenRequest, 
 		toks, err := c.CreateTokens(ctx, req)
 		return toks, mintingUnknown(err, req)
 	}
-	total := req.Count
-	req.Width = max(4, len(strconv.Itoa(total)))
+	total, first := req.Count, max(req.Start, 1)
+	req.Width = max(4, len(strconv.Itoa(first+total-1)))
 	out := make([]admin.NewToken, 0, total)
 	bar.set(0)
 	defer bar.finish()
-	for start := 1; start <= total; start += tokenChunk {
-		req.Start, req.Count = start, min(tokenChunk, total-start+1)
+	for done := 0; done < total; done += tokenChunk {
+		req.Start, req.Count = first+done, min(tokenChunk, total-done)
 		toks, err := c.CreateTokens(ctx, req)
 		if err != nil {
-			return out, fmt.Errorf("minting tokens %d to %d of %d: %w", start, start+req.Count-1, total, mintingUnknown(err, req))
+			return out, fmt.Errorf("minting tokens %d to %d of %d: %w", done+1, done+req.Count, total, mintingUnknown(err, req))
 		}
 		out = append(out, toks...)
 		bar.set(len(out))

@@ -168,6 +168,12 @@ func TestCLIUsageErrors(t *testing.T) {
 	if after, _, _ := s.cli(t, "token", "list", "--json"); after != before {
 		t.Fatalf("usage errors changed the token list:\n%s\n%s", before, after)
 	}
+	// Help asked for is not an error.
+	for _, args := range [][]string{{"--help"}, {"serve", "--help"}, {"token", "create", "-h"}, {"telemetry", "--help"}} {
+		if out, errs, code := s.cli(t, args...); code != 0 || !strings.Contains(strings.ToLower(out+errs), "usage") {
+			t.Errorf("%v: exit %d, output %q %q", args, code, out, errs)
+		}
+	}
 	// The shared flag before the command, as people type it.
 	if out, errs, code := s.cli(t, "--data", s.cfg.DataDir, "token", "list"); code != 0 || !strings.Contains(out, "DEVICE") {
 		t.Errorf("--data before the command: %d %s %s", code, out, errs)
@@ -235,6 +241,16 @@ func TestBulkTokensCSV(t *testing.T) {
 	if d.resp.DeviceID != "pi-0007" {
 		t.Fatalf("bound bulk token enrolled %q", d.resp.DeviceID)
 	}
+	// The next batch of the line goes on from where the first ended.
+	out, errs, code := s.cli(t, "token", "create", "--count", "1001", "--prefix", "pi-", "--start", "26", "--json")
+	var next []admin.NewToken
+	if code != 0 || json.Unmarshal([]byte(out), &next) != nil || len(next) != 1001 ||
+		next[0].DeviceID != "pi-0026" || next[1000].DeviceID != "pi-1026" {
+		t.Fatalf("second batch with --start 26: exit %d %s, %d tokens", code, errs, len(next))
+	}
+	if _, errs, code := s.cli(t, "token", "create", "--count", "3"); code != 2 || !strings.Contains(errs, "--count needs --prefix") {
+		t.Errorf("--count without --prefix: exit %d %s", code, errs)
+	}
 
 	// A CSV path that cannot be written, or that would overwrite an
 	// earlier batch's secrets, is refused before any token is minted.
@@ -254,7 +270,7 @@ func TestBulkTokensCSV(t *testing.T) {
 	// A batch that fails midway (its 1001st id exists) still hands over
 	// the 1000 tokens it minted, on stdout without --csv.
 	s.enroll(t, s.token(t, "--device", "cc-1001"), "cc-1001")
-	out, errs, code := s.cli(t, "token", "create", "--count", "1001", "--prefix", "cc-")
+	out, errs, code = s.cli(t, "token", "create", "--count", "1001", "--prefix", "cc-")
 	if code != 1 || !strings.Contains(errs, "1000 tokens were minted before the failure; they are on stdout") ||
 		strings.Count(out, "fmq1.") != 1000 || !strings.Contains(out, "cc-1000") {
 		t.Fatalf("partial batch: exit %d, %d tokens printed, stderr %s", code, strings.Count(out, "fmq1."), errs)
