@@ -106,7 +106,7 @@ func backupCmd(ctx context.Context, args []string, env Env) (err error) {
 	if !res.CAIncluded {
 		fmt.Fprintln(env.Stdout, "the CA is not in the data folder (--ca-cert, --ca-key): keep its files with this backup")
 	}
-	fmt.Fprintf(env.Stdout, "to restore: stop fleetmq, then run it with --data %s\n", dir)
+	fmt.Fprintf(env.Stdout, "to restore: stop fleetmq, then run it with --data %s and the other serve flags it had (--hostname…)\n", dir)
 	return nil
 }
 

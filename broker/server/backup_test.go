@@ -279,7 +279,11 @@ func (w *failingWriter) Write(p []byte) (int, error) {
 // database that left it.
 func TestBackupWriteFailure(t *testing.T) {
 	s := startServer(t)
-	s.enroll(t, s.token(t), "pi-w1")
+	// A database larger than the socket's buffers: the server is still
+	// sending when the copy fails.
+	if _, errs, code := s.cli(t, "token", "create", "--count", "10000", "--prefix", "big-", "--json"); code != 0 {
+		t.Fatalf("token create: %s", errs)
+	}
 	_, _, err := admin.NewClient(s.AdminSocket()).Backup(context.Background(), &failingWriter{n: 4096})
 	if !errors.Is(err, syscall.ENOSPC) || !strings.Contains(err.Error(), "writing the copy") {
 		t.Fatalf("backup into a full disk: %v", err)
