@@ -228,6 +228,15 @@ func TestMainMessages(t *testing.T) {
 			t.Errorf("%s created the missing state folder", cmd)
 		}
 	}
+	// status says which folder it read: a typo looks like a new device.
+	if code, out, _ := runMain(t, "", nil, "status", "--state-dir", missing); code != 0 ||
+		!strings.Contains(out, "not enrolled: there is no state folder "+missing) {
+		t.Errorf("status in a missing folder: %d %q", code, out)
+	}
+	empty := t.TempDir()
+	if code, out, _ := runMain(t, "", nil, "status", "--state-dir", empty); code != 0 || !strings.Contains(out, "not enrolled (state folder "+empty+")") {
+		t.Errorf("status in an empty folder: %d %q", code, out)
+	}
 }
 
 // ownedByOther returns a state folder enrolled as pi-1 and owned by another

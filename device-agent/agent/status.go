@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"time"
@@ -36,6 +37,9 @@ type Status struct {
 	Broken string `json:"broken,omitempty"`
 	// Warnings are problems the agent works around or fixes at start.
 	Warnings []string `json:"warnings,omitempty"`
+	// StateDir is the state folder read.
+	StateDir string `json:"state_dir"`
+	noDir    bool   // StateDir does not exist
 }
 
 // identityLockBudget bounds how long status waits for a renewal in progress.
@@ -55,9 +59,11 @@ func ReadStatus(stateDir string) (Status, error) {
 		return Status{}, stateErr
 	}
 	s, idErr := inspectIdentity(stateDir)
+	s.StateDir = stateDir
 	if errors.Is(stateErr, ErrNotEnrolled) {
 		if errors.Is(idErr, ErrNotEnrolled) {
-			return Status{}, nil
+			_, err := os.Stat(stateDir)
+			return Status{StateDir: stateDir, noDir: errors.Is(err, fs.ErrNotExist)}, nil
 		}
 		stateErr = errStateMissing
 	}
@@ -130,7 +136,13 @@ func inspectIdentity(dir string) (Status, error) {
 // WriteText prints s for a person.
 func (s Status) WriteText(w io.Writer, now time.Time) error {
 	if !s.Enrolled {
-		_, err := fmt.Fprintln(w, "not enrolled")
+		var err error
+		if s.noDir {
+			// A typo in --state-dir looks like a device never enrolled.
+			_, err = fmt.Fprintf(w, "not enrolled: there is no state folder %s (is --state-dir right?)\n", s.StateDir)
+		} else {
+			_, err = fmt.Fprintf(w, "not enrolled (state folder %s)\n", s.StateDir)
+		}
 		return err
 	}
 	ts := func(t time.Time) string {
