@@ -4,8 +4,11 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"crypto/tls"
 	"errors"
 	"fmt"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
@@ -88,6 +91,26 @@ func TestEnrollWithoutIDUsesBoundID(t *testing.T) {
 	res := enrollTest(t, f, t.TempDir(), "")
 	if res.DeviceID != "bound-1" {
 		t.Errorf("device id %q, want the token's bound id", res.DeviceID)
+	}
+}
+
+// TestEnrollAtTheMQTTPort: a server that sends its certificate without a
+// CA (fleetmq's MQTT listener) is refused with a hint at the likely
+// mistake, the wrong port.
+func TestEnrollAtTheMQTTPort(t *testing.T) {
+	ca := newTestCA(t)
+	f := newFakeServer(t, ca)
+	leaf := ca.serverTLS(t)
+	leaf.Certificate = leaf.Certificate[:1]
+	srv := httptest.NewUnstartedServer(http.NotFoundHandler())
+	srv.TLS = &tls.Config{Certificates: []tls.Certificate{leaf}}
+	srv.StartTLS()
+	t.Cleanup(srv.Close)
+	_, err := Enroll(context.Background(), testConfig(t, t.TempDir()), EnrollOptions{
+		ServerURL: srv.URL, Token: f.goodToken(), DeviceID: "pi-1",
+	})
+	if !errors.Is(err, ErrCAMismatch) || !strings.Contains(err.Error(), "not the MQTT one") {
+		t.Fatalf("Enroll against a server sending no CA = %v", err)
 	}
 }
 

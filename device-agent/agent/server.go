@@ -179,7 +179,12 @@ func pinnedTLS(fp [32]byte, host string, now func() time.Time) *tls.Config {
 					break
 				}
 			}
-			if ca == nil || len(cs.PeerCertificates) == 0 {
+			if ca == nil && len(cs.PeerCertificates) == 1 {
+				// fleetmq's enrollment listener sends its CA with its
+				// certificate; its MQTT listener does not.
+				return fmt.Errorf("%w (this server sent no CA at all: is --server the enrollment address, port 8443 by default, not the MQTT one?)", ErrCAMismatch)
+			}
+			if ca == nil {
 				return ErrCAMismatch
 			}
 			inter := x509.NewCertPool()
