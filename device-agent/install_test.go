@@ -104,6 +104,7 @@ func TestInstallScript(t *testing.T) {
 		"would run: systemctl daemon-reload",
 		"would run: systemctl enable device-agent.service",
 		"would run: systemctl restart device-agent.service",
+		"nothing was run",
 	} {
 		if !strings.Contains(r.out, w) {
 			t.Errorf("output lacks %q:\n%s", w, r.out)

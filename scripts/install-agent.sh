@@ -118,6 +118,10 @@ fi
 if [ -z "$ROOT" ] && [ "$(id -u)" -ne 0 ]; then
 	die "run as root (sudo), or use --root DIR"
 fi
+# Checked before anything is installed: half an install helps no one.
+if [ -z "$DRY" ] && ! command -v systemctl >/dev/null 2>&1; then
+	die "systemd is needed (systemctl not found); nothing done"
+fi
 
 SCRIPT_DIR=$(cd "$(dirname "$0")" && pwd)
 
@@ -226,7 +230,7 @@ as_agent() {
 }
 
 if [ -z "$ENROLL" ]; then
-	say "already enrolled; keeping the identity in $STATE_PATH (--force enrolls again)"
+	say "already enrolled; keeping the identity in $ROOT$STATE_PATH (--force enrolls again)"
 else
 	set -- "$BIN_PATH" enroll --state-dir "$STATE_PATH" --server "$SERVER" --token -
 	[ -z "$DEVICE_ID" ] || set -- "$@" --id "$DEVICE_ID"
@@ -267,6 +271,11 @@ if [ -n "$DRY" ]; then
 fi
 sys systemctl enable "$NAME.service"
 sys systemctl restart "$NAME.service"
+if [ -n "$DRY" ]; then
+	say "device-agent's files are laid out in $ROOT; nothing was run, neither the enrollment nor"
+	say "systemctl: the \"would run\" lines are what an install on the device runs"
+	exit 0
+fi
 say "device-agent is installed and running; check it with:"
 say "  sudo -u $AGENT_USER $BIN_PATH status --state-dir $STATE_PATH"
 say "  journalctl -u $NAME"
