@@ -283,6 +283,10 @@ type stateStore struct {
 // ErrNotEnrolled is returned when the state folder holds no identity.
 var ErrNotEnrolled = errors.New("not enrolled: run `device-agent enroll` first")
 
+// adviceWriteURLs is how a person gives a device its URLs back by hand.
+const adviceWriteURLs = `write them back as {"server_url": "https://...", "broker_url": "mqtts://..."} ` +
+	`(the other fields are refilled by the agent)`
+
 // adviceReenroll is how a device whose state folder lost something that
 // only the server can give back gets it again, keeping its id.
 const adviceReenroll = "enroll again under the same id: fleetmq token create --device ID --reprovision on the server, " +
@@ -297,7 +301,7 @@ var (
 	errStateUnreadable = errors.New("state.json is unreadable")
 	// errStateMissing is a missing state.json next to a key pair.
 	errStateMissing = errors.New("state.json is missing although the device has a certificate: it holds the server and broker URLs " +
-		"this device enrolled with, which nothing else on the device records; " + adviceReenroll)
+		"this device enrolled with, which nothing else on the device records: " + adviceWriteURLs + ", or " + adviceReenroll)
 )
 
 func readState(dir string) (State, error) {
@@ -313,8 +317,7 @@ func readState(dir string) (State, error) {
 	if err := json.Unmarshal(b, &s); err != nil {
 		return State{}, fmt.Errorf("%w (%s: %v). It is the agent's bookkeeping, but it also holds the server and broker URLs "+
 			"this device enrolled with, which nothing else on the device records, so removing it does not help: "+
-			`write them back as {"server_url": "https://...", "broker_url": "mqtts://..."} (the other fields are refilled by the agent), `+
-			"or %s", errStateUnreadable, path, err, adviceReenroll)
+			"%s, or %s", errStateUnreadable, path, err, adviceWriteURLs, adviceReenroll)
 	}
 	return s, nil
 }
