@@ -629,6 +629,10 @@ func (h *Handler) issueIdentity(w http.ResponseWriter, r *http.Request) {
 	rec := store.Cert{Serial: enroll.SerialHex(cert.SerialNumber), DeviceID: req.Name,
 		NotBefore: cert.NotBefore, NotAfter: cert.NotAfter, IssuedAt: now, DER: cert.Raw}
 	if err := h.st.CreateIdentity(r.Context(), d, rec, remote, now); err != nil {
+		if errors.Is(err, store.ErrDeviceExists) {
+			err = &enroll.Error{Code: enroll.CodeIDTaken, Err: err,
+				Message: fmt.Sprintf("the name %s is taken (by a device, service or operator, revoked ones included): names are for life; choose another", req.Name)}
+		}
 		writeErr(w, h.cfg.Logger, err)
 		return
 	}

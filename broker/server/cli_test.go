@@ -219,6 +219,10 @@ func TestIdentityIssueChecksOutputFirst(t *testing.T) {
 	if _, errs, code := s.cli(t, "operator", "issue", "svc-a", "--out", out); code != 1 || !strings.Contains(errs, "exists") {
 		t.Fatalf("issue over existing files: %d %s", code, errs)
 	}
+	// A name is for life, whatever the role.
+	if _, errs, code := s.cli(t, "operator", "issue", "svc-a", "--out", t.TempDir()); code != 1 || !strings.Contains(errs, "the name svc-a is taken") {
+		t.Fatalf("issue under a taken name: %d %s", code, errs)
+	}
 }
 
 func TestBulkTokensCSV(t *testing.T) {
