@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"maps"
 	"slices"
+	"strings"
 	"time"
 
 	"go.etcd.io/bbolt"
@@ -513,7 +514,14 @@ func (db *DB) RevokeDevice(ctx context.Context, id, remote string, now time.Time
 			out = append(out, cert)
 		}
 		revoked = out // assigned, not appended: this function may run twice
-		return db.appendAudit(tx, []AuditEvent{{Time: now, Action: ActDeviceRevoke, DeviceID: id, Serial: d.Serial, Remote: remote}})
+		// Serial is the current certificate; earlier ones still valid
+		// (after a renewal or re-provisioning) are revoked too.
+		all := make([]string, len(out))
+		for i, c := range out {
+			all[i] = c.Serial
+		}
+		detail := fmt.Sprintf("%d certificate(s) revoked: %s", len(out), strings.Join(all, " "))
+		return db.appendAudit(tx, []AuditEvent{{Time: now, Action: ActDeviceRevoke, DeviceID: id, Serial: d.Serial, Remote: remote, Detail: detail}})
 	})
 	if err != nil {
 		return nil, fmt.Errorf("revoke device %s: %w", id, err)

@@ -216,6 +216,9 @@ func TestEnrollRenewRevoke(t *testing.T) {
 	if ev := evs[1]; ev.Serial != "s1" || ev.TokenID != "free" || ev.Remote != "10.0.0.1:1234" {
 		t.Fatalf("cert.issue event %+v", ev)
 	}
+	if ev := evs[3]; ev.Detail != "2 certificate(s) revoked: s1 s2" {
+		t.Fatalf("device.revoke event names %q, want both certificates", ev.Detail)
+	}
 }
 
 func serials(cs []store.Cert) []string {
