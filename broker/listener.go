@@ -86,8 +86,8 @@ func (l *guardedListener) Accept() (net.Conn, error) {
 		}
 		if len(l.conns) >= l.max {
 			l.mu.Unlock()
+			l.onRefuse() // counted before the peer can see the close
 			_ = c.Close()
-			l.onRefuse()
 			continue
 		}
 		gc := &guardedConn{Conn: c, l: l}
