@@ -75,6 +75,7 @@ func (a *runner) session(ctx context.Context, id *identity, broker string, chang
 		}
 		return false, fmt.Errorf("connect %s: %w", broker, err)
 	}
+	a.sessions.Add(1) // the broker took the certificate (see hintRenew)
 
 	sctx, cancel := context.WithCancel(ctx)
 	sendErr := make(chan error, 1)

@@ -661,7 +661,6 @@ func (a *runner) connectLoop(ctx context.Context) error {
 		switch {
 		case connected:
 			refusals = 0
-			a.sessions.Add(1)
 		case authRejected(err):
 			refusals = 0
 			a.log.Warn().Err(err).Msg("broker refused the certificate; checking it with the enrollment server")

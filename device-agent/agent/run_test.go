@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"path/filepath"
 	"strings"
 	"sync/atomic"
@@ -491,17 +492,26 @@ func TestRunRefusalAfterSessionIsCheckedAtOnce(t *testing.T) {
 	f := newFleet(t, time.Hour)
 	cfg := f.config(t)
 	cfg.RetryMax = time.Hour
-	_, _ = startAgent(t, cfg)
-	serial := nextSerial(t, f.brk)
+	r, _ := startAgent(t, cfg)
+	serialNow := func() string {
+		id, _, _ := r.current()
+		return id.leaf.SerialNumber.Text(16)
+	}
+	// Connected is saved once the session is up (status published), and
+	// cleared when it ends, before the next attempt can be refused.
+	connected := func() bool {
+		st, err := readState(f.dir)
+		return err == nil && st.Connected
+	}
+	eventually(t, waitLong, "the first session", connected)
 	for i := 1; i <= 2; i++ {
+		serial := serialNow()
 		f.brk.revoke(serial)
 		f.brk.gate.setOpen(false)
 		f.brk.gate.setOpen(true)
-		next := nextSerial(t, f.brk)
-		if next == serial {
-			t.Fatalf("refusal %d: reconnected with the refused certificate", i)
-		}
-		serial = next
+		eventually(t, waitLong, fmt.Sprintf("a session on a renewed certificate after refusal %d", i), func() bool {
+			return serialNow() != serial && connected()
+		})
 		if mtls, _ := f.srv.counts(); mtls != i {
 			t.Fatalf("after refusal %d: %d renewals, want %d", i, mtls, i)
 		}
