@@ -249,6 +249,22 @@ type gateListener struct {
 	mu     sync.Mutex
 	closed bool
 	conns  []net.Conn
+	// live counts the connections handed to mochi until mochi closes
+	// them: mochi's Close races with a connection it is still setting up
+	// (its NewClient), so the broker is closed once none is left.
+	live sync.WaitGroup
+}
+
+// trackedConn tells its listener when mochi closes it.
+type trackedConn struct {
+	net.Conn
+	once sync.Once
+	done func()
+}
+
+func (c *trackedConn) Close() error {
+	c.once.Do(c.done)
+	return c.Conn.Close()
 }
 
 func (g *gateListener) Accept() (net.Conn, error) {
@@ -264,8 +280,9 @@ func (g *gateListener) Accept() (net.Conn, error) {
 			continue
 		}
 		g.conns = append(g.conns, c)
+		g.live.Add(1)
 		g.mu.Unlock()
-		return c, nil
+		return &trackedConn{Conn: c, done: g.live.Done}, nil
 	}
 }
 
@@ -358,7 +375,14 @@ func newTestBroker(tb testing.TB, ca *testCA) *testBroker {
 	if err := srv.Serve(); err != nil {
 		tb.Fatal(err)
 	}
-	tb.Cleanup(func() { _ = srv.Close() })
+	tb.Cleanup(func() {
+		// As the fleetmq broker does: no new socket, the open ones cut,
+		// and every one released by mochi before its Close.
+		_ = b.gate.Listener.Close()
+		b.gate.setOpen(false)
+		b.gate.live.Wait()
+		_ = srv.Close()
+	})
 	err = srv.Subscribe("devices/#", 1, func(_ *mqtt.Client, _ packets.Subscription, pk packets.Packet) {
 		b.msgs <- brokerMsg{topic: pk.TopicName, payload: string(pk.Payload), retain: pk.FixedHeader.Retain}
 	})
