@@ -108,11 +108,7 @@ func TestDiskFullNode(t *testing.T) {
 	data := filepath.Join(t.TempDir(), "data")
 	n := startNode(t, bin, data, []string{prlimit, "--fsize=" + strconv.Itoa(2<<20) + ":unlimited", "--"},
 		"--publish-rate", "10000", "--publish-burst", "10000", "--metrics-addr", "127.0.0.1:0")
-	tok := n.tokens(1, "full-")
-	d, err := enrollOver(n.httpsClient(), n.enrollAddr, tok[0].Secret, "")
-	if err != nil {
-		t.Fatalf("enroll: %v", err)
-	}
+	d := n.device("full-")
 	id := d.resp.DeviceID
 	c := dialV5(t, n.mqttAddr, deviceTLS(n.ca(), d), id)
 	topic := "devices/" + id + "/telemetry"

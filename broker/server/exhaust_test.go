@@ -159,17 +159,9 @@ func eventually(tb testing.TB, cond func() bool, what string) {
 // never handshake, then closes them: the MQTT and HTTPS listeners recover
 // by themselves and a device connects and publishes.
 func TestFileDescriptorExhaustion(t *testing.T) {
-	prlimit := prlimitPath(t)
-	bin := buildFleetmq(t)
-	data := filepath.Join(t.TempDir(), "data")
 	const limit = 64
-	n := startNode(t, bin, data, []string{prlimit, "--nofile=" + strconv.Itoa(limit) + ":" + strconv.Itoa(limit), "--"},
-		"--handshake-timeout", "2m")
-	tok := n.tokens(1, "fd-")
-	d, err := enrollOver(n.httpsClient(), n.enrollAddr, tok[0].Secret, "")
-	if err != nil {
-		t.Fatalf("enroll: %v", err)
-	}
+	n := startNodeWithFDs(t, limit, "--handshake-timeout", "2m")
+	d := n.device("fd-")
 	id := d.resp.DeviceID
 	pool := n.ca()
 	cfg := deviceTLS(pool, d)
@@ -211,6 +203,7 @@ func TestFileDescriptorExhaustion(t *testing.T) {
 		_ = c.Close()
 	}
 	var c *qos1Client
+	var err error
 	retryUntil := time.Now().Add(60 * time.Second)
 	tick := time.NewTicker(250 * time.Millisecond)
 	defer tick.Stop()
@@ -559,17 +552,9 @@ sampling:
 // flood where metrics is reachable): they are capped, so the broker and
 // the enrollment endpoint keep their descriptors.
 func TestIdleHTTPConnectionsCannotStarveDevices(t *testing.T) {
-	prlimit := prlimitPath(t)
-	bin := buildFleetmq(t)
-	data := filepath.Join(t.TempDir(), "data")
 	const limit = 128
-	n := startNode(t, bin, data, []string{prlimit, "--nofile=" + strconv.Itoa(limit) + ":" + strconv.Itoa(limit), "--"},
-		"--metrics-addr", "127.0.0.1:0")
-	tok := n.tokens(1, "idle-")
-	d, err := enrollOver(n.httpsClient(), n.enrollAddr, tok[0].Secret, "")
-	if err != nil {
-		t.Fatalf("enroll: %v", err)
-	}
+	n := startNodeWithFDs(t, limit, "--metrics-addr", "127.0.0.1:0")
+	d := n.device("idle-")
 	metricsAddr := strings.TrimSuffix(strings.TrimPrefix(n.metricsURL, "http://"), "/metrics")
 
 	var held []net.Conn

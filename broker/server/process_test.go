@@ -21,6 +21,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -68,6 +69,25 @@ func startNode(tb testing.TB, bin, data string, wrap []string, flags ...string) 
 		"--enroll-addr", "127.0.0.1:0", "--mqtt-addr", "127.0.0.1:0",
 		"--metrics-addr", "off", "--ui-addr", "off", "--log-format", "json"), flags...)
 	return runNode(tb, args, append(os.Environ(), "FLEETMQ_DATA="+data), data)
+}
+
+// device enrolls one device bound to prefix0001 through the enrollment API.
+func (n *node) device(prefix string) *device {
+	n.tb.Helper()
+	tok := n.tokens(1, prefix)
+	d, err := enrollOver(n.httpsClient(), n.enrollAddr, tok[0].Secret, "")
+	if err != nil {
+		n.tb.Fatalf("enroll: %v", err)
+	}
+	return d
+}
+
+// startNodeWithFDs runs a node limited to nofile open file descriptors.
+func startNodeWithFDs(tb testing.TB, nofile int, flags ...string) *node {
+	tb.Helper()
+	lim := strconv.Itoa(nofile)
+	return startNode(tb, buildFleetmq(tb), filepath.Join(tb.TempDir(), "data"),
+		[]string{prlimitPath(tb), "--nofile=" + lim + ":" + lim, "--"}, flags...)
 }
 
 // prlimitPath returns the path of prlimit (util-linux), which the tests use
