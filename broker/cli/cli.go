@@ -192,11 +192,15 @@ func newFlags(name string, env Env) flagSet {
 	if def == "" {
 		def = "./fleetmq-data"
 	}
-	return flagSet{
+	f := flagSet{
 		FlagSet: fs,
 		data:    fs.String("data", def, "data folder of the server (env FLEETMQ_DATA)"),
-		json:    fs.Bool("json", false, "print JSON for scripts"),
+		json:    new(bool),
 	}
+	if name != "serve" { // the server prints logs, not results
+		f.json = fs.Bool("json", false, "print JSON for scripts")
+	}
+	return f
 }
 
 // given reports whether the flag name was set on the command line.
