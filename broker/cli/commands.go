@@ -416,7 +416,8 @@ func identityIssue(role string) func(context.Context, []string, Env) error {
 		}
 		name := fs.Arg(0)
 		if err := enroll.ValidateID(name); err != nil {
-			return usagef("%v", err)
+			e := enroll.AsError(err) // worded as the server's refusals are
+			return usagef("%s (%s)", e.Message, e.Code)
 		}
 		// Everything that can fail here is tried before the server
 		// issues anything: ids are for life, so a certificate issued for a
