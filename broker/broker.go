@@ -272,6 +272,10 @@ func New(cfg Config, st Store) (*Broker, error) {
 	// the ACL is checked on the name, so aliases are refused.
 	caps.TopicAliasMaximum = 0
 	caps.SharedSubAvailable = 0 // $share/... is denied by Allowed anyway
+	// mochi copies a publish's properties into its acknowledgement, and
+	// with them its QoS 1 "granted" code 0x01, which no PUBACK may carry
+	// (MQTT 5 3.4.2.1): without the copy the PUBACK is a plain success.
+	caps.Compatibilities.NoInheritedPropertiesOnAck = true
 	b.srv = mqtt.New(&mqtt.Options{
 		Capabilities: caps,
 		InlineClient: true,

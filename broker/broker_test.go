@@ -637,6 +637,38 @@ func TestMQTT311RefusedPublishDisconnects(t *testing.T) {
 	}
 }
 
+// TestMQTT5Acknowledgements: a refused QoS 2 publish gets a PUBREC with
+// the reason (mochi would send a PUBACK), and a QoS 1 PUBACK is a plain
+// success even when the publish carried properties (mochi copied them,
+// and its code 0x01, into the PUBACK).
+func TestMQTT5Acknowledgements(t *testing.T) {
+	f := newFixture(t, func(c *Config) { c.MaxTelemetryPayload = 16 })
+	r := dialRaw(t, f.addr, f.clientTLS(f.device(t, "dev-a")))
+	if ack := r.connect("dev-a"); ack.ReasonCode != 0 {
+		t.Fatalf("connect: %#x", ack.ReasonCode)
+	}
+	r.write(packets.Packet{
+		FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 2},
+		TopicName:   "devices/dev-a/telemetry",
+		PacketID:    7,
+		Payload:     []byte("0123456789abcdefX"),
+	})
+	if rec := r.mustRead(packets.Pubrec); rec.PacketID != 7 || rec.ReasonCode != packets.ErrPacketTooLarge.Code {
+		t.Fatalf("PUBREC id %d reason %#x, want 7 %#x", rec.PacketID, rec.ReasonCode, packets.ErrPacketTooLarge.Code)
+	}
+	pub := packets.Packet{
+		FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1},
+		TopicName:   "devices/dev-a/events/boot",
+		PacketID:    8,
+		Payload:     []byte("up"),
+	}
+	pub.Properties.User = []packets.UserProperty{{Key: "k", Val: "v"}}
+	r.write(pub)
+	if ack := r.mustRead(packets.Puback); ack.PacketID != 8 || ack.ReasonCode != 0 || len(ack.Properties.User) != 0 {
+		t.Fatalf("PUBACK id %d reason %#x properties %v, want 8, 0, none", ack.PacketID, ack.ReasonCode, ack.Properties.User)
+	}
+}
+
 func TestTelemetryPayloadCapAndRateLimit(t *testing.T) {
 	f := newFixture(t, func(c *Config) {
 		c.MaxTelemetryPayload = 16

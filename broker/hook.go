@@ -213,7 +213,7 @@ func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 	case 1:
 		if m == nil && c.acksIdle() {
 			// Nothing queued ahead: mochi may answer now, in order.
-			return pk, b.refusePublish(cl, qos, code)
+			return pk, b.refusePublish(cl, pk.PacketID, qos, code)
 		}
 		p := &pendingPub{id: pk.PacketID, code: code, done: m == nil}
 		if pk.FixedHeader.Retain || !b.unwatched(g) {
@@ -234,7 +234,7 @@ func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 				code = packets.ErrUnspecifiedError
 			}
 		}
-		return pk, b.refusePublish(cl, qos, code)
+		return pk, b.refusePublish(cl, pk.PacketID, qos, code)
 	}
 }
 
@@ -258,13 +258,20 @@ func handedOver(pk packets.Packet) packets.Packet {
 }
 
 // refusePublish returns what OnPublish returns for code: nil on success;
-// otherwise an MQTT 5 QoS 1/2 publisher gets code in its PUBACK, a QoS 0
-// publish is dropped, and an MQTT 3.1.1 QoS 1/2 publisher is disconnected
-// (see refuse311).
-func (b *Broker) refusePublish(cl *mqtt.Client, qos byte, code packets.Code) error {
+// otherwise an MQTT 5 QoS 1 publisher gets code in its PUBACK and a QoS 2
+// one in its PUBREC, a QoS 0 publish is dropped, and an MQTT 3.1.1 QoS 1/2
+// publisher is disconnected (see refuse311).
+func (b *Broker) refusePublish(cl *mqtt.Client, id uint16, qos byte, code packets.Code) error {
 	switch {
 	case code == packets.CodeSuccess:
 		return nil
+	case cl.Properties.ProtocolVersion == 5 && qos == 2:
+		// mochi answers a refusal from OnPublish with a PUBACK, which a
+		// QoS 2 publisher takes for a protocol error (MQTT-3.3.4-1).
+		rec := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Pubrec}, PacketID: id, ReasonCode: code.Code}
+		rec.Properties.ReasonString = code.Reason
+		_ = cl.WritePacket(rec)
+		return packets.ErrRejectPacket
 	case cl.Properties.ProtocolVersion == 5 && qos > 0:
 		return code
 	case qos > 0:
