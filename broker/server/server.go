@@ -421,6 +421,9 @@ func (s *Server) listenAdmin() error {
 // CRL is regenerated.
 func (s *Server) onRevoke(ctx context.Context, id string, _ []store.Cert) {
 	s.mqtt.Revoke(id)
+	if s.ui != nil {
+		s.ui.Revoke(id) // an operator's open dashboard streams
+	}
 	if err := s.enroll.RefreshCRL(ctx); err != nil {
 		s.log.Error().Err(err).Msg("refresh CRL after revocation")
 	}

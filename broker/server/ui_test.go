@@ -365,9 +365,32 @@ func TestDashboardOnNetworkNeedsOperator(t *testing.T) {
 			t.Fatal("plain HTTP served on a network address")
 		}
 	}
-	// A revoked operator is refused at once.
+	// A revoked operator is refused at once, and the live stream it had
+	// open ends.
+	cfg := &tls.Config{RootCAs: s.CA().Pool(), ServerName: "127.0.0.1", Certificates: []tls.Certificate{*load("ops")}}
+	tr := &http.Transport{TLSClientConfig: cfg}
+	defer tr.CloseIdleConnections()
+	resp, err := (&http.Client{Transport: tr}).Get(base + "/events?device=pi-n1")
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("event stream: %v %v", resp, err)
+	}
+	defer resp.Body.Close()
+	first := make([]byte, 64)
+	if _, err := resp.Body.Read(first); err != nil {
+		t.Fatalf("event stream: %v", err)
+	}
+	ended := make(chan error, 1)
+	go func() {
+		_, err := io.Copy(io.Discard, resp.Body)
+		ended <- err
+	}()
 	if _, errs, code := s.cli(t, "device", "revoke", "ops"); code != 0 {
 		t.Fatal(errs)
+	}
+	select {
+	case <-ended:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the revoked operator's event stream is still open")
 	}
 	if code, _, err := get(load("ops")); err != nil || code != http.StatusForbidden {
 		t.Fatalf("revoked operator: %d %v", code, err)

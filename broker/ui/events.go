@@ -146,6 +146,20 @@ func (s *Server) serveEvents(w http.ResponseWriter, r *http.Request) {
 	}
 	_ = rc.SetReadDeadline(time.Time{})
 
+	// An operator's stream ends when the operator is revoked, and when
+	// the certificate it was opened with expires.
+	ctx := r.Context()
+	if v := viewerOf(ctx); v.Name != "" {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithCancel(ctx)
+		defer cancel()
+		defer s.trackStream(v.Name, cancel)()
+		if r.TLS != nil && len(r.TLS.PeerCertificates) > 0 {
+			expiry := time.AfterFunc(r.TLS.PeerCertificates[0].NotAfter.Sub(s.cfg.Now()), cancel)
+			defer expiry.Stop()
+		}
+	}
+
 	// Subscribe before answering, so that nothing falls between the page
 	// the browser has and the stream.
 	pres, cancelPres := s.hub.subscribe()
@@ -174,7 +188,7 @@ func (s *Server) serveEvents(w http.ResponseWriter, r *http.Request) {
 		var name string
 		var data any
 		select {
-		case <-r.Context().Done():
+		case <-ctx.Done():
 			return
 		case <-s.ctx.Done():
 			return

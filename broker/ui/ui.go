@@ -126,6 +126,45 @@ type Server struct {
 	ln     net.Listener
 	srv    *http.Server
 	secure bool
+
+	// streams are the open event streams of each operator, ended when
+	// the operator is revoked (Revoke).
+	smu     sync.Mutex
+	streams map[string]map[*context.CancelFunc]bool
+}
+
+// Revoke ends the event streams of identity id at once: its requests are
+// refused from now on (see operator), but a stream was authenticated
+// when it opened, and would go on delivering telemetry.
+func (s *Server) Revoke(id string) {
+	s.smu.Lock()
+	defer s.smu.Unlock()
+	for cancel := range s.streams[id] {
+		(*cancel)()
+	}
+	delete(s.streams, id)
+}
+
+// trackStream registers the stream of operator name, ended by cancel;
+// the returned func unregisters it.
+func (s *Server) trackStream(name string, cancel context.CancelFunc) (untrack func()) {
+	s.smu.Lock()
+	defer s.smu.Unlock()
+	if s.streams == nil {
+		s.streams = make(map[string]map[*context.CancelFunc]bool)
+	}
+	if s.streams[name] == nil {
+		s.streams[name] = make(map[*context.CancelFunc]bool)
+	}
+	s.streams[name][&cancel] = true
+	return func() {
+		s.smu.Lock()
+		defer s.smu.Unlock()
+		delete(s.streams[name], &cancel)
+		if len(s.streams[name]) == 0 {
+			delete(s.streams, name)
+		}
+	}
 }
 
 // New returns the dashboard for cfg; it does not listen until Listen.
