@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"net"
 	"net/http"
 	"net/http/cookiejar"
 	"net/url"
@@ -21,6 +22,7 @@ import (
 	"github.com/chromedp/chromedp"
 
 	"github.com/fleetmq/fleetmq/broker/server"
+	"github.com/fleetmq/fleetmq/broker/ui"
 	"github.com/fleetmq/fleetmq/store"
 )
 
@@ -394,5 +396,49 @@ func TestDashboardOnNetworkNeedsOperator(t *testing.T) {
 	}
 	if code, _, err := get(load("ops")); err != nil || code != http.StatusForbidden {
 		t.Fatalf("revoked operator: %d %v", code, err)
+	}
+}
+
+// TestDashboardSocketsPerAddress: on the network the dashboard takes a
+// bounded number of connections from one address, so sockets held open
+// before any handshake from one host do not lock the operators out.
+func TestDashboardSocketsPerAddress(t *testing.T) {
+	s := startServer(t, func(c *server.Config) { c.UIAddr = "0.0.0.0:0" })
+	u, err := url.Parse(s.UIURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	if _, errs, code := s.cli(t, "operator", "issue", "ops", "--out", dir); code != 0 {
+		t.Fatal(errs)
+	}
+	cert, err := tls.LoadX509KeyPair(filepath.Join(dir, "ops.pem"), filepath.Join(dir, "ops.key"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The flood comes from 127.0.0.2, the operator from 127.0.0.1.
+	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP("127.0.0.2")}, Timeout: 5 * time.Second}
+	var held []net.Conn
+	t.Cleanup(func() {
+		for _, c := range held {
+			_ = c.Close()
+		}
+	})
+	for range ui.MaxConnections + 44 {
+		c, err := d.Dial("tcp", "127.0.0.1:"+u.Port())
+		if err != nil {
+			t.Fatalf("flood: %v", err)
+		}
+		held = append(held, c)
+	}
+	tr := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: s.CA().Pool(), ServerName: "127.0.0.1", Certificates: []tls.Certificate{cert}}}
+	defer tr.CloseIdleConnections()
+	resp, err := (&http.Client{Transport: tr, Timeout: 5 * time.Second}).Get("https://127.0.0.1:" + u.Port() + "/")
+	if err != nil {
+		t.Fatalf("operator while one address holds %d sockets: %v", len(held), err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 200 {
+		t.Fatalf("operator: %d", resp.StatusCode)
 	}
 }
