@@ -189,26 +189,25 @@ const (
 	maxLabelLen = 256
 )
 
-// MintTokens validates req, mints its tokens and stores them in one
-// transaction. The secrets are in the answer only.
-func (h *Handler) MintTokens(ctx context.Context, req TokenRequest, remote string) ([]NewToken, error) {
+// planTokens validates req.
+func (h *Handler) planTokens(req TokenRequest) (tokenPlan, error) {
 	uses := req.Uses
 	if uses == 0 {
 		uses = 1
 	}
 	if uses < 1 || uses > 1_000_000 {
-		return nil, enroll.Errorf(enroll.CodeBadRequest, "uses must be between 1 and 1000000")
+		return tokenPlan{}, enroll.Errorf(enroll.CodeBadRequest, "uses must be between 1 and 1000000")
 	}
 	ttl := 24 * time.Hour
 	if req.TTL != "" {
 		d, err := ParseDuration(req.TTL)
 		if err != nil || d <= 0 || d > maxTokenTTL {
-			return nil, enroll.Errorf(enroll.CodeBadRequest, "ttl must be a positive duration up to %s", maxTokenTTL)
+			return tokenPlan{}, enroll.Errorf(enroll.CodeBadRequest, "ttl must be a positive duration up to %s", maxTokenTTL)
 		}
 		ttl = d
 	}
 	if err := checkLabels(req.Labels); err != nil {
-		return nil, err
+		return tokenPlan{}, err
 	}
 	var ids []string
 	switch {
@@ -216,17 +215,21 @@ func (h *Handler) MintTokens(ctx context.Context, req TokenRequest, remote strin
 	// below rather than read as "no count".
 	case req.Count != 0 || req.Prefix != "":
 		if req.DeviceID != "" || req.Reprovision {
-			return nil, enroll.Errorf(enroll.CodeBadRequest, "count/prefix exclude device_id and reprovision")
+			return tokenPlan{}, enroll.Errorf(enroll.CodeBadRequest, "count/prefix exclude device_id and reprovision")
 		}
 		if req.Count < 1 || req.Count > h.cfg.MaxTokensPerRequest {
-			return nil, enroll.Errorf(enroll.CodeBadRequest, "count must be between 1 and %d", h.cfg.MaxTokensPerRequest)
+			return tokenPlan{}, enroll.Errorf(enroll.CodeBadRequest, "count must be between 1 and %d", h.cfg.MaxTokensPerRequest)
+		}
+		if req.Prefix == "" {
+			// Bare numbers are valid ids, but hardly what was meant.
+			return tokenPlan{}, enroll.Errorf(enroll.CodeBadRequest, "count needs a prefix: the ids are PREFIX0001, PREFIX0002, …")
 		}
 		start := req.Start
 		if start == 0 {
 			start = 1
 		}
 		if start < 1 || start > maxIDNumber-req.Count+1 {
-			return nil, enroll.Errorf(enroll.CodeBadRequest, "start must be between 1 and %d minus count", maxIDNumber)
+			return tokenPlan{}, enroll.Errorf(enroll.CodeBadRequest, "start must be between 1 and %d minus count", maxIDNumber)
 		}
 		last := start + req.Count - 1
 		width := req.Width
@@ -234,17 +237,17 @@ func (h *Handler) MintTokens(ctx context.Context, req TokenRequest, remote strin
 			width = max(4, len(strconv.Itoa(last)))
 		}
 		if width < 1 || width > len(strconv.Itoa(maxIDNumber)) {
-			return nil, enroll.Errorf(enroll.CodeBadRequest, "width must be between 1 and %d", len(strconv.Itoa(maxIDNumber)))
+			return tokenPlan{}, enroll.Errorf(enroll.CodeBadRequest, "width must be between 1 and %d", len(strconv.Itoa(maxIDNumber)))
 		}
 		for i := start; i <= last; i++ {
 			ids = append(ids, fmt.Sprintf("%s%0*d", req.Prefix, width, i))
 		}
 	case req.Start != 0 || req.Width != 0:
-		return nil, enroll.Errorf(enroll.CodeBadRequest, "start and width go with count")
+		return tokenPlan{}, enroll.Errorf(enroll.CodeBadRequest, "start and width go with count")
 	case req.DeviceID != "":
 		ids = []string{req.DeviceID}
 	case req.Reprovision:
-		return nil, enroll.Errorf(enroll.CodeBadRequest, "reprovision needs the device_id to re-provision")
+		return tokenPlan{}, enroll.Errorf(enroll.CodeBadRequest, "reprovision needs the device_id to re-provision")
 	default:
 		ids = []string{""}
 	}
@@ -253,9 +256,35 @@ func (h *Handler) MintTokens(ctx context.Context, req TokenRequest, remote strin
 			continue
 		}
 		if err := enroll.ValidateID(id); err != nil {
-			return nil, err
+			return tokenPlan{}, err
 		}
 	}
+	return tokenPlan{ids: ids, uses: uses, ttl: ttl}, nil
+}
+
+// CheckTokens validates req as MintTokens does before it mints anything
+// (only whether the ids are free is left to MintTokens): the dashboard
+// says what is wrong on its confirmation page rather than after it.
+func (h *Handler) CheckTokens(req TokenRequest) error {
+	_, err := h.planTokens(req)
+	return err
+}
+
+// tokenPlan is what a valid TokenRequest mints.
+type tokenPlan struct {
+	ids  []string // "" for a free token
+	uses int
+	ttl  time.Duration
+}
+
+// MintTokens validates req, mints its tokens and stores them in one
+// transaction. The secrets are in the answer only.
+func (h *Handler) MintTokens(ctx context.Context, req TokenRequest, remote string) ([]NewToken, error) {
+	p, err := h.planTokens(req)
+	if err != nil {
+		return nil, err
+	}
+	ids, uses, ttl := p.ids, p.uses, p.ttl
 	now := h.cfg.Now()
 	out := make([]NewToken, 0, len(ids))
 	recs := make([]store.Token, 0, len(ids))

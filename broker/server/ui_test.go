@@ -442,3 +442,34 @@ func TestDashboardSocketsPerAddress(t *testing.T) {
 		t.Fatalf("operator: %d", resp.StatusCode)
 	}
 }
+
+// TestDashboardTokenFormChecked: the confirmation page refuses what the
+// creation would refuse (found by hand: it confirmed, then Create failed),
+// and a count without a prefix is refused rather than minted for the bare
+// ids 0001….
+func TestDashboardTokenFormChecked(t *testing.T) {
+	s := startServer(t, func(c *server.Config) { c.UIAddr = "127.0.0.1:0" })
+	before, _, _ := s.cli(t, "token", "list", "--json")
+	for query, want := range map[string]string{
+		"count=5":            "count needs a prefix",
+		"uses=2000000":       "uses must be between",
+		"ttl=1000d":          "ttl must be",
+		"count=5&device=foo": "exclude device_id",
+		"device=BAD+ID":      "id",
+		"reprovision=yes":    "reprovision needs",
+		"labels=a%3D1,a%3D2": "label a is given twice",
+	} {
+		resp, err := http.Get(s.UIURL() + "tokens/new?" + query)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusBadRequest || !strings.Contains(string(body), want) {
+			t.Errorf("/tokens/new?%s: %d, want 400 saying %q", query, resp.StatusCode, want)
+		}
+	}
+	if after, _, _ := s.cli(t, "token", "list", "--json"); after != before {
+		t.Fatal("a refused confirmation minted tokens")
+	}
+}

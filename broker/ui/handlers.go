@@ -468,9 +468,13 @@ func parseTokenForm(get func(string) string) (tokenForm, admin.TokenRequest, err
 	if f.Labels != "" {
 		req.Labels = map[string]string{}
 		for part := range strings.SplitSeq(f.Labels, ",") {
-			k, v, ok := strings.Cut(strings.TrimSpace(part), "=")
+			k, v, ok := strings.Cut(part, "=")
+			k, v = strings.TrimSpace(k), strings.TrimSpace(v)
 			if !ok || k == "" {
 				return f, admin.TokenRequest{}, fmt.Errorf("labels are k=v pairs separated by commas, got %q", part)
+			}
+			if _, dup := req.Labels[k]; dup {
+				return f, admin.TokenRequest{}, fmt.Errorf("label %s is given twice", k)
 			}
 			req.Labels[k] = v
 		}
@@ -494,6 +498,11 @@ func (s *Server) confirmTokens(w http.ResponseWriter, r *http.Request) {
 	f, req, err := parseTokenForm(r.URL.Query().Get)
 	if err != nil {
 		s.fail(w, r, http.StatusBadRequest, err.Error())
+		return
+	}
+	// What can be told before minting is told before the confirmation.
+	if err := s.cfg.Admin.CheckTokens(req); err != nil {
+		s.failErr(w, r, err)
 		return
 	}
 	s.render(w, r, http.StatusOK, "token-new", page{Title: "Create tokens", Nav: "tokens", Data: tokenConfirm{Form: f, Count: max(1, req.Count)}})

@@ -49,6 +49,7 @@ type Admin interface {
 	DeviceInfos(ctx context.Context) ([]admin.DeviceInfo, error)
 	DeviceInfo(ctx context.Context, id string) (admin.DeviceInfo, error)
 	TokenInfos(ctx context.Context) ([]admin.TokenInfo, error)
+	CheckTokens(req admin.TokenRequest) error
 	MintTokens(ctx context.Context, req admin.TokenRequest, remote string) ([]admin.NewToken, error)
 	RevokeToken(ctx context.Context, id, remote string) (store.Token, error)
 	RevokeDevice(ctx context.Context, id, remote string) (admin.RevokeResult, error)
