@@ -295,6 +295,18 @@ func formToken(tb testing.TB, page string) string {
 	return m[1]
 }
 
+var onceRe = regexp.MustCompile(`name="once" value="([^"]+)"`)
+
+// onceField returns the one-time field of a token confirmation page.
+func onceField(tb testing.TB, page string) string {
+	tb.Helper()
+	m := onceRe.FindStringSubmatch(page)
+	if m == nil {
+		tb.Fatalf("no one-time field in page:\n%s", page)
+	}
+	return m[1]
+}
+
 // sseReader reads server-sent events.
 type sseReader struct {
 	r *bufio.Reader

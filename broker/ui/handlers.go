@@ -491,7 +491,8 @@ func optionalInt(s string) (int, error) {
 
 type tokenConfirm struct {
 	Form  tokenForm
-	Count int // tokens that will be minted
+	Count int    // tokens that will be minted
+	Once  string // the form's one-time field (see onceSet)
 }
 
 func (s *Server) confirmTokens(w http.ResponseWriter, r *http.Request) {
@@ -505,7 +506,7 @@ func (s *Server) confirmTokens(w http.ResponseWriter, r *http.Request) {
 		s.failErr(w, r, err)
 		return
 	}
-	s.render(w, r, http.StatusOK, "token-new", page{Title: "Create tokens", Nav: "tokens", Data: tokenConfirm{Form: f, Count: max(1, req.Count)}})
+	s.render(w, r, http.StatusOK, "token-new", page{Title: "Create tokens", Nav: "tokens", Data: tokenConfirm{Form: f, Count: max(1, req.Count), Once: newOnce(s.cfg.Now())}})
 }
 
 func (s *Server) createTokens(w http.ResponseWriter, r *http.Request) {
@@ -518,8 +519,20 @@ func (s *Server) createTokens(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, r, http.StatusBadRequest, err.Error())
 		return
 	}
+	// The page showing the secrets answers this POST: reloading it would
+	// post again and mint a second batch no one asked for.
+	once := r.PostFormValue("once")
+	if once == "" {
+		s.fail(w, r, http.StatusBadRequest, "This form is incomplete: open Create tokens again.")
+		return
+	}
+	if !s.onces.take(once, s.cfg.Now()) {
+		s.fail(w, r, http.StatusConflict, "This form was already submitted (or is over a day old): its tokens were shown once, then, and are not minted again. To make more, open Create tokens again.")
+		return
+	}
 	toks, err := s.cfg.Admin.MintTokens(r.Context(), req, viewerOf(r.Context()).Remote)
 	if err != nil {
+		s.onces.give(once) // nothing minted: the form may be sent again
 		s.failErr(w, r, err)
 		return
 	}

@@ -13,7 +13,10 @@ import (
 	"log"
 	"net"
 	"net/http"
+	"strconv"
 	"strings"
+	"sync"
+	"time"
 
 	"github.com/rs/zerolog"
 
@@ -228,4 +231,54 @@ type errorLogWriter struct{ l zerolog.Logger }
 func (w errorLogWriter) Write(p []byte) (int, error) {
 	w.l.Debug().Str("component", "ui-http").Msg(strings.TrimSpace(string(p)))
 	return len(p), nil
+}
+
+// onceSet remembers the one-time fields of the token forms submitted, so
+// that a form is acted on once (a reload of the page with the secrets
+// re-posts it). Entries are forgotten after a day, by which time the
+// session's pages are stale anyway; a form older than that is refused.
+type onceSet struct {
+	mu   sync.Mutex
+	used map[string]time.Time
+}
+
+const onceTTL = 24 * time.Hour
+
+// newOnce returns a fresh one-time field, with its issue time so that an
+// old form need not be remembered to be refused.
+func newOnce(now time.Time) string {
+	b := make([]byte, 16)
+	_, _ = rand.Read(b) // never fails (crypto/rand)
+	return strconv.FormatInt(now.Unix(), 10) + "." + base64.RawURLEncoding.EncodeToString(b)
+}
+
+// take reports whether once is fresh and not used, and marks it used.
+func (o *onceSet) take(once string, now time.Time) bool {
+	at, _, ok := strings.Cut(once, ".")
+	sec, err := strconv.ParseInt(at, 10, 64)
+	if !ok || err != nil || now.Sub(time.Unix(sec, 0)) > onceTTL {
+		return false
+	}
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if o.used == nil {
+		o.used = make(map[string]time.Time)
+	}
+	for k, t := range o.used {
+		if now.Sub(t) > onceTTL {
+			delete(o.used, k)
+		}
+	}
+	if _, dup := o.used[once]; dup {
+		return false
+	}
+	o.used[once] = now
+	return true
+}
+
+// give forgets once: what it asked for was not done.
+func (o *onceSet) give(once string) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	delete(o.used, once)
 }

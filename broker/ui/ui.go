@@ -128,6 +128,8 @@ type Server struct {
 	srv    *http.Server
 	secure bool
 
+	onces onceSet
+
 	// streams are the open event streams of each operator, ended when
 	// the operator is revoked (Revoke).
 	smu     sync.Mutex

@@ -240,9 +240,18 @@ func TestStateChangesNeedCSRFToken(t *testing.T) {
 		t.Fatalf("token creation without CSRF token: %d", r.status)
 	}
 	form.Set("csrf", formToken(t, page.body))
+	if r := do(t, c, "POST", ts.URL+"/tokens", form, nil); r.status != http.StatusBadRequest {
+		t.Fatalf("token creation without the form's one-time field: %d", r.status)
+	}
+	form.Set("once", onceField(t, page.body))
 	r = do(t, c, "POST", ts.URL+"/tokens", form, nil)
 	if r.status != http.StatusCreated || !strings.Contains(r.body, "fmq1.secret-2.x") || !strings.Contains(r.body, "pi-0003") {
 		t.Fatalf("token creation: %d %s", r.status, r.body)
+	}
+	// Reloading the page of secrets posts the form again: nothing more
+	// is minted.
+	if r := do(t, c, "POST", ts.URL+"/tokens", form, nil); r.status != http.StatusConflict || !strings.Contains(r.body, "already submitted") {
+		t.Fatalf("the same form again: %d %s", r.status, r.body)
 	}
 	_, minted := f.changes()
 	want := admin.TokenRequest{Count: 3, Prefix: "pi-", Uses: 2, TTL: (7 * 24 * time.Hour).String(), Labels: map[string]string{"site": "lab"}}
@@ -250,7 +259,9 @@ func TestStateChangesNeedCSRFToken(t *testing.T) {
 		minted[0].TTL != want.TTL || minted[0].Labels["site"] != "lab" {
 		t.Fatalf("minted %+v, want %+v", minted, want)
 	}
+	page = do(t, c, "GET", ts.URL+"/tokens/new?count=3&prefix=pi-&uses=2&ttl=7d&labels=site%3Dlab&format=csv", nil, nil)
 	form.Set("format", "csv")
+	form.Set("once", onceField(t, page.body))
 	r = do(t, c, "POST", ts.URL+"/tokens", form, nil)
 	if r.status != 200 || !strings.HasPrefix(r.header.Get("Content-Disposition"), "attachment") ||
 		!strings.HasPrefix(r.body, "id,token,expires_at\npi-0001,fmq1.secret-0.x,") {
@@ -262,7 +273,7 @@ func TestStateChangesNeedCSRFToken(t *testing.T) {
 	if page.status != 200 || !strings.Contains(page.body, "re-provisioning the existing device pi-7") {
 		t.Fatalf("re-provisioning confirmation: %d %s", page.status, page.body)
 	}
-	form = url.Values{"confirm": {"yes"}, "device": {"pi-7"}, "reprovision": {"yes"}, "ttl": {"24h"}, "csrf": {formToken(t, page.body)}}
+	form = url.Values{"confirm": {"yes"}, "device": {"pi-7"}, "reprovision": {"yes"}, "ttl": {"24h"}, "csrf": {formToken(t, page.body)}, "once": {onceField(t, page.body)}}
 	if r := do(t, c, "POST", ts.URL+"/tokens", form, nil); r.status != http.StatusCreated {
 		t.Fatalf("re-provisioning token: %d %s", r.status, r.body)
 	}
