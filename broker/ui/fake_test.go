@@ -283,26 +283,23 @@ func do(tb testing.TB, c *http.Client, method, u string, form url.Values, hdr ma
 	return reply{resp.StatusCode, resp.Header, string(b)}
 }
 
-var csrfRe = regexp.MustCompile(`name="csrf" value="([^"]+)"`)
-
-// formToken returns the CSRF token of the form on a page.
+// formToken returns the CSRF field of a page.
 func formToken(tb testing.TB, page string) string {
 	tb.Helper()
-	m := csrfRe.FindStringSubmatch(page)
-	if m == nil {
-		tb.Fatalf("no CSRF field in page:\n%s", page)
-	}
-	return m[1]
+	return formField(tb, page, "csrf")
 }
-
-var onceRe = regexp.MustCompile(`name="once" value="([^"]+)"`)
 
 // onceField returns the one-time field of a token confirmation page.
 func onceField(tb testing.TB, page string) string {
 	tb.Helper()
-	m := onceRe.FindStringSubmatch(page)
+	return formField(tb, page, "once")
+}
+
+func formField(tb testing.TB, page, name string) string {
+	tb.Helper()
+	m := regexp.MustCompile(`name="` + name + `" value="([^"]+)"`).FindStringSubmatch(page)
 	if m == nil {
-		tb.Fatalf("no one-time field in page:\n%s", page)
+		tb.Fatalf("no %s field in page:\n%s", name, page)
 	}
 	return m[1]
 }
