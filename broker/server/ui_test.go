@@ -189,6 +189,26 @@ func TestDashboardInBrowser(t *testing.T) {
 		}
 	}
 
+	// A message with a hundred numeric fields adds plots only up to the
+	// page's limit (found by hand: 3,000 fields froze the page).
+	var wide strings.Builder
+	wide.WriteString(`{"cpu_temp_c":50`)
+	for i := range 100 {
+		fmt.Fprintf(&wide, `,"f%03d":%d`, i, i)
+	}
+	wide.WriteString("}")
+	if tok := c.Publish("devices/pi-0001/telemetry", 1, false, wide.String()); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+		t.Fatalf("publish: %v", tok.Error())
+	}
+	if _, err := chromedp.Run(ctx, chromedp.Poll[bool](
+		fmt.Sprintf(`document.querySelectorAll('svg.plot[data-field="cpu_temp_c"] circle').length === %d`, published+2),
+		chromedp.WithPollingTimeout(20*time.Second))); err != nil {
+		t.Fatalf("wide sample not plotted: %v", err)
+	}
+	if n, err := chromedp.Run(ctx, chromedp.Evaluate[int](`document.querySelectorAll("#charts figure.chart").length`)); err != nil || n > 12 {
+		t.Errorf("%d plots after a message with 100 fields, want at most 12 (%v)", n, err)
+	}
+
 	// Revoke from the page: the button leads to a confirmation page, whose
 	// button revokes.
 	if err := chromedp.Do(ctx, chromedp.Click(chromedp.CSS("#revoke")), chromedp.WaitVisible(chromedp.CSS("#confirm"))); err != nil {

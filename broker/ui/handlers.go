@@ -307,6 +307,7 @@ type deviceData struct {
 	Fields       []series
 	Samples      int
 	MaxPoints    int
+	MaxSeries    int
 	Latest       *store.Message
 	LatestText   string
 	Audit        []store.AuditEvent
@@ -319,7 +320,7 @@ func (s *Server) device(w http.ResponseWriter, r *http.Request) {
 		s.failErr(w, r, err)
 		return
 	}
-	d := deviceData{Device: info, State: info.State(), Expiring: s.expiring(info), MaxPoints: s.cfg.MaxPoints}
+	d := deviceData{Device: info, State: info.State(), Expiring: s.expiring(info), MaxPoints: s.cfg.MaxPoints, MaxSeries: maxSeries}
 	msgs, err := s.cfg.Store.Telemetry(r.Context(), id, time.Time{}, s.cfg.MaxPoints)
 	if err != nil {
 		s.failErr(w, r, err)

@@ -89,9 +89,13 @@ function addSample(ev) {
   const box = document.getElementById("charts");
   if (!box) return;
   const max = Number(box.dataset.max) || 500;
+  const maxSeries = Number(box.dataset.maxSeries) || 12;
   for (const [name, v] of Object.entries(ev.values)) {
     let p = plots.get(name);
     if (!p) {
+      // As the page does: a device with thousands of fields must not
+      // bury the page in plots.
+      if (plots.size >= maxSeries) continue;
       const none = document.getElementById("no-telemetry");
       if (none) none.remove();
       const fig = document.createElement("figure");
