@@ -54,7 +54,10 @@ func table(w io.Writer, header string, rows [][]string) error {
 // field of an audit record an attacker caused — rewrite what an operator
 // sees in the terminal or break the table.
 func terminalSafe(s string) string {
-	if strings.IndexFunc(s, func(r rune) bool { return unicode.IsControl(r) || r == utf8.RuneError }) < 0 {
+	// Bidirectional controls reorder what the terminal shows.
+	if strings.IndexFunc(s, func(r rune) bool {
+		return unicode.IsControl(r) || r == utf8.RuneError || unicode.Is(unicode.Bidi_Control, r)
+	}) < 0 {
 		return s
 	}
 	q := strconv.QuoteToGraphic(s)

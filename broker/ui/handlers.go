@@ -357,10 +357,11 @@ func payloadText(p []byte) string {
 		p = buf.Bytes()
 	}
 	const max = 4 << 10
-	if len(p) > max {
-		return string(p[:max]) + "\n…"
+	s := visibleText(string(p))
+	if len(s) > max {
+		return cut(s, max) + "\n"
 	}
-	return strings.ToValidUTF8(string(p), "�")
+	return s
 }
 
 func (s *Server) confirmRevokeDevice(w http.ResponseWriter, r *http.Request) {

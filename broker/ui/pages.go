@@ -8,8 +8,11 @@ import (
 	"io/fs"
 	"net/http"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
+	"unicode"
+	"unicode/utf8"
 )
 
 //go:embed assets
@@ -28,6 +31,37 @@ var funcs = template.FuncMap{
 	"add":    func(t time.Time, d time.Duration) time.Time { return t.Add(d) },
 	"days":   func(d time.Duration) int { return int(d / (24 * time.Hour)) },
 	"list":   func(s ...string) []string { return s },
+	"short":  func(s string) string { return visibleText(cut(s, 64)) },
+	"shown":  visibleText,
+}
+
+// visibleText escapes what a device sent that would not show as itself:
+// control characters but newlines and tabs (as the CLI does), and
+// bidirectional controls, which make text read otherwise than it is.
+// Invalid UTF-8 shows as U+FFFD.
+func visibleText(s string) string {
+	var b strings.Builder
+	for _, r := range s {
+		if (unicode.IsControl(r) && r != '\n' && r != '\t') || unicode.Is(unicode.Bidi_Control, r) {
+			q := strconv.QuoteRune(r)
+			b.WriteString(q[1 : len(q)-1])
+			continue
+		}
+		b.WriteRune(r)
+	}
+	return b.String()
+}
+
+// cut shortens s to at most n bytes, on a character boundary, marking the
+// cut with an ellipsis.
+func cut(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
+	}
+	return s[:n] + "…"
 }
 
 func loadPages() (*pages, error) {

@@ -2,8 +2,10 @@ package ui
 
 import (
 	"encoding/json"
+	"strings"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	"github.com/fleetmq/fleetmq/store"
 )
@@ -79,4 +81,29 @@ func FuzzNumericFields(f *testing.F) {
 			}
 		}
 	})
+}
+
+// TestPayloadTextIsVisible: what a device sends is shown as text, never
+// as raw control or bidirectional characters, and a long payload is cut
+// on a character boundary (found by hand: the cut split a character and
+// payloads over 4 KiB went out raw).
+func TestPayloadTextIsVisible(t *testing.T) {
+	for _, tc := range []struct{ in, want string }{
+		{"ok\n\tline", "ok\n\tline"},
+		{"esc\x1b[2Jx", `esc\x1b[2Jx`},
+		{"rtl\u202eevil", `rtl\u202eevil`},
+		{"bad\xffbyte", "bad\uFFFDbyte"},
+	} {
+		if got := payloadText([]byte(tc.in)); got != tc.want {
+			t.Errorf("payloadText(%q) = %q, want %q", tc.in, got, tc.want)
+		}
+	}
+	long := strings.Repeat("A", 4095) + "é" + strings.Repeat("\x1b", 100)
+	got := payloadText([]byte(long))
+	if !utf8.ValidString(got) || strings.ContainsRune(got, 0x1b) || !strings.HasSuffix(got, "…\n") || len(got) > 4<<10+8 {
+		t.Errorf("long payload shown as %q…%q", got[:10], got[len(got)-20:])
+	}
+	if got := cut(strings.Repeat("v", 100), 64); got != strings.Repeat("v", 64)+"…" {
+		t.Errorf("cut = %q", got)
+	}
 }
