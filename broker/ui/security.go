@@ -75,6 +75,15 @@ func (s *Server) guard(next http.Handler) http.Handler {
 				return
 			}
 			r.Body = http.MaxBytesReader(w, r.Body, maxForm)
+			if err := r.ParseForm(); err != nil {
+				// Not a CSRF failure: a reload would not help.
+				status, msg := http.StatusBadRequest, "The form could not be read."
+				if errors.As(err, new(*http.MaxBytesError)) {
+					status, msg = http.StatusRequestEntityTooLarge, fmt.Sprintf("The form is too large (over %d KiB).", maxForm>>10)
+				}
+				s.fail(w, r, status, msg)
+				return
+			}
 			if err := s.csrf.check(r); err != nil {
 				s.log.Info().Err(err).Str("path", r.URL.Path).Str("by", v.Remote).Msg("ui: CSRF check failed")
 				s.forbidden(w, r, "The form was not issued by this dashboard, or is from before a restart: reload the page and try again.")

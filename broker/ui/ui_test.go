@@ -196,6 +196,13 @@ func TestStateChangesNeedCSRFToken(t *testing.T) {
 	otherTok := formToken(t, do(t, other, "GET", ts.URL+"/devices/pi-1/revoke", nil, nil).body)
 	u := ts.URL + "/devices/pi-1/revoke"
 
+	// A form over the size limit is said to be too large, not taken for
+	// a forged one (reloading would not help).
+	big := url.Values{"csrf": {tok}, "confirm": {"yes"}, "labels": {strings.Repeat("x", 70<<10)}}
+	if r := do(t, c, "POST", ts.URL+"/tokens", big, nil); r.status != http.StatusRequestEntityTooLarge || !strings.Contains(r.body, "too large") {
+		t.Errorf("a 70 KiB form: %d, want 413", r.status)
+	}
+
 	for _, tc := range []struct {
 		name   string
 		c      *http.Client
