@@ -426,7 +426,7 @@ func (db *DB) Renew(ctx context.Context, r Renewal) error {
 
 // CreateIdentity stores a service or operator identity and its first
 // certificate (RoleDevice is refused with ErrInvalid: devices enroll), and
-// appends ActServiceIssue.
+// appends ActServiceIssue (ActOperatorIssue for an operator).
 func (db *DB) CreateIdentity(ctx context.Context, d Device, c Cert, remote string, now time.Time) error {
 	id := d.ID
 	switch {
@@ -461,7 +461,11 @@ func (db *DB) CreateIdentity(ctx context.Context, d Device, c Cert, remote strin
 		if err := putCert(tx, id, c, now); err != nil {
 			return err
 		}
-		return db.appendAudit(tx, []AuditEvent{{Time: now, Action: ActServiceIssue, DeviceID: id, Serial: c.Serial, Remote: remote, Detail: string(d.Role)}})
+		act := ActServiceIssue
+		if d.Role == RoleOperator {
+			act = ActOperatorIssue
+		}
+		return db.appendAudit(tx, []AuditEvent{{Time: now, Action: act, DeviceID: id, Serial: c.Serial, Remote: remote, Detail: string(d.Role)}})
 	})
 	if err != nil {
 		return fmt.Errorf("create identity %s: %w", id, err)

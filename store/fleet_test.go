@@ -538,3 +538,30 @@ func TestReprovision(t *testing.T) {
 		t.Fatalf("second use of a one-use re-provisioning token: %v", err)
 	}
 }
+
+// TestIdentityIssueAudit: services and operators are audited each under
+// their own action.
+func TestIdentityIssueAudit(t *testing.T) {
+	ctx := context.Background()
+	db := store.OpenTest(t)
+	cert := func(id, serial string) store.Cert {
+		return store.Cert{Serial: serial, DeviceID: id, NotBefore: t0, NotAfter: t0.Add(time.Hour), DER: []byte(serial)}
+	}
+	if err := db.CreateIdentity(ctx, store.Device{ID: "svc", Role: store.RoleService}, cert("svc", "s1"), "admin", t0); err != nil {
+		t.Fatal(err)
+	}
+	if err := db.CreateIdentity(ctx, store.Device{ID: "ops", Role: store.RoleOperator}, cert("ops", "s2"), "admin", t0); err != nil {
+		t.Fatal(err)
+	}
+	evs, err := db.Audit(ctx, store.AuditFilter{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, ev := range evs {
+		got = append(got, ev.DeviceID+":"+ev.Action)
+	}
+	if want := []string{"svc:service.issue", "ops:operator.issue"}; !slices.Equal(got, want) {
+		t.Fatalf("audit %v, want %v", got, want)
+	}
+}

@@ -136,14 +136,17 @@ const (
 	ActDeviceRevoke = "device.revoke"
 	ActReprovision  = "device.reprovision"
 	ActServiceIssue = "service.issue"
-	ActBackup       = "store.backup"
-	ActCertAdopt    = "cert.adopt"
+	// Before 2026-11-27 operators were issued as service.issue with
+	// detail "operator".
+	ActOperatorIssue = "operator.issue"
+	ActBackup        = "store.backup"
+	ActCertAdopt     = "cert.adopt"
 )
 
 // AuditActions lists every audit action, for filters.
 var AuditActions = []string{
 	ActTokenCreate, ActTokenUse, ActTokenFail, ActTokenRevoke, ActCertIssue, ActCertRenew,
-	ActRenewFail, ActDeviceRevoke, ActReprovision, ActServiceIssue, ActBackup, ActCertAdopt,
+	ActRenewFail, ActDeviceRevoke, ActReprovision, ActServiceIssue, ActOperatorIssue, ActBackup, ActCertAdopt,
 }
 
 // AuditEvent is one append-only audit record.
