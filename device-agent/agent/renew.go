@@ -144,6 +144,10 @@ func requestRenewal(ctx context.Context, cfg Config, serverURL string, cur *iden
 	return acceptCertResponse(key, resp, cur.deviceID)
 }
 
+// errClockAhead is reported when a certificate the server has just issued
+// is already expired by the local clock.
+var errClockAhead = errors.New("system clock is later than the expiry of the certificate the server has just issued; waiting for time sync")
+
 // errClockBehind is returned when the local clock is before the current
 // certificate's NotBefore.
 var errClockBehind = errors.New("system clock is earlier than the certificate's NotBefore; waiting for time sync")

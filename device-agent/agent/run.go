@@ -477,7 +477,7 @@ func (a *runner) checkCertFile(ctx context.Context) {
 // renewLoop renews at the scheduled time, on request, and after expiry;
 // failures back off, revocation and the need for a new token back off long.
 func (a *runner) renewLoop(ctx context.Context) error {
-	attempt, blockedAttempt := 0, 0
+	attempt, blockedAttempt, aheadAttempt := 0, 0, 0
 	var retryAt, lastHint time.Time
 	var hintSessions uint64 // a.sessions when lastHint was acted on
 	for {
@@ -491,6 +491,14 @@ func (a *runner) renewLoop(ctx context.Context) error {
 			}
 			at = now.Add(a.cfg.ClockPollInterval)
 		case modeWait:
+			if aheadAttempt > 0 {
+				// The clock that was ahead agrees with the certificate
+				// again (time sync): the device is fine.
+				aheadAttempt, retryAt = 0, time.Time{}
+				if a.setCondition(ctx, "", nil) {
+					a.log.Info().Msg("system clock agrees with the certificate again")
+				}
+			}
 		default:
 			at = now
 		}
@@ -500,6 +508,12 @@ func (a *runner) renewLoop(ctx context.Context) error {
 		}
 		if retryAt.After(at) {
 			at = retryAt
+		}
+		if aheadAttempt > 0 && at.Sub(now) > a.cfg.ClockPollInterval {
+			// Look at the clock often (cheap), renew seldom (a key and a
+			// signature): planning again clears the condition once the
+			// clock agrees.
+			at = now.Add(a.cfg.ClockPollInterval)
 		}
 		forced := false
 		if d := at.Sub(now); d > 0 {
@@ -549,7 +563,20 @@ func (a *runner) renewLoop(ctx context.Context) error {
 			attempt, blockedAttempt, retryAt = 0, 0, time.Time{}
 			a.setIdentity(newID, st.BrokerURL)
 			a.noteRenewal(now)
-			a.saveState(ctx, func(s *State) { s.Condition = "" })
+			if now.Before(newID.leaf.NotAfter) {
+				aheadAttempt = 0
+				a.saveState(ctx, func(s *State) { s.Condition = "" })
+				continue
+			}
+			// Expired on arrival: the clock is ahead by more than a
+			// lifetime (a garbage RTC). Renewing again would loop, each
+			// time with a new key on the SD card and a signature at the
+			// CA; wait for time sync, checking now and then.
+			retryAt = now.Add(backoff(aheadAttempt, a.cfg.RetryMin, a.cfg.RetryMax, a.cfg.Rand()))
+			aheadAttempt++
+			if a.setCondition(ctx, CondClockWrong, errClockAhead) {
+				a.log.Warn().Time("now", now).Time("not_after", newID.leaf.NotAfter).Msg(errClockAhead.Error())
+			}
 			continue
 		}
 		switch f := classify(err); f {

@@ -518,6 +518,35 @@ func TestRunRefusalAfterSessionIsCheckedAtOnce(t *testing.T) {
 	}
 }
 
+// TestRunClockAheadDoesNotLoop: with the clock ahead by more than the
+// certificate lifetime every certificate the server issues is expired on
+// arrival; the agent renewed again at once, about 130 times a second
+// (found by hand). It now renews once, reports the clock and waits.
+func TestRunClockAheadDoesNotLoop(t *testing.T) {
+	f := newFleet(t, time.Hour)
+	cfg := f.config(t)
+	var offset atomic.Int64
+	offset.Store(int64(2 * time.Hour))
+	cfg.Now = func() time.Time { return time.Now().Add(time.Duration(offset.Load())) }
+	cfg.Grace = 24 * time.Hour
+	cfg.RetryMin, cfg.RetryMax = time.Hour, 2*time.Hour
+	_, _ = startAgent(t, cfg)
+	eventually(t, waitLong, "status shows the clock is wrong", func() bool {
+		s, err := ReadStatus(f.dir)
+		return err == nil && s.Condition == CondClockWrong
+	})
+	if mtls, proof := f.srv.counts(); mtls+proof != 1 {
+		t.Fatalf("%d renewals (mtls %d, proof %d), want 1", mtls+proof, mtls, proof)
+	}
+	// Time sync: the condition clears within a clock poll (not at the
+	// next renewal attempt, an hour away) and the device connects.
+	offset.Store(0)
+	eventually(t, waitLong, "condition cleared and connected", func() bool {
+		s, err := ReadStatus(f.dir)
+		return err == nil && s.Condition == "" && s.Connected
+	})
+}
+
 func TestRunWaitsForClock(t *testing.T) {
 	f := newFleet(t, time.Hour)
 	var offset atomic.Int64
