@@ -645,6 +645,7 @@ var errIdentityChanged = errors.New("certificate changed")
 // connectLoop keeps one MQTT session up, with backoff between attempts.
 func (a *runner) connectLoop(ctx context.Context) error {
 	attempt, refusals := 0, 0
+	var expiredSaid time.Time // NotAfter of the certificate last reported expired
 	for ctx.Err() == nil {
 		id, broker, changed := a.current()
 		now := a.cfg.Now()
@@ -664,8 +665,13 @@ func (a *runner) connectLoop(ctx context.Context) error {
 			continue
 		}
 		if !now.Before(id.leaf.NotAfter) {
-			// renewLoop renews an expired certificate by itself.
-			a.log.Warn().Time("not_after", id.leaf.NotAfter).Msg("certificate expired; waiting for renewal before connecting")
+			// renewLoop renews an expired certificate by itself. Said
+			// once per certificate: an outage of the enrollment server
+			// may last days, and the journal is on the SD card.
+			if !expiredSaid.Equal(id.leaf.NotAfter) {
+				expiredSaid = id.leaf.NotAfter
+				a.log.Warn().Time("not_after", id.leaf.NotAfter).Msg("certificate expired; waiting for renewal before connecting")
+			}
 			if !sleep(ctx, a.cfg.ClockPollInterval, changed) {
 				return nil
 			}
