@@ -123,13 +123,21 @@ func Enroll(ctx context.Context, cfg Config, opts EnrollOptions) (EnrollResult, 
 	}
 	now := cfg.Now()
 	ss := &stateStore{dir: dir}
-	err = ss.replace(ctx, State{
+	st := State{
 		DeviceID:   id.deviceID,
 		ServerURL:  base.String(),
 		BrokerURL:  brokerURL,
 		EnrolledAt: now,
 		NotAfter:   id.leaf.NotAfter,
-	})
+	}
+	if cur != nil && cur.deviceID == id.deviceID {
+		// The queue is kept: so are its counters, until the agent counts
+		// again (status showed 0 pending with 28 still queued).
+		if old, err := readState(dir); err == nil {
+			st.QueuePending, st.QueueDropped, st.QueueCounted = old.QueuePending, old.QueueDropped, old.QueueCounted
+		}
+	}
+	err = ss.replace(ctx, st)
 	if err != nil {
 		return EnrollResult{}, err
 	}

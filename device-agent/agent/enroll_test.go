@@ -76,13 +76,21 @@ func TestEnroll(t *testing.T) {
 		t.Errorf("second enroll: %+v, key changed %v", res2, !bytes.Equal(keyBefore, keyAfter))
 	}
 
-	// --force enrolls again, with a new key.
+	// --force enrolls again, with a new key; the queue of the same device
+	// is kept, and so are its counters.
+	ss := &stateStore{dir: dir}
+	if err := ss.update(context.Background(), func(s *State) { s.QueuePending, s.QueueDropped = 28, 3 }); err != nil {
+		t.Fatal(err)
+	}
 	res3, err := Enroll(context.Background(), testConfig(t, dir), EnrollOptions{ServerURL: f.srv.URL, Token: f.goodToken(), DeviceID: "pi-1", Force: true})
 	if err != nil || res3.AlreadyEnrolled {
 		t.Fatalf("forced enroll: %+v, %v", res3, err)
 	}
 	if keyForced, _ := os.ReadFile(filepath.Join(dir, keyFile)); bytes.Equal(keyForced, keyAfter) {
 		t.Error("--force kept the old key")
+	}
+	if st, err := readState(dir); err != nil || st.QueuePending != 28 || st.QueueDropped != 3 {
+		t.Errorf("queue counters after --force: %+v %v, want 28 pending, 3 dropped", st, err)
 	}
 }
 
