@@ -475,7 +475,7 @@ func TestDashboardTokenFormChecked(t *testing.T) {
 		"uses=2000000":       "uses must be between",
 		"ttl=1000d":          "ttl must be",
 		"count=5&device=foo": "exclude device_id",
-		"device=BAD+ID":      "id",
+		"device=BAD+ID":      "id must be lower case",
 		"reprovision=yes":    "reprovision needs",
 		"labels=a%3D1,a%3D2": "label a is given twice",
 	} {
