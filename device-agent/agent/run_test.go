@@ -1,12 +1,14 @@
 package agent
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"path/filepath"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -545,6 +547,46 @@ func TestRunClockAheadDoesNotLoop(t *testing.T) {
 		s, err := ReadStatus(f.dir)
 		return err == nil && s.Condition == "" && s.Connected
 	})
+}
+
+// lockedBuffer is a log sink safe for the agent's goroutines.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+// TestRunExpiredSaidOnce: while the certificate is expired and cannot be
+// renewed (the enrollment server is down), the agent says so once, not at
+// every connection check (every 30 s for up to the 7-day grace, on an SD
+// card's journal).
+func TestRunExpiredSaidOnce(t *testing.T) {
+	f := newFleet(t, time.Hour)
+	f.srv.srv.Close() // renewals fail
+	cfg := f.config(t)
+	cfg.Now = func() time.Time { return time.Now().Add(2 * time.Hour) } // expired, within the grace
+	var logs lockedBuffer
+	cfg.Logger = zerolog.New(&logs)
+	_, _ = startAgent(t, cfg)
+	// Several renewal attempts back off 20–200 ms; connection checks run
+	// every 50 ms meanwhile.
+	eventually(t, waitLong, "several failed renewals", func() bool {
+		return strings.Count(logs.String(), "renewal failed") >= 4
+	})
+	if n := strings.Count(logs.String(), "certificate expired; waiting for renewal"); n != 1 {
+		t.Errorf("said %d times that the certificate expired, want once", n)
+	}
 }
 
 func TestRunWaitsForClock(t *testing.T) {
