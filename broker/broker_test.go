@@ -1081,6 +1081,7 @@ func TestConfigValidation(t *testing.T) {
 		"keepalive too long":  func(c *Config) { c.MaxKeepalive = 70000 * time.Second },
 		"negative timeout":    func(c *Config) { c.HandshakeTimeout = -time.Second },
 		"negative connection": func(c *Config) { c.MaxConnections = -1 },
+		"write timeout 10ms":  func(c *Config) { c.WriteTimeout = 10 * time.Millisecond },
 	} {
 		cfg := ok
 		mutate(&cfg)
@@ -1096,7 +1097,8 @@ func TestConfigValidation(t *testing.T) {
 		t.Fatal(err)
 	}
 	if b.cfg.Addr != ":8883" || b.cfg.HandshakeTimeout != 10*time.Second || b.cfg.MaxConnections != 10000 ||
-		b.cfg.MaxPacketSize != 256<<10 || b.cfg.WriteQueue != 128 || b.cfg.PublishRate != 100 || b.cfg.PublishBurst != 200 {
+		b.cfg.MaxPacketSize != 256<<10 || b.cfg.WriteQueue != 128 || b.cfg.PublishRate != 100 || b.cfg.PublishBurst != 200 ||
+		b.cfg.WriteTimeout != 10*time.Second {
 		t.Fatalf("defaults not applied: %+v", b.cfg)
 	}
 	if err := b.Close(); err != nil {
