@@ -107,6 +107,7 @@ func Enroll(ctx context.Context, cfg Config, opts EnrollOptions) (EnrollResult, 
 	if _, err := c.do(ctx, http.MethodPost, "/v1/enroll", "application/pkcs10", hdr, csrPEM, &resp); err != nil {
 		return EnrollResult{}, fmt.Errorf("enroll: %w", enrollAdvice(err, opts.DeviceID))
 	}
+	c.warnSkew()
 	id, brokerURL, err := acceptCertResponse(key, resp, opts.DeviceID)
 	if err != nil {
 		return EnrollResult{}, fmt.Errorf("enroll: %w", err)

@@ -205,6 +205,40 @@ func TestEnrollClockSkew(t *testing.T) {
 	}
 }
 
+// A clock off by less than the certificates allow still enrolls, but the
+// operator is told: every reading would carry the wrong time.
+func TestEnrollWarnsOfClockSkew(t *testing.T) {
+	f := newFakeServer(t, newTestCA(t))
+	for _, tc := range []struct {
+		offset time.Duration
+		warn   string
+	}{
+		{time.Hour, `"skew":"-1h0m0s"`},
+		{time.Minute, ""},
+	} {
+		f.set(func(f *fakeServer) { f.dateOffset = tc.offset })
+		var logs bytes.Buffer
+		cfg := testConfig(t, t.TempDir())
+		cfg.Logger = zerolog.New(&logs)
+		check := func(op string) {
+			t.Helper()
+			got := strings.Count(logs.String(), "the local clock differs from the server's")
+			if want := map[bool]int{true: 1}[tc.warn != ""]; got != want || !strings.Contains(logs.String(), tc.warn) {
+				t.Errorf("server %v ahead: %s logs %q, want %d warning (%s)", tc.offset, op, logs.String(), want, tc.warn)
+			}
+			logs.Reset()
+		}
+		if _, err := Enroll(context.Background(), cfg, EnrollOptions{ServerURL: f.srv.URL, Token: f.goodToken(), DeviceID: "pi-1"}); err != nil {
+			t.Fatalf("server %v ahead: Enroll: %v", tc.offset, err)
+		}
+		check("Enroll")
+		if _, err := Renew(context.Background(), cfg); err != nil {
+			t.Fatalf("server %v ahead: Renew: %v", tc.offset, err)
+		}
+		check("Renew")
+	}
+}
+
 func TestEnrollRefusedWhileRunningWithForce(t *testing.T) {
 	f := newFakeServer(t, newTestCA(t))
 	dir := t.TempDir()

@@ -118,6 +118,7 @@ func requestRenewal(ctx context.Context, cfg Config, serverURL string, cur *iden
 		c := newServerClient(base, trustedTLS(cur.roots, base.Hostname(), &cur.cert, cfg.Now), cfg)
 		_, err = c.do(ctx, http.MethodPost, "/v1/renew", "application/pkcs10", nil, csrPEM, &resp)
 		if err == nil {
+			c.warnSkew()
 			return acceptCertResponse(key, resp, cur.deviceID)
 		}
 		if !authRejected(err) {
@@ -141,6 +142,7 @@ func requestRenewal(ctx context.Context, cfg Config, serverURL string, cur *iden
 	if _, err := c.do(ctx, http.MethodPost, "/v1/renew", "application/json", nil, body, &resp); err != nil {
 		return nil, "", fmt.Errorf("renew after expiry: %w", err)
 	}
+	c.warnSkew()
 	return acceptCertResponse(key, resp, cur.deviceID)
 }
 

@@ -17,6 +17,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/rs/zerolog"
 )
 
 // Public error codes of the enrollment server that the agent branches on.
@@ -96,6 +98,9 @@ type serverClient struct {
 	timeout time.Duration
 	now     func() time.Time
 	maxSkew time.Duration
+	log     zerolog.Logger
+	// lastSkew is local minus server time at the last 2xx answer.
+	lastSkew time.Duration
 }
 
 // parseServerURL accepts only https URLs; anything after the host is kept as
@@ -114,7 +119,7 @@ func parseServerURL(s string) (*url.URL, error) {
 }
 
 func newServerClient(base *url.URL, tlsConf *tls.Config, cfg Config) *serverClient {
-	return &serverClient{base: base, tls: tlsConf, timeout: cfg.HTTPTimeout, now: cfg.Now, maxSkew: cfg.MaxClockSkew}
+	return &serverClient{base: base, tls: tlsConf, timeout: cfg.HTTPTimeout, now: cfg.Now, maxSkew: cfg.MaxClockSkew, log: cfg.Logger}
 }
 
 // roundTrip sends req on a new TLS connection and returns the answer with
@@ -261,12 +266,25 @@ func (c *serverClient) do(ctx context.Context, method, path, contentType string,
 		}
 		return nil, se
 	}
+	c.lastSkew = skew
 	if out != nil {
 		if err := json.Unmarshal(b, out); err != nil {
 			return nil, fmt.Errorf("%s %s: decode answer: %w", method, path, err)
 		}
 	}
 	return b, nil
+}
+
+// warnSkew logs the clock skew seen on the last success if it is beyond
+// MaxClockSkew. The request went through (the certificates' dates allowed
+// it), but a clock this far off stamps every reading wrong and moves the
+// renewal: a Pi without a real-time clock keeps the time it had at
+// shutdown until NTP answers.
+func (c *serverClient) warnSkew() {
+	if abs(c.lastSkew) > c.maxSkew {
+		c.log.Warn().Str("skew", c.lastSkew.Round(time.Minute).String()).
+			Msg("the local clock differs from the server's (local minus server); telemetry times are off and renewals mistimed until it is fixed: enable time sync (timedatectl set-ntp true)")
+	}
 }
 
 // skew is local minus server time, or 0 without a usable Date header.
