@@ -235,6 +235,34 @@ func TestInstallScriptRefusals(t *testing.T) {
 	}
 }
 
+// On a system without systemd the script refuses before it installs
+// anything: a binary and unit nobody can start are half an install.
+func TestInstallScriptNeedsSystemd(t *testing.T) {
+	// PATH holds every command this machine has except systemctl.
+	bin := t.TempDir()
+	for _, dir := range filepath.SplitList(os.Getenv("PATH")) {
+		entries, _ := os.ReadDir(dir)
+		for _, e := range entries {
+			if e.Name() == "systemctl" {
+				continue
+			}
+			_ = os.Symlink(filepath.Join(dir, e.Name()), filepath.Join(bin, e.Name())) // first one on PATH wins
+		}
+	}
+	root := t.TempDir()
+	cmd := exec.Command(shell(t), "../scripts/install-agent.sh", "--root", root, "--dist", fakeDist(t),
+		"--server", "https://s:8443", "--token", testToken)
+	cmd.Env = append(os.Environ(), "UNAME_M=x86_64", "RUN_SYSTEM_COMMANDS=1", "PATH="+bin)
+	out, err := cmd.CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "systemd is needed (systemctl not found); nothing done") {
+		t.Fatalf("install without systemctl: %v\n%s", err, out)
+	}
+	entries, _ := os.ReadDir(root)
+	if len(entries) != 0 {
+		t.Errorf("%d entries installed under the root, want none", len(entries))
+	}
+}
+
 // unitDirectives parses a unit file into section.Key → values.
 func unitDirectives(tb testing.TB, path string) map[string][]string {
 	tb.Helper()
