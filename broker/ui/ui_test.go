@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -399,6 +400,43 @@ func TestOperatorCertificateRequired(t *testing.T) {
 		if ck := rec.Header().Get("Set-Cookie"); tc.status == 200 && !strings.HasPrefix(ck, "__Host-") {
 			t.Errorf("%s: session cookie %q lacks the __Host- prefix", tc.name, ck)
 		}
+	}
+}
+
+// An operator's live stream ends when the certificate it was opened with
+// expires: the dashboard checks certificates per request, and a stream is
+// one request that lasts.
+func TestOperatorStreamEndsAtCertificateExpiry(t *testing.T) {
+	f := newFleet()
+	f.addDevice(store.Device{ID: "pi-1", Role: store.RoleDevice})
+	op := newPKI(t).issue(t, f, "ops", store.RoleOperator)
+	s, err := ui.New(ui.Config{Store: f, Admin: f, Online: f.Online, Follow: f.Follow,
+		Now: func() time.Time { return op.NotAfter.Add(-300 * time.Millisecond) }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	// TLS itself is the server package's (TestDashboardOnNetworkNeedsOperator); here
+	// the handler sees the state a verified handshake leaves.
+	ts := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		r.TLS = &tls.ConnectionState{PeerCertificates: []*x509.Certificate{op}, VerifiedChains: [][]*x509.Certificate{{op}}}
+		s.Handler().ServeHTTP(w, r)
+	}))
+	t.Cleanup(ts.Close)
+	resp, err := http.Get(ts.URL + "/events?device=pi-1")
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("event stream: %v %v", resp, err)
+	}
+	defer resp.Body.Close()
+	ended := make(chan error, 1)
+	go func() {
+		_, err := io.Copy(io.Discard, resp.Body)
+		ended <- err
+	}()
+	select {
+	case <-ended:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the stream is still open 10 s after the operator's certificate expired")
 	}
 }
 
