@@ -68,8 +68,9 @@ Usage:
   fleetmq token create [flags]         mint bootstrap tokens
   fleetmq token list | revoke ID
   fleetmq device list [--online] [--expiring 7d] [--revoked] | show ID | revoke ID
-  fleetmq service issue NAME           certificate for a backend that reads telemetry
-  fleetmq operator issue NAME          certificate for the dashboard
+  fleetmq service issue NAME [--renew] certificate for a backend that reads telemetry
+  fleetmq operator issue NAME [--renew]
+                                       certificate for the dashboard
   fleetmq telemetry ID [--since 1h] [--limit N] [--follow]
   fleetmq audit [--device ID] [--since 24h] [--limit N]
   fleetmq ca show
@@ -212,7 +213,7 @@ func (f flagSet) given(name string) bool {
 
 // parse parses args and checks the number of positional arguments.
 func (f flagSet) parse(args []string, positional int) error {
-	if err := f.Parse(interleave(args)); err != nil {
+	if err := f.Parse(f.interleave(args)); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return err
 		}
@@ -228,8 +229,9 @@ func (f flagSet) parse(args []string, positional int) error {
 }
 
 // interleave moves positional arguments after flags so that
-// `fleetmq device show pi-1 --json` works as people type it.
-func interleave(args []string) []string {
+// `fleetmq device show pi-1 --json` works as people type it. Whether a
+// flag takes the next argument is the flag set's own answer.
+func (f flagSet) interleave(args []string) []string {
 	var flags, pos []string
 	for i := 0; i < len(args); i++ {
 		a := args[i]
@@ -239,7 +241,7 @@ func interleave(args []string) []string {
 			i = len(args)
 		case strings.HasPrefix(a, "-"):
 			flags = append(flags, a)
-			if !strings.Contains(a, "=") && i+1 < len(args) && !isBoolFlag(a) {
+			if !strings.Contains(a, "=") && i+1 < len(args) && !f.isBool(a) {
 				flags = append(flags, args[i+1])
 				i++
 			}
@@ -250,9 +252,16 @@ func interleave(args []string) []string {
 	return append(flags, pos...)
 }
 
-var boolFlags = map[string]bool{"json": true, "follow": true, "online": true, "revoked": true, "force": true, "progress": true}
-
-func isBoolFlag(a string) bool { return boolFlags[strings.TrimLeft(a, "-")] }
+// isBool reports whether the flag a (-name or --name) is a boolean one,
+// which takes no separate value.
+func (f flagSet) isBool(a string) bool {
+	fl := f.Lookup(strings.TrimLeft(a, "-"))
+	if fl == nil {
+		return false
+	}
+	b, ok := fl.Value.(interface{ IsBoolFlag() bool })
+	return ok && b.IsBoolFlag()
+}
 
 func (f flagSet) client() *admin.Client {
 	return admin.NewClient(filepath.Join(*f.data, admin.SocketName))
