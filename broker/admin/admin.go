@@ -36,6 +36,7 @@ type Store interface {
 	Devices(ctx context.Context) ([]store.Device, error)
 	RevokeDevice(ctx context.Context, id, remote string, now time.Time) ([]store.Cert, error)
 	CreateIdentity(ctx context.Context, d store.Device, c store.Cert, remote string, now time.Time) error
+	Renew(ctx context.Context, r store.Renewal) error
 	Audit(ctx context.Context, f store.AuditFilter) ([]store.AuditEvent, error)
 	Telemetry(ctx context.Context, deviceID string, since time.Time, limit int) ([]store.Message, error)
 	Presences(ctx context.Context) (map[string]store.Presence, error)
@@ -618,6 +619,12 @@ type IdentityRequest struct {
 	Name string     `json:"name"`
 	Role store.Role `json:"role"` // service or operator
 	CSR  string     `json:"csr"`  // PEM
+	// Renew issues a new certificate to the existing, not revoked
+	// identity Name of this role, instead of creating it: names are for
+	// life, and a backend or an operator outlives a certificate. Earlier
+	// certificates stay valid until they expire (or the identity is
+	// revoked), so the new one can be deployed before the old one ends.
+	Renew bool `json:"renew,omitempty"`
 }
 
 // IdentityResponse carries the issued certificate.
@@ -657,11 +664,13 @@ func (h *Handler) issueIdentity(w http.ResponseWriter, r *http.Request) {
 	d := store.Device{ID: req.Name, Role: req.Role}
 	rec := store.Cert{Serial: enroll.SerialHex(cert.SerialNumber), DeviceID: req.Name,
 		NotBefore: cert.NotBefore, NotAfter: cert.NotAfter, IssuedAt: now, DER: cert.Raw}
-	if err := h.st.CreateIdentity(r.Context(), d, rec, remote, now); err != nil {
-		if errors.Is(err, store.ErrDeviceExists) {
-			err = &enroll.Error{Code: enroll.CodeIDTaken, Err: err,
-				Message: fmt.Sprintf("the name %s is taken (by a device, service or operator, revoked ones included): names are for life; choose another", req.Name)}
-		}
+	if req.Renew {
+		err = h.renewIdentity(r.Context(), req, rec, now)
+	} else if err = h.st.CreateIdentity(r.Context(), d, rec, remote, now); errors.Is(err, store.ErrDeviceExists) {
+		err = &enroll.Error{Code: enroll.CodeIDTaken, Err: err,
+			Message: fmt.Sprintf("the name %s is taken (by a device, service or operator, revoked ones included): names are for life; choose another, or renew its certificate (%s issue %s --renew)", req.Name, req.Role, req.Name)}
+	}
+	if err != nil {
 		writeErr(w, h.cfg.Logger, err)
 		return
 	}
@@ -669,6 +678,35 @@ func (h *Handler) issueIdentity(w http.ResponseWriter, r *http.Request) {
 		Name: req.Name, Role: string(req.Role), Certificate: pemCert(cert),
 		CA: string(h.cfg.CA.ChainPEM()), NotAfter: cert.NotAfter.UTC(),
 	})
+}
+
+// renewIdentity records rec as the new certificate of the existing
+// identity req.Name, which must have req.Role: a device renews itself, with
+// its own key, through the enrollment endpoint.
+func (h *Handler) renewIdentity(ctx context.Context, req IdentityRequest, rec store.Cert, now time.Time) error {
+	d, err := h.st.Device(ctx, req.Name)
+	switch {
+	case errors.Is(err, store.ErrNotFound):
+		return &enroll.Error{Code: enroll.CodeNotFound, Err: err,
+			Message: fmt.Sprintf("no %s %q to renew; without --renew the name is issued anew", req.Role, req.Name)}
+	case err != nil:
+		return err
+	case d.Role == store.RoleDevice:
+		return &enroll.Error{Code: enroll.CodeIDMismatch,
+			Message: fmt.Sprintf("%s is a device: devices renew their own certificates (device-agent, or POST /v1/renew)", req.Name)}
+	case d.Role != req.Role:
+		return &enroll.Error{Code: enroll.CodeIDMismatch,
+			Message: fmt.Sprintf("%s has the role %s, not %s", req.Name, d.Role, req.Role)}
+	case d.Revoked():
+		return &enroll.Error{Code: enroll.CodeDeviceRevoked, Err: store.ErrDeviceRevoked,
+			Message: fmt.Sprintf("%s %s is revoked; revoked names are never used again: issue another name", req.Role, req.Name)}
+	}
+	err = h.st.Renew(ctx, store.Renewal{DeviceID: req.Name, OldSerial: d.Serial, Cert: rec, Remote: remote, Now: now})
+	if errors.Is(err, store.ErrDeviceRevoked) || errors.Is(err, store.ErrCertRevoked) {
+		// Revoked between the read and the commit.
+		return &enroll.Error{Code: enroll.CodeDeviceRevoked, Err: err, Message: fmt.Sprintf("%s %s is revoked", req.Role, req.Name)}
+	}
+	return err
 }
 
 func (h *Handler) audit(w http.ResponseWriter, r *http.Request) {

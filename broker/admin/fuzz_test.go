@@ -47,6 +47,13 @@ func (s *recordingStore) CreateIdentity(_ context.Context, d store.Device, c sto
 	return nil
 }
 
+func (s *recordingStore) Renew(_ context.Context, r store.Renewal) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.certs = append(s.certs, r.Cert)
+	return nil
+}
+
 func (s *recordingStore) Tokens(context.Context) ([]store.Token, error) { return nil, nil }
 func (s *recordingStore) RevokeToken(context.Context, string, string, time.Time) (store.Token, error) {
 	return store.Token{}, store.ErrNotFound

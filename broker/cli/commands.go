@@ -414,6 +414,7 @@ func identityIssue(role string) func(context.Context, []string, Env) error {
 	return func(ctx context.Context, args []string, env Env) error {
 		fs := newFlags(role+" issue", env)
 		out := fs.String("out", ".", "folder to write NAME.key, NAME.pem and ca.pem into")
+		renew := fs.Bool("renew", false, "a new key and certificate for the existing "+role+" NAME; its earlier certificates stay valid until they expire")
 		if err := fs.parse(args, 1); err != nil {
 			return err
 		}
@@ -433,6 +434,11 @@ func identityIssue(role string) func(context.Context, []string, Env) error {
 		caPath := filepath.Join(*out, "ca.pem")
 		for _, p := range []string{keyPath, certPath} {
 			if _, err := os.Lstat(p); err == nil {
+				if *renew {
+					// The files in use stay as they are until the new
+					// pair is deployed.
+					return fmt.Errorf("%s exists; refusing to overwrite it: write the renewed pair elsewhere with --out DIR, deploy it, then remove the old files", p)
+				}
 				return fmt.Errorf("%s exists; refusing to overwrite it", p)
 			}
 		}
@@ -453,7 +459,7 @@ func identityIssue(role string) func(context.Context, []string, Env) error {
 			return err
 		}
 		res, err := fs.client().IssueIdentity(ctx, admin.IdentityRequest{
-			Name: name, Role: store.Role(role),
+			Name: name, Role: store.Role(role), Renew: *renew,
 			CSR: string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: csrDER})),
 		})
 		if err != nil {
@@ -474,7 +480,11 @@ func identityIssue(role string) func(context.Context, []string, Env) error {
 		if *fs.json {
 			return printJSON(env.Stdout, res)
 		}
-		fmt.Fprintf(env.Stdout, "%s %s issued until %s: %s, %s, %s\n", role, name, fmtTime(res.NotAfter), keyPath, certPath, caPath)
+		done := "issued"
+		if *renew {
+			done = "renewed"
+		}
+		fmt.Fprintf(env.Stdout, "%s %s %s until %s: %s, %s, %s\n", role, name, done, fmtTime(res.NotAfter), keyPath, certPath, caPath)
 		if role == string(store.RoleOperator) {
 			// Browsers import a PKCS #12 bundle; openssl makes one
 			// without another dependency here.
