@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"bytes"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -12,7 +13,10 @@ import (
 	"math/big"
 	"net"
 	"path/filepath"
+	"strings"
 	"sync"
+	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -276,6 +280,68 @@ func TestQoS0BackpressureInsteadOfLoss(t *testing.T) {
 	close(w.done) // the writer has ended
 	if receive(t, done, "the waiting publisher") {
 		t.Fatal("queued after the writer ended")
+	}
+}
+
+// presenceFailing fails its first fails SetPresence calls, as a full
+// disk does.
+type presenceFailing struct {
+	*store.DB
+	fails atomic.Int32
+}
+
+func (p *presenceFailing) SetPresence(ctx context.Context, ps ...store.Presence) error {
+	if p.fails.Add(-1) >= 0 {
+		return fmt.Errorf("set presence: %w", syscall.ENOSPC)
+	}
+	return p.DB.SetPresence(ctx, ps...)
+}
+
+// A presence change that could not be written stays pending, is shown,
+// and is written once the store takes writes again.
+func TestPresenceKeptWhenWriteFails(t *testing.T) {
+	db := openStore(t, filepath.Join(t.TempDir(), "fleet.db"))
+	st := &presenceFailing{DB: db}
+	st.fails.Store(2)
+	stats := newCounters()
+	var logs bytes.Buffer
+	w := newTelemetryWriter(st, zerolog.New(&logs), stats, func([]store.Message) {})
+	w.presenceRetry = 10 * time.Millisecond
+	go w.run()
+	seen := store.Presence{DeviceID: "dev-1", LastSeen: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)}
+	w.setPresence(seen)
+	tick := time.NewTicker(5 * time.Millisecond)
+	defer tick.Stop()
+	deadline := time.After(10 * time.Second)
+	for {
+		ps, err := db.Presences(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got, ok := ps["dev-1"]; ok {
+			if !got.LastSeen.Equal(seen.LastSeen) {
+				t.Fatalf("stored %+v, want %+v", got, seen)
+			}
+			break
+		}
+		if p, ok := w.unwrittenPresence()["dev-1"]; !ok || p != seen {
+			t.Fatalf("the change is neither stored nor pending (unwritten: %+v)", w.unwrittenPresence())
+		}
+		select {
+		case <-tick.C:
+		case <-deadline:
+			t.Fatal("presence never stored after the store took writes again")
+		}
+	}
+	w.close() // the writer's logs are complete
+	if n := stats.presenceFailed.Load(); n != 2 {
+		t.Errorf("%d failed presence writes counted, want 2", n)
+	}
+	if n := strings.Count(logs.String(), "storing presence failed"); n != 1 {
+		t.Errorf("failure logged %d times, want once:\n%s", n, logs.String())
+	}
+	if !strings.Contains(logs.String(), "presence stored again") {
+		t.Errorf("recovery not logged:\n%s", logs.String())
 	}
 }
 

@@ -36,6 +36,9 @@ const (
 	// timestamps are taken when the change happens, so only its
 	// visibility in the store is delayed.
 	presenceDelay = 250 * time.Millisecond
+	// presenceRetry is how long pending presence waits after a failed
+	// write (a full disk) before the next try.
+	presenceRetry = 5 * time.Second
 )
 
 var errWriterClosed = errors.New("telemetry writer closed")
@@ -56,6 +59,10 @@ type telemetryWriter struct {
 
 	presMu sync.Mutex
 	pres   map[string]store.Presence // latest state per identity, not yet written
+	// presenceFailing is set while presence writes fail, so that a full
+	// disk logs once, not at every retry. Writer goroutine only.
+	presenceFailing bool
+	presenceRetry   time.Duration // default presenceRetry
 
 	stop chan struct{}
 	done chan struct{}
@@ -75,16 +82,17 @@ var syncReqPool = sync.Pool{New: func() any { return &syncReq{done: make(chan er
 
 func newTelemetryWriter(st Store, log zerolog.Logger, stats *counters, notify func([]store.Message)) *telemetryWriter {
 	return &telemetryWriter{
-		st:     st,
-		log:    log,
-		stats:  stats,
-		notify: notify,
-		sync:   make(chan *syncReq, syncQueue),
-		async:  make(chan store.Message, asyncQueue),
-		kick:   make(chan struct{}, 1),
-		pres:   make(map[string]store.Presence),
-		stop:   make(chan struct{}),
-		done:   make(chan struct{}),
+		st:            st,
+		log:           log,
+		stats:         stats,
+		notify:        notify,
+		sync:          make(chan *syncReq, syncQueue),
+		async:         make(chan store.Message, asyncQueue),
+		kick:          make(chan struct{}, 1),
+		pres:          make(map[string]store.Presence),
+		presenceRetry: presenceRetry,
+		stop:          make(chan struct{}),
+		done:          make(chan struct{}),
 	}
 }
 
@@ -196,14 +204,18 @@ func (w *telemetryWriter) run() {
 			continue
 		case <-presence:
 			presence = nil
-			w.flushPresence()
+			if !w.flushPresence() {
+				presence = time.After(w.presenceRetry)
+			}
 			continue
 		case <-w.stop:
 			// Hooks have stopped: write what is left, then end.
 			for w.gather(b) {
 				w.write(b)
 			}
-			w.flushPresence()
+			if !w.flushPresence() {
+				w.log.Error().Int("identities", len(w.unwrittenPresence())).Msg("broker: presence changes not stored at shutdown")
+			}
 			return
 		}
 		w.gather(b)
@@ -266,10 +278,11 @@ func (w *telemetryWriter) write(b *batch) {
 	b.msgs, b.reqs, b.bytes = b.msgs[:0], b.reqs[:0], 0
 }
 
-// flushPresence stores the pending presence changes. They stay pending
-// until committed, so unwrittenPresence never misses one; a change made
-// meanwhile replaces its entry and is written by the next flush.
-func (w *telemetryWriter) flushPresence() {
+// flushPresence stores the pending presence changes and reports whether
+// it could. They stay pending until committed, so unwrittenPresence never
+// misses one and a failed flush (a full disk) is tried again; a change
+// made meanwhile replaces its entry and is written by the next flush.
+func (w *telemetryWriter) flushPresence() bool {
 	w.presMu.Lock()
 	ps := make([]store.Presence, 0, len(w.pres))
 	for _, p := range w.pres {
@@ -277,11 +290,19 @@ func (w *telemetryWriter) flushPresence() {
 	}
 	w.presMu.Unlock()
 	if len(ps) == 0 {
-		return
+		return true
 	}
 	if err := w.st.SetPresence(context.Background(), ps...); err != nil {
 		w.stats.presenceFailed.Add(uint64(len(ps)))
-		w.log.Error().Err(err).Int("identities", len(ps)).Msg("broker: storing presence failed")
+		if !w.presenceFailing {
+			w.log.Error().Err(err).Int("identities", len(ps)).Msg("broker: storing presence failed; retrying")
+		}
+		w.presenceFailing = true
+		return false
+	}
+	if w.presenceFailing {
+		w.log.Info().Int("identities", len(ps)).Msg("broker: presence stored again")
+		w.presenceFailing = false
 	}
 	w.presMu.Lock()
 	for _, p := range ps {
@@ -290,6 +311,7 @@ func (w *telemetryWriter) flushPresence() {
 		}
 	}
 	w.presMu.Unlock()
+	return true
 }
 
 // unwrittenPresence copies the presence changes not yet committed.
