@@ -109,6 +109,11 @@ type DB struct {
 	writerDone chan struct{}
 	onCommit   func(time.Duration, int, error)
 
+	// counts is the telemetry message count of each device, as
+	// PruneTelemetry keeps it; countsMu serializes PruneTelemetry.
+	countsMu sync.Mutex
+	counts   map[string]countMark
+
 	// groupHook, when set (tests only), is called by the writer with the
 	// number of requests in each group it commits.
 	groupHook func(n int)
@@ -141,6 +146,7 @@ func Open(path string, opts Options) (*DB, error) {
 		maxBatch:   opts.MaxBatch,
 		reqs:       make(chan *request, opts.MaxBatch),
 		writerDone: make(chan struct{}),
+		counts:     make(map[string]countMark),
 		onCommit:   opts.OnCommit,
 	}
 	go db.writeLoop()

@@ -204,40 +204,101 @@ func (db *DB) TelemetryAfter(ctx context.Context, deviceID string, after time.Ti
 // works in transactions of at most pruneChunk deletes so that writers are
 // never stalled for long, and returns how many messages it deleted. A device
 // left without messages loses its bucket.
+//
+// The work in the write transactions is one step per device plus one per
+// delete, not one per stored message: each device's message count is
+// known from a count taken once per process in read transactions (which
+// do not hold up the writer) and the bucket's sequence since, as every
+// message appended takes one sequence number and only this deletes.
 func (db *DB) PruneTelemetry(ctx context.Context, before time.Time, maxPerDevice int) (int, error) {
 	cut := nanoKey(before)
 	if maxPerDevice < 0 {
 		maxPerDevice = 0
 	}
+	if maxPerDevice > 0 {
+		if err := db.countTelemetry(ctx); err != nil {
+			return 0, fmt.Errorf("prune telemetry: %w", err)
+		}
+	}
+	db.countsMu.Lock()
+	defer db.countsMu.Unlock()
 	total := 0
 	var resume []byte // device to continue with; nil: from the first
 	for {
-		var deleted int
-		var next []byte
-		var done bool
+		var res pruneResult
 		err := db.update(ctx, func(tx *bbolt.Tx) error {
 			// Outputs are assigned at the end of each run: this may run twice.
-			d, n, fin, err := pruneChunkTx(tx, resume, cut, maxPerDevice)
-			deleted, next, done = d, n, fin
+			r, err := pruneChunkTx(tx, resume, cut, maxPerDevice, db.counts)
+			res = r
 			return err
 		})
 		if err != nil {
 			return total, fmt.Errorf("prune telemetry: %w", err)
 		}
-		total += deleted
-		if done {
+		for name, m := range res.counts {
+			db.counts[name] = m
+		}
+		for _, name := range res.gone {
+			delete(db.counts, name)
+		}
+		total += res.deleted
+		if res.done {
 			return total, nil
 		}
-		resume = next
+		resume = res.next
 	}
 }
 
+// countMark is a device's number of stored messages when its bucket's
+// sequence was seq: it holds n + (Sequence() - seq) messages now.
+type countMark struct{ seq, n uint64 }
+
+// countTelemetry counts the messages of each device not yet counted by
+// this process, one read transaction per device.
+func (db *DB) countTelemetry(ctx context.Context) error {
+	db.countsMu.Lock()
+	defer db.countsMu.Unlock()
+	var todo [][]byte
+	err := db.view(ctx, func(tx *bbolt.Tx) error {
+		return tx.Bucket(bucketTelemetry).ForEachBucket(func(name []byte) error {
+			if _, ok := db.counts[string(name)]; !ok {
+				todo = append(todo, bytes.Clone(name))
+			}
+			return nil
+		})
+	})
+	if err != nil {
+		return fmt.Errorf("list telemetry buckets: %w", err)
+	}
+	for _, name := range todo {
+		err := db.view(ctx, func(tx *bbolt.Tx) error {
+			if b := tx.Bucket(bucketTelemetry).Bucket(name); b != nil {
+				// Stats counts a page at a time, not a key at a time.
+				db.counts[string(name)] = countMark{seq: b.Sequence(), n: uint64(b.Stats().KeyN)}
+			}
+			return nil
+		})
+		if err != nil {
+			return fmt.Errorf("count telemetry of %s: %w", name, err)
+		}
+	}
+	return nil
+}
+
+type pruneResult struct {
+	deleted int
+	next    []byte // device to resume with
+	done    bool   // every device has been pruned
+	counts  map[string]countMark
+	gone    []string // devices whose bucket was deleted
+}
+
 // pruneChunkTx deletes up to pruneChunk messages, device by device from
-// resume. It returns the number deleted, the device to resume with and
-// whether every device has been pruned.
-func pruneChunkTx(tx *bbolt.Tx, resume, cut []byte, maxPerDevice int) (int, []byte, bool, error) {
+// resume. counts is read, never written: the caller applies the result's
+// counts once the transaction has committed.
+func pruneChunkTx(tx *bbolt.Tx, resume, cut []byte, maxPerDevice int, counts map[string]countMark) (pruneResult, error) {
 	tb := tx.Bucket(bucketTelemetry)
-	deleted := 0
+	res := pruneResult{counts: make(map[string]countMark)}
 	var empty [][]byte
 	dc := tb.Cursor()
 	name, v := dc.First()
@@ -249,44 +310,50 @@ func pruneChunkTx(tx *bbolt.Tx, resume, cut []byte, maxPerDevice int) (int, []by
 			continue // not a bucket
 		}
 		b := tb.Bucket(name)
-		var keepFrom []byte // oldest key kept by the count cap
+		// excess is how many messages are over the count cap.
+		var excess, count uint64
 		if maxPerDevice > 0 {
-			c := b.Cursor()
-			k, _ := c.Last()
-			for i := 1; k != nil && i < maxPerDevice; i++ {
-				k, _ = c.Prev()
+			m, ok := counts[string(name)]
+			if !ok {
+				// Created since the count: small, counted here.
+				m = countMark{seq: b.Sequence(), n: uint64(b.Stats().KeyN)}
 			}
-			keepFrom = k // nil: fewer than maxPerDevice messages
+			count = m.n + (b.Sequence() - m.seq)
+			excess = max(count, uint64(maxPerDevice)) - uint64(maxPerDevice)
 		}
 		var doomed [][]byte
 		c := b.Cursor()
 		for k, _ := c.First(); k != nil; k, _ = c.Next() {
 			if len(k) != 16 {
-				return 0, nil, false, fmt.Errorf("telemetry of %s: bad key %x", name, k)
+				return pruneResult{}, fmt.Errorf("telemetry of %s: bad key %x", name, k)
 			}
-			if bytes.Compare(k[:8], cut) >= 0 && (keepFrom == nil || bytes.Compare(k, keepFrom) >= 0) {
+			if bytes.Compare(k[:8], cut) >= 0 && uint64(len(doomed)) >= excess {
 				break
 			}
-			if deleted+len(doomed) == pruneChunk {
+			if res.deleted+len(doomed) == pruneChunk {
 				break
 			}
 			doomed = append(doomed, bytes.Clone(k))
 		}
 		for _, k := range doomed {
 			if err := b.Delete(k); err != nil {
-				return 0, nil, false, fmt.Errorf("delete telemetry of %s: %w", name, err)
+				return pruneResult{}, fmt.Errorf("delete telemetry of %s: %w", name, err)
 			}
 		}
-		deleted += len(doomed)
+		res.deleted += len(doomed)
 		if k, _ := b.Cursor().First(); k == nil {
 			empty = append(empty, bytes.Clone(name))
+			res.gone = append(res.gone, string(name))
+		} else if maxPerDevice > 0 {
+			res.counts[string(name)] = countMark{seq: b.Sequence(), n: count - uint64(len(doomed))}
 		}
-		if deleted == pruneChunk {
-			next := bytes.Clone(name)
-			return deleted, next, false, deleteBuckets(tb, empty)
+		if res.deleted == pruneChunk {
+			res.next = bytes.Clone(name)
+			return res, deleteBuckets(tb, empty)
 		}
 	}
-	return deleted, nil, true, deleteBuckets(tb, empty)
+	res.done = true
+	return res, deleteBuckets(tb, empty)
 }
 
 func deleteBuckets(tb *bbolt.Bucket, names [][]byte) error {

@@ -5,7 +5,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"path/filepath"
+	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -206,6 +209,81 @@ func TestPruneTelemetry(t *testing.T) {
 	}
 	if got, err := db.Telemetry(ctx, "c", time.Time{}, 0); err != nil || !equalInts(received(got), []int{20}) {
 		t.Fatalf("c after re-append: %v %v", received(got), err)
+	}
+}
+
+// The count cap keeps each device's newest maxPerDevice messages (in key
+// order: by receive time) across passes with appends in between, receive
+// times that go back (a clock stepped back), devices emptied and written
+// again, and caps that take several transactions.
+func TestPruneTelemetryCountAcrossPasses(t *testing.T) {
+	ctx := context.Background()
+	db := store.OpenTest(t)
+	rng := rand.New(rand.NewPCG(1, 2))
+	model := map[string][]time.Time{} // what each device should hold
+	devs := []string{"a", "b", "c", "d"}
+	clock := 0
+	for round := range 40 {
+		var batch []store.Message
+		for range rng.IntN(400) {
+			dev := devs[rng.IntN(len(devs))]
+			clock += rng.IntN(5) - 1 // sometimes back
+			at := t0.Add(time.Duration(clock) * time.Millisecond)
+			batch = append(batch, store.Message{DeviceID: dev, Topic: "t", Received: at, Payload: []byte{1}})
+			model[dev] = append(model[dev], at)
+		}
+		slices.SortStableFunc(batch, func(a, b store.Message) int { return strings.Compare(a.DeviceID, b.DeviceID) })
+		if err := db.AppendTelemetry(ctx, batch); err != nil {
+			t.Fatal(err)
+		}
+		maxPer := 1 + rng.IntN(150)
+		var before time.Time
+		if round%7 == 6 {
+			before = t0.Add(time.Duration(clock+10) * time.Millisecond) // everything goes
+		}
+		want := 0
+		for dev, ts := range model {
+			slices.SortStableFunc(ts, func(a, b time.Time) int { return a.Compare(b) })
+			keep := ts
+			for len(keep) > 0 && keep[0].Before(before) {
+				keep = keep[1:]
+			}
+			keep = keep[max(0, len(keep)-maxPer):]
+			want += len(ts) - len(keep)
+			model[dev] = slices.Clone(keep)
+		}
+		n, err := db.PruneTelemetry(ctx, before, maxPer)
+		if err != nil || n != want {
+			t.Fatalf("round %d (cap %d): pruned %d %v, want %d", round, maxPer, n, err, want)
+		}
+		for _, dev := range devs {
+			got, err := db.Telemetry(ctx, dev, time.Time{}, 100_000)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(got) != len(model[dev]) {
+				t.Fatalf("round %d: %s holds %d messages, want %d", round, dev, len(got), len(model[dev]))
+			}
+			for i, m := range got {
+				if !m.Received.Equal(model[dev][i]) {
+					t.Fatalf("round %d: %s message %d received %v, want %v", round, dev, i, m.Received, model[dev][i])
+				}
+			}
+		}
+	}
+	// A cap that deletes more than one transaction's worth from one device.
+	batch := make([]store.Message, 25_000)
+	for i := range batch {
+		batch[i] = store.Message{DeviceID: "z", Topic: "t", Received: t0.Add(time.Duration(i)), Payload: []byte{1}}
+	}
+	if err := db.AppendTelemetry(ctx, batch); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := db.PruneTelemetry(ctx, time.Time{}, 1000); err != nil || n < 24_000 {
+		t.Fatalf("pruned %d %v, want at least 24,000", n, err)
+	}
+	if got, err := db.Telemetry(ctx, "z", time.Time{}, 100_000); err != nil || len(got) != 1000 || !got[0].Received.Equal(t0.Add(24_000)) {
+		t.Fatalf("z holds %d messages (%v), want the newest 1000", len(got), err)
 	}
 }
 
