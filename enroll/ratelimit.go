@@ -1,8 +1,10 @@
 package enroll
 
 import (
+	"container/list"
 	"fmt"
 	"math"
+	"net/netip"
 	"sync"
 	"time"
 
@@ -12,39 +14,60 @@ import (
 // failureLimiter rate-limits failed attempts per remote address. Successful
 // requests cost nothing, so a busy production line behind one NAT address
 // is never slowed down by its own enrollments, only by its mistakes.
+//
+// IPv6 clients are limited per /64, the block one host or site gets: a
+// host picks any address in it at will. The table is bounded and kept in
+// order of last failure, so that both dropping refilled entries and, when
+// it is full, forgetting the stalest one take constant time; every request
+// consults it under one mutex.
 type failureLimiter struct {
 	rate  rate.Limit
 	burst int
 	now   func() time.Time
+	max   int // entries kept at most; default maxLimiterEntries
 
-	mu        sync.Mutex
-	entries   map[string]*limiterEntry
-	lastSweep time.Time
+	mu      sync.Mutex
+	entries map[string]*list.Element // of *limiterEntry
+	order   list.List                // least recently failed first
 }
 
 type limiterEntry struct {
+	key  string
 	lim  *rate.Limiter
 	seen time.Time
 }
 
-// maxLimiterEntries bounds memory under an attack from many addresses; idle
-// entries (full buckets) are swept first.
+// maxLimiterEntries bounds memory under an attack from many addresses.
 const maxLimiterEntries = 100_000
 
 func newFailureLimiter(r float64, burst int, now func() time.Time) *failureLimiter {
-	return &failureLimiter{rate: rate.Limit(r), burst: burst, now: now, entries: map[string]*limiterEntry{}}
+	return &failureLimiter{rate: rate.Limit(r), burst: burst, now: now, max: maxLimiterEntries, entries: map[string]*list.Element{}}
+}
+
+// limiterKey is what failures are counted against: the address, or for
+// IPv6 its /64.
+func limiterKey(remote string) string {
+	ip, err := netip.ParseAddr(remote)
+	if err != nil || !ip.Is6() || ip.Is4In6() {
+		return remote
+	}
+	p, err := ip.WithZone("").Prefix(64)
+	if err != nil {
+		return remote
+	}
+	return p.String()
 }
 
 // allowed reports whether remote may try again, and if not, how long to wait.
 func (l *failureLimiter) allowed(remote string) (time.Duration, bool) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	e, ok := l.entries[remote]
+	el, ok := l.entries[limiterKey(remote)]
 	if !ok {
 		return 0, true
 	}
 	now := l.now()
-	if tokens := e.lim.TokensAt(now); tokens < 1 {
+	if tokens := el.Value.(*limiterEntry).lim.TokensAt(now); tokens < 1 {
 		return time.Duration((1 - tokens) / float64(l.rate) * float64(time.Second)), false
 	}
 	return 0, true
@@ -56,37 +79,36 @@ func (l *failureLimiter) failed(remote string) {
 	defer l.mu.Unlock()
 	now := l.now()
 	l.sweep(now)
-	e, ok := l.entries[remote]
-	if !ok {
-		e = &limiterEntry{lim: rate.NewLimiter(l.rate, l.burst)}
-		l.entries[remote] = e
+	key := limiterKey(remote)
+	el, ok := l.entries[key]
+	if ok {
+		l.order.MoveToBack(el)
+	} else {
+		if l.order.Len() >= l.max {
+			// Full of addresses failing now: forget the stalest rather
+			// than grow without bound.
+			l.drop(l.order.Front())
+		}
+		el = l.order.PushBack(&limiterEntry{key: key, lim: rate.NewLimiter(l.rate, l.burst)})
+		l.entries[key] = el
 	}
+	e := el.Value.(*limiterEntry)
 	e.seen = now
 	e.lim.AllowN(now, 1)
 }
 
-// sweep drops entries whose bucket has refilled, at most once a minute or
-// when the table is full.
+// sweep drops the entries whose bucket has surely refilled: those whose
+// last failure is a whole burst's refill time ago. They are at the front.
 func (l *failureLimiter) sweep(now time.Time) {
-	if now.Sub(l.lastSweep) < time.Minute && len(l.entries) < maxLimiterEntries {
-		return
+	refill := time.Duration(float64(l.burst) / float64(l.rate) * float64(time.Second))
+	for el := l.order.Front(); el != nil && now.Sub(el.Value.(*limiterEntry).seen) >= refill; el = l.order.Front() {
+		l.drop(el)
 	}
-	l.lastSweep = now
-	for k, e := range l.entries {
-		if e.lim.TokensAt(now) >= float64(l.burst) {
-			delete(l.entries, k)
-		}
-	}
-	if len(l.entries) >= maxLimiterEntries {
-		// Still full of active attackers: forget the oldest half rather
-		// than grow without bound.
-		cutoff := now.Add(-time.Minute)
-		for k, e := range l.entries {
-			if e.seen.Before(cutoff) {
-				delete(l.entries, k)
-			}
-		}
-	}
+}
+
+func (l *failureLimiter) drop(el *list.Element) {
+	delete(l.entries, el.Value.(*limiterEntry).key)
+	l.order.Remove(el)
 }
 
 // retryAfter carries whole seconds to wait in a rate_limited error.
