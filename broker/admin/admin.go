@@ -59,6 +59,10 @@ type Config struct {
 	Unwritten func() map[string]store.Presence
 	// Follow streams telemetry as it is stored, for `fleetmq telemetry --follow`. Optional.
 	Follow func(id string) (<-chan store.Message, func())
+	// DashboardLogin returns a one-time login link to the loopback
+	// dashboard, or an error saying why there is none. Optional: without
+	// it the dashboard is off.
+	DashboardLogin func() (string, error)
 	// ServiceLifetime is the lifetime of service and operator certificates; default 365 days.
 	ServiceLifetime time.Duration
 	// MaxTokensPerRequest bounds bulk token creation; default 100,000.
@@ -112,7 +116,29 @@ func New(cfg Config, st Store) (*Handler, error) {
 	h.mux.HandleFunc("GET /v1/audit", h.audit)
 	h.mux.HandleFunc("GET /v1/telemetry/{id}", h.telemetry)
 	h.mux.HandleFunc("GET /v1/backup", h.backup)
+	h.mux.HandleFunc("POST /v1/dashboard/login", h.dashboardLogin)
 	return h, nil
+}
+
+// DashboardLink is a one-time login link to the loopback dashboard.
+type DashboardLink struct {
+	URL string `json:"url"`
+}
+
+// dashboardLogin hands out a dashboard login link: whoever may use this
+// socket may use the dashboard, and no one else.
+func (h *Handler) dashboardLogin(w http.ResponseWriter, r *http.Request) {
+	if h.cfg.DashboardLogin == nil {
+		writeErr(w, h.cfg.Logger, enroll.Errorf(enroll.CodeNotFound, "the dashboard is off (serve --ui-addr)"))
+		return
+	}
+	u, err := h.cfg.DashboardLogin()
+	if err != nil {
+		writeErr(w, h.cfg.Logger, &enroll.Error{Code: enroll.CodeNotFound, Err: err, Message: err.Error()})
+		return
+	}
+	h.cfg.Logger.Info().Msg("dashboard login link issued")
+	writeJSON(w, http.StatusOK, DashboardLink{URL: u})
 }
 
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {

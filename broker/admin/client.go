@@ -158,6 +158,12 @@ func (c *Client) CA(ctx context.Context) (CAInfo, error) {
 	return out, c.do(ctx, http.MethodGet, "/v1/ca", nil, &out)
 }
 
+// DashboardLogin returns a one-time login link to the loopback dashboard.
+func (c *Client) DashboardLogin(ctx context.Context) (DashboardLink, error) {
+	var out DashboardLink
+	return out, c.do(ctx, http.MethodPost, "/v1/dashboard/login", nil, &out)
+}
+
 // CreateTokens mints tokens.
 func (c *Client) CreateTokens(ctx context.Context, req TokenRequest) ([]NewToken, error) {
 	var out []NewToken

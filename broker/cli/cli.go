@@ -75,6 +75,7 @@ Usage:
   fleetmq audit [--device ID] [--since 24h] [--limit N]
   fleetmq ca show
   fleetmq backup DIR                   copy of the database and CA, while it runs
+  fleetmq dashboard                    one-time login link to the local dashboard
   fleetmq version
 
 Operator commands find the server through the admin socket in the data
@@ -127,6 +128,8 @@ func run(ctx context.Context, args []string, env Env) error {
 		return auditCmd(ctx, rest, env)
 	case "backup":
 		return backupCmd(ctx, rest, env)
+	case "dashboard":
+		return dashboardCmd(ctx, rest, env)
 	}
 	return usagef("unknown command %q; see 'fleetmq help'", cmd)
 }
@@ -163,7 +166,7 @@ func commandFirst(args []string) []string {
 // commandWords are the first words of the commands other than serve.
 var commandWords = map[string]struct{}{
 	"token": {}, "device": {}, "service": {}, "operator": {}, "ca": {},
-	"telemetry": {}, "audit": {}, "backup": {}, "serve": {},
+	"telemetry": {}, "audit": {}, "backup": {}, "serve": {}, "dashboard": {},
 }
 
 var operatorCommands = map[string]func(context.Context, []string, Env) error{

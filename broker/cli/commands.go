@@ -26,6 +26,7 @@ import (
 	"unicode/utf8"
 
 	"github.com/fleetmq/fleetmq/broker/admin"
+	"github.com/fleetmq/fleetmq/broker/ui"
 	"github.com/fleetmq/fleetmq/enroll"
 	"github.com/fleetmq/fleetmq/store"
 )
@@ -493,6 +494,25 @@ func identityIssue(role string) func(context.Context, []string, Env) error {
 		}
 		return nil
 	}
+}
+
+// dashboardCmd prints a one-time login link to the loopback dashboard:
+// whoever may use the admin socket may use the dashboard.
+func dashboardCmd(ctx context.Context, args []string, env Env) error {
+	fs := newFlags("dashboard", env)
+	if err := fs.parse(args, 0); err != nil {
+		return err
+	}
+	link, err := fs.client().DashboardLogin(ctx)
+	if err != nil {
+		return err
+	}
+	if *fs.json {
+		return printJSON(env.Stdout, link)
+	}
+	fmt.Fprintln(env.Stdout, link.URL)
+	fmt.Fprintf(env.Stderr, "open it within 5 minutes, once; the browser stays logged in for %d hours or until fleetmq restarts\n", int(ui.LoginTTL.Hours()))
+	return nil
 }
 
 func caShow(ctx context.Context, args []string, env Env) error {

@@ -228,14 +228,15 @@ func New(cfg Config) (_ *Server, err error) {
 		return nil, err
 	}
 	s.admin, err = admin.New(admin.Config{
-		CA:        s.ca,
-		OnRevoke:  s.onRevoke,
-		Online:    s.mqtt.Online,
-		Unwritten: s.mqtt.UnwrittenPresence,
-		Follow:    s.mqtt.Follow,
-		Observe:   s.metrics.ObserveAdmin,
-		Logger:    s.log.With().Str("component", "admin").Logger(),
-		Now:       s.cfg.Now,
+		CA:             s.ca,
+		OnRevoke:       s.onRevoke,
+		Online:         s.mqtt.Online,
+		Unwritten:      s.mqtt.UnwrittenPresence,
+		Follow:         s.mqtt.Follow,
+		DashboardLogin: s.dashboardLogin,
+		Observe:        s.metrics.ObserveAdmin,
+		Logger:         s.log.With().Str("component", "admin").Logger(),
+		Now:            s.cfg.Now,
 	}, s.db)
 	if err != nil {
 		return nil, err
@@ -257,6 +258,17 @@ func New(cfg Config) (_ *Server, err error) {
 		}
 	}
 	return s, nil
+}
+
+// dashboardLogin is a one-time login link to the loopback dashboard.
+func (s *Server) dashboardLogin() (string, error) {
+	switch {
+	case s.ui == nil:
+		return "", errors.New("the dashboard is off (serve --ui-addr)")
+	case s.ui.Secure():
+		return "", fmt.Errorf("the dashboard at %s is on the network: operators log in with a certificate (fleetmq operator issue NAME)", s.ui.URL())
+	}
+	return s.ui.LoginURL()
 }
 
 // enabled reports whether an optional listener address asks for one.
@@ -378,6 +390,9 @@ func (s *Server) Start() error {
 		ev = ev.Str("pprof", "http://"+s.pprofLn.Addr().String()+"/debug/pprof/")
 	}
 	ev.Msg("fleetmq serving")
+	if s.ui != nil && !s.ui.Secure() {
+		s.log.Info().Msg("dashboard login: run 'fleetmq dashboard' for a one-time link")
+	}
 	return nil
 }
 

@@ -102,6 +102,16 @@ func TestDashboardInBrowser(t *testing.T) {
 	}
 	ctx := newBrowser(t)
 
+	// Log in with the link `fleetmq dashboard` prints; its page moves on
+	// to the overview by itself.
+	link := s.dashboardLink(t)
+	if !strings.HasPrefix(link, base+"/login?code=") {
+		t.Fatalf("login link %q, want one to %s", link, base)
+	}
+	if err := chromedp.Do(ctx, chromedp.Navigate(link), chromedp.WaitVisible(chromedp.CSS("#count-online"))); err != nil {
+		t.Fatalf("login: %v", err)
+	}
+
 	// Overview: one device online, two offline.
 	if err := chromedp.Do(ctx, chromedp.Navigate(base+"/"), chromedp.WaitVisible(chromedp.CSS("#count-online"))); err != nil {
 		t.Fatalf("overview: %v", err)
@@ -245,6 +255,79 @@ func TestDashboardInBrowser(t *testing.T) {
 
 var csrfField = regexp.MustCompile(`name="csrf" value="([^"]+)"`)
 
+// dashboardLink is a one-time login link, as `fleetmq dashboard` prints it.
+func (s *testServer) dashboardLink(tb testing.TB) string {
+	tb.Helper()
+	out, errs, code := s.cli(tb, "dashboard")
+	if code != 0 {
+		tb.Fatalf("fleetmq dashboard: exit %d: %s", code, errs)
+	}
+	return strings.TrimSpace(out)
+}
+
+// login logs hc, which must keep cookies, in to the loopback dashboard.
+func (s *testServer) login(tb testing.TB, hc *http.Client) {
+	tb.Helper()
+	resp, err := hc.Get(s.dashboardLink(tb))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 200 {
+		tb.Fatalf("dashboard login: %d", resp.StatusCode)
+	}
+}
+
+// TestDashboardLogin: the loopback dashboard is for whoever may use the
+// admin socket. Without a login link from it, a local client gets nothing;
+// a link works once; `fleetmq dashboard` says why there is no link when the
+// dashboard is off or on the network.
+func TestDashboardLogin(t *testing.T) {
+	s := startServer(t, func(c *server.Config) { c.UIAddr = "127.0.0.1:0" })
+	s.enroll(t, s.token(t, "--device", "pi-l1"), "pi-l1")
+	for _, path := range []string{"", "devices/pi-l1", "tokens/new?count=1&prefix=x-"} {
+		resp, err := http.Get(s.UIURL() + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusUnauthorized || strings.Contains(string(body), "pi-l1") || !strings.Contains(string(body), "fleetmq dashboard") {
+			t.Errorf("/%s without a login: %d %q", path, resp.StatusCode, body)
+		}
+	}
+	link := s.dashboardLink(t)
+	jar, _ := cookiejar.New(nil)
+	hc := &http.Client{Jar: jar, Timeout: 10 * time.Second}
+	for i, want := range []int{200, 403} {
+		resp, err := hc.Get(link)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != want {
+			t.Errorf("login link, use %d: %d, want %d", i+1, resp.StatusCode, want)
+		}
+	}
+	resp, err := hc.Get(s.UIURL() + "devices/pi-l1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || !strings.Contains(string(body), "pi-l1") {
+		t.Errorf("device page after login: %d", resp.StatusCode)
+	}
+	if out, _, code := s.cli(t, "dashboard", "--json"); code != 0 || !strings.Contains(out, `"url": "http://127.0.0.1:`) {
+		t.Errorf("dashboard --json: exit %d: %s", code, out)
+	}
+
+	off := startServer(t, func(c *server.Config) { c.UIAddr = "off" })
+	if _, errs, code := off.cli(t, "dashboard"); code == 0 || !strings.Contains(errs, "the dashboard is off") {
+		t.Errorf("dashboard off: exit %d: %s", code, errs)
+	}
+}
+
 // TestDashboardCSRF posts state changes to a real node without the form's
 // token, with a wrong one and cross-origin: all are refused with 403 and
 // change nothing.
@@ -255,6 +338,7 @@ func TestDashboardCSRF(t *testing.T) {
 	s.token(t, "--device", "pi-y")
 	jar, _ := cookiejar.New(nil)
 	hc := &http.Client{Jar: jar, Timeout: 10 * time.Second, CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	s.login(t, hc)
 	get := func(path string) string {
 		t.Helper()
 		resp, err := hc.Get(base + path)
@@ -331,6 +415,9 @@ func TestDashboardOnNetworkNeedsOperator(t *testing.T) {
 		t.Fatalf("dashboard on 0.0.0.0 at %q", s.UIURL())
 	}
 	base := "https://127.0.0.1:" + u.Port()
+	if _, errs, code := s.cli(t, "dashboard"); code == 0 || !strings.Contains(errs, "operators log in with a certificate") {
+		t.Errorf("fleetmq dashboard for a network dashboard: exit %d: %s", code, errs)
+	}
 	dir := t.TempDir()
 	for _, args := range [][]string{
 		{"operator", "issue", "ops", "--out", dir},
@@ -470,6 +557,9 @@ func TestDashboardSocketsPerAddress(t *testing.T) {
 func TestDashboardTokenFormChecked(t *testing.T) {
 	s := startServer(t, func(c *server.Config) { c.UIAddr = "127.0.0.1:0" })
 	before, _, _ := s.cli(t, "token", "list", "--json")
+	jar, _ := cookiejar.New(nil)
+	hc := &http.Client{Jar: jar, Timeout: 10 * time.Second}
+	s.login(t, hc)
 	for query, want := range map[string]string{
 		"count=5":            "count needs a prefix",
 		"uses=2000000":       "uses must be between",
@@ -479,7 +569,7 @@ func TestDashboardTokenFormChecked(t *testing.T) {
 		"reprovision=yes":    "reprovision needs",
 		"labels=a%3D1,a%3D2": "label a is given twice",
 	} {
-		resp, err := http.Get(s.UIURL() + "tokens/new?" + query)
+		resp, err := hc.Get(s.UIURL() + "tokens/new?" + query)
 		if err != nil {
 			t.Fatal(err)
 		}

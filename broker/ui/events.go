@@ -146,18 +146,17 @@ func (s *Server) serveEvents(w http.ResponseWriter, r *http.Request) {
 	}
 	_ = rc.SetReadDeadline(time.Time{})
 
-	// An operator's stream ends when the operator is revoked, and when
-	// the certificate it was opened with expires.
-	ctx := r.Context()
-	if v := viewerOf(ctx); v.Name != "" {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithCancel(ctx)
-		defer cancel()
+	// A stream ends when the certificate or the login it was opened with
+	// expires, and an operator's when the operator is revoked.
+	ctx, cancel := context.WithCancel(r.Context())
+	defer cancel()
+	v := viewerOf(ctx)
+	if v.Name != "" {
 		defer s.trackStream(v.Name, cancel)()
-		if r.TLS != nil && len(r.TLS.PeerCertificates) > 0 {
-			expiry := time.AfterFunc(r.TLS.PeerCertificates[0].NotAfter.Sub(s.cfg.Now()), cancel)
-			defer expiry.Stop()
-		}
+	}
+	if !v.Until.IsZero() {
+		expiry := time.AfterFunc(v.Until.Sub(s.cfg.Now()), cancel)
+		defer expiry.Stop()
 	}
 
 	// Subscribe before answering, so that nothing falls between the page

@@ -252,6 +252,42 @@ func browser(tb testing.TB) *http.Client {
 	}}
 }
 
+// loggedIn is a browser logged in to the loopback dashboard s served at
+// base, through a login link.
+func loggedIn(tb testing.TB, s *ui.Server, base string) *http.Client {
+	tb.Helper()
+	code, err := ui.LoginCode(s)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	c := browser(tb)
+	if r := do(tb, c, "GET", base+"/login?code="+code, nil, nil); r.status != http.StatusOK {
+		tb.Fatalf("login: %d %s", r.status, r.body)
+	}
+	return c
+}
+
+// streamEnds opens the event stream at u and fails unless the server ends
+// it within 10 s.
+func streamEnds(tb testing.TB, c *http.Client, u, when string) {
+	tb.Helper()
+	resp, err := c.Get(u)
+	if err != nil || resp.StatusCode != 200 {
+		tb.Fatalf("event stream: %v %v", resp, err)
+	}
+	defer resp.Body.Close()
+	ended := make(chan error, 1)
+	go func() {
+		_, err := io.Copy(io.Discard, resp.Body)
+		ended <- err
+	}()
+	select {
+	case <-ended:
+	case <-time.After(10 * time.Second):
+		tb.Fatalf("the stream is still open 10 s %s", when)
+	}
+}
+
 type reply struct {
 	status int
 	header http.Header

@@ -25,8 +25,9 @@ import (
 
 // viewer is who is looking at the dashboard.
 type viewer struct {
-	Name   string // operator identity, or "" for the local user on loopback
-	Remote string // the caller as the audit log names it
+	Name   string    // operator identity, or "" for the local user on loopback
+	Remote string    // the caller as the audit log names it
+	Until  time.Time // end of the certificate or login that let it in
 }
 
 type viewerKey struct{}
@@ -37,8 +38,8 @@ func viewerOf(ctx context.Context) viewer {
 }
 
 // guard wraps every request: security headers, then who may see the
-// dashboard (an operator certificate over HTTPS, the local user over
-// loopback HTTP), then, for anything but GET and HEAD, the cross-origin
+// dashboard (an operator certificate over HTTPS, a login link's cookie
+// over loopback HTTP), then, for anything but GET and HEAD, the cross-origin
 // and CSRF checks.
 func (s *Server) guard(next http.Handler) http.Handler {
 	cop := http.NewCrossOriginProtection()
@@ -59,7 +60,7 @@ func (s *Server) guard(next http.Handler) http.Handler {
 				s.forbidden(w, r, "This dashboard is for operators: present a current operator certificate (fleetmq operator issue NAME).")
 				return
 			}
-			v = viewer{Name: name, Remote: "ui:" + name}
+			v = viewer{Name: name, Remote: "ui:" + name, Until: r.TLS.PeerCertificates[0].NotAfter}
 		} else {
 			if !loopbackHost(r.Host) {
 				// A page of another site that resolved its name to
@@ -67,7 +68,16 @@ func (s *Server) guard(next http.Handler) http.Handler {
 				s.forbidden(w, r, "The dashboard answers only to a loopback host name (localhost, 127.0.0.1, [::1]).")
 				return
 			}
-			v = viewer{Remote: "ui:local"}
+			if r.URL.Path == "/login" {
+				s.serveLogin(w, r)
+				return
+			}
+			until, ok := s.loggedIn(r)
+			if !ok {
+				s.fail(w, r, http.StatusUnauthorized, needLogin)
+				return
+			}
+			v = viewer{Remote: "ui:local", Until: until}
 		}
 		if r.Method != http.MethodGet && r.Method != http.MethodHead {
 			if err := cop.Check(r); err != nil {

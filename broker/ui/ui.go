@@ -5,7 +5,8 @@
 // and applies live updates. There is no build step.
 //
 // Who may use it follows from where it listens. On a loopback address it
-// speaks plain HTTP to the local user, and answers only requests whose Host
+// speaks plain HTTP to the local operator, who logs in with a one-time link
+// from the admin socket (LoginURL), and answers only requests whose Host
 // is a loopback name (DNS rebinding). On any other address it speaks HTTPS
 // only, requires a client certificate from the fleet CA, and serves only
 // identities with the operator role that are not revoked; there is no
@@ -118,6 +119,7 @@ type Server struct {
 	handler http.Handler
 	pages   *pages
 	csrf    *csrf
+	login   *localLogin
 	hub     *hub
 
 	ctx    context.Context // ends at Close: ends event streams
@@ -187,7 +189,11 @@ func New(cfg Config) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	s := &Server{cfg: cfg, log: cfg.Logger, pages: p, csrf: c}
+	l, err := newLocalLogin()
+	if err != nil {
+		return nil, err
+	}
+	s := &Server{cfg: cfg, log: cfg.Logger, pages: p, csrf: c, login: l}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.hub = newHub(s.ctx, cfg.Online, cfg.PresenceInterval)
 	s.handler = s.routes()

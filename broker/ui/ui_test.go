@@ -7,7 +7,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -44,8 +43,8 @@ func TestPagesRender(t *testing.T) {
 		{ID: "abc123", DeviceID: "pi-9", MaxUses: 1, ExpiresAt: now.Add(time.Hour)},
 		{ID: "def456", DeviceID: "pi-1", MaxUses: 1, ExpiresAt: now.Add(time.Hour)}, // pi-1 enrolled since
 	}
-	_, ts := newUI(t, f, nil)
-	c := browser(t)
+	s, ts := newUI(t, f, nil)
+	c := loggedIn(t, s, ts.URL)
 
 	for _, tc := range []struct {
 		path string
@@ -126,8 +125,8 @@ func TestTokensPageIsBounded(t *testing.T) {
 		f.tokens = append(f.tokens, store.Token{ID: fmt.Sprintf("tok%d", i), DeviceID: fmt.Sprintf("pi-%d", i),
 			MaxUses: 1, CreatedAt: now.Add(time.Duration(i) * time.Minute), ExpiresAt: now.Add(time.Hour)})
 	}
-	_, ts := newUI(t, f, func(c *ui.Config) { c.MaxRows = 2 })
-	r := do(t, browser(t), "GET", ts.URL+"/tokens", nil, nil)
+	s, ts := newUI(t, f, func(c *ui.Config) { c.MaxRows = 2 })
+	r := do(t, loggedIn(t, s, ts.URL), "GET", ts.URL+"/tokens", nil, nil)
 	if r.status != 200 || !strings.Contains(r.body, "5 of 5 tokens match; the newest 2 are shown") {
 		t.Fatalf("GET /tokens: %d\n%s", r.status, r.body)
 	}
@@ -152,9 +151,8 @@ func htmlUnescape(s string) string {
 
 func TestLoopbackHostOnly(t *testing.T) {
 	f := newFleet()
-	_, ts := newUI(t, f, nil)
+	s, ts := newUI(t, f, nil)
 	port := ts.URL[strings.LastIndexByte(ts.URL, ':')+1:]
-	c := browser(t)
 	for host, want := range map[string]int{
 		"127.0.0.1:" + port:      200,
 		"localhost:" + port:      200,
@@ -166,15 +164,23 @@ func TestLoopbackHostOnly(t *testing.T) {
 		"192.168.1.10:" + port:   403,
 		"localhost.evil.example": 403,
 	} {
-		req, _ := http.NewRequest("GET", ts.URL+"/", nil)
-		req.Host = host
-		resp, err := c.Do(req)
+		// Cookies are per host name: the browser logs in under each.
+		c := browser(t)
+		code, err := ui.LoginCode(s)
 		if err != nil {
 			t.Fatal(err)
 		}
-		resp.Body.Close()
-		if resp.StatusCode != want {
-			t.Errorf("Host %q: %d, want %d", host, resp.StatusCode, want)
+		for _, path := range []string{"/login?code=" + code, "/"} {
+			req, _ := http.NewRequest("GET", ts.URL+path, nil)
+			req.Host = host
+			resp, err := c.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			resp.Body.Close()
+			if resp.StatusCode != want {
+				t.Errorf("Host %q: GET %s: %d, want %d", host, path, resp.StatusCode, want)
+			}
 		}
 	}
 }
@@ -182,8 +188,8 @@ func TestLoopbackHostOnly(t *testing.T) {
 func TestStateChangesNeedCSRFToken(t *testing.T) {
 	f := newFleet()
 	f.addDevice(store.Device{ID: "pi-1", Role: store.RoleDevice, NotAfter: time.Now().Add(time.Hour)})
-	_, ts := newUI(t, f, nil)
-	c := browser(t)
+	s, ts := newUI(t, f, nil)
+	c := loggedIn(t, s, ts.URL)
 	page := do(t, c, "GET", ts.URL+"/devices/pi-1/revoke", nil, nil)
 	if page.status != 200 || !strings.Contains(page.body, "Revoke pi-1?") {
 		t.Fatalf("confirmation page: %d %s", page.status, page.body)
@@ -193,7 +199,7 @@ func TestStateChangesNeedCSRFToken(t *testing.T) {
 	if !strings.Contains(ck, "HttpOnly") || !strings.Contains(ck, "SameSite=Strict") {
 		t.Errorf("session cookie %q", ck)
 	}
-	other := browser(t)
+	other := loggedIn(t, s, ts.URL)
 	otherTok := formToken(t, do(t, other, "GET", ts.URL+"/devices/pi-1/revoke", nil, nil).body)
 	u := ts.URL + "/devices/pi-1/revoke"
 
@@ -214,7 +220,7 @@ func TestStateChangesNeedCSRFToken(t *testing.T) {
 		{"no token", c, url.Values{"confirm": {"yes"}}, nil, 403},
 		{"wrong token", c, url.Values{"confirm": {"yes"}, "csrf": {otherChar(tok[0]) + tok[1:]}}, nil, 403},
 		{"another session's token", c, url.Values{"confirm": {"yes"}, "csrf": {otherTok}}, nil, 403},
-		{"no session cookie", browser(t), url.Values{"confirm": {"yes"}, "csrf": {tok}}, nil, 403},
+		{"no session cookie", loggedIn(t, s, ts.URL), url.Values{"confirm": {"yes"}, "csrf": {tok}}, nil, 403},
 		{"cross-origin", c, url.Values{"confirm": {"yes"}, "csrf": {tok}}, map[string]string{"Origin": "http://evil.example"}, 403},
 		{"cross-site fetch", c, url.Values{"confirm": {"yes"}, "csrf": {tok}}, map[string]string{"Sec-Fetch-Site": "cross-site"}, 403},
 		{"unconfirmed", c, url.Values{"csrf": {tok}}, nil, 400},
@@ -323,8 +329,8 @@ func TestStateChangesNeedCSRFToken(t *testing.T) {
 // a confirmation page, and a POST of it mints nothing.
 func TestTokenFormRefusesBadValues(t *testing.T) {
 	f := newFleet()
-	_, ts := newUI(t, f, nil)
-	c := browser(t)
+	s, ts := newUI(t, f, nil)
+	c := loggedIn(t, s, ts.URL)
 	tok := formToken(t, do(t, c, "GET", ts.URL+"/tokens/new?ttl=24h", nil, nil).body)
 	for _, q := range []string{"ttl=NaNd", "ttl=Infd", "ttl=-1h", "ttl=0d", "ttl=99999999d", "count=-1&prefix=pi-", "count=0&prefix=pi-", "uses=0", "uses=-3", "uses=x"} {
 		if r := do(t, c, "GET", ts.URL+"/tokens/new?"+q, nil, nil); r.status != http.StatusBadRequest {
@@ -423,21 +429,7 @@ func TestOperatorStreamEndsAtCertificateExpiry(t *testing.T) {
 		s.Handler().ServeHTTP(w, r)
 	}))
 	t.Cleanup(ts.Close)
-	resp, err := http.Get(ts.URL + "/events?device=pi-1")
-	if err != nil || resp.StatusCode != 200 {
-		t.Fatalf("event stream: %v %v", resp, err)
-	}
-	defer resp.Body.Close()
-	ended := make(chan error, 1)
-	go func() {
-		_, err := io.Copy(io.Discard, resp.Body)
-		ended <- err
-	}()
-	select {
-	case <-ended:
-	case <-time.After(10 * time.Second):
-		t.Fatal("the stream is still open 10 s after the operator's certificate expired")
-	}
+	streamEnds(t, http.DefaultClient, ts.URL+"/events?device=pi-1", "after the operator's certificate expired")
 }
 
 func enrollSerial(c *x509.Certificate) string { return c.SerialNumber.Text(16) }
@@ -469,7 +461,15 @@ func TestListenRefusesNonLoopbackWithoutOperatorAuth(t *testing.T) {
 	}
 	done := make(chan error, 1)
 	go func() { done <- s.Serve() }()
-	resp, err := http.Get(s.URL())
+	link, err := s.LoginURL()
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := browser(t)
+	if r := do(t, c, "GET", link, nil, nil); r.status != 200 {
+		t.Fatalf("login link %d: %s", r.status, r.body)
+	}
+	resp, err := c.Get(s.URL())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -489,7 +489,7 @@ func TestEventStream(t *testing.T) {
 	f := newFleet()
 	f.addDevice(store.Device{ID: "pi-1", Role: store.RoleDevice})
 	s, ts := newUI(t, f, nil)
-	resp, err := http.Get(ts.URL + "/events?device=pi-1")
+	resp, err := loggedIn(t, s, ts.URL).Get(ts.URL + "/events?device=pi-1")
 	if err != nil {
 		t.Fatal(err)
 	}
