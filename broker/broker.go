@@ -74,6 +74,11 @@ type Config struct {
 	// it listens to. Past this it is disconnected (its session is kept).
 	// Default 10s.
 	WriteTimeout time.Duration
+	// RecheckInterval is how often the sessions on this node are checked
+	// against the store, which closes those whose identity was revoked
+	// through another node sharing it. Revocations through this node
+	// (Revoke) close sessions at once. Default 30s.
+	RecheckInterval time.Duration
 	// SessionExpiry is the longest a disconnected session is kept.
 	// Default 1h.
 	SessionExpiry time.Duration
@@ -117,6 +122,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.WriteTimeout == 0 {
 		c.WriteTimeout = 10 * time.Second
+	}
+	if c.RecheckInterval == 0 {
+		c.RecheckInterval = 30 * time.Second
 	}
 	if c.SessionExpiry == 0 {
 		c.SessionExpiry = time.Hour
@@ -212,7 +220,9 @@ type Broker struct {
 	watchers  map[string]struct{}
 	nwatchers atomic.Int64
 
-	serveDone chan struct{}  // closed when the accept loop has returned
+	serveDone chan struct{} // closed when the accept loop has returned
+	stop      chan struct{} // closed by Close: ends the recheck loop
+	recheckWG sync.WaitGroup
 	conns     sync.WaitGroup // connection goroutines, mochi's included
 	ackers    sync.WaitGroup // acker goroutines (see ack.go)
 	closeOnce sync.Once
@@ -237,6 +247,7 @@ func New(cfg Config, st Store) (*Broker, error) {
 		followers: make(map[string]map[*follower]struct{}),
 		watchers:  make(map[string]struct{}),
 		serveDone: make(chan struct{}),
+		stop:      make(chan struct{}),
 	}
 	b.w = newTelemetryWriter(st, b.log, b.stats, b.notifyFollowers)
 	b.tls = &tls.Config{
@@ -334,6 +345,7 @@ func (b *Broker) Start() error {
 	}
 	b.ln = gl
 	b.state = stateStarted
+	b.recheckWG.Go(b.recheckLoop)
 	b.log.Info().Str("addr", ln.Addr().String()).Msg("broker: listening")
 	return nil
 }
@@ -363,6 +375,8 @@ func (b *Broker) close() error {
 	b.mu.Unlock()
 
 	if started {
+		close(b.stop)
+		b.recheckWG.Wait()
 		_ = ln.Close()
 		<-b.serveDone
 		// No socket is accepted any more, so closing those open now ends

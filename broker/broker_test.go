@@ -225,6 +225,32 @@ func (p *pausingStore) Device(ctx context.Context, id string) (store.Device, err
 	return d, err
 }
 
+// A revocation made through another node sharing the store reaches this
+// node's sessions at the next recheck: it never calls this node's Revoke.
+func TestRecheckClosesRevokedElsewhere(t *testing.T) {
+	f := newFixture(t, func(c *Config) { c.RecheckInterval = 50 * time.Millisecond })
+	lost := map[string]chan error{}
+	for _, id := range []string{"dev-a", "dev-b"} {
+		ch := make(chan error, 1)
+		lost[id] = ch
+		connect(t, f.pahoOpts(id, f.clientTLS(f.device(t, id))).SetConnectionLostHandler(func(_ paho.Client, err error) { ch <- err }))
+	}
+	eventually(t, func() bool { return len(f.b.Online()) == 2 }, "both online")
+	if _, err := f.db.RevokeDevice(context.Background(), "dev-a", "another node", time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	receive(t, lost["dev-a"], "dev-a's disconnection")
+	eventually(t, func() bool { return slices.Equal(f.b.Online(), []string{"dev-b"}) }, "only dev-b online")
+	if got := f.b.Stats().Kicked[KickRevoked]; got != 1 {
+		t.Errorf("kicked revoked = %d, want 1", got)
+	}
+	select {
+	case err := <-lost["dev-b"]:
+		t.Fatalf("dev-b, not revoked, lost its connection: %v", err)
+	default:
+	}
+}
+
 func TestRevokeRacingConnect(t *testing.T) {
 	// A CONNECT whose store check read the identity before it was revoked,
 	// and that is admitted only after Revoke ran, must still be refused.

@@ -348,6 +348,63 @@ func (b *Broker) checkLeaf(ctx context.Context, leaf *x509.Certificate) (store.D
 	return dev, nil
 }
 
+// recheckLoop checks the sessions on this node against the store every
+// RecheckInterval until Close.
+func (b *Broker) recheckLoop() {
+	t := time.NewTicker(b.cfg.RecheckInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-b.stop:
+			return
+		case <-t.C:
+			b.recheck()
+		}
+	}
+}
+
+// recheck closes the connections whose identity or certificate the store
+// now says is revoked. Revoke does that at once for revocations made
+// through this node; this catches those made through another node sharing
+// the store, which cannot reach this one's sessions. A store that cannot
+// answer closes nothing: the handshake refuses new connections meanwhile.
+func (b *Broker) recheck() {
+	b.mu.Lock()
+	var conns []*conn
+	for _, ident := range b.idents {
+		for c := range ident.conns {
+			conns = append(conns, c)
+		}
+	}
+	b.mu.Unlock()
+	for _, c := range conns {
+		select {
+		case <-b.stop:
+			return
+		default:
+		}
+		certs := c.Conn.ConnectionState().PeerCertificates
+		if len(certs) == 0 {
+			continue
+		}
+		if _, r := b.checkLeaf(context.Background(), certs[0]); r == nil || r.reason != ReasonRevoked {
+			continue
+		}
+		c.revoked.Store(true)
+		b.mu.Lock()
+		cl, id := c.cl, c.id
+		b.mu.Unlock()
+		if cl == nil {
+			continue // refused at CONNECT by the flag
+		}
+		if !cl.Closed() {
+			b.stats.kicked.inc(KickRevoked)
+			b.log.Info().Str("id", id).Msg("broker: identity revoked elsewhere disconnected")
+		}
+		cl.Stop(errRevoked)
+	}
+}
+
 // verifyConnection refuses revoked and unknown certificates during the
 // handshake, resumed ones included.
 func (b *Broker) verifyConnection(cs tls.ConnectionState) error {
