@@ -49,7 +49,7 @@ type Store interface {
 type Config struct {
 	CA           *CA           // required
 	CertLifetime time.Duration // device certificate lifetime; default 30 days
-	RenewGrace   time.Duration // how long after expiry a certificate may still renew; default 7 days
+	RenewGrace   time.Duration // how long after expiry a certificate may still renew; default 7 days, NoRenewGrace for none
 	// BrokerURL is returned to devices; default "mqtts://<host the device used>:<MQTTPort>".
 	BrokerURL string
 	MQTTPort  int // default 8883
@@ -84,6 +84,10 @@ const (
 	OpEnroll = "enroll"
 	OpRenew  = "renew"
 )
+
+// NoRenewGrace as Config.RenewGrace turns renewal after expiry off (zero
+// means the default).
+const NoRenewGrace time.Duration = -1
 
 // MaxBodySize bounds every request body.
 const MaxBodySize = 64 << 10
@@ -123,10 +127,12 @@ func NewHandler(cfg Config, st Store) (*Handler, error) {
 	if cfg.CertLifetime < 10*time.Second {
 		return nil, fmt.Errorf("enroll: certificate lifetime %v is shorter than 10s", cfg.CertLifetime)
 	}
-	if cfg.RenewGrace == 0 {
+	switch {
+	case cfg.RenewGrace == 0:
 		cfg.RenewGrace = 7 * 24 * time.Hour
-	}
-	if cfg.RenewGrace < 0 {
+	case cfg.RenewGrace == NoRenewGrace:
+		cfg.RenewGrace = 0
+	case cfg.RenewGrace < 0:
 		return nil, fmt.Errorf("enroll: negative renewal grace %v", cfg.RenewGrace)
 	}
 	if cfg.MQTTPort == 0 {
@@ -611,8 +617,12 @@ func (h *Handler) refuseExpired(ctx context.Context, leaf *x509.Certificate, id 
 	if ValidateID(id) != nil {
 		id = "ID"
 	}
-	return Errorf(CodeCertExpired, "certificate expired more than %s ago; enroll again with a token that re-provisions this device "+
-		"(fleetmq token create --device %s --reprovision)", h.cfg.RenewGrace, id)
+	expired := "certificate expired"
+	if h.cfg.RenewGrace > 0 {
+		expired = fmt.Sprintf("certificate expired more than %s ago", h.cfg.RenewGrace)
+	}
+	return Errorf(CodeCertExpired, "%s; enroll again with a token that re-provisions this device "+
+		"(fleetmq token create --device %s --reprovision)", expired, id)
 }
 
 func parseProof(body []byte) (*x509.Certificate, *x509.CertificateRequest, error) {

@@ -245,6 +245,25 @@ func TestRenewExpiredBeyondGrace(t *testing.T) {
 	}
 }
 
+// TestRenewWithoutGrace: with NoRenewGrace an expired certificate never
+// renews, and is told so without a grace period in the message.
+func TestRenewWithoutGrace(t *testing.T) {
+	e := newESTEnv(t, estOptions{mutate: func(c *Config) { c.RenewGrace = NoRenewGrace }})
+	key := genP256(t)
+	leaf := e.enroll(t, e.mintToken(t, "pi-ng", 1), key, "pi-ng")
+	e.clock.Set(time.Until(leaf.NotAfter) + time.Minute)
+	for _, via := range renewVias {
+		rep := via.renew(t, e, leaf, key)
+		code, msg := apiError(t, rep)
+		if rep.status != 401 || code != CodeCertExpired || !strings.HasPrefix(msg, "certificate expired; enroll again") {
+			t.Errorf("%s: answer %d %s (%s), want 401 cert_expired", via.name, rep.status, code, msg)
+		}
+	}
+	if _, err := NewHandler(Config{CA: e.ca, RenewGrace: -time.Hour}, e.db); err == nil {
+		t.Error("a negative grace other than NoRenewGrace was accepted")
+	}
+}
+
 // TestEnrollFailureAudit: a failed enrollment names the device its token is
 // bound to (the store says so), never the id a CSR asks for.
 func TestEnrollFailureAudit(t *testing.T) {

@@ -24,11 +24,11 @@ func serve(ctx context.Context, args []string, env Env) error {
 	cfg.CertLifetime = 30 * 24 * 3600e9
 	fs.Var(durationValue{&cfg.CertLifetime}, "cert-lifetime", "device certificate lifetime")
 	cfg.RenewGrace = 7 * 24 * 3600e9
-	fs.Var(durationValue{&cfg.RenewGrace}, "renew-grace", "how long after expiry a device may still renew")
+	fs.Var(durationValue{&cfg.RenewGrace}, "renew-grace", "how long after expiry a device may still renew; 0: never")
 	fs.StringVar(&cfg.BrokerURL, "broker-url", "", "broker URL given to devices (default: mqtts://<host they used>:<mqtt port>)")
 	cfg.Retention = 7 * 24 * 3600e9
 	fs.Var(durationValue{&cfg.Retention}, "retention", "how long telemetry is kept")
-	fs.IntVar(&cfg.RetentionCount, "retention-count", 100_000, "most telemetry messages kept per device")
+	fs.IntVar(&cfg.RetentionCount, "retention-count", 100_000, "most telemetry messages kept per device; 0: no cap")
 	fs.IntVar(&cfg.Broker.MaxConnections, "max-connections", 10_000, "most concurrent MQTT connections")
 	fs.Var(durationValue{&cfg.Broker.HandshakeTimeout}, "handshake-timeout", "deadline for the TLS handshake and the MQTT CONNECT (default 10s)")
 	fs.Var(durationValue{&cfg.Broker.WriteTimeout}, "write-timeout", "longest a write to an MQTT client may block before it is disconnected (default 10s)")
@@ -42,6 +42,32 @@ func serve(ctx context.Context, args []string, env Env) error {
 	logFormat := fs.String("log-format", "auto", "json, console, or auto (console on a terminal)")
 	if err := fs.parse(args, 0); err != nil {
 		return err
+	}
+	// A zero would silently become the default (Config's zero values):
+	// given on the command line it is refused, or means none where none
+	// makes sense.
+	for name, bad := range map[string]bool{
+		"cert-lifetime":     cfg.CertLifetime <= 0,
+		"retention":         cfg.Retention <= 0,
+		"max-connections":   cfg.Broker.MaxConnections <= 0,
+		"handshake-timeout": cfg.Broker.HandshakeTimeout <= 0,
+		"write-timeout":     cfg.Broker.WriteTimeout <= 0,
+		"max-packet-size":   *maxPacket == 0,
+		"publish-rate":      cfg.Broker.PublishRate <= 0,
+		"publish-burst":     cfg.Broker.PublishBurst <= 0,
+	} {
+		if bad && fs.given(name) {
+			return usagef("--%s must be more than 0", name)
+		}
+	}
+	switch {
+	case cfg.RetentionCount < 0:
+		return usagef("--retention-count must be 0 (no cap) or more")
+	case cfg.RetentionCount == 0:
+		cfg.RetentionCount = server.NoLimit
+	}
+	if fs.given("renew-grace") && cfg.RenewGrace == 0 {
+		cfg.RenewGrace = server.NoLimit // no renewal after expiry
 	}
 	cfg.DataDir = *fs.data
 	cfg.Broker.MaxPacketSize = uint32(*maxPacket)

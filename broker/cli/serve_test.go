@@ -2,6 +2,9 @@ package cli
 
 import (
 	"bytes"
+	"context"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 )
@@ -33,5 +36,27 @@ func TestLoggerRefusesUnknownSettings(t *testing.T) {
 	}
 	if _, err := newLogger(&buf, "info", "xml", false); err == nil || !strings.Contains(err.Error(), `"xml"`) {
 		t.Errorf("format: %v", err)
+	}
+}
+
+// A zero would silently become the default: given on the command line it
+// is refused before anything starts, or means none where none makes sense.
+func TestServeRefusesZeroLimits(t *testing.T) {
+	for _, args := range [][]string{
+		{"--retention", "0"}, {"--cert-lifetime", "0s"}, {"--max-connections", "0"}, {"--handshake-timeout", "0s"},
+		{"--write-timeout", "0s"}, {"--max-packet-size", "0"}, {"--publish-rate", "0"}, {"--publish-burst", "-1"},
+		{"--retention-count", "-5"},
+	} {
+		data := filepath.Join(t.TempDir(), "data")
+		var out, errs bytes.Buffer
+		code := Main(context.Background(), append([]string{"serve", "--data", data}, args...), Env{
+			Stdout: &out, Stderr: &errs, Getenv: func(string) string { return "" },
+		})
+		if code != 2 || !strings.Contains(errs.String(), args[0]+" must be") {
+			t.Errorf("%v: exit %d: %s", args, code, errs.String())
+		}
+		if _, err := os.Stat(data); !os.IsNotExist(err) {
+			t.Errorf("%v: the data folder was created", args)
+		}
 	}
 }

@@ -40,7 +40,9 @@ type Config struct {
 	CAKeyFile  string   // its key; both or neither
 	// CertLifetime is the device certificate lifetime; default 30 days.
 	CertLifetime time.Duration
-	// RenewGrace is how long after expiry a device may still renew; default 7 days.
+	// RenewGrace is how long after expiry a device may still renew;
+	// default 7 days, NoLimit for none (an expired certificate never
+	// renews).
 	RenewGrace time.Duration
 	// BrokerURL is handed to enrolling devices; default built from the host
 	// name the device used and the MQTT port.
@@ -50,7 +52,8 @@ type Config struct {
 	ServerCertLifetime time.Duration
 	// Retention is how long telemetry is kept; default 7 days.
 	Retention time.Duration
-	// RetentionCount is the most messages kept per device; default 100,000.
+	// RetentionCount is the most messages kept per device; default
+	// 100,000, NoLimit for no count cap.
 	RetentionCount int
 	// Broker holds the MQTT limits; Addr, certificates and Logger are set by the server.
 	Broker broker.Config
@@ -200,6 +203,9 @@ func New(cfg Config) (_ *Server, err error) {
 
 	ec := cfg.Enroll
 	ec.CA, ec.CertLifetime, ec.RenewGrace, ec.BrokerURL = s.ca, cfg.CertLifetime, cfg.RenewGrace, cfg.BrokerURL
+	if cfg.RenewGrace == NoLimit {
+		ec.RenewGrace = enroll.NoRenewGrace
+	}
 	ec.Logger, ec.Now = cfg.Logger.With().Str("component", "enroll").Logger(), cfg.Now
 	ec.Observe = chain(ec.Observe, s.metrics.ObserveEnroll)
 	from, to, restored, err := s.db.RestoredWindow(context.Background(), cfg.Now())
@@ -270,6 +276,10 @@ func (s *Server) dashboardLogin() (string, error) {
 	}
 	return s.ui.LoginURL()
 }
+
+// NoLimit, as Config.RetentionCount, means no count cap; as
+// Config.RenewGrace, no renewal after expiry. (Zero means the default.)
+const NoLimit = -1
 
 // enabled reports whether an optional listener address asks for one.
 func enabled(addr string) bool { return addr != "" && addr != "off" }
