@@ -443,7 +443,6 @@ func (b *Broker) Revoke(id string) {
 	}
 }
 
-// Online returns the ids of the identities connected to this node, sorted.
 // UnwrittenPresence returns, by identity, the presence changes this node
 // has seen but not yet stored: they are written at most presenceDelay
 // later, and until then they are newer than the store's.
@@ -451,6 +450,7 @@ func (b *Broker) UnwrittenPresence() map[string]store.Presence {
 	return b.w.unwrittenPresence()
 }
 
+// Online returns the ids of the identities connected to this node, sorted.
 func (b *Broker) Online() []string {
 	b.mu.Lock()
 	ids := make([]string, 0, len(b.idents))
