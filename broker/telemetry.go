@@ -255,8 +255,14 @@ func (w *telemetryWriter) write(b *batch) {
 	})
 	err := w.st.AppendTelemetry(context.Background(), b.msgs)
 	code := packets.CodeSuccess
+	// Counted before anyone is answered: a publisher that has its answer
+	// finds the outcome in the metrics.
 	if err != nil {
 		code = packets.ErrUnspecifiedError
+		w.stats.failed.Add(uint64(len(b.msgs)))
+	} else {
+		w.stats.stored.Add(uint64(len(b.msgs)))
+		w.stats.commits.Add(1)
 	}
 	for _, r := range b.reqs {
 		if r.done != nil {
@@ -266,11 +272,8 @@ func (w *telemetryWriter) write(b *batch) {
 		}
 	}
 	if err != nil {
-		w.stats.failed.Add(uint64(len(b.msgs)))
 		w.log.Error().Err(err).Int("messages", len(b.msgs)).Msg("broker: storing telemetry failed")
 	} else {
-		w.stats.stored.Add(uint64(len(b.msgs)))
-		w.stats.commits.Add(1)
 		w.notify(b.msgs)
 	}
 	clear(b.msgs)
