@@ -109,6 +109,14 @@ type Handler struct {
 
 	crlMu sync.Mutex
 	crl   []byte
+
+	// Rebuilds of the CRL run one at a time, and a call is answered by
+	// any rebuild that began after it was made (see RefreshCRL).
+	rebuild  sync.Mutex
+	genMu    sync.Mutex
+	asked    uint64 // calls made
+	built    uint64 // calls covered by the last rebuild
+	builtErr error  // its outcome
 }
 
 // NewHandler returns the enrollment handler.
@@ -260,7 +268,36 @@ func (h *Handler) currentCRL(ctx context.Context) ([]byte, error) {
 
 // RefreshCRL regenerates the CRL from the store. Call it after every
 // revocation and periodically, well before CRLValidity runs out.
+//
+// Rebuilds run one at a time, so an older CRL never replaces a newer one,
+// and calls made while one runs share the next: it reads the store after
+// all of them, and each rebuild reads every revoked certificate and signs
+// them all (30-40 ms at 3,000), so revocations in bulk no longer pay one
+// each.
 func (h *Handler) RefreshCRL(ctx context.Context) error {
+	h.genMu.Lock()
+	h.asked++
+	mine := h.asked
+	h.genMu.Unlock()
+	h.rebuild.Lock()
+	defer h.rebuild.Unlock()
+	h.genMu.Lock()
+	if h.built >= mine {
+		err := h.builtErr
+		h.genMu.Unlock()
+		return err
+	}
+	covers := h.asked
+	h.genMu.Unlock()
+	// Shared: one caller giving up must not fail the others.
+	err := h.rebuildCRL(context.WithoutCancel(ctx))
+	h.genMu.Lock()
+	h.built, h.builtErr = covers, err
+	h.genMu.Unlock()
+	return err
+}
+
+func (h *Handler) rebuildCRL(ctx context.Context) error {
 	revoked, err := h.st.RevokedCerts(ctx)
 	if err != nil {
 		return fmt.Errorf("enroll: list revoked certificates: %w", err)
