@@ -325,7 +325,17 @@ func (b *Broker) Start() error {
 		return fmt.Errorf("broker: listen: %w", err)
 	}
 	gl := newGuardedListener(ln, b.cfg.MaxConnections, b.cfg.HandshakeTimeout)
-	gl.onRefuse = func() { b.stats.refused.inc(ReasonMaxConnections) }
+	var warned atomic.Int64 // when the limit was last logged, UnixNano
+	gl.onRefuse = func() {
+		b.stats.refused.inc(ReasonMaxConnections)
+		// Devices only see a closed socket: the log says why, once a
+		// minute at most.
+		now, last := time.Now().UnixNano(), warned.Load()
+		if now-last >= int64(time.Minute) && warned.CompareAndSwap(last, now) {
+			b.log.Warn().Int("max_connections", b.cfg.MaxConnections).
+				Msg("broker: refusing connections: the connection limit is reached (--max-connections; every refusal is counted in fleetmq_mqtt_connect_refusals_total{reason=\"max_connections\"})")
+		}
+	}
 	gl.onError = func(err error, backoff time.Duration) {
 		b.stats.acceptErrors.Add(1)
 		b.log.Warn().Err(err).Stringer("retry_in", backoff).Msg("broker: accept failed")

@@ -10,6 +10,7 @@ import (
 	"net"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -881,6 +882,14 @@ func TestMaxConnections(t *testing.T) {
 	}
 	if got := f.b.Stats().Refused[ReasonMaxConnections]; got != 1 {
 		t.Fatalf("max_connections refusals = %d, want 1", got)
+	}
+	if c, err := net.Dial("tcp", f.addr); err == nil { // refused too, not logged again
+		_, _ = c.Read(make([]byte, 1))
+		_ = c.Close()
+	}
+	eventually(t, func() bool { return f.b.Stats().Refused[ReasonMaxConnections] == 2 }, "a second refusal")
+	if n := strings.Count(f.logs.String(), "the connection limit is reached"); n != 1 {
+		t.Errorf("the limit was logged %d times for 2 refusals, want once", n)
 	}
 
 	_ = idle[0].Close()
