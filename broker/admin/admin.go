@@ -360,9 +360,32 @@ func (h *Handler) bindError(ctx context.Context, req TokenRequest, ids []string,
 		case d.Revoked():
 			return fail(enroll.CodeIDTaken, "device %s exists and was revoked; revoked ids are never used again: bind the token to a new id", id)
 		}
+		if req.Prefix != "" {
+			return fail(enroll.CodeIDTaken, "device %s already exists; ids are for life, so a batch starts after the ids taken: --start %d (nothing was minted)", id, h.nextFree(ctx, req.Prefix))
+		}
 		return fail(enroll.CodeIDTaken, "device %s already exists; to let this token enroll it again (a new key and certificate, e.g. after its certificate expired beyond the renewal grace), make it a re-provisioning token (token create --reprovision, or the dashboard's \"enroll it again\" box)", id)
 	}
 	return nil
+}
+
+// nextFree is one more than the largest number after prefix in an
+// identity's id (revoked ones included), or 1.
+func (h *Handler) nextFree(ctx context.Context, prefix string) int {
+	devs, err := h.st.Devices(ctx)
+	if err != nil {
+		return 1
+	}
+	next := 1
+	for _, d := range devs {
+		num, ok := strings.CutPrefix(d.ID, prefix)
+		if !ok {
+			continue
+		}
+		if n, err := strconv.Atoi(num); err == nil && n >= next {
+			next = n + 1
+		}
+	}
+	return next
 }
 
 func checkLabels(labels map[string]string) error {
