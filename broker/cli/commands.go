@@ -569,7 +569,9 @@ func telemetryCmd(ctx context.Context, args []string, env Env) error {
 	if *limit < 1 || *limit > 100_000 {
 		return usagef("--limit must be between 1 and 100000")
 	}
-	return fs.client().Telemetry(ctx, fs.Arg(0), *since, *limit, *follow, func(r admin.TelemetryRecord) error {
+	n := 0
+	err := fs.client().Telemetry(ctx, fs.Arg(0), *since, *limit, *follow, func(r admin.TelemetryRecord) error {
+		n++
 		if *fs.json {
 			b, err := json.Marshal(r)
 			if err != nil {
@@ -590,4 +592,13 @@ func telemetryCmd(ctx context.Context, args []string, env Env) error {
 		_, err := fmt.Fprintf(env.Stdout, "%s  %s  %s\n", r.Received.Local().Format("2006-01-02 15:04:05.000"), terminalSafe(r.Topic), terminalSafe(payload))
 		return err
 	})
+	if err == nil && n == 0 && !*follow {
+		// On stderr: stdout stays empty for scripts (and valid for --json).
+		window := "stored"
+		if *since != "" {
+			window = "since " + *since
+		}
+		fmt.Fprintf(env.Stderr, "no telemetry from %s %s\n", fs.Arg(0), window)
+	}
+	return err
 }

@@ -138,6 +138,10 @@ func TestOperatorCLI(t *testing.T) {
 			t.Errorf("%v: %d %s", args, code, errs)
 		}
 	}
+	// Nothing to show is said, on stderr: stdout stays empty for scripts.
+	if out, errs, code := s.cli(t, "telemetry", "pi-cli", "--since", "1d"); code != 0 || out != "" || errs != "no telemetry from pi-cli since 1d\n" {
+		t.Errorf("telemetry of a device without messages: exit %d, stdout %q, stderr %q", code, out, errs)
+	}
 	for _, args := range [][]string{{"audit", "--since", "-1h"}, {"audit", "--since", "NaNd"}} {
 		if _, errs, code := s.cli(t, args...); code != 1 || !strings.Contains(errs, "bad_request") {
 			t.Errorf("%v: %d %s", args, code, errs)
