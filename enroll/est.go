@@ -125,13 +125,17 @@ func (h *Handler) estEnroll(r *http.Request, remote string) (*x509.Certificate, 
 	if err != nil {
 		return nil, store.AuditEvent{}, err
 	}
-	tok, who, err := h.checkToken(r.Context(), secret)
-	if err != nil {
-		return nil, who, err
+	tok, who, tokErr := h.checkToken(r.Context(), secret)
+	spent := spentToken(tok, tokErr)
+	if tokErr != nil && !spent {
+		return nil, who, tokErr
 	}
 	csr, err := readESTCSR(r)
 	if err != nil {
 		return nil, who, err
+	}
+	if spent {
+		return h.repeatEnrollment(r.Context(), tok, tokErr, csr, remote, who)
 	}
 	cert, err := h.enrollCSR(r.Context(), tok, csr, remote)
 	return cert, who, err

@@ -380,9 +380,10 @@ func (h *Handler) enroll(r *http.Request, remote string) (*x509.Certificate, sto
 	if err != nil {
 		return nil, store.AuditEvent{}, err
 	}
-	tok, who, err := h.checkToken(r.Context(), secret)
-	if err != nil {
-		return nil, who, err
+	tok, who, tokErr := h.checkToken(r.Context(), secret)
+	spent := spentToken(tok, tokErr)
+	if tokErr != nil && !spent {
+		return nil, who, tokErr
 	}
 	if err := csrContentType(r); err != nil {
 		return nil, who, err
@@ -395,8 +396,62 @@ func (h *Handler) enroll(r *http.Request, remote string) (*x509.Certificate, sto
 	if err != nil {
 		return nil, who, err
 	}
+	if spent {
+		return h.repeatEnrollment(r.Context(), tok, tokErr, csr, remote, who)
+	}
 	cert, err := h.enrollCSR(r.Context(), tok, csr, remote)
 	return cert, who, err
+}
+
+// spentToken reports whether err, from checkToken, is about a token that
+// did its job: used up (and perhaps expired since). Its enrollment may be
+// repeated (repeatEnrollment).
+func spentToken(tok store.Token, err error) bool {
+	return errors.Is(err, store.ErrTokenUsed) || errors.Is(err, store.ErrTokenExpired) && tok.MaxUses > 0 && tok.Uses >= tok.MaxUses
+}
+
+// repeatEnrollment answers an enrollment whose token is spent with the
+// certificate that token already gave the key in csr, when the device
+// still holds it: the request is a retry whose answer was lost (a
+// cellular link dropping the response after the server committed), and
+// without it the device is left with no certificate and its token gone.
+// The CSR's signature proves the key; a certificate the device holds is
+// sent again, nothing is issued. Otherwise it returns refusal, worded for
+// a device that may be in that case.
+func (h *Handler) repeatEnrollment(ctx context.Context, tok store.Token, refusal error, csr *x509.CertificateRequest, remote string, who store.AuditEvent) (*x509.Certificate, store.AuditEvent, error) {
+	if errors.Is(refusal, store.ErrTokenUsed) {
+		refusal = &Error{Code: CodeTokenUsed, Err: refusal,
+			Message: "token has no uses left; a device that enrolled with it and lost the answer gets its certificate by enrolling again with the same key (device-agent does)"}
+	}
+	id := tok.DeviceID
+	if id == "" {
+		id = csr.Subject.CommonName
+	}
+	if ValidateID(id) != nil {
+		return nil, who, refusal
+	}
+	d, err := h.st.Device(ctx, id)
+	if err != nil || d.Revoked() || d.Role != store.RoleDevice {
+		return nil, who, refusal
+	}
+	rec, err := h.st.Cert(ctx, d.Serial)
+	if err != nil || rec.Revoked() || rec.DeviceID != id || rec.IssuedAt.Before(tok.CreatedAt) {
+		return nil, who, refusal
+	}
+	cert, err := x509.ParseCertificate(rec.DER)
+	if err != nil || !h.cfg.Now().Before(cert.NotAfter) {
+		return nil, who, refusal
+	}
+	pub, ok := cert.PublicKey.(interface{ Equal(crypto.PublicKey) bool })
+	if !ok || !pub.Equal(csr.PublicKey) {
+		return nil, who, refusal
+	}
+	ev := store.AuditEvent{Time: h.cfg.Now(), Action: store.ActEnrollRepeat, DeviceID: id, Serial: rec.Serial,
+		TokenID: who.TokenID, Remote: remote, Detail: "the answer to an earlier enrollment with this token and key, sent again"}
+	if err := h.st.AppendAudit(ctx, ev); err != nil {
+		return nil, who, err
+	}
+	return cert, who, nil
 }
 
 // checkToken checks the shape of a bootstrap token, that it was minted for
@@ -423,7 +478,9 @@ func (h *Handler) checkToken(ctx context.Context, secret string) (store.Token, s
 	}
 	who.DeviceID = stored.DeviceID
 	if err := stored.Check(h.cfg.Now()); err != nil {
-		return store.Token{}, who, err
+		// The token goes with the error: a spent one may be repeated
+		// (repeatEnrollment).
+		return stored, who, err
 	}
 	return stored, who, nil
 }

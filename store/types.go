@@ -141,12 +141,16 @@ const (
 	ActOperatorIssue = "operator.issue"
 	ActBackup        = "store.backup"
 	ActCertAdopt     = "cert.adopt"
+	// ActEnrollRepeat: an enrollment with a used-up token and the key it
+	// was used for got the certificate already issued, again.
+	ActEnrollRepeat = "enroll.repeat"
 )
 
 // AuditActions lists every audit action, for filters.
 var AuditActions = []string{
 	ActTokenCreate, ActTokenUse, ActTokenFail, ActTokenRevoke, ActCertIssue, ActCertRenew,
 	ActRenewFail, ActDeviceRevoke, ActReprovision, ActServiceIssue, ActOperatorIssue, ActBackup, ActCertAdopt,
+	ActEnrollRepeat,
 }
 
 // AuditEvent is one append-only audit record.

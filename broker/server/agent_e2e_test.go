@@ -9,7 +9,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"math"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -17,6 +20,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -58,6 +62,10 @@ func TestAgentEndToEnd(t *testing.T) {
 		t.Parallel()
 		testAgentServerRestored(t, builds.get(t, "amd64"))
 	})
+	t.Run("LostEnrollAnswer", func(t *testing.T) {
+		t.Parallel()
+		testAgentLostEnrollAnswer(t, builds.get(t, "amd64"))
+	})
 	for _, arch := range []string{"armv7", "arm64"} {
 		t.Run("Qemu_"+arch, func(t *testing.T) {
 			if testing.Short() {
@@ -67,6 +75,87 @@ func TestAgentEndToEnd(t *testing.T) {
 			testAgentUnderQemu(t, builds.get(t, arch))
 		})
 	}
+}
+
+// testAgentLostEnrollAnswer: the answer to an enrollment is lost after the
+// server committed it (QA on a lossy link: the token was gone and the
+// device had no certificate). Enrolling again with the same used-up token
+// gets the certificate issued the first time.
+func testAgentLostEnrollAnswer(t *testing.T, bin agentBinary) {
+	s := startServer(t)
+	tok := s.token(t, "--device", "pi-lost")
+	proxy := dropAnswer(t, s)
+	dir := filepath.Join(t.TempDir(), "state")
+	enroll := func() (string, string, int) {
+		return bin.exec(t, tok+"\n", "enroll", "--server", "https://"+proxy, "--token", "-", "--state-dir", dir)
+	}
+	if out, errs, code := enroll(); code == 0 {
+		t.Fatalf("enroll through a link that drops the answer succeeded:\n%s%s", out, errs)
+	}
+	issued := s.deviceInfo(t, "pi-lost").Serial
+	if issued == "" {
+		t.Fatal("the server did not issue a certificate: the answer was not lost after the commit")
+	}
+	out, errs, code := enroll()
+	if code != 0 || !strings.HasPrefix(out, "enrolled as pi-lost") {
+		t.Fatalf("enroll again with the used-up token: exit %d\n%s%s", code, out, errs)
+	}
+	if st := bin.status(t, dir); st.Serial != issued {
+		t.Errorf("the device holds serial %s, want the one issued first, %s", st.Serial, issued)
+	}
+	if s.deviceInfo(t, "pi-lost").Serial != issued {
+		t.Error("a second certificate was issued")
+	}
+	if _, err := os.Stat(filepath.Join(dir, "enroll-key.pem")); !os.IsNotExist(err) {
+		t.Errorf("the pending enrollment key is left in the state folder: %v", err)
+	}
+	audit, _, _ := s.cli(t, "audit", "--device", "pi-lost")
+	if !strings.Contains(audit, "enroll.repeat") {
+		t.Errorf("no enroll.repeat in the audit:\n%s", audit)
+	}
+}
+
+// dropAnswer is an HTTPS proxy to s (with a server certificate of its CA)
+// that passes the first POST /v1/enroll on and cuts the connection instead
+// of answering, as a link losing the answer after the server committed
+// does.
+func dropAnswer(tb testing.TB, s *testServer) string {
+	tb.Helper()
+	cert, err := s.CA().IssueServer([]string{"127.0.0.1"}, time.Hour)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	up := s.client(nil)
+	var dropped atomic.Bool
+	p := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		req, err := http.NewRequestWithContext(r.Context(), r.Method, s.url(r.URL.RequestURI()), r.Body)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusBadGateway)
+			return
+		}
+		req.Header = r.Header.Clone()
+		resp, err := up.Do(req)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusBadGateway)
+			return
+		}
+		defer resp.Body.Close()
+		if r.URL.Path == "/v1/enroll" && dropped.CompareAndSwap(false, true) {
+			if c, _, err := http.NewResponseController(w).Hijack(); err == nil {
+				c.Close()
+			}
+			return
+		}
+		for k, v := range resp.Header {
+			w.Header()[k] = v
+		}
+		w.WriteHeader(resp.StatusCode)
+		_, _ = io.Copy(w, resp.Body)
+	}))
+	p.TLS = &tls.Config{Certificates: []tls.Certificate{cert}}
+	p.StartTLS()
+	tb.Cleanup(p.Close)
+	return p.Listener.Addr().String()
 }
 
 // realClock runs a node on the wall clock: the agent is another process on

@@ -93,7 +93,7 @@ func Enroll(ctx context.Context, cfg Config, opts EnrollOptions) (EnrollResult, 
 	if err != nil {
 		return EnrollResult{}, err
 	}
-	key, err := newKey()
+	key, err := pendingKey(dir)
 	if err != nil {
 		return EnrollResult{}, err
 	}
@@ -114,6 +114,9 @@ func Enroll(ctx context.Context, cfg Config, opts EnrollOptions) (EnrollResult, 
 	}
 	if err := commitIdentity(dir, id); err != nil {
 		return EnrollResult{}, err
+	}
+	if err := os.Remove(filepath.Join(dir, pendingKeyFile)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return EnrollResult{}, fmt.Errorf("remove the enrolled key's pending copy: %w", err)
 	}
 	if cur != nil && cur.deviceID != id.deviceID {
 		// Buffered telemetry belongs to the previous device; sent under the
@@ -144,6 +147,33 @@ func Enroll(ctx context.Context, cfg Config, opts EnrollOptions) (EnrollResult, 
 	}
 	cfg.Logger.Info().Str("device_id", id.deviceID).Time("not_after", id.leaf.NotAfter).Msg("enrolled")
 	return EnrollResult{DeviceID: id.deviceID, NotAfter: id.leaf.NotAfter, BrokerURL: brokerURL}, nil
+}
+
+// pendingKey returns the key of an enrollment not yet answered, made and
+// saved (0600) before its first request. A retry sends a CSR for the same
+// key: the server answers a used-up token with the certificate it already
+// issued to that key, so an answer lost on the way (a dropped cellular
+// link after the server committed) costs a retry, not the token.
+func pendingKey(dir string) (crypto.Signer, error) {
+	path := filepath.Join(dir, pendingKeyFile)
+	if b, err := os.ReadFile(path); err == nil {
+		if k, err := parseKey(b); err == nil {
+			return k, nil
+		}
+		// Unreadable: it was never sent whole, a new one is as good.
+	}
+	k, err := newKey()
+	if err != nil {
+		return nil, err
+	}
+	pemKey, err := marshalKey(k)
+	if err != nil {
+		return nil, err
+	}
+	if err := writeFileAtomic(path, pemKey, 0o600); err != nil {
+		return nil, fmt.Errorf("save the enrollment key: %w", err)
+	}
+	return k, nil
 }
 
 // fetchPinnedCA gets GET /v1/ca over a connection accepted only if the server
@@ -241,6 +271,12 @@ func enrollAdvice(err error, id string) error {
 	case se.Code == codeIDTaken:
 		return fmt.Errorf("%w: ids are for life; use another id, or ask the operator for a token that re-provisions "+
 			"this device (fleetmq token create --device ID --reprovision)", err)
+	case se.Code == codeTokenUsed:
+		// This device asked with the key it kept for this enrollment: had
+		// the token enrolled it, the server would have answered with that
+		// certificate.
+		return fmt.Errorf("%w: the token enrolled another key (another device, or this one before its state folder was reset); "+
+			"ask the operator for a new token (one that re-provisions the device if it exists: fleetmq token create --device ID --reprovision)", err)
 	}
 	return err
 }

@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"net/http"
@@ -239,6 +240,38 @@ func TestEnrollWarnsOfClockSkew(t *testing.T) {
 	}
 }
 
+// An enrollment whose answer was lost is retried with the same key (the
+// server answers a used-up token with the certificate it gave that key),
+// kept 0600 in the state folder until the enrollment is committed.
+func TestEnrollRetrySendsTheSameKey(t *testing.T) {
+	f := newFakeServer(t, newTestCA(t))
+	f.set(func(f *fakeServer) { f.dropEnroll = 1 })
+	dir := t.TempDir()
+	if _, err := Enroll(context.Background(), testConfig(t, dir), EnrollOptions{ServerURL: f.srv.URL, Token: f.goodToken(), DeviceID: "pi-1"}); err == nil {
+		t.Fatal("Enroll succeeded although its answer was lost")
+	}
+	if fi, err := os.Stat(filepath.Join(dir, pendingKeyFile)); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("pending key after a lost answer: %v %v", fi, err)
+	}
+	enrollTest(t, f, dir, "pi-1")
+	f.mu.Lock()
+	keys := f.enrollKeys
+	f.mu.Unlock()
+	if len(keys) != 2 || !bytes.Equal(keys[0], keys[1]) {
+		t.Fatalf("%d enroll requests, same key: %v; want 2 with the same key", len(keys), len(keys) == 2 && bytes.Equal(keys[0], keys[1]))
+	}
+	id, err := loadIdentity(dir, zerolog.Nop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if pub, _ := x509.MarshalPKIXPublicKey(id.key.Public()); !bytes.Equal(pub, keys[0]) {
+		t.Error("the committed key is not the one sent")
+	}
+	if _, err := os.Stat(filepath.Join(dir, pendingKeyFile)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("pending key left after the enrollment: %v", err)
+	}
+}
+
 func TestEnrollRefusedWhileRunningWithForce(t *testing.T) {
 	f := newFakeServer(t, newTestCA(t))
 	dir := t.TempDir()
@@ -404,7 +437,7 @@ func TestEnrollAdvice(t *testing.T) {
 		{wrap(codeIDInvalid), "Bad/Id", ""},
 		{wrap(codeIDTaken), "pi-1", "--reprovision"},
 		{&ServerError{Status: 409, Code: codeIDTaken, Message: "device id already taken: it was revoked, and revoked ids are never used again"}, "pi-1", "under another id (--id)"},
-		{wrap(codeTokenUsed), "", ""},
+		{wrap(codeTokenUsed), "", "the token enrolled another key"},
 		{errors.New("dial: refused"), "", ""},
 	}
 	for _, c := range cases {

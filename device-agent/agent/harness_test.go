@@ -48,6 +48,8 @@ type fakeServer struct {
 	dateOffset time.Duration   // added to the Date header
 	renewMTLS  int
 	renewProof int
+	dropEnroll int      // enroll answers to cut off, as a link losing them
+	enrollKeys [][]byte // the public key (PKIX DER) of each enroll CSR
 }
 
 func newFakeServer(tb testing.TB, ca *testCA) *fakeServer {
@@ -149,6 +151,20 @@ func (f *fakeServer) enroll(w http.ResponseWriter, r *http.Request) {
 	id := csr.Subject.CommonName
 	if id == "" {
 		id = f.boundID
+	}
+	pub, _ := x509.MarshalPKIXPublicKey(csr.PublicKey)
+	f.mu.Lock()
+	f.enrollKeys = append(f.enrollKeys, pub)
+	drop := f.dropEnroll > 0
+	if drop {
+		f.dropEnroll--
+	}
+	f.mu.Unlock()
+	if drop {
+		if c, _, err := http.NewResponseController(w).Hijack(); err == nil {
+			c.Close()
+		}
+		return
 	}
 	f.issue(w, http.StatusCreated, csr, id)
 }

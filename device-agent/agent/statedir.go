@@ -18,16 +18,19 @@ import (
 
 // Files of the state folder.
 const (
-	keyFile      = "key.pem"
-	certFile     = "cert.pem"
-	caFile       = "ca.pem"
-	stateFile    = "state.json"
-	queueDir     = "queue"
-	runLock      = "run.lock"
-	identityLock = "identity.lock"
-	stateLock    = "state.lock"
-	nextSuffix   = ".next" // a half-committed key pair, see commitIdentity
-	tempMarker   = ".tmp-"
+	keyFile   = "key.pem"
+	certFile  = "cert.pem"
+	caFile    = "ca.pem"
+	stateFile = "state.json"
+	// pendingKeyFile is the key of an enrollment not yet answered
+	// (pendingKey).
+	pendingKeyFile = "enroll-key.pem"
+	queueDir       = "queue"
+	runLock        = "run.lock"
+	identityLock   = "identity.lock"
+	stateLock      = "state.lock"
+	nextSuffix     = ".next" // a half-committed key pair, see commitIdentity
+	tempMarker     = ".tmp-"
 )
 
 // writeFileAtomic replaces path with data so that a crash or power loss
