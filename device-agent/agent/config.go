@@ -77,6 +77,12 @@ type Config struct {
 	KeepAlive time.Duration
 	// HTTPTimeout bounds one request to the enrollment server. Default 30s.
 	HTTPTimeout time.Duration
+	// EnrollAttempts is how many times enroll tries a link that drops or
+	// a busy server before it gives up. Default 4.
+	EnrollAttempts int
+	// EnrollRetryBase is the first wait between enroll attempts; each
+	// doubles it, plus up to half of jitter. Default 2s.
+	EnrollRetryBase time.Duration
 	// CertCheckInterval is how often cert.pem is checked for a certificate
 	// renewed by another process. Default 1m.
 	CertCheckInterval time.Duration
@@ -135,6 +141,10 @@ func (c Config) withDefaults() Config {
 	setDur(&c.PublishTimeout, 30*time.Second)
 	setDur(&c.KeepAlive, 60*time.Second)
 	setDur(&c.HTTPTimeout, 30*time.Second)
+	setDur(&c.EnrollRetryBase, 2*time.Second)
+	if c.EnrollAttempts == 0 {
+		c.EnrollAttempts = 4
+	}
 	setDur(&c.CertCheckInterval, time.Minute)
 	setDur(&c.StateInterval, 5*time.Minute)
 	setDur(&c.ClockPollInterval, 30*time.Second)

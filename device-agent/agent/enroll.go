@@ -7,11 +7,14 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"io"
+	"net"
 	"net/http"
 	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"time"
 	"unicode"
 )
@@ -89,25 +92,28 @@ func Enroll(ctx context.Context, cfg Config, opts EnrollOptions) (EnrollResult, 
 		}
 	}
 
-	caCert, err := fetchPinnedCA(ctx, cfg, base, tok.fingerprint)
-	if err != nil {
-		return EnrollResult{}, err
-	}
 	key, err := pendingKey(dir)
 	if err != nil {
 		return EnrollResult{}, err
 	}
-	csrPEM, _, err := makeCSR(key, opts.DeviceID)
-	if err != nil {
-		return EnrollResult{}, err
-	}
-	c := newServerClient(base, trustedTLS(certPool(caCert), base.Hostname(), nil, cfg.Now), cfg)
 	var resp certResponse
-	hdr := http.Header{"Authorization": {"Bearer " + tok.raw}}
-	if _, err := c.do(ctx, http.MethodPost, "/v1/enroll", "application/pkcs10", hdr, csrPEM, &resp); err != nil {
-		return EnrollResult{}, fmt.Errorf("enroll: %w", enrollAdvice(err, opts.DeviceID))
+	for attempt := 1; ; attempt++ {
+		err = exchange(ctx, cfg, base, tok, key, opts.DeviceID, &resp)
+		if err == nil {
+			break
+		}
+		wait, again := enrollRetry(ctx, cfg, err, attempt)
+		if !again {
+			return EnrollResult{}, err
+		}
+		cfg.Logger.Warn().Err(err).Str("retry_in", wait.Round(time.Second).String()).Int("attempt", attempt).
+			Msg("enrollment failed; trying again (safe: the same key is sent, and a used token answers with its certificate)")
+		select {
+		case <-ctx.Done():
+			return EnrollResult{}, fmt.Errorf("%w (gave up: %w)", err, ctx.Err())
+		case <-time.After(wait):
+		}
 	}
-	c.warnSkew()
 	id, brokerURL, err := acceptCertResponse(key, resp, opts.DeviceID)
 	if err != nil {
 		return EnrollResult{}, fmt.Errorf("enroll: %w", err)
@@ -147,6 +153,67 @@ func Enroll(ctx context.Context, cfg Config, opts EnrollOptions) (EnrollResult, 
 	}
 	cfg.Logger.Info().Str("device_id", id.deviceID).Time("not_after", id.leaf.NotAfter).Msg("enrolled")
 	return EnrollResult{DeviceID: id.deviceID, NotAfter: id.leaf.NotAfter, BrokerURL: brokerURL}, nil
+}
+
+// exchange pins the CA and sends the CSR for key: the network part of an
+// enrollment, which may be tried again.
+func exchange(ctx context.Context, cfg Config, base *url.URL, tok bootstrapToken, key crypto.Signer, id string, resp *certResponse) error {
+	caCert, err := fetchPinnedCA(ctx, cfg, base, tok.fingerprint)
+	if err != nil {
+		return err
+	}
+	csrPEM, _, err := makeCSR(key, id)
+	if err != nil {
+		return err
+	}
+	c := newServerClient(base, trustedTLS(certPool(caCert), base.Hostname(), nil, cfg.Now), cfg)
+	hdr := http.Header{"Authorization": {"Bearer " + tok.raw}}
+	if _, err := c.do(ctx, http.MethodPost, "/v1/enroll", "application/pkcs10", hdr, csrPEM, resp); err != nil {
+		return fmt.Errorf("enroll: %w", enrollAdvice(err, id))
+	}
+	c.warnSkew()
+	return nil
+}
+
+// enrollRetry says whether a failed enrollment exchange is worth another
+// try, and after how long: a link that drops or times out, a server
+// that is busy (429, 5xx) or restarting. Refusals (4xx), a wrong CA and a
+// wrong clock are not. Waits double from EnrollRetryBase, with jitter.
+func enrollRetry(ctx context.Context, cfg Config, err error, attempt int) (time.Duration, bool) {
+	if attempt >= cfg.EnrollAttempts || ctx.Err() != nil || errors.Is(err, ErrCAMismatch) || classify(err) == failClock {
+		return 0, false
+	}
+	var se *ServerError
+	if errors.As(err, &se) {
+		if se.Status != http.StatusTooManyRequests && se.Status < 500 {
+			return 0, false
+		}
+		if se.RetryAfter > 0 {
+			return se.RetryAfter, true
+		}
+	} else if !transientNetwork(err) {
+		return 0, false
+	}
+	wait := cfg.EnrollRetryBase << (attempt - 1)
+	return wait + time.Duration(cfg.Rand()*float64(wait)/2), true
+}
+
+// transientNetwork reports whether err is the link's, not the server's
+// answer nor a certificate's: refused, reset, cut short or timed out.
+func transientNetwork(err error) bool {
+	var ne net.Error
+	var ce x509.CertificateInvalidError
+	var ua x509.UnknownAuthorityError
+	var he x509.HostnameError
+	switch {
+	case errors.As(err, &ce), errors.As(err, &ua), errors.As(err, &he):
+		return false
+	case errors.As(err, &ne), errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF),
+		errors.Is(err, syscall.ECONNREFUSED), errors.Is(err, syscall.ECONNRESET), errors.Is(err, syscall.EPIPE),
+		errors.Is(err, syscall.ENETUNREACH), errors.Is(err, syscall.EHOSTUNREACH), errors.Is(err, context.DeadlineExceeded):
+		return true
+	}
+	return false
 }
 
 // pendingKey returns the key of an enrollment not yet answered, made and

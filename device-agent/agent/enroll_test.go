@@ -247,7 +247,9 @@ func TestEnrollRetrySendsTheSameKey(t *testing.T) {
 	f := newFakeServer(t, newTestCA(t))
 	f.set(func(f *fakeServer) { f.dropEnroll = 1 })
 	dir := t.TempDir()
-	if _, err := Enroll(context.Background(), testConfig(t, dir), EnrollOptions{ServerURL: f.srv.URL, Token: f.goodToken(), DeviceID: "pi-1"}); err == nil {
+	once := testConfig(t, dir)
+	once.EnrollAttempts = 1
+	if _, err := Enroll(context.Background(), once, EnrollOptions{ServerURL: f.srv.URL, Token: f.goodToken(), DeviceID: "pi-1"}); err == nil {
 		t.Fatal("Enroll succeeded although its answer was lost")
 	}
 	if fi, err := os.Stat(filepath.Join(dir, pendingKeyFile)); err != nil || fi.Mode().Perm() != 0o600 {
@@ -269,6 +271,44 @@ func TestEnrollRetrySendsTheSameKey(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(dir, pendingKeyFile)); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("pending key left after the enrollment: %v", err)
+	}
+}
+
+// Enroll tries a link that drops answers again by itself, with the same
+// key; a refusal is final at once.
+func TestEnrollRetriesTheLinkNotRefusals(t *testing.T) {
+	f := newFakeServer(t, newTestCA(t))
+	f.set(func(f *fakeServer) { f.dropEnroll = 2 })
+	cfg := testConfig(t, t.TempDir())
+	cfg.EnrollRetryBase = 10 * time.Millisecond
+	var logs bytes.Buffer
+	cfg.Logger = zerolog.New(&logs)
+	if _, err := Enroll(context.Background(), cfg, EnrollOptions{ServerURL: f.srv.URL, Token: f.goodToken(), DeviceID: "pi-1"}); err != nil {
+		t.Fatalf("Enroll over a link that dropped two answers: %v", err)
+	}
+	f.mu.Lock()
+	keys := f.enrollKeys
+	f.mu.Unlock()
+	if len(keys) != 3 || !bytes.Equal(keys[0], keys[2]) {
+		t.Errorf("%d requests, want 3 with one key", len(keys))
+	}
+	if n := strings.Count(logs.String(), "trying again"); n != 2 {
+		t.Errorf("%d retries logged, want 2:\n%s", n, logs.String())
+	}
+
+	bad := "fmq1." + strings.Repeat("A", 43) + "." + strings.Split(f.goodToken(), ".")[2]
+	f.mu.Lock()
+	before := f.enrollReqs
+	f.mu.Unlock()
+	cfg.StateDir = t.TempDir()
+	if _, err := Enroll(context.Background(), cfg, EnrollOptions{ServerURL: f.srv.URL, Token: bad, DeviceID: "pi-2"}); err == nil {
+		t.Fatal("an unknown token enrolled")
+	}
+	f.mu.Lock()
+	after := f.enrollReqs
+	f.mu.Unlock()
+	if after != before+1 {
+		t.Errorf("a refusal was sent %d times, want once", after-before)
 	}
 }
 

@@ -49,6 +49,7 @@ type fakeServer struct {
 	renewMTLS  int
 	renewProof int
 	dropEnroll int      // enroll answers to cut off, as a link losing them
+	enrollReqs int      // POST /v1/enroll requests
 	enrollKeys [][]byte // the public key (PKIX DER) of each enroll CSR
 }
 
@@ -129,6 +130,9 @@ func parseCSRPEM(b []byte) (*x509.CertificateRequest, error) {
 }
 
 func (f *fakeServer) enroll(w http.ResponseWriter, r *http.Request) {
+	f.mu.Lock()
+	f.enrollReqs++
+	f.mu.Unlock()
 	if r.Header.Get("Authorization") == "" {
 		f.fail(w, 401, "token_missing")
 		return
