@@ -30,7 +30,7 @@ func serve(ctx context.Context, args []string, env Env) error {
 	fs.Var(durationValue{&cfg.Retention}, "retention", "how long telemetry is kept")
 	fs.IntVar(&cfg.RetentionCount, "retention-count", 100_000, "most telemetry messages kept per device; 0: no cap")
 	fs.IntVar(&cfg.Broker.MaxConnections, "max-connections", 10_000, "most concurrent MQTT connections")
-	fs.Var(durationValue{&cfg.Broker.HandshakeTimeout}, "handshake-timeout", "deadline for the TLS handshake and the MQTT CONNECT (default 10s)")
+	fs.Var(durationValue{&cfg.Broker.HandshakeTimeout}, "handshake-timeout", "deadline for the TLS handshake and the MQTT CONNECT, and for the TLS handshake and headers of an enrollment request; raise it for very slow links (default 10s)")
 	fs.Var(durationValue{&cfg.Broker.WriteTimeout}, "write-timeout", "longest a write to an MQTT client may block before it is disconnected (default 10s)")
 	maxPacket := fs.Uint("max-packet-size", 256<<10, "largest MQTT packet accepted, bytes")
 	fs.Float64Var(&cfg.Broker.PublishRate, "publish-rate", 100, "per-device publish rate limit, messages per second")

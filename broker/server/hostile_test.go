@@ -473,3 +473,21 @@ func signedProof(tb testing.TB, key crypto.Signer, certDER, csr []byte) []byte {
 	})
 	return b
 }
+
+// TestEnrollHandshakeFollowsHandshakeTimeout: --handshake-timeout is the
+// deadline of the enrollment listener's TLS handshake too, so that one
+// flag makes room for a slow link on both: a socket that never handshakes
+// is closed at that deadline, not at a fixed 10 s.
+func TestEnrollHandshakeFollowsHandshakeTimeout(t *testing.T) {
+	s := startServer(t, func(c *server.Config) { c.Broker.HandshakeTimeout = 300 * time.Millisecond })
+	c, err := net.Dial("tcp", s.EnrollAddr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	var ne net.Error
+	if _, err := c.Read(make([]byte, 1)); err == nil || errors.As(err, &ne) && ne.Timeout() {
+		t.Fatalf("a socket that never handshakes, 5 s on: %v, want closed by the server at 300 ms", err)
+	}
+}

@@ -5,6 +5,7 @@
 package server
 
 import (
+	"cmp"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -71,11 +72,13 @@ type Config struct {
 	// profiling a running node. Default none: not served ("off" too).
 	PprofAddr string
 	// EnrollReadHeaderTimeout bounds reading the headers of an enrollment
-	// request (and the TLS handshake before them); default 10s.
+	// request (and the TLS handshake before them); default
+	// Broker.HandshakeTimeout, else 10s.
 	EnrollReadHeaderTimeout time.Duration
 	// EnrollReadTimeout bounds reading a whole enrollment request, body
 	// included: a client dribbling its body is answered 400 and cut off
-	// when it runs out; default 30s.
+	// when it runs out; default 30s, or EnrollReadHeaderTimeout + 20s if
+	// longer.
 	EnrollReadTimeout time.Duration
 	// EnrollMaxConnections bounds the open HTTPS enrollment connections, so
 	// a flood there cannot take the file descriptors devices need to reach
@@ -106,10 +109,13 @@ func (c *Config) setDefaults() {
 		c.RetentionCount = 100_000
 	}
 	if c.EnrollReadHeaderTimeout == 0 {
-		c.EnrollReadHeaderTimeout = 10 * time.Second
+		// The same slow links as MQTT's handshake (--handshake-timeout).
+		c.EnrollReadHeaderTimeout = cmp.Or(c.Broker.HandshakeTimeout, 10*time.Second)
 	}
 	if c.EnrollReadTimeout == 0 {
-		c.EnrollReadTimeout = 30 * time.Second
+		// net/http bounds the TLS handshake by the shortest of its
+		// timeouts: this one must not undercut the header timeout.
+		c.EnrollReadTimeout = max(30*time.Second, c.EnrollReadHeaderTimeout+20*time.Second)
 	}
 	if c.EnrollMaxConnections == 0 {
 		c.EnrollMaxConnections = 1024
