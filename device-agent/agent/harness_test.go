@@ -50,6 +50,8 @@ type fakeServer struct {
 	renewProof int
 	dropEnroll int      // enroll answers to cut off, as a link losing them
 	enrollReqs int      // POST /v1/enroll requests
+	renewDown  bool     // answer every renewal 503, as a server that is down
+	renewReqs  int      // POST /v1/renew requests
 	enrollKeys [][]byte // the public key (PKIX DER) of each enroll CSR
 }
 
@@ -176,8 +178,13 @@ func (f *fakeServer) enroll(w http.ResponseWriter, r *http.Request) {
 func (f *fakeServer) renew(w http.ResponseWriter, r *http.Request) {
 	body, _ := io.ReadAll(r.Body)
 	f.mu.Lock()
-	forgotten := f.forgotten
+	forgotten, down := f.forgotten, f.renewDown
+	f.renewReqs++
 	f.mu.Unlock()
+	if down {
+		f.fail(w, 503, "unavailable")
+		return
+	}
 	if forgotten {
 		f.fail(w, 401, "cert_invalid")
 		return

@@ -607,6 +607,13 @@ func (a *runner) renewLoop(ctx context.Context) error {
 			}
 			retryAt = now.Add(d)
 			a.recordError(ctx, err)
+			if mode == modeWait {
+				// A check asked for (a broker refusal, the renew
+				// command) of a certificate not yet due: it is tried
+				// again when due, or when asked again after the backoff.
+				a.log.Warn().Err(err).Time("due", at).Msg("renewal check failed; not retried before the certificate is due")
+				continue
+			}
 			a.log.Warn().Err(err).Stringer("retry_in", d.Round(time.Millisecond)).Msg("renewal failed")
 		}
 	}

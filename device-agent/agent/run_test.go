@@ -520,6 +520,46 @@ func TestRunRefusalAfterSessionIsCheckedAtOnce(t *testing.T) {
 	}
 }
 
+// TestRunFailedRefusalCheckIsNotRetriedEarly: a renewal asked for by a
+// broker refusal, of a certificate not yet due, that fails (the enrollment
+// server is down) is not retried before the certificate is due, and the
+// log does not say it is (QA: "retry_in=8.588s", and no retry came).
+func TestRunFailedRefusalCheckIsNotRetriedEarly(t *testing.T) {
+	f := newFleet(t, time.Hour)
+	cfg := f.config(t)
+	cfg.RetryMin, cfg.RetryMax = 10*time.Millisecond, time.Hour
+	var logs lockedBuffer
+	cfg.Logger = zerolog.New(&logs)
+	r, _ := startAgent(t, cfg)
+	first := nextSerial(t, f.brk)
+	f.srv.set(func(f *fakeServer) { f.renewDown = true })
+	f.brk.revoke(first)
+	f.brk.gate.setOpen(false)
+	f.brk.gate.setOpen(true)
+	eventually(t, waitLong, "the failed check logged", func() bool {
+		return strings.Contains(logs.String(), "renewal check failed; not retried before the certificate is due")
+	})
+	// More refusals come (the broker still refuses); none is checked
+	// again within RetryMax, and nothing promised a retry.
+	f.brk.gate.setOpen(false)
+	f.brk.gate.setOpen(true)
+	eventually(t, waitLong, "another refused attempt", func() bool {
+		return strings.Count(logs.String(), "broker connection failed") >= 2
+	})
+	f.srv.mu.Lock()
+	reqs := f.srv.renewReqs
+	f.srv.mu.Unlock()
+	if reqs != 1 {
+		t.Errorf("%d renewal requests, want 1", reqs)
+	}
+	if strings.Contains(logs.String(), `"renewal failed"`) {
+		t.Errorf("a retry was announced:\n%s", logs.String())
+	}
+	if id, _, _ := r.current(); id.leaf.SerialNumber.Text(16) != first {
+		t.Error("the certificate changed")
+	}
+}
+
 // TestRunClockAheadDoesNotLoop: with the clock ahead by more than the
 // certificate lifetime every certificate the server issues is expired on
 // arrival; the agent renewed again at once, about 130 times a second
