@@ -77,6 +77,13 @@ type Config struct {
 	KeepAlive time.Duration
 	// HTTPTimeout bounds one request to the enrollment server. Default 30s.
 	HTTPTimeout time.Duration
+	// RefusalWindow is how soon after dialing a connection the broker
+	// closes without a word must end to count as a possible refusal of
+	// the certificate (three in a row ask the server): a refusal comes
+	// right after the handshake, while a link too slow for the broker's
+	// handshake deadline (10 s by default) is cut later, and renewing
+	// would not help it. Default 5s.
+	RefusalWindow time.Duration
 	// EnrollAttempts is how many times enroll tries a link that drops or
 	// a busy server before it gives up. Default 4.
 	EnrollAttempts int
@@ -142,6 +149,7 @@ func (c Config) withDefaults() Config {
 	setDur(&c.KeepAlive, 60*time.Second)
 	setDur(&c.HTTPTimeout, 30*time.Second)
 	setDur(&c.EnrollRetryBase, 2*time.Second)
+	setDur(&c.RefusalWindow, 5*time.Second)
 	if c.EnrollAttempts == 0 {
 		c.EnrollAttempts = 4
 	}

@@ -705,11 +705,16 @@ func (a *runner) connectLoop(ctx context.Context) error {
 			refusals = 0
 			a.log.Warn().Err(err).Msg("broker refused the certificate; checking it with the enrollment server")
 			a.hintRenew()
-		case droppedAfterDial(err):
+		case droppedAfterDial(err) && time.Since(start) < a.cfg.RefusalWindow:
 			if refusals++; refusals >= 3 {
 				refusals = 0
 				a.hintRenew()
 			}
+		case droppedAfterDial(err):
+			// Cut late: a slow link missing the broker's handshake
+			// deadline, not a refusal (QA: a 4 kbit/s link made agents
+			// renew valid certificates).
+			refusals = 0
 		}
 		d := backoff(attempt, a.cfg.ConnectRetryMin, a.cfg.ConnectRetryMax, a.cfg.Rand())
 		attempt++

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -557,6 +558,70 @@ func TestRunFailedRefusalCheckIsNotRetriedEarly(t *testing.T) {
 	}
 	if id, _, _ := r.current(); id.leaf.SerialNumber.Text(16) != first {
 		t.Error("the certificate changed")
+	}
+}
+
+// TestRunLateDropsAreNotRefusals: a broker that closes connections without
+// a word soon after the dial may be refusing the certificate (three in a
+// row ask the server); one that closes them late is a link too slow for
+// its handshake deadline, and renewing a valid certificate does not help
+// (QA: agents on a 4 kbit/s link renewed).
+func TestRunLateDropsAreNotRefusals(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		window time.Duration
+		renew  bool
+	}{
+		{"late", 50 * time.Millisecond, false},
+		{"soon", 10 * time.Second, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := newFleet(t, time.Hour)
+			ln, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { ln.Close() })
+			accepted := make(chan struct{}, 100)
+			go func() {
+				for {
+					c, err := ln.Accept()
+					if err != nil {
+						return
+					}
+					accepted <- struct{}{}
+					go func() {
+						// Silent, then cut: a handshake deadline.
+						time.AfterFunc(200*time.Millisecond, func() { c.Close() })
+					}()
+				}
+			}()
+			if err := (&stateStore{dir: f.dir}).update(context.Background(), func(s *State) { s.BrokerURL = "mqtts://" + ln.Addr().String() }); err != nil {
+				t.Fatal(err)
+			}
+			cfg := f.config(t)
+			cfg.RefusalWindow = tc.window
+			_, _ = startAgent(t, cfg)
+			renewals := func() int {
+				f.srv.mu.Lock()
+				defer f.srv.mu.Unlock()
+				return f.srv.renewReqs
+			}
+			if tc.renew {
+				eventually(t, waitLong, "a renewal asked by the drops", func() bool { return renewals() > 0 })
+				return
+			}
+			for i := range 6 {
+				select {
+				case <-accepted:
+				case <-time.After(waitLong):
+					t.Fatalf("%d connection attempts, want 6", i)
+				}
+			}
+			if n := renewals(); n != 0 {
+				t.Errorf("%d renewal requests after 6 drops 200 ms after the dial", n)
+			}
+		})
 	}
 }
 
