@@ -236,6 +236,27 @@ func TestRunBuffersWhileBrokerIsDown(t *testing.T) {
 	})
 }
 
+// TestRunStatusSeesTheQueueDrain: once the backlog is delivered, status
+// says so within a queue sync, not at the next periodic save (QA: "86
+// pending (counted 1m ago)" after all 86 were delivered).
+func TestRunStatusSeesTheQueueDrain(t *testing.T) {
+	f := newFleet(t, time.Hour)
+	f.brk.gate.setOpen(false)
+	cfg := f.config(t)
+	cfg.StateInterval = time.Hour // the periodic save never comes
+	r, _ := startAgent(t, cfg)
+	eventually(t, waitLong, "a backlog in status", func() bool {
+		s, err := ReadStatus(f.dir)
+		return err == nil && s.QueuePending >= 3
+	})
+	r.setInterval(time.Hour) // no new samples: the queue can drain to 0
+	f.brk.gate.setOpen(true)
+	eventually(t, waitLong, "status shows the queue drained", func() bool {
+		s, err := ReadStatus(f.dir)
+		return err == nil && s.Connected && s.QueuePending == 0
+	})
+}
+
 func TestRunRenewsByCommandWithoutRestart(t *testing.T) {
 	f := newFleet(t, time.Hour)
 	_, _ = startAgent(t, f.config(t))
