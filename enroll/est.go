@@ -115,7 +115,7 @@ func csrAttrs() ([]byte, error) {
 func (h *Handler) serveESTEnroll(w http.ResponseWriter, r *http.Request) {
 	h.attempt(w, r, OpEnroll, "est", func(remote string) (*x509.Certificate, store.AuditEvent, error) {
 		return h.estEnroll(r, remote)
-	}, func(cert *x509.Certificate) { h.writeESTCert(w, r, cert) })
+	}, func(cert *x509.Certificate, _ bool) { h.writeESTCert(w, r, cert) })
 }
 
 // estEnroll is /v1/enroll with EST framing. It returns the audit fields
@@ -134,18 +134,14 @@ func (h *Handler) estEnroll(r *http.Request, remote string) (*x509.Certificate, 
 	if err != nil {
 		return nil, who, err
 	}
-	if spent {
-		return h.repeatEnrollment(r.Context(), tok, tokErr, csr, remote, who)
-	}
-	cert, err := h.enrollCSR(r.Context(), tok, csr, remote)
-	return cert, who, err
+	return h.enrollOrRepeat(r.Context(), tok, tokErr, csr, remote, who)
 }
 
 func (h *Handler) serveESTReenroll(w http.ResponseWriter, r *http.Request) {
 	h.attempt(w, r, OpRenew, "est", func(remote string) (*x509.Certificate, store.AuditEvent, error) {
 		cert, id, err := h.estReenroll(r, remote)
 		return cert, store.AuditEvent{DeviceID: id}, err
-	}, func(cert *x509.Certificate) { h.writeESTCert(w, r, cert) })
+	}, func(cert *x509.Certificate, _ bool) { h.writeESTCert(w, r, cert) })
 }
 
 // estReenroll is /v1/renew with EST framing and RFC 7030's subject rule. The

@@ -66,8 +66,8 @@ func TestEnrollRepeatAfterLostAnswer(t *testing.T) {
 			t.Fatalf("%s: first enrollments failed", via)
 		}
 		before := e.snapshot(t)
-		if again, rep := try(via, bound, key, ""); again != first {
-			t.Errorf("%s: repeat with the same key: serial %q (%d %s), want %s", via, again, rep.status, rep.body, first)
+		if again, rep := try(via, bound, key, ""); again != first || rep.status != http.StatusOK {
+			t.Errorf("%s: repeat with the same key: serial %q (%d %s), want %s with 200", via, again, rep.status, rep.body, first)
 		}
 		if again, _ := try(via, free, freeKey, "pi-free-"+strings.ToLower(via)); again != freeFirst {
 			t.Errorf("%s: repeat of a free token: serial %q, want %s", via, again, freeFirst)
@@ -77,6 +77,8 @@ func TestEnrollRepeatAfterLostAnswer(t *testing.T) {
 		}
 		_, rep := try(via, bound, genP256(t), "")
 		refused(via+": another key", rep)
+		_, rep = try(via, bound, key, "pi-elsewhere")
+		refused(via+": a CSR asking for another id than the bound one", rep)
 		_, rep = try(via, free, freeKey, "pi-other")
 		refused(via+": the same key for another id", rep)
 	}
@@ -93,6 +95,30 @@ func TestEnrollRepeatAfterLostAnswer(t *testing.T) {
 	if repeats != 1 {
 		t.Errorf("%d enroll.repeat records for pi-v1, want 1", repeats)
 	}
+
+	// A token with uses left repeats too: the retry would otherwise find
+	// its id taken by its own first use.
+	multi, mkey := e.mintToken(t, "", 3), genP256(t)
+	mfirst, _ := try("v1", multi, mkey, "pi-multi")
+	if again, rep := try("v1", multi, mkey, "pi-multi"); again != mfirst || mfirst == "" {
+		t.Errorf("repeat with a multi-use token: serial %q (%d %s), want %s", again, rep.status, rep.body, mfirst)
+	}
+	if tok, err := e.db.TokenByHash(ctx, mustParseToken(t, multi)); err != nil || tok.Uses != 1 {
+		t.Errorf("multi-use token after a repeat: %d uses, %v; want 1", tok.Uses, err)
+	}
+
+	// Only the certificate this token's use issued: not one of a device
+	// another token enrolled, even with that device's key, nor one its
+	// device renewed to since.
+	spentA, lateTok, lateKey := e.mintToken(t, "", 1), e.mintToken(t, "pi-other-token", 1), genP256(t)
+	if s, _ := try("v1", spentA, genP256(t), "pi-first-a"); s == "" {
+		t.Fatal("enroll pi-first-a")
+	}
+	if s, _ := try("v1", lateTok, lateKey, ""); s == "" {
+		t.Fatal("enroll pi-other-token")
+	}
+	_, rep := try("v1", spentA, lateKey, "pi-other-token")
+	refused("another token's device, with its key", rep)
 
 	// The token has expired since: the certificate it gave is still the
 	// device's to fetch again.
@@ -132,9 +158,20 @@ func TestEnrollRepeatAfterLostAnswer(t *testing.T) {
 	secret, key = e.mintToken(t, "pi-renewed", 1), genP256(t)
 	leaf := e.enroll(t, secret, key, "pi-renewed")
 	newKey := genP256(t)
-	rep := e.do(t, e.client(t, tlsCert(leaf, key)), http.MethodPost, "/.well-known/est/simplereenroll",
+	rep = e.do(t, e.client(t, tlsCert(leaf, key)), http.MethodPost, "/.well-known/est/simplereenroll",
 		map[string]string{"Content-Type": "application/pkcs10"}, estBase64Body(estCSR(t, newKey, "pi-renewed")))
 	wantESTCert(t, rep, newKey.Public())
 	_, rep = try("v1", secret, key, "")
-	refused("renewed since", rep)
+	refused("renewed since, the old key", rep)
+	_, rep = try("v1", secret, newKey, "")
+	refused("renewed since, the new key", rep)
+}
+
+func mustParseToken(tb testing.TB, secret string) [32]byte {
+	tb.Helper()
+	tok, err := ParseToken(secret)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return tok.Hash
 }

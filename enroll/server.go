@@ -85,6 +85,11 @@ const (
 	OpRenew  = "renew"
 )
 
+// ResultRepeat is the outcome reported to Config.Observe for an enrollment
+// answered with the certificate it had already issued (see
+// repeatEnrollment); others are "ok" or a public error code.
+const ResultRepeat = "repeat"
+
 // NoRenewGrace as Config.RenewGrace turns renewal after expiry off (zero
 // means the default).
 const NoRenewGrace time.Duration = -1
@@ -326,7 +331,13 @@ type Response struct {
 func (h *Handler) serveEnroll(w http.ResponseWriter, r *http.Request) {
 	h.attempt(w, r, OpEnroll, "v1", func(remote string) (*x509.Certificate, store.AuditEvent, error) {
 		return h.enroll(r, remote)
-	}, func(cert *x509.Certificate) { h.writeCert(w, r, http.StatusCreated, cert) })
+	}, func(cert *x509.Certificate, repeat bool) {
+		status := http.StatusCreated
+		if repeat {
+			status = http.StatusOK // nothing was created
+		}
+		h.writeCert(w, r, status, cert)
+	})
 }
 
 // attempt is the frame of every enrollment and renewal, /v1 and EST alike:
@@ -339,7 +350,7 @@ func (h *Handler) serveEnroll(w http.ResponseWriter, r *http.Request) {
 // A request the limiter refuses is not audited: the limiter is what keeps
 // a flood of failures out of the audit log.
 func (h *Handler) attempt(w http.ResponseWriter, r *http.Request, op, via string,
-	do func(remote string) (*x509.Certificate, store.AuditEvent, error), write func(*x509.Certificate)) {
+	do func(remote string) (*x509.Certificate, store.AuditEvent, error), write func(cert *x509.Certificate, repeat bool)) {
 	remote := remoteHost(r)
 	if wait, ok := h.limiter.allowed(remote); !ok {
 		h.observe(op, errRateLimited)
@@ -347,6 +358,19 @@ func (h *Handler) attempt(w http.ResponseWriter, r *http.Request, op, via string
 		return
 	}
 	cert, ev, err := do(remote)
+	if repeat := err == nil && ev.Action == store.ActEnrollRepeat; repeat {
+		// A certificate sent again: counted apart, and against the
+		// address like a failure, so that a spent token and its key
+		// cannot be replayed without bound.
+		if h.cfg.Observe != nil {
+			h.cfg.Observe(op, ResultRepeat)
+		}
+		h.limiter.failed(remote)
+		h.log.Info().Str("device", cert.Subject.CommonName).Str("serial", SerialHex(cert.SerialNumber)).
+			Str("token_id", ev.TokenID).Str("remote", remote).Str("via", via).Msg("enrollment repeated: the certificate already issued was sent again")
+		write(cert, true)
+		return
+	}
 	h.observe(op, err)
 	if err != nil {
 		if e := AsError(err); via == "est" && e.Code == CodeTokenMissing {
@@ -370,7 +394,7 @@ func (h *Handler) attempt(w http.ResponseWriter, r *http.Request, op, via string
 	}
 	h.log.Info().Str("device", cert.Subject.CommonName).Str("serial", SerialHex(cert.SerialNumber)).
 		Str("token_id", ev.TokenID).Str("remote", remote).Str("via", via).Msg(msg)
-	write(cert)
+	write(cert, false)
 }
 
 // enroll does the work of /v1/enroll. It returns the audit fields that
@@ -396,10 +420,32 @@ func (h *Handler) enroll(r *http.Request, remote string) (*x509.Certificate, sto
 	if err != nil {
 		return nil, who, err
 	}
-	if spent {
-		return h.repeatEnrollment(r.Context(), tok, tokErr, csr, remote, who)
+	return h.enrollOrRepeat(r.Context(), tok, tokErr, csr, remote, who)
+}
+
+// enrollOrRepeat enrolls csr with tok, unless the request repeats an
+// earlier use of tok whose answer was lost (repeatEnrollment): then the
+// certificate already issued is sent again, with who.Action set to
+// ActEnrollRepeat. A spent token (tokErr) enrolls nothing else.
+func (h *Handler) enrollOrRepeat(ctx context.Context, tok store.Token, tokErr error, csr *x509.CertificateRequest, remote string, who store.AuditEvent) (*x509.Certificate, store.AuditEvent, error) {
+	if tok.Uses > 0 {
+		cert, err := h.repeatEnrollment(ctx, tok, csr, remote, who)
+		if err != nil {
+			return nil, who, err
+		}
+		if cert != nil {
+			who.Action = store.ActEnrollRepeat
+			return cert, who, nil
+		}
 	}
-	cert, err := h.enrollCSR(r.Context(), tok, csr, remote)
+	if tokErr != nil {
+		if errors.Is(tokErr, store.ErrTokenUsed) {
+			tokErr = &Error{Code: CodeTokenUsed, Err: tokErr,
+				Message: "token has no uses left; a device that enrolled with it and lost the answer gets its certificate by enrolling again with the same key (device-agent does)"}
+		}
+		return nil, who, tokErr
+	}
+	cert, err := h.enrollCSR(ctx, tok, csr, remote)
 	return cert, who, err
 }
 
@@ -410,48 +456,48 @@ func spentToken(tok store.Token, err error) bool {
 	return errors.Is(err, store.ErrTokenUsed) || errors.Is(err, store.ErrTokenExpired) && tok.MaxUses > 0 && tok.Uses >= tok.MaxUses
 }
 
-// repeatEnrollment answers an enrollment whose token is spent with the
-// certificate that token already gave the key in csr, when the device
-// still holds it: the request is a retry whose answer was lost (a
-// cellular link dropping the response after the server committed), and
-// without it the device is left with no certificate and its token gone.
-// The CSR's signature proves the key; a certificate the device holds is
-// sent again, nothing is issued. Otherwise it returns refusal, worded for
-// a device that may be in that case.
-func (h *Handler) repeatEnrollment(ctx context.Context, tok store.Token, refusal error, csr *x509.CertificateRequest, remote string, who store.AuditEvent) (*x509.Certificate, store.AuditEvent, error) {
-	if errors.Is(refusal, store.ErrTokenUsed) {
-		refusal = &Error{Code: CodeTokenUsed, Err: refusal,
-			Message: "token has no uses left; a device that enrolled with it and lost the answer gets its certificate by enrolling again with the same key (device-agent does)"}
-	}
+// repeatEnrollment returns the certificate an earlier use of tok issued to
+// the key in csr, when the request repeats that use: its answer was lost
+// (a cellular link dropping the response after the server committed), and
+// without this the device is left with no certificate and its token spent.
+// It is the certificate of the device that use enrolled, as long as the
+// device has not renewed since, neither is revoked and it has not expired;
+// the CSR's signature proves the key and asks for nothing the first
+// request did not. Nothing is issued. It returns nil when the request is
+// not such a repeat.
+func (h *Handler) repeatEnrollment(ctx context.Context, tok store.Token, csr *x509.CertificateRequest, remote string, who store.AuditEvent) (*x509.Certificate, error) {
 	id := tok.DeviceID
-	if id == "" {
-		id = csr.Subject.CommonName
+	switch cn := csr.Subject.CommonName; {
+	case id == "":
+		id = cn
+	case cn != "" && cn != id:
+		return nil, nil // the first request could not have asked this
 	}
 	if ValidateID(id) != nil {
-		return nil, who, refusal
+		return nil, nil
 	}
 	d, err := h.st.Device(ctx, id)
-	if err != nil || d.Revoked() || d.Role != store.RoleDevice {
-		return nil, who, refusal
+	if err != nil || d.Revoked() || d.Role != store.RoleDevice || d.TokenID != tok.ID || !d.LastRenewal.IsZero() {
+		return nil, nil
 	}
 	rec, err := h.st.Cert(ctx, d.Serial)
-	if err != nil || rec.Revoked() || rec.DeviceID != id || rec.IssuedAt.Before(tok.CreatedAt) {
-		return nil, who, refusal
+	if err != nil || rec.Revoked() || rec.DeviceID != id {
+		return nil, nil
 	}
 	cert, err := x509.ParseCertificate(rec.DER)
 	if err != nil || !h.cfg.Now().Before(cert.NotAfter) {
-		return nil, who, refusal
+		return nil, nil
 	}
 	pub, ok := cert.PublicKey.(interface{ Equal(crypto.PublicKey) bool })
 	if !ok || !pub.Equal(csr.PublicKey) {
-		return nil, who, refusal
+		return nil, nil
 	}
 	ev := store.AuditEvent{Time: h.cfg.Now(), Action: store.ActEnrollRepeat, DeviceID: id, Serial: rec.Serial,
 		TokenID: who.TokenID, Remote: remote, Detail: "the answer to an earlier enrollment with this token and key, sent again"}
 	if err := h.st.AppendAudit(ctx, ev); err != nil {
-		return nil, who, err
+		return nil, err
 	}
-	return cert, who, nil
+	return cert, nil
 }
 
 // checkToken checks the shape of a bootstrap token, that it was minted for
@@ -521,7 +567,7 @@ func (h *Handler) serveRenew(w http.ResponseWriter, r *http.Request) {
 	h.attempt(w, r, OpRenew, "v1", func(remote string) (*x509.Certificate, store.AuditEvent, error) {
 		cert, id, err := h.renew(r, remote)
 		return cert, store.AuditEvent{DeviceID: id}, err
-	}, func(cert *x509.Certificate) { h.writeCert(w, r, http.StatusOK, cert) })
+	}, func(cert *x509.Certificate, _ bool) { h.writeCert(w, r, http.StatusOK, cert) })
 }
 
 // RenewProof is the body of a renewal after expiry, when the client cannot
