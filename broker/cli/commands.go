@@ -424,11 +424,25 @@ func identityIssue(role string) func(context.Context, []string, Env) error {
 			e := enroll.AsError(err) // worded as the server's refusals are
 			return usagef("%s (%s)", e.Message, e.Code)
 		}
+		if name == "ca" {
+			// Its certificate, ca.pem, would be overwritten by the CA's.
+			return usagef("the name ca is where the CA goes (ca.pem); choose another")
+		}
 		// Everything that can fail here is tried before the server
 		// issues anything: ids are for life, so a certificate issued for a
 		// key that was then not written would burn the name.
+		_, statErr := os.Stat(*out)
 		if err := os.MkdirAll(*out, 0o700); err != nil {
 			return fmt.Errorf("--out: %w", err)
+		}
+		done := false
+		if errors.Is(statErr, os.ErrNotExist) {
+			// A refusal leaves no empty folder behind.
+			defer func() {
+				if !done {
+					_ = os.Remove(*out)
+				}
+			}()
 		}
 		keyPath := filepath.Join(*out, name+".key")
 		certPath := filepath.Join(*out, name+".pem")
@@ -478,14 +492,15 @@ func identityIssue(role string) func(context.Context, []string, Env) error {
 				return fmt.Errorf("%w; the certificate and CA are printed above: save them as %s and %s", err, certPath, caPath)
 			}
 		}
+		done = true
 		if *fs.json {
 			return printJSON(env.Stdout, res)
 		}
-		done := "issued"
+		verb := "issued"
 		if *renew {
-			done = "renewed"
+			verb = "renewed"
 		}
-		fmt.Fprintf(env.Stdout, "%s %s %s until %s: %s, %s, %s\n", role, name, done, fmtTime(res.NotAfter), keyPath, certPath, caPath)
+		fmt.Fprintf(env.Stdout, "%s %s %s until %s: %s, %s, %s\n", role, name, verb, fmtTime(res.NotAfter), keyPath, certPath, caPath)
 		if role == string(store.RoleOperator) {
 			// Browsers import a PKCS #12 bundle; openssl makes one
 			// without another dependency here.

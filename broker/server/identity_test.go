@@ -107,6 +107,19 @@ func TestIdentityRenew(t *testing.T) {
 		}
 	}
 
+	// A refusal leaves no folder it made behind; the name ca would have its
+	// certificate overwritten by the CA's ca.pem, and is refused.
+	fresh := filepath.Join(t.TempDir(), "new")
+	if _, _, code := s.cli(t, "service", "issue", "ghost", "--renew", "--out", fresh); code == 0 {
+		t.Error("renew of an unknown name succeeded")
+	}
+	if _, err := os.Stat(fresh); !os.IsNotExist(err) {
+		t.Errorf("a refused issue left its --out folder: %v", err)
+	}
+	if _, errs, code := s.cli(t, "service", "issue", "ca", "--out", t.TempDir()); code != 2 || !strings.Contains(errs, "the name ca is where the CA goes") {
+		t.Errorf("service issue ca: exit %d: %s", code, errs)
+	}
+
 	// A revoked name stays revoked: no new certificate for it.
 	if _, errs, code := s.cli(t, "device", "revoke", "backend"); code != 0 {
 		t.Fatal(errs)
