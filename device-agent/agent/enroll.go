@@ -5,6 +5,8 @@ import (
 	"crypto"
 	"crypto/sha256"
 	"crypto/x509"
+	"encoding/hex"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
@@ -17,6 +19,8 @@ import (
 	"syscall"
 	"time"
 	"unicode"
+
+	"github.com/rs/zerolog"
 )
 
 // EnrollOptions are the arguments of `device-agent enroll`.
@@ -92,7 +96,7 @@ func Enroll(ctx context.Context, cfg Config, opts EnrollOptions) (EnrollResult, 
 		}
 	}
 
-	key, err := pendingKey(dir)
+	key, err := pendingKey(dir, tok, cfg.Logger)
 	if err != nil {
 		return EnrollResult{}, err
 	}
@@ -216,31 +220,69 @@ func transientNetwork(err error) bool {
 	return false
 }
 
-// pendingKey returns the key of an enrollment not yet answered, made and
-// saved (0600) before its first request. A retry sends a CSR for the same
-// key: the server answers a used-up token with the certificate it already
-// issued to that key, so an answer lost on the way (a dropped cellular
-// link after the server committed) costs a retry, not the token.
-func pendingKey(dir string) (crypto.Signer, error) {
+// pendingKey returns the key of an enrollment with tok not yet answered,
+// made and saved (0600) before its first request. A retry sends a CSR for
+// the same key: the server answers a spent token with the certificate it
+// already issued to that key, so an answer lost on the way (a dropped
+// cellular link after the server committed) costs a retry, not the token.
+// The key is kept for one token only (its fingerprint is in a PEM
+// header): another token gets a new key, so that one key is never
+// certified as two devices. A key others could read, or one that cannot
+// be parsed, is set aside and replaced, with a warning.
+func pendingKey(dir string, tok bootstrapToken, log zerolog.Logger) (crypto.Signer, error) {
 	path := filepath.Join(dir, pendingKeyFile)
-	if b, err := os.ReadFile(path); err == nil {
+	sum := sha256.Sum256([]byte(tok.raw))
+	fp := hex.EncodeToString(sum[:8])
+	switch b, fi, err := readPrivate(path); {
+	case errors.Is(err, os.ErrNotExist):
+	case err != nil:
+		return nil, fmt.Errorf("read the enrollment key: %w", err)
+	case fi.Mode().Perm()&0o077 != 0:
+		log.Warn().Str("file", path).Str("mode", fi.Mode().Perm().String()).
+			Msg("the kept enrollment key was readable by others; a new key is made")
+	default:
+		blk, _ := pem.Decode(b)
+		if blk == nil || blk.Headers[pemTokenHeader] != fp {
+			break // another token's (or unreadable): a new key
+		}
 		if k, err := parseKey(b); err == nil {
 			return k, nil
 		}
-		// Unreadable: it was never sent whole, a new one is as good.
+		log.Warn().Str("file", path).Msg("the kept enrollment key cannot be parsed; set aside as " + pendingKeyFile + ".bad, a new key is made")
+		_ = os.Rename(path, path+".bad")
 	}
 	k, err := newKey()
 	if err != nil {
 		return nil, err
 	}
-	pemKey, err := marshalKey(k)
+	der, err := x509.MarshalPKCS8PrivateKey(k)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("marshal key: %w", err)
 	}
+	pemKey := pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Headers: map[string]string{pemTokenHeader: fp}, Bytes: der})
 	if err := writeFileAtomic(path, pemKey, 0o600); err != nil {
 		return nil, fmt.Errorf("save the enrollment key: %w", err)
 	}
 	return k, nil
+}
+
+// pemTokenHeader names, in the kept enrollment key's PEM block, the token
+// it is kept for: the first 8 bytes of SHA-256 of the token, in hex.
+const pemTokenHeader = "Fleetmq-Token"
+
+// readPrivate reads a file and its mode.
+func readPrivate(path string) ([]byte, os.FileInfo, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, nil, err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, nil, err
+	}
+	b, err := io.ReadAll(f)
+	return b, fi, err
 }
 
 // fetchPinnedCA gets GET /v1/ca over a connection accepted only if the server

@@ -3,6 +3,7 @@ package agent
 import (
 	"bytes"
 	"context"
+	"crypto"
 	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
@@ -309,6 +310,63 @@ func TestEnrollRetriesTheLinkNotRefusals(t *testing.T) {
 	f.mu.Unlock()
 	if after != before+1 {
 		t.Errorf("a refusal was sent %d times, want once", after-before)
+	}
+}
+
+// The kept enrollment key serves one token: another token gets a new key
+// (one key is never certified as two devices), and a key others could
+// read, or one that cannot be parsed, is replaced with a warning.
+func TestPendingKeyKeptPerToken(t *testing.T) {
+	dir := t.TempDir()
+	var logs bytes.Buffer
+	log := zerolog.New(&logs)
+	tokA, err := parseToken(validToken(t, [32]byte{1}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	tokB, _ := parseToken(validToken(t, [32]byte{1}))
+	pub := func(k crypto.Signer) string {
+		b, _ := x509.MarshalPKIXPublicKey(k.Public())
+		return string(b)
+	}
+	get := func(tok bootstrapToken) string {
+		t.Helper()
+		k, err := pendingKey(dir, tok, log)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return pub(k)
+	}
+	a := get(tokA)
+	if get(tokA) != a {
+		t.Fatal("the same token got another key")
+	}
+	if get(tokB) == a {
+		t.Fatal("another token got the kept key")
+	}
+	path := filepath.Join(dir, pendingKeyFile)
+	b := get(tokB)
+	if err := os.Chmod(path, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if get(tokB) == b || !strings.Contains(logs.String(), "readable by others") {
+		t.Errorf("a key others could read was used again (logs %q)", logs.String())
+	}
+	if fi, err := os.Stat(path); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Errorf("new kept key: %v %v, want mode 0600", fi, err)
+	}
+	raw, _ := os.ReadFile(path)
+	broken := bytes.Replace(raw, []byte("\n\n"), []byte("\n\nAAAA"), 1) // header kept, key bytes spoiled
+	if err := os.WriteFile(path, broken, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	logs.Reset()
+	get(tokB)
+	if !strings.Contains(logs.String(), "cannot be parsed") {
+		t.Errorf("a spoiled key was replaced silently (logs %q)", logs.String())
+	}
+	if _, err := os.Stat(path + ".bad"); err != nil {
+		t.Errorf("the spoiled key was not set aside: %v", err)
 	}
 }
 
