@@ -59,10 +59,10 @@ type Config struct {
 	Unwritten func() map[string]store.Presence
 	// Follow streams telemetry as it is stored, for `fleetmq telemetry --follow`. Optional.
 	Follow func(id string) (<-chan store.Message, func())
-	// DashboardLogin returns a one-time login link to the loopback
-	// dashboard, or an error saying why there is none. Optional: without
-	// it the dashboard is off.
-	DashboardLogin func() (string, error)
+	// DashboardLogin returns the loopback dashboard's login page and a
+	// one-time code for it, or an error saying why there is none.
+	// Optional: without it the dashboard is off.
+	DashboardLogin func() (url, code string, err error)
 	// ServiceLifetime is the lifetime of service and operator certificates; default 365 days.
 	ServiceLifetime time.Duration
 	// MaxTokensPerRequest bounds bulk token creation; default 100,000.
@@ -120,25 +120,27 @@ func New(cfg Config, st Store) (*Handler, error) {
 	return h, nil
 }
 
-// DashboardLink is a one-time login link to the loopback dashboard.
+// DashboardLink is the loopback dashboard's login page and a one-time
+// code to enter there.
 type DashboardLink struct {
-	URL string `json:"url"`
+	URL  string `json:"url"`
+	Code string `json:"code"`
 }
 
-// dashboardLogin hands out a dashboard login link: whoever may use this
+// dashboardLogin hands out a dashboard login code: whoever may use this
 // socket may use the dashboard, and no one else.
 func (h *Handler) dashboardLogin(w http.ResponseWriter, r *http.Request) {
 	if h.cfg.DashboardLogin == nil {
 		writeErr(w, h.cfg.Logger, enroll.Errorf(enroll.CodeNotFound, "the dashboard is off (serve --ui-addr)"))
 		return
 	}
-	u, err := h.cfg.DashboardLogin()
+	u, code, err := h.cfg.DashboardLogin()
 	if err != nil {
 		writeErr(w, h.cfg.Logger, &enroll.Error{Code: enroll.CodeNotFound, Err: err, Message: err.Error()})
 		return
 	}
-	h.cfg.Logger.Info().Msg("dashboard login link issued")
-	writeJSON(w, http.StatusOK, DashboardLink{URL: u})
+	h.cfg.Logger.Info().Msg("dashboard login code issued")
+	writeJSON(w, http.StatusOK, DashboardLink{URL: u, Code: code})
 }
 
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {

@@ -158,7 +158,7 @@ func (c *Client) CA(ctx context.Context) (CAInfo, error) {
 	return out, c.do(ctx, http.MethodGet, "/v1/ca", nil, &out)
 }
 
-// DashboardLogin returns a one-time login link to the loopback dashboard.
+// DashboardLogin returns the loopback dashboard's login page and a one-time code.
 func (c *Client) DashboardLogin(ctx context.Context) (DashboardLink, error) {
 	var out DashboardLink
 	return out, c.do(ctx, http.MethodPost, "/v1/dashboard/login", nil, &out)

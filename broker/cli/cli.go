@@ -75,7 +75,7 @@ Usage:
   fleetmq audit [--device ID] [--since 24h] [--limit N]
   fleetmq ca show
   fleetmq backup DIR                   copy of the database and CA, while it runs
-  fleetmq dashboard                    one-time login link to the local dashboard
+  fleetmq dashboard                    one-time login code for the local dashboard
   fleetmq version
 
 Operator commands find the server through the admin socket in the data

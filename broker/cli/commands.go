@@ -511,8 +511,10 @@ func identityIssue(role string) func(context.Context, []string, Env) error {
 	}
 }
 
-// dashboardCmd prints a one-time login link to the loopback dashboard:
-// whoever may use the admin socket may use the dashboard.
+// dashboardCmd prints the loopback dashboard's login page and a one-time
+// code for it: whoever may use the admin socket may use the dashboard. The
+// code is to be entered in the page, not put in a URL, where a browser's
+// command line would show it to every local user.
 func dashboardCmd(ctx context.Context, args []string, env Env) error {
 	fs := newFlags("dashboard", env)
 	if err := fs.parse(args, 0); err != nil {
@@ -525,8 +527,8 @@ func dashboardCmd(ctx context.Context, args []string, env Env) error {
 	if *fs.json {
 		return printJSON(env.Stdout, link)
 	}
-	fmt.Fprintln(env.Stdout, link.URL)
-	fmt.Fprintf(env.Stderr, "open it within 5 minutes, once; the browser stays logged in for %d hours or until fleetmq restarts\n", int(ui.LoginTTL.Hours()))
+	fmt.Fprintf(env.Stdout, "open %s and enter the code %s\n", link.URL, link.Code)
+	fmt.Fprintf(env.Stderr, "the code works once, within 5 minutes; the browser stays logged in for %d hours (for this Unix user's programs only) or until fleetmq restarts\n", int(ui.LoginTTL.Hours()))
 	return nil
 }
 

@@ -272,15 +272,16 @@ func New(cfg Config) (_ *Server, err error) {
 	return s, nil
 }
 
-// dashboardLogin is a one-time login link to the loopback dashboard.
-func (s *Server) dashboardLogin() (string, error) {
+// dashboardLogin is the loopback dashboard's login page and a one-time
+// code for it.
+func (s *Server) dashboardLogin() (string, string, error) {
 	switch {
 	case s.ui == nil:
-		return "", errors.New("the dashboard is off (serve --ui-addr)")
+		return "", "", errors.New("the dashboard is off (serve --ui-addr)")
 	case s.ui.Secure():
-		return "", fmt.Errorf("the dashboard at %s is on the network: operators log in with a certificate (fleetmq operator issue NAME)", s.ui.URL())
+		return "", "", fmt.Errorf("the dashboard at %s is on the network: operators log in with a certificate (fleetmq operator issue NAME)", s.ui.URL())
 	}
-	return s.ui.LoginURL()
+	return s.ui.Login()
 }
 
 // NoLimit, as Config.RetentionCount, means no count cap; as
@@ -407,7 +408,7 @@ func (s *Server) Start() error {
 	}
 	ev.Msg("fleetmq serving")
 	if s.ui != nil && !s.ui.Secure() {
-		s.log.Info().Msg("dashboard login: run 'fleetmq dashboard' for a one-time link")
+		s.log.Info().Msg("dashboard login: run 'fleetmq dashboard' for a one-time code")
 	}
 	return nil
 }

@@ -102,13 +102,15 @@ func TestDashboardInBrowser(t *testing.T) {
 	}
 	ctx := newBrowser(t)
 
-	// Log in with the link `fleetmq dashboard` prints; its page moves on
-	// to the overview by itself.
-	link := s.dashboardLink(t)
-	if !strings.HasPrefix(link, base+"/login?code=") {
-		t.Fatalf("login link %q, want one to %s", link, base)
+	// Log in: the dashboard sends the browser to its form, where the code
+	// `fleetmq dashboard` prints is entered.
+	loginURL, code := s.dashboardCode(t)
+	if loginURL != base+"/login" {
+		t.Fatalf("login page %q, want %s/login", loginURL, base)
 	}
-	if err := chromedp.Do(ctx, chromedp.Navigate(link), chromedp.WaitVisible(chromedp.CSS("#count-online"))); err != nil {
+	if err := chromedp.Do(ctx, chromedp.Navigate(base+"/"), chromedp.WaitVisible(chromedp.CSS(`input[name="code"]`)),
+		chromedp.SendKeys(`input[name="code"]`, code), chromedp.Submit(`input[name="code"]`),
+		chromedp.WaitVisible(chromedp.CSS("#count-online"))); err != nil {
 		t.Fatalf("login: %v", err)
 	}
 
@@ -255,32 +257,44 @@ func TestDashboardInBrowser(t *testing.T) {
 
 var csrfField = regexp.MustCompile(`name="csrf" value="([^"]+)"`)
 
-// dashboardLink is a one-time login link, as `fleetmq dashboard` prints it.
-func (s *testServer) dashboardLink(tb testing.TB) string {
+// dashboardCode is the login page and a one-time code, as `fleetmq
+// dashboard` prints them.
+func (s *testServer) dashboardCode(tb testing.TB) (string, string) {
 	tb.Helper()
 	out, errs, code := s.cli(tb, "dashboard")
-	if code != 0 {
-		tb.Fatalf("fleetmq dashboard: exit %d: %s", code, errs)
+	var page, secret string
+	if _, err := fmt.Sscanf(out, "open %s and enter the code %s", &page, &secret); code != 0 || err != nil {
+		tb.Fatalf("fleetmq dashboard: exit %d: %s%s (%v)", code, out, errs, err)
 	}
-	return strings.TrimSpace(out)
+	return page, secret
 }
 
-// login logs hc, which must keep cookies, in to the loopback dashboard.
-func (s *testServer) login(tb testing.TB, hc *http.Client) {
+// login logs hc, which must keep cookies, in to the loopback dashboard
+// through its form, and returns the answer to the form.
+func (s *testServer) login(tb testing.TB, hc *http.Client) int {
 	tb.Helper()
-	resp, err := hc.Get(s.dashboardLink(tb))
+	page, code := s.dashboardCode(tb)
+	resp, err := hc.Get(page)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	m := csrfField.FindStringSubmatch(string(body))
+	if m == nil {
+		tb.Fatalf("login form: %d %s", resp.StatusCode, body)
+	}
+	resp, err = hc.PostForm(page, url.Values{"code": {code}, "csrf": {m[1]}})
 	if err != nil {
 		tb.Fatal(err)
 	}
 	resp.Body.Close()
-	if resp.StatusCode != 200 {
-		tb.Fatalf("dashboard login: %d", resp.StatusCode)
-	}
+	return resp.StatusCode
 }
 
 // TestDashboardLogin: the loopback dashboard is for whoever may use the
-// admin socket. Without a login link from it, a local client gets nothing;
-// a link works once; `fleetmq dashboard` says why there is no link when the
+// admin socket. Without a code from it, a local client gets nothing; a code
+// works once; `fleetmq dashboard` says why there is no code when the
 // dashboard is off or on the network.
 func TestDashboardLogin(t *testing.T) {
 	s := startServer(t, func(c *server.Config) { c.UIAddr = "127.0.0.1:0" })
@@ -296,18 +310,10 @@ func TestDashboardLogin(t *testing.T) {
 			t.Errorf("/%s without a login: %d %q", path, resp.StatusCode, body)
 		}
 	}
-	link := s.dashboardLink(t)
 	jar, _ := cookiejar.New(nil)
 	hc := &http.Client{Jar: jar, Timeout: 10 * time.Second}
-	for i, want := range []int{200, 403} {
-		resp, err := hc.Get(link)
-		if err != nil {
-			t.Fatal(err)
-		}
-		resp.Body.Close()
-		if resp.StatusCode != want {
-			t.Errorf("login link, use %d: %d, want %d", i+1, resp.StatusCode, want)
-		}
+	if status := s.login(t, hc); status != 200 { // the 303 followed to the overview
+		t.Fatalf("login: %d", status)
 	}
 	resp, err := hc.Get(s.UIURL() + "devices/pi-l1")
 	if err != nil {
@@ -318,7 +324,7 @@ func TestDashboardLogin(t *testing.T) {
 	if resp.StatusCode != 200 || !strings.Contains(string(body), "pi-l1") {
 		t.Errorf("device page after login: %d", resp.StatusCode)
 	}
-	if out, _, code := s.cli(t, "dashboard", "--json"); code != 0 || !strings.Contains(out, `"url": "http://127.0.0.1:`) {
+	if out, _, code := s.cli(t, "dashboard", "--json"); code != 0 || !strings.Contains(out, `"url": "http://127.0.0.1:`) || !strings.Contains(out, `"code": "`) {
 		t.Errorf("dashboard --json: exit %d: %s", code, out)
 	}
 

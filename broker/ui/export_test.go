@@ -1,5 +1,5 @@
 package ui
 
-// LoginCode hands out a login link's code, as LoginURL does, for tests
+// LoginCode hands out a login code, as Login does, for tests
 // whose server is not listening (httptest serves its Handler).
 func LoginCode(s *Server) (string, error) { return s.login.issue(s.cfg.Now()) }

@@ -253,18 +253,29 @@ func browser(tb testing.TB) *http.Client {
 }
 
 // loggedIn is a browser logged in to the loopback dashboard s served at
-// base, through a login link.
+// base, through its login form and a code from s.
 func loggedIn(tb testing.TB, s *ui.Server, base string) *http.Client {
+	tb.Helper()
+	c := browser(tb)
+	if r := login(tb, s, c, base, nil); r.status != http.StatusSeeOther {
+		tb.Fatalf("login: %d %s", r.status, r.body)
+	}
+	return c
+}
+
+// login enters a fresh code of s in the login form at base with c, with
+// hdr on both requests.
+func login(tb testing.TB, s *ui.Server, c *http.Client, base string, hdr map[string]string) reply {
 	tb.Helper()
 	code, err := ui.LoginCode(s)
 	if err != nil {
 		tb.Fatal(err)
 	}
-	c := browser(tb)
-	if r := do(tb, c, "GET", base+"/login?code="+code, nil, nil); r.status != http.StatusOK {
-		tb.Fatalf("login: %d %s", r.status, r.body)
+	page := do(tb, c, "GET", base+"/login", nil, hdr)
+	if page.status != http.StatusOK {
+		return page
 	}
-	return c
+	return do(tb, c, "POST", base+"/login", url.Values{"code": {code}, "csrf": {formToken(tb, page.body)}}, hdr)
 }
 
 // streamEnds opens the event stream at u and fails unless the server ends
@@ -308,6 +319,10 @@ func do(tb testing.TB, c *http.Client, method, u string, form url.Values, hdr ma
 		req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
 	}
 	for k, v := range hdr {
+		if k == "Host" {
+			req.Host = v
+			continue
+		}
 		req.Header.Set(k, v)
 	}
 	resp, err := c.Do(req)

@@ -38,7 +38,7 @@ func viewerOf(ctx context.Context) viewer {
 }
 
 // guard wraps every request: security headers, then who may see the
-// dashboard (an operator certificate over HTTPS, a login link's cookie
+// dashboard (an operator certificate over HTTPS, a login code's cookie
 // over loopback HTTP), then, for anything but GET and HEAD, the cross-origin
 // and CSRF checks.
 func (s *Server) guard(next http.Handler) http.Handler {
@@ -68,16 +68,19 @@ func (s *Server) guard(next http.Handler) http.Handler {
 				s.forbidden(w, r, "The dashboard answers only to a loopback host name (localhost, 127.0.0.1, [::1]).")
 				return
 			}
-			if r.URL.Path == "/login" {
-				s.serveLogin(w, r)
-				return
+			v = viewer{Remote: "ui:local"}
+			if r.URL.Path != "/login" && !strings.HasPrefix(r.URL.Path, "/static/") {
+				until, ok := s.loggedIn(r)
+				switch {
+				case !ok && r.Method == http.MethodGet && strings.Contains(r.Header.Get("Accept"), "text/html"):
+					http.Redirect(w, r, "/login", http.StatusSeeOther) // a browser: to the form
+					return
+				case !ok:
+					s.fail(w, r, http.StatusUnauthorized, needLogin)
+					return
+				}
+				v.Until = until
 			}
-			until, ok := s.loggedIn(r)
-			if !ok {
-				s.fail(w, r, http.StatusUnauthorized, needLogin)
-				return
-			}
-			v = viewer{Remote: "ui:local", Until: until}
 		}
 		if r.Method != http.MethodGet && r.Method != http.MethodHead {
 			if err := cop.Check(r); err != nil {

@@ -5,11 +5,12 @@
 // and applies live updates. There is no build step.
 //
 // Who may use it follows from where it listens. On a loopback address it
-// speaks plain HTTP to the local operator, who logs in with a one-time link
-// from the admin socket (LoginURL), and answers only requests whose Host
-// is a loopback name (DNS rebinding). On any other address it speaks HTTPS
-// only, requires a client certificate from the fleet CA, and serves only
-// identities with the operator role that are not revoked; there is no
+// speaks plain HTTP to the local operator, who logs in with a one-time code
+// from the admin socket (Login), bound to its Unix user, and answers only
+// requests whose Host is a loopback name (DNS rebinding). On any other
+// address it speaks HTTPS only, requires a client certificate from the
+// fleet CA, and serves only identities with the operator role that are not
+// revoked; there is no
 // switch that relaxes this. Every state change (revoking a device, minting
 // or revoking tokens) is a POST from a confirmation page, checked against
 // cross-origin requests and a CSRF token bound to a SameSite=Strict cookie.
@@ -120,6 +121,7 @@ type Server struct {
 	pages   *pages
 	csrf    *csrf
 	login   *localLogin
+	procNet string // where the kernel lists TCP sockets (peeruid.go)
 	hub     *hub
 
 	ctx    context.Context // ends at Close: ends event streams
@@ -193,7 +195,7 @@ func New(cfg Config) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	s := &Server{cfg: cfg, log: cfg.Logger, pages: p, csrf: c, login: l}
+	s := &Server{cfg: cfg, log: cfg.Logger, pages: p, csrf: c, login: l, procNet: "/proc/net"}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.hub = newHub(s.ctx, cfg.Online, cfg.PresenceInterval)
 	s.handler = s.routes()

@@ -166,21 +166,12 @@ func TestLoopbackHostOnly(t *testing.T) {
 	} {
 		// Cookies are per host name: the browser logs in under each.
 		c := browser(t)
-		code, err := ui.LoginCode(s)
-		if err != nil {
-			t.Fatal(err)
+		hdr := map[string]string{"Host": host}
+		if r, wantLogin := login(t, s, c, ts.URL, hdr), map[int]int{200: 303, 403: 403}[want]; r.status != wantLogin {
+			t.Errorf("Host %q: login %d, want %d", host, r.status, wantLogin)
 		}
-		for _, path := range []string{"/login?code=" + code, "/"} {
-			req, _ := http.NewRequest("GET", ts.URL+path, nil)
-			req.Host = host
-			resp, err := c.Do(req)
-			if err != nil {
-				t.Fatal(err)
-			}
-			resp.Body.Close()
-			if resp.StatusCode != want {
-				t.Errorf("Host %q: GET %s: %d, want %d", host, path, resp.StatusCode, want)
-			}
+		if r := do(t, c, "GET", ts.URL+"/", nil, hdr); r.status != want {
+			t.Errorf("Host %q: GET /: %d, want %d", host, r.status, want)
 		}
 	}
 }
@@ -195,9 +186,18 @@ func TestStateChangesNeedCSRFToken(t *testing.T) {
 		t.Fatalf("confirmation page: %d %s", page.status, page.body)
 	}
 	tok := formToken(t, page.body)
-	ck := page.header.Get("Set-Cookie")
-	if !strings.Contains(ck, "HttpOnly") || !strings.Contains(ck, "SameSite=Strict") {
+	// The browser session starts with the first form, the login's.
+	ck := do(t, browser(t), "GET", ts.URL+"/login", nil, nil).header.Get("Set-Cookie")
+	if !strings.Contains(ck, "fleetmq_session=") || !strings.Contains(ck, "HttpOnly") || !strings.Contains(ck, "SameSite=Strict") {
 		t.Errorf("session cookie %q", ck)
+	}
+	// A browser logged in, without the session cookie.
+	base, _ := url.Parse(ts.URL)
+	noSession := browser(t)
+	for _, k := range c.Jar.Cookies(base) {
+		if k.Name == "fleetmq_login" {
+			noSession.Jar.SetCookies(base, []*http.Cookie{k})
+		}
 	}
 	other := loggedIn(t, s, ts.URL)
 	otherTok := formToken(t, do(t, other, "GET", ts.URL+"/devices/pi-1/revoke", nil, nil).body)
@@ -220,7 +220,7 @@ func TestStateChangesNeedCSRFToken(t *testing.T) {
 		{"no token", c, url.Values{"confirm": {"yes"}}, nil, 403},
 		{"wrong token", c, url.Values{"confirm": {"yes"}, "csrf": {otherChar(tok[0]) + tok[1:]}}, nil, 403},
 		{"another session's token", c, url.Values{"confirm": {"yes"}, "csrf": {otherTok}}, nil, 403},
-		{"no session cookie", loggedIn(t, s, ts.URL), url.Values{"confirm": {"yes"}, "csrf": {tok}}, nil, 403},
+		{"no session cookie", noSession, url.Values{"confirm": {"yes"}, "csrf": {tok}}, nil, 403},
 		{"cross-origin", c, url.Values{"confirm": {"yes"}, "csrf": {tok}}, map[string]string{"Origin": "http://evil.example"}, 403},
 		{"cross-site fetch", c, url.Values{"confirm": {"yes"}, "csrf": {tok}}, map[string]string{"Sec-Fetch-Site": "cross-site"}, 403},
 		{"unconfirmed", c, url.Values{"csrf": {tok}}, nil, 400},
@@ -461,14 +461,11 @@ func TestListenRefusesNonLoopbackWithoutOperatorAuth(t *testing.T) {
 	}
 	done := make(chan error, 1)
 	go func() { done <- s.Serve() }()
-	link, err := s.LoginURL()
-	if err != nil {
-		t.Fatal(err)
+	loginURL, _, err := s.Login()
+	if err != nil || loginURL != s.URL()+"login" {
+		t.Fatalf("Login: %q %v", loginURL, err)
 	}
-	c := browser(t)
-	if r := do(t, c, "GET", link, nil, nil); r.status != 200 {
-		t.Fatalf("login link %d: %s", r.status, r.body)
-	}
+	c := loggedIn(t, s, strings.TrimSuffix(s.URL(), "/"))
 	resp, err := c.Get(s.URL())
 	if err != nil {
 		t.Fatal(err)

@@ -1,0 +1,112 @@
+package ui
+
+import (
+	"bufio"
+	"encoding/binary"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"strconv"
+	"strings"
+)
+
+// Cookies are not bound to a port: a browser sends the loopback
+// dashboard's login cookie to any server on 127.0.0.1, another local
+// user's included, who could then replay it. So a login is bound to the
+// Unix user whose process opened the connection — the browser's, or sshd's
+// for a tunnel — which Linux tells about every local TCP socket in
+// /proc/net/tcp{,6}; a replay from another account's process is refused.
+
+// errPeerUnknown means the owner of a loopback connection could not be
+// told: the connection is refused.
+var errPeerUnknown = errors.New("cannot tell which user opened this connection")
+
+// peerUID returns the Unix user owning the local TCP socket at client
+// connected to server (both loopback, as the server sees them).
+func peerUID(procNet, client, server string) (uint32, error) {
+	c, err := netip.ParseAddrPort(client)
+	if err != nil {
+		return 0, fmt.Errorf("%w: client address %q", errPeerUnknown, client)
+	}
+	s, err := netip.ParseAddrPort(server)
+	if err != nil {
+		return 0, fmt.Errorf("%w: server address %q", errPeerUnknown, server)
+	}
+	c = netip.AddrPortFrom(c.Addr().Unmap(), c.Port())
+	s = netip.AddrPortFrom(s.Addr().Unmap(), s.Port())
+	if !c.Addr().IsLoopback() || !s.Addr().IsLoopback() {
+		return 0, fmt.Errorf("%w: not a loopback connection", errPeerUnknown)
+	}
+	// An IPv4 client of a dual-stack socket shows in tcp6, mapped.
+	for _, name := range []string{"tcp", "tcp6"} {
+		uid, found, err := scanProcNet(procNet+"/"+name, c, s)
+		if err != nil {
+			return 0, err
+		}
+		if found {
+			return uid, nil
+		}
+	}
+	return 0, fmt.Errorf("%w: no socket %s → %s", errPeerUnknown, c, s)
+}
+
+// scanProcNet looks for the socket local→remote in one /proc/net file:
+//
+//	sl local_address rem_address st tx_queue:rx_queue tr:tm->when retrnsmt uid ...
+func scanProcNet(path string, local, remote netip.AddrPort) (uid uint32, found bool, err error) {
+	f, err := os.Open(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return 0, false, nil
+	}
+	if err != nil {
+		return 0, false, fmt.Errorf("%w: %w", errPeerUnknown, err)
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	sc.Scan() // the header
+	for sc.Scan() {
+		fields := strings.Fields(sc.Text())
+		if len(fields) < 8 {
+			continue
+		}
+		l, err1 := parseProcAddr(fields[1])
+		r, err2 := parseProcAddr(fields[2])
+		if err1 != nil || err2 != nil || l != local || r != remote {
+			continue
+		}
+		u, err := strconv.ParseUint(fields[7], 10, 32)
+		if err != nil {
+			return 0, false, fmt.Errorf("%w: uid %q", errPeerUnknown, fields[7])
+		}
+		return uint32(u), true, nil
+	}
+	if err := sc.Err(); err != nil {
+		return 0, false, fmt.Errorf("%w: %w", errPeerUnknown, err)
+	}
+	return 0, false, nil
+}
+
+// parseProcAddr parses "0100007F:1F90": the address as 32-bit words, each
+// printed as the host reads it from memory, then the port in hex.
+// IPv4-mapped IPv6 addresses come back unmapped.
+func parseProcAddr(s string) (netip.AddrPort, error) {
+	a, p, ok := strings.Cut(s, ":")
+	if !ok {
+		return netip.AddrPort{}, errors.New("no port")
+	}
+	raw, err := hex.DecodeString(a)
+	if err != nil || (len(raw) != 4 && len(raw) != 16) {
+		return netip.AddrPort{}, errors.New("bad address")
+	}
+	port, err := strconv.ParseUint(p, 16, 16)
+	if err != nil {
+		return netip.AddrPort{}, errors.New("bad port")
+	}
+	for i := 0; i < len(raw); i += 4 {
+		binary.NativeEndian.PutUint32(raw[i:], binary.BigEndian.Uint32(raw[i:]))
+	}
+	addr, _ := netip.AddrFromSlice(raw)
+	return netip.AddrPortFrom(addr.Unmap(), uint16(port)), nil
+}
