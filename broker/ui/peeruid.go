@@ -19,6 +19,10 @@ import (
 // for a tunnel — which Linux tells about every local TCP socket in
 // /proc/net/tcp{,6}; a replay from another account's process is refused.
 
+// overflowUID is the Linux kernel's default /proc/sys/kernel/overflowuid,
+// "nobody": the uid shown for users a user namespace does not map.
+const overflowUID = 65534
+
 // errPeerUnknown means the owner of a loopback connection could not be
 // told: the connection is refused.
 var errPeerUnknown = errors.New("cannot tell which user opened this connection")
@@ -44,6 +48,12 @@ func peerUID(procNet, client, server string) (uint32, error) {
 		uid, found, err := scanProcNet(procNet+"/"+name, c, s)
 		if err != nil {
 			return 0, err
+		}
+		if found && uid == overflowUID {
+			// In a user namespace (systemd's PrivateUsers=) every user
+			// not mapped into it shows as this one: they cannot be told
+			// apart.
+			return 0, fmt.Errorf("%w: its owner is not visible from this process's user namespace", errPeerUnknown)
 		}
 		if found {
 			return uid, nil

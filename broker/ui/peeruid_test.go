@@ -13,6 +13,7 @@ func TestPeerUID(t *testing.T) {
 	tcp := `  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
    0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000   999        0 1 1 0000000000000000 100 0 0 10 0
    1: 0100007F:D431 0100007F:1F90 01 00000000:00000000 00:00000000 00000000  1000        0 2 1 0000000000000000 20 4 30 10 -1
+   2: 0100007F:C352 0100007F:1F90 01 00000000:00000000 00:00000000 00000000 65534        0 5 1 0000000000000000 20 4 30 10 -1
 `
 	tcp6 := `  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
    0: 00000000000000000000000001000000:C350 00000000000000000000000001000000:1F90 01 00000000:00000000 00:00000000 00000000  1001        0 3 1 0000000000000000 20 4 30 10 -1
@@ -34,6 +35,7 @@ func TestPeerUID(t *testing.T) {
 		{"127.0.0.1:54322", "127.0.0.1:8080", 0, false},   // no such socket
 		{"192.0.2.1:54321", "127.0.0.1:8080", 0, false},   // not loopback
 		{"nonsense", "127.0.0.1:8080", 0, false},
+		{"127.0.0.1:50002", "127.0.0.1:8080", 0, false}, // a user the namespace does not map
 	} {
 		uid, err := peerUID(dir, tc.client, tc.server)
 		if ok := err == nil; ok != tc.ok || uid != tc.uid {
