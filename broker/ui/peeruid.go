@@ -3,7 +3,6 @@ package ui
 import (
 	"bufio"
 	"encoding/binary"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -65,7 +64,16 @@ func peerUID(procNet, client, server string) (uint32, error) {
 // scanProcNet looks for the socket local→remote in one /proc/net file:
 //
 //	sl local_address rem_address st tx_queue:rx_queue tr:tm->when retrnsmt uid ...
+//
+// The addresses are compared as the kernel prints them: with thousands of
+// MQTT connections listed, a line is looked at only when it holds the
+// client's address.
 func scanProcNet(path string, local, remote netip.AddrPort) (uid uint32, found bool, err error) {
+	v6 := strings.HasSuffix(path, "6")
+	if !v6 && !(local.Addr().Is4() && remote.Addr().Is4()) {
+		return 0, false, nil // IPv6 sockets are in tcp6 only
+	}
+	wantLocal, wantRemote := procAddr(local, v6), procAddr(remote, v6)
 	f, err := os.Open(path)
 	if errors.Is(err, os.ErrNotExist) {
 		return 0, false, nil
@@ -77,13 +85,12 @@ func scanProcNet(path string, local, remote netip.AddrPort) (uid uint32, found b
 	sc := bufio.NewScanner(f)
 	sc.Scan() // the header
 	for sc.Scan() {
-		fields := strings.Fields(sc.Text())
-		if len(fields) < 8 {
+		line := sc.Text()
+		if !strings.Contains(line, wantLocal) {
 			continue
 		}
-		l, err1 := parseProcAddr(fields[1])
-		r, err2 := parseProcAddr(fields[2])
-		if err1 != nil || err2 != nil || l != local || r != remote {
+		fields := strings.Fields(line)
+		if len(fields) < 8 || fields[1] != wantLocal || fields[2] != wantRemote {
 			continue
 		}
 		u, err := strconv.ParseUint(fields[7], 10, 32)
@@ -98,25 +105,23 @@ func scanProcNet(path string, local, remote netip.AddrPort) (uid uint32, found b
 	return 0, false, nil
 }
 
-// parseProcAddr parses "0100007F:1F90": the address as 32-bit words, each
-// printed as the host reads it from memory, then the port in hex.
-// IPv4-mapped IPv6 addresses come back unmapped.
-func parseProcAddr(s string) (netip.AddrPort, error) {
-	a, p, ok := strings.Cut(s, ":")
-	if !ok {
-		return netip.AddrPort{}, errors.New("no port")
+// procAddr prints a as /proc/net/tcp{,6} does, "0100007F:1F90": the
+// address as 32-bit words, each as the host reads it from memory, in upper
+// case hex, then the port. In tcp6 an IPv4 address is mapped.
+func procAddr(a netip.AddrPort, v6 bool) string {
+	ip := a.Addr()
+	var raw []byte
+	if v6 {
+		b := ip.As16()
+		raw = b[:]
+	} else {
+		b := ip.As4()
+		raw = b[:]
 	}
-	raw, err := hex.DecodeString(a)
-	if err != nil || (len(raw) != 4 && len(raw) != 16) {
-		return netip.AddrPort{}, errors.New("bad address")
-	}
-	port, err := strconv.ParseUint(p, 16, 16)
-	if err != nil {
-		return netip.AddrPort{}, errors.New("bad port")
-	}
+	var sb strings.Builder
 	for i := 0; i < len(raw); i += 4 {
-		binary.NativeEndian.PutUint32(raw[i:], binary.BigEndian.Uint32(raw[i:]))
+		fmt.Fprintf(&sb, "%08X", binary.NativeEndian.Uint32(raw[i:]))
 	}
-	addr, _ := netip.AddrFromSlice(raw)
-	return netip.AddrPortFrom(addr.Unmap(), uint16(port)), nil
+	fmt.Fprintf(&sb, ":%04X", a.Port())
+	return sb.String()
 }
