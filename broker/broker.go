@@ -443,14 +443,21 @@ func (b *Broker) Revoke(id string) {
 		cls = append(cls, cl)
 	}
 	for _, cl := range cls {
-		if !cl.Closed() {
-			b.stats.kicked.inc(KickRevoked)
-		}
-		cl.Stop(errRevoked)
+		b.stopRevoked(cl)
 	}
 	if len(cls) > 0 {
 		b.log.Info().Str("id", id).Msg("broker: revoked identity disconnected")
 	}
+}
+
+// stopRevoked ends the session of a revoked identity, counted once.
+func (b *Broker) stopRevoked(cl *mqtt.Client) bool {
+	open := !cl.Closed()
+	if open {
+		b.stats.kicked.inc(KickRevoked)
+	}
+	cl.Stop(errRevoked)
+	return open
 }
 
 // UnwrittenPresence returns, by identity, the presence changes this node

@@ -397,11 +397,9 @@ func (b *Broker) recheck() {
 		if cl == nil {
 			continue // refused at CONNECT by the flag
 		}
-		if !cl.Closed() {
-			b.stats.kicked.inc(KickRevoked)
+		if b.stopRevoked(cl) {
 			b.log.Info().Str("id", id).Msg("broker: identity revoked elsewhere disconnected")
 		}
-		cl.Stop(errRevoked)
 	}
 }
 
