@@ -135,3 +135,6 @@ func RevokeCertOnly(tb testing.TB, db *DB, serial string, at time.Time) {
 		tb.Fatalf("revoke cert %s: %v", serial, err)
 	}
 }
+
+// SchemaVersion is the layout this code writes.
+const SchemaVersion = schemaVersion
