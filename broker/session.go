@@ -61,6 +61,7 @@ type conn struct {
 	b *Broker
 
 	connectSeen atomic.Bool
+	first       firstHeader           // only mochi's read goroutine uses it
 	grant       atomic.Pointer[grant] // set once CONNECT is authorized
 	revoked     atomic.Bool           // set by Revoke; denies everything
 	closeOnce   sync.Once
@@ -93,6 +94,60 @@ func (c *conn) Close() error {
 		c.b.release(c)
 	})
 	return c.Conn.Close()
+}
+
+// maxConnectPacket is the largest CONNECT accepted, will message
+// included: a device's needs a few hundred bytes.
+const maxConnectPacket = 16 << 10
+
+// Read refuses a first packet that is not a CONNECT of at most
+// maxConnectPacket bytes before mochi sees its header: mochi allocates a
+// packet's whole announced length as soon as it has read the header, so
+// with five bytes each, connections not yet identified by a CONNECT could
+// pin MaxPacketSize apiece until the handshake deadline.
+func (c *conn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	if !c.first.done {
+		if ferr := c.first.check(p[:n]); ferr != nil {
+			return 0, ferr
+		}
+	}
+	return n, err
+}
+
+// firstHeader follows the fixed header of a connection's first packet
+// across reads: its type byte, then its remaining length, up to four
+// bytes of seven bits each, least significant first.
+type firstHeader struct {
+	n    uint8  // header bytes seen
+	size uint32 // remaining length so far
+	done bool
+}
+
+func (h *firstHeader) check(b []byte) error {
+	for _, x := range b {
+		if h.done {
+			return nil
+		}
+		if h.n == 0 {
+			if x>>4 != packets.Connect {
+				return packets.ErrProtocolViolationRequireFirstConnect
+			}
+			h.n++
+			continue
+		}
+		h.size |= uint32(x&0x7f) << (7 * (h.n - 1))
+		h.n++
+		switch {
+		case h.size > maxConnectPacket:
+			return packets.ErrPacketTooLarge
+		case x&0x80 == 0:
+			h.done = true
+		case h.n == 5:
+			return packets.ErrMalformedVariableByteInteger
+		}
+	}
+	return nil
 }
 
 // SetDeadline coalesces mochi's keepalive deadline refreshes. mochi moves
