@@ -26,6 +26,7 @@ import (
 	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
 	"github.com/rs/zerolog"
 
 	"github.com/fleetmq/fleetmq/store"
@@ -450,13 +451,24 @@ func (b *Broker) Revoke(id string) {
 	}
 }
 
-// stopRevoked ends the session of a revoked identity, counted once.
+// stopRevoked ends the session of a revoked identity, counted once. A
+// revoked identity publishes nothing more, not even its last will, which
+// mochi would send as the connection ends; and the status it left
+// retained, "online" as likely as not, is dropped: the fleet has no such
+// device any more. (A will already waiting out its delay when the
+// revocation came is out of reach in mochi: it is sent, at most
+// SessionExpiry after the device left.)
 func (b *Broker) stopRevoked(cl *mqtt.Client) bool {
 	open := !cl.Closed()
 	if open {
 		b.stats.kicked.inc(KickRevoked)
 	}
+	atomic.StoreUint32(&cl.Properties.Will.Flag, 0)
 	cl.Stop(errRevoked)
+	b.srv.Topics.RetainMessage(packets.Packet{
+		FixedHeader: packets.FixedHeader{Type: packets.Publish, Retain: true},
+		TopicName:   topicRoot + "/" + cl.ID + "/" + levelStatus,
+	})
 	return open
 }
 

@@ -29,7 +29,8 @@ func (h *hook) Provides(b byte) bool {
 	switch b {
 	case mqtt.OnConnect, mqtt.OnConnectAuthenticate, mqtt.OnACLCheck,
 		mqtt.OnSubscribe, mqtt.OnSubscribed, mqtt.OnUnsubscribed,
-		mqtt.OnPublish, mqtt.OnPacketSent, mqtt.OnClientExpired:
+		mqtt.OnPublish, mqtt.OnPacketSent, mqtt.OnClientExpired,
+		mqtt.OnPacketRead:
 		return true
 	}
 	return false
@@ -104,7 +105,19 @@ func (b *Broker) authorize(c *conn, cl *mqtt.Client, pk packets.Packet) *refusal
 		if !retainable(dev.Role, id, pk.Connect.WillTopic) {
 			cl.Properties.Will.Retain = false
 		}
+		// mochi waits the whole will delay even after the session has
+		// ended, which MQTT 5 says ends the wait (3.1.3.2.2): a device
+		// could schedule a publish for years ahead.
+		if maxDelay := uint32(b.cfg.SessionExpiry / time.Second); cl.Properties.Will.WillDelayInterval > maxDelay {
+			cl.Properties.Will.WillDelayInterval = maxDelay
+		}
 	}
+	// mochi resends a kept session's unacknowledged messages on the next
+	// connection with the topic alias of the connection they were first
+	// sent on, as a publish without a topic name that the new connection
+	// cannot resolve: a v5 subscriber allowing aliases would lose them on
+	// every reconnect. The broker uses no outbound aliases.
+	cl.Properties.Props.TopicAliasMaximum = 0
 	// mochi closes a connection silent for 1.5 keepalives, and keeps none
 	// for keepalive 0: cap it, so a dead peer is always noticed.
 	if maxKA := uint16(b.cfg.MaxKeepalive / time.Second); cl.State.Keepalive == 0 || cl.State.Keepalive > maxKA {
@@ -236,6 +249,21 @@ func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 		}
 		return pk, b.refusePublish(cl, pk.PacketID, qos, code)
 	}
+}
+
+// OnPacketRead caps the session expiry an MQTT 5 client may set in its
+// DISCONNECT: mochi caps the one asked for in CONNECT but takes the
+// DISCONNECT's as it is, which would keep a session, its subscriptions and
+// its queued messages for up to 136 years. (Changed here, before mochi
+// handles the packet, the value is written before the session is marked
+// disconnected, which mochi's expiry loop reads it after.)
+func (h *hook) OnPacketRead(_ *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
+	if pk.FixedHeader.Type == packets.Disconnect {
+		if maxExp := uint32(h.b.cfg.SessionExpiry / time.Second); pk.Properties.SessionExpiryInterval > maxExp {
+			pk.Properties.SessionExpiryInterval = maxExp
+		}
+	}
+	return pk, nil
 }
 
 // OnPacketSent counts deliveries.

@@ -2,6 +2,7 @@ package broker
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"io"
 	"testing"
@@ -33,6 +34,180 @@ func nextPublish(tb testing.TB, r *rawClient, what string) packets.Packet {
 		}
 		if pk.FixedHeader.Type == packets.Publish {
 			return pk
+		}
+	}
+}
+
+// TestDisconnectCannotExtendSession: an MQTT 5 client may set a new
+// session expiry in its DISCONNECT; mochi caps the one in CONNECT, not
+// that one, so a client could keep its session, subscriptions and queued
+// messages for 136 years.
+func TestDisconnectCannotExtendSession(t *testing.T) {
+	f := newFixture(t, func(c *Config) { c.SessionExpiry = 2 * time.Second })
+	r := dialRaw(t, f.addr, f.clientTLS(f.service(t, "svc")))
+	r.write(packets.Packet{
+		FixedHeader: packets.FixedHeader{Type: packets.Connect},
+		Connect:     packets.ConnectParams{ProtocolName: []byte("MQTT"), Keepalive: 30, ClientIdentifier: "svc"},
+		Properties:  packets.Properties{SessionExpiryInterval: 3600, SessionExpiryIntervalFlag: true},
+	})
+	if ack := r.mustRead(packets.Connack); ack.ReasonCode != 0 || ack.Properties.SessionExpiryInterval != 2 {
+		t.Fatalf("CONNACK %#x, session expiry %d; want 0, capped to 2", ack.ReasonCode, ack.Properties.SessionExpiryInterval)
+	}
+	subscribeRaw(t, r, "devices/+/telemetry", 1)
+	r.write(packets.Packet{
+		FixedHeader: packets.FixedHeader{Type: packets.Disconnect},
+		Properties:  packets.Properties{SessionExpiryInterval: 0xFFFFFFFF, SessionExpiryIntervalFlag: true},
+	})
+	cl, ok := f.b.srv.Clients.Get("svc")
+	if !ok {
+		t.Fatal("no session")
+	}
+	// Closed is set after mochi has handled the DISCONNECT.
+	eventually(t, cl.Closed, "the connection ended")
+	if got := cl.Properties.Props.SessionExpiryInterval; got != 2 {
+		t.Fatalf("session expiry after DISCONNECT = %d s, want the cap, 2", got)
+	}
+	eventually(t, func() bool { _, ok := f.b.srv.Clients.Get("svc"); return !ok }, "the session expired")
+}
+
+// TestWillDelayEndsWithSession: mochi waits out a will's whole delay,
+// also once the session has ended, where MQTT 5 sends the will: a device
+// could schedule a publish for years ahead. The delay is capped to the
+// session expiry.
+func TestWillDelayEndsWithSession(t *testing.T) {
+	f := newFixture(t, func(c *Config) { c.SessionExpiry = time.Second })
+	svc := dialRaw(t, f.addr, f.clientTLS(f.service(t, "svc")))
+	svc.connect("svc")
+	subscribeRaw(t, svc, "devices/+/status", 0)
+
+	dev := dialRaw(t, f.addr, f.clientTLS(f.device(t, "dev-w")))
+	dev.write(packets.Packet{
+		FixedHeader: packets.FixedHeader{Type: packets.Connect},
+		Connect: packets.ConnectParams{
+			ProtocolName: []byte("MQTT"), Keepalive: 30, ClientIdentifier: "dev-w",
+			WillFlag: true, WillTopic: "devices/dev-w/status", WillPayload: []byte("offline"),
+			WillProperties: packets.Properties{WillDelayInterval: 3600},
+		},
+		Properties: packets.Properties{SessionExpiryInterval: 3600, SessionExpiryIntervalFlag: true},
+	})
+	if ack := dev.mustRead(packets.Connack); ack.ReasonCode != 0 {
+		t.Fatalf("CONNACK %#x", ack.ReasonCode)
+	}
+	_ = dev.conn.Close() // no DISCONNECT: the will is due
+	if pk := nextPublish(t, svc, "the will"); pk.TopicName != "devices/dev-w/status" || string(pk.Payload) != "offline" {
+		t.Fatalf("got %s %q, want the will", pk.TopicName, pk.Payload)
+	}
+}
+
+// TestRevokedDevicePublishesNoWill: a revoked device is thrown off and
+// says nothing more — no last will — and the status it left retained
+// goes with it.
+func TestRevokedDevicePublishesNoWill(t *testing.T) {
+	f := newFixture(t, nil)
+	svc := dialRaw(t, f.addr, f.clientTLS(f.service(t, "svc")))
+	svc.connect("svc")
+	subscribeRaw(t, svc, "devices/+/status", 0)
+
+	dev := dialRaw(t, f.addr, f.clientTLS(f.device(t, "dev-r")))
+	dev.write(packets.Packet{
+		FixedHeader: packets.FixedHeader{Type: packets.Connect},
+		Connect: packets.ConnectParams{
+			ProtocolName: []byte("MQTT"), Clean: true, Keepalive: 30, ClientIdentifier: "dev-r",
+			WillFlag: true, WillTopic: "devices/dev-r/status", WillPayload: []byte("will-after-revoke"), WillRetain: true,
+		},
+	})
+	if ack := dev.mustRead(packets.Connack); ack.ReasonCode != 0 {
+		t.Fatalf("CONNACK %#x", ack.ReasonCode)
+	}
+	dev.write(packets.Packet{
+		FixedHeader: packets.FixedHeader{Type: packets.Publish, Retain: true},
+		TopicName:   "devices/dev-r/status", Payload: []byte("online"),
+	})
+	if pk := nextPublish(t, svc, "the status"); string(pk.Payload) != "online" {
+		t.Fatalf("got %q, want online", pk.Payload)
+	}
+
+	if _, err := f.db.RevokeDevice(context.Background(), "dev-r", "test", time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	f.b.Revoke("dev-r")
+	dev.mustBeDisconnected("after revocation")
+	// A clean session is forgotten after mochi's will step: from here on
+	// any will would have been sent.
+	eventually(t, func() bool { _, ok := f.b.srv.Clients.Get("dev-r"); return !ok }, "dev-r forgotten")
+
+	marker := dialRaw(t, f.addr, f.clientTLS(f.device(t, "dev-m")))
+	marker.connect("dev-m")
+	marker.publish("devices/dev-m/status", 0, 0, []byte("marker"))
+	if pk := nextPublish(t, svc, "the marker"); string(pk.Payload) != "marker" {
+		t.Fatalf("the service got %s %q before the marker: a revoked device's will", pk.TopicName, pk.Payload)
+	}
+
+	late := dialRaw(t, f.addr, f.clientTLS(f.service(t, "svc-late")))
+	late.connect("svc-late")
+	late.write(packets.Packet{
+		FixedHeader: packets.FixedHeader{Type: packets.Subscribe, Qos: 1},
+		PacketID:    1,
+		Filters:     packets.Subscriptions{{Filter: "devices/dev-r/status"}, {Filter: "devices/dev-m/status"}},
+	})
+	subscribed := false
+	for {
+		pk, err := late.read()
+		if err != nil {
+			t.Fatalf("waiting for the marker: %v", err)
+		}
+		switch {
+		case pk.FixedHeader.Type == packets.Suback && !subscribed:
+			subscribed = true
+			// Retained messages are queued at the subscription, ahead of it.
+			marker.publish("devices/dev-m/status", 0, 0, []byte("marker 2"))
+		case pk.FixedHeader.Type != packets.Publish:
+		case pk.TopicName == "devices/dev-r/status":
+			t.Fatalf("a late subscriber got the revoked device's retained status %q", pk.Payload)
+		case string(pk.Payload) == "marker 2":
+			return
+		}
+	}
+}
+
+// TestResentMessagesCarryTheirTopic: mochi resends a kept session's
+// unacknowledged messages with the topic alias of the connection they were
+// first sent on, which means nothing on the next one; the broker uses no
+// outbound aliases, so a v5 subscriber allowing them loses nothing.
+func TestResentMessagesCarryTheirTopic(t *testing.T) {
+	f := newFixture(t, nil)
+	svcCert := f.service(t, "svc")
+	connectSvc := func() *rawClient {
+		r := dialRaw(t, f.addr, f.clientTLS(svcCert))
+		r.write(packets.Packet{
+			FixedHeader: packets.FixedHeader{Type: packets.Connect},
+			Connect:     packets.ConnectParams{ProtocolName: []byte("MQTT"), Keepalive: 30, ClientIdentifier: "svc"},
+			Properties: packets.Properties{SessionExpiryInterval: 600, SessionExpiryIntervalFlag: true,
+				TopicAliasMaximum: 10},
+		})
+		r.mustRead(packets.Connack)
+		return r
+	}
+	svc := connectSvc()
+	subscribeRaw(t, svc, "devices/+/events/#", 1)
+
+	dev := dialRaw(t, f.addr, f.clientTLS(f.device(t, "dev-a")))
+	dev.connect("dev-a")
+	for i := range 3 {
+		dev.publish("devices/dev-a/events/boot", 1, uint16(i+1), []byte{byte('0' + i)})
+		dev.mustRead(packets.Puback)
+		pk := nextPublish(t, svc, "an event")
+		if pk.TopicName != "devices/dev-a/events/boot" || pk.Properties.TopicAlias != 0 {
+			t.Fatalf("delivery %d: topic %q alias %d, want the name and no alias", i, pk.TopicName, pk.Properties.TopicAlias)
+		}
+	}
+	_ = svc.conn.Close() // none acknowledged: all three are resent
+
+	svc = connectSvc()
+	for i := range 3 {
+		pk := nextPublish(t, svc, "a resent event")
+		if pk.TopicName != "devices/dev-a/events/boot" {
+			t.Fatalf("resent %d: topic %q alias %d, want the topic name", i, pk.TopicName, pk.Properties.TopicAlias)
 		}
 	}
 }
