@@ -32,6 +32,10 @@ import (
 	"github.com/fleetmq/fleetmq/store"
 )
 
+// maxInflight is the most outbound QoS 1/2 messages a session holds
+// unacknowledged (see New).
+const maxInflight = 256
+
 // Store is what the broker needs from the fleet store.
 type Store interface {
 	// Device returns identity id, or an error wrapping store.ErrNotFound.
@@ -277,9 +281,12 @@ func New(cfg Config, st Store) (*Broker, error) {
 	caps.MaximumClientWritesPending = int32(cfg.WriteQueue)
 	caps.MaximumSessionExpiryInterval = uint32(cfg.SessionExpiry / time.Second)
 	caps.MinimumProtocolVersion = 4 // MQTT 3.1.1
-	// Outbound QoS 1/2 messages kept per session (default 8192, each up
-	// to MaxPacketSize).
-	caps.MaximumInflight = 1024
+	// Outbound QoS 1/2 messages kept per session (default 8192), each up
+	// to MaxPacketSize: what a subscriber's kept session holds while its
+	// client is away or stuck. 256 in flight is plenty for a reading
+	// client; more only grows what a stuck one pins (about twice the
+	// payloads, as mochi keeps its read buffer and a copy).
+	caps.MaximumInflight = maxInflight
 	// Topic aliases would let a v5 client publish without a topic name;
 	// the ACL is checked on the name, so aliases are refused.
 	caps.TopicAliasMaximum = 0
@@ -496,6 +503,7 @@ func (b *Broker) Online() []string {
 // Stats returns a snapshot of the broker's counters.
 func (b *Broker) Stats() Stats {
 	s := b.stats.snapshot()
+	s.DeliveriesDroppedInflightFull = uint64(max(atomic.LoadInt64(&b.srv.Info.InflightDropped), 0))
 	b.mu.Lock()
 	if b.ln != nil {
 		s.OpenConnections = b.ln.open()

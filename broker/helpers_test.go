@@ -13,9 +13,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -271,6 +273,28 @@ func dialRaw(tb testing.TB, addr string, cfg *tls.Config) *rawClient {
 	if err != nil {
 		tb.Fatalf("dial: %v", err)
 	}
+	tb.Cleanup(func() { _ = conn.Close() })
+	return &rawClient{tb: tb, conn: conn, br: bufio.NewReader(conn), ver: 5}
+}
+
+// dialSmallBuffer is dialRaw with a 4 KiB receive buffer, for a client
+// whose socket fills at once when it stops reading.
+func dialSmallBuffer(tb testing.TB, addr string, cfg *tls.Config) *rawClient {
+	tb.Helper()
+	d := net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {
+		var serr error
+		if err := rc.Control(func(fd uintptr) {
+			serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096)
+		}); err != nil {
+			return err
+		}
+		return serr
+	}}
+	raw, err := d.Dial("tcp", addr)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	conn := tls.Client(raw, cfg)
 	tb.Cleanup(func() { _ = conn.Close() })
 	return &rawClient{tb: tb, conn: conn, br: bufio.NewReader(conn), ver: 5}
 }

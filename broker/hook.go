@@ -30,7 +30,7 @@ func (h *hook) Provides(b byte) bool {
 	case mqtt.OnConnect, mqtt.OnConnectAuthenticate, mqtt.OnACLCheck,
 		mqtt.OnSubscribe, mqtt.OnSubscribed, mqtt.OnUnsubscribed,
 		mqtt.OnPublish, mqtt.OnPacketSent, mqtt.OnClientExpired,
-		mqtt.OnPacketRead:
+		mqtt.OnPacketRead, mqtt.OnPublishDropped:
 		return true
 	}
 	return false
@@ -264,6 +264,12 @@ func (h *hook) OnPacketRead(_ *mqtt.Client, pk packets.Packet) (packets.Packet, 
 		}
 	}
 	return pk, nil
+}
+
+// OnPublishDropped counts deliveries mochi dropped because the receiving
+// client had WriteQueue packets waiting to be written.
+func (h *hook) OnPublishDropped(_ *mqtt.Client, _ packets.Packet) {
+	h.b.stats.deliveryDropped.Add(1)
 }
 
 // OnPacketSent counts deliveries.

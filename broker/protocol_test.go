@@ -38,6 +38,19 @@ func nextPublish(tb testing.TB, r *rawClient, what string) packets.Packet {
 	}
 }
 
+// connectKept connects r as id asking for a session kept expiry seconds,
+// and returns the CONNACK.
+func connectKept(tb testing.TB, r *rawClient, id string, expiry uint32, props packets.Properties) packets.Packet {
+	tb.Helper()
+	props.SessionExpiryInterval, props.SessionExpiryIntervalFlag = expiry, true
+	r.write(packets.Packet{
+		FixedHeader: packets.FixedHeader{Type: packets.Connect},
+		Connect:     packets.ConnectParams{ProtocolName: []byte("MQTT"), Keepalive: 30, ClientIdentifier: id},
+		Properties:  props,
+	})
+	return r.mustRead(packets.Connack)
+}
+
 // TestDisconnectCannotExtendSession: an MQTT 5 client may set a new
 // session expiry in its DISCONNECT; mochi caps the one in CONNECT, not
 // that one, so a client could keep its session, subscriptions and queued
@@ -45,12 +58,7 @@ func nextPublish(tb testing.TB, r *rawClient, what string) packets.Packet {
 func TestDisconnectCannotExtendSession(t *testing.T) {
 	f := newFixture(t, func(c *Config) { c.SessionExpiry = 2 * time.Second })
 	r := dialRaw(t, f.addr, f.clientTLS(f.service(t, "svc")))
-	r.write(packets.Packet{
-		FixedHeader: packets.FixedHeader{Type: packets.Connect},
-		Connect:     packets.ConnectParams{ProtocolName: []byte("MQTT"), Keepalive: 30, ClientIdentifier: "svc"},
-		Properties:  packets.Properties{SessionExpiryInterval: 3600, SessionExpiryIntervalFlag: true},
-	})
-	if ack := r.mustRead(packets.Connack); ack.ReasonCode != 0 || ack.Properties.SessionExpiryInterval != 2 {
+	if ack := connectKept(t, r, "svc", 3600, packets.Properties{}); ack.ReasonCode != 0 || ack.Properties.SessionExpiryInterval != 2 {
 		t.Fatalf("CONNACK %#x, session expiry %d; want 0, capped to 2", ack.ReasonCode, ack.Properties.SessionExpiryInterval)
 	}
 	subscribeRaw(t, r, "devices/+/telemetry", 1)
@@ -179,13 +187,7 @@ func TestResentMessagesCarryTheirTopic(t *testing.T) {
 	svcCert := f.service(t, "svc")
 	connectSvc := func() *rawClient {
 		r := dialRaw(t, f.addr, f.clientTLS(svcCert))
-		r.write(packets.Packet{
-			FixedHeader: packets.FixedHeader{Type: packets.Connect},
-			Connect:     packets.ConnectParams{ProtocolName: []byte("MQTT"), Keepalive: 30, ClientIdentifier: "svc"},
-			Properties: packets.Properties{SessionExpiryInterval: 600, SessionExpiryIntervalFlag: true,
-				TopicAliasMaximum: 10},
-		})
-		r.mustRead(packets.Connack)
+		connectKept(t, r, "svc", 600, packets.Properties{TopicAliasMaximum: 10})
 		return r
 	}
 	svc := connectSvc()
@@ -252,5 +254,48 @@ func TestFirstPacketIsBoundedBeforeMochiReadsIt(t *testing.T) {
 	})
 	if ack := r.mustRead(packets.Connack); ack.ReasonCode != 0 {
 		t.Fatalf("CONNACK %#x for a CONNECT under the bound", ack.ReasonCode)
+	}
+}
+
+// TestDroppedDeliveriesAreCounted: mochi drops a delivery to a subscriber
+// with WriteQueue packets waiting, and a QoS 1 delivery to a kept session
+// already holding maxInflight; both are counted for the metrics.
+func TestDroppedDeliveriesAreCounted(t *testing.T) {
+	f := newFixture(t, func(c *Config) {
+		c.WriteQueue = 8
+		c.WriteTimeout = time.Minute // stuck, not kicked, for the test
+		c.PublishRate, c.PublishBurst = 100000, 100000
+	})
+	// A subscriber whose small socket buffer fills at once, and which
+	// then reads nothing.
+	stuck := dialSmallBuffer(t, f.addr, f.clientTLS(f.service(t, "stuck")))
+	stuck.connect("stuck")
+	subscribeRaw(t, stuck, "devices/+/events/#", 0)
+
+	// A kept session whose client is away.
+	away := dialRaw(t, f.addr, f.clientTLS(f.service(t, "away")))
+	connectKept(t, away, "away", 600, packets.Properties{})
+	subscribeRaw(t, away, "devices/+/events/#", 1)
+	away.write(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Disconnect}})
+	away.mustBeDisconnected("after DISCONNECT")
+
+	dev := dialRaw(t, f.addr, f.clientTLS(f.device(t, "dev-a")))
+	dev.connect("dev-a")
+	payload := bytes.Repeat([]byte("e"), 60_000)
+	const n = maxInflight + 50
+	for i := range n {
+		dev.publish("devices/dev-a/events/big", 1, uint16(i+1), payload)
+		if ack := dev.mustRead(packets.Puback); ack.ReasonCode != 0 {
+			t.Fatalf("PUBACK %#x", ack.ReasonCode)
+		}
+	}
+	s := f.b.Stats()
+	if s.DeliveriesDroppedQueueFull < n-100 {
+		t.Errorf("dropped for a full write queue: %d of %d, want most", s.DeliveriesDroppedQueueFull, n)
+	}
+	// Give or take one: mochi's count of a session's messages and its
+	// limit check are not one step.
+	if got := s.DeliveriesDroppedInflightFull; got+1 < n-maxInflight || got > n-maxInflight {
+		t.Errorf("dropped for a full session: %d, want %d", got, n-maxInflight)
 	}
 }

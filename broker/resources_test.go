@@ -1,12 +1,8 @@
 package broker
 
 import (
-	"bufio"
 	"bytes"
-	"crypto/tls"
-	"net"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -27,23 +23,7 @@ func TestSlowSubscriberDoesNotStallPublishers(t *testing.T) {
 	})
 
 	// The subscriber's socket takes little before it stops the sender.
-	d := net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {
-		var serr error
-		if err := rc.Control(func(fd uintptr) {
-			serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096)
-		}); err != nil {
-			return err
-		}
-		return serr
-	}}
-	raw, err := d.Dial("tcp", f.addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = raw.Close() })
-	sub := &rawClient{tb: t, ver: 5}
-	sub.conn = tls.Client(raw, f.clientTLS(f.service(t, "stuck-svc")))
-	sub.br = bufio.NewReader(sub.conn)
+	sub := dialSmallBuffer(t, f.addr, f.clientTLS(f.service(t, "stuck-svc")))
 	if ack := sub.connect("stuck-svc"); ack.ReasonCode != 0 {
 		t.Fatalf("CONNACK %#x", ack.ReasonCode)
 	}

@@ -65,7 +65,13 @@ type Stats struct {
 	TelemetryDropped  uint64            // QoS 0 telemetry dropped: the writer's queue stayed full (store stuck)
 	TelemetryFailed   uint64            // telemetry the store failed to write
 	FollowDropped     uint64            // messages not delivered to a slow Follow reader
-	PresenceFailed    uint64            // presence updates the store failed to write
+	// Deliveries to subscribers that mochi dropped: the subscriber had
+	// WriteQueue packets waiting to be written (connected but reading too
+	// slowly), or, for QoS 1/2, its session already held MaxInflight
+	// unacknowledged messages (mostly a kept session whose client is away).
+	DeliveriesDroppedQueueFull    uint64
+	DeliveriesDroppedInflightFull uint64
+	PresenceFailed                uint64 // presence updates the store failed to write
 }
 
 var (
@@ -114,7 +120,7 @@ type counters struct {
 	aclDenied, subLimit, rateLimited, delayed      atomic.Uint64
 	in, out                                        [3]atomic.Uint64
 	stored, commits, tooLarge, dropped, failed     atomic.Uint64
-	followDropped, presenceFailed                  atomic.Uint64
+	followDropped, presenceFailed, deliveryDropped atomic.Uint64
 
 	refused, handshake, kicked counterSet
 }
@@ -129,24 +135,25 @@ func newCounters() *counters {
 
 func (c *counters) snapshot() Stats {
 	s := Stats{
-		Accepted:          c.accepted.Load(),
-		AcceptErrors:      c.acceptErrors.Load(),
-		Resumed:           c.resumed.Load(),
-		SessionsTotal:     c.sessionsTotal.Load(),
-		Refused:           c.refused.snapshot(),
-		HandshakeFailures: c.handshake.snapshot(),
-		Kicked:            c.kicked.snapshot(),
-		ACLDenied:         c.aclDenied.Load(),
-		SubscriptionLimit: c.subLimit.Load(),
-		RateLimited:       c.rateLimited.Load(),
-		Delayed:           c.delayed.Load(),
-		TelemetryStored:   c.stored.Load(),
-		TelemetryCommits:  c.commits.Load(),
-		TelemetryTooLarge: c.tooLarge.Load(),
-		TelemetryDropped:  c.dropped.Load(),
-		TelemetryFailed:   c.failed.Load(),
-		FollowDropped:     c.followDropped.Load(),
-		PresenceFailed:    c.presenceFailed.Load(),
+		Accepted:                   c.accepted.Load(),
+		AcceptErrors:               c.acceptErrors.Load(),
+		Resumed:                    c.resumed.Load(),
+		SessionsTotal:              c.sessionsTotal.Load(),
+		Refused:                    c.refused.snapshot(),
+		HandshakeFailures:          c.handshake.snapshot(),
+		Kicked:                     c.kicked.snapshot(),
+		ACLDenied:                  c.aclDenied.Load(),
+		SubscriptionLimit:          c.subLimit.Load(),
+		RateLimited:                c.rateLimited.Load(),
+		Delayed:                    c.delayed.Load(),
+		TelemetryStored:            c.stored.Load(),
+		TelemetryCommits:           c.commits.Load(),
+		TelemetryTooLarge:          c.tooLarge.Load(),
+		TelemetryDropped:           c.dropped.Load(),
+		TelemetryFailed:            c.failed.Load(),
+		FollowDropped:              c.followDropped.Load(),
+		DeliveriesDroppedQueueFull: c.deliveryDropped.Load(),
+		PresenceFailed:             c.presenceFailed.Load(),
 	}
 	for q := range s.MessagesIn {
 		s.MessagesIn[q] = c.in[q].Load()

@@ -290,6 +290,8 @@ var (
 		"Requests refused by a rate limit: mqtt_publish (per-identity publish rate) or enrollment (HTTP 429).", []string{"limit"}, nil)
 	descDelayed = prometheus.NewDesc("fleetmq_mqtt_publishes_delayed_total",
 		"MQTT 3.1.1 publishes over the per-identity publish rate held until it let them in, instead of dropped.", nil, nil)
+	descDeliveryDropped = prometheus.NewDesc("fleetmq_mqtt_deliveries_dropped_total",
+		"Messages not delivered to a subscriber, by reason: queue_full (its write queue, 128 packets, was full: it reads too slowly), inflight_full (its kept session already held the most unacknowledged QoS 1/2 messages).", []string{"reason"}, nil)
 	descDevices = prometheus.NewDesc("fleetmq_devices",
 		"Identities in the store by role and state (active, revoked).", []string{"role", "state"}, nil)
 	descExpiring = prometheus.NewDesc("fleetmq_devices_expiring_soon",
@@ -304,7 +306,7 @@ type collector struct{ m *Metrics }
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{
 		descConnected, descOpen, descAccepted, descHandshake, descRefused, descKicked, descACL,
-		descIn, descOut, descStored, descTelemetryLost, descRateLimited, descDelayed, descDevices, descExpiring,
+		descIn, descOut, descStored, descTelemetryLost, descRateLimited, descDelayed, descDeliveryDropped, descDevices, descExpiring,
 	} {
 		ch <- d
 	}
@@ -342,6 +344,8 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	counter(descRateLimited, s.RateLimited, "mqtt_publish")
 	counter(descRateLimited, c.m.enrollLimited.Load(), "enrollment")
 	counter(descDelayed, s.Delayed)
+	counter(descDeliveryDropped, s.DeliveriesDroppedQueueFull, "queue_full")
+	counter(descDeliveryDropped, s.DeliveriesDroppedInflightFull, "inflight_full")
 
 	online := cfg.Online()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
