@@ -80,6 +80,9 @@ func (b *Broker) authorize(c *conn, cl *mqtt.Client, pk packets.Packet) *refusal
 		// "inline" would replace mochi's inline client in its client map.
 		return refuse(ReasonClientID, nil)
 	}
+	if pk.Properties.AuthenticationMethod != "" {
+		return refuse(ReasonAuthMethod, nil)
+	}
 	switch {
 	case pk.Connect.ClientIdentifier == "" && cl.Properties.ProtocolVersion == 5:
 		cl.ID = id

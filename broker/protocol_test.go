@@ -299,3 +299,24 @@ func TestDroppedDeliveriesAreCounted(t *testing.T) {
 		t.Errorf("dropped for a full session: %d, want %d", got, n-maxInflight)
 	}
 }
+
+// TestAuthenticationMethodIsRefused: the certificate is the only
+// authentication; an MQTT 5 client asking for another method (enhanced
+// authentication) is refused and its connection closed, as MQTT 5 4.12
+// says, instead of being told it succeeded.
+func TestAuthenticationMethodIsRefused(t *testing.T) {
+	f := newFixture(t, nil)
+	r := dialRaw(t, f.addr, f.clientTLS(f.device(t, "dev-a")))
+	r.write(packets.Packet{
+		FixedHeader: packets.FixedHeader{Type: packets.Connect},
+		Connect:     packets.ConnectParams{ProtocolName: []byte("MQTT"), Clean: true, Keepalive: 30, ClientIdentifier: "dev-a"},
+		Properties:  packets.Properties{AuthenticationMethod: "SCRAM-SHA-1", AuthenticationData: []byte("n,,n=dev-a")},
+	})
+	if ack := r.mustRead(packets.Connack); ack.ReasonCode != packets.ErrNotAuthorized.Code {
+		t.Fatalf("CONNACK %#x, want not authorized", ack.ReasonCode)
+	}
+	r.mustBeDisconnected("after the refusal")
+	if got := f.b.Stats().Refused[ReasonAuthMethod]; got != 1 {
+		t.Fatalf("auth_method refusals = %d, want 1", got)
+	}
+}

@@ -31,6 +31,9 @@ const (
 	ReasonClientID = "client_id"   // client id is not the certificate CN
 	ReasonRole     = "role"        // the identity's role has no MQTT access
 	ReasonWill     = "will_denied" // the will topic is not one the identity may publish to
+	// An MQTT 5 Authentication Method: the certificate is the only
+	// authentication, and MQTT 5 (4.12) says to close such a connection.
+	ReasonAuthMethod = "auth_method"
 )
 
 // Reasons a live session is closed by the broker: the keys of Stats.Kicked.
@@ -78,7 +81,7 @@ var (
 	refusalReasons = []string{
 		ReasonMaxConnections, ReasonConnectTimeout, ReasonNoConnect, ReasonProtocol,
 		ReasonRevoked, ReasonUnknownIdentity, ReasonCertUnknown, ReasonCertMismatch, ReasonStore,
-		ReasonNoCertificate, ReasonClientID, ReasonRole, ReasonWill,
+		ReasonNoCertificate, ReasonClientID, ReasonRole, ReasonWill, ReasonAuthMethod,
 	}
 	handshakeReasons = []string{
 		ReasonTimeout, ReasonClosed, ReasonNoCertificate, ReasonUnknownAuthority,
