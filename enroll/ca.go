@@ -41,7 +41,7 @@ const (
 const (
 	// backdate is subtracted from NotBefore of issued certificates: a
 	// Raspberry Pi has no battery-backed clock and may run a few minutes
-	// behind until NTP catches up.
+	// behind until NTP catches up. See CA.notBefore for the limit.
 	backdate = 5 * time.Minute
 	// crlExpiredGrace is how long after expiry a revoked certificate still
 	// appears in the CRL, for verifiers whose clock lags.
@@ -501,7 +501,7 @@ func (ca *CA) IssueDevice(pub crypto.PublicKey, id string, lifetime time.Duratio
 	tmpl := &x509.Certificate{
 		SerialNumber:          serial,
 		Subject:               pkix.Name{CommonName: id},
-		NotBefore:             now.Add(-backdate),
+		NotBefore:             ca.notBefore(now),
 		NotAfter:              notAfter,
 		KeyUsage:              x509.KeyUsageDigitalSignature,
 		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
@@ -563,7 +563,7 @@ func (ca *CA) IssueServer(hosts []string, lifetime time.Duration) (tls.Certifica
 	tmpl := &x509.Certificate{
 		SerialNumber:          serial,
 		Subject:               pkix.Name{CommonName: cn},
-		NotBefore:             now.Add(-backdate),
+		NotBefore:             ca.notBefore(now),
 		NotAfter:              notAfter,
 		KeyUsage:              x509.KeyUsageDigitalSignature,
 		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
@@ -606,6 +606,43 @@ func validDNSName(name string) bool {
 		}
 	}
 	return true
+}
+
+// notBefore returns the NotBefore of a certificate issued at now: backdated,
+// but never before the start of the CA chain. A certificate that starts
+// before its issuer verifies at no time within its first minutes, and a
+// verifier that checks it at its start (the device agent does) refuses it
+// for good. An operator CA made just before the server started is the case.
+func (ca *CA) notBefore(now time.Time) time.Time {
+	nb := now.Add(-backdate)
+	if start := ca.chainStart(); nb.Before(start) {
+		nb = start
+	}
+	return nb
+}
+
+// chainStart is the latest NotBefore in the chain: the chain verifies at no
+// earlier time.
+func (ca *CA) chainStart() time.Time {
+	var start time.Time
+	for _, c := range ca.chain {
+		if c.NotBefore.After(start) {
+			start = c.NotBefore
+		}
+	}
+	return start
+}
+
+// issuedBetween returns the span in which the CA issued leaf, one of its
+// certificates, as far as leaf.NotBefore tells (see notBefore): backdate
+// after it, or anywhere in the backdate after it when it is the start of
+// the chain. Certificate times have whole seconds; callers allow for that.
+func (ca *CA) issuedBetween(leaf *x509.Certificate) (earliest, latest time.Time) {
+	latest = leaf.NotBefore.Add(backdate)
+	if leaf.NotBefore.Equal(ca.chainStart()) {
+		return leaf.NotBefore, latest
+	}
+	return latest, latest
 }
 
 // notAfter returns now+lifetime, capped at the CA's NotAfter, since a

@@ -798,6 +798,70 @@ func TestIssueDeviceCappedAtCAExpiry(t *testing.T) {
 	}
 }
 
+// TestIssueNotBeforeWithinCA: an operator CA made a minute before the
+// server issues is younger than the backdate. Its certificates start with
+// the chain, never before it: one that starts earlier verifies at no time
+// in its first minutes, and the device agent checks it at its start.
+func TestIssueNotBeforeWithinCA(t *testing.T) {
+	now := testNow()
+	root := newRoot(t, genP256(t), now, nil) // started an hour ago
+	inter := newIntermediate(t, root, genP256(t), now)
+	young := now.Add(-time.Minute)
+	tmpl := caTemplate("operator intermediate", now, 3)
+	tmpl.NotBefore = young
+	tmpl.MaxPathLenZero = true
+	inter = testCert{createCert(t, tmpl, root.cert, inter.key.Public(), root.key), inter.key}
+	cfg := writeOperatorCA(t, certsPEM(inter.cert, root.cert), keyPEM(t, inter.key, "pkcs8"), 0o600)
+	cfg.Now = testNow
+	ca, err := LoadOrCreateCA(cfg)
+	if err != nil {
+		t.Fatalf("LoadOrCreateCA: %v", err)
+	}
+	roots := x509.NewCertPool()
+	roots.AddCert(root.cert)
+	inters := x509.NewCertPool()
+	inters.AddCert(inter.cert)
+
+	dev, err := ca.IssueDevice(genP256(t).Public(), "pi-young", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv, err := ca.IssueServer(nil, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []*x509.Certificate{dev, srv.Leaf} {
+		if !c.NotBefore.Equal(young) {
+			t.Errorf("%s: NotBefore = %s, want the CA's start %s", c.Subject.CommonName, c.NotBefore, young)
+		}
+		opts := x509.VerifyOptions{Roots: roots, Intermediates: inters, CurrentTime: c.NotBefore, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}
+		if _, err := c.Verify(opts); err != nil {
+			t.Errorf("%s does not verify at its NotBefore: %v", c.Subject.CommonName, err)
+		}
+	}
+	// The CA started a minute before issuing: in the backdate.
+	if from, to := ca.issuedBetween(dev); !from.Equal(young) || !to.Equal(young.Add(backdate)) {
+		t.Errorf("issuedBetween = %s..%s, want %s..%s", from, to, young, young.Add(backdate))
+	}
+
+	// A CA older than the backdate backdates fully; the issue time is then
+	// exact.
+	later := now.Add(time.Hour)
+	cfg.Now = func() time.Time { return later }
+	if ca, err = LoadOrCreateCA(cfg); err != nil {
+		t.Fatal(err)
+	}
+	if dev, err = ca.IssueDevice(genP256(t).Public(), "pi-young", time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	if !dev.NotBefore.Equal(later.Add(-backdate)) {
+		t.Errorf("NotBefore = %s, want %s", dev.NotBefore, later.Add(-backdate))
+	}
+	if from, to := ca.issuedBetween(dev); !from.Equal(later) || !to.Equal(later) {
+		t.Errorf("issuedBetween = %s..%s, want %s", from, to, later)
+	}
+}
+
 func TestIssueServer(t *testing.T) {
 	ca := newTestCA(t, testNow)
 	now := testNow()

@@ -662,7 +662,10 @@ func (h *Handler) renewCert(ctx context.Context, leaf *x509.Certificate, csr *x5
 		// Only for a device the store knows (checked below like any
 		// other); one enrolled after the snapshot stays unknown.
 		if _, derr := h.st.Device(ctx, id); derr == nil {
-			rec = certRecord(leaf, id, leaf.NotBefore.Add(backdate))
+			// Exact unless NotBefore was held at the CA's start;
+			// then at most backdate early.
+			issued, _ := h.cfg.CA.issuedBetween(leaf)
+			rec = certRecord(leaf, id, issued)
 			adopt, err = &rec, nil
 		}
 	}
@@ -700,15 +703,15 @@ func (h *Handler) renewCert(ctx context.Context, leaf *x509.Certificate, csr *x5
 	return cert, who, nil
 }
 
-// issuedWhileLost reports whether the CA issued leaf in the span a restored
-// store has no records of: after its snapshot (a minute of slack for the
-// clock), before it was first served. leaf is known to be the CA's.
+// issuedWhileLost reports whether the CA may have issued leaf in the span a
+// restored store has no records of: after its snapshot (a minute of slack
+// for the clock), before it was first served. leaf is known to be the CA's.
 func (h *Handler) issuedWhileLost(leaf *x509.Certificate) bool {
 	if h.cfg.RestoredAt.IsZero() {
 		return false
 	}
-	issued := leaf.NotBefore.Add(backdate)
-	return !issued.Before(h.cfg.RestoredFrom.Add(-time.Minute)) && !issued.After(h.cfg.RestoredAt)
+	earliest, latest := h.cfg.CA.issuedBetween(leaf)
+	return !latest.Before(h.cfg.RestoredFrom.Add(-time.Minute)) && !earliest.After(h.cfg.RestoredAt)
 }
 
 // verifyClientCert checks that leaf was issued by the fleet CA for client

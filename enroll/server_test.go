@@ -566,3 +566,48 @@ func TestBodyReadTimeout(t *testing.T) {
 		})
 	}
 }
+
+// TestRestoredAdoptsCertOfYoungCA: on a restored store, a certificate issued
+// while the store was lost is adopted by its renewal, also when the CA was
+// younger than the backdate at the time: its NotBefore is then the CA's
+// start and tells the issue time only to within the backdate.
+func TestRestoredAdoptsCertOfYoungCA(t *testing.T) {
+	start := time.Now().Truncate(time.Second).Add(-time.Minute)
+	root := newRoot(t, genP256(t), time.Now(), func(c *x509.Certificate) { c.NotBefore = start })
+	ca, err := LoadOrCreateCA(writeOperatorCA(t, certsPEM(root.cert), keyPEM(t, root.key, "pkcs8"), 0o600))
+	if err != nil {
+		t.Fatalf("LoadOrCreateCA: %v", err)
+	}
+	// The snapshot was taken just after the CA was made; the copy was
+	// first served a little later. The lost certificate is issued below,
+	// in between as far as its dates tell.
+	e := newESTEnv(t, estOptions{ca: ca, mutate: func(c *Config) {
+		c.RestoredFrom = start.Add(10 * time.Second)
+		c.RestoredAt = time.Now().Add(time.Minute)
+	}})
+	e.enroll(t, e.mintToken(t, "pi-lost", 1), genP256(t), "pi-lost")
+	key := genP256(t)
+	lost, err := ca.IssueDevice(key.Public(), "pi-lost", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !lost.NotBefore.Equal(start) {
+		t.Fatalf("NotBefore = %s, want the CA's start %s", lost.NotBefore, start)
+	}
+	var rep estReply
+	evs := newAudit(t, e, func() { rep = renewVias[0].renew(t, e, lost, key) })
+	if rep.status != http.StatusOK {
+		code, msg := apiError(t, rep)
+		t.Fatalf("renewal with the lost certificate: answer %d %s (%s), want 200", rep.status, code, msg)
+	}
+	if len(evs) == 0 || evs[0].Action != store.ActCertAdopt || evs[0].Serial != SerialHex(lost.SerialNumber) {
+		t.Fatalf("audit %+v, want the lost certificate adopted first", evs)
+	}
+	rec, err := e.db.Cert(context.Background(), SerialHex(lost.SerialNumber))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rec.IssuedAt.Before(start) || rec.IssuedAt.After(time.Now()) {
+		t.Errorf("adopted record IssuedAt = %s, want between the CA's start %s and now", rec.IssuedAt, start)
+	}
+}
