@@ -119,6 +119,9 @@ func Enroll(ctx context.Context, cfg Config, opts EnrollOptions) (EnrollResult, 
 		}
 	}
 	id, brokerURL, err := acceptCertResponse(key, resp, opts.DeviceID)
+	if errors.Is(err, errNoChain) {
+		err = fmt.Errorf("%w: %s", err, spentTokenAdvice(resp.DeviceID))
+	}
 	if err != nil {
 		return EnrollResult{}, fmt.Errorf("enroll: %w", err)
 	}
@@ -364,6 +367,18 @@ func validDeviceID(id string) error {
 		}
 	}
 	return nil
+}
+
+// spentTokenAdvice says what to do when the server issued a certificate
+// the agent cannot use: the token is spent, and enrolling again with it
+// is answered with the same certificate.
+func spentTokenAdvice(id string) string {
+	if validDeviceID(id) != nil {
+		id = "ID"
+	}
+	return "the server has used the token for a certificate its CA bundle does not vouch for, and answers " +
+		"the token with that certificate again; ask the operator to check the server's CA (fleetmq ca show) " +
+		"and for a token that re-provisions this device (fleetmq token create --device " + id + " --reprovision)"
 }
 
 // enrollAdvice adds what to do to the enrollment refusals a person can fix.

@@ -165,6 +165,49 @@ func TestEnrollServerNotNamedInCertificate(t *testing.T) {
 	}
 }
 
+// An older server backdated every certificate 5 minutes, also before the
+// start of an operator CA made moments earlier. The certificate verifies
+// with its CA from the CA's start on, and the agent takes it.
+func TestEnrollCertificateStartingBeforeItsCA(t *testing.T) {
+	ca := newTestCAFrom(t, time.Now().Add(-time.Minute))
+	f := newFakeServer(t, ca)
+	f.set(func(f *fakeServer) { f.backdate = 5 * time.Minute })
+	dir := t.TempDir()
+	res := enrollTest(t, f, dir, "pi-1")
+	id, err := loadIdentity(dir, zerolog.Nop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !id.leaf.NotBefore.Before(ca.cert.NotBefore) || res.DeviceID != "pi-1" {
+		t.Fatalf("test set-up: NotBefore %s not before the CA's %s, or result %+v", id.leaf.NotBefore, ca.cert.NotBefore, res)
+	}
+}
+
+// A certificate that never verifies with its CA is refused; the error says
+// so without a made-up "current time", and what to do now that the token
+// is spent.
+func TestEnrollCertificateOutsideItsCA(t *testing.T) {
+	ca := newTestCAFrom(t, time.Now().Add(-time.Minute))
+	f := newFakeServer(t, ca)
+	f.set(func(f *fakeServer) { f.backdate, f.lifetime = 2*time.Hour, -90*time.Minute })
+	dir := t.TempDir()
+	_, err := Enroll(context.Background(), testConfig(t, dir), EnrollOptions{ServerURL: f.srv.URL, Token: f.goodToken(), DeviceID: "pi-1"})
+	if !errors.Is(err, errNoChain) {
+		t.Fatalf("Enroll = %v, want errNoChain", err)
+	}
+	for _, want := range []string{"never valid at the same time", "token create --device pi-1 --reprovision"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error %q does not say %q", err, want)
+		}
+	}
+	if strings.Contains(err.Error(), "current time") {
+		t.Errorf("error %q names a current time", err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, certFile)); !errors.Is(err, os.ErrNotExist) {
+		t.Error("certificate written although refused")
+	}
+}
+
 func TestEnrollServerErrors(t *testing.T) {
 	f := newFakeServer(t, newTestCA(t))
 	dir := t.TempDir()

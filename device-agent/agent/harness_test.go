@@ -46,6 +46,7 @@ type fakeServer struct {
 	expiredAns bool            // answer cert_expired on renewal after expiry
 	forgotten  bool            // answer cert_invalid to every renewal, as a server restored from an older backup
 	dateOffset time.Duration   // added to the Date header
+	backdate   time.Duration   // how far NotBefore lies before now; default a minute
 	renewMTLS  int
 	renewProof int
 	dropEnroll int      // enroll answers to cut off, as a link losing them
@@ -103,10 +104,13 @@ func (f *fakeServer) fail(w http.ResponseWriter, status int, code string) {
 
 func (f *fakeServer) issue(w http.ResponseWriter, status int, csr *x509.CertificateRequest, id string) {
 	f.mu.Lock()
-	life, broker := f.lifetime, f.brokerURL
+	life, broker, back := f.lifetime, f.brokerURL, f.backdate
 	f.mu.Unlock()
+	if back == 0 {
+		back = time.Minute
+	}
 	now := time.Now()
-	c := f.ca.issue(f.tb, csr.PublicKey, id, now.Add(-time.Minute), now.Add(life), false)
+	c := f.ca.issue(f.tb, csr.PublicKey, id, now.Add(-back), now.Add(life), false)
 	f.date(w)
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(status)

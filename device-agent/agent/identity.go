@@ -126,23 +126,55 @@ func publicKeysEqual(c *x509.Certificate, k crypto.Signer) bool {
 	return ok && pub.Equal(c.PublicKey)
 }
 
-// verifiesAgainst checks the chain of leaf against the CA bundle at the
-// certificate's own NotBefore, so a wrong local clock cannot fail it: this is
-// a consistency check of files, not a validity check.
+// errNoChain is a certificate that does not verify against its CA bundle
+// at any time.
+var errNoChain = errors.New("certificate does not chain to the CA bundle")
+
+// verifiesAgainst checks the chain of leaf against the CA bundle at a time
+// within the validity of every certificate of the chain, not at the local
+// clock, which may be wrong: this is a consistency check of files, not a
+// validity check. The leaf's own start is not such a time when the server
+// backdated it before its CA's start (older fleetmq servers did, with a CA
+// younger than their 5 minutes of backdating): a chain that verifies at all does so at the
+// latest start among its certificates, so each start within the leaf's
+// validity is tried.
 func verifiesAgainst(leaf *x509.Certificate, caPEM []byte) error {
 	cas, err := parseCerts(caPEM)
 	if err != nil {
 		return err
 	}
-	_, err = leaf.Verify(x509.VerifyOptions{
-		Roots:       certPool(cas),
-		CurrentTime: leaf.NotBefore.Add(time.Second),
-		KeyUsages:   []x509.ExtKeyUsage{x509.ExtKeyUsageAny},
-	})
-	if err != nil {
-		return fmt.Errorf("certificate does not chain to the CA bundle: %w", err)
+	opts := x509.VerifyOptions{Roots: certPool(cas), KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}
+	var firstErr error
+	for _, at := range chainCheckTimes(leaf, cas) {
+		opts.CurrentTime = at
+		_, err := leaf.Verify(opts)
+		if err == nil {
+			return nil
+		}
+		if firstErr == nil {
+			firstErr = err
+		}
 	}
-	return nil
+	var ci x509.CertificateInvalidError
+	if errors.As(firstErr, &ci) && ci.Reason == x509.Expired {
+		// x509 calls the time it checked at "current time": misleading
+		// here, since none of them was.
+		return fmt.Errorf("%w: the certificate (valid %s to %s) and its CA are never valid at the same time",
+			errNoChain, leaf.NotBefore.UTC().Format(time.RFC3339), leaf.NotAfter.UTC().Format(time.RFC3339))
+	}
+	return fmt.Errorf("%w: %w", errNoChain, firstErr)
+}
+
+// chainCheckTimes returns the times verifiesAgainst tries: a second into
+// the leaf's validity, and a second after each CA start within it.
+func chainCheckTimes(leaf *x509.Certificate, cas []*x509.Certificate) []time.Time {
+	times := []time.Time{leaf.NotBefore.Add(time.Second)}
+	for _, c := range cas {
+		if c.NotBefore.After(leaf.NotBefore) && c.NotBefore.Before(leaf.NotAfter) {
+			times = append(times, c.NotBefore.Add(time.Second))
+		}
+	}
+	return times
 }
 
 // newIdentity assembles an identity and checks it is consistent.

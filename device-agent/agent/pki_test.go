@@ -29,6 +29,12 @@ type testCA struct {
 
 func newTestCA(tb testing.TB) *testCA {
 	tb.Helper()
+	return newTestCAFrom(tb, time.Now().Add(-time.Hour))
+}
+
+// newTestCAFrom makes a CA valid from nb.
+func newTestCAFrom(tb testing.TB, nb time.Time) *testCA {
+	tb.Helper()
 	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		tb.Fatal(err)
@@ -36,7 +42,7 @@ func newTestCA(tb testing.TB) *testCA {
 	tmpl := &x509.Certificate{
 		SerialNumber:          big.NewInt(1),
 		Subject:               pkix.Name{CommonName: "test fleet CA"},
-		NotBefore:             time.Now().Add(-time.Hour),
+		NotBefore:             nb,
 		NotAfter:              time.Now().Add(365 * 24 * time.Hour),
 		IsCA:                  true,
 		BasicConstraintsValid: true,
