@@ -263,6 +263,30 @@ func TestInstallScriptNeedsSystemd(t *testing.T) {
 	}
 }
 
+// Where systemctl exists but systemd is not running (a container, a
+// chroot), every systemctl call would fail: the script refuses before it
+// installs or removes anything.
+func TestInstallScriptNeedsRunningSystemd(t *testing.T) {
+	dist := fakeDist(t)
+	for _, args := range [][]string{
+		{"--dist", dist, "--server", "https://s:8443", "--token", testToken},
+		{"--uninstall"},
+	} {
+		fs := newFakeSystem(t, false, false, 0)
+		root := t.TempDir()
+		r := fs.runBare(t, root, "", args...)
+		if r.err == nil || !strings.Contains(r.out, "systemd is not running here") || !strings.Contains(r.out, "nothing done") {
+			t.Fatalf("%v without a running systemd: %v\n%s", args, r.err, r.out)
+		}
+		if entries, _ := os.ReadDir(root); len(entries) != 0 {
+			t.Errorf("%v: %d entries installed under the root, want none", args, len(entries))
+		}
+		if calls := fs.calls(t); len(calls) != 1 || calls[0] != "" {
+			t.Errorf("%v: system commands run: %q", args, calls)
+		}
+	}
+}
+
 // unitDirectives parses a unit file into section.Key → values.
 func unitDirectives(tb testing.TB, path string) map[string][]string {
 	tb.Helper()
@@ -393,8 +417,18 @@ func newFakeSystem(tb testing.TB, active, enabled bool, enrollExit int) fakeSyst
 	return fs
 }
 
-// run runs the install script inside root with the fake system commands.
+// run runs the install script inside root with the fake system commands,
+// systemd marked as running there.
 func (fs fakeSystem) run(tb testing.TB, root, stdin string, args ...string) installRun {
+	tb.Helper()
+	if err := os.MkdirAll(filepath.Join(root, "run/systemd/system"), 0o755); err != nil {
+		tb.Fatal(err)
+	}
+	return fs.runBare(tb, root, stdin, args...)
+}
+
+// runBare is run without marking systemd as running in root.
+func (fs fakeSystem) runBare(tb testing.TB, root, stdin string, args ...string) installRun {
 	tb.Helper()
 	cmd := exec.Command(shell(tb), append([]string{"../scripts/install-agent.sh", "--root", root}, args...)...)
 	cmd.Env = append(os.Environ(), "UNAME_M=x86_64", "RUN_SYSTEM_COMMANDS=1", "PATH="+fs.bin+":"+os.Getenv("PATH"))

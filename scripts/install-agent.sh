@@ -122,6 +122,13 @@ fi
 if [ -z "$DRY" ] && ! command -v systemctl >/dev/null 2>&1; then
 	die "systemd is needed (systemctl not found); nothing done"
 fi
+# systemctl is also found in containers, chroots and image builds, where
+# systemd is not running and every systemctl call below would fail halfway.
+# /run/systemd/system is how sd_booted(3) tells; with RUN_SYSTEM_COMMANDS=1
+# it is looked for inside the root, where the fake commands act.
+if [ -z "$DRY" ] && [ ! -d "$ROOT/run/systemd/system" ]; then
+	die "systemd is not running here (no /run/systemd/system: a container or chroot?); nothing done. To prepare an image, use --root DIR"
+fi
 
 SCRIPT_DIR=$(cd "$(dirname "$0")" && pwd)
 
