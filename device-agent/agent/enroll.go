@@ -66,6 +66,26 @@ func Enroll(ctx context.Context, cfg Config, opts EnrollOptions) (EnrollResult, 
 	if err := checkStateOwner(dir, "enroll", os.Geteuid()); err != nil {
 		return EnrollResult{}, err
 	}
+	// The server is checked against the token's CA before the state
+	// folder is touched: a wrong --server or a server certificate that
+	// does not name the host leaves nothing behind. An enrolled device
+	// asked again without --force needs no server for its answer.
+	var caCert []*x509.Certificate
+	pinCA := func() error {
+		if caCert != nil {
+			return nil
+		}
+		return retryEnroll(ctx, cfg, "reaching the enrollment server failed; trying again", func() error {
+			var err error
+			caCert, err = fetchPinnedCA(ctx, cfg, base, tok.fingerprint)
+			return err
+		})
+	}
+	if _, err := os.Stat(filepath.Join(dir, certFile)); opts.Force || err != nil {
+		if err := pinCA(); err != nil {
+			return EnrollResult{}, err
+		}
+	}
 	if err := ensureStateDir(dir); err != nil {
 		return EnrollResult{}, err
 	}
@@ -96,27 +116,20 @@ func Enroll(ctx context.Context, cfg Config, opts EnrollOptions) (EnrollResult, 
 		}
 	}
 
+	if err := pinCA(); err != nil {
+		return EnrollResult{}, err
+	}
+	// Saved before the token can be spent: see pendingKey.
 	key, err := pendingKey(dir, tok, cfg.Logger)
 	if err != nil {
 		return EnrollResult{}, err
 	}
 	var resp certResponse
-	for attempt := 1; ; attempt++ {
-		err = exchange(ctx, cfg, base, tok, key, opts.DeviceID, &resp)
-		if err == nil {
-			break
-		}
-		wait, again := enrollRetry(ctx, cfg, err, attempt)
-		if !again {
-			return EnrollResult{}, err
-		}
-		cfg.Logger.Warn().Err(err).Str("retry_in", wait.Round(time.Second).String()).Int("attempt", attempt).
-			Msg("enrollment failed; trying again (safe: the same key is sent, and a used token answers with its certificate)")
-		select {
-		case <-ctx.Done():
-			return EnrollResult{}, fmt.Errorf("%w (gave up: %w)", err, ctx.Err())
-		case <-time.After(wait):
-		}
+	err = retryEnroll(ctx, cfg, "enrollment failed; trying again (safe: the same key is sent, and a used token answers with its certificate)", func() error {
+		return exchange(ctx, cfg, base, tok, caCert, key, opts.DeviceID, &resp)
+	})
+	if err != nil {
+		return EnrollResult{}, err
 	}
 	id, brokerURL, err := acceptCertResponse(key, resp, opts.DeviceID)
 	if errors.Is(err, errNoChain) {
@@ -162,13 +175,31 @@ func Enroll(ctx context.Context, cfg Config, opts EnrollOptions) (EnrollResult, 
 	return EnrollResult{DeviceID: id.deviceID, NotAfter: id.leaf.NotAfter, BrokerURL: brokerURL}, nil
 }
 
-// exchange pins the CA and sends the CSR for key: the network part of an
-// enrollment, which may be tried again.
-func exchange(ctx context.Context, cfg Config, base *url.URL, tok bootstrapToken, key crypto.Signer, id string, resp *certResponse) error {
-	caCert, err := fetchPinnedCA(ctx, cfg, base, tok.fingerprint)
-	if err != nil {
-		return err
+// retryEnroll runs try until it succeeds or enrollRetry gives up, logging
+// msg before each new try.
+func retryEnroll(ctx context.Context, cfg Config, msg string, try func() error) error {
+	for attempt := 1; ; attempt++ {
+		err := try()
+		if err == nil {
+			return nil
+		}
+		wait, again := enrollRetry(ctx, cfg, err, attempt)
+		if !again {
+			return err
+		}
+		cfg.Logger.Warn().Err(err).Str("retry_in", wait.Round(time.Second).String()).Int("attempt", attempt).Msg(msg)
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%w (gave up: %w)", err, ctx.Err())
+		case <-time.After(wait):
+		}
 	}
+}
+
+// exchange sends the CSR for key to the server, trusted through caCert
+// (pinned by fetchPinnedCA): the part of an enrollment that may spend the
+// token, and may be tried again.
+func exchange(ctx context.Context, cfg Config, base *url.URL, tok bootstrapToken, caCert []*x509.Certificate, key crypto.Signer, id string, resp *certResponse) error {
 	csrPEM, _, err := makeCSR(key, id)
 	if err != nil {
 		return err
