@@ -539,7 +539,10 @@ func (h *Handler) enrollCSR(ctx context.Context, stored store.Token, csr *x509.C
 	id := csr.Subject.CommonName
 	if stored.DeviceID != "" {
 		if id != "" && id != stored.DeviceID {
-			return nil, Errorf(CodeIDMismatch, "token is bound to another device id")
+			// Only the token's holder reads this, and the token enrolls
+			// that id anyway; the CSR's id is not echoed, as it is
+			// whatever the client wrote.
+			return nil, Errorf(CodeIDMismatch, "token is bound to another device id: %s", stored.DeviceID)
 		}
 		id = stored.DeviceID
 	}

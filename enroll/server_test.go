@@ -288,11 +288,13 @@ func TestEnrollFailureAudit(t *testing.T) {
 		csr    []byte // DER
 		code   Code
 		device string // of the audit record
+		say    string // in the message
 	}{
-		{"used token bound to a device", usedSecret, estCSR(t, key, "pi-0002"), CodeTokenUsed, "pi-0002"},
-		{"bound token, CSR for another id", boundSecret, estCSR(t, key, "pi-0001"), CodeIDMismatch, "pi-0003"},
-		{"bound token, broken CSR", boundSecret, []byte("0\x03\x02\x01\x00"), CodeCSRInvalid, "pi-0003"},
-		{"free token, CSR for a taken id", freeSecret, estCSR(t, key, "pi-0001"), CodeIDTaken, ""},
+		{"used token bound to a device", usedSecret, estCSR(t, key, "pi-0002"), CodeTokenUsed, "pi-0002", ""},
+		// The holder is told the id the token enrolls.
+		{"bound token, CSR for another id", boundSecret, estCSR(t, key, "pi-0001"), CodeIDMismatch, "pi-0003", "bound to another device id: pi-0003"},
+		{"bound token, broken CSR", boundSecret, []byte("0\x03\x02\x01\x00"), CodeCSRInvalid, "pi-0003", ""},
+		{"free token, CSR for a taken id", freeSecret, estCSR(t, key, "pi-0001"), CodeIDTaken, "", ""},
 	}
 	for _, tc := range cases {
 		for _, via := range []string{"v1", "EST"} {
@@ -307,8 +309,8 @@ func TestEnrollFailureAudit(t *testing.T) {
 							map[string]string{"Content-Type": "application/pkcs10", "Authorization": basicAuth("", tc.secret)}, estBase64Body(tc.csr))
 					}
 				})
-				if code, msg := apiError(t, rep); code != tc.code {
-					t.Fatalf("answer %d %s (%s), want %s", rep.status, code, msg, tc.code)
+				if code, msg := apiError(t, rep); code != tc.code || !strings.Contains(msg, tc.say) {
+					t.Fatalf("answer %d %s (%s), want %s (%s)", rep.status, code, msg, tc.code, tc.say)
 				}
 				wantFailAudit(t, evs, store.ActTokenFail, tc.code, tc.device, tokenID(tc.secret))
 			})

@@ -421,6 +421,10 @@ func enrollAdvice(err error, id string) error {
 	switch {
 	case se.Code == codeIDInvalid && id == "":
 		return fmt.Errorf("%w: this token is not bound to a device id; name the device with --id", err)
+	case se.Code == codeIDMismatch && id != "":
+		// The server names the bound id in its message (older ones do not).
+		return fmt.Errorf("%w: leave out --id to enroll under the id the token is bound to, "+
+			"or ask the operator for a token for %s (fleetmq token create --device %s)", err, id, id)
 	case se.Code == codeIDTaken && strings.Contains(se.Message, "revoked"):
 		return fmt.Errorf("%w: enroll this device under another id (--id)", err)
 	case se.Code == codeIDTaken:

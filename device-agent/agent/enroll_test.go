@@ -578,6 +578,8 @@ func TestEnrollAdvice(t *testing.T) {
 		{wrap(codeIDTaken), "pi-1", "--reprovision"},
 		{&ServerError{Status: 409, Code: codeIDTaken, Message: "device id already taken: it was revoked, and revoked ids are never used again"}, "pi-1", "under another id (--id)"},
 		{wrap(codeTokenUsed), "", "the token enrolled another key"},
+		{&ServerError{Status: 403, Code: codeIDMismatch, Message: "token is bound to another device id: pi-x1"}, "pi-other", "leave out --id to enroll under the id the token is bound to, or ask the operator for a token for pi-other"},
+		{wrap(codeIDMismatch), "", ""},
 		{errors.New("dial: refused"), "", ""},
 	}
 	for _, c := range cases {

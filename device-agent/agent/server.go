@@ -34,6 +34,7 @@ const (
 	codeRateLimited   = "rate_limited"
 	codeIDInvalid     = "id_invalid"
 	codeIDTaken       = "id_taken"
+	codeIDMismatch    = "id_mismatch"
 )
 
 // ErrCAMismatch is returned when the enrollment server does not present the
