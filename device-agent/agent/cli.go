@@ -38,6 +38,17 @@ common flags:
   --log-level L    debug, info, warn or error (default info)
 `
 
+// commandUsage is the synopsis and purpose of each command, for its -h.
+var commandUsage = map[string]string{
+	"enroll": "enroll --server URL --token TOKEN [--id ID] [--force] [--state-dir DIR]\n\n" +
+		"Enroll this device with a bootstrap token; TOKEN - reads it from stdin.",
+	"run": "run [--interval 30s] [--state-dir DIR]\n\n" +
+		"Publish telemetry and keep the certificate fresh, until stopped.",
+	"status": "status [--json] [--state-dir DIR]\n\n" +
+		"Show the enrollment and connection state; exit 1 if the identity or state.json is broken.",
+	"renew": "renew [--state-dir DIR]\n\nRenew the certificate now.",
+}
+
 // Main runs the command line and returns the process exit code: 0 success,
 // 1 failure, 2 usage error.
 func Main(ctx context.Context, args []string, std Stdio, version string) int {
@@ -48,20 +59,25 @@ func Main(ctx context.Context, args []string, std Stdio, version string) int {
 	cmd, args := args[0], args[1:]
 	fs := flag.NewFlagSet("device-agent "+cmd, flag.ContinueOnError)
 	fs.SetOutput(std.Err)
-	fs.Usage = func() { fmt.Fprint(std.Err, usage) }
-	stateDir := fs.String("state-dir", "", "state folder")
-	logLevel := fs.String("log-level", "info", "log level")
+	// `device-agent enroll -h` shows the flags of enroll, not the list of
+	// commands.
+	fs.Usage = func() {
+		fmt.Fprintf(std.Err, "usage: device-agent %s\n\nflags:\n", commandUsage[cmd])
+		fs.PrintDefaults()
+	}
+	stateDir := fs.String("state-dir", "", "state `folder` (default $STATE_DIRECTORY, else "+DefaultStateDir+")")
+	logLevel := fs.String("log-level", "info", "log `level`: debug, info, warn or error")
 
 	var server, token, id, interval *string
 	var force, asJSON *bool
 	switch cmd {
 	case "enroll":
-		server = fs.String("server", "", "enrollment server URL")
-		token = fs.String("token", "", "bootstrap token")
-		id = fs.String("id", "", "device id")
-		force = fs.Bool("force", false, "enroll again")
+		server = fs.String("server", "", "enrollment server `URL`, https://host:port (required)")
+		token = fs.String("token", "", "bootstrap `token`; - reads it from stdin, out of ps and the shell history (required)")
+		id = fs.String("id", "", "device `id` to ask for (default: the id the token is bound to)")
+		force = fs.Bool("force", false, "enroll again, replacing the identity (stop run first)")
 	case "run":
-		interval = fs.String("interval", "30s", "telemetry period")
+		interval = fs.String("interval", "30s", fmt.Sprintf("telemetry `period`, %s to %s", MinInterval, MaxInterval))
 	case "status":
 		asJSON = fs.Bool("json", false, "print JSON")
 	case "renew":

@@ -40,6 +40,23 @@ func TestMainUsage(t *testing.T) {
 			t.Errorf("%v: exit %d, want %d", c.args, code, c.code)
 		}
 	}
+	// Each command's -h shows its own flags, not the list of commands.
+	for cmd, flags := range map[string][]string{
+		"enroll": {"-server URL", "-token token", "-id id", "-force", "-state-dir folder"},
+		"run":    {"-interval period", "-state-dir folder", "-log-level level"},
+		"status": {"-json", "-state-dir folder"},
+		"renew":  {"-state-dir folder"},
+	} {
+		code, _, errOut := runMain(t, "", nil, cmd, "-h")
+		if code != 0 || !strings.HasPrefix(errOut, "usage: device-agent "+cmd) || strings.Contains(errOut, "commands:") {
+			t.Errorf("%s -h: exit %d\n%s", cmd, code, errOut)
+		}
+		for _, f := range flags {
+			if !strings.Contains(errOut, f) {
+				t.Errorf("%s -h lacks %q:\n%s", cmd, f, errOut)
+			}
+		}
+	}
 	if code, out, _ := runMain(t, "", nil, "version"); code != 0 || strings.TrimSpace(out) != "v9.9.9" {
 		t.Errorf("version: %d %q", code, out)
 	}
