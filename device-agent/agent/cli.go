@@ -29,7 +29,7 @@ commands:
   run [--interval 30s]
                   publish telemetry and keep the certificate fresh
   status [--json] show the enrollment and connection state (exit 1 if the
-                  identity or state.json is broken)
+                  identity or state.json is broken, 3 if not enrolled)
   renew           renew the certificate now
   version         print the version
 
@@ -45,12 +45,17 @@ var commandUsage = map[string]string{
 	"run": "run [--interval 30s] [--state-dir DIR]\n\n" +
 		"Publish telemetry and keep the certificate fresh, until stopped.",
 	"status": "status [--json] [--state-dir DIR]\n\n" +
-		"Show the enrollment and connection state; exit 1 if the identity or state.json is broken.",
+		"Show the enrollment and connection state. Exit 0 when enrolled and sound, 1 when the\n" +
+		"identity or state.json is broken, 3 when not enrolled.",
 	"renew": "renew [--state-dir DIR]\n\nRenew the certificate now.",
 }
 
+// ExitNotEnrolled is the exit code of `status` on a device not enrolled:
+// neither healthy (0) nor broken (1), and not a usage error (2).
+const ExitNotEnrolled = 3
+
 // Main runs the command line and returns the process exit code: 0 success,
-// 1 failure, 2 usage error.
+// 1 failure, 2 usage error, ExitNotEnrolled from status.
 func Main(ctx context.Context, args []string, std Stdio, version string) int {
 	if len(args) == 0 {
 		fmt.Fprint(std.Err, usage)
@@ -172,9 +177,12 @@ func Main(ctx context.Context, args []string, std Stdio, version string) int {
 		} else if err := s.WriteText(std.Out, time.Now()); err != nil {
 			return fail(err)
 		}
+		// `run` would fail: scripts and monitoring see it in the code.
 		if s.Broken != "" {
-			// `run` would fail: scripts and monitoring see it in the code.
 			return 1
+		}
+		if !s.Enrolled {
+			return ExitNotEnrolled
 		}
 	case "renew":
 		res, err := Renew(ctx, cfg)

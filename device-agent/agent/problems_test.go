@@ -231,13 +231,18 @@ func TestMainMessages(t *testing.T) {
 		}
 	}
 	// status says which folder it read: a typo looks like a new device.
-	if code, out, _ := runMain(t, "", nil, "status", "--state-dir", missing); code != 0 ||
+	// Not enrolled is not healthy: a monitoring check sees it in the code.
+	if code, out, _ := runMain(t, "", nil, "status", "--state-dir", missing); code != ExitNotEnrolled ||
 		!strings.Contains(out, "not enrolled: there is no state folder "+missing) {
 		t.Errorf("status in a missing folder: %d %q", code, out)
 	}
 	empty := t.TempDir()
-	if code, out, _ := runMain(t, "", nil, "status", "--state-dir", empty); code != 0 || !strings.Contains(out, "not enrolled (state folder "+empty+")") {
+	if code, out, _ := runMain(t, "", nil, "status", "--state-dir", empty); code != ExitNotEnrolled || !strings.Contains(out, "not enrolled (state folder "+empty+")") {
 		t.Errorf("status in an empty folder: %d %q", code, out)
+	}
+	var s Status
+	if code, out, _ := runMain(t, "", nil, "status", "--json", "--state-dir", empty); code != ExitNotEnrolled || json.Unmarshal([]byte(out), &s) != nil || s.Enrolled {
+		t.Errorf("status --json in an empty folder: %d %q", code, out)
 	}
 }
 
