@@ -171,6 +171,26 @@ const loginForm = `<!doctype html><meta charset="utf-8"><title>fleetmq — log i
 <button type="submit">Log in</button>
 </form></main>`
 
+// codeSpans escapes msg for HTML and shows its `backquoted` commands as
+// code: the same messages are plain text elsewhere, where the backquotes
+// read right, but on the login page they showed literally.
+func codeSpans(msg string) string {
+	parts := strings.Split(html.EscapeString(msg), "`")
+	if len(parts)%2 == 0 {
+		// An unpaired backquote: leave it as it is.
+		return strings.Join(parts, "`")
+	}
+	var b strings.Builder
+	for i, p := range parts {
+		if i%2 == 1 {
+			b.WriteString("<code>" + p + "</code>")
+		} else {
+			b.WriteString(p)
+		}
+	}
+	return b.String()
+}
+
 // serveLogin shows the login form (GET) or takes its code (POST, which the
 // guard has checked for cross-origin requests and its CSRF token): a
 // current code sets the login cookie for the user whose process sent it.
@@ -189,7 +209,7 @@ func (s *Server) serveLogin(w http.ResponseWriter, r *http.Request) {
 		}
 		w.Header().Set("Content-Type", "text/html; charset=utf-8")
 		w.WriteHeader(status)
-		fmt.Fprintf(w, loginForm, html.EscapeString(msg), html.EscapeString(tok))
+		fmt.Fprintf(w, loginForm, codeSpans(msg), html.EscapeString(tok))
 	}
 	switch r.Method {
 	case http.MethodGet, http.MethodHead:

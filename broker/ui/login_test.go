@@ -61,6 +61,10 @@ func TestLocalLogin(t *testing.T) {
 	if page.status != 200 || !strings.Contains(page.body, `name="code"`) {
 		t.Fatalf("login form: %d %s", page.status, page.body)
 	}
+	// The command is shown as code, not between literal backquotes.
+	if !strings.Contains(page.body, "<p>Run <code>fleetmq dashboard</code> on the machine") || strings.Contains(page.body, "`") {
+		t.Errorf("login form text:\n%s", page.body)
+	}
 	tok := formToken(t, page.body)
 	r := do(t, c, "POST", ts.URL+"/login", url.Values{"code": {code}, "csrf": {tok}}, nil)
 	if r.status != http.StatusSeeOther || r.header.Get("Location") != "/" {
@@ -77,7 +81,7 @@ func TestLocalLogin(t *testing.T) {
 	}
 	other := browser(t)
 	page = do(t, other, "GET", ts.URL+"/login", nil, nil)
-	if r := do(t, other, "POST", ts.URL+"/login", url.Values{"code": {code}, "csrf": {formToken(t, page.body)}}, nil); r.status != http.StatusForbidden || !strings.Contains(r.body, "used up, expired or unknown") {
+	if r := do(t, other, "POST", ts.URL+"/login", url.Values{"code": {code}, "csrf": {formToken(t, page.body)}}, nil); r.status != http.StatusForbidden || !strings.Contains(r.body, "used up, expired or unknown: run <code>fleetmq dashboard</code> for a new one") {
 		t.Errorf("code used twice: %d %q", r.status, r.body)
 	}
 	// Without the form's CSRF token, or expired, or unknown: refused.
@@ -165,4 +169,17 @@ func loggedInCookie(tb testing.TB) string {
 	}
 	tb.Fatal("no login cookie from the other dashboard")
 	return ""
+}
+
+func TestCodeSpans(t *testing.T) {
+	for in, want := range map[string]string{
+		"Run `fleetmq dashboard` now.": "Run <code>fleetmq dashboard</code> now.",
+		"`a` and `<b>`":                "<code>a</code> and <code>&lt;b&gt;</code>",
+		"one ` only <i>":               "one ` only &lt;i&gt;",
+		"none":                         "none",
+	} {
+		if got := ui.CodeSpans(in); got != want {
+			t.Errorf("CodeSpans(%q) = %q, want %q", in, got, want)
+		}
+	}
 }
