@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -39,18 +40,19 @@ func TestQemu(t *testing.T) {
 			if out, err := build.CombinedOutput(); err != nil {
 				t.Fatalf("build: %v\n%s", err, out)
 			}
-			run := func(args ...string) string {
+			run := func(wantCode int, args ...string) string {
 				t.Helper()
 				out, err := exec.Command(qemu, append([]string{bin}, args...)...).CombinedOutput()
-				if err != nil {
-					t.Fatalf("%s %v: %v\n%s", tg.name, args, err, out)
+				if code := exitCode(err); code != wantCode {
+					t.Fatalf("%s %v: %v, want exit %d\n%s", tg.name, args, err, wantCode, out)
 				}
 				return string(out)
 			}
-			if out := run("version"); strings.TrimSpace(out) != "qemu-"+tg.name {
+			if out := run(0, "version"); strings.TrimSpace(out) != "qemu-"+tg.name {
 				t.Errorf("version = %q, want the stamped qemu-%s", out, tg.name)
 			}
-			if out := run("status", "--state-dir", filepath.Join(dir, "state")); !strings.Contains(out, "not enrolled") {
+			// 3: not enrolled.
+			if out := run(3, "status", "--state-dir", filepath.Join(dir, "state")); !strings.Contains(out, "not enrolled") {
 				t.Errorf("status = %q", out)
 			}
 
@@ -67,4 +69,17 @@ func TestQemu(t *testing.T) {
 			}
 		})
 	}
+}
+
+// exitCode is the exit code of a finished command: 0 for no error, -1 if
+// it did not run to an exit.
+func exitCode(err error) int {
+	var ee *exec.ExitError
+	switch {
+	case err == nil:
+		return 0
+	case errors.As(err, &ee):
+		return ee.ExitCode()
+	}
+	return -1
 }
