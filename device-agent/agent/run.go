@@ -730,7 +730,12 @@ func (a *runner) connectLoop(ctx context.Context) error {
 		}
 		d := backoff(attempt, a.cfg.ConnectRetryMin, a.cfg.ConnectRetryMax, a.cfg.Rand())
 		attempt++
-		a.recordError(ctx, err)
+		if _, blocked := a.blocked(a.cfg.Now()); !blocked {
+			// A block's reason (revoked, ...) is the error status must
+			// show; an attempt under way when the block came would
+			// replace it with the TLS refusal it explains.
+			a.recordError(ctx, err)
+		}
 		a.log.Warn().Err(err).Stringer("retry_in", d.Round(time.Millisecond)).Msg("broker connection failed")
 		if !sleep(ctx, d, changed) {
 			return nil
