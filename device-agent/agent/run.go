@@ -33,8 +33,9 @@ type runner struct {
 	renewHint chan struct{} // the broker refused us: check with the server
 	sessions  atomic.Uint64 // MQTT sessions the broker accepted
 	// savedPending is the queue's pending count as state.json last got it.
-	savedPending atomic.Int64
-	intervalCh   chan time.Duration // new telemetry period
+	savedPending   atomic.Int64
+	intervalCh     chan time.Duration // new telemetry period
+	pausedSampling atomic.Bool        // the pause of sampling was logged
 
 	mu           sync.Mutex
 	id           *identity
@@ -406,8 +407,20 @@ func (a *runner) sampleLoop(ctx context.Context) error {
 	}
 }
 
+// sampleOnce queues one telemetry sample, unless the server has turned the
+// device away (revoked, expired beyond the grace, unknown): such samples
+// could never be delivered, and a Pi left running would write and fsync
+// them to its SD card for as long as it runs.
 func (a *runner) sampleOnce() {
-	s, err := a.samp.sample(a.cfg.Now())
+	now := a.cfg.Now()
+	if _, blocked := a.blocked(now); blocked {
+		if !a.pausedSampling.Swap(true) {
+			a.log.Info().Msg("telemetry not sampled while the server turns this device away")
+		}
+		return
+	}
+	a.pausedSampling.Store(false)
+	s, err := a.samp.sample(now)
 	if err != nil {
 		a.log.Warn().Err(err).Msg("telemetry sample failed")
 		return

@@ -486,6 +486,13 @@ func TestRunTurnedAwayBacksOff(t *testing.T) {
 			if len(f.brk.serials) != 0 {
 				t.Error("the broker accepted the refused certificate")
 			}
+			// Samples that can never be delivered are not written.
+			before, _, _ := r.q.Stats()
+			r.sampleOnce()
+			r.sampleOnce()
+			if after, _, _ := r.q.Stats(); after != before {
+				t.Errorf("queue %d → %d while turned away, want no new samples", before, after)
+			}
 		})
 	}
 }
