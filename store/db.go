@@ -70,6 +70,10 @@ type Options struct {
 	AuditKeep int
 	// Logger receives the store's rare diagnostics. Default zerolog.Nop().
 	Logger zerolog.Logger
+	// MustExist makes Open fail (with fs.ErrNotExist) rather than create
+	// a missing file: a tool checking a copy must not check an empty
+	// database made in its place. Default false.
+	MustExist bool
 	// OnCommit, when set, is called by the writer after each group commit
 	// with how long the transaction took (fsync included), how many
 	// requests it held and, for a commit that failed (a full disk, an I/O
@@ -122,7 +126,13 @@ type DB struct {
 // Open opens or creates the store at path.
 func Open(path string, opts Options) (*DB, error) {
 	opts.setDefaults()
-	bdb, err := bbolt.Open(path, 0o600, &bbolt.Options{Timeout: opts.LockTimeout})
+	bopts := &bbolt.Options{Timeout: opts.LockTimeout}
+	if opts.MustExist {
+		bopts.OpenFile = func(name string, flag int, mode os.FileMode) (*os.File, error) {
+			return os.OpenFile(name, flag&^os.O_CREATE, mode)
+		}
+	}
+	bdb, err := bbolt.Open(path, 0o600, bopts)
 	if err != nil {
 		if errors.Is(err, bolterrors.ErrTimeout) {
 			return nil, fmt.Errorf("open store %s: another process (probably a running fleetmq) holds the file: %w", path, ErrLocked)

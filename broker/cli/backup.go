@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/fleetmq/fleetmq/broker/server"
@@ -46,27 +47,27 @@ func backupCmd(ctx context.Context, args []string, env Env) (err error) {
 	if inside(dir, *fset.data) {
 		return usagef("backup folder %s is inside the data folder %s: a backup must survive losing it", dir, *fset.data)
 	}
-	created, err := backupDir(dir)
+	created, unlock, err := backupDir(dir)
 	if err != nil {
 		return err
 	}
 	var written []string
 	defer func() {
-		if err == nil {
-			return
+		if err != nil {
+			for _, p := range written {
+				_ = os.Remove(p)
+			}
+			if created {
+				_ = os.Remove(dir)
+			}
 		}
-		for _, p := range written {
-			_ = os.Remove(p)
-		}
-		if created {
-			_ = os.Remove(dir)
-		}
+		unlock()
 	}()
 
 	dbPath := filepath.Join(dir, server.DBName)
 	partial := dbPath + ".partial"
 	written = append(written, partial)
-	n, at, err := fetchBackup(ctx, fset, partial)
+	_, at, err := fetchBackup(ctx, fset, partial)
 	if err != nil {
 		return err
 	}
@@ -74,8 +75,9 @@ func backupCmd(ctx context.Context, args []string, env Env) (err error) {
 	if err != nil {
 		return err
 	}
-	if err := os.Rename(partial, dbPath); err != nil {
-		return fmt.Errorf("backup: %w", err)
+	n, err := keep(partial, dbPath)
+	if err != nil {
+		return err
 	}
 	written = append(written, dbPath)
 
@@ -163,29 +165,72 @@ func servesGeneratedCA(ctx context.Context, fset flagSet) (bool, error) {
 }
 
 // backupDir makes sure dir exists and is empty, creating it (0700) if
-// missing: a backup never overwrites anything.
-func backupDir(dir string) (created bool, err error) {
+// missing: a backup never overwrites anything. It locks dir until unlock
+// is called, so that another backup into it fails at once instead of
+// taking this one's fleetmq.db.partial for a leftover.
+func backupDir(dir string) (created bool, unlock func(), err error) {
 	if err := os.Mkdir(dir, 0o700); err == nil {
-		return true, nil
+		created = true
 	} else if !errors.Is(err, fs.ErrExist) {
-		return false, fmt.Errorf("backup folder: %w", err)
+		return false, nil, fmt.Errorf("backup folder: %w", err)
 	}
-	entries, err := os.ReadDir(dir)
+	d, err := os.Open(dir)
 	if err != nil {
-		return false, fmt.Errorf("backup folder: %w", err)
+		return false, nil, fmt.Errorf("backup folder: %w", err)
+	}
+	// flock, not a lock file: the kernel drops it when a backup is killed,
+	// so a killed backup never blocks the next one.
+	if err := syscall.Flock(int(d.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		d.Close()
+		if errors.Is(err, syscall.EWOULDBLOCK) {
+			// Not ours to remove, even if we created it: the other
+			// backup is writing into it.
+			return false, nil, usagef("backup folder %s: another fleetmq backup is writing into it; wait for it, or choose another folder", dir)
+		}
+		return false, nil, fmt.Errorf("backup folder %s: lock: %w", dir, err)
+	}
+	defer func() {
+		if err != nil {
+			d.Close()
+		}
+	}()
+	entries, err := d.ReadDir(-1)
+	if err != nil {
+		return false, nil, fmt.Errorf("backup folder: %w", err)
 	}
 	if len(entries) == 1 && entries[0].Name() == server.DBName+".partial" && entries[0].Type().IsRegular() {
 		// What a backup killed mid-copy (SIGKILL, power loss) leaves:
-		// its own unfinished file, never a usable backup.
+		// its own unfinished file, never a usable backup. The lock says
+		// no running backup is writing it.
 		if err := os.Remove(filepath.Join(dir, entries[0].Name())); err != nil {
-			return false, fmt.Errorf("backup folder: remove an unfinished backup: %w", err)
+			return false, nil, fmt.Errorf("backup folder: remove an unfinished backup: %w", err)
 		}
-		return false, nil
+		return created, func() { d.Close() }, nil
 	}
 	if len(entries) > 0 {
-		return false, usagef("backup folder %s is not empty; a backup never overwrites files", dir)
+		return false, nil, usagef("backup folder %s is not empty; a backup never overwrites files", dir)
 	}
-	return false, nil
+	return created, func() { d.Close() }, nil
+}
+
+// keep gives the checked copy at partial its final name dst and returns
+// its size. A link, not a rename: a rename would replace a file at dst
+// that something else put there, and a backup never overwrites.
+func keep(partial, dst string) (int64, error) {
+	if err := os.Link(partial, dst); err != nil {
+		return 0, fmt.Errorf("backup: keep the checked copy: %w", err)
+	}
+	// The copy's size, not the stream's: marking it as a snapshot may
+	// have grown it.
+	fi, err := os.Stat(dst)
+	if err == nil {
+		err = os.Remove(partial)
+	}
+	if err != nil {
+		_ = os.Remove(dst) // ours: the link above made it
+		return 0, fmt.Errorf("backup: %w", err)
+	}
+	return fi.Size(), nil
 }
 
 // fetchBackup streams the server's snapshot into a new file at path and
@@ -214,7 +259,7 @@ func fetchBackup(ctx context.Context, fset flagSet, path string) (int64, time.Ti
 // restored from it takes back devices that renewed after it (see
 // store.MarkSnapshot).
 func checkBackup(ctx context.Context, path string, at time.Time) (int, error) {
-	db, err := store.Open(path, store.Options{})
+	db, err := store.Open(path, store.Options{MustExist: true})
 	if err != nil {
 		return 0, fmt.Errorf("backup does not open: %w", err)
 	}

@@ -3,6 +3,8 @@ package cli
 import (
 	"bytes"
 	"context"
+	"errors"
+	"io/fs"
 	"net"
 	"net/http"
 	"os"
@@ -10,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -102,5 +105,81 @@ func TestBackupRefusesTheDataFolder(t *testing.T) {
 	}
 	if !inside("/x/data/../data/y", "/x/data") || inside("/x/data2", "/x/data") || inside("/x", "/x/data") {
 		t.Fatal("inside")
+	}
+}
+
+// lockDir holds the lock a running backup holds on its folder, until the
+// test ends.
+func lockDir(t *testing.T, dir string) {
+	t.Helper()
+	d, err := os.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { d.Close() })
+	if err := syscall.Flock(int(d.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// A second backup into a folder another backup is writing into is refused
+// before it asks the server for anything, and the other's unfinished copy
+// is left alone: it is not what a killed backup leaves.
+func TestBackupRefusesAFolderInUse(t *testing.T) {
+	var asked atomic.Bool
+	data := serveAdmin(t, func(w http.ResponseWriter, r *http.Request) { asked.Store(true) })
+	dir := filepath.Join(t.TempDir(), "backup")
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	partial := filepath.Join(dir, "fleetmq.db.partial")
+	if err := os.WriteFile(partial, []byte("the other backup's copy"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	lockDir(t, dir)
+	out, code := runBackup(t, data, dir)
+	if code != 2 || !strings.Contains(out, "another fleetmq backup is writing into it") {
+		t.Fatalf("exit %d, want 2 and why:\n%s", code, out)
+	}
+	if b, err := os.ReadFile(partial); err != nil || string(b) != "the other backup's copy" || asked.Load() {
+		t.Fatalf("the other backup's copy: %q %v; server asked: %v", b, err, asked.Load())
+	}
+}
+
+// The check never passes a database it made itself: with the copy gone
+// it fails, and creates nothing.
+func TestCheckBackupOfAMissingCopy(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "fleetmq.db.partial")
+	if n, err := checkBackup(context.Background(), path, time.Now()); err == nil || !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("checked a missing copy: %d identities, %v", n, err)
+	}
+	if _, err := os.Stat(path); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("the check created %s: %v", path, err)
+	}
+}
+
+// Keeping the checked copy never replaces a database already there.
+func TestKeepNeverReplaces(t *testing.T) {
+	dir := t.TempDir()
+	partial, dst := filepath.Join(dir, "fleetmq.db.partial"), filepath.Join(dir, "fleetmq.db")
+	for p, b := range map[string]string{partial: "new", dst: "there before"} {
+		if err := os.WriteFile(p, []byte(b), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := keep(partial, dst); !errors.Is(err, fs.ErrExist) {
+		t.Fatalf("keep over an existing file: %v", err)
+	}
+	if b, err := os.ReadFile(dst); err != nil || string(b) != "there before" {
+		t.Fatalf("the file there was replaced: %q %v", b, err)
+	}
+	if err := os.Remove(dst); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := keep(partial, dst); err != nil || n != 3 {
+		t.Fatalf("keep: %d %v", n, err)
+	}
+	if _, err := os.Stat(partial); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("the partial name is still there: %v", err)
 	}
 }

@@ -199,6 +199,9 @@ func TestBackupWithOperatorCA(t *testing.T) {
 	if res.CAIncluded || res.Dir != dir || res.Bytes <= 0 {
 		t.Fatalf("backup result %+v", res)
 	}
+	if fi, err := os.Stat(filepath.Join(dir, server.DBName)); err != nil || fi.Size() != res.Bytes {
+		t.Fatalf("backup says %d bytes, the file kept: %v %v", res.Bytes, fi.Size(), err)
+	}
 	if _, err := os.Stat(filepath.Join(dir, "ca.key")); err == nil {
 		t.Fatal("the stale generated CA was copied into the backup")
 	}
