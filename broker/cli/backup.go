@@ -10,6 +10,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -44,7 +45,9 @@ func backupCmd(ctx context.Context, args []string, env Env) (err error) {
 		return err
 	}
 	dir := fset.Arg(0)
-	if inside(dir, *fset.data) {
+	if in, err := inside(dir, *fset.data); err != nil {
+		return fmt.Errorf("backup folder: %w", err)
+	} else if in {
 		return usagef("backup folder %s is inside the data folder %s: a backup must survive losing it", dir, *fset.data)
 	}
 	created, unlock, err := backupDir(dir)
@@ -112,15 +115,47 @@ func backupCmd(ctx context.Context, args []string, env Env) (err error) {
 	return nil
 }
 
-// inside reports whether path is dir or below it.
-func inside(path, dir string) bool {
-	p, err1 := filepath.Abs(path)
-	d, err2 := filepath.Abs(dir)
-	if err1 != nil || err2 != nil {
-		return false
+// inside reports whether path is dir or below it, as the kernel resolves
+// them: through a symlink, a backup "elsewhere" may be in the data folder.
+func inside(path, dir string) (bool, error) {
+	p, err := realPath(path)
+	if err != nil {
+		return false, err
+	}
+	d, err := realPath(dir)
+	if err != nil {
+		return false, err
 	}
 	rel, err := filepath.Rel(d, p)
-	return err == nil && rel != ".." && !strings.HasPrefix(rel, "../")
+	return err == nil && rel != ".." && !strings.HasPrefix(rel, "../"), nil
+}
+
+// realPath is the absolute path with every symlink resolved, also when its
+// last components do not exist yet (a backup folder to create): the
+// nearest existing ancestor is resolved and the rest appended. It splits
+// off components without cleaning, since "link/.." is the parent of the
+// link's target, not the folder holding the link.
+func realPath(path string) (string, error) {
+	p := path
+	var rest []string
+	for {
+		r, err := filepath.EvalSymlinks(p)
+		if err == nil {
+			slices.Reverse(rest)
+			return filepath.Abs(filepath.Join(append([]string{r}, rest...)...))
+		}
+		if !errors.Is(err, fs.ErrNotExist) || p == "." || p == "/" {
+			return "", fmt.Errorf("resolve %s: %w", path, err)
+		}
+		switch i := strings.LastIndexByte(p, '/'); {
+		case i < 0:
+			p, rest = ".", append(rest, p)
+		case i == 0:
+			p, rest = "/", append(rest, p[1:])
+		default:
+			p, rest = p[:i], append(rest, p[i+1:])
+		}
+	}
 }
 
 // copyCA copies the generated CA's files from the data folder into dir and

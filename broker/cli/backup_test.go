@@ -103,8 +103,35 @@ func TestBackupRefusesTheDataFolder(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(data, "inner")); err == nil || asked.Load() {
 		t.Fatalf("a refused backup wrote something or asked the server (%v)", asked.Load())
 	}
-	if !inside("/x/data/../data/y", "/x/data") || inside("/x/data2", "/x/data") || inside("/x", "/x/data") {
-		t.Fatal("inside")
+	for path, want := range map[string]bool{"/x/data/../data/y": true, "/x/data2": false, "/x": false} {
+		if got, err := inside(path, "/x/data"); got != want || err != nil {
+			t.Errorf("inside(%s, /x/data) = %v, %v", path, got, err)
+		}
+	}
+}
+
+// Nor through a symlink: to a folder that exists, or to one a component
+// of the path leads into ("link/.." is the parent of the link's target).
+func TestBackupRefusesTheDataFolderThroughSymlinks(t *testing.T) {
+	var asked atomic.Bool
+	data := serveAdmin(t, func(w http.ResponseWriter, r *http.Request) { asked.Store(true) })
+	if err := os.Mkdir(filepath.Join(data, "sub"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	links := t.TempDir()
+	for name, target := range map[string]string{"data": data, "sub": filepath.Join(data, "sub")} {
+		if err := os.Symlink(target, filepath.Join(links, name)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, dir := range []string{"data/bk", "data", "sub/../bk", "sub/new/bk"} {
+		out, code := runBackup(t, data, links+"/"+dir) // not Join: it would clean "sub/.."
+		if code != 2 || !strings.Contains(out, "inside the data folder") {
+			t.Errorf("backup %s: exit %d\n%s", dir, code, out)
+		}
+	}
+	if entries, err := os.ReadDir(data); err != nil || len(entries) != 2 || asked.Load() {
+		t.Fatalf("a refused backup wrote into the data folder (%v %v) or asked the server (%v)", entries, err, asked.Load())
 	}
 }
 
