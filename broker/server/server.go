@@ -10,6 +10,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io/fs"
 	"net"
 	"net/http"
 	"os"
@@ -196,6 +197,9 @@ func New(cfg Config) (_ *Server, err error) {
 	if err != nil {
 		return nil, err
 	}
+	if err := checkDataFolder(cfg); err != nil {
+		return nil, err
+	}
 	s.db, err = store.Open(filepath.Join(cfg.DataDir, DBName), store.Options{Logger: cfg.Logger, OnCommit: s.metrics.ObserveCommit})
 	if err != nil {
 		return nil, fmt.Errorf("open store: %w", err)
@@ -270,6 +274,37 @@ func New(cfg Config) (_ *Server, err error) {
 		}
 	}
 	return s, nil
+}
+
+// ErrDatabaseLost means the data folder held a fleet whose database is
+// gone: serving it would start an empty fleet.
+var ErrDatabaseLost = errors.New("the fleet's database is missing or empty")
+
+// checkDataFolder refuses a folder in which opening the store would
+// silently start a new, empty fleet where there was one. A generated CA is
+// written after the database, so a folder holding ca.pem without a
+// database lost it: every device would be turned away, and its agent told
+// to enroll again.
+func checkDataFolder(cfg Config) error {
+	if cfg.CACertFile != "" {
+		return nil // the CA lives elsewhere: nothing here tells a new fleet from a lost one
+	}
+	db := filepath.Join(cfg.DataDir, DBName)
+	fi, err := os.Stat(db)
+	switch {
+	case err == nil && fi.Size() > 0:
+		return nil
+	case err != nil && !errors.Is(err, fs.ErrNotExist):
+		return fmt.Errorf("open store: %w", err)
+	}
+	if _, err := os.Stat(filepath.Join(cfg.DataDir, "ca.pem")); errors.Is(err, fs.ErrNotExist) {
+		return nil
+	} else if err != nil {
+		return fmt.Errorf("load CA: %w", err)
+	}
+	return fmt.Errorf("open store: %w: %s is missing or empty but %s holds the fleet's CA (ca.pem, ca.key): "+
+		"put back fleetmq.db from a backup (fleetmq backup), or, to start a new fleet, move ca.pem and ca.key away",
+		ErrDatabaseLost, db, cfg.DataDir)
 }
 
 // dashboardLogin is the loopback dashboard's login page and a one-time

@@ -1,0 +1,86 @@
+package server_test
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/fleetmq/fleetmq/broker/server"
+)
+
+// stopped starts a node with a device, stops it and returns its config,
+// ready for server.New on the same data folder.
+func stopped(t *testing.T) server.Config {
+	t.Helper()
+	s := startServer(t)
+	s.enroll(t, s.token(t), "pi-df")
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	cfg := s.cfg
+	cfg.EnrollAddr, cfg.MQTTAddr = "127.0.0.1:0", "127.0.0.1:0"
+	return cfg
+}
+
+// newRefused runs server.New, which must fail with an error matching want.
+func newRefused(t *testing.T, cfg server.Config, want ...string) error {
+	t.Helper()
+	srv, err := server.New(cfg)
+	if err == nil {
+		srv.Close()
+		t.Fatal("the server started")
+	}
+	for _, w := range want {
+		if !strings.Contains(err.Error(), w) {
+			t.Fatalf("error %q does not say %q", err, w)
+		}
+	}
+	return err
+}
+
+// TestLostDatabaseRefused: a data folder whose database is gone or empty
+// while its CA is there lost its fleet. The server refuses to start as a
+// new, empty fleet (which would turn every device away and send its agent
+// to enroll again), changes nothing, and serves the fleet once the
+// database is put back.
+func TestLostDatabaseRefused(t *testing.T) {
+	cfg := stopped(t)
+	dbPath := filepath.Join(cfg.DataDir, server.DBName)
+	saved, err := os.ReadFile(dbPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, lose := range map[string]func() error{
+		"missing": func() error { return os.Remove(dbPath) },
+		"empty":   func() error { return os.WriteFile(dbPath, nil, 0o600) },
+	} {
+		t.Run(name, func(t *testing.T) {
+			if err := lose(); err != nil {
+				t.Fatal(err)
+			}
+			before, _ := os.Stat(dbPath)
+			err := newRefused(t, cfg, "missing or empty", "from a backup", "ca.pem")
+			if !errors.Is(err, server.ErrDatabaseLost) {
+				t.Fatalf("error %q is not ErrDatabaseLost", err)
+			}
+			after, _ := os.Stat(dbPath)
+			if (before == nil) != (after == nil) || after != nil && after.Size() != 0 {
+				t.Fatalf("the refused start changed the database file: %v -> %v", before, after)
+			}
+		})
+	}
+
+	if err := os.WriteFile(dbPath, saved, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	srv, err := server.New(cfg)
+	if err != nil {
+		t.Fatalf("with the database put back: %v", err)
+	}
+	defer srv.Close()
+	if has, err := srv.Store().HasIdentities(t.Context()); err != nil || !has {
+		t.Fatalf("the fleet is not back: %v %v", has, err)
+	}
+}
