@@ -84,3 +84,21 @@ func TestLostDatabaseRefused(t *testing.T) {
 		t.Fatalf("the fleet is not back: %v %v", has, err)
 	}
 }
+
+// TestKilledBackupFolderRefused: serving the folder of a backup killed
+// mid-copy (it holds fleetmq.db.partial) would start a new fleet; the
+// server refuses, says what the file is, and creates nothing.
+func TestKilledBackupFolderRefused(t *testing.T) {
+	data := filepath.Join(t.TempDir(), "backup")
+	if err := os.Mkdir(data, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(data, server.DBName+".partial"), []byte("torn"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	newRefused(t, server.Config{DataDir: data, EnrollAddr: "127.0.0.1:0", MQTTAddr: "127.0.0.1:0"},
+		"unfinished copy of a fleetmq backup that was killed", "delete")
+	if entries, err := os.ReadDir(data); err != nil || len(entries) != 1 {
+		t.Fatalf("the refused start wrote into the folder: %v %v", entries, err)
+	}
+}

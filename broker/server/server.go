@@ -285,7 +285,17 @@ var ErrDatabaseLost = errors.New("the fleet's database is missing or empty")
 // written after the database, so a folder holding ca.pem without a
 // database lost it: every device would be turned away, and its agent told
 // to enroll again.
+//
+// A backup killed mid-copy leaves a folder holding fleetmq.db.partial:
+// it is no data folder, and serving it would also start a new fleet.
 func checkDataFolder(cfg Config) error {
+	partial := filepath.Join(cfg.DataDir, DBName+".partial")
+	if _, err := os.Lstat(partial); err == nil {
+		return fmt.Errorf("%s is the unfinished copy of a fleetmq backup that was killed: %s is not a complete backup. "+
+			"Serve from a complete backup or the server's own data folder; to use this folder anyway, delete %s", partial, cfg.DataDir, partial)
+	} else if !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("data folder: %w", err)
+	}
 	if cfg.CACertFile != "" {
 		return nil // the CA lives elsewhere: nothing here tells a new fleet from a lost one
 	}
