@@ -30,6 +30,21 @@ func (db *DB) HasIdentities(ctx context.Context) (bool, error) {
 	return has, nil
 }
 
+// BoundCA returns the CA key recorded by BindCA, "" if none is. A bound
+// store was served, so tokens minted in it may pin its CA even when no
+// identity was enrolled yet.
+func (db *DB) BoundCA(ctx context.Context) (string, error) {
+	var key string
+	err := db.view(ctx, func(tx *bbolt.Tx) error {
+		key = string(tx.Bucket(bucketMeta).Get(keyCA))
+		return nil
+	})
+	if err != nil {
+		return "", fmt.Errorf("bound CA: %w", err)
+	}
+	return key, nil
+}
+
 // BindCA ties the store to the CA key identified by keyID (e.g. a hash of
 // its public key): the first call records it, later calls fail with
 // ErrCAMismatch for another one. A server started on the right database

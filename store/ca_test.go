@@ -37,3 +37,18 @@ func TestBindCA(t *testing.T) {
 		t.Fatalf("a refused CA changed the binding: %v", err)
 	}
 }
+
+// A store is bound by the first start, before any identity exists.
+func TestBoundCA(t *testing.T) {
+	ctx := context.Background()
+	db := store.OpenTest(t)
+	if key, err := db.BoundCA(ctx); key != "" || err != nil {
+		t.Fatalf("a new store is bound: %q %v", key, err)
+	}
+	if err := db.BindCA(ctx, "key-a"); err != nil {
+		t.Fatal(err)
+	}
+	if key, err := db.BoundCA(ctx); key != "key-a" || err != nil {
+		t.Fatalf("bound to %q %v, want key-a", key, err)
+	}
+}

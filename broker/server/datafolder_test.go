@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"github.com/fleetmq/fleetmq/broker/server"
+	"github.com/fleetmq/fleetmq/enroll"
 )
 
 // stopped starts a node with a device, stops it and returns its config,
@@ -100,5 +101,31 @@ func TestKilledBackupFolderRefused(t *testing.T) {
 		"unfinished copy of a fleetmq backup that was killed", "delete")
 	if entries, err := os.ReadDir(data); err != nil || len(entries) != 1 {
 		t.Fatalf("the refused start wrote into the folder: %v %v", entries, err)
+	}
+}
+
+// TestRefusedStartWritesNoCA: a fleet with tokens minted but nobody
+// enrolled yet has lost its CA. The tokens pin that CA, so the server
+// refuses to start, and writes no new CA into the folder on the way.
+func TestRefusedStartWritesNoCA(t *testing.T) {
+	s := startServer(t)
+	s.token(t, "--device", "pi-later")
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	cfg := s.cfg
+	cfg.EnrollAddr, cfg.MQTTAddr = "127.0.0.1:0", "127.0.0.1:0"
+	for _, name := range []string{"ca.pem", "ca.key"} {
+		if err := os.Remove(filepath.Join(cfg.DataDir, name)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := newRefused(t, cfg, "put back the data folder's ca.pem and ca.key"); !errors.Is(err, enroll.ErrNoCA) {
+		t.Fatalf("error %q is not ErrNoCA", err)
+	}
+	for _, name := range []string{"ca.pem", "ca.key"} {
+		if _, err := os.Stat(filepath.Join(cfg.DataDir, name)); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("the refused start wrote %s: %v", name, err)
+		}
 	}
 }

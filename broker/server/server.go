@@ -540,12 +540,19 @@ func (s *Server) loadCA() (*enroll.CA, error) {
 	if err != nil {
 		return nil, err
 	}
+	// A store served before is bound to its CA, identities or not:
+	// generating one here would only be refused by BindCA below, after
+	// writing it into the data folder.
+	bound, err := s.db.BoundCA(ctx)
+	if err != nil {
+		return nil, err
+	}
 	ca, err := enroll.LoadOrCreateCA(enroll.CAConfig{
 		Dir: s.cfg.DataDir, CertFile: s.cfg.CACertFile, KeyFile: s.cfg.CAKeyFile, Now: s.cfg.Now,
-		MustExist: has,
+		MustExist: has || bound != "",
 	})
 	if errors.Is(err, enroll.ErrNoCA) {
-		return nil, fmt.Errorf("load CA: %w; the database already holds identities, so a new CA would lock out the whole fleet: "+
+		return nil, fmt.Errorf("load CA: %w; the database was served with a CA that its identities and tokens trust, so a new CA would lock out the whole fleet: "+
 			"put back the data folder's ca.pem and ca.key (a backup of a server that ran with --ca-cert/--ca-key does not hold them), "+
 			"or start with the --ca-cert and --ca-key it ran with", err)
 	}
