@@ -27,6 +27,11 @@ const SocketName = "admin.sock"
 // ErrNotRunning means no server answers on the admin socket.
 var ErrNotRunning = errors.New("the fleetmq server is not running (no admin socket answers)")
 
+// ErrNoAnswer means the request may have reached the server but no
+// complete answer came back (the server stopped, the connection broke): a
+// change asked for may have been made all the same.
+var ErrNoAnswer = errors.New("the server did not answer")
+
 // Client talks to a running server's admin API over its unix socket.
 type Client struct {
 	socket string
@@ -65,7 +70,8 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 		return nil
 	}
 	if err := json.NewDecoder(resp.Body).Decode(out); err != nil {
-		return fmt.Errorf("decode %s %s answer: %w", method, path, err)
+		// The status said done; the rest of the answer is lost.
+		return fmt.Errorf("decode %s %s answer: %w: %w", method, path, ErrNoAnswer, err)
 	}
 	return nil
 }
@@ -97,7 +103,10 @@ func (c *Client) send(ctx context.Context, method, path string, in any) (*http.R
 		if errors.Is(err, syscall.ENOENT) || errors.Is(err, syscall.ECONNREFUSED) {
 			return nil, fmt.Errorf("%w: %s", ErrNotRunning, c.socket)
 		}
-		return nil, fmt.Errorf("admin socket %s: %w", c.socket, err)
+		if op := (*net.OpError)(nil); errors.As(err, &op) && op.Op == "dial" {
+			return nil, fmt.Errorf("admin socket %s: %w", c.socket, err) // nothing was sent
+		}
+		return nil, fmt.Errorf("admin socket %s: %w: %w", c.socket, ErrNoAnswer, err)
 	}
 	if resp.StatusCode >= 300 {
 		defer resp.Body.Close()

@@ -258,14 +258,10 @@ func createTokens(ctx context.Context, c *admin.Client, req admin.TokenRequest, 
 	return out, nil
 }
 
-// mintingUnknown adds to err, when the server did not answer (it stopped,
-// the connection broke), that req may have been minted all the same: its
-// secrets are then lost, and the tokens live until revoked.
+// mintingUnknown adds to err, when the server did not answer, that req
+// may have been minted all the same: its secrets are then lost, and the
+// tokens live until revoked.
 func mintingUnknown(err error, req admin.TokenRequest) error {
-	var apiErr *admin.APIError
-	if err == nil || errors.As(err, &apiErr) || errors.Is(err, admin.ErrNotRunning) {
-		return err
-	}
 	what := "a token"
 	switch {
 	case req.Prefix != "":
@@ -275,8 +271,19 @@ func mintingUnknown(err error, req admin.TokenRequest) error {
 	case req.DeviceID != "":
 		what = "the token for " + req.DeviceID
 	}
-	return fmt.Errorf("%w; the server did not answer, so %s may have been minted with secrets no one has: "+
-		"look for them with `fleetmq token list` and revoke them (`fleetmq token revoke ID`)", err, what)
+	return unansweredf(err, "%s may have been minted with secrets no one has: "+
+		"look for them with `fleetmq token list` and revoke them (`fleetmq token revoke ID`)", what)
+}
+
+// unansweredf adds to err, when the server took a request but its answer
+// never came (admin.ErrNoAnswer), what may have been done all the same and
+// how to find out: the operator must not take the error for "nothing
+// happened". Any other error comes back unchanged.
+func unansweredf(err error, format string, args ...any) error {
+	if !errors.Is(err, admin.ErrNoAnswer) {
+		return err
+	}
+	return fmt.Errorf("%w; "+format, append([]any{err}, args...)...)
 }
 
 func writeTokenCSV(path string, toks []admin.NewToken) error {
@@ -329,7 +336,7 @@ func tokenRevoke(ctx context.Context, args []string, env Env) error {
 	}
 	t, err := fs.client().RevokeToken(ctx, fs.Arg(0))
 	if err != nil {
-		return err
+		return unansweredf(err, "token %s may have been revoked all the same: `fleetmq token list` shows its state; revoke it again if it is not", fs.Arg(0))
 	}
 	if *fs.json {
 		return printJSON(env.Stdout, t)
@@ -400,7 +407,7 @@ func deviceRevoke(ctx context.Context, args []string, env Env) error {
 	}
 	res, err := fs.client().RevokeDevice(ctx, fs.Arg(0))
 	if err != nil {
-		return err
+		return unansweredf(err, "%s may have been revoked all the same: `fleetmq device show %s` shows its state; revoke it again if it is not", fs.Arg(0), fs.Arg(0))
 	}
 	if *fs.json {
 		return printJSON(env.Stdout, res)
@@ -478,8 +485,9 @@ func identityIssue(role string) func(context.Context, []string, Env) error {
 			CSR: string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: csrDER})),
 		})
 		if err != nil {
-			os.Remove(keyPath) // nothing was issued for it
-			return err
+			// Without its certificate the key is of no use, issued or not.
+			os.Remove(keyPath)
+			return unansweredf(err, "%s %s may have been issued a certificate all the same: if `fleetmq device show %s` lists it, run this command again with --renew", role, name, name)
 		}
 		files := []struct {
 			path string

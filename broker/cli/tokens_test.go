@@ -1,9 +1,12 @@
 package cli
 
 import (
+	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"io"
+	"net/http"
 	"strings"
 	"testing"
 
@@ -14,7 +17,7 @@ import (
 // TestMintingUnknown: when the server does not answer a mint, the
 // tokens may be live with their secrets lost, and the error says which.
 func TestMintingUnknown(t *testing.T) {
-	broken := fmt.Errorf("admin socket /data/admin.sock: %w", io.ErrUnexpectedEOF)
+	broken := fmt.Errorf("admin socket /data/admin.sock: %w: %w", admin.ErrNoAnswer, io.ErrUnexpectedEOF)
 	refused := &admin.APIError{Status: 503, Code: enroll.CodeUnavailable, Message: "disk full"}
 	cases := []struct {
 		err  error
@@ -39,6 +42,40 @@ func TestMintingUnknown(t *testing.T) {
 		}
 		if !errors.Is(got, c.err) || !strings.Contains(got.Error(), c.want) || !strings.Contains(got.Error(), "token revoke") {
 			t.Errorf("%v %+v = %v, want %q and the cause kept", c.err, c.req, got, c.want)
+		}
+	}
+}
+
+// TestCutOffCommandsSayWhatMayHaveHappened: a state-changing command whose
+// answer never comes (the server killed while handling it) says that the
+// change may have been made and how to find out; a refusal, or no server
+// at all, says no such thing.
+func TestCutOffCommandsSayWhatMayHaveHappened(t *testing.T) {
+	cut := serveAdmin(t, func(w http.ResponseWriter, r *http.Request) {
+		panic(http.ErrAbortHandler) // the server died before answering
+	})
+	refusing := serveAdmin(t, func(w http.ResponseWriter, r *http.Request) {
+		w.WriteHeader(http.StatusNotFound)
+		w.Write([]byte(`{"code":"not_found","message":"no identity"}`))
+	})
+	stopped := t.TempDir()
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"device", "revoke", "pi-7"}, "pi-7 may have been revoked all the same: `fleetmq device show pi-7`"},
+		{[]string{"token", "revoke", "tk1"}, "token tk1 may have been revoked all the same: `fleetmq token list`"},
+		{[]string{"token", "create", "--device", "pi-8"}, "the token for pi-8 may have been minted"},
+		{[]string{"service", "issue", "svc", "--out", t.TempDir()}, "service svc may have been issued a certificate all the same"},
+		{[]string{"operator", "issue", "ann", "--out", t.TempDir()}, "operator ann may have been issued a certificate all the same"},
+	} {
+		for data, want := range map[string]string{cut: tc.want, refusing: "", stopped: ""} {
+			var out, errs bytes.Buffer
+			code := Main(context.Background(), append(tc.args, "--data", data), Env{Stdout: &out, Stderr: &errs, Getenv: func(string) string { return "" }})
+			got := errs.String()
+			if code != 1 || want != "" && !strings.Contains(got, want) || want == "" && strings.Contains(got, "all the same") {
+				t.Errorf("%v against %s: exit %d, want 1 and %q:\n%s", tc.args, data, code, want, got)
+			}
 		}
 	}
 }
