@@ -13,6 +13,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"runtime/debug"
 	"strconv"
 	"sync"
 	"time"
@@ -132,7 +133,11 @@ func Open(path string, opts Options) (*DB, error) {
 			return os.OpenFile(name, flag&^os.O_CREATE, mode)
 		}
 	}
-	bdb, err := bbolt.Open(path, 0o600, bopts)
+	var bdb *bbolt.DB
+	err := guard(func() (err error) {
+		bdb, err = bbolt.Open(path, 0o600, bopts)
+		return err
+	})
 	if err != nil {
 		if errors.Is(err, bolterrors.ErrTimeout) {
 			return nil, fmt.Errorf("open store %s: another process (probably a running fleetmq) holds the file: %w", path, ErrLocked)
@@ -145,7 +150,7 @@ func Open(path string, opts Options) (*DB, error) {
 		_ = bdb.Close()
 		return nil, fmt.Errorf("open store %s: chmod: %w", path, err)
 	}
-	if err := initSchema(bdb); err != nil {
+	if err := guard(func() error { return initSchema(bdb) }); err != nil {
 		_ = bdb.Close()
 		return nil, fmt.Errorf("open store %s: %w", path, err)
 	}
@@ -161,6 +166,24 @@ func Open(path string, opts Options) (*DB, error) {
 	}
 	go db.writeLoop()
 	return db, nil
+}
+
+// ErrDamaged means bbolt met a page it cannot read: the file was cut
+// short or overwritten.
+var ErrDamaged = errors.New("the database file is damaged")
+
+// guard runs fn, turning a panic or a memory fault inside bbolt into
+// ErrDamaged: bbolt trusts its file and panics (or reads past the end of
+// the mapping, a fault) on a truncated or overwritten one, which would
+// otherwise kill the process with a stack dump.
+func guard(fn func() error) (err error) {
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("%w (%v): stop fleetmq and restore fleetmq.db from a backup", ErrDamaged, r)
+		}
+	}()
+	return fn()
 }
 
 // initSchema refuses a file of a newer layout before changing anything in

@@ -1,8 +1,10 @@
 package store_test
 
 import (
+	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -274,5 +276,59 @@ func TestFailingRequestDoesNotAffectItsGroup(t *testing.T) {
 	defer mu.Unlock()
 	if len(groups) != 1 || groups[0] != 3 {
 		t.Fatalf("committed groups %v, want one group of 3", groups)
+	}
+}
+
+// TestOpenDamagedFile: a database cut short (a copy that did not finish)
+// or overwritten is refused by Open with ErrDamaged and what to do, not a
+// crash, and the file is left as it was.
+func TestOpenDamagedFile(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	good := filepath.Join(dir, "good.db")
+	db, err := store.Open(good, store.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 200 {
+		if err := db.SetPresence(ctx, store.Presence{DeviceID: fmt.Sprintf("dev-%03d-%s", i, strings.Repeat("x", 200)), LastSeen: t0}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := db.Close(); err != nil {
+		t.Fatal(err)
+	}
+	raw, err := os.ReadFile(good)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, damage := range map[string]func([]byte) []byte{
+		"cut short": func(b []byte) []byte { return b[:3*4096] },
+		"overwritten": func(b []byte) []byte {
+			b = bytes.Clone(b)
+			for i := 2 * 4096; i < len(b); i++ {
+				b[i] = byte(i*7 + 3)
+			}
+			return b
+		},
+	} {
+		t.Run(name, func(t *testing.T) {
+			path := filepath.Join(dir, strings.ReplaceAll(name, " ", "-")+".db")
+			bad := damage(raw)
+			if err := os.WriteFile(path, bad, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			db, err := store.Open(path, store.Options{})
+			if err == nil {
+				db.Close()
+				t.Fatal("a damaged file opened")
+			}
+			if !errors.Is(err, store.ErrDamaged) || !strings.Contains(err.Error(), "restore fleetmq.db from a backup") {
+				t.Fatalf("error %q is not ErrDamaged with what to do", err)
+			}
+			if after, err := os.ReadFile(path); err != nil || !bytes.Equal(after, bad) {
+				t.Fatalf("the refused open changed the file (%v)", err)
+			}
+		})
 	}
 }
