@@ -16,6 +16,7 @@ import (
 	"runtime/debug"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -118,6 +119,9 @@ type DB struct {
 	// PruneTelemetry keeps it; countsMu serializes PruneTelemetry.
 	countsMu sync.Mutex
 	counts   map[string]countMark
+
+	// damaged is the first ErrDamaged met after Open (see Damaged).
+	damaged atomic.Pointer[error]
 
 	// groupHook, when set (tests only), is called by the writer with the
 	// number of requests in each group it commits.
@@ -256,17 +260,19 @@ func (db *DB) Close() error {
 // transaction reads the freelist, which a concurrent commit would change.
 func (db *DB) Check() error {
 	return db.exclusive(context.Background(), func() error {
-		return db.bolt.View(func(tx *bbolt.Tx) error {
-			var first error
-			for err := range tx.Check() { // drain: the checker goroutine blocks on send
-				if first == nil {
-					first = err
+		return db.guard(func() error {
+			return db.bolt.View(func(tx *bbolt.Tx) error {
+				var first error
+				for err := range tx.Check() { // drain: the checker goroutine blocks on send
+					if first == nil {
+						first = err
+					}
 				}
-			}
-			if first != nil {
-				return fmt.Errorf("check store: %w", first)
-			}
-			return nil
+				if first != nil {
+					return fmt.Errorf("check store: %w", first)
+				}
+				return nil
+			})
 		})
 	})
 }
@@ -282,7 +288,29 @@ func (db *DB) view(ctx context.Context, fn func(tx *bbolt.Tx) error) error {
 	if db.closed {
 		return ErrClosed
 	}
-	return db.bolt.View(fn)
+	return db.guard(func() error { return db.bolt.View(fn) })
+}
+
+// guard is the package guard for a transaction of an open store: damage
+// met there is also remembered (see Damaged).
+func (db *DB) guard(fn func() error) error {
+	err := guard(fn)
+	if errors.Is(err, ErrDamaged) {
+		if db.damaged.CompareAndSwap(nil, &err) {
+			db.log.Error().Err(err).Msg("store: damaged page; writes refused until the file is restored")
+		}
+	}
+	return err
+}
+
+// Damaged returns the first damage met in the file since Open, or nil.
+// From then on every write is refused with it: a B-tree that cannot be
+// read is no place to add to. Reads of undamaged pages still work.
+func (db *DB) Damaged() error {
+	if p := db.damaged.Load(); p != nil {
+		return *p
+	}
+	return nil
 }
 
 func putJSON(b *bbolt.Bucket, key []byte, v any) error {

@@ -332,3 +332,90 @@ func TestOpenDamagedFile(t *testing.T) {
 		})
 	}
 }
+
+// TestDamageMetAfterOpen: a damaged page that Open does not read — a
+// device's telemetry, read a minute later by the retention loop — was a
+// panic on that goroutine, and under systemd's Restart= a crash loop. It is
+// now an error for that read, the store refuses writes from then on, and
+// Damaged says so for the readiness check; undamaged pages still read.
+func TestDamageMetAfterOpen(t *testing.T) {
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), "fleet.db")
+	db, err := store.Open(path, store.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var msgs []store.Message
+	for i := range 500 {
+		msgs = append(msgs, store.Message{DeviceID: "dev-bad", Topic: "devices/dev-bad/telemetry", Received: t0.Add(time.Duration(i) * time.Second), Payload: bytes.Repeat([]byte("p"), 100)})
+	}
+	msgs = append(msgs, store.Message{DeviceID: "dev-good", Topic: "devices/dev-good/telemetry", Received: t0, Payload: []byte("ok")})
+	if err := db.AppendTelemetry(ctx, msgs); err != nil {
+		t.Fatal(err)
+	}
+	if err := db.SetPresence(ctx, store.Presence{DeviceID: "dev-good", LastSeen: t0}); err != nil {
+		t.Fatal(err)
+	}
+	if err := db.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	// Overwrite the header of one page of dev-bad's telemetry.
+	bdb, err := bbolt.Open(path, 0o600, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var page uint64
+	err = bdb.View(func(tx *bbolt.Tx) error {
+		b := tx.Bucket([]byte("telemetry")).Bucket([]byte("dev-bad"))
+		if b == nil || b.Root() == 0 {
+			return errors.New("dev-bad's telemetry is not a bucket with pages of its own")
+		}
+		page = uint64(b.Root())
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pageSize := bdb.Info().PageSize
+	if err := bdb.Close(); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.OpenFile(path, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt(bytes.Repeat([]byte{0xa5}, 16), int64(page)*int64(pageSize)); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	db, err = store.Open(path, store.Options{})
+	if err != nil {
+		t.Fatalf("open: %v (the damage is in a page Open does not read)", err)
+	}
+	defer db.Close()
+	if db.Damaged() != nil {
+		t.Fatal("damaged before any damage was read")
+	}
+	if got, err := db.Telemetry(ctx, "dev-good", time.Time{}, 0); err != nil || len(got) != 1 {
+		t.Fatalf("undamaged telemetry: %d messages, %v", len(got), err)
+	}
+	if _, err := db.Telemetry(ctx, "dev-bad", time.Time{}, 0); !errors.Is(err, store.ErrDamaged) {
+		t.Fatalf("damaged telemetry read: %v, want ErrDamaged", err)
+	}
+	if _, err := db.PruneTelemetry(ctx, t0.Add(time.Hour), 0); !errors.Is(err, store.ErrDamaged) {
+		t.Fatalf("prune over the damaged page: %v, want ErrDamaged", err)
+	}
+	if err := db.Damaged(); !errors.Is(err, store.ErrDamaged) {
+		t.Fatalf("Damaged() = %v", err)
+	}
+	if err := db.SetPresence(ctx, store.Presence{DeviceID: "dev-good", LastSeen: t0.Add(time.Minute)}); !errors.Is(err, store.ErrDamaged) {
+		t.Fatalf("write after damage: %v, want ErrDamaged", err)
+	}
+	if ps, err := db.Presences(ctx); err != nil || !ps["dev-good"].LastSeen.Equal(t0) {
+		t.Fatalf("undamaged presence after refused write: %+v, %v", ps["dev-good"], err)
+	}
+}

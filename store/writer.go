@@ -139,19 +139,30 @@ func (db *DB) runBatch(batch []*request) {
 // again in a fresh transaction. No request is answered nil before the commit
 // that holds its writes has returned nil.
 func (db *DB) commitGroup(group []*request) {
+	if err := db.Damaged(); err != nil && len(group) > 0 {
+		for _, r := range group {
+			r.done <- err
+		}
+		return
+	}
 	for len(group) > 0 {
 		failed := -1
 		var failErr error
 		start := time.Now()
-		err := db.bolt.Update(func(tx *bbolt.Tx) error {
-			for i, r := range group {
-				if err := r.fn(tx); err != nil {
-					failed, failErr = i, err
-					return err
+		err := db.guard(func() error {
+			return db.bolt.Update(func(tx *bbolt.Tx) error {
+				for i, r := range group {
+					if err := r.fn(tx); err != nil {
+						failed, failErr = i, err
+						return err
+					}
 				}
-			}
-			return nil
+				return nil
+			})
 		})
+		if errors.Is(err, ErrDamaged) {
+			failed = -1 // every request of the group gets it
+		}
 		if failed >= 0 {
 			group[failed].done <- failErr
 			db.log.Debug().Int("group", len(group)).Msg("store: request failed in group, retrying the rest")

@@ -349,6 +349,10 @@ func (s *Server) readiness(ctx context.Context) error {
 	if !s.ready.Load() {
 		return errors.New("starting or shutting down")
 	}
+	// A damaged page met anywhere since start: writes are refused.
+	if err := s.db.Damaged(); err != nil {
+		return fmt.Errorf("store: %w", err)
+	}
 	// Any read transaction proves the file is open and readable; a
 	// missing id costs one B-tree lookup.
 	if _, err := s.db.Device(ctx, "readyz\x00probe"); err != nil && !errors.Is(err, store.ErrNotFound) {
