@@ -181,15 +181,20 @@ type TokenRequest struct {
 	Uses        int               `json:"uses,omitempty"` // default 1
 	TTL         string            `json:"ttl,omitempty"`  // Go duration; default 24h
 	Labels      map[string]string `json:"labels,omitempty"`
-	Count       int               `json:"count,omitempty"`  // mint this many tokens bound to Prefix+0001…; default 1
+	Count       int               `json:"count,omitempty"`  // mint this many tokens bound to BatchID(Prefix, Start)…; default 1
 	Prefix      string            `json:"prefix,omitempty"` // with Count
 	// Start is the number of the first id with Count, so that a large
-	// batch can be minted in several requests; default 1.
+	// batch can be minted in several requests, or a line go on where the
+	// last batch ended; default 1.
 	Start int `json:"start,omitempty"`
-	// Width is the number of digits of the ids with Count; default the
-	// digits of the last number, at least 4.
-	Width int `json:"width,omitempty"`
 }
+
+// BatchID is the id of number n in a batch with prefix: at least four
+// digits, zero-padded (pi-0001 … pi-9999, pi-10000 …). The width never
+// depends on the batch, so a number has one id whichever batch mints it,
+// and a later batch reaching it collides with it rather than minting a
+// second device (pi-5001 beside pi-05001) for the same number.
+func BatchID(prefix string, n int) string { return fmt.Sprintf("%s%04d", prefix, n) }
 
 // NewToken is a minted token: the only time its secret is shown.
 type NewToken struct {
@@ -260,19 +265,11 @@ func (h *Handler) planTokens(req TokenRequest) (tokenPlan, error) {
 		if start < 1 || start > maxIDNumber-req.Count+1 {
 			return tokenPlan{}, enroll.Errorf(enroll.CodeBadRequest, "start must be between 1 and %d minus count", maxIDNumber)
 		}
-		last := start + req.Count - 1
-		width := req.Width
-		if width == 0 {
-			width = max(4, len(strconv.Itoa(last)))
+		for i := start; i < start+req.Count; i++ {
+			ids = append(ids, BatchID(req.Prefix, i))
 		}
-		if width < 1 || width > len(strconv.Itoa(maxIDNumber)) {
-			return tokenPlan{}, enroll.Errorf(enroll.CodeBadRequest, "width must be between 1 and %d", len(strconv.Itoa(maxIDNumber)))
-		}
-		for i := start; i <= last; i++ {
-			ids = append(ids, fmt.Sprintf("%s%0*d", req.Prefix, width, i))
-		}
-	case req.Start != 0 || req.Width != 0:
-		return tokenPlan{}, enroll.Errorf(enroll.CodeBadRequest, "start and width go with count")
+	case req.Start != 0:
+		return tokenPlan{}, enroll.Errorf(enroll.CodeBadRequest, "start goes with count")
 	case req.DeviceID != "":
 		ids = []string{req.DeviceID}
 	case req.Reprovision:

@@ -123,7 +123,7 @@ func FuzzTokenRequest(f *testing.F) {
 		`{}`,
 		`{"device_id":"pi-1"}`,
 		`{"uses":5,"ttl":"2h","labels":{"site":"lab"}}`,
-		`{"count":3,"prefix":"pi-","start":7,"width":6}`,
+		`{"count":3,"prefix":"pi-","start":9998}`,
 		`{"count":-3}`,
 		`{"count":0,"prefix":"pi-"}`,
 		`{"uses":-1}`,
@@ -180,8 +180,8 @@ func FuzzTokenRequest(f *testing.F) {
 				t.Fatalf("accepted count %d outside 1..%d", req.Count, fuzzMaxTokens)
 			}
 			want = req.Count
-		} else if req.Start != 0 || req.Width != 0 {
-			t.Fatal("accepted start/width without count")
+		} else if req.Start != 0 {
+			t.Fatal("accepted start without count")
 		}
 		if len(toks) != want {
 			t.Fatalf("minted %d tokens, want %d", len(toks), want)
@@ -232,6 +232,10 @@ func FuzzTokenRequest(f *testing.F) {
 			case req.Count != 0 || req.Prefix != "":
 				if !strings.HasPrefix(rec.DeviceID, req.Prefix) || ids[rec.DeviceID] {
 					t.Fatalf("bulk id %q: not under prefix %q or repeated", rec.DeviceID, req.Prefix)
+				}
+				// A number's id never depends on the batch.
+				if want := BatchID(req.Prefix, max(req.Start, 1)+i); rec.DeviceID != want {
+					t.Fatalf("bulk id %q, want %q", rec.DeviceID, want)
 				}
 				ids[rec.DeviceID] = true
 			case rec.DeviceID != req.DeviceID:

@@ -242,7 +242,6 @@ func createTokens(ctx context.Context, c *admin.Client, req admin.TokenRequest, 
 		return toks, mintingUnknown(err, req)
 	}
 	total, first := req.Count, max(req.Start, 1)
-	req.Width = max(4, len(strconv.Itoa(first+total-1)))
 	out := make([]admin.NewToken, 0, total)
 	bar.set(0)
 	defer bar.finish()
@@ -265,9 +264,8 @@ func mintingUnknown(err error, req admin.TokenRequest) error {
 	what := "a token"
 	switch {
 	case req.Prefix != "":
-		width := max(req.Width, 4, len(strconv.Itoa(req.Start+req.Count-1)))
 		start := max(req.Start, 1)
-		what = fmt.Sprintf("the tokens for %s%0*d to %s%0*d", req.Prefix, width, start, req.Prefix, width, start+req.Count-1)
+		what = fmt.Sprintf("the tokens for %s to %s", admin.BatchID(req.Prefix, start), admin.BatchID(req.Prefix, start+req.Count-1))
 	case req.DeviceID != "":
 		what = "the token for " + req.DeviceID
 	}

@@ -24,7 +24,7 @@ func TestMintingUnknown(t *testing.T) {
 		req  admin.TokenRequest
 		want string // "" when err must come back unchanged
 	}{
-		{broken, admin.TokenRequest{Prefix: "bt-e", Start: 7001, Count: 1000, Width: 6}, "bt-e007001 to bt-e008000 may have been minted"},
+		{broken, admin.TokenRequest{Prefix: "bt-e", Start: 9001, Count: 1000}, "bt-e9001 to bt-e10000 may have been minted"},
 		{broken, admin.TokenRequest{Prefix: "pi-", Count: 3}, "pi-0001 to pi-0003"},
 		{broken, admin.TokenRequest{DeviceID: "pi-7"}, "the token for pi-7 may"},
 		{broken, admin.TokenRequest{}, "a token may"},
