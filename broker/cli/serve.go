@@ -25,7 +25,7 @@ func serve(ctx context.Context, args []string, env Env) error {
 	fs.Var(durationValue{&cfg.CertLifetime}, "cert-lifetime", "device certificate lifetime")
 	cfg.RenewGrace = 7 * 24 * 3600e9
 	fs.Var(durationValue{&cfg.RenewGrace}, "renew-grace", "how long after expiry a device may still renew; 0: never")
-	fs.StringVar(&cfg.BrokerURL, "broker-url", "", "broker URL given to devices (default: mqtts://<host they used>:<mqtt port>)")
+	fs.StringVar(&cfg.BrokerURL, "broker-url", "", "broker URL given to devices, mqtts://HOST:PORT (default: mqtts://<host they used>:<mqtt port>)")
 	cfg.Retention = 7 * 24 * 3600e9
 	fs.Var(durationValue{&cfg.Retention}, "retention", "how long telemetry is kept")
 	fs.IntVar(&cfg.RetentionCount, "retention-count", 100_000, "most telemetry messages kept per device; 0: no cap")

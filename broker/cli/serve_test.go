@@ -7,6 +7,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/fleetmq/fleetmq/broker/server"
 )
 
 // A console log sent to a file or the journal must stay greppable: no
@@ -58,5 +60,32 @@ func TestServeRefusesZeroLimits(t *testing.T) {
 		if _, err := os.Stat(data); !os.IsNotExist(err) {
 			t.Errorf("%v: the data folder was created", args)
 		}
+	}
+}
+
+// A broker URL the device agent refuses would fail every enrollment, and
+// only after its token was used: the server refuses it at start instead,
+// before it creates anything.
+func TestServeRefusesBrokerURLsDevicesRefuse(t *testing.T) {
+	for _, bad := range []string{
+		"mqtt://localhost:8883", "http://x", "tcp://gw.example.com:8883", "gw.example.com:8883",
+		"mqtts://gw.example.com", "mqtts://:8883", "mqtts://gw.example.com:0", "mqtts://gw.example.com:70000",
+	} {
+		data := filepath.Join(t.TempDir(), "data")
+		// Cancelled: a server that accepted the URL stops at once.
+		ctx, cancel := context.WithCancel(context.Background())
+		cancel()
+		var out, errs bytes.Buffer
+		code := Main(ctx, []string{"serve", "--data", data, "--enroll-addr", "127.0.0.1:0", "--mqtt-addr", "127.0.0.1:0",
+			"--metrics-addr", "off", "--ui-addr", "off", "--broker-url", bad}, Env{Stdout: &out, Stderr: &errs, Getenv: func(string) string { return "" }})
+		if code == 0 || !strings.Contains(errs.String(), "--broker-url") || !strings.Contains(errs.String(), "mqtts://HOST:PORT") {
+			t.Errorf("--broker-url %s: exit %d: %s", bad, code, errs.String())
+		}
+		if _, err := os.Stat(data); !os.IsNotExist(err) {
+			t.Errorf("--broker-url %s: the data folder was created", bad)
+		}
+	}
+	for _, good := range []string{"mqtts://gw.example.com:8883", "ssl://10.0.0.2:8883", "tls://[::1]:8883", "tcps://gw:1"} {
+		startNode(t, func(c *server.Config) { c.BrokerURL = good })
 	}
 }

@@ -13,6 +13,7 @@ import (
 	"io/fs"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -88,6 +89,41 @@ type Config struct {
 
 	Logger zerolog.Logger   // default zerolog.Nop()
 	Now    func() time.Time // default time.Now
+}
+
+// validate refuses settings that would only fail later, far from where
+// they were made.
+func (c *Config) validate() error {
+	if c.BrokerURL != "" {
+		if err := checkBrokerURL(c.BrokerURL); err != nil {
+			return fmt.Errorf("--broker-url %q: %w", c.BrokerURL, err)
+		}
+	}
+	return nil
+}
+
+// checkBrokerURL accepts what the device agent accepts, and a port: a URL
+// the agent refuses fails every enrollment only after its token was used.
+// The agent's parser is not imported: the server never links the agent.
+func checkBrokerURL(s string) error {
+	const want = "want mqtts://HOST:PORT (or ssl://, tls://, tcps://), the address devices reach the MQTT listener at"
+	u, err := url.Parse(s)
+	if err != nil {
+		return fmt.Errorf("not a URL (%v); %s", err, want)
+	}
+	switch u.Scheme {
+	case "mqtts", "ssl", "tls", "tcps":
+	default:
+		// Plain tcp:// or mqtt:// would send telemetry in clear.
+		return fmt.Errorf("devices connect only over TLS; %s", want)
+	}
+	if u.Hostname() == "" {
+		return fmt.Errorf("no host; %s", want)
+	}
+	if n, err := strconv.Atoi(u.Port()); err != nil || n < 1 || n > 65535 {
+		return fmt.Errorf("no port from 1 to 65535; %s", want)
+	}
+	return nil
 }
 
 func (c *Config) setDefaults() {
@@ -167,6 +203,10 @@ type Server struct {
 
 // New opens the data folder, the store and the CA. Nothing listens yet.
 func New(cfg Config) (_ *Server, err error) {
+	// Before anything is created: a refused start leaves no data folder.
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
 	cfg.setDefaults()
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("create data folder: %w", err)
