@@ -32,6 +32,17 @@ var ErrNotRunning = errors.New("the fleetmq server is not running (no admin sock
 // change asked for may have been made all the same.
 var ErrNoAnswer = errors.New("the server did not answer")
 
+// ErrNotSent marks an error from before a request reached any server — no
+// data folder, no socket, no connection: the server did nothing. Test with
+// errors.Is; the message is the cause's.
+var ErrNotSent = errors.New("the request was not sent")
+
+// notSent is an error that errors.Is ErrNotSent, worded as its cause.
+type notSent struct{ error }
+
+func (e notSent) Unwrap() error        { return e.error }
+func (e notSent) Is(target error) bool { return target == ErrNotSent }
+
 // Client talks to a running server's admin API over its unix socket.
 type Client struct {
 	socket string
@@ -94,19 +105,7 @@ func (c *Client) send(ctx context.Context, method, path string, in any) (*http.R
 	}
 	resp, err := c.hc.Do(req)
 	if err != nil {
-		dir := filepath.Dir(c.socket)
-		if fi, serr := os.Stat(dir); errors.Is(serr, fs.ErrNotExist) {
-			return nil, fmt.Errorf("no data folder %s: give the server's with --data or FLEETMQ_DATA", dir)
-		} else if serr == nil && !fi.IsDir() {
-			return nil, fmt.Errorf("%s is not a folder: give the server's data folder with --data or FLEETMQ_DATA", dir)
-		}
-		if errors.Is(err, syscall.ENOENT) || errors.Is(err, syscall.ECONNREFUSED) {
-			return nil, fmt.Errorf("%w: %s", ErrNotRunning, c.socket)
-		}
-		if op := (*net.OpError)(nil); errors.As(err, &op) && op.Op == "dial" {
-			return nil, fmt.Errorf("admin socket %s: %w", c.socket, err) // nothing was sent
-		}
-		return nil, fmt.Errorf("admin socket %s: %w: %w", c.socket, ErrNoAnswer, err)
+		return nil, c.failed(err)
 	}
 	if resp.StatusCode >= 300 {
 		defer resp.Body.Close()
@@ -117,6 +116,26 @@ func (c *Client) send(ctx context.Context, method, path string, in any) (*http.R
 		return nil, apiErr
 	}
 	return resp, nil
+}
+
+// failed says why a request got no answer, and whether it never left
+// (ErrNotSent): a caller that cannot tell would have to assume the server
+// acted on it.
+func (c *Client) failed(err error) error {
+	dir := filepath.Dir(c.socket)
+	if fi, serr := os.Stat(dir); errors.Is(serr, fs.ErrNotExist) {
+		return notSent{fmt.Errorf("no data folder %s: give the server's with --data or FLEETMQ_DATA", dir)}
+	} else if serr == nil && !fi.IsDir() {
+		return notSent{fmt.Errorf("%s is not a folder: give the server's data folder with --data or FLEETMQ_DATA", dir)}
+	}
+	if errors.Is(err, syscall.ENOENT) || errors.Is(err, syscall.ECONNREFUSED) {
+		return notSent{fmt.Errorf("%w: %s", ErrNotRunning, c.socket)}
+	}
+	if op := (*net.OpError)(nil); errors.As(err, &op) && op.Op == "dial" {
+		// Not connected at all (no permission on the socket, say).
+		return notSent{fmt.Errorf("admin socket %s: %w", c.socket, err)}
+	}
+	return fmt.Errorf("admin socket %s: %w: %w", c.socket, ErrNoAnswer, err)
 }
 
 // Backup streams a consistent copy of the server's database into w and

@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -29,8 +31,24 @@ func TestMintingUnknown(t *testing.T) {
 		{broken, admin.TokenRequest{DeviceID: "pi-7"}, "the token for pi-7 may"},
 		{broken, admin.TokenRequest{}, "a token may"},
 		{refused, admin.TokenRequest{Prefix: "x", Count: 5}, ""},
-		{fmt.Errorf("%w: /data/admin.sock", admin.ErrNotRunning), admin.TokenRequest{}, ""},
 		{nil, admin.TokenRequest{}, ""},
+	}
+	// The client's own errors for a request that never left.
+	empty := t.TempDir()
+	file := filepath.Join(empty, "file")
+	if err := os.WriteFile(file, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, data := range []string{filepath.Join(empty, "missing"), file, empty} {
+		_, err := admin.NewClient(filepath.Join(data, admin.SocketName)).CreateTokens(context.Background(), admin.TokenRequest{})
+		if err == nil {
+			t.Fatalf("%s: minted without a server", data)
+		}
+		cases = append(cases, struct {
+			err  error
+			req  admin.TokenRequest
+			want string
+		}{err, admin.TokenRequest{Prefix: "pi-", Count: 3}, ""})
 	}
 	for _, c := range cases {
 		got := mintingUnknown(c.err, c.req)
@@ -76,6 +94,23 @@ func TestCutOffCommandsSayWhatMayHaveHappened(t *testing.T) {
 			if code != 1 || want != "" && !strings.Contains(got, want) || want == "" && strings.Contains(got, "all the same") {
 				t.Errorf("%v against %s: exit %d, want 1 and %q:\n%s", tc.args, data, code, want, got)
 			}
+		}
+	}
+}
+
+// Without a data folder nothing is sent, so nothing can have been minted:
+// the error says where the data folder is, and raises no alarm about
+// tokens with lost secrets.
+func TestTokenCreateWithoutDataFolder(t *testing.T) {
+	missing := filepath.Join(t.TempDir(), "fleetmq-data")
+	for _, args := range [][]string{
+		{"token", "create"},
+		{"token", "create", "--device", "pi-7"},
+		{"token", "create", "--count", "1500", "--prefix", "pi-"},
+	} {
+		_, errs, code := fleetmq(t, missing, args...)
+		if code != 1 || !strings.Contains(errs, "no data folder "+missing) || strings.Contains(errs, "may have been minted") {
+			t.Errorf("%v: exit %d: %s", args, code, errs)
 		}
 	}
 }
