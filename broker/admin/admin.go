@@ -131,7 +131,7 @@ type DashboardLink struct {
 // socket may use the dashboard, and no one else.
 func (h *Handler) dashboardLogin(w http.ResponseWriter, r *http.Request) {
 	if h.cfg.DashboardLogin == nil {
-		writeErr(w, h.cfg.Logger, enroll.Errorf(enroll.CodeNotFound, "the dashboard is off (serve --ui-addr)"))
+		writeErr(w, h.cfg.Logger, enroll.Errorf(enroll.CodeNotFound, "the dashboard is off: start fleetmq serve with --ui-addr (default 127.0.0.1:8080)"))
 		return
 	}
 	u, code, err := h.cfg.DashboardLogin()
@@ -236,7 +236,7 @@ func (h *Handler) planTokens(req TokenRequest) (tokenPlan, error) {
 	if req.TTL != "" {
 		d, err := ParseDuration(req.TTL)
 		if err != nil || d <= 0 || d > maxTokenTTL {
-			return tokenPlan{}, enroll.Errorf(enroll.CodeBadRequest, "ttl must be a positive duration up to %s", maxTokenTTL)
+			return tokenPlan{}, enroll.Errorf(enroll.CodeBadRequest, "ttl must be a positive duration up to %dd", maxTokenTTL/(24*time.Hour))
 		}
 		ttl = d
 	}
@@ -514,6 +514,9 @@ func (h *Handler) revokeToken(w http.ResponseWriter, r *http.Request) {
 func (h *Handler) RevokeToken(ctx context.Context, id, remote string) (store.Token, error) {
 	t, err := h.st.RevokeToken(ctx, id, remote, h.cfg.Now())
 	h.observe(OpRevokeToken, err)
+	if errors.Is(err, store.ErrTokenRevoked) {
+		return t, &enroll.Error{Code: enroll.CodeTokenRevoked, Err: err, Message: fmt.Sprintf("token %s was already revoked; nothing changed", id)}
+	}
 	return t, named(err, "token", id)
 }
 
@@ -647,6 +650,9 @@ func (h *Handler) revokeDevice(w http.ResponseWriter, r *http.Request) {
 func (h *Handler) RevokeDevice(ctx context.Context, id, remote string) (RevokeResult, error) {
 	certs, err := h.st.RevokeDevice(ctx, id, remote, h.cfg.Now())
 	h.observe(OpRevokeDevice, err)
+	if errors.Is(err, store.ErrDeviceRevoked) {
+		return RevokeResult{}, &enroll.Error{Code: enroll.CodeDeviceRevoked, Err: err, Message: fmt.Sprintf("%s was already revoked; nothing changed", id)}
+	}
 	if err != nil {
 		return RevokeResult{}, named(err, "identity", id)
 	}

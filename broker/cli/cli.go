@@ -4,6 +4,7 @@
 package cli
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"flag"
@@ -226,9 +227,20 @@ func (f flagSet) parse(args []string, positional int) error {
 		if positional == 0 {
 			return usagef("%s takes no arguments besides flags", f.Name())
 		}
-		return usagef("%s takes %d argument(s)", f.Name(), positional)
+		arg := cmp.Or(argNames[strings.TrimPrefix(f.Name(), "fleetmq ")], "ARG")
+		if f.NArg() == 0 {
+			return usagef("%s needs %s: %s %s", f.Name(), arg, f.Name(), arg)
+		}
+		return usagef("%s takes one %s, got %d arguments: %q", f.Name(), arg, f.NArg(), f.Args())
 	}
 	return nil
+}
+
+// argNames names the one argument of the commands that take one, for
+// their usage errors.
+var argNames = map[string]string{
+	"token revoke": "ID", "device show": "ID", "device revoke": "ID", "telemetry": "ID",
+	"service issue": "NAME", "operator issue": "NAME", "backup": "DIR",
 }
 
 // interleave moves positional arguments after flags so that

@@ -150,6 +150,9 @@ func tokenCreate(ctx context.Context, args []string, env Env) error {
 	if req.Reprovision && req.DeviceID == "" {
 		return usagef("--reprovision needs --device")
 	}
+	if req.Count > 0 && req.DeviceID != "" {
+		return usagef("--count and --prefix bind each token to its own id: leave out --device (and --reprovision)")
+	}
 	if req.Count > maxBulkTokens {
 		return usagef("--count is at most %d", maxBulkTokens)
 	}
@@ -527,6 +530,11 @@ func dashboardCmd(ctx context.Context, args []string, env Env) error {
 		return err
 	}
 	link, err := fs.client().DashboardLogin(ctx)
+	if apiErr := (*admin.APIError)(nil); errors.As(err, &apiErr) {
+		// The server's message says it all; "(not_found)" after it
+		// only puzzled.
+		return errors.New(apiErr.Message)
+	}
 	if err != nil {
 		return err
 	}

@@ -91,7 +91,7 @@ func newLogger(w io.Writer, level, format string, noColor bool) (zerolog.Logger,
 	tty := ok && isatty.IsTerminal(f.Fd())
 	lvl, err := zerolog.ParseLevel(strings.ToLower(level))
 	if err != nil || lvl == zerolog.NoLevel {
-		return zerolog.Logger{}, fmt.Errorf("unknown log level %q", level)
+		return zerolog.Logger{}, fmt.Errorf("unknown log level %q: use debug, info, warn or error", level)
 	}
 	switch format {
 	case "json":
@@ -102,7 +102,7 @@ func newLogger(w io.Writer, level, format string, noColor bool) (zerolog.Logger,
 			w = zerolog.ConsoleWriter{Out: w, NoColor: noColor}
 		}
 	default:
-		return zerolog.Logger{}, fmt.Errorf("unknown log format %q", format)
+		return zerolog.Logger{}, fmt.Errorf("unknown log format %q: use json, console or auto", format)
 	}
 	return zerolog.New(w).Level(lvl).With().Timestamp().Logger(), nil
 }

@@ -1,0 +1,42 @@
+package cli
+
+import (
+	"strings"
+	"testing"
+)
+
+// What the operator reads when a command refuses: the flag names they
+// typed, limits in the units they use, what the missing argument is, and
+// "already revoked" rather than a bare code.
+func TestOperatorMessages(t *testing.T) {
+	data := startNode(t)
+	mustRun(t, data, "token", "create")
+	tok := strings.Fields(strings.Split(mustRun(t, data, "token", "list"), "\n")[1])
+	mustRun(t, data, "token", "revoke", tok[0])
+	mustRun(t, data, "service", "issue", "backend", "--out", t.TempDir())
+	mustRun(t, data, "device", "revoke", "backend")
+	for _, tc := range []struct {
+		args []string
+		code int
+		want []string
+		not  string
+	}{
+		{[]string{"token", "revoke", tok[0]}, 1, []string{"token " + tok[0] + " was already revoked; nothing changed"}, ""},
+		{[]string{"device", "revoke", "backend"}, 1, []string{"backend was already revoked; nothing changed"}, ""},
+		{[]string{"token", "create", "--count", "2", "--prefix", "gh-", "--device", "foo"}, 2, []string{"--count", "--device"}, "device_id"},
+		{[]string{"token", "create", "--ttl", "400d"}, 1, []string{"up to 365d"}, "8760h"},
+		{[]string{"token", "revoke"}, 2, []string{"fleetmq token revoke needs ID"}, "argument(s)"},
+		{[]string{"device", "show", "a", "b"}, 2, []string{"takes one ID"}, "argument(s)"},
+		{[]string{"dashboard"}, 1, []string{"the dashboard is off", "--ui-addr"}, "(not_found)"},
+		{[]string{"serve", "--log-level", "verbose"}, 2, []string{`"verbose"`, "debug, info, warn or error"}, ""},
+	} {
+		_, errs, code := fleetmq(t, data, tc.args...)
+		ok := code == tc.code && (tc.not == "" || !strings.Contains(errs, tc.not))
+		for _, w := range tc.want {
+			ok = ok && strings.Contains(errs, w)
+		}
+		if !ok {
+			t.Errorf("fleetmq %s: exit %d: %s", strings.Join(tc.args, " "), code, errs)
+		}
+	}
+}
