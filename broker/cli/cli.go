@@ -67,17 +67,18 @@ const usage = `fleetmq — mTLS enrollment and telemetry broker for device fleet
 Usage:
   fleetmq [serve] [flags]              run the server (default)
   fleetmq token create [flags]         mint bootstrap tokens
-  fleetmq token list | revoke ID
+  fleetmq token list [--limit N | --all] | revoke ID
   fleetmq device list [--online] [--expiring 7d] [--revoked] | show ID | revoke ID
-  fleetmq service issue NAME [--renew] certificate for a backend that reads telemetry
-  fleetmq operator issue NAME [--renew]
+  fleetmq service issue NAME [--out DIR] [--renew]
+                                       certificate for a backend that reads telemetry
+  fleetmq operator issue NAME [--out DIR] [--renew]
                                        certificate for the dashboard
-  fleetmq telemetry ID [--since 1h] [--limit N] [--follow]
+  fleetmq telemetry ID [--since 1h] [--limit N] [--follow] [--json]
   fleetmq audit [--device ID] [--since 24h] [--limit N]
   fleetmq ca show
   fleetmq backup DIR                   copy of the database and CA, while it runs
   fleetmq dashboard                    one-time login code for the local dashboard
-  fleetmq version
+  fleetmq version [--json]
 
 Operator commands find the server through the admin socket in the data
 folder (--data, or $FLEETMQ_DATA, default ./fleetmq-data). Most take --json.
@@ -99,8 +100,13 @@ func run(ctx context.Context, args []string, env Env) error {
 	}
 	cmd, rest := args[0], args[1:]
 	sub := func() (string, []string, error) {
+		if len(rest) > 0 && isHelp(rest[0]) {
+			fmt.Fprint(env.Stdout, groupUsage(cmd))
+			return "", nil, flag.ErrHelp
+		}
 		if len(rest) == 0 || strings.HasPrefix(rest[0], "-") {
-			return "", nil, usagef("%s needs a subcommand; see 'fleetmq help'", cmd)
+			fmt.Fprint(env.Stderr, groupUsage(cmd))
+			return "", nil, usagef("%s needs a subcommand (listed above)", cmd)
 		}
 		return rest[0], rest[1:], nil
 	}
@@ -108,9 +114,20 @@ func run(ctx context.Context, args []string, env Env) error {
 	case "serve":
 		return serve(ctx, rest, env)
 	case "help":
+		if len(rest) > 0 && groupUsage(rest[0]) != "" {
+			fmt.Fprint(env.Stdout, groupUsage(rest[0]))
+			return nil
+		}
 		fmt.Fprint(env.Stdout, usage)
 		return nil
 	case "version":
+		fs := newFlags("version", env)
+		if err := fs.parse(rest, 0); err != nil {
+			return err
+		}
+		if *fs.json {
+			return printJSON(env.Stdout, map[string]string{"version": Version})
+		}
 		fmt.Fprintln(env.Stdout, "fleetmq", Version)
 		return nil
 	case "token", "device", "service", "operator", "ca":
@@ -133,6 +150,31 @@ func run(ctx context.Context, args []string, env Env) error {
 		return dashboardCmd(ctx, rest, env)
 	}
 	return usagef("unknown command %q; see 'fleetmq help'", cmd)
+}
+
+func isHelp(a string) bool { return a == "-h" || a == "--help" || a == "-help" }
+
+// groupUsage lists the subcommands of a command group — the usage lines
+// that start with it — or is "" for a word that is no group.
+func groupUsage(group string) string {
+	var b strings.Builder
+	in := false
+	for _, line := range strings.Split(usage, "\n") {
+		switch {
+		case strings.HasPrefix(line, "  fleetmq "+group+" "):
+			in = true
+		case in && strings.HasPrefix(line, "    "): // a continued line
+		default:
+			in = false
+		}
+		if in {
+			b.WriteString(line + "\n")
+		}
+	}
+	if b.Len() == 0 {
+		return ""
+	}
+	return "Usage:\n" + b.String() + "\nRun 'fleetmq " + group + " SUBCOMMAND -h' for its flags.\n"
 }
 
 // commandFirst moves the flags every command shares (--data, --json)

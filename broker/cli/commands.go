@@ -65,11 +65,14 @@ func terminalSafe(s string) string {
 	return q[1 : len(q)-1]
 }
 
+// fmtTime prints times in UTC, labelled, as the dashboard, the JSON, the
+// CSV and the agent do: a local time without its zone misled whoever
+// compared them.
 func fmtTime(t time.Time) string {
 	if t.IsZero() {
 		return "-"
 	}
-	return t.Local().Format("2006-01-02 15:04:05")
+	return t.UTC().Format("2006-01-02 15:04:05 UTC")
 }
 
 func labelsString(l map[string]string) string {
@@ -102,13 +105,13 @@ func tokenCreate(ctx context.Context, args []string, env Env) error {
 	fs.BoolVar(&req.Reprovision, "reprovision", false, "with --device: let the token enroll that existing device again (new key and certificate)")
 	fs.IntVar(&req.Uses, "uses", 1, "how many enrollments the token allows")
 	ttl := 24 * time.Hour
-	fs.Var(durationValue{&ttl}, "ttl", "how long the token is valid (e.g. 24h, 7d)")
+	fs.Var(durationValue{&ttl}, "ttl", "how long the token is valid, at most 365d (e.g. 24h, 7d)")
 	var labels []string
 	fs.Var(listValue{&labels}, "label", "k=v label recorded on the token and the devices it enrolls (repeatable)")
 	fs.IntVar(&req.Count, "count", 0, "mint this many tokens, bound to ids PREFIX0001…")
 	fs.StringVar(&req.Prefix, "prefix", "", "id prefix for --count (e.g. pi-)")
 	start := fs.Int("start", 1, "with --count: number of the first id, to mint another batch with the same prefix")
-	csvPath := fs.String("csv", "", "with --count: write id,token,expiry to this file (mode 0600)")
+	csvPath := fs.String("csv", "", "write the tokens to this new file (mode 0600) as id,token,expires_at rather than to stdout; a free token's id is empty")
 	if err := fs.parse(args, 0); err != nil {
 		return err
 	}
@@ -199,6 +202,14 @@ func printTokens(env Env, toks []admin.NewToken, path string, asJSON bool) (stri
 		err := writeTokenCSV(path, toks)
 		if err == nil {
 			fmt.Fprintf(env.Stderr, "wrote %d tokens to %s\n", len(toks), path)
+			if asJSON {
+				// The records without their secrets, which are in the file only.
+				recs := make([]store.Token, len(toks))
+				for i, t := range toks {
+					recs[i] = t.Token
+				}
+				return "in " + path, printJSON(env.Stdout, recs)
+			}
 			return "in " + path, nil
 		}
 		os.Remove(path)
@@ -224,7 +235,7 @@ func writeTokens(env Env, toks []admin.NewToken, asJSON, single bool) error {
 	}
 	rows := make([][]string, len(toks))
 	for i, t := range toks {
-		rows[i] = []string{t.DeviceID, t.Secret, t.ExpiresAt.UTC().Format(time.RFC3339)}
+		rows[i] = []string{t.DeviceID, t.Secret, fmtTime(t.ExpiresAt)}
 	}
 	return table(env.Stdout, "DEVICE\tTOKEN\tEXPIRES", rows)
 }
@@ -304,12 +315,22 @@ func writeTokenCSV(path string, toks []admin.NewToken) error {
 
 func tokenList(ctx context.Context, args []string, env Env) error {
 	fs := newFlags("token list", env)
+	limit := fs.Int("limit", 100, "newest N tokens")
+	all := fs.Bool("all", false, "every token, however many (a production line mints thousands)")
 	if err := fs.parse(args, 0); err != nil {
 		return err
+	}
+	if *limit < 1 {
+		return usagef("--limit must be at least 1 (or use --all)")
 	}
 	toks, err := fs.client().Tokens(ctx)
 	if err != nil {
 		return err
+	}
+	if !*all && len(toks) > *limit {
+		// On stderr: stdout stays valid for --json.
+		fmt.Fprintf(env.Stderr, "the newest %d of %d tokens; --limit N or --all for more\n", *limit, len(toks))
+		toks = toks[:*limit] // newest first
 	}
 	if *fs.json {
 		return printJSON(env.Stdout, toks)
@@ -365,7 +386,8 @@ func deviceList(ctx context.Context, args []string, env Env) error {
 		if *online && !d.Online || *revoked && !d.Revoked() {
 			continue
 		}
-		if expiring > 0 && (d.Revoked() || d.NotAfter.After(now.Add(expiring))) {
+		// Given as 0 it means "already expired", not "no filter".
+		if fs.given("expiring") && (d.Revoked() || d.NotAfter.After(now.Add(expiring))) {
 			continue
 		}
 		kept = append(kept, d)
@@ -620,7 +642,7 @@ func telemetryCmd(ctx context.Context, args []string, env Env) error {
 			payload = text
 		}
 		// The topic and payload are the device's words.
-		_, err := fmt.Fprintf(env.Stdout, "%s  %s  %s\n", r.Received.Local().Format("2006-01-02 15:04:05.000"), terminalSafe(r.Topic), terminalSafe(payload))
+		_, err := fmt.Fprintf(env.Stdout, "%s  %s  %s\n", r.Received.UTC().Format("2006-01-02 15:04:05.000 UTC"), terminalSafe(r.Topic), terminalSafe(payload))
 		return err
 	})
 	if err == nil && n == 0 && !*follow {
