@@ -32,17 +32,6 @@ var ErrNotRunning = errors.New("the fleetmq server is not running (no admin sock
 // change asked for may have been made all the same.
 var ErrNoAnswer = errors.New("the server did not answer")
 
-// ErrNotSent marks an error from before a request reached any server — no
-// data folder, no socket, no connection: the server did nothing. Test with
-// errors.Is; the message is the cause's.
-var ErrNotSent = errors.New("the request was not sent")
-
-// notSent is an error that errors.Is ErrNotSent, worded as its cause.
-type notSent struct{ error }
-
-func (e notSent) Unwrap() error        { return e.error }
-func (e notSent) Is(target error) bool { return target == ErrNotSent }
-
 // Client talks to a running server's admin API over its unix socket.
 type Client struct {
 	socket string
@@ -118,22 +107,22 @@ func (c *Client) send(ctx context.Context, method, path string, in any) (*http.R
 	return resp, nil
 }
 
-// failed says why a request got no answer, and whether it never left
-// (ErrNotSent): a caller that cannot tell would have to assume the server
-// acted on it.
+// failed says why a request got no answer, and whether it may have reached
+// the server (ErrNoAnswer): a caller that cannot tell would have to assume
+// the server acted on it.
 func (c *Client) failed(err error) error {
 	dir := filepath.Dir(c.socket)
 	if fi, serr := os.Stat(dir); errors.Is(serr, fs.ErrNotExist) {
-		return notSent{fmt.Errorf("no data folder %s: give the server's with --data or FLEETMQ_DATA", dir)}
+		return fmt.Errorf("no data folder %s: give the server's with --data or FLEETMQ_DATA", dir)
 	} else if serr == nil && !fi.IsDir() {
-		return notSent{fmt.Errorf("%s is not a folder: give the server's data folder with --data or FLEETMQ_DATA", dir)}
+		return fmt.Errorf("%s is not a folder: give the server's data folder with --data or FLEETMQ_DATA", dir)
 	}
 	if errors.Is(err, syscall.ENOENT) || errors.Is(err, syscall.ECONNREFUSED) {
-		return notSent{fmt.Errorf("%w: %s", ErrNotRunning, c.socket)}
+		return fmt.Errorf("%w: %s", ErrNotRunning, c.socket)
 	}
 	if op := (*net.OpError)(nil); errors.As(err, &op) && op.Op == "dial" {
 		// Not connected at all (no permission on the socket, say).
-		return notSent{fmt.Errorf("admin socket %s: %w", c.socket, err)}
+		return fmt.Errorf("admin socket %s: %w", c.socket, err)
 	}
 	return fmt.Errorf("admin socket %s: %w: %w", c.socket, ErrNoAnswer, err)
 }
