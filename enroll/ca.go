@@ -554,7 +554,7 @@ func (ca *CA) IssueServer(hosts []string, lifetime time.Duration) (tls.Certifica
 	now := ca.now()
 	notAfter, err := ca.notAfter(now, lifetime)
 	if err != nil {
-		return tls.Certificate{}, err
+		return tls.Certificate{}, fmt.Errorf("issue server certificate: %w", err)
 	}
 	serial, err := randomSerial()
 	if err != nil {
@@ -575,7 +575,7 @@ func (ca *CA) IssueServer(hosts []string, lifetime time.Duration) (tls.Certifica
 	}
 	leaf, err := ca.sign(tmpl, key.Public())
 	if err != nil {
-		return tls.Certificate{}, err
+		return tls.Certificate{}, fmt.Errorf("issue server certificate: %w", err)
 	}
 	chain := [][]byte{leaf.Raw}
 	for _, c := range ca.chain {

@@ -362,7 +362,7 @@ func checkDataFolder(cfg Config) error {
 func (s *Server) dashboardLogin() (string, string, error) {
 	switch {
 	case s.ui == nil:
-		return "", "", errors.New("the dashboard is off (serve --ui-addr)")
+		return "", "", errors.New("the dashboard is off: start fleetmq serve with --ui-addr (default 127.0.0.1:8080)")
 	case s.ui.Secure():
 		return "", "", fmt.Errorf("the dashboard at %s is on the network: operators log in with a certificate (fleetmq operator issue NAME)", s.ui.URL())
 	}
@@ -612,7 +612,7 @@ func (s *Server) loadCA() (*enroll.CA, error) {
 func (s *Server) renewServerCert() error {
 	c, err := s.ca.IssueServer(s.cfg.Hostnames, s.cfg.ServerCertLifetime)
 	if err != nil {
-		return fmt.Errorf("issue server certificate: %w", err)
+		return err // says "issue server certificate: …" itself
 	}
 	s.cert.Store(&c)
 	return nil
