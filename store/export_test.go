@@ -138,3 +138,11 @@ func RevokeCertOnly(tb testing.TB, db *DB, serial string, at time.Time) {
 
 // SchemaVersion is the layout this code writes.
 const SchemaVersion = schemaVersion
+
+// SetCertPruneExamined sets how many certificate records one transaction
+// of PruneCerts examines, until the test ends.
+func SetCertPruneExamined(tb testing.TB, n int) {
+	was := certPruneExamined
+	certPruneExamined = n
+	tb.Cleanup(func() { certPruneExamined = was })
+}

@@ -661,6 +661,7 @@ func (s *Server) crlLoop(ctx context.Context) {
 func (s *Server) retentionLoop(ctx context.Context) {
 	t := time.NewTicker(time.Minute)
 	defer t.Stop()
+	var certsPruned time.Time
 	for {
 		select {
 		case <-ctx.Done():
@@ -673,6 +674,27 @@ func (s *Server) retentionLoop(ctx context.Context) {
 		} else if n > 0 {
 			s.log.Debug().Int("deleted", n).Msg("telemetry pruned")
 		}
+		if now := s.cfg.Now(); now.Sub(certsPruned) >= 24*time.Hour {
+			certsPruned = now
+			s.pruneCerts(ctx, now)
+		}
+	}
+}
+
+// certRecordKeep is how long the record of a certificate that is no longer
+// an identity's current one is kept once it can no longer renew (expiry
+// plus the renewal grace): long enough for `device show` and an
+// investigation to find it, after which the audit log still has its serial.
+const certRecordKeep = 90 * 24 * time.Hour
+
+// pruneCerts deletes old certificate records (see store.PruneCerts).
+func (s *Server) pruneCerts(ctx context.Context, now time.Time) {
+	grace := max(s.cfg.RenewGrace, 0) // NoLimit: no renewal after expiry
+	n, err := s.db.PruneCerts(ctx, now.Add(-grace-certRecordKeep))
+	if err != nil && ctx.Err() == nil {
+		s.log.Error().Err(err).Msg("prune certificate records")
+	} else if n > 0 {
+		s.log.Info().Int("deleted", n).Msg("old certificate records pruned")
 	}
 }
 
