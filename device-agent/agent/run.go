@@ -226,6 +226,13 @@ func (a *runner) setIdentity(id *identity, brokerURL string) {
 	id.jitter = a.cfg.Rand() // before publishing: identities are read without locks
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	if a.id != nil && a.id.serial() == id.serial() && (brokerURL == "" || brokerURL == a.brokerURL) {
+		// The same certificate seen twice — this process's renewal, and
+		// the file watcher reading what it wrote before the renewal got
+		// here: nothing to reconnect for.
+		a.certStamp = stampOf(filepath.Join(a.dir, certFile))
+		return
+	}
 	a.id = id
 	if brokerURL != "" {
 		a.brokerURL = brokerURL

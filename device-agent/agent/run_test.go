@@ -806,3 +806,29 @@ func TestRunNotEnrolled(t *testing.T) {
 		t.Fatalf("Run = %v, want ErrNotEnrolled", err)
 	}
 }
+
+// TestRunSameCertificateTwiceIsNoSwitch: after a renewal the file watcher
+// may read the new cert.pem before the renewal has switched to it, and
+// switch first; the renewal's own switch then finds the same certificate
+// and must not reconnect a second time.
+func TestRunSameCertificateTwiceIsNoSwitch(t *testing.T) {
+	f := newFleet(t, time.Hour)
+	r, _ := startAgent(t, f.config(t))
+	nextSerial(t, f.brk)
+	same, err := r.loadFromDisk(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, _, changed := r.current()
+	r.setIdentity(same, "")
+	select {
+	case <-changed:
+		t.Fatal("switching to the certificate in use closed the change channel: a needless reconnect")
+	default:
+	}
+	select {
+	case s := <-f.brk.serials:
+		t.Fatalf("reconnected (serial %s) for the same certificate", s)
+	default:
+	}
+}
