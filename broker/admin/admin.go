@@ -131,7 +131,7 @@ type DashboardLink struct {
 // socket may use the dashboard, and no one else.
 func (h *Handler) dashboardLogin(w http.ResponseWriter, r *http.Request) {
 	if h.cfg.DashboardLogin == nil {
-		writeErr(w, h.cfg.Logger, enroll.Errorf(enroll.CodeNotFound, "the dashboard is off: start fleetmq serve with --ui-addr (default 127.0.0.1:8080)"))
+		writeErr(w, h.cfg.Logger, enroll.Errorf(enroll.CodeNotFound, "this server has no dashboard"))
 		return
 	}
 	u, code, err := h.cfg.DashboardLogin()
