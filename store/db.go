@@ -12,6 +12,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash/crc32"
 	"os"
 	"runtime/debug"
 	"strconv"
@@ -255,13 +256,21 @@ func (db *DB) Close() error {
 	return nil
 }
 
-// Check verifies the file's consistency and returns the first problem found.
-// It runs on the writer goroutine, between groups: bbolt's check of a read
-// transaction reads the freelist, which a concurrent commit would change.
+// Check verifies the file's consistency and returns the first problem found,
+// as ErrDamaged. It runs on the writer goroutine, between groups: bbolt's
+// check of a read transaction reads the freelist, which a concurrent commit
+// would change.
 func (db *DB) Check() error {
 	return db.exclusive(context.Background(), func() error {
 		return db.guard(func() error {
 			return db.bolt.View(func(tx *bbolt.Tx) error {
+				// bbolt's check reads pages on a goroutine of its own, where a
+				// page number past the end of the file is a memory fault that
+				// kills the process. Reading every page here first, under the
+				// guard, meets such damage where it can be answered.
+				if err := readAll(tx); err != nil {
+					return err
+				}
 				var first error
 				for err := range tx.Check() { // drain: the checker goroutine blocks on send
 					if first == nil {
@@ -269,12 +278,32 @@ func (db *DB) Check() error {
 					}
 				}
 				if first != nil {
-					return fmt.Errorf("check store: %w", first)
+					return fmt.Errorf("%w (%v): stop fleetmq and restore fleetmq.db from a backup", ErrDamaged, first)
 				}
 				return nil
 			})
 		})
 	})
+}
+
+// readAll reads every key and value of every bucket of tx, which reads
+// every page the check will.
+func readAll(tx *bbolt.Tx) error {
+	var sum uint32
+	var walk func(b *bbolt.Bucket) error
+	walk = func(b *bbolt.Bucket) error {
+		return b.ForEach(func(k, v []byte) error {
+			if v == nil {
+				if nested := b.Bucket(k); nested != nil {
+					return walk(nested)
+				}
+			}
+			// Touching every byte reads the value's overflow pages too.
+			sum = crc32.Update(sum, crc32.IEEETable, v)
+			return nil
+		})
+	}
+	return tx.ForEach(func(_ []byte, b *bbolt.Bucket) error { return walk(b) })
 }
 
 // view runs fn in a read transaction, concurrently with other readers and
