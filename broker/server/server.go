@@ -58,6 +58,10 @@ type Config struct {
 	// RetentionCount is the most messages kept per device; default
 	// 100,000, NoLimit for no count cap.
 	RetentionCount int
+	// RetentionInterval is how often telemetry past Retention or
+	// RetentionCount is deleted (old certificate records: daily, on the
+	// first pass of a day); default 1 minute.
+	RetentionInterval time.Duration
 	// Broker holds the MQTT limits; Addr, certificates and Logger are set by the server.
 	Broker broker.Config
 	// Enroll holds the enrollment limits; CA, lifetimes, BrokerURL and Logger are set by the server.
@@ -144,6 +148,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.RetentionCount == 0 {
 		c.RetentionCount = 100_000
+	}
+	if c.RetentionInterval <= 0 {
+		c.RetentionInterval = time.Minute
 	}
 	if c.EnrollReadHeaderTimeout == 0 {
 		// The same slow links as MQTT's handshake (--handshake-timeout).
@@ -659,7 +666,7 @@ func (s *Server) crlLoop(ctx context.Context) {
 }
 
 func (s *Server) retentionLoop(ctx context.Context) {
-	t := time.NewTicker(time.Minute)
+	t := time.NewTicker(s.cfg.RetentionInterval)
 	defer t.Stop()
 	var certsPruned time.Time
 	for {
