@@ -225,6 +225,11 @@ type Broker struct {
 	watchers  map[string]struct{}
 	nwatchers atomic.Int64
 
+	// Identities revoked lately, by revocation time (see silence.go).
+	silMu         sync.Mutex
+	silenced      map[string]time.Time
+	silencedUntil atomic.Int64 // Unix ns: the last revocation's silence ends
+
 	serveDone chan struct{} // closed when the accept loop has returned
 	stop      chan struct{} // closed by Close: ends the recheck loop
 	recheckWG sync.WaitGroup
@@ -251,6 +256,7 @@ func New(cfg Config, st Store) (*Broker, error) {
 		idents:    make(map[string]*identity),
 		followers: make(map[string]map[*follower]struct{}),
 		watchers:  make(map[string]struct{}),
+		silenced:  make(map[string]time.Time),
 		serveDone: make(chan struct{}),
 		stop:      make(chan struct{}),
 	}
@@ -463,14 +469,14 @@ func (b *Broker) Revoke(id string) {
 // mochi would send as the connection ends; and the status it left
 // retained, "online" as likely as not, is dropped: the fleet has no such
 // device any more. (A will already waiting out its delay when the
-// revocation came is out of reach in mochi: it is sent, at most
-// SessionExpiry after the device left.)
+// revocation came is out of mochi's API: it is silenced, see silence.go.)
 func (b *Broker) stopRevoked(cl *mqtt.Client) bool {
 	open := !cl.Closed()
 	if open {
 		b.stats.kicked.inc(KickRevoked)
 	}
 	atomic.StoreUint32(&cl.Properties.Will.Flag, 0)
+	b.silence(cl.ID)
 	cl.Stop(errRevoked)
 	b.srv.Topics.RetainMessage(packets.Packet{
 		FixedHeader: packets.FixedHeader{Type: packets.Publish, Retain: true},

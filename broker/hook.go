@@ -30,7 +30,7 @@ func (h *hook) Provides(b byte) bool {
 	case mqtt.OnConnect, mqtt.OnConnectAuthenticate, mqtt.OnACLCheck,
 		mqtt.OnSubscribe, mqtt.OnSubscribed, mqtt.OnUnsubscribed,
 		mqtt.OnPublish, mqtt.OnPacketSent, mqtt.OnClientExpired,
-		mqtt.OnPacketRead, mqtt.OnPublishDropped:
+		mqtt.OnPacketRead, mqtt.OnPublishDropped, mqtt.OnRetainMessage:
 		return true
 	}
 	return false
@@ -141,9 +141,10 @@ func (h *hook) OnConnectAuthenticate(cl *mqtt.Client, _ packets.Packet) bool {
 }
 
 // OnACLCheck applies Allowed to publishes, subscription filters and each
-// delivery.
+// delivery, and refuses reading a lately revoked identity's topics (see
+// silence.go).
 func (h *hook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
-	if c, ok := cl.Net.Conn.(*conn); ok && c.allowed(topic, write) {
+	if c, ok := cl.Net.Conn.(*conn); ok && c.allowed(topic, write) && (write || !h.b.silencedTopic(topic)) {
 		return true
 	}
 	h.b.stats.aclDenied.Add(1)

@@ -320,3 +320,55 @@ func TestAuthenticationMethodIsRefused(t *testing.T) {
 		t.Fatalf("auth_method refusals = %d, want 1", got)
 	}
 }
+
+// TestRevokedDelayedWillIsSilenced: a will waiting out its delay when its
+// device is revoked is held by mochi out of the broker's reach, and was
+// sent to subscribers and retained anyway. The revoked identity's topics
+// are now silenced for as long as such a will can wait.
+func TestRevokedDelayedWillIsSilenced(t *testing.T) {
+	f := newFixture(t, func(c *Config) { c.SessionExpiry = 3 * time.Second })
+	svc := dialRaw(t, f.addr, f.clientTLS(f.service(t, "svc")))
+	svc.connect("svc")
+	subscribeRaw(t, svc, "devices/+/status", 0)
+
+	// leave connects id with a retained will delayed by delay seconds and
+	// drops the connection without DISCONNECT, so the will is scheduled.
+	leave := func(id string, delay uint32) {
+		dev := dialRaw(t, f.addr, f.clientTLS(f.device(t, id)))
+		dev.write(packets.Packet{
+			FixedHeader: packets.FixedHeader{Type: packets.Connect},
+			Connect: packets.ConnectParams{
+				ProtocolName: []byte("MQTT"), Keepalive: 30, ClientIdentifier: id,
+				WillFlag: true, WillTopic: "devices/" + id + "/status", WillPayload: []byte("will of " + id), WillRetain: true,
+				WillProperties: packets.Properties{WillDelayInterval: delay},
+			},
+			Properties: packets.Properties{SessionExpiryInterval: 3, SessionExpiryIntervalFlag: true},
+		})
+		if ack := dev.mustRead(packets.Connack); ack.ReasonCode != 0 {
+			t.Fatalf("CONNACK %#x", ack.ReasonCode)
+		}
+		_ = dev.conn.Close()
+		cl, ok := f.b.srv.Clients.Get(id)
+		if !ok {
+			t.Fatalf("no session for %s", id)
+		}
+		eventually(t, cl.Closed, "%s's connection ended", id)
+	}
+	leave("dev-gone", 1)
+	if _, err := f.db.RevokeDevice(context.Background(), "dev-gone", "test", time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	f.b.Revoke("dev-gone")
+	// A later will, due at least one of mochi's one-second will passes
+	// after the revoked device's.
+	leave("dev-control", 2)
+	if pk := nextPublish(t, svc, "the control's will"); pk.TopicName != "devices/dev-control/status" {
+		t.Fatalf("the service got %s %q: the revoked device's will", pk.TopicName, pk.Payload)
+	}
+	if got := f.b.srv.Topics.Messages("devices/dev-gone/status"); len(got) != 0 {
+		t.Fatalf("the revoked device's will was retained: %q", got[0].Payload)
+	}
+	if got := f.b.srv.Topics.Messages("devices/dev-control/status"); len(got) != 1 {
+		t.Fatalf("the control's will was not retained: %d messages", len(got))
+	}
+}
