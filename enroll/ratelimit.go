@@ -66,15 +66,22 @@ func (l *failureLimiter) allowed(remote string) (time.Duration, bool) {
 	if !ok {
 		return 0, true
 	}
-	now := l.now()
-	if tokens := el.Value.(*limiterEntry).lim.TokensAt(now); tokens < 1 {
+	return l.wait(el.Value.(*limiterEntry), l.now())
+}
+
+func (l *failureLimiter) wait(e *limiterEntry, now time.Time) (time.Duration, bool) {
+	if tokens := e.lim.TokensAt(now); tokens < 1 {
 		return time.Duration((1 - tokens) / float64(l.rate) * float64(time.Second)), false
 	}
 	return 0, true
 }
 
-// failed charges one failure to remote.
-func (l *failureLimiter) failed(remote string) {
+// failed charges one failure to remote, in the same critical section as
+// the check that its bucket has a token left: when it has none, nothing is
+// charged and failed says how long to wait, as allowed does. A check on
+// arrival alone does not bound failures: requests that hold back their
+// bodies all pass it before the first of them has failed.
+func (l *failureLimiter) failed(remote string) (time.Duration, bool) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	now := l.now()
@@ -94,7 +101,11 @@ func (l *failureLimiter) failed(remote string) {
 	}
 	e := el.Value.(*limiterEntry)
 	e.seen = now
+	if wait, ok := l.wait(e, now); !ok {
+		return wait, false
+	}
 	e.lim.AllowN(now, 1)
+	return 0, true
 }
 
 // sweep drops the entries whose bucket has surely refilled: those whose

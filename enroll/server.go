@@ -371,23 +371,36 @@ func (h *Handler) attempt(w http.ResponseWriter, r *http.Request, op, via string
 		write(cert, true)
 		return
 	}
-	h.observe(op, err)
 	if err != nil {
-		if e := AsError(err); via == "est" && e.Code == CodeTokenMissing {
+		e := AsError(err)
+		if via == "est" && e.Code == CodeTokenMissing {
 			// Clients that send credentials only once challenged (RFC
 			// 7030 §3.2.3, HTTP Basic) start every enrollment this way:
 			// not a failure to count or audit. It costs the server no
 			// lookup and no parsing.
+			h.observe(op, e)
 			h.writeError(w, r, e)
 			return
 		}
+		if e.Code != CodeInternal && e.Code != CodeUnavailable {
+			// Refused now if the address ran out of failures while this
+			// request was under way: concurrent requests, above all ones
+			// holding back their bodies, all passed the check on arrival.
+			if wait, ok := h.limiter.failed(remote); !ok {
+				h.observe(op, errRateLimited)
+				h.writeError(w, r, rateLimited(wait))
+				return
+			}
+		}
+		h.observe(op, e)
 		ev.Action, ev.Remote = store.ActTokenFail, remote
 		if op == OpRenew {
 			ev.Action = store.ActRenewFail
 		}
-		h.fail(w, r, err, ev)
+		h.fail(w, r, e, ev)
 		return
 	}
+	h.observe(op, nil)
 	msg := "device enrolled"
 	if op == OpRenew {
 		msg = "certificate renewed"
@@ -939,13 +952,10 @@ func (h *Handler) observe(op string, err error) {
 	h.cfg.Observe(op, result)
 }
 
-// fail answers a failed enrollment or renewal: it counts against the remote
-// address, is recorded in the audit log and is answered with its code.
-func (h *Handler) fail(w http.ResponseWriter, r *http.Request, err error, ev store.AuditEvent) {
-	e := AsError(err)
-	if e.Code != CodeInternal && e.Code != CodeUnavailable {
-		h.limiter.failed(ev.Remote)
-	}
+// fail answers a failed enrollment or renewal, already charged to the
+// remote address: it is recorded in the audit log and answered with its
+// code.
+func (h *Handler) fail(w http.ResponseWriter, r *http.Request, e *Error, ev store.AuditEvent) {
 	ev.Time = h.cfg.Now()
 	ev.Detail = string(e.Code)
 	// The audit record must not depend on the client's connection staying up.

@@ -613,3 +613,74 @@ func TestRestoredAdoptsCertOfYoungCA(t *testing.T) {
 		t.Errorf("adopted record IssuedAt = %s, want between the CA's start %s and now", rec.IssuedAt, start)
 	}
 }
+
+// TestFailureLimitHoldsForHeldBodies: requests that all passed the limiter
+// on arrival, their bodies held back, are charged as they fail: no more
+// fail, and are audited, than the burst allows. A client needs no
+// credentials to fail a renewal, so a check on arrival alone would let one
+// address write a failure record for every connection it can hold open.
+func TestFailureLimitHoldsForHeldBodies(t *testing.T) {
+	const burst, held = 3, 8
+	e := newESTEnv(t, estOptions{mutate: func(c *Config) {
+		c.FailureBurst = burst
+		c.FailureRate = 0.001 // no refill while the test runs
+	}})
+	type conn struct {
+		c  *tls.Conn
+		br *bufio.Reader
+	}
+	conns := make([]conn, held)
+	for i := range conns {
+		c := e.dialRaw(t)
+		head := "POST /v1/renew HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/pkcs10\r\n" +
+			"Content-Length: 1\r\nExpect: 100-continue\r\n\r\n"
+		if _, err := io.WriteString(c, head); err != nil {
+			t.Fatal(err)
+		}
+		conns[i] = conn{c, bufio.NewReader(c)}
+	}
+	// net/http sends 100 Continue when the handler starts reading the
+	// body: every request is then past the check on arrival.
+	for i, c := range conns {
+		resp, err := http.ReadResponse(c.br, nil)
+		if err != nil || resp.StatusCode != http.StatusContinue {
+			t.Fatalf("request %d: want 100 Continue, got %v %v", i, resp, err)
+		}
+	}
+	statuses := map[int]int{}
+	evs := newAudit(t, e, func() {
+		for _, c := range conns {
+			if _, err := io.WriteString(c.c, "x"); err != nil {
+				t.Fatal(err)
+			}
+		}
+		for i, c := range conns {
+			resp, err := http.ReadResponse(c.br, nil)
+			if err != nil {
+				t.Fatalf("request %d: %v", i, err)
+			}
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+			statuses[resp.StatusCode]++
+		}
+	})
+	if statuses[http.StatusUnauthorized] != burst || statuses[http.StatusTooManyRequests] != held-burst {
+		t.Errorf("answers %v, want %d × 401 cert_required and %d × 429", statuses, burst, held-burst)
+	}
+	if len(evs) != burst {
+		t.Errorf("%d audit events, want %d (the burst): %+v", len(evs), burst, evs)
+	}
+}
+
+// dialRaw opens a TLS connection to the server for a hand-written request,
+// closed when the test ends.
+func (e *estEnv) dialRaw(tb testing.TB) *tls.Conn {
+	tb.Helper()
+	c, err := tls.Dial("tcp", e.srv.Listener.Addr().String(), &tls.Config{RootCAs: e.ca.Pool(), ServerName: "127.0.0.1"})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { c.Close() })
+	_ = c.SetDeadline(time.Now().Add(20 * time.Second))
+	return c
+}
