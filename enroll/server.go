@@ -927,14 +927,34 @@ func (h *Handler) brokerURL(r *http.Request) string {
 	if h.cfg.BrokerURL != "" {
 		return h.cfg.BrokerURL
 	}
+	return "mqtts://" + net.JoinHostPort(requestHost(r), strconv.FormatInt(h.mqttPort.Load(), 10))
+}
+
+// requestHost is the host the client reached the server by, without port
+// or brackets (JoinHostPort adds those back): the Host header, which lacks
+// the port when the client used its scheme's default, so that an IPv6
+// literal comes as "[2001:db8::1]". An HTTP/1.0 client may send no Host:
+// then the TLS server name, and for a client that dialed an IP address
+// (no server name) the local address it reached.
+func requestHost(r *http.Request) string {
 	host := r.Host
 	if hh, _, err := net.SplitHostPort(host); err == nil {
 		host = hh
+	} else if len(host) > 2 && host[0] == '[' && host[len(host)-1] == ']' {
+		host = host[1 : len(host)-1]
+	}
+	if host == "" && r.TLS != nil {
+		host = r.TLS.ServerName
+	}
+	if host == "" {
+		if addr, ok := r.Context().Value(http.LocalAddrContextKey).(*net.TCPAddr); ok {
+			host = addr.IP.String()
+		}
 	}
 	if host == "" {
 		host = "localhost"
 	}
-	return "mqtts://" + net.JoinHostPort(host, strconv.FormatInt(h.mqttPort.Load(), 10))
+	return host
 }
 
 // errRateLimited stands for a refusal by the failure limiter in observe.

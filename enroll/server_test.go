@@ -13,8 +13,10 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -669,6 +671,55 @@ func TestFailureLimitHoldsForHeldBodies(t *testing.T) {
 	}
 	if len(evs) != burst {
 		t.Errorf("%d audit events, want %d (the burst): %+v", len(evs), burst, evs)
+	}
+}
+
+// TestBrokerURLFromHost: the default broker URL names the host the device
+// used, whatever form its Host header takes, and one a device can parse.
+// A client leaves the port out of Host when it used its scheme's default
+// (an enrollment server on 443), and HTTP/1.0 may send no Host at all.
+func TestBrokerURLFromHost(t *testing.T) {
+	e := newESTEnv(t, estOptions{mutate: func(c *Config) { c.MQTTPort = 8883 }})
+	for i, tc := range []struct {
+		proto, host string // host "" sends no Host header
+		want        string
+	}{
+		{"HTTP/1.1", "pi-gateway.local:8443", "mqtts://pi-gateway.local:8883"},
+		{"HTTP/1.1", "pi-gateway.local", "mqtts://pi-gateway.local:8883"},
+		{"HTTP/1.1", "192.0.2.7", "mqtts://192.0.2.7:8883"},
+		{"HTTP/1.1", "[2001:db8::7]:8443", "mqtts://[2001:db8::7]:8883"},
+		{"HTTP/1.1", "[2001:db8::7]", "mqtts://[2001:db8::7]:8883"},
+		{"HTTP/1.0", "", "mqtts://127.0.0.1:8883"}, // the address it dialed
+	} {
+		t.Run(tc.proto+" "+tc.host, func(t *testing.T) {
+			token := e.mintToken(t, "pi-"+strconv.Itoa(i), 1)
+			csr := csrPEM(estCSR(t, genP256(t), ""), "CERTIFICATE REQUEST")
+			conn := e.dialRaw(t)
+			head := "POST /v1/enroll " + tc.proto + "\r\n"
+			if tc.host != "" {
+				head += "Host: " + tc.host + "\r\n"
+			}
+			head += "Authorization: Bearer " + token + "\r\nContent-Type: application/pkcs10\r\n" +
+				"Content-Length: " + strconv.Itoa(len(csr)) + "\r\n\r\n"
+			if _, err := io.WriteString(conn, head+string(csr)); err != nil {
+				t.Fatal(err)
+			}
+			resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer resp.Body.Close()
+			var got Response
+			if err := json.NewDecoder(resp.Body).Decode(&got); err != nil || resp.StatusCode != http.StatusCreated {
+				t.Fatalf("status %d, decode %v", resp.StatusCode, err)
+			}
+			if got.BrokerURL != tc.want {
+				t.Errorf("broker_url %q, want %q", got.BrokerURL, tc.want)
+			}
+			if u, err := url.Parse(got.BrokerURL); err != nil || u.Port() != "8883" {
+				t.Errorf("broker_url %q does not parse as a URL with a port: %v", got.BrokerURL, err)
+			}
+		})
 	}
 }
 
