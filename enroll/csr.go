@@ -72,15 +72,39 @@ func ParseCSR(data []byte) (*x509.CertificateRequest, error) {
 		return nil, Errorf(CodeCSRInvalid, "csr subject has %d CommonName (CN) attributes; give at most one, CN=<device id>", n)
 	}
 	if csr.PublicKey == nil {
+		if isRSAPSSKey(csr.RawSubjectPublicKeyInfo) {
+			return nil, Errorf(CodeKeyUnsupported, "csr key is an RSASSA-PSS key, not an RSA key (openssl: -newkey rsa:2048, not rsa-pss); %s", allowedKeys)
+		}
 		return nil, Errorf(CodeKeyUnsupported, "csr key algorithm is not supported; %s", allowedKeys)
 	}
 	if err := CheckKey(csr.PublicKey); err != nil {
 		return nil, err
 	}
+	if csr.SignatureAlgorithm == x509.UnknownSignatureAlgorithm {
+		// x509 knows RSA-PSS only with a salt as long as the hash, while
+		// OpenSSL 3 signs with the longest salt by default: without this
+		// the request would be "does not verify", and its maker would
+		// look for a fault in the key.
+		return nil, Errorf(CodeCSRInvalid, "csr signature algorithm is not supported; sign with ECDSA, Ed25519, or RSA "+
+			"(PKCS #1 v1.5, or PSS with a salt as long as the hash: openssl req -sigopt rsa_pss_saltlen:digest)")
+	}
 	if err := csr.CheckSignature(); err != nil {
 		return nil, &Error{Code: CodeCSRInvalid, Message: "csr signature does not verify", Err: err}
 	}
 	return csr, nil
+}
+
+var oidRSAPSS = asn1.ObjectIdentifier{1, 2, 840, 113549, 1, 1, 10}
+
+// isRSAPSSKey reports whether spki holds an RSASSA-PSS key (RFC 4055),
+// which x509 does not parse: an RSA key restricted to PSS signatures.
+func isRSAPSSKey(spki []byte) bool {
+	var info struct {
+		Algorithm pkix.AlgorithmIdentifier
+		PublicKey asn1.BitString
+	}
+	rest, err := asn1.Unmarshal(spki, &info)
+	return err == nil && len(rest) == 0 && info.Algorithm.Algorithm.Equal(oidRSAPSS)
 }
 
 var oidCommonName = asn1.ObjectIdentifier{2, 5, 4, 3}

@@ -423,25 +423,35 @@ func severalCNsCSR(tb testing.TB, key crypto.Signer, cns ...string) []byte {
 }
 
 // TestCSRsFromOpenSSL: what QA made with openssl is refused with the code
-// that says what is wrong.
+// that says what is wrong. RSA-PSS is signed by OpenSSL 3 with the longest
+// salt by default, which x509 cannot verify: the refusal says how to sign
+// instead of calling the signature wrong.
 func TestCSRsFromOpenSSL(t *testing.T) {
 	requireTools(t, "openssl")
 	dir := t.TempDir()
+	ec := func(curve string) []string {
+		return []string{"-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:" + curve}
+	}
+	pss := []string{"-newkey", "rsa:2048", "-sigopt", "rsa_padding_mode:pss"}
 	cases := []struct {
-		name, curve, subject string
-		code                 Code
-		msg                  string
+		name, subject string
+		args          []string
+		code          Code
+		msg           string
 	}{
-		{"two CNs", "P-256", "/CN=zz-evil/CN=pi-0009", CodeCSRInvalid, "2 CommonName"},
-		{"secp256k1", "secp256k1", "/CN=pi-0009", CodeKeyUnsupported, "curve secp256k1 is not supported"},
-		{"brainpoolP256r1", "brainpoolP256r1", "/CN=pi-0009", CodeKeyUnsupported, "curve brainpoolP256r1 is not supported"},
-		{"P-256", "P-256", "/CN=pi-0009", "", ""},
+		{"two CNs", "/CN=zz-evil/CN=pi-0009", ec("P-256"), CodeCSRInvalid, "2 CommonName"},
+		{"secp256k1", "/CN=pi-0009", ec("secp256k1"), CodeKeyUnsupported, "curve secp256k1 is not supported"},
+		{"brainpoolP256r1", "/CN=pi-0009", ec("brainpoolP256r1"), CodeKeyUnsupported, "curve brainpoolP256r1 is not supported"},
+		{"P-256", "/CN=pi-0009", ec("P-256"), "", ""},
+		{"PSS salt as long as the hash", "/CN=pi-0009", append(pss, "-sigopt", "rsa_pss_saltlen:digest"), "", ""},
+		{"PSS default salt", "/CN=pi-0009", pss, CodeCSRInvalid, "rsa_pss_saltlen:digest"},
+		{"RSASSA-PSS key", "/CN=pi-0009", []string{"-newkey", "rsa-pss", "-pkeyopt", "rsa_keygen_bits:2048"}, CodeKeyUnsupported, "RSASSA-PSS key"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			out := filepath.Join(dir, tc.name+".csr")
-			runTool(t, dir, "openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:"+tc.curve, "-nodes",
-				"-keyout", filepath.Join(dir, tc.name+".key"), "-subj", tc.subject, "-out", out)
+			runTool(t, dir, "openssl", append([]string{"req", "-new", "-nodes",
+				"-keyout", filepath.Join(dir, tc.name+".key"), "-subj", tc.subject, "-out", out}, tc.args...)...)
 			data, err := os.ReadFile(out)
 			if err != nil {
 				t.Fatal(err)
