@@ -2,8 +2,11 @@ package server_test
 
 import (
 	"crypto/tls"
+	"errors"
+	"io"
 	"net"
 	"net/http"
+	"syscall"
 	"testing"
 	"time"
 
@@ -44,5 +47,39 @@ func TestEnrollConnectionCap(t *testing.T) {
 	a := s.post(t, s.client(nil), "/v1/enroll", bearer(tok), csrPEM(t, newKey(t), "capped-1"))
 	if a.status != http.StatusCreated {
 		t.Fatalf("enrollment after a slot freed: %d %s", a.status, a.body)
+	}
+}
+
+// TestEnrollConnectionsPerAddress: one address holding its share of the
+// enrollment connections with idle sockets has any further one closed at
+// once, and leaves the other slots to everyone else: a device from another
+// address enrolls.
+func TestEnrollConnectionsPerAddress(t *testing.T) {
+	s := startServer(t, func(c *server.Config) {
+		c.EnrollMaxConnections = 4
+		c.EnrollMaxConnectionsPerAddress = 2
+	})
+	dial := func() net.Conn {
+		t.Helper()
+		c, err := net.Dial("tcp", s.EnrollAddr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		return c
+	}
+	dial()
+	dial()
+	// Accepted in order: the third from 127.0.0.1 is over its share.
+	if n, err := dial().Read(make([]byte, 1)); n != 0 || !errors.Is(err, io.EOF) && !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("third idle connection from one address: read %d, %v; want it closed by the server", n, err)
+	}
+	// Linux routes all of 127/8 to loopback: a device at another address.
+	c := s.client(nil)
+	c.Transport.(*http.Transport).DialContext = (&net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 2)}}).DialContext
+	a := s.post(t, c, "/v1/enroll", bearer(s.token(t)), csrPEM(t, newKey(t), "per-address-1"))
+	if a.status != http.StatusCreated {
+		t.Fatalf("enrollment from another address: %d %s", a.status, a.body)
 	}
 }

@@ -90,6 +90,11 @@ type Config struct {
 	// a flood there cannot take the file descriptors devices need to reach
 	// the broker; further clients wait in the listen backlog. Default 1024.
 	EnrollMaxConnections int
+	// EnrollMaxConnectionsPerAddress bounds the enrollment connections
+	// open from one remote address (one /64 for IPv6), so that one client
+	// cannot hold all of EnrollMaxConnections; further connections from it
+	// are closed at once. Default 64.
+	EnrollMaxConnectionsPerAddress int
 
 	Logger zerolog.Logger   // default zerolog.Nop()
 	Now    func() time.Time // default time.Now
@@ -163,6 +168,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.EnrollMaxConnections == 0 {
 		c.EnrollMaxConnections = 1024
+	}
+	if c.EnrollMaxConnectionsPerAddress == 0 {
+		c.EnrollMaxConnectionsPerAddress = 64
 	}
 	if c.Now == nil {
 		c.Now = time.Now
@@ -433,6 +441,9 @@ func (s *Server) Start() error {
 	if err != nil {
 		return fmt.Errorf("listen for enrollment on %s: %w", s.cfg.EnrollAddr, err)
 	}
+	// The per-address cap is inside the overall one: a connection it
+	// closes never takes one of the overall slots.
+	ln = enroll.LimitConnsPerAddress(ln, s.cfg.EnrollMaxConnectionsPerAddress)
 	s.httpLn = tls.NewListener(netutil.LimitListener(ln, s.cfg.EnrollMaxConnections), s.httpsTLS())
 	// WriteTimeout is longer than ReadTimeout: net/http counts the write
 	// deadline from the end of the headers, so with equal timeouts a client
