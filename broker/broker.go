@@ -457,26 +457,29 @@ func (b *Broker) Revoke(id string) {
 		cls = append(cls, cl)
 	}
 	for _, cl := range cls {
-		b.stopRevoked(cl)
+		b.stopRevoked(cl, true)
 	}
 	if len(cls) > 0 {
 		b.log.Info().Str("id", id).Msg("broker: revoked identity disconnected")
 	}
 }
 
-// stopRevoked ends the session of a revoked identity, counted once. A
-// revoked identity publishes nothing more, not even its last will, which
-// mochi would send as the connection ends; and the status it left
-// retained, "online" as likely as not, is dropped: the fleet has no such
-// device any more. (A will already waiting out its delay when the
-// revocation came is out of mochi's API: it is silenced, see silence.go.)
-func (b *Broker) stopRevoked(cl *mqtt.Client) bool {
+// stopRevoked ends a session on a revoked certificate, counted once. Its
+// key may be in other hands: it publishes nothing more, not even its last
+// will, which mochi would send as the connection ends; and the status it
+// left retained, "online" as likely as not, is dropped. When the identity
+// itself is revoked (identity), the fleet has no such device any more:
+// its topics are silenced too, since a will already waiting out its delay
+// is out of mochi's API (see silence.go).
+func (b *Broker) stopRevoked(cl *mqtt.Client, identity bool) bool {
 	open := !cl.Closed()
 	if open {
 		b.stats.kicked.inc(KickRevoked)
 	}
 	atomic.StoreUint32(&cl.Properties.Will.Flag, 0)
-	b.silence(cl.ID)
+	if identity {
+		b.silence(cl.ID)
+	}
 	cl.Stop(errRevoked)
 	b.srv.Topics.RetainMessage(packets.Packet{
 		FixedHeader: packets.FixedHeader{Type: packets.Publish, Retain: true},

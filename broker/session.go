@@ -432,6 +432,28 @@ func (b *Broker) recheck() {
 		}
 	}
 	b.mu.Unlock()
+	b.closeRevoked(conns, "broker: identity revoked elsewhere disconnected")
+}
+
+// CloseRevokedCerts closes at once the sessions of identity id whose
+// certificate the store now says is revoked, as after a re-provisioning:
+// the identity itself stays, and so do its sessions on a current
+// certificate.
+func (b *Broker) CloseRevokedCerts(id string) {
+	b.mu.Lock()
+	var conns []*conn
+	if ident := b.idents[id]; ident != nil {
+		for c := range ident.conns {
+			conns = append(conns, c)
+		}
+	}
+	b.mu.Unlock()
+	b.closeRevoked(conns, "broker: session on a revoked certificate disconnected")
+}
+
+// closeRevoked closes those of conns whose certificate or identity the
+// store says is revoked.
+func (b *Broker) closeRevoked(conns []*conn, msg string) {
 	for _, c := range conns {
 		select {
 		case <-b.stop:
@@ -442,7 +464,8 @@ func (b *Broker) recheck() {
 		if len(certs) == 0 {
 			continue
 		}
-		if _, r := b.checkLeaf(context.Background(), certs[0]); r == nil || r.reason != ReasonRevoked {
+		_, r := b.checkLeaf(context.Background(), certs[0])
+		if r == nil || r.reason != ReasonRevoked {
 			continue
 		}
 		c.revoked.Store(true)
@@ -452,8 +475,15 @@ func (b *Broker) recheck() {
 		if cl == nil {
 			continue // refused at CONNECT by the flag
 		}
-		if b.stopRevoked(cl) {
-			b.log.Info().Str("id", id).Msg("broker: identity revoked elsewhere disconnected")
+		// checkLeaf stops at the certificate, which a revoked identity's
+		// are too.
+		identity := errors.Is(r.err, store.ErrDeviceRevoked)
+		if !identity {
+			d, err := b.st.Device(context.Background(), id)
+			identity = err == nil && d.Revoked()
+		}
+		if b.stopRevoked(cl, identity) {
+			b.log.Info().Str("id", id).Msg(msg)
 		}
 	}
 }

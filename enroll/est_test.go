@@ -611,7 +611,7 @@ func TestESTReenroll(t *testing.T) {
 		{"empty subject", tlsCert(current, newKey), "application/pkcs10", estBase64Body(estCSR(t, genP256(t), "")), 0, 403, CodeIDMismatch},
 		{"no client certificate", nil, "application/pkcs10", estBase64Body(estCSR(t, genP256(t), "pi-1")), 0, 401, CodeCertRequired},
 		{"certificate of another CA", tlsCert(foreign, key), "application/pkcs10", estBase64Body(estCSR(t, genP256(t), "pi-1")), 0, 401, CodeCertInvalid},
-		{"revoked", tlsCert(revoked, revokedKey), "application/pkcs10", estBase64Body(estCSR(t, genP256(t), "pi-revoked")), 0, 403, CodeCertRevoked},
+		{"revoked", tlsCert(revoked, revokedKey), "application/pkcs10", estBase64Body(estCSR(t, genP256(t), "pi-revoked")), 0, 403, CodeDeviceRevoked},
 		{"expired beyond the grace", tlsCert(current, newKey), "application/pkcs10", estBase64Body(estCSR(t, genP256(t), "pi-1")),
 			time.Until(current.NotAfter) + 8*24*time.Hour, 401, CodeCertExpired},
 		{"wrong content type", tlsCert(current, newKey), "application/json", estBase64Body(estCSR(t, genP256(t), "pi-1")), 0, 415, CodeUnsupportedMedia},

@@ -75,8 +75,13 @@ type Config struct {
 	// the public error code, e.g. "rate_limited". It feeds metrics and
 	// must not block. Default none.
 	Observe func(op, result string)
-	Logger  zerolog.Logger   // default zerolog.Nop()
-	Now     func() time.Time // default time.Now
+	// OnReprovision, when set, runs after a re-provisioning enrollment of
+	// device id was committed, which revoked the device's earlier
+	// certificates, and the CRL regenerated: it closes their live
+	// sessions. Default none (they end at the broker's next check).
+	OnReprovision func(ctx context.Context, id string)
+	Logger        zerolog.Logger   // default zerolog.Nop()
+	Now           func() time.Time // default time.Now
 }
 
 // Operations reported to Config.Observe.
@@ -576,7 +581,24 @@ func (h *Handler) enrollCSR(ctx context.Context, stored store.Token, csr *x509.C
 	if err != nil {
 		return nil, err
 	}
+	if stored.Reprovision {
+		h.superseded(ctx, id)
+	}
 	return cert, nil
+}
+
+// superseded makes the revocation of a re-provisioned device's earlier
+// certificates effective: on the CRL, and their sessions closed. The
+// enrollment is committed; neither failing makes it fail, nor does the
+// client hanging up.
+func (h *Handler) superseded(ctx context.Context, id string) {
+	ctx = context.WithoutCancel(ctx)
+	if err := h.RefreshCRL(ctx); err != nil {
+		h.log.Error().Err(err).Str("id", id).Msg("refresh CRL after re-provisioning")
+	}
+	if h.cfg.OnReprovision != nil {
+		h.cfg.OnReprovision(ctx, id)
+	}
 }
 
 func (h *Handler) serveRenew(w http.ResponseWriter, r *http.Request) {
@@ -691,15 +713,17 @@ func (h *Handler) renewCert(ctx context.Context, leaf *x509.Certificate, csr *x5
 	if rec.DeviceID != id {
 		return nil, who, Errorf(CodeIDMismatch, "certificate record belongs to another device")
 	}
-	if rec.Revoked() {
-		return nil, who, Errorf(CodeCertRevoked, "certificate is revoked")
-	}
+	// The device first: revoking it revokes its certificates too, and
+	// cert_revoked alone says the id lives on with another key.
 	dev, err := h.st.Device(ctx, id)
 	if err != nil {
 		return nil, who, err
 	}
 	if dev.Revoked() {
 		return nil, who, Errorf(CodeDeviceRevoked, "device is revoked")
+	}
+	if rec.Revoked() {
+		return nil, who, errSuperseded
 	}
 	if dev.Role != store.RoleDevice {
 		// Services and operators are issued by an operator, never renewed
@@ -753,24 +777,28 @@ func (h *Handler) verifyClientCert(leaf *x509.Certificate, now time.Time) (beyon
 	return now.Sub(leaf.NotAfter) > h.cfg.RenewGrace, nil
 }
 
+// errSuperseded refuses a revoked certificate of a device that is not
+// revoked: only re-provisioning revokes one alone.
+var errSuperseded = Errorf(CodeCertRevoked, "certificate is revoked: the device was re-provisioned with a new key")
+
 // refuseExpired answers leaf, a certificate of the CA for device id that
 // expired more than RenewGrace ago. A revoked certificate or device is told
 // so, as within the grace: the advice for an expired one, re-provisioning,
 // would only end in another refusal, since a revoked id is never used
 // again. The message is the advice device-agent gives for cert_expired.
 func (h *Handler) refuseExpired(ctx context.Context, leaf *x509.Certificate, id string) error {
-	rec, err := h.st.Cert(ctx, SerialHex(leaf.SerialNumber))
-	switch {
-	case err == nil && rec.Revoked():
-		return Errorf(CodeCertRevoked, "certificate is revoked")
-	case err != nil && !errors.Is(err, store.ErrCertUnknown):
-		return err
-	}
 	dev, err := h.st.Device(ctx, id)
 	switch {
 	case err == nil && dev.Revoked():
 		return Errorf(CodeDeviceRevoked, "device is revoked")
 	case err != nil && !errors.Is(err, store.ErrNotFound):
+		return err
+	}
+	rec, err := h.st.Cert(ctx, SerialHex(leaf.SerialNumber))
+	switch {
+	case err == nil && rec.Revoked():
+		return errSuperseded
+	case err != nil && !errors.Is(err, store.ErrCertUnknown):
 		return err
 	}
 	if ValidateID(id) != nil {

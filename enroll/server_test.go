@@ -161,7 +161,7 @@ func TestRenewFailureAudit(t *testing.T) {
 		{"self-signed, a real device's id", clientCert(t, nil, k1, "pi-0100"), k1, 401, CodeCertInvalid, ""},
 		{"self-signed, terminal escapes and a newline", clientCert(t, nil, k2, "\x1b[2J\x1b[31mpi-0100\x1b[0m\nforged"), k2, 401, CodeCertInvalid, ""},
 		{"another CA's, 30,000 characters", clientCert(t, &forger, k3, strings.Repeat("p", 30_000)), k3, 401, CodeCertInvalid, ""},
-		{"the CA's, revoked", gone, goneKey, 403, CodeCertRevoked, "pi-gone"},
+		{"the CA's, revoked", gone, goneKey, 403, CodeDeviceRevoked, "pi-gone"},
 		// Verified, but the CA issued it outside the enrollment API: its
 		// CN is no device id and the store has no record of it.
 		{"the CA's, CN no device id", clientCert(t, &root, k4, "Ops Team\n"), k4, 401, CodeCertInvalid, ""},
@@ -221,7 +221,7 @@ func TestRenewExpiredBeyondGrace(t *testing.T) {
 		advice string // in the message
 	}{
 		{"not revoked", idle, idleKey, 401, CodeCertExpired, "pi-idle", "fleetmq token create --device pi-idle --reprovision"},
-		{"revoked", revoked, revokedKey, 403, CodeCertRevoked, "pi-revoked", ""},
+		{"revoked", revoked, revokedKey, 403, CodeDeviceRevoked, "pi-revoked", ""},
 		{"device revoked, certificate not on record", dropped, droppedKey, 403, CodeDeviceRevoked, "pi-dropped", ""},
 		{"not the CA's", forged, forgedKey, 401, CodeCertInvalid, "", ""},
 	}

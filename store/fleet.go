@@ -214,8 +214,7 @@ func checkBinding(rec []byte, t Token) (*Device, error) {
 // spends one use of the token, stores the device with role RoleDevice and
 // its certificate, and appends ActTokenUse and ActCertIssue (and
 // ActReprovision). A re-provisioned device keeps its creation time and
-// labels (the token's are added), and its other certificates stay valid
-// until they expire, as after a renewal.
+// labels (the token's are added), and its other certificates are revoked.
 func (db *DB) Enroll(ctx context.Context, e Enrollment) error {
 	id := e.Device.ID
 	switch {
@@ -280,6 +279,15 @@ func (db *DB) Enroll(ctx context.Context, e Enrollment) error {
 		if err := putJSON(tx.Bucket(bucketDevices), []byte(id), d); err != nil {
 			return err
 		}
+		// Re-provisioning says the device's key is gone, lost or in other
+		// hands: its earlier certificates are revoked, or the old key
+		// would go on connecting and renewing for good.
+		var superseded []Cert
+		if prev != nil {
+			if superseded, err = revokeCerts(tx, id, e.Now); err != nil {
+				return err
+			}
+		}
 		if err := putCert(tx, id, e.Cert, e.Now); err != nil {
 			return err
 		}
@@ -289,7 +297,7 @@ func (db *DB) Enroll(ctx context.Context, e Enrollment) error {
 		}
 		if prev != nil {
 			evs = append(evs, AuditEvent{Time: e.Now, Action: ActReprovision, DeviceID: id, Serial: e.Cert.Serial, TokenID: t.ID, Remote: e.Remote,
-				Detail: "previous certificate " + prev.Serial})
+				Detail: fmt.Sprintf("previous certificate %s; %d certificate(s) revoked: %s", prev.Serial, len(superseded), serialList(superseded))})
 		}
 		return db.appendAudit(tx, evs)
 	})
@@ -492,45 +500,59 @@ func (db *DB) RevokeDevice(ctx context.Context, id, remote string, now time.Time
 		if err := putJSON(tx.Bucket(bucketDevices), []byte(id), d); err != nil {
 			return err
 		}
-		var serials []string
-		prefix := deviceCertPrefix(id)
-		c := tx.Bucket(bucketDeviceCerts).Cursor()
-		for k, _ := c.Seek(prefix); k != nil && bytes.HasPrefix(k, prefix); k, _ = c.Next() {
-			serials = append(serials, string(k[len(prefix):]))
-		}
-		var out []Cert
-		rb := tx.Bucket(bucketRevoked)
-		for _, s := range serials {
-			cert, err := getCert(tx, s)
-			if err != nil {
-				return fmt.Errorf("indexed serial %s: %w", s, err)
-			}
-			if cert.Revoked() {
-				continue
-			}
-			cert.RevokedAt = now
-			if err := putJSON(tx.Bucket(bucketCerts), []byte(s), certRecord{Cert: cert, DER: cert.DER}); err != nil {
-				return err
-			}
-			if err := rb.Put([]byte(s), nil); err != nil {
-				return fmt.Errorf("index revoked: %w", err)
-			}
-			out = append(out, cert)
+		// Serial is the current certificate; earlier ones still valid
+		// (after a renewal) are revoked too.
+		out, err := revokeCerts(tx, id, now)
+		if err != nil {
+			return err
 		}
 		revoked = out // assigned, not appended: this function may run twice
-		// Serial is the current certificate; earlier ones still valid
-		// (after a renewal or re-provisioning) are revoked too.
-		all := make([]string, len(out))
-		for i, c := range out {
-			all[i] = c.Serial
-		}
-		detail := fmt.Sprintf("%d certificate(s) revoked: %s", len(out), strings.Join(all, " "))
+		detail := fmt.Sprintf("%d certificate(s) revoked: %s", len(out), serialList(out))
 		return db.appendAudit(tx, []AuditEvent{{Time: now, Action: ActDeviceRevoke, DeviceID: id, Serial: d.Serial, Remote: remote, Detail: detail}})
 	})
 	if err != nil {
 		return nil, fmt.Errorf("revoke device %s: %w", id, err)
 	}
 	return revoked, nil
+}
+
+// revokeCerts revokes every certificate of identity id not yet revoked and
+// returns those.
+func revokeCerts(tx *bbolt.Tx, id string, now time.Time) ([]Cert, error) {
+	var serials []string
+	prefix := deviceCertPrefix(id)
+	c := tx.Bucket(bucketDeviceCerts).Cursor()
+	for k, _ := c.Seek(prefix); k != nil && bytes.HasPrefix(k, prefix); k, _ = c.Next() {
+		serials = append(serials, string(k[len(prefix):]))
+	}
+	var out []Cert
+	rb := tx.Bucket(bucketRevoked)
+	for _, s := range serials {
+		cert, err := getCert(tx, s)
+		if err != nil {
+			return nil, fmt.Errorf("indexed serial %s: %w", s, err)
+		}
+		if cert.Revoked() {
+			continue
+		}
+		cert.RevokedAt = now
+		if err := putJSON(tx.Bucket(bucketCerts), []byte(s), certRecord{Cert: cert, DER: cert.DER}); err != nil {
+			return nil, err
+		}
+		if err := rb.Put([]byte(s), nil); err != nil {
+			return nil, fmt.Errorf("index revoked: %w", err)
+		}
+		out = append(out, cert)
+	}
+	return out, nil
+}
+
+func serialList(certs []Cert) string {
+	all := make([]string, len(certs))
+	for i, c := range certs {
+		all[i] = c.Serial
+	}
+	return strings.Join(all, " ")
 }
 
 // Device returns identity id, or ErrNotFound.

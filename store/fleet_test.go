@@ -515,10 +515,20 @@ func TestReprovision(t *testing.T) {
 	if want := map[string]string{"site": "b", "rack": "2"}; !maps.Equal(d.Labels, want) {
 		t.Fatalf("labels %v, want %v (the token's win)", d.Labels, want)
 	}
-	// The old certificate is replaced, not revoked: it expires as after a
-	// renewal.
-	if c, err := db.Cert(ctx, "s-old"); err != nil || c.Revoked() || c.DeviceID != "pi" {
+	// The old key is gone, maybe into other hands: its certificate is
+	// revoked (refused by the broker and for renewal, on the CRL); the new
+	// one is not.
+	if c, err := db.Cert(ctx, "s-old"); err != nil || !c.Revoked() || c.DeviceID != "pi" {
 		t.Fatalf("old certificate: %+v, %v", c, err)
+	}
+	if c, err := db.Cert(ctx, "s-new"); err != nil || c.Revoked() {
+		t.Fatalf("new certificate: %+v, %v", c, err)
+	}
+	if crl, err := db.RevokedCerts(ctx); err != nil || len(crl) != 1 || crl[0].Serial != "s-old" {
+		t.Fatalf("revoked certificates %+v, %v; want s-old", crl, err)
+	}
+	if err := db.Renew(ctx, store.Renewal{DeviceID: "pi", OldSerial: "s-old", Cert: cert("pi", "s-fork"), Now: e.Now}); !errors.Is(err, store.ErrCertRevoked) {
+		t.Fatalf("renewal with the superseded certificate: %v, want ErrCertRevoked", err)
 	}
 	evs, err := db.Audit(ctx, store.AuditFilter{DeviceID: "pi"})
 	if err != nil {
@@ -526,7 +536,7 @@ func TestReprovision(t *testing.T) {
 	}
 	var seen bool
 	for _, ev := range evs {
-		if ev.Action == store.ActReprovision && ev.Serial == "s-new" && ev.TokenID == "again" && ev.Detail == "previous certificate s-old" {
+		if ev.Action == store.ActReprovision && ev.Serial == "s-new" && ev.TokenID == "again" && ev.Detail == "previous certificate s-old; 1 certificate(s) revoked: s-old" {
 			seen = true
 		}
 	}

@@ -357,3 +357,50 @@ func TestFailedAttemptsRateLimited(t *testing.T) {
 		t.Fatalf("valid enrollment from a throttled address: %d", a.status)
 	}
 }
+
+// TestReprovisionRevokesEarlierCertificates: re-provisioning says the
+// device's key is gone, maybe into other hands. Its earlier certificates
+// used to stay valid and could renew for good, so a kept key went on as
+// the device next to the new one. They are now revoked: the live session
+// on one is closed at once, it is refused by the broker and for renewal,
+// and the CRL lists it; the device on its new certificate is a device as
+// any other, its telemetry delivered.
+func TestReprovisionRevokesEarlierCertificates(t *testing.T) {
+	s := startServer(t)
+	old := s.enroll(t, s.token(t), "pi-rp")
+	lost := make(chan error, 1)
+	oldClient := pahoClient(t, s, old, "pi-rp", lost)
+	defer oldClient.Disconnect(0)
+	svc := serviceClient(t, s, "svc-rp")
+	defer svc.Disconnect(0)
+	msgs := subscribe(t, svc, "devices/+/telemetry")
+
+	start := time.Now()
+	fresh := s.enroll(t, s.token(t, "--device", "pi-rp", "--reprovision"), "pi-rp")
+	lostWithinASecond(t, lost, start, "the old certificate's session")
+	if _, a := s.renewOver(t, old); a.code != "cert_revoked" {
+		t.Fatalf("renewal with the old certificate: %d %s, want cert_revoked", a.status, a.body)
+	}
+	if err := s.handshake(old); err == nil {
+		t.Fatal("the old certificate's handshake was not refused")
+	}
+	listed := false
+	for _, e := range fetchCRL(t, s).RevokedCertificateEntries {
+		if e.SerialNumber.Cmp(old.cert.SerialNumber) == 0 {
+			listed = true
+		}
+		if e.SerialNumber.Cmp(fresh.cert.SerialNumber) == 0 {
+			t.Fatal("the new certificate is on the CRL")
+		}
+	}
+	if !listed {
+		t.Fatal("the old certificate is not on the CRL")
+	}
+
+	c := pahoClient(t, s, fresh, "pi-rp", nil)
+	defer c.Disconnect(0)
+	publish(t, c, "devices/pi-rp/telemetry", `{"n":1}`)
+	if m := nextMessage(t, msgs, 10*time.Second, "the new certificate's telemetry"); string(m.Payload()) != `{"n":1}` {
+		t.Fatalf("service got %q", m.Payload())
+	}
+}

@@ -273,6 +273,7 @@ func New(cfg Config) (_ *Server, err error) {
 	}
 	ec.Logger, ec.Now = cfg.Logger.With().Str("component", "enroll").Logger(), cfg.Now
 	ec.Observe = chain(ec.Observe, s.metrics.ObserveEnroll)
+	ec.OnReprovision = s.onReprovision
 	from, to, restored, err := s.db.RestoredWindow(context.Background(), cfg.Now())
 	if err != nil {
 		return nil, err
@@ -565,6 +566,15 @@ func (s *Server) onRevoke(ctx context.Context, id string, _ []store.Cert) {
 	}
 	if err := s.enroll.RefreshCRL(ctx); err != nil {
 		s.log.Error().Err(err).Msg("refresh CRL after revocation")
+	}
+}
+
+// onReprovision closes the sessions of a re-provisioned device that use
+// the certificates its re-provisioning revoked (the CRL is already
+// regenerated); the device's new certificate connects as usual.
+func (s *Server) onReprovision(_ context.Context, id string) {
+	if s.mqtt != nil {
+		s.mqtt.CloseRevokedCerts(id)
 	}
 }
 
