@@ -602,6 +602,34 @@ func (db *DB) Cert(ctx context.Context, serial string) (Cert, error) {
 	return c, nil
 }
 
+// DeviceCerts returns the certificate records kept for identity id (see
+// PruneCerts), newest first, or ErrNotFound.
+func (db *DB) DeviceCerts(ctx context.Context, id string) ([]Cert, error) {
+	var out []Cert
+	err := db.view(ctx, func(tx *bbolt.Tx) error {
+		if _, err := getDevice(tx, id); err != nil {
+			return err
+		}
+		prefix := deviceCertPrefix(id)
+		c := tx.Bucket(bucketDeviceCerts).Cursor()
+		for k, _ := c.Seek(prefix); k != nil && bytes.HasPrefix(k, prefix); k, _ = c.Next() {
+			cert, err := getCert(tx, string(k[len(prefix):]))
+			if err != nil {
+				return fmt.Errorf("indexed serial %s: %w", k[len(prefix):], err)
+			}
+			out = append(out, cert)
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("certificates of %s: %w", id, err)
+	}
+	slices.SortFunc(out, func(a, b Cert) int {
+		return cmp.Or(b.IssuedAt.Compare(a.IssuedAt), strings.Compare(b.Serial, a.Serial))
+	})
+	return out, nil
+}
+
 // RevokedCerts returns every revoked certificate, sorted by serial.
 func (db *DB) RevokedCerts(ctx context.Context) ([]Cert, error) {
 	var out []Cert

@@ -530,6 +530,13 @@ func TestReprovision(t *testing.T) {
 	if err := db.Renew(ctx, store.Renewal{DeviceID: "pi", OldSerial: "s-old", Cert: cert("pi", "s-fork"), Now: e.Now}); !errors.Is(err, store.ErrCertRevoked) {
 		t.Fatalf("renewal with the superseded certificate: %v, want ErrCertRevoked", err)
 	}
+	certs, err := db.DeviceCerts(ctx, "pi")
+	if err != nil || len(certs) != 2 || certs[0].Serial != "s-new" || certs[1].Serial != "s-old" || !certs[1].Revoked() {
+		t.Fatalf("DeviceCerts: %+v, %v; want s-new, then s-old revoked", certs, err)
+	}
+	if _, err := db.DeviceCerts(ctx, "nope"); !errors.Is(err, store.ErrNotFound) {
+		t.Fatalf("DeviceCerts of an unknown id: %v", err)
+	}
 	evs, err := db.Audit(ctx, store.AuditFilter{DeviceID: "pi"})
 	if err != nil {
 		t.Fatal(err)

@@ -33,6 +33,7 @@ type Store interface {
 	Tokens(ctx context.Context) ([]store.Token, error)
 	RevokeToken(ctx context.Context, id, remote string, now time.Time) (store.Token, error)
 	Device(ctx context.Context, id string) (store.Device, error)
+	DeviceCerts(ctx context.Context, id string) ([]store.Cert, error)
 	Devices(ctx context.Context) ([]store.Device, error)
 	RevokeDevice(ctx context.Context, id, remote string, now time.Time) ([]store.Cert, error)
 	CreateIdentity(ctx context.Context, d store.Device, c store.Cert, remote string, now time.Time) error
@@ -547,6 +548,9 @@ type DeviceInfo struct {
 	// LastSeen is now for a connected identity, else when its last
 	// connection ended (zero: never connected).
 	LastSeen time.Time `json:"last_seen,omitzero"`
+	// Certificates are the identity's certificate records, newest first;
+	// set for one identity (DeviceInfo), not in lists.
+	Certificates []store.Cert `json:"certificates,omitempty"`
 }
 
 // State is how operators see an identity: revoked, online or offline.
@@ -578,6 +582,9 @@ func (h *Handler) DeviceInfo(ctx context.Context, id string) (DeviceInfo, error)
 	infos, err := h.deviceInfos(ctx, []store.Device{d})
 	if err != nil {
 		return DeviceInfo{}, err
+	}
+	if infos[0].Certificates, err = h.st.DeviceCerts(ctx, id); err != nil {
+		return DeviceInfo{}, named(err, "identity", id)
 	}
 	return infos[0], nil
 }

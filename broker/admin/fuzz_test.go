@@ -62,6 +62,9 @@ func (s *recordingStore) Device(context.Context, string) (store.Device, error) {
 	return store.Device{}, store.ErrNotFound
 }
 func (s *recordingStore) Devices(context.Context) ([]store.Device, error) { return nil, nil }
+func (s *recordingStore) DeviceCerts(context.Context, string) ([]store.Cert, error) {
+	return nil, store.ErrNotFound
+}
 func (s *recordingStore) RevokeDevice(context.Context, string, string, time.Time) ([]store.Cert, error) {
 	return nil, store.ErrNotFound
 }

@@ -414,13 +414,32 @@ func deviceShow(ctx context.Context, args []string, env Env) error {
 	if *fs.json {
 		return printJSON(env.Stdout, d)
 	}
-	return table(env.Stdout, "FIELD\tVALUE", [][]string{
+	err = table(env.Stdout, "FIELD\tVALUE", [][]string{
 		{"id", d.ID}, {"role", string(d.Role)}, {"state", d.State()},
 		{"created", fmtTime(d.CreatedAt)}, {"last seen", fmtTime(d.LastSeen)},
 		{"serial", d.Serial}, {"cert expires", fmtTime(d.NotAfter)},
 		{"last renewal", fmtTime(d.LastRenewal)}, {"revoked", fmtTime(d.RevokedAt)},
 		{"token", orDash(d.TokenID)}, {"labels", labelsString(d.Labels)},
 	})
+	if err != nil || len(d.Certificates) == 0 {
+		return err
+	}
+	now := time.Now()
+	rows := make([][]string, len(d.Certificates))
+	for i, c := range d.Certificates {
+		state := "valid"
+		switch {
+		case c.Revoked():
+			state = "revoked " + fmtTime(c.RevokedAt)
+		case !c.NotAfter.After(now):
+			state = "expired"
+		case c.Serial == d.Serial:
+			state = "current"
+		}
+		rows[i] = []string{c.Serial, fmtTime(c.IssuedAt), fmtTime(c.NotAfter), state}
+	}
+	fmt.Fprintln(env.Stdout)
+	return table(env.Stdout, "CERTIFICATE\tISSUED\tEXPIRES\tSTATE", rows)
 }
 
 func deviceRevoke(ctx context.Context, args []string, env Env) error {

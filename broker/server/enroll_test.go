@@ -397,6 +397,17 @@ func TestReprovisionRevokesEarlierCertificates(t *testing.T) {
 		t.Fatal("the old certificate is not on the CRL")
 	}
 
+	// device show lists both, newest first, with their states.
+	out, errs, code := s.cli(t, "device", "show", "pi-rp")
+	oldSerial, freshSerial := enroll.SerialHex(old.cert.SerialNumber), enroll.SerialHex(fresh.cert.SerialNumber)
+	_, certs, _ := strings.Cut(out, "CERTIFICATE")
+	lines := strings.Split(strings.TrimSpace(certs), "\n")
+	if code != 0 || len(lines) != 3 ||
+		!strings.HasPrefix(lines[1], freshSerial) || !strings.HasSuffix(lines[1], "current") ||
+		!strings.HasPrefix(lines[2], oldSerial) || !strings.Contains(lines[2], "revoked") {
+		t.Fatalf("device show (%d %s):\n%s", code, errs, out)
+	}
+
 	c := pahoClient(t, s, fresh, "pi-rp", nil)
 	defer c.Disconnect(0)
 	publish(t, c, "devices/pi-rp/telemetry", `{"n":1}`)
