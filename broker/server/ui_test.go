@@ -19,6 +19,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/chromedp/cdproto/cdp"
+	"github.com/chromedp/cdproto/fetch"
 	"github.com/chromedp/chromedp"
 
 	"github.com/fleetmq/fleetmq/broker/server"
@@ -85,7 +87,7 @@ func TestDashboardInBrowser(t *testing.T) {
 		t.Fatalf("loopback dashboard at %q", base)
 	}
 	d := s.enroll(t, s.token(t, "--device", "pi-0001", "--label", "site=greenhouse"), "pi-0001")
-	s.enroll(t, s.token(t, "--device", "pi-0002", "--label", "site=greenhouse"), "pi-0002")
+	d2 := s.enroll(t, s.token(t, "--device", "pi-0002", "--label", "site=greenhouse"), "pi-0002")
 	s.enroll(t, s.token(t, "--device", "pi-0003", "--label", "site=barn"), "pi-0003")
 	lost := make(chan error, 1)
 	c := pahoClient(t, s, d, "pi-0001", lost)
@@ -134,6 +136,48 @@ func TestDashboardInBrowser(t *testing.T) {
 	rows, err := chromedp.Run(ctx, chromedp.Evaluate[int](`document.querySelectorAll("#devices tbody tr").length`))
 	if err != nil || rows != 2 {
 		t.Errorf("search for greenhouse: %d rows (%v), want 2", rows, err)
+	}
+
+	// A device that connects after the page was rendered but before its
+	// event stream opened sends no event that stream could carry: the
+	// stream's first event, the identities online, shows it. The browser
+	// holds the stream's request while pi-0002 connects.
+	if _, err := chromedp.Call(ctx, fetch.Enable, fetch.EnableParams{Patterns: []*fetch.RequestPattern{{URLPattern: base + "/events"}}}); err != nil {
+		t.Fatalf("intercept the event stream: %v", err)
+	}
+	held, err := chromedp.Run(ctx, chromedp.WaitEvent(fetch.RequestPaused, nil, chromedp.Reload()))
+	if err != nil {
+		t.Fatalf("reload with the event stream held: %v", err)
+	}
+	if state, err := chromedp.Run(ctx, chromedp.Text(chromedp.CSS(`#devices [data-presence="pi-0002"]`))); err != nil || state != "offline" {
+		t.Fatalf("device table: pi-0002 %q (%v), want offline", state, err)
+	}
+	// Another tab sees pi-0002 connect: the change has gone out as an
+	// event before the held stream is let go.
+	other, closeOther := chromedp.NewContext(ctx)
+	defer closeOther()
+	if err := chromedp.Do(other, chromedp.Navigate(base+"/devices?q=greenhouse"), chromedp.WaitVisible(chromedp.CSS("#devices"))); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := chromedp.Run(other, chromedp.Poll[bool](`document.body.dataset.live === "open"`, chromedp.WithPollingTimeout(20*time.Second))); err != nil {
+		t.Fatalf("event stream of the other tab not open: %v", err)
+	}
+	c2 := pahoClient(t, s, d2, "pi-0002", nil)
+	defer c2.Disconnect(0)
+	if _, err := chromedp.Run(other, chromedp.Poll[bool](`document.querySelector('#devices [data-presence="pi-0002"]').textContent === "online"`,
+		chromedp.WithPollingTimeout(20*time.Second))); err != nil {
+		t.Fatalf("the other tab does not see pi-0002 connect: %v", err)
+	}
+	if _, err := chromedp.Call(ctx, fetch.ContinueRequest, fetch.ContinueRequestParams{RequestID: held.RequestID}); err != nil {
+		t.Fatalf("let the event stream go: %v", err)
+	}
+	if _, err := chromedp.Call(ctx, fetch.Disable, cdp.Empty{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := chromedp.Run(ctx, chromedp.Poll[bool](`document.querySelector('#devices [data-presence="pi-0002"]').textContent === "online"`,
+		chromedp.WithPollingTimeout(20*time.Second))); err != nil {
+		state, _ := chromedp.Run(ctx, chromedp.Text(chromedp.CSS(`#devices [data-presence="pi-0002"]`)))
+		t.Fatalf("pi-0002, connected before the stream opened, shows %q: %v", state, err)
 	}
 
 	// Device page: one circle per published sample in each plot.

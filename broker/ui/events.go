@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"slices"
 	"sync"
 	"time"
 
@@ -29,30 +30,40 @@ type hub struct {
 	mu      sync.Mutex
 	subs    map[chan presenceEvent]struct{}
 	running bool
+	// last is the online set the events broadcast so far lead to. A new
+	// subscriber starts from it: every change after it is an event, so
+	// the subscriber's view is exact, whatever its page was rendered from.
+	last map[string]bool
 }
 
 // subscriberBuffer is how many events a slow page may lag before its
-// stream is closed; the browser reconnects and the page catches up.
+// stream is closed; the browser reconnects, and the new stream starts
+// with the current online set (serveEvents).
 const subscriberBuffer = 256
 
 func newHub(ctx context.Context, online func() []string, interval time.Duration) *hub {
 	return &hub{ctx: ctx, online: online, interval: interval, subs: make(map[chan presenceEvent]struct{})}
 }
 
-// subscribe returns a channel of presence events, closed when the
-// subscriber falls behind, and a cancel func.
-func (h *hub) subscribe() (<-chan presenceEvent, func()) {
+// subscribe returns the identities online as the events to come start
+// from, a channel of presence events, closed when the subscriber falls
+// behind, and a cancel func.
+func (h *hub) subscribe() ([]string, <-chan presenceEvent, func()) {
 	ch := make(chan presenceEvent, subscriberBuffer)
 	h.mu.Lock()
 	h.subs[ch] = struct{}{}
 	if !h.running {
 		h.running = true
-		// The state the subscriber's page was rendered from, or newer:
-		// every change after it is an event.
-		go h.run(set(h.online()))
+		h.last = set(h.online())
+		go h.run()
+	}
+	online := make([]string, 0, len(h.last))
+	for id := range h.last {
+		online = append(online, id)
 	}
 	h.mu.Unlock()
-	return ch, func() {
+	slices.Sort(online)
+	return online, ch, func() {
 		h.mu.Lock()
 		defer h.mu.Unlock()
 		if _, ok := h.subs[ch]; ok {
@@ -62,7 +73,7 @@ func (h *hub) subscribe() (<-chan presenceEvent, func()) {
 	}
 }
 
-func (h *hub) run(last map[string]bool) {
+func (h *hub) run() {
 	t := time.NewTicker(h.interval)
 	defer t.Stop()
 	for {
@@ -74,35 +85,36 @@ func (h *hub) run(last map[string]bool) {
 			return
 		case <-t.C:
 		}
+		// Read outside the lock: it is the broker's lock that it takes.
+		now := set(h.online())
 		h.mu.Lock()
 		if len(h.subs) == 0 {
 			h.running = false
 			h.mu.Unlock()
 			return
 		}
-		h.mu.Unlock()
-		now := set(h.online())
 		var evs []presenceEvent
 		for id := range now {
-			if !last[id] {
+			if !h.last[id] {
 				evs = append(evs, presenceEvent{ID: id, Online: true})
 			}
 		}
-		for id := range last {
+		for id := range h.last {
 			if !now[id] {
 				evs = append(evs, presenceEvent{ID: id, Online: false})
 			}
 		}
-		last = now
-		if len(evs) > 0 {
-			h.broadcast(evs)
-		}
+		// The new set and its events go out together, under the lock,
+		// so that a subscriber gets either the old set and the events,
+		// or the new set alone.
+		h.last = now
+		h.broadcast(evs)
+		h.mu.Unlock()
 	}
 }
 
+// broadcast sends evs to every subscriber; h.mu is held.
 func (h *hub) broadcast(evs []presenceEvent) {
-	h.mu.Lock()
-	defer h.mu.Unlock()
 	for ch := range h.subs {
 		for _, ev := range evs {
 			select {
@@ -134,9 +146,13 @@ type telemetryEvent struct {
 // heartbeat keeps idle streams (and the proxies between) open.
 const heartbeat = 20 * time.Second
 
-// serveEvents streams server-sent events: "presence" for every identity
-// that connects or disconnects, and with ?device=ID "telemetry" for each
-// message that device stores.
+// serveEvents streams server-sent events: first "online", the identities
+// connected now, then "presence" for every identity that connects or
+// disconnects, and with ?device=ID "telemetry" for each message that
+// device stores. The first event is what makes a page exact: it was
+// rendered before the stream opened, and a stream that fell behind (a
+// network outage flips thousands of devices at once) ends and reconnects,
+// so changes in between would otherwise be lost.
 func (s *Server) serveEvents(w http.ResponseWriter, r *http.Request) {
 	rc := http.NewResponseController(w)
 	// The server's deadlines are for requests, not for streams.
@@ -159,9 +175,9 @@ func (s *Server) serveEvents(w http.ResponseWriter, r *http.Request) {
 		defer expiry.Stop()
 	}
 
-	// Subscribe before answering, so that nothing falls between the page
-	// the browser has and the stream.
-	pres, cancelPres := s.hub.subscribe()
+	// Subscribe before answering: the stream starts with the online set
+	// the subscription's events follow on from.
+	online, pres, cancelPres := s.hub.subscribe()
 	defer cancelPres()
 	var tel <-chan store.Message
 	if id := r.URL.Query().Get("device"); id != "" && s.cfg.Follow != nil {
@@ -178,7 +194,11 @@ func (s *Server) serveEvents(w http.ResponseWriter, r *http.Request) {
 	if _, err := fmt.Fprint(w, "retry: 2000\n: fleetmq\n\n"); err != nil {
 		return
 	}
-	if rc.Flush() != nil {
+	b, err := json.Marshal(online)
+	if err != nil {
+		return
+	}
+	if _, err := fmt.Fprintf(w, "event: online\ndata: %s\n\n", b); err != nil || rc.Flush() != nil {
 		return
 	}
 	t := time.NewTicker(heartbeat)

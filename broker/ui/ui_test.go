@@ -495,7 +495,11 @@ func TestEventStream(t *testing.T) {
 		t.Fatalf("Content-Type %q", resp.Header.Get("Content-Type"))
 	}
 	ev := &sseReader{r: bufio.NewReader(resp.Body)}
-	// The stream answers once the subscriptions are in place.
+	// The stream answers once the subscriptions are in place, with the
+	// identities online then.
+	if name, data := ev.next(t); name != "online" || data != `[]` {
+		t.Fatalf("first event %s %s, want online []", name, data)
+	}
 	f.setOnline("pi-1", true)
 	name, data := ev.next(t)
 	if name != "presence" || data != `{"id":"pi-1","online":true}` {
@@ -524,6 +528,51 @@ func TestEventStream(t *testing.T) {
 		// A heartbeat may be in flight; the stream must end right after.
 		if _, err := ev.r.ReadString('\n'); err == nil {
 			t.Fatal("stream still open after Close")
+		}
+	}
+}
+
+// A page is rendered before its event stream opens, and a stream that falls
+// behind is closed and opened again by the browser: changes in between
+// send no event to that page. Every stream starts with the identities
+// online then, from which its events follow on.
+func TestEventStreamStartsWithOnlineSet(t *testing.T) {
+	f := newFleet()
+	for _, id := range []string{"pi-1", "pi-2", "pi-3"} {
+		f.addDevice(store.Device{ID: id, Role: store.RoleDevice})
+	}
+	f.setOnline("pi-3", true)
+	f.setOnline("pi-1", true)
+	s, ts := newUI(t, f, nil)
+	c := loggedIn(t, s, ts.URL)
+	open := func() (*sseReader, func()) {
+		t.Helper()
+		resp, err := c.Get(ts.URL + "/events")
+		if err != nil || resp.StatusCode != http.StatusOK {
+			t.Fatalf("event stream: %v %v", resp, err)
+		}
+		return &sseReader{r: bufio.NewReader(resp.Body)}, func() { resp.Body.Close() }
+	}
+	first, closeFirst := open()
+	defer closeFirst()
+	if name, data := first.next(t); name != "online" || data != `["pi-1","pi-3"]` {
+		t.Fatalf("first event %s %s, want online [pi-1 pi-3]", name, data)
+	}
+	// A change while the first stream is open: a second stream starts
+	// from the new set, not from what the first was told.
+	f.setOnline("pi-1", false)
+	if name, data := first.next(t); name != "presence" || data != `{"id":"pi-1","online":false}` {
+		t.Fatalf("event %s %s", name, data)
+	}
+	second, closeSecond := open()
+	defer closeSecond()
+	if name, data := second.next(t); name != "online" || data != `["pi-3"]` {
+		t.Fatalf("second stream's first event %s %s, want online [pi-3]", name, data)
+	}
+	f.setOnline("pi-2", true)
+	for _, ev := range []*sseReader{first, second} {
+		if name, data := ev.next(t); name != "presence" || data != `{"id":"pi-2","online":true}` {
+			t.Fatalf("event %s %s", name, data)
 		}
 	}
 }

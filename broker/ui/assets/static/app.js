@@ -117,12 +117,25 @@ function addSample(ev) {
   if (n) n.textContent = String(Math.min(Number(n.textContent) + 1, max));
 }
 
+function showPresence(e, online) {
+  e.textContent = online ? "online" : "offline";
+  e.classList.toggle("online", online);
+  e.classList.toggle("offline", !online);
+}
+
 function setPresence(ev) {
   for (const e of document.querySelectorAll("[data-presence]")) {
-    if (e.dataset.presence !== ev.id) continue;
-    e.textContent = ev.online ? "online" : "offline";
-    e.classList.toggle("online", ev.online);
-    e.classList.toggle("offline", !ev.online);
+    if (e.dataset.presence === ev.id) showPresence(e, ev.online);
+  }
+}
+
+// setOnline applies the set of identities online that every stream starts
+// with: changes made while the page loaded, or while its stream was down,
+// sent no event this page saw.
+function setOnline(ids) {
+  const online = new Set(ids);
+  for (const e of document.querySelectorAll("[data-presence]")) {
+    showPresence(e, online.has(e.dataset.presence));
   }
 }
 
@@ -157,6 +170,9 @@ function listen() {
   es.addEventListener("error", () => {
     document.body.dataset.live = "closed";
     if (live) live.classList.remove("on");
+  });
+  es.addEventListener("online", (m) => {
+    setOnline(JSON.parse(m.data));
   });
   es.addEventListener("presence", (m) => {
     const ev = JSON.parse(m.data);
