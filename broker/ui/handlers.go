@@ -599,7 +599,15 @@ type auditData struct {
 	Limit          int
 	Events         []store.AuditEvent
 	Actions        []string
+	// Searched is how many of the newest events were looked through when
+	// that bound, not the log's end, stopped the search for Action.
+	Searched int
 }
+
+// maxAuditSearch bounds how deep the audit page reads the log for an
+// action, which the store does not filter by: as deep as the newest
+// 10,000 events of any action, the page's largest limit, could take.
+const maxAuditSearch = 100_000
 
 func (s *Server) audit(w http.ResponseWriter, r *http.Request) {
 	q := r.URL.Query()
@@ -609,19 +617,32 @@ func (s *Server) audit(w http.ResponseWriter, r *http.Request) {
 	}
 	f := store.AuditFilter{DeviceID: d.Device, Limit: d.Limit}
 	if d.Action != "" {
-		// The store filters by device and time only; read deeper and
-		// filter here.
-		f.Limit = 10 * d.Limit
+		f.Limit = min(10*d.Limit, maxAuditSearch)
 	}
-	evs, err := s.cfg.Store.Audit(r.Context(), f)
-	if err != nil {
-		s.failErr(w, r, err)
-		return
-	}
-	for i := len(evs) - 1; i >= 0 && len(d.Events) < d.Limit; i-- {
-		if d.Action == "" || evs[i].Action == d.Action {
-			d.Events = append(d.Events, evs[i])
+	for {
+		evs, err := s.cfg.Store.Audit(r.Context(), f)
+		if err != nil {
+			s.failErr(w, r, err)
+			return
 		}
+		d.Events = d.Events[:0]
+		for i := len(evs) - 1; i >= 0 && len(d.Events) < d.Limit; i-- {
+			if d.Action == "" || evs[i].Action == d.Action {
+				d.Events = append(d.Events, evs[i])
+			}
+		}
+		// A rare action (the revocations among a production line's
+		// enrollments) may lie deeper than the first read: read deeper
+		// until the page is full or the log ends, rather than show an
+		// empty page that reads as "never happened".
+		if len(d.Events) >= d.Limit || len(evs) < f.Limit {
+			break
+		}
+		if f.Limit >= maxAuditSearch {
+			d.Searched = f.Limit
+			break
+		}
+		f.Limit = min(4*f.Limit, maxAuditSearch)
 	}
 	s.render(w, r, http.StatusOK, "audit", page{Title: "Audit log", Nav: "audit", Data: d})
 }

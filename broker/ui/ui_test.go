@@ -2,6 +2,7 @@ package ui_test
 
 import (
 	"bufio"
+	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
@@ -10,6 +11,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/url"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -574,5 +576,48 @@ func TestEventStreamStartsWithOnlineSet(t *testing.T) {
 		if name, data := ev.next(t); name != "presence" || data != `{"id":"pi-2","online":true}` {
 			t.Fatalf("event %s %s", name, data)
 		}
+	}
+}
+
+// auditLog is the fleet with the audit log of a real store.
+type auditLog struct {
+	*fleet
+	db *store.DB
+}
+
+func (a auditLog) Audit(ctx context.Context, f store.AuditFilter) ([]store.AuditEvent, error) {
+	return a.db.Audit(ctx, f)
+}
+
+// The store filters the audit log by identity only, so the page reads it
+// for an action: a revocation followed by a production line's worth of
+// other events is still found, not shown as no event at all.
+func TestAuditActionFilterReadsDeeper(t *testing.T) {
+	db, err := store.Open(filepath.Join(t.TempDir(), "fleetmq.db"), store.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { db.Close() })
+	now := time.Now()
+	evs := []store.AuditEvent{{Time: now, Action: store.ActDeviceRevoke, DeviceID: "pi-7", Remote: "ui:local"}}
+	for i := range 2500 {
+		evs = append(evs, store.AuditEvent{Time: now, Action: store.ActTokenCreate, DeviceID: fmt.Sprintf("pi-%04d", i)})
+	}
+	if err := db.AppendAudit(context.Background(), evs...); err != nil {
+		t.Fatal(err)
+	}
+	f := newFleet()
+	s, ts := newUI(t, f, func(c *ui.Config) { c.Store = auditLog{fleet: f, db: db} })
+	c := loggedIn(t, s, ts.URL)
+	for _, path := range []string{"/audit?action=device.revoke", "/audit?action=device.revoke&limit=1"} {
+		r := do(t, c, "GET", ts.URL+path, nil, nil)
+		if r.status != http.StatusOK || !strings.Contains(r.body, "1 event(s).") || !strings.Contains(r.body, `href="/devices/pi-7"`) {
+			t.Errorf("GET %s: %d, the revocation not found:\n%s", path, r.status, r.body)
+		}
+	}
+	// The newest of an action come first, and no more than the limit.
+	r := do(t, c, "GET", ts.URL+"/audit?action=token.create&limit=3", nil, nil)
+	if !strings.Contains(r.body, "3 event(s).") || !strings.Contains(r.body, "pi-2499") || strings.Contains(r.body, "pi-2496") {
+		t.Errorf("token.create, limit 3:\n%s", r.body)
 	}
 }
