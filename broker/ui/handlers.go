@@ -335,7 +335,8 @@ func (s *Server) device(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	d.Series = string(b)
-	d.AgentVersion = latestAgentVersion(msgs)
+	// As deep as the device list looks, so that both show the same.
+	d.AgentVersion = latestAgentVersion(msgs[max(0, len(msgs)-agentVersionScan):])
 	if len(msgs) > 0 {
 		m := msgs[len(msgs)-1]
 		d.Latest = &m
