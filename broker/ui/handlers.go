@@ -434,8 +434,13 @@ func tokenMatches(t admin.TokenInfo, needle string) bool {
 type tokenForm struct {
 	Device, Prefix, TTL, Labels, Format string
 	Count, Uses                         int
+	Start                               int  // number of a batch's first id; 0: 1
 	Reprovision                         bool // the device exists: enroll it again
 }
+
+// First and Last are the ids a batch is for.
+func (f tokenForm) First() string { return admin.BatchID(f.Prefix, max(1, f.Start)) }
+func (f tokenForm) Last() string  { return admin.BatchID(f.Prefix, max(1, f.Start)+max(1, f.Count)-1) }
 
 func parseTokenForm(get func(string) string) (tokenForm, admin.TokenRequest, error) {
 	f := tokenForm{
@@ -451,6 +456,10 @@ func parseTokenForm(get func(string) string) (tokenForm, admin.TokenRequest, err
 	}
 	if f.Uses, err = optionalInt(get("uses")); err != nil || f.Uses < 0 || (f.Uses == 0 && strings.TrimSpace(get("uses")) != "") {
 		return f, admin.TokenRequest{}, errors.New("uses must be a number of at least 1")
+	}
+	// A batch goes on from the ids already taken: ids are for life.
+	if f.Start, err = optionalInt(get("start")); err != nil || f.Start < 0 || (f.Start == 0 && strings.TrimSpace(get("start")) != "") {
+		return f, admin.TokenRequest{}, errors.New("the first number of a batch must be a number of at least 1")
 	}
 	if f.TTL == "" {
 		f.TTL = "24h"
@@ -468,6 +477,12 @@ func parseTokenForm(get func(string) string) (tokenForm, admin.TokenRequest, err
 	req := admin.TokenRequest{DeviceID: f.Device, Reprovision: f.Reprovision, Uses: f.Uses, TTL: ttl.String(), Prefix: f.Prefix}
 	if f.Count > 1 || f.Prefix != "" {
 		req.Count = f.Count
+	}
+	if f.Start != 0 {
+		if req.Count == 0 && f.Prefix == "" {
+			return f, admin.TokenRequest{}, errors.New("a first number goes with a batch: give a count and a prefix too")
+		}
+		req.Start = f.Start
 	}
 	if f.Labels != "" {
 		req.Labels = map[string]string{}

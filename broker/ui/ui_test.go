@@ -334,7 +334,8 @@ func TestTokenFormRefusesBadValues(t *testing.T) {
 	s, ts := newUI(t, f, nil)
 	c := loggedIn(t, s, ts.URL)
 	tok := formToken(t, do(t, c, "GET", ts.URL+"/tokens/new?ttl=24h", nil, nil).body)
-	for _, q := range []string{"ttl=NaNd", "ttl=Infd", "ttl=-1h", "ttl=0d", "ttl=99999999d", "count=-1&prefix=pi-", "count=0&prefix=pi-", "uses=0", "uses=-3", "uses=x"} {
+	for _, q := range []string{"ttl=NaNd", "ttl=Infd", "ttl=-1h", "ttl=0d", "ttl=99999999d", "count=-1&prefix=pi-", "count=0&prefix=pi-", "uses=0", "uses=-3", "uses=x",
+		"count=2&prefix=pi-&start=0", "count=2&prefix=pi-&start=-5", "count=2&prefix=pi-&start=x", "device=pi-1&start=7"} {
 		if r := do(t, c, "GET", ts.URL+"/tokens/new?"+q, nil, nil); r.status != http.StatusBadRequest {
 			t.Errorf("GET /tokens/new?%s: %d, want 400", q, r.status)
 		}
@@ -619,5 +620,32 @@ func TestAuditActionFilterReadsDeeper(t *testing.T) {
 	r := do(t, c, "GET", ts.URL+"/audit?action=token.create&limit=3", nil, nil)
 	if !strings.Contains(r.body, "3 event(s).") || !strings.Contains(r.body, "pi-2499") || strings.Contains(r.body, "pi-2496") {
 		t.Errorf("token.create, limit 3:\n%s", r.body)
+	}
+}
+
+// A production line goes on where its last batch ended: ids are for life,
+// so a second batch with the same prefix starts after the ids taken, as
+// with `fleetmq token create --start`. The form had no such field, and
+// every later batch from the dashboard failed with id_taken.
+func TestTokenBatchGoesOn(t *testing.T) {
+	f := newFleet()
+	s, ts := newUI(t, f, nil)
+	c := loggedIn(t, s, ts.URL)
+	if r := do(t, c, "GET", ts.URL+"/tokens", nil, nil); !strings.Contains(r.body, `name="start"`) {
+		t.Fatalf("the token form has no field for a batch's first number:\n%s", r.body)
+	}
+	page := do(t, c, "GET", ts.URL+"/tokens/new?count=50&prefix=pi-&start=2001&ttl=24h", nil, nil)
+	if page.status != http.StatusOK || !strings.Contains(page.body, "ids pi-2001 … pi-2050 (50)") {
+		t.Fatalf("confirmation: %d %s", page.status, page.body)
+	}
+	form := url.Values{"confirm": {"yes"}, "csrf": {formToken(t, page.body)}, "once": {onceField(t, page.body)}}
+	for _, name := range []string{"count", "prefix", "start", "ttl", "format"} {
+		form.Set(name, formField(t, page.body, name))
+	}
+	if r := do(t, c, "POST", ts.URL+"/tokens", form, nil); r.status != http.StatusCreated {
+		t.Fatalf("token creation: %d %s", r.status, r.body)
+	}
+	if _, minted := f.changes(); len(minted) != 1 || minted[0].Count != 50 || minted[0].Prefix != "pi-" || minted[0].Start != 2001 {
+		t.Fatalf("minted %+v, want 50 from pi-2001", minted)
 	}
 }
