@@ -163,12 +163,16 @@ func (s *Server) serveEvents(w http.ResponseWriter, r *http.Request) {
 	_ = rc.SetReadDeadline(time.Time{})
 
 	// A stream ends when the certificate or the login it was opened with
-	// expires, and an operator's when the operator is revoked.
+	// expires, an operator's when the operator is revoked, and a local
+	// user's at logout.
 	ctx, cancel := context.WithCancel(r.Context())
 	defer cancel()
 	v := viewerOf(ctx)
-	if v.Name != "" {
+	switch {
+	case v.Name != "":
 		defer s.trackStream(v.Name, cancel)()
+	case v.Login != "":
+		defer s.trackStream(loginStream(v.Login), cancel)()
 	}
 	if !v.Until.IsZero() {
 		expiry := time.AfterFunc(v.Until.Sub(s.cfg.Now()), cancel)

@@ -282,16 +282,29 @@ func login(tb testing.TB, s *ui.Server, c *http.Client, base string, hdr map[str
 // it within 10 s.
 func streamEnds(tb testing.TB, c *http.Client, u, when string) {
 	tb.Helper()
+	waitEnd(tb, openStream(tb, c, u), when)
+}
+
+// openStream opens the event stream at u, read to its end in the
+// background: the channel is closed when the server ends it.
+func openStream(tb testing.TB, c *http.Client, u string) <-chan struct{} {
+	tb.Helper()
 	resp, err := c.Get(u)
 	if err != nil || resp.StatusCode != 200 {
 		tb.Fatalf("event stream: %v %v", resp, err)
 	}
-	defer resp.Body.Close()
-	ended := make(chan error, 1)
+	tb.Cleanup(func() { resp.Body.Close() })
+	ended := make(chan struct{})
 	go func() {
-		_, err := io.Copy(io.Discard, resp.Body)
-		ended <- err
+		defer close(ended)
+		io.Copy(io.Discard, resp.Body)
 	}()
+	return ended
+}
+
+// waitEnd fails unless ended is closed within 10 s.
+func waitEnd(tb testing.TB, ended <-chan struct{}, when string) {
+	tb.Helper()
 	select {
 	case <-ended:
 	case <-time.After(10 * time.Second):

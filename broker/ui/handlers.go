@@ -35,6 +35,7 @@ func (s *Server) routes() http.Handler {
 	mux.HandleFunc("GET /events", s.serveEvents)
 	mux.Handle("GET /static/", staticHandler())
 	mux.HandleFunc("/login", s.serveLogin)
+	mux.HandleFunc("POST /logout", s.serveLogout)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, r, http.StatusNotFound, "No such page.")
 	})

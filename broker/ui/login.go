@@ -43,12 +43,17 @@ const (
 // off, or on a network address, where operators present certificates.
 var ErrNoLocalLogin = errors.New("the dashboard takes login codes only on a loopback address")
 
-// localLogin holds the login codes handed out and not yet used.
+// localLogin holds the login codes handed out and not yet used, and the
+// logins ended before their time.
 type localLogin struct {
 	key []byte
 
 	mu    sync.Mutex
 	codes map[string]time.Time // code → expiry
+	// out are the login cookies logged out, until they would have
+	// expired: a copy of one (another local user who got it, a browser
+	// profile backed up) is refused like the browser that logged out.
+	out map[string]time.Time
 }
 
 func newLocalLogin() (*localLogin, error) {
@@ -56,7 +61,26 @@ func newLocalLogin() (*localLogin, error) {
 	if _, err := rand.Read(key); err != nil {
 		return nil, fmt.Errorf("ui: login key: %w", err)
 	}
-	return &localLogin{key: key, codes: make(map[string]time.Time)}, nil
+	return &localLogin{key: key, codes: make(map[string]time.Time), out: make(map[string]time.Time)}, nil
+}
+
+// logout ends the login of cookie value v, valid until until.
+func (l *localLogin) logout(v string, until, now time.Time) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for k, exp := range l.out {
+		if !now.Before(exp) {
+			delete(l.out, k)
+		}
+	}
+	l.out[v] = until
+}
+
+func (l *localLogin) loggedOut(v string) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	_, out := l.out[v]
+	return out
 }
 
 // Login returns the login page's URL and a one-time code to enter there,
@@ -105,8 +129,12 @@ func (l *localLogin) take(code string, now time.Time) bool {
 }
 
 // cookie returns a login cookie value for user uid, valid until until.
+// Each login's cookie differs (a random part), so that logging out ends
+// that login only, not one made again within the second.
 func (l *localLogin) cookie(until time.Time, uid uint32) string {
-	v := strconv.FormatInt(until.Unix(), 10) + "." + strconv.FormatUint(uint64(uid), 10)
+	b := make([]byte, 12)
+	_, _ = rand.Read(b) // never fails (crypto/rand)
+	v := strconv.FormatInt(until.Unix(), 10) + "." + strconv.FormatUint(uint64(uid), 10) + "." + base64.RawURLEncoding.EncodeToString(b)
 	return v + "." + l.sign(v)
 }
 
@@ -123,10 +151,13 @@ func (l *localLogin) valid(v string, uid uint32, now time.Time) (time.Time, bool
 	if i < 0 || subtle.ConstantTimeCompare([]byte(v[i+1:]), []byte(l.sign(v[:i]))) != 1 {
 		return time.Time{}, false
 	}
-	exp, who, _ := strings.Cut(v[:i], ".")
-	sec, err1 := strconv.ParseInt(exp, 10, 64)
-	owner, err2 := strconv.ParseUint(who, 10, 32)
-	if err1 != nil || err2 != nil || uint32(owner) != uid {
+	parts := strings.Split(v[:i], ".")
+	if len(parts) != 3 {
+		return time.Time{}, false
+	}
+	sec, err1 := strconv.ParseInt(parts[0], 10, 64)
+	owner, err2 := strconv.ParseUint(parts[1], 10, 32)
+	if err1 != nil || err2 != nil || uint32(owner) != uid || l.loggedOut(v) {
 		return time.Time{}, false
 	}
 	until := time.Unix(sec, 0)
@@ -142,19 +173,43 @@ func (s *Server) requestUID(r *http.Request) (uint32, error) {
 	return peerUID(s.procNet, r.RemoteAddr, local.String())
 }
 
-// loggedIn returns the end of r's login to the loopback dashboard: a
-// current cookie of the user whose process sent r.
-func (s *Server) loggedIn(r *http.Request) (time.Time, bool) {
+// loggedIn returns r's login to the loopback dashboard, its cookie's
+// value, and its end: a current cookie of the user whose process sent r.
+func (s *Server) loggedIn(r *http.Request) (string, time.Time, bool) {
 	ck, err := r.Cookie(cookieLogin)
 	if err != nil {
-		return time.Time{}, false
+		return "", time.Time{}, false
 	}
 	uid, err := s.requestUID(r)
 	if err != nil {
 		s.log.Warn().Err(err).Msg("ui: request refused")
-		return time.Time{}, false
+		return "", time.Time{}, false
 	}
-	return s.login.valid(ck.Value, uid, s.cfg.Now())
+	until, ok := s.login.valid(ck.Value, uid, s.cfg.Now())
+	return ck.Value, until, ok
+}
+
+// loginStream is the key of the event streams of a login (trackStream),
+// beside the names of operators, which have no colon.
+func loginStream(cookie string) string { return "login:" + cookie }
+
+// serveLogout ends the browser's login to the loopback dashboard (a POST,
+// which the guard has checked for cross-origin requests and its CSRF
+// token): its cookie is cleared, refused from now on wherever it was
+// copied, and its pages' event streams end.
+func (s *Server) serveLogout(w http.ResponseWriter, r *http.Request) {
+	v := viewerOf(r.Context())
+	if v.Login == "" {
+		// Operators on the network present certificates: there is
+		// nothing to log out of.
+		s.fail(w, r, http.StatusNotFound, "No such page.")
+		return
+	}
+	s.login.logout(v.Login, v.Until, s.cfg.Now())
+	s.Revoke(loginStream(v.Login))
+	http.SetCookie(w, &http.Cookie{Name: cookieLogin, Value: "", Path: "/", MaxAge: -1, HttpOnly: true, SameSite: http.SameSiteStrictMode})
+	s.log.Info().Str("remote", r.RemoteAddr).Msg("ui: local logout")
+	http.Redirect(w, r, "/login", http.StatusSeeOther)
 }
 
 // needLogin is the answer to a loopback request without a login.

@@ -183,3 +183,49 @@ func TestCodeSpans(t *testing.T) {
 		}
 	}
 }
+
+// Logging out ends a login before its 12 hours: the browser's cookie is
+// cleared, a copy of it is refused from then on, and the pages' event
+// streams end.
+func TestLocalLogout(t *testing.T) {
+	f := newFleet()
+	f.addDevice(store.Device{ID: "pi-1", Role: store.RoleDevice})
+	s, ts := newUI(t, f, nil)
+	c := loggedIn(t, s, ts.URL)
+	u, _ := url.Parse(ts.URL)
+	var cookie string
+	for _, k := range c.Jar.Cookies(u) {
+		if k.Name == "fleetmq_login" {
+			cookie = k.Value
+		}
+	}
+	page := do(t, c, "GET", ts.URL+"/", nil, nil)
+	if page.status != http.StatusOK || !strings.Contains(page.body, `action="/logout"`) {
+		t.Fatalf("no logout button: %d\n%s", page.status, page.body)
+	}
+	// A cross-site form, or one without the page's token, logs no one out.
+	if r := do(t, c, "POST", ts.URL+"/logout", url.Values{}, nil); r.status != http.StatusForbidden {
+		t.Fatalf("logout without the CSRF token: %d", r.status)
+	}
+	ended := openStream(t, c, ts.URL+"/events")
+	r := do(t, c, "POST", ts.URL+"/logout", url.Values{"csrf": {formToken(t, page.body)}}, nil)
+	if r.status != http.StatusSeeOther || r.header.Get("Location") != "/login" {
+		t.Fatalf("logout: %d to %q", r.status, r.header.Get("Location"))
+	}
+	waitEnd(t, ended, "after logging out")
+	if r := do(t, c, "GET", ts.URL+"/", nil, nil); r.status != http.StatusUnauthorized {
+		t.Errorf("the browser after logging out: %d", r.status)
+	}
+	copied := browser(t)
+	copied.Jar.SetCookies(u, []*http.Cookie{{Name: "fleetmq_login", Value: cookie}})
+	if r := do(t, copied, "GET", ts.URL+"/", nil, nil); r.status != http.StatusUnauthorized {
+		t.Errorf("a copy of the cookie after logging out: %d", r.status)
+	}
+	// Logging in again works.
+	if r := login(t, s, c, ts.URL, nil); r.status != http.StatusSeeOther {
+		t.Fatalf("login after logout: %d", r.status)
+	}
+	if r := do(t, c, "GET", ts.URL+"/", nil, nil); r.status != http.StatusOK {
+		t.Errorf("after logging in again: %d", r.status)
+	}
+}

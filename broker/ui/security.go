@@ -26,6 +26,7 @@ import (
 // viewer is who is looking at the dashboard.
 type viewer struct {
 	Name   string    // operator identity, or "" for the local user on loopback
+	Login  string    // the local user's login cookie, on loopback
 	Remote string    // the caller as the audit log names it
 	Until  time.Time // end of the certificate or login that let it in
 }
@@ -70,7 +71,7 @@ func (s *Server) guard(next http.Handler) http.Handler {
 			}
 			v = viewer{Remote: "ui:local"}
 			if r.URL.Path != "/login" && !strings.HasPrefix(r.URL.Path, "/static/") {
-				until, ok := s.loggedIn(r)
+				login, until, ok := s.loggedIn(r)
 				switch {
 				case !ok && r.Method == http.MethodGet && strings.Contains(r.Header.Get("Accept"), "text/html"):
 					http.Redirect(w, r, "/login", http.StatusSeeOther) // a browser: to the form
@@ -79,7 +80,7 @@ func (s *Server) guard(next http.Handler) http.Handler {
 					s.fail(w, r, http.StatusUnauthorized, needLogin)
 					return
 				}
-				v.Until = until
+				v.Login, v.Until = login, until
 			}
 		}
 		if r.Method != http.MethodGet && r.Method != http.MethodHead {
