@@ -180,6 +180,27 @@ func TestDashboardInBrowser(t *testing.T) {
 		t.Fatalf("pi-0002, connected before the stream opened, shows %q: %v", state, err)
 	}
 
+	// Plots that appear live are captioned as the server captions them:
+	// the friendly name of a Pi field, and what a device sent escaped
+	// (found by hand: raw names, bidirectional controls included).
+	if err := chromedp.Do(ctx, chromedp.Navigate(base+"/devices/pi-0002"), chromedp.WaitVisible(chromedp.CSS("#no-telemetry"))); err != nil {
+		t.Fatalf("device page of pi-0002: %v", err)
+	}
+	if _, err := chromedp.Run(ctx, chromedp.Poll[bool](`document.body.dataset.live === "open"`, chromedp.WithPollingTimeout(20*time.Second))); err != nil {
+		t.Fatalf("event stream not open: %v", err)
+	}
+	if tok := c2.Publish("devices/pi-0002/telemetry", 1, false, `{"cpu_temp_c": 50, "\u202ex\u001b": 1, "constructor": 2}`); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+		t.Fatalf("publish: %v", tok.Error())
+	}
+	if _, err := chromedp.Run(ctx, chromedp.Poll[bool](`document.querySelectorAll("#charts figcaption").length === 3`, chromedp.WithPollingTimeout(20*time.Second))); err != nil {
+		t.Fatalf("live plots not added: %v", err)
+	}
+	captions, err := chromedp.Run(ctx, chromedp.Evaluate[[]string](`Array.from(document.querySelectorAll("#charts figcaption"), (e) => e.textContent)`))
+	slices.Sort(captions)
+	if want := []string{"CPU temperature, °C", `\u202ex\x1b`, "constructor"}; err != nil || !slices.Equal(captions, want) {
+		t.Errorf("live plot captions %q (%v), want %q", captions, err, want)
+	}
+
 	// Device page: one circle per published sample in each plot.
 	if err := chromedp.Do(ctx, chromedp.Navigate(base+"/devices/pi-0001"),
 		chromedp.WaitVisible(chromedp.CSS(`svg.plot[data-field="cpu_temp_c"] circle`))); err != nil {

@@ -306,6 +306,7 @@ type deviceData struct {
 	Expiring     bool
 	AgentVersion string
 	Series       string // JSON of []series
+	Labels       string // JSON of fieldLabels, for fields that appear live
 	Fields       []series
 	Samples      int
 	MaxPoints    int
@@ -336,6 +337,11 @@ func (s *Server) device(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	d.Series = string(b)
+	if b, err = json.Marshal(fieldLabels); err != nil {
+		s.failErr(w, r, err)
+		return
+	}
+	d.Labels = string(b)
 	// As deep as the device list looks, so that both show the same.
 	d.AgentVersion = latestAgentVersion(msgs[max(0, len(msgs)-agentVersionScan):])
 	if len(msgs) > 0 {

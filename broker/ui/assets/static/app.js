@@ -12,6 +12,18 @@ function el(name, attrs, parent) {
   return e;
 }
 
+// visible escapes what a device sent that would not show as itself, as
+// the server does (visibleText in pages.go): control characters but
+// newlines and tabs, and bidirectional controls, which make text read
+// otherwise than it is.
+function visible(s) {
+  return s.replace(/[\p{Cc}\p{Bidi_Control}]/gu, (c) => {
+    if (c === "\n" || c === "\t") return c;
+    const n = c.codePointAt(0);
+    return n < 0x80 ? "\\x" + n.toString(16).padStart(2, "0") : "\\u" + n.toString(16).padStart(4, "0");
+  });
+}
+
 // exact formats a sample's value for its tooltip.
 function exact(v) {
   return String(Number(v.toPrecision(10)));
@@ -85,6 +97,12 @@ function setupCharts() {
   box.dataset.max = String(max);
 }
 
+let fieldLabels = null;
+function labels() {
+  if (!fieldLabels) fieldLabels = JSON.parse(document.getElementById("charts").dataset.labels || "{}");
+  return fieldLabels;
+}
+
 function addSample(ev) {
   const box = document.getElementById("charts");
   if (!box) return;
@@ -101,10 +119,12 @@ function addSample(ev) {
       const fig = document.createElement("figure");
       fig.className = "chart";
       fig.dataset.field = name;
+      // Captioned as the server captions the plots it draws.
+      const label = Object.hasOwn(labels(), name) ? labels()[name] : visible(name);
       const cap = document.createElement("figcaption");
-      cap.textContent = name;
+      cap.textContent = label;
       fig.appendChild(cap);
-      const svg = el("svg", { class: "plot", "data-field": name, viewBox: "0 0 " + W + " " + H, role: "img" }, fig);
+      const svg = el("svg", { class: "plot", "data-field": name, viewBox: "0 0 " + W + " " + H, role: "img", "aria-label": label + " over time" }, fig);
       box.appendChild(fig);
       p = { svg: svg, points: [] };
       plots.set(name, p);
