@@ -6,9 +6,13 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
+
+	"go.etcd.io/bbolt"
 
 	"github.com/fleetmq/fleetmq/broker/server"
 	"github.com/fleetmq/fleetmq/enroll"
+	"github.com/fleetmq/fleetmq/store"
 )
 
 // stopped starts a node with a device, stops it and returns its config,
@@ -127,5 +131,58 @@ func TestRefusedStartWritesNoCA(t *testing.T) {
 		if _, err := os.Stat(filepath.Join(cfg.DataDir, name)); !errors.Is(err, os.ErrNotExist) {
 			t.Errorf("the refused start wrote %s: %v", name, err)
 		}
+	}
+}
+
+// TestUnboundStoreRefusesAnotherCA: a store written before fleetmq
+// recorded its CA is bound at its first start. Started first with a CA
+// that signed none of its certificates (the operator CA of another fleet,
+// say), the server refuses and binds nothing: the fleet's own CA is still
+// served afterwards, and bound from then on.
+func TestUnboundStoreRefusesAnotherCA(t *testing.T) {
+	cfg := stopped(t)
+	unbindCA(t, filepath.Join(cfg.DataDir, server.DBName))
+	other := t.TempDir()
+	if _, err := enroll.LoadOrCreateCA(enroll.CAConfig{Dir: other}); err != nil {
+		t.Fatal(err)
+	}
+	wrong := cfg
+	wrong.CACertFile, wrong.CAKeyFile = filepath.Join(other, "ca.pem"), filepath.Join(other, "ca.key")
+	if err := newRefused(t, wrong, "signed none of the certificates", "--ca-cert"); !errors.Is(err, store.ErrCAMismatch) {
+		t.Fatalf("error %q is not ErrCAMismatch", err)
+	}
+
+	srv, err := server.New(cfg)
+	if err != nil {
+		t.Fatalf("with the fleet's own CA after the refusal: %v", err)
+	}
+	if err := srv.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := newRefused(t, wrong, "were issued by the CA key"); !errors.Is(err, store.ErrCAMismatch) {
+		t.Fatalf("error %q is not ErrCAMismatch", err)
+	}
+}
+
+// unbindCA removes the store's record of its CA, as in a store written by
+// fleetmq before it kept one.
+func unbindCA(t *testing.T, path string) {
+	t.Helper()
+	db, err := bbolt.Open(path, 0o600, &bbolt.Options{Timeout: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = db.Update(func(tx *bbolt.Tx) error {
+		meta := tx.Bucket([]byte("meta"))
+		if meta.Get([]byte("ca_key")) == nil {
+			return errors.New("the store records no CA: the key name changed?")
+		}
+		return meta.Delete([]byte("ca_key"))
+	})
+	if cerr := db.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		t.Fatal(err)
 	}
 }

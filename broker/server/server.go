@@ -8,6 +8,7 @@ import (
 	"cmp"
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -631,10 +632,53 @@ func (s *Server) loadCA() (*enroll.CA, error) {
 	if err != nil {
 		return nil, fmt.Errorf("load CA: %w", err)
 	}
+	if bound == "" && has {
+		// A store written before fleetmq recorded its CA: BindCA would
+		// bind it to whatever CA this start was given, and from then on
+		// refuse the right one. Its certificates tell which CA it has.
+		if err := issuedAny(ctx, s.db, ca); err != nil {
+			return nil, fmt.Errorf("load CA: %w; start with the CA this database was used with (--ca-cert/--ca-key, or the data folder's ca.pem and ca.key)", err)
+		}
+	}
 	if err := s.db.BindCA(ctx, ca.KeyID()); err != nil {
 		return nil, fmt.Errorf("load CA: %w; start with the CA this database was used with (--ca-cert/--ca-key, or the data folder's ca.pem and ca.key)", err)
 	}
 	return ca, nil
+}
+
+// issuedAny returns store.ErrCAMismatch unless ca signed the current
+// certificate of at least one identity in db. One is proof enough that the
+// fleet is ca's: a store from before binding may hold a few identities
+// issued under another CA by mistake, which are locked out whatever CA
+// the server gets. A store with no certificate to check proves nothing
+// either way.
+func issuedAny(ctx context.Context, db *store.DB, ca *enroll.CA) error {
+	devs, err := db.Devices(ctx)
+	if err != nil {
+		return err
+	}
+	checked := 0
+	for _, d := range devs {
+		c, err := db.Cert(ctx, d.Serial)
+		if errors.Is(err, store.ErrCertUnknown) {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		leaf, err := x509.ParseCertificate(c.DER)
+		if err != nil {
+			continue // a record without its certificate proves nothing
+		}
+		checked++
+		if ca.Cert().CheckSignature(leaf.SignatureAlgorithm, leaf.RawTBSCertificate, leaf.Signature) == nil {
+			return nil
+		}
+	}
+	if checked == 0 {
+		return nil
+	}
+	return fmt.Errorf("%w: the CA key %s signed none of the certificates of its %d identities", store.ErrCAMismatch, ca.KeyID(), checked)
 }
 
 func (s *Server) renewServerCert() error {
