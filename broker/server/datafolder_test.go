@@ -90,6 +90,25 @@ func TestLostDatabaseRefused(t *testing.T) {
 	}
 }
 
+// TestLostDatabaseAndCertRefused: a folder that kept only the CA's key lost
+// its fleet as well. The server refuses without creating a database, which
+// the next start would serve as a new, empty fleet once ca.pem is back.
+func TestLostDatabaseAndCertRefused(t *testing.T) {
+	cfg := stopped(t)
+	dbPath := filepath.Join(cfg.DataDir, server.DBName)
+	for _, p := range []string{dbPath, filepath.Join(cfg.DataDir, "ca.pem")} {
+		if err := os.Remove(p); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := newRefused(t, cfg, "missing or empty", "from a backup"); !errors.Is(err, server.ErrDatabaseLost) {
+		t.Fatalf("error %q is not ErrDatabaseLost", err)
+	}
+	if _, err := os.Stat(dbPath); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("the refused start created the database: %v", err)
+	}
+}
+
 // TestKilledBackupFolderRefused: serving the folder of a backup killed
 // mid-copy (it holds fleetmq.db.partial) would start a new fleet; the
 // server refuses, says what the file is, and creates nothing.

@@ -339,8 +339,8 @@ var ErrDatabaseLost = errors.New("the fleet's database is missing or empty")
 
 // checkDataFolder refuses a folder in which opening the store would
 // silently start a new, empty fleet where there was one. A generated CA is
-// written after the database, so a folder holding ca.pem without a
-// database lost it: every device would be turned away, and its agent told
+// written after the database, so a folder holding ca.pem or ca.key
+// without a database lost it: every device would be turned away, and its agent told
 // to enroll again.
 //
 // A backup killed mid-copy leaves a folder holding fleetmq.db.partial:
@@ -364,10 +364,19 @@ func checkDataFolder(cfg Config) error {
 	case err != nil && !errors.Is(err, fs.ErrNotExist):
 		return fmt.Errorf("open store: %w", err)
 	}
-	if _, err := os.Stat(filepath.Join(cfg.DataDir, "ca.pem")); errors.Is(err, fs.ErrNotExist) {
+	// Either file of the CA will do: a folder that kept only ca.key lost
+	// its fleet too, and the store opened below would leave an empty
+	// database behind for the next start to serve once ca.pem is back.
+	held := false
+	for _, name := range []string{"ca.pem", "ca.key"} {
+		if _, err := os.Stat(filepath.Join(cfg.DataDir, name)); err == nil {
+			held = true
+		} else if !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("load CA: %w", err)
+		}
+	}
+	if !held {
 		return nil
-	} else if err != nil {
-		return fmt.Errorf("load CA: %w", err)
 	}
 	return fmt.Errorf("open store: %w: %s is missing or empty but %s holds the fleet's CA (ca.pem, ca.key): "+
 		"put back fleetmq.db from a backup (fleetmq backup), or, to start a new fleet, move ca.pem and ca.key away",
