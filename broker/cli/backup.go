@@ -213,6 +213,13 @@ func backupDir(dir string) (created bool, unlock func(), err error) {
 	if err != nil {
 		return false, nil, fmt.Errorf("backup folder: %w", err)
 	}
+	if fi, err := d.Stat(); err != nil || !fi.IsDir() {
+		d.Close()
+		if err != nil {
+			return false, nil, fmt.Errorf("backup folder: %w", err)
+		}
+		return false, nil, usagef("backup folder %s is a file, not a folder: give a new or empty folder", dir)
+	}
 	// flock, not a lock file: the kernel drops it when a backup is killed,
 	// so a killed backup never blocks the next one.
 	if err := syscall.Flock(int(d.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {

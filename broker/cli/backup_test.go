@@ -135,6 +135,24 @@ func TestBackupRefusesTheDataFolderThroughSymlinks(t *testing.T) {
 	}
 }
 
+// A file given as the backup folder is refused as the usage error it is,
+// before the server is asked, and left as it was.
+func TestBackupRefusesAFile(t *testing.T) {
+	var asked atomic.Bool
+	data := serveAdmin(t, func(w http.ResponseWriter, r *http.Request) { asked.Store(true) })
+	file := filepath.Join(t.TempDir(), "notes.txt")
+	if err := os.WriteFile(file, []byte("mine"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out, code := runBackup(t, data, file)
+	if code != 2 || !strings.Contains(out, "is a file, not a folder") {
+		t.Fatalf("exit %d, want 2 and why:\n%s", code, out)
+	}
+	if b, err := os.ReadFile(file); err != nil || string(b) != "mine" || asked.Load() {
+		t.Fatalf("the file: %q %v; server asked: %v", b, err, asked.Load())
+	}
+}
+
 // lockDir holds the lock a running backup holds on its folder, until the
 // test ends.
 func lockDir(t *testing.T, dir string) {
