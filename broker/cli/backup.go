@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
@@ -15,6 +16,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/fleetmq/fleetmq/broker/admin"
 	"github.com/fleetmq/fleetmq/broker/server"
 	"github.com/fleetmq/fleetmq/enroll"
 	"github.com/fleetmq/fleetmq/store"
@@ -290,9 +292,23 @@ func fetchBackup(ctx context.Context, fset flagSet, path string) (int64, time.Ti
 		err = cerr
 	}
 	if err != nil {
-		return n, time.Time{}, fmt.Errorf("backup: %w", err)
+		return n, time.Time{}, fmt.Errorf("backup: %w", olderServer(err))
 	}
 	return n, at, nil
+}
+
+// olderServer explains what a server from before this command's backup
+// answers: no backup endpoint, or a copy without the time of its snapshot,
+// which a restore needs to take back devices that renewed after it. Right
+// after an upgrade of the binary the server running is still the old one.
+func olderServer(err error) error {
+	var apiErr *admin.APIError
+	var timeErr *time.ParseError
+	if errors.As(err, &apiErr) && apiErr.Status == http.StatusNotFound || errors.As(err, &timeErr) {
+		return fmt.Errorf("the fleetmq server running is older than this fleetmq and cannot make this backup (%w): "+
+			"restart it with this version (systemctl restart fleetmq), then back up again", err)
+	}
+	return err
 }
 
 // checkBackup opens the copy as the server would and runs bbolt's

@@ -89,6 +89,33 @@ func TestFailedBackupLeavesNothing(t *testing.T) {
 	}
 }
 
+// Right after the binary is upgraded, the server running is the old one:
+// one from before `fleetmq backup` has no such endpoint, one from before
+// restores took devices back sends no snapshot time. The backup says to
+// restart the server, and leaves nothing.
+func TestBackupOfAnOlderServer(t *testing.T) {
+	noEndpoint := serveAdmin(t, func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(http.StatusNotFound)
+		w.Write([]byte(`{"code":"not_found","message":"no such admin endpoint: GET /v1/backup"}`))
+	})
+	noSnapshotTime := serveAdmin(t, func(w http.ResponseWriter, r *http.Request) {
+		w.Write(bytes.Repeat([]byte("a database "), 4096))
+	})
+	for name, data := range map[string]string{"no endpoint": noEndpoint, "no snapshot time": noSnapshotTime} {
+		t.Run(name, func(t *testing.T) {
+			dir := filepath.Join(t.TempDir(), "backup")
+			out, code := runBackup(t, data, dir)
+			if code != 1 || !strings.Contains(out, "older than this fleetmq") || !strings.Contains(out, "restart it with this version") {
+				t.Fatalf("exit %d, want 1 and what to do:\n%s", code, out)
+			}
+			if _, err := os.Stat(dir); !errors.Is(err, fs.ErrNotExist) {
+				t.Fatalf("the failed backup left its folder: %v", err)
+			}
+		})
+	}
+}
+
 // A backup inside the data folder would be lost with it: refused before
 // anything is asked of the server or written.
 func TestBackupRefusesTheDataFolder(t *testing.T) {
