@@ -191,12 +191,22 @@ func guard(fn func() error) (err error) {
 	return fn()
 }
 
-// initSchema refuses a file of a newer layout before changing anything in
-// it, then creates missing buckets and records the version.
+// initSchema refuses a file of a newer layout, or another program's,
+// before changing anything in it, then creates missing buckets and records
+// the version.
 func initSchema(bdb *bbolt.DB) error {
 	err := bdb.View(func(tx *bbolt.Tx) error {
-		_, err := readSchema(tx)
-		return err
+		v, err := readSchema(tx)
+		if err != nil || v != 0 {
+			return err
+		}
+		// Every fleetmq store records its version in the transaction that
+		// creates its buckets: buckets without it are another program's
+		// data, which a fleet must not be written into.
+		return tx.ForEach(func(name []byte, _ *bbolt.Bucket) error {
+			return fmt.Errorf("the file holds data (bucket %q) but no fleetmq schema version: it is not a fleetmq database; "+
+				"give fleetmq a data folder of its own: %w", name, ErrSchema)
+		})
 	})
 	if err != nil {
 		return err

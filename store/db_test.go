@@ -129,6 +129,47 @@ func TestOpenRefusesNewerSchema(t *testing.T) {
 	store.OpenTestPath(t, path, store.Options{})
 }
 
+// A bbolt file of another program (no fleetmq schema version, buckets of
+// its own) is refused, byte for byte untouched, rather than made a fleet.
+// One with a "meta" bucket, a common name, too.
+func TestOpenRefusesAnotherProgramsFile(t *testing.T) {
+	for _, bucket := range []string{"retained", "meta"} {
+		t.Run(bucket, func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), "fleet.db")
+			bdb, err := bbolt.Open(path, 0o600, &bbolt.Options{Timeout: time.Second})
+			if err != nil {
+				t.Fatal(err)
+			}
+			err = bdb.Update(func(tx *bbolt.Tx) error {
+				b, err := tx.CreateBucket([]byte(bucket))
+				if err != nil {
+					return err
+				}
+				return b.Put([]byte("k"), []byte("another program's data"))
+			})
+			if cerr := bdb.Close(); err == nil {
+				err = cerr
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			before, err := os.ReadFile(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if db, err := store.Open(path, store.Options{}); err == nil {
+				db.Close()
+				t.Fatal("opened another program's database as a store")
+			} else if !errors.Is(err, store.ErrSchema) || !strings.Contains(err.Error(), "not a fleetmq database") {
+				t.Fatalf("open: %v, want ErrSchema saying it is not a fleetmq database", err)
+			}
+			if after, err := os.ReadFile(path); err != nil || !bytes.Equal(before, after) {
+				t.Fatalf("the refused open changed the file (%v)", err)
+			}
+		})
+	}
+}
+
 func TestCloseCommitsQueuedWrites(t *testing.T) {
 	ctx := context.Background()
 	path := filepath.Join(t.TempDir(), "fleet.db")
