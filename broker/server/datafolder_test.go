@@ -205,3 +205,25 @@ func unbindCA(t *testing.T, path string) {
 		t.Fatal(err)
 	}
 }
+
+// TestLongDataFolderRefused: a data folder whose admin socket path the
+// kernel would refuse is refused by New before anything is created, not
+// by Start with a bare "bind: invalid argument" after a new fleet's CA
+// and database. The longest path that works is served.
+func TestLongDataFolderRefused(t *testing.T) {
+	tmp := t.TempDir()
+	fits := func(extra int) string {
+		n := 107 - len(tmp+"/"+"/admin.sock") + extra // 107: sun_path less its NUL
+		if n < 1 {
+			t.Skipf("temporary folder %s is too long for this test", tmp)
+		}
+		return filepath.Join(tmp, strings.Repeat("d", n))
+	}
+	long := fits(1)
+	newRefused(t, server.Config{DataDir: long, EnrollAddr: "127.0.0.1:0", MQTTAddr: "127.0.0.1:0"},
+		"admin socket", "108 bytes", "shorter data folder path")
+	if _, err := os.Stat(long); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("the refused start created the data folder: %v", err)
+	}
+	startServer(t, func(c *server.Config) { c.DataDir = fits(0) })
+}

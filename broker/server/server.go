@@ -20,6 +20,7 @@ import (
 	"strconv"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -104,6 +105,14 @@ type Config struct {
 // validate refuses settings that would only fail later, far from where
 // they were made.
 func (c *Config) validate() error {
+	// The admin socket is made in the data folder only at Start, after a
+	// new fleet's database and CA: a path the kernel refuses would fail
+	// there with a bare "bind: invalid argument".
+	sock := filepath.Join(c.DataDir, admin.SocketName)
+	if n := len(sock); n > maxSocketPath {
+		return fmt.Errorf("--data %s: the admin socket %s would be %d bytes long, and a Unix socket path may have at most %d: "+
+			"use a shorter data folder path", c.DataDir, sock, n, maxSocketPath)
+	}
 	if c.BrokerURL != "" {
 		if err := checkBrokerURL(c.BrokerURL); err != nil {
 			return fmt.Errorf("--broker-url %q: %w", c.BrokerURL, err)
@@ -177,6 +186,10 @@ func (c *Config) setDefaults() {
 		c.Now = time.Now
 	}
 }
+
+// maxSocketPath is the longest Unix socket path: sun_path, less the NUL
+// that Go keeps room for.
+const maxSocketPath = len(syscall.RawSockaddrUnix{}.Path) - 1
 
 // DBName is the database file inside the data folder.
 const DBName = "fleetmq.db"
