@@ -35,7 +35,10 @@ func (db *DB) MarkSnapshot(ctx context.Context, at time.Time) error {
 // RestoredWindow reports whether this store is a backup copy (see
 // MarkSnapshot) and, if so, the span in which certificates may have been
 // issued that it has no record of: from the snapshot to the first time a
-// server ran on the copy, which the first call records as now.
+// server ran on the copy, which the first call records as now. A first
+// call with now before the snapshot fails and records nothing: the clock
+// is wrong, and a restore time before the snapshot would leave no span, so
+// that no device that renewed after the backup would ever be taken back.
 func (db *DB) RestoredWindow(ctx context.Context, now time.Time) (from, to time.Time, ok bool, err error) {
 	err = db.update(ctx, func(tx *bbolt.Tx) error {
 		meta := tx.Bucket(bucketMeta)
@@ -52,6 +55,11 @@ func (db *DB) RestoredWindow(ctx context.Context, now time.Time) (from, to time.
 				return fmt.Errorf("restore time %q: %w", raw, err)
 			}
 		} else {
+			if now.Before(from) {
+				return fmt.Errorf("the clock says %s, before this backup's snapshot at %s: the clock is wrong "+
+					"(a machine without a real-time clock, not yet set by NTP?); set it, then start fleetmq again",
+					now.UTC().Format(time.RFC3339), from.UTC().Format(time.RFC3339))
+			}
 			to = now.UTC()
 			if err := meta.Put(keyRestoredAt, []byte(to.Format(time.RFC3339Nano))); err != nil {
 				return err

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -20,6 +21,11 @@ func TestRestoredWindow(t *testing.T) {
 	snap := t0.Add(-time.Hour)
 	if err := db.MarkSnapshot(ctx, snap); err != nil {
 		t.Fatal(err)
+	}
+	// A first run with a clock before the snapshot is refused, and records
+	// nothing that would stay once the clock is set.
+	if _, _, ok, err := db.RestoredWindow(ctx, snap.Add(-time.Hour)); ok || err == nil || !strings.Contains(err.Error(), "the clock is wrong") {
+		t.Fatalf("a restore before the snapshot: %v %v, want an error about the clock", ok, err)
 	}
 	// The first server to run on the copy records when; later runs see
 	// the same window.
