@@ -31,8 +31,10 @@ import (
 // crash of the process loses nothing) but fsynced in batches (Sync), and the
 // delivery pointer is saved in batches too: after a power loss at most the
 // last unsynced batch is lost and a few delivered messages are sent again,
-// which at-least-once delivery allows. A torn or corrupt tail is cut off at
-// open, its records counted as dropped. Segments are removed once every
+// which at-least-once delivery allows. At open, corrupt records followed by
+// valid ones are overwritten with tombstones (records with an empty topic)
+// and the valid ones kept; a torn or corrupt tail is cut off. The records
+// lost either way are counted as dropped. Segments are removed once every
 // record in them was delivered or dropped.
 
 const (
@@ -254,36 +256,10 @@ func (q *queue) loadSegment(name string, nextBase *uint64) error {
 		return fmt.Errorf("open queue segment: %w", err)
 	}
 	s := &segment{base: base, f: f, path: path, sealed: true}
-	var off int64
-	hdr := make([]byte, recordHeader)
-	var body []byte
-	for {
-		if _, err := f.ReadAt(hdr, off); err != nil {
-			if !errors.Is(err, io.EOF) {
-				f.Close()
-				return fmt.Errorf("read queue segment: %w", err)
-			}
-			break // clean end, or a torn header
-		}
-		n := binary.LittleEndian.Uint32(hdr[0:4])
-		if n < 2 || n > maxRecordBody {
-			break
-		}
-		body = slices.Grow(body[:0], int(n))[:n]
-		if _, err := f.ReadAt(body, off+recordHeader); err != nil {
-			if !errors.Is(err, io.EOF) {
-				f.Close()
-				return fmt.Errorf("read queue segment: %w", err)
-			}
-			break
-		}
-		if crc32.Checksum(body, crcTable) != binary.LittleEndian.Uint32(hdr[4:8]) {
-			break
-		}
-		size := int64(recordHeader) + int64(n)
-		q.entries = append(q.entries, qentry{seq: base + uint64(s.count), seg: s, off: off, size: size})
-		s.count++
-		off += size
+	off, err := q.indexRecords(s, 0)
+	if err != nil {
+		f.Close()
+		return err
 	}
 	st, err := f.Stat()
 	if err != nil {
@@ -291,10 +267,16 @@ func (q *queue) loadSegment(name string, nextBase *uint64) error {
 		return fmt.Errorf("stat queue segment: %w", err)
 	}
 	if st.Size() > off {
-		// A crash mid-append (or bit rot) left a tail that is not a whole
-		// valid record. Cutting it keeps later scans simple; the records
-		// it held are lost, and counted as dropped like those the bounds
-		// drop, so `status` shows the loss.
+		if off, err = q.repairSegment(s, name, off, st.Size(), nextBase); err != nil {
+			f.Close()
+			return err
+		}
+	}
+	if st.Size() > off {
+		// A crash mid-append (or bit rot with no whole record after it)
+		// left a tail that is not a whole valid record. Cutting it keeps
+		// later scans simple; the records it held are lost, and counted as
+		// dropped like those the bounds drop, so `status` shows the loss.
 		cut, exact := countCut(f, off, st.Size())
 		if firstCut := base + uint64(s.count); nextBase != nil && *nextBase > firstCut {
 			cut, exact = *nextBase-firstCut, true
@@ -329,6 +311,222 @@ func (q *queue) loadSegment(name string, nextBase *uint64) error {
 	s.size = off
 	q.segs = append(q.segs, s)
 	return nil
+}
+
+// indexRecords adds the whole valid records of s from offset off on to the
+// queue, and returns the offset where they stop: the end of the file, or
+// the first record that is torn or fails its checksum. Tombstones take
+// their seq but are not queued.
+func (q *queue) indexRecords(s *segment, off int64) (int64, error) {
+	hdr := make([]byte, recordHeader)
+	var body []byte
+	for {
+		if _, err := s.f.ReadAt(hdr, off); err != nil {
+			if !errors.Is(err, io.EOF) {
+				return off, fmt.Errorf("read queue segment: %w", err)
+			}
+			return off, nil // clean end, or a torn header
+		}
+		n := binary.LittleEndian.Uint32(hdr[0:4])
+		if n < 2 || n > maxRecordBody {
+			return off, nil
+		}
+		body = slices.Grow(body[:0], int(n))[:n]
+		if _, err := s.f.ReadAt(body, off+recordHeader); err != nil {
+			if !errors.Is(err, io.EOF) {
+				return off, fmt.Errorf("read queue segment: %w", err)
+			}
+			return off, nil
+		}
+		if crc32.Checksum(body, crcTable) != binary.LittleEndian.Uint32(hdr[4:8]) {
+			return off, nil
+		}
+		size := int64(recordHeader) + int64(n)
+		if binary.LittleEndian.Uint16(body[0:2]) != 0 {
+			q.entries = append(q.entries, qentry{seq: s.base + uint64(s.count), seg: s, off: off, size: size})
+		}
+		s.count++
+		off += size
+	}
+}
+
+// A tombstone is a valid record with an empty topic, which Append never
+// writes: it stands in for records lost to corruption in the middle of a
+// segment, so that the records after them keep their seqs (a segment's
+// records are numbered by position) and a later open finds nothing to
+// repair, nor to count as dropped again.
+const minTombstone = recordHeader + 2
+
+// tombstones returns n tombstones filling exactly size bytes, or false
+// when they cannot.
+func tombstones(size int64, n uint64) ([]byte, bool) {
+	if n == 0 || size < int64(n)*minTombstone || size > int64(n)*(recordHeader+maxRecordBody) {
+		return nil, false
+	}
+	b := make([]byte, size)
+	each, rest := size/int64(n), size%int64(n)
+	var off int64
+	for i := range int64(n) {
+		rs := each
+		if i < rest {
+			rs++
+		}
+		rec := b[off : off+rs]
+		binary.LittleEndian.PutUint32(rec[0:4], uint32(rs-recordHeader))
+		binary.LittleEndian.PutUint32(rec[4:8], crc32.Checksum(rec[recordHeader:], crcTable))
+		off += rs
+	}
+	return b, true
+}
+
+// recordAt returns the size of the whole valid record at b[i:], or 0.
+func recordAt(b []byte, i int) int {
+	if len(b)-i < recordHeader {
+		return 0
+	}
+	n := int(binary.LittleEndian.Uint32(b[i : i+4]))
+	if n < 2 || n > maxRecordBody || n > len(b)-i-recordHeader {
+		return 0
+	}
+	body := b[i+recordHeader : i+recordHeader+n]
+	if crc32.Checksum(body, crcTable) != binary.LittleEndian.Uint32(b[i+4:i+8]) {
+		return 0
+	}
+	return recordHeader + n
+}
+
+// damage is a stretch of a segment that holds no valid record, followed by
+// after valid records.
+type damage struct {
+	off, end int  // within the bytes scanned
+	exact    bool // the bad record's own length ends where the next valid one starts: one record
+	after    int
+}
+
+// scanDamage walks b, the bytes of a segment from a record that failed
+// its checks to the end, and finds where valid records start again. It
+// returns the damaged stretches in order and where a tail with no valid
+// record left starts (len(b) if there is none). A false start needs a
+// plausible length and a matching CRC-32C at a random offset: about one
+// chance in 2^32 per candidate.
+func scanDamage(b []byte) (ds []damage, tail int) {
+	p := 0 // a bad record starts here
+	for p < len(b) {
+		next := -1
+		for i := p + 1; i <= len(b)-minTombstone; i++ {
+			if recordAt(b, i) > 0 {
+				next = i
+				break
+			}
+		}
+		if next < 0 {
+			return ds, p
+		}
+		d := damage{off: p, end: next}
+		if len(b)-p >= recordHeader {
+			d.exact = p+recordHeader+int(binary.LittleEndian.Uint32(b[p:p+4])) == next
+		}
+		p = next
+		for {
+			n := recordAt(b, p)
+			if n == 0 {
+				break
+			}
+			d.after++
+			p += n
+		}
+		ds = append(ds, d)
+	}
+	return ds, len(b)
+}
+
+// repairSegment deals with a segment whose record at off (of size bytes)
+// is torn or corrupt: bit rot, or a sector lost to a power cut, must not
+// cost the records after it. Each damaged stretch followed by valid records
+// is overwritten with tombstones, as many as the records it held (exact
+// when the bad record's length is intact, or when the next segment's name
+// tells; else one, or enough to deliver again rather than lose what the
+// delivery pointer may not cover), and counted as dropped; the records
+// after it are kept. It returns the offset of the tail left to cut: off
+// itself when it repairs nothing.
+func (q *queue) repairSegment(s *segment, name string, off, size int64, nextBase *uint64) (int64, error) {
+	if size-off > q.opts.SegmentBytes+recordHeader+maxRecordBody {
+		return off, nil // larger than any segment Append writes: not worth reading in
+	}
+	b := make([]byte, size-off)
+	if _, err := s.f.ReadAt(b, off); err != nil {
+		return off, fmt.Errorf("read queue segment: %w", err)
+	}
+	ds, tail := scanDamage(b)
+	if len(ds) == 0 {
+		return off, nil
+	}
+	first := s.base + uint64(s.count) // seq of the first damaged record
+	counts := make([]uint64, len(ds))
+	exact := make([]bool, len(ds))
+	if nextBase != nil {
+		// The next segment's name says how many records this one held.
+		slots, kept := uint64(len(ds)), uint64(0)
+		if tail < len(b) {
+			slots++ // the tail: counted when cut
+		}
+		for _, d := range ds {
+			kept += uint64(d.after)
+		}
+		if *nextBase < first || *nextBase-first < slots+kept {
+			return off, nil // the names disagree with what is there: cut all
+		}
+		extra := *nextBase - first - kept - slots
+		for i, d := range ds {
+			counts[i], exact[i] = 1, d.exact
+		}
+		if tail == len(b) {
+			last := len(ds) - 1
+			counts[last] += extra
+			exact[last] = true
+		}
+	} else {
+		seq := first
+		for i, d := range ds {
+			counts[i], exact[i] = 1, d.exact
+			if !d.exact && q.head > seq+1 {
+				// How many records the stretch held is unknown, and the
+				// pointer is past it: numbering the records after it too
+				// low would count undelivered ones as delivered. Deliver
+				// them again instead.
+				counts[i] = min(q.head-seq, uint64((d.end-d.off)/minTombstone))
+			}
+			seq += counts[i] + uint64(d.after)
+		}
+	}
+	// Checked for every stretch before any is written: a repair given up
+	// halfway would leave tombstones in the tail that is then cut.
+	tombs := make([][]byte, len(ds))
+	for i, d := range ds {
+		var ok bool
+		if tombs[i], ok = tombstones(int64(d.end-d.off), counts[i]); !ok {
+			return off, nil
+		}
+	}
+	seq := first
+	for i, d := range ds {
+		if _, err := s.f.WriteAt(tombs[i], off+int64(d.off)); err != nil {
+			return off, fmt.Errorf("repair queue segment: %w", err)
+		}
+		lost := counts[i]
+		if q.head > seq {
+			lost -= min(q.head-seq, counts[i]) // delivered before: not lost
+		}
+		q.dropped += lost
+		q.log.Warn().Str("segment", name).Int64("offset", off+int64(d.off)).Int("bytes", d.end-d.off).
+			Uint64("records", counts[i]).Bool("count_exact", exact[i]).Uint64("dropped", lost).Int("kept_after", d.after).
+			Msg("queue: skipping corrupt records; the records after them are kept")
+		seq += counts[i] + uint64(d.after)
+	}
+	if err := s.f.Sync(); err != nil {
+		return off, fmt.Errorf("sync queue segment: %w", err)
+	}
+	return q.indexRecords(s, off)
 }
 
 // countCut counts the records in the bytes of f from off to size, the
@@ -391,6 +589,9 @@ func (q *queue) dropOldest() {
 // queue is full. The record is written at once and fsynced with the batch.
 func (q *queue) Append(topic string, payload []byte) error {
 	bodyLen := 2 + len(topic) + len(payload)
+	if topic == "" {
+		return errors.New("queue: empty topic") // the mark of a tombstone
+	}
 	if len(topic) > 0xffff || bodyLen > maxRecordBody {
 		return fmt.Errorf("queue: record of %d bytes too large", bodyLen)
 	}

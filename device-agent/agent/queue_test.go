@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"syscall"
 	"testing"
@@ -218,27 +219,6 @@ func TestQueueTornTail(t *testing.T) {
 	}
 }
 
-func TestQueueCorruptRecordIsCut(t *testing.T) {
-	dir := t.TempDir()
-	q := openTestQueue(t, dir, QueueOptions{})
-	appendN(t, q, 0, 4)
-	if err := q.Close(); err != nil {
-		t.Fatal(err)
-	}
-	names, _ := segmentNames(dir)
-	path := filepath.Join(dir, names[0])
-	b, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	b[2*28+20] ^= 0xff // flip a payload byte of the third record
-	if err := os.WriteFile(path, b, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	q = openTestQueue(t, dir, QueueOptions{})
-	wantRange(t, payloads(t, q), 0, 2)
-}
-
 func TestQueueEmptySegmentAfterCrash(t *testing.T) {
 	dir := t.TempDir()
 	q := openTestQueue(t, dir, QueueOptions{})
@@ -328,9 +308,22 @@ func TestQueueFlushSavesPointerOncePerInterval(t *testing.T) {
 	wantRange(t, payloads(t, q3), 2, 4)
 }
 
-// Records cut with a torn or corrupt tail are lost: they count as dropped,
-// once (not again at the next open), and durably.
-func TestQueueCutRecordsCountAsDropped(t *testing.T) {
+// wantMsgs checks the pending payloads are msg-N for each N of want, in order.
+func wantMsgs(tb testing.TB, got []string, want []int) {
+	tb.Helper()
+	w := make([]string, len(want))
+	for i, n := range want {
+		w[i] = fmt.Sprintf("msg-%05d", n)
+	}
+	if !slices.Equal(got, w) {
+		tb.Fatalf("pending %v, want %v", got, w)
+	}
+}
+
+// Corrupt records are lost and count as dropped, once (not again at the
+// next open) and durably; the valid records after them are kept, and a torn
+// or corrupt tail is cut.
+func TestQueueCorruptRecordsCountAsDropped(t *testing.T) {
 	const rec = 28 // bytes per record of appendN
 	flip := func(t *testing.T, path string, at int) {
 		t.Helper()
@@ -343,37 +336,69 @@ func TestQueueCutRecordsCountAsDropped(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	// zero clears [from, to) of a segment, as a sector lost to a power cut.
+	zero := func(t *testing.T, path string, from, to int) {
+		t.Helper()
+		b, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		clear(b[from:to])
+		if err := os.WriteFile(path, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	seg := func(t *testing.T, dir string, i int) string {
+		t.Helper()
+		names, err := segmentNames(dir)
+		if err != nil || len(names) <= i {
+			t.Fatalf("segments %v: %v", names, err)
+		}
+		return filepath.Join(dir, names[i])
+	}
 	cases := []struct {
 		name    string
 		opts    QueueOptions
 		n       int
 		ack     int // records acknowledged (delivered) before the damage
 		damage  func(t *testing.T, dir string)
-		keep    []int // [from, to) of what is left
+		keep    []int // msg numbers left, in order
 		dropped uint64
 	}{
 		{"flipped payload in the last segment", QueueOptions{}, 4, 0, func(t *testing.T, dir string) {
-			names, _ := segmentNames(dir)
-			flip(t, filepath.Join(dir, names[0]), 1*rec+20) // second record of four
-		}, []int{0, 1}, 3},
+			flip(t, seg(t, dir, 0), 1*rec+20) // second record of four
+		}, []int{0, 2, 3}, 1},
 		{"flipped length in the last segment", QueueOptions{}, 4, 0, func(t *testing.T, dir string) {
-			names, _ := segmentNames(dir)
-			flip(t, filepath.Join(dir, names[0]), 1*rec+3) // length: boundaries lost
-		}, []int{0, 1}, 1}, // at least one
+			flip(t, seg(t, dir, 0), 1*rec+3) // length: found again by its successor
+		}, []int{0, 2, 3}, 1},
+		{"two flipped payloads", QueueOptions{}, 6, 0, func(t *testing.T, dir string) {
+			flip(t, seg(t, dir, 0), 1*rec+20)
+			flip(t, seg(t, dir, 0), 3*rec+20)
+		}, []int{0, 2, 4, 5}, 2},
+		{"zeroed stretch in the last segment", QueueOptions{}, 6, 0, func(t *testing.T, dir string) {
+			zero(t, seg(t, dir, 0), 1*rec+5, 3*rec+3) // records 1 to 3
+		}, []int{0, 4, 5}, 1}, // at least one: how many it held is unknown
+		{"zeroed stretch behind the pointer", QueueOptions{}, 6, 5, func(t *testing.T, dir string) {
+			zero(t, seg(t, dir, 0), 1*rec+5, 3*rec+3)
+		}, []int{4, 5}, 0}, // 4 again rather than 5 never: it was not delivered
 		{"torn last record", QueueOptions{}, 4, 0, func(t *testing.T, dir string) {
-			names, _ := segmentNames(dir)
-			if err := os.Truncate(filepath.Join(dir, names[0]), 4*rec-5); err != nil {
+			if err := os.Truncate(seg(t, dir, 0), 4*rec-5); err != nil {
 				t.Fatal(err)
 			}
-		}, []int{0, 3}, 1},
-		{"flipped length in a middle segment", QueueOptions{SegmentBytes: 3 * rec}, 9, 0, func(t *testing.T, dir string) {
-			names, _ := segmentNames(dir)
-			flip(t, filepath.Join(dir, names[1]), 3) // first record of the second segment
-		}, nil, 3}, // exact: the next segment's name says where they ended
-		{"cut records partly delivered", QueueOptions{}, 4, 2, func(t *testing.T, dir string) {
-			names, _ := segmentNames(dir)
-			flip(t, filepath.Join(dir, names[0]), 1*rec+20) // records 1 to 3 cut; 1 was delivered
-		}, []int{2, 2}, 2},
+		}, []int{0, 1, 2}, 1},
+		{"flipped payload of the last record", QueueOptions{}, 4, 0, func(t *testing.T, dir string) {
+			flip(t, seg(t, dir, 0), 3*rec+20)
+		}, []int{0, 1, 2}, 1},
+		{"zeroed stretch in a middle segment", QueueOptions{SegmentBytes: 4 * rec}, 12, 0, func(t *testing.T, dir string) {
+			zero(t, seg(t, dir, 1), 0, 2*rec+3) // records 4 to 6
+		}, []int{0, 1, 2, 3, 7, 8, 9, 10, 11}, 3}, // exact: the next segment's name says how many
+		{"garbage tail of a middle segment", QueueOptions{SegmentBytes: 3 * rec}, 9, 0, func(t *testing.T, dir string) {
+			flip(t, seg(t, dir, 1), 3) // first record's length; nothing valid after it
+			zero(t, seg(t, dir, 1), 1*rec, 3*rec)
+		}, []int{0, 1, 2, 6, 7, 8}, 3},
+		{"corrupt record delivered before", QueueOptions{}, 4, 2, func(t *testing.T, dir string) {
+			flip(t, seg(t, dir, 0), 1*rec+20)
+		}, []int{2, 3}, 0},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -391,21 +416,24 @@ func TestQueueCutRecordsCountAsDropped(t *testing.T) {
 			}
 			c.damage(t, dir)
 			q = openTestQueue(t, dir, c.opts)
-			got := payloads(t, q)
-			if c.keep != nil {
-				wantRange(t, got, c.keep[0], c.keep[1])
-			} else if len(got) != c.n-int(c.dropped) {
-				t.Errorf("%d records left, want %d", len(got), c.n-int(c.dropped))
-			}
+			wantMsgs(t, payloads(t, q), c.keep)
 			if _, _, d := q.Stats(); d != c.dropped {
 				t.Errorf("dropped = %d, want %d", d, c.dropped)
 			}
 			// Counted durably, and once: a crash now, or a clean restart,
-			// keeps the count as it is.
+			// keeps the count and the records as they are.
 			q2 := openTestQueue(t, dir, c.opts)
+			wantMsgs(t, payloads(t, q2), c.keep)
 			if _, _, d := q2.Stats(); d != c.dropped {
 				t.Errorf("dropped after a crash and reopen = %d, want %d", d, c.dropped)
 			}
+			// New records follow the kept ones, in order, across a restart.
+			appendN(t, q2, 100, 2)
+			if err := q2.Close(); err != nil {
+				t.Fatal(err)
+			}
+			q3 := openTestQueue(t, dir, c.opts)
+			wantMsgs(t, payloads(t, q3), append(slices.Clone(c.keep), 100, 101))
 		})
 	}
 }
