@@ -103,6 +103,9 @@ func Enroll(ctx context.Context, cfg Config, opts EnrollOptions) (EnrollResult, 
 		if errors.Is(err, ErrNotEnrolled) {
 			err = errStateMissing // "already enrolled" would leave a device that cannot run
 		}
+		if err == nil {
+			err = st.checkURLs(dir)
+		}
 		if err != nil {
 			return EnrollResult{}, err
 		}

@@ -67,6 +67,13 @@ func TestStatusReportsBrokenIdentity(t *testing.T) {
 				t.Fatal(err)
 			}
 		}, "state.json is missing"},
+		// Written back by hand, as the advice above says, but not quite.
+		{"state.json without a server url", func(t *testing.T, _ *fakeServer, dir string) {
+			writeFile(t, filepath.Join(dir, stateFile), []byte(`{"broker_url": "mqtts://127.0.0.1:1"}`))
+		}, `state.json: server url "": want https://host[:port]; write them back as`},
+		{"state.json with a clear-text broker url", func(t *testing.T, f *fakeServer, dir string) {
+			writeFile(t, filepath.Join(dir, stateFile), []byte(`{"server_url": "`+f.srv.URL+`", "broker_url": "mqtt://127.0.0.1:1"}`))
+		}, `broker url "mqtt://127.0.0.1:1": want mqtts://host:port; write them back as`},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -184,6 +191,16 @@ func TestUnreadableStateJSON(t *testing.T) {
 	}
 	if st, err := readState(dir); err != nil || st.BrokerURL == "" {
 		t.Errorf("state after enroll: %+v, %v", st, err)
+	}
+	// Neither enroll nor renew takes a state.json without a usable URL.
+	writeFile(t, path, []byte(`{"broker_url": "mqtts://127.0.0.1:1"}`))
+	code, out, errOut := runMain(t, "", nil, "renew", "--state-dir", dir)
+	if code != 1 || !strings.Contains(errOut, `server url ""`) {
+		t.Errorf("renew without a server url: %d %s %s", code, out, errOut)
+	}
+	code, out, errOut = runMain(t, f.goodToken()+"\n", nil, "enroll", "--server", f.srv.URL, "--token", "-", "--state-dir", dir)
+	if code != 1 || strings.Contains(out, "already enrolled") || !strings.Contains(errOut, `server url ""`) {
+		t.Errorf("enroll without --force, state.json without a server url: %d %s %s", code, out, errOut)
 	}
 	// As does writing the URLs back by hand: the rest is refilled.
 	writeFile(t, path, []byte(`{"server_url": "`+f.srv.URL+`", "broker_url": "mqtts://127.0.0.1:1"}`))

@@ -176,6 +176,9 @@ func renewAndCommit(ctx context.Context, cfg Config, ss *stateStore, have *ident
 	if errors.Is(err, ErrNotEnrolled) {
 		err = errStateMissing // the key pair is there: not a fresh device
 	}
+	if err == nil {
+		err = st.checkURLs(dir)
+	}
 	if err != nil {
 		return nil, err
 	}

@@ -139,8 +139,8 @@ func startRunner(ctx context.Context, cfg Config) (_ *runner, err error) {
 	if err != nil {
 		return nil, err
 	}
-	if st.BrokerURL == "" {
-		return nil, errors.New("state.json has no broker url: enroll again with --force")
+	if err := st.checkURLs(dir); err != nil {
+		return nil, err
 	}
 	if st.DeviceID != id.deviceID {
 		a.log.Warn().Str("state", st.DeviceID).Str("certificate", id.deviceID).Msg("state.json and certificate disagree on the device id; using the certificate's")

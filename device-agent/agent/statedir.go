@@ -307,6 +307,24 @@ var (
 		"this device enrolled with, which nothing else on the device records: " + adviceWriteURLs + ", or " + adviceReenroll)
 )
 
+// checkURLs reports a server or broker URL in state.json that the agent
+// cannot use, as a hand-written or half-edited state.json may hold: `run`
+// would start with it and fail only at the first renewal weeks later (no
+// server URL), or send its CONNECT in clear (an mqtt:// broker URL).
+func (st State) checkURLs(dir string) error {
+	var problems []string
+	if _, err := parseServerURL(st.ServerURL); err != nil {
+		problems = append(problems, err.Error())
+	}
+	if _, err := parseBrokerURL(st.BrokerURL); err != nil {
+		problems = append(problems, err.Error())
+	}
+	if problems == nil {
+		return nil
+	}
+	return fmt.Errorf("%s: %s; %s, or %s", filepath.Join(dir, stateFile), strings.Join(problems, "; "), adviceWriteURLs, adviceReenroll)
+}
+
 func readState(dir string) (State, error) {
 	var s State
 	path := filepath.Join(dir, stateFile)

@@ -81,6 +81,7 @@ func ReadStatus(stateDir string) (Status, error) {
 		s.ServerURL, s.BrokerURL, s.LastRenewal = st.ServerURL, st.BrokerURL, st.LastRenewal
 		s.Since, s.Condition, s.LastError, s.LastErrorAt = st.ConnectedChanged, st.Condition, st.LastError, st.LastErrorAt
 		s.QueuePending, s.QueueDropped, s.QueueCounted = st.QueuePending, st.QueueDropped, st.QueueCounted
+		stateErr = st.checkURLs(stateDir)
 	}
 	if err := cmpErr(idErr, stateErr); err != nil {
 		s.Broken = err.Error()
