@@ -314,7 +314,9 @@ func pickIdentity(dir string) (*identityPick, error) {
 		if firstErr == nil {
 			firstErr = errors.New("no certificate")
 		}
-		return nil, fmt.Errorf("load identity: %w", firstErr)
+		// Only the server can issue a certificate, and nothing brings a
+		// lost key back: a backup, or a new enrollment under the same id.
+		return nil, fmt.Errorf("load identity: %w; restore the file from a backup if there is one, else %s", firstErr, adviceReenroll)
 	}
 	best.keyNext, best.certNext = bk == 1, bc == 1
 	best.staleKey = bk == 0 && keys[1] != nil
@@ -338,7 +340,10 @@ func pickIdentity(dir string) (*identityPick, error) {
 		}
 	}
 	if caPEM == nil {
-		return nil, errors.New("load identity: ca.pem missing")
+		return nil, errors.New("load identity: ca.pem missing; " + adviceCA)
+	}
+	if _, err := parseCerts(caPEM); err != nil {
+		return nil, fmt.Errorf("load identity: ca.pem: %w; %s", err, adviceCA)
 	}
 	best.caPEM = caPEM
 	return &best, nil
@@ -392,10 +397,16 @@ func (pick *identityPick) identity() (*identity, error) {
 		return nil, err
 	}
 	if err := signedByBundle(id.leaf, id.caPEM); err != nil {
-		return nil, err
+		return nil, fmt.Errorf("%w; %s", err, adviceCA)
 	}
 	return id, nil
 }
+
+// adviceCA is how a device gets its fleet CA bundle back. The bundle
+// fetched is checked by hand: the agent would trust every CA in it for
+// the broker and the enrollment server.
+const adviceCA = "put the fleet's CA bundle back in ca.pem (the server's GET /v1/ca, whose first certificate's " +
+	"sha256 must be the one fleetmq ca show prints on the server), or " + adviceReenroll
 
 // signedByBundle checks that a CA of the bundle signed leaf. Unlike
 // verifiesAgainst it looks at no date: whether the files belong together

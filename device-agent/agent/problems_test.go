@@ -59,6 +59,9 @@ func TestStatusReportsBrokenIdentity(t *testing.T) {
 		{"ca.pem of another fleet", func(t *testing.T, _ *fakeServer, dir string) {
 			writeFile(t, filepath.Join(dir, caFile), newTestCA(t).pem)
 		}, "cert.pem was not issued by a CA in ca.pem"},
+		{"garbage ca.pem", func(t *testing.T, _ *fakeServer, dir string) {
+			writeFile(t, filepath.Join(dir, caFile), []byte("garbage"))
+		}, "ca.pem: no certificate in PEM; put the fleet's CA bundle back"},
 		{"garbage state.json", func(t *testing.T, _ *fakeServer, dir string) {
 			writeFile(t, filepath.Join(dir, stateFile), []byte("{garbage"))
 		}, "state.json is unreadable"},
@@ -85,6 +88,11 @@ func TestStatusReportsBrokenIdentity(t *testing.T) {
 			}
 			if !strings.Contains(s.Broken, c.want) || !s.Enrolled {
 				t.Errorf("Broken = %q, want %q", s.Broken, c.want)
+			}
+			// Under systemd's Restart=always, run fails with this every
+			// 10 s: the message must say what to do, not only what broke.
+			if !strings.Contains(s.Broken, "enroll again under the same id") {
+				t.Errorf("Broken = %q, says not what to do", s.Broken)
 			}
 
 			code, out, _ := runMain(t, "", nil, "status", "--state-dir", dir)
