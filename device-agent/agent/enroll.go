@@ -122,6 +122,7 @@ func Enroll(ctx context.Context, cfg Config, opts EnrollOptions) (EnrollResult, 
 	if err := pinCA(); err != nil {
 		return EnrollResult{}, err
 	}
+	prevID := previousDeviceID(dir, cur) // before the commit replaces cert.pem
 	// Saved before the token can be spent: see pendingKey.
 	key, err := pendingKey(dir, tok, cfg.Logger)
 	if err != nil {
@@ -147,10 +148,17 @@ func Enroll(ctx context.Context, cfg Config, opts EnrollOptions) (EnrollResult, 
 	if err := os.Remove(filepath.Join(dir, pendingKeyFile)); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return EnrollResult{}, fmt.Errorf("remove the enrolled key's pending copy: %w", err)
 	}
-	if cur != nil && cur.deviceID != id.deviceID {
+	if prevID != id.deviceID {
 		// Buffered telemetry belongs to the previous device; sent under the
-		// new id it would be attributed to the wrong device.
-		if err := os.RemoveAll(filepath.Join(dir, queueDir)); err != nil {
+		// new id it would be attributed to the wrong device. A queue whose
+		// device cannot be told (certificate and state.json both lost) is
+		// dropped too: misattributed readings are worse than missing ones.
+		qdir := filepath.Join(dir, queueDir)
+		if _, err := os.Stat(qdir); err == nil && cur == nil {
+			cfg.Logger.Warn().Str("previous_id", prevID).Str("device_id", id.deviceID).
+				Msg("dropping the offline queue of the identity replaced: it is not this device's")
+		}
+		if err := os.RemoveAll(qdir); err != nil {
 			return EnrollResult{}, fmt.Errorf("drop previous device's queue: %w", err)
 		}
 	}
@@ -163,7 +171,7 @@ func Enroll(ctx context.Context, cfg Config, opts EnrollOptions) (EnrollResult, 
 		EnrolledAt: now,
 		NotAfter:   id.leaf.NotAfter,
 	}
-	if cur != nil && cur.deviceID == id.deviceID {
+	if prevID == id.deviceID {
 		// The queue is kept: so are its counters, until the agent counts
 		// again (status showed 0 pending with 28 still queued).
 		if old, err := readState(dir); err == nil {
@@ -176,6 +184,22 @@ func Enroll(ctx context.Context, cfg Config, opts EnrollOptions) (EnrollResult, 
 	}
 	cfg.Logger.Info().Str("device_id", id.deviceID).Time("not_after", id.leaf.NotAfter).Msg("enrolled")
 	return EnrollResult{DeviceID: id.deviceID, NotAfter: id.leaf.NotAfter, BrokerURL: brokerURL}, nil
+}
+
+// previousDeviceID is the id of the identity an enrollment replaces: cur's,
+// or, when it could not be loaded (a lost key, a broken file), the one its
+// certificate or state.json names; "" when none is known.
+func previousDeviceID(dir string, cur *identity) string {
+	if cur != nil {
+		return cur.deviceID
+	}
+	if b, err := os.ReadFile(filepath.Join(dir, certFile)); err == nil {
+		if certs, err := parseCerts(b); err == nil {
+			return certs[0].Subject.CommonName
+		}
+	}
+	st, _ := readState(dir)
+	return st.DeviceID
 }
 
 // retryEnroll runs try until it succeeds or enrollRetry gives up, logging

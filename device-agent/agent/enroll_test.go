@@ -427,21 +427,51 @@ func TestEnrollRefusedWhileRunningWithForce(t *testing.T) {
 	}
 }
 
+// Buffered telemetry goes out under the id it was sampled as, or not at
+// all: enrolling under another id drops it, also when the identity it
+// replaces could not be loaded (QA: 12 readings of pi-1 published as pi-7
+// after enroll --force over a garbage cert.pem).
 func TestEnrollNewIDDropsOldQueue(t *testing.T) {
-	f := newFakeServer(t, newTestCA(t))
-	dir := t.TempDir()
-	enrollTest(t, f, dir, "pi-1")
-	q := openTestQueue(t, filepath.Join(dir, queueDir), QueueOptions{})
-	appendN(t, q, 0, 3)
-	if err := q.Close(); err != nil {
-		t.Fatal(err)
+	garbage := func(names ...string) func(t *testing.T, dir string) {
+		return func(t *testing.T, dir string) {
+			for _, n := range names {
+				writeFile(t, filepath.Join(dir, n), []byte("garbage"))
+			}
+		}
 	}
-	if _, err := Enroll(context.Background(), testConfig(t, dir), EnrollOptions{ServerURL: f.srv.URL, Token: f.goodToken(), DeviceID: "pi-2", Force: true}); err != nil {
-		t.Fatal(err)
+	cases := []struct {
+		name    string
+		breakIt func(t *testing.T, dir string)
+		newID   string
+		kept    int
+	}{
+		{"sound identity, new id", garbage(), "pi-2", 0},
+		{"sound identity, same id", garbage(), "pi-1", 3},
+		{"garbage cert.pem, new id", garbage(certFile), "pi-2", 0},
+		{"garbage cert.pem, same id", garbage(certFile), "pi-1", 3}, // state.json names pi-1
+		{"garbage key.pem, new id", garbage(keyFile), "pi-2", 0},    // cert.pem names pi-1
+		{"garbage key.pem, same id", garbage(keyFile), "pi-1", 3},
+		{"garbage cert.pem and state.json", garbage(certFile, stateFile), "pi-1", 0}, // whose: unknown
 	}
-	q = openTestQueue(t, filepath.Join(dir, queueDir), QueueOptions{})
-	if p, _, _ := q.Stats(); p != 0 {
-		t.Errorf("%d messages of the previous device kept", p)
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			f := newFakeServer(t, newTestCA(t))
+			dir := t.TempDir()
+			enrollTest(t, f, dir, "pi-1")
+			q := openTestQueue(t, filepath.Join(dir, queueDir), QueueOptions{})
+			appendN(t, q, 0, 3)
+			if err := q.Close(); err != nil {
+				t.Fatal(err)
+			}
+			c.breakIt(t, dir)
+			if _, err := Enroll(context.Background(), testConfig(t, dir), EnrollOptions{ServerURL: f.srv.URL, Token: f.goodToken(), DeviceID: c.newID, Force: true}); err != nil {
+				t.Fatal(err)
+			}
+			q = openTestQueue(t, filepath.Join(dir, queueDir), QueueOptions{})
+			if p, _, _ := q.Stats(); p != c.kept {
+				t.Errorf("%d messages kept, want %d", p, c.kept)
+			}
+		})
 	}
 }
 
