@@ -217,6 +217,29 @@ func TestUnreadableStateJSON(t *testing.T) {
 	}
 }
 
+// The way back from a lost state.json that the messages give: the URLs
+// written by hand, the rest refilled by run, with no warning that the
+// missing id disagrees with the certificate's.
+func TestRunRefillsHandWrittenState(t *testing.T) {
+	f := newFleet(t, time.Hour)
+	st, err := readState(f.dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	writeFile(t, filepath.Join(f.dir, stateFile), []byte(`{"server_url": "`+st.ServerURL+`", "broker_url": "`+st.BrokerURL+`"}`))
+	cfg := f.config(t)
+	var logs lockedBuffer
+	cfg.Logger = zerolog.New(&logs)
+	_, _ = startAgent(t, cfg)
+	eventually(t, waitLong, "the device id refilled", func() bool {
+		st, err := readState(f.dir)
+		return err == nil && st.DeviceID == f.id
+	})
+	if strings.Contains(logs.String(), "disagree") {
+		t.Errorf("a warning about the id left out:\n%s", logs.String())
+	}
+}
+
 // A deleted state.json next to a key pair: enroll without --force must not
 // say "already enrolled" (run would then never start).
 func TestEnrollWithMissingStateJSON(t *testing.T) {

@@ -142,7 +142,9 @@ func startRunner(ctx context.Context, cfg Config) (_ *runner, err error) {
 	if err := st.checkURLs(dir); err != nil {
 		return nil, err
 	}
-	if st.DeviceID != id.deviceID {
+	// An empty id is a state.json written back by hand, as the advice for a
+	// lost one says: run refills it, nothing disagrees.
+	if st.DeviceID != "" && st.DeviceID != id.deviceID {
 		a.log.Warn().Str("state", st.DeviceID).Str("certificate", id.deviceID).Msg("state.json and certificate disagree on the device id; using the certificate's")
 	}
 	id.received = receivedAt(st, id)
@@ -165,6 +167,7 @@ func (a *runner) run(ctx context.Context) error {
 	defer a.runLock.unlock()
 	id, broker, _ := a.current()
 	a.saveState(ctx, func(s *State) {
+		s.DeviceID = id.deviceID // the certificate's, which the agent uses
 		s.PID = os.Getpid()
 		s.AgentVersion = a.cfg.Version
 		s.Connected = false
