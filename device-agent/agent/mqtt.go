@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"net/url"
 	"time"
 
 	mqtt "github.com/eclipse/paho.mqtt.golang"
@@ -73,7 +74,7 @@ func (a *runner) session(ctx context.Context, id *identity, broker string, chang
 			// (the process is exiting, or the next attempt is a new client).
 			c.Disconnect(0)
 		}
-		return false, fmt.Errorf("connect %s: %w", broker, err)
+		return false, caAdvice(hostAdvice(fmt.Errorf("connect %s: %w", broker, err), brokerHost(broker)))
 	}
 	a.sessions.Add(1) // the broker took the certificate (see hintRenew)
 
@@ -166,6 +167,15 @@ func (a *runner) session(ctx context.Context, id *identity, broker string, chang
 			a.handleMessage(ctx, c, id, m)
 		}
 	}
+}
+
+// brokerHost is the host of a broker URL, for messages.
+func brokerHost(broker string) string {
+	u, err := url.Parse(broker)
+	if err != nil {
+		return broker
+	}
+	return u.Hostname()
 }
 
 // errTokenTimeout is returned by await when the broker did not answer in time.

@@ -240,6 +240,46 @@ func TestRunRefillsHandWrittenState(t *testing.T) {
 	}
 }
 
+// A server certificate the device cannot verify is no network trouble that
+// retrying mends: the broker's and the enrollment server's say why and what
+// to do (QA: a server set up again with a new CA showed only "x509:
+// certificate signed by unknown authority").
+func TestUnverifiableServerSaysWhatToDo(t *testing.T) {
+	for _, c := range []struct {
+		name   string
+		server func(t *testing.T, f *fleet) (brokerURL, serverURL string)
+		want   string
+	}{
+		{"another CA", func(t *testing.T, _ *fleet) (string, string) {
+			other := newTestCA(t)
+			return newHangingBroker(t, other, true).url, newFakeServer(t, other).srv.URL
+		}, "the server's certificate is not from the fleet CA in ca.pem"},
+		{"another name", func(t *testing.T, f *fleet) (string, string) {
+			f.ca.serverNames = []string{"fleet.example"}
+			return newHangingBroker(t, f.ca, true).url, newFakeServer(t, f.ca).srv.URL
+		}, "the server's certificate does not name 127.0.0.1: start fleetmq with --hostname 127.0.0.1"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			f := newFleet(t, time.Hour)
+			brokerURL, serverURL := c.server(t, f)
+			err := (&stateStore{dir: f.dir}).update(context.Background(), func(s *State) {
+				s.BrokerURL, s.ServerURL = brokerURL, serverURL
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := Renew(context.Background(), Config{StateDir: f.dir}); err == nil || !strings.Contains(err.Error(), c.want) {
+				t.Errorf("Renew = %v, want %q", err, c.want)
+			}
+			_, _ = startAgent(t, f.config(t))
+			eventually(t, waitLong, "the broker's certificate refused with advice", func() bool {
+				s, err := ReadStatus(f.dir)
+				return err == nil && strings.Contains(s.LastError, c.want)
+			})
+		})
+	}
+}
+
 // A deleted state.json next to a key pair: enroll without --force must not
 // say "already enrolled" (run would then never start).
 func TestEnrollWithMissingStateJSON(t *testing.T) {

@@ -122,7 +122,7 @@ func requestRenewal(ctx context.Context, cfg Config, serverURL string, cur *iden
 			return acceptCertResponse(key, resp, cur.deviceID)
 		}
 		if !authRejected(err) {
-			return nil, "", fmt.Errorf("renew: %w", err)
+			return nil, "", caAdvice(fmt.Errorf("renew: %w", err))
 		}
 		cfg.Logger.Warn().Err(err).Msg("server refused the certificate; trying renewal after expiry")
 	}
@@ -140,7 +140,7 @@ func requestRenewal(ctx context.Context, cfg Config, serverURL string, cur *iden
 	}
 	c := newServerClient(base, trustedTLS(cur.roots, base.Hostname(), nil, cfg.Now), cfg)
 	if _, err := c.do(ctx, http.MethodPost, "/v1/renew", "application/json", nil, body, &resp); err != nil {
-		return nil, "", fmt.Errorf("renew after expiry: %w", err)
+		return nil, "", caAdvice(fmt.Errorf("renew after expiry: %w", err))
 	}
 	c.warnSkew()
 	return acceptCertResponse(key, resp, cur.deviceID)

@@ -335,3 +335,15 @@ func authRejected(err error) bool {
 	}
 	return false
 }
+
+// caAdvice adds what to do to a server certificate from a CA the device
+// does not trust: retrying does not mend it, and x509's "signed by unknown
+// authority" alone does not say why it happens.
+func caAdvice(err error) error {
+	var ua x509.UnknownAuthorityError
+	if !errors.As(err, &ua) {
+		return err
+	}
+	return fmt.Errorf("%w; the server's certificate is not from the fleet CA in ca.pem: the server was set up "+
+		"again with a new CA, or another server answers at this address; if the fleet has a new CA, %s", err, adviceReenroll)
+}
