@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"net"
 	"net/url"
 	"time"
 
@@ -73,6 +74,11 @@ func (a *runner) session(ctx context.Context, id *identity, broker string, chang
 			// Returns at once; paho ends the attempt in the background
 			// (the process is exiting, or the next attempt is a new client).
 			c.Disconnect(0)
+		}
+		if handshakeTimedOut(err) {
+			// paho and crypto/tls say only "context deadline exceeded".
+			err = fmt.Errorf("the broker took the TCP connection but did not complete the TLS handshake within %s "+
+				"(a broker that hangs, or another program on its port): %w", a.cfg.ConnectTimeout, err)
 		}
 		return false, caAdvice(hostAdvice(fmt.Errorf("connect %s: %w", broker, err), brokerHost(broker)))
 	}
@@ -167,6 +173,17 @@ func (a *runner) session(ctx context.Context, id *identity, broker string, chang
 			a.handleMessage(ctx, c, id, m)
 		}
 	}
+}
+
+// handshakeTimedOut reports a connection attempt whose TLS handshake ran
+// out of time: a deadline, but not the TCP dial's ("dial tcp: i/o
+// timeout", which says what it is).
+func handshakeTimedOut(err error) bool {
+	var op *net.OpError
+	if errors.As(err, &op) && op.Op == "dial" {
+		return false
+	}
+	return errors.Is(err, context.DeadlineExceeded)
 }
 
 // brokerHost is the host of a broker URL, for messages.

@@ -793,6 +793,24 @@ func TestRunStopsPromptlyWhileBrokerHangs(t *testing.T) {
 	}
 }
 
+// A broker that takes the TCP connection and never answers the TLS
+// handshake is named as such, not as "context deadline exceeded" (QA).
+func TestRunSaysBrokerHangsInHandshake(t *testing.T) {
+	f := newFleet(t, time.Hour)
+	hb := newHangingBroker(t, f.ca, false)
+	err := (&stateStore{dir: f.dir}).update(context.Background(), func(s *State) { s.BrokerURL = hb.url })
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := f.config(t)
+	cfg.ConnectTimeout = 100 * time.Millisecond
+	_, _ = startAgent(t, cfg)
+	eventually(t, waitLong, "the hanging handshake named", func() bool {
+		s, err := ReadStatus(f.dir)
+		return err == nil && strings.Contains(s.LastError, "did not complete the TLS handshake within 100ms")
+	})
+}
+
 func TestRunRefusesSecondAgent(t *testing.T) {
 	f := newFleet(t, time.Hour)
 	_, _ = startAgent(t, f.config(t))
