@@ -280,6 +280,59 @@ func TestUnverifiableServerSaysWhatToDo(t *testing.T) {
 	}
 }
 
+// An SD card the kernel remounted read-only after I/O errors (ext4's
+// errors=remount-ro) must not silence the device: run starts, publishes
+// what it samples from memory, leaves the queue on disk as it is, and
+// status says why (QA: "open lock: open run.lock: read-only file system"
+// at every restart, and status exit 0). Needs root to mount.
+func TestRunOnReadOnlyStateFolder(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to mount a read-only file system")
+	}
+	f := newFleet(t, time.Hour)
+	dir := filepath.Join(t.TempDir(), "card")
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Mount("tmpfs", dir, "tmpfs", 0, "size=1m,mode=0700"); err != nil {
+		t.Skipf("cannot mount a tmpfs here: %v", err)
+	}
+	t.Cleanup(func() { _ = syscall.Unmount(dir, syscall.MNT_DETACH) })
+	enrollTest(t, f.srv, dir, f.id)
+	q := openTestQueue(t, filepath.Join(dir, queueDir), QueueOptions{})
+	appendN(t, q, 0, 3)
+	if err := q.Close(); err != nil {
+		t.Fatal(err)
+	}
+	l, err := tryLock(filepath.Join(dir, runLock)) // left by an earlier run
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = l.unlock()
+	if err := syscall.Mount("", dir, "", syscall.MS_REMOUNT|syscall.MS_RDONLY, ""); err != nil {
+		t.Skipf("cannot remount read-only here: %v", err)
+	}
+
+	cfg := f.config(t)
+	cfg.StateDir = dir
+	_, stop := startAgent(t, cfg)
+	if m := f.brk.next(t, deviceTopic(f.id, topicTelemetry), waitLong); !strings.Contains(m.payload, `"uptime_s"`) {
+		t.Errorf("telemetry %q, want a fresh sample", m.payload)
+	}
+	s, err := ReadStatus(dir)
+	if err != nil || !s.Running || !strings.Contains(strings.Join(s.Warnings, "\n"), "read-only file system") {
+		t.Errorf("status: running %v, warnings %q, %v", s.Running, s.Warnings, err)
+	}
+	if err := stop(); err != nil {
+		t.Errorf("Run = %v", err)
+	}
+	// The records on disk are still there, for a start that can write.
+	if err := syscall.Mount("", dir, "", syscall.MS_REMOUNT, ""); err != nil {
+		t.Fatal(err)
+	}
+	wantRange(t, payloads(t, openTestQueue(t, filepath.Join(dir, queueDir), QueueOptions{})), 0, 3)
+}
+
 // A deleted state.json next to a key pair: enroll without --force must not
 // say "already enrolled" (run would then never start).
 func TestEnrollWithMissingStateJSON(t *testing.T) {

@@ -115,6 +115,7 @@ type queue struct {
 	savedAt  time.Time
 	closed   bool
 	ready    chan struct{}
+	memOnly  bool // see newMemoryQueue
 }
 
 type ackState struct {
@@ -122,8 +123,7 @@ type ackState struct {
 	Dropped uint64 `json:"dropped"`
 }
 
-// openQueue opens or creates the queue in dir, recovering from a crash.
-func openQueue(dir string, opts QueueOptions) (*queue, error) {
+func (opts QueueOptions) withDefaults() QueueOptions {
 	if opts.MaxMessages <= 0 {
 		opts.MaxMessages = 10000
 	}
@@ -145,6 +145,27 @@ func openQueue(dir string, opts QueueOptions) (*queue, error) {
 	if opts.Now == nil {
 		opts.Now = time.Now
 	}
+	return opts
+}
+
+// errMemoryOnly is why a memory-only queue holds every record in memory.
+var errMemoryOnly = errors.New("queue: the state folder is read-only")
+
+// newMemoryQueue returns a queue that never touches the disk, for a state
+// folder on a read-only file system (a card the kernel remounted after I/O
+// errors), where openQueue cannot even open the segments: records are held
+// in memory within MemoryBytes (see appendMemory), and the records queued
+// on disk are left as they are, for the next start that can write. Its
+// sequence numbers have nothing to do with theirs, so it must never write
+// the delivery pointer either.
+func newMemoryQueue(opts QueueOptions) *queue {
+	opts = opts.withDefaults()
+	return &queue{opts: opts, log: opts.Logger, ready: make(chan struct{}, 1), memOnly: true}
+}
+
+// openQueue opens or creates the queue in dir, recovering from a crash.
+func openQueue(dir string, opts QueueOptions) (*queue, error) {
+	opts = opts.withDefaults()
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("create queue dir: %w", err)
 	}
@@ -715,6 +736,9 @@ func (q *queue) appendMemory(buf []byte, cause error) error {
 
 // tail returns the segment to append to, starting a new one when needed.
 func (q *queue) tail() (*segment, error) {
+	if q.memOnly {
+		return nil, errMemoryOnly
+	}
 	if n := len(q.segs); n > 0 {
 		s := q.segs[n-1]
 		if !s.sealed && s.size < q.opts.SegmentBytes {
@@ -836,6 +860,9 @@ func (q *queue) Flush() error {
 }
 
 func (q *queue) syncLocked(pointer bool) error {
+	if q.memOnly {
+		return nil
+	}
 	for _, s := range q.segs {
 		// Records already delivered need no durability: skip the fsync
 		// (the common case when online, and the one that wears SD cards).

@@ -150,12 +150,21 @@ func startRunner(ctx context.Context, cfg Config) (_ *runner, err error) {
 	id.received = receivedAt(st, id)
 	a.setIdentity(id, st.BrokerURL)
 	a.lastRenewal = st.LastRenewal
-	a.q, err = openQueue(filepath.Join(dir, queueDir), QueueOptions{
+	qopts := QueueOptions{
 		MaxMessages: cfg.QueueMaxMessages,
 		MaxBytes:    cfg.QueueMaxBytes,
 		Logger:      cfg.Logger,
 		Now:         cfg.Now,
-	})
+	}
+	a.q, err = openQueue(filepath.Join(dir, queueDir), qopts)
+	if errors.Is(err, syscall.EROFS) {
+		// The device still works and the identity is readable: going
+		// silent until someone repairs the card helps no one.
+		a.log.Error().Err(err).Msg("the state folder is on a read-only file system (an SD card the kernel remounted read-only " +
+			"after I/O errors?): telemetry is held in memory, the messages queued on disk wait for a start that can write, " +
+			"and a renewed certificate cannot be saved; check the card (dmesg, fsck) and reboot")
+		a.q, err = newMemoryQueue(qopts), nil
+	}
 	if err != nil {
 		return nil, err
 	}

@@ -159,6 +159,12 @@ type flock struct{ f *os.File }
 // tryLock takes an exclusive lock without waiting.
 func tryLock(path string) (*flock, error) {
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	if errors.Is(err, syscall.EROFS) {
+		// A card the kernel remounted read-only after I/O errors: flock
+		// works on a descriptor opened for reading, and no other process
+		// can write there either.
+		f, err = os.Open(path)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("open lock: %w", err)
 	}

@@ -7,6 +7,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"syscall"
 	"time"
 )
 
@@ -85,6 +86,11 @@ func ReadStatus(stateDir string) (Status, error) {
 	}
 	if err := cmpErr(idErr, stateErr); err != nil {
 		s.Broken = err.Error()
+	}
+	if readOnlyFS(stateDir) {
+		s.Warnings = append(s.Warnings, "the state folder is on a read-only file system (an SD card the kernel remounted read-only "+
+			"after I/O errors?): run holds telemetry in memory and cannot save its queue, state.json or a renewed certificate; "+
+			"check the card (dmesg, fsck) and reboot")
 	}
 	var err error
 	if s.Running, err = isLocked(filepath.Join(stateDir, runLock)); err != nil {
@@ -255,3 +261,15 @@ func human(d time.Duration) string {
 	}
 	return prefix + s + suffix
 }
+
+// readOnlyFS reports whether dir is on a file system mounted read-only.
+func readOnlyFS(dir string) bool {
+	var st syscall.Statfs_t
+	if err := syscall.Statfs(dir, &st); err != nil {
+		return false
+	}
+	return st.Flags&stRdonly != 0
+}
+
+// stRdonly is ST_RDONLY of statfs(2)'s f_flags.
+const stRdonly = 0x1
