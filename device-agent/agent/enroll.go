@@ -457,6 +457,13 @@ func enrollAdvice(err error, id string) error {
 	case se.Code == codeIDTaken:
 		return fmt.Errorf("%w: ids are for life; use another id, or ask the operator for a token that re-provisions "+
 			"this device (fleetmq token create --device ID --reprovision)", err)
+	case se.Code == codeTokenUnknown:
+		// A token mistyped or cut short when pasted, or another fleet's.
+		return fmt.Errorf("%w: check the token was pasted whole and is for this server, "+
+			"or ask the operator for a new one (fleetmq token create)", err)
+	case se.Code == codeTokenExpired || se.Code == codeTokenRevoked:
+		return fmt.Errorf("%w: ask the operator for a new token (fleetmq token create; --device ID --reprovision "+
+			"if the device exists)", err)
 	case se.Code == codeTokenUsed:
 		// This device asked with the key it kept for this enrollment: had
 		// the token enrolled it, the server would have answered with that
