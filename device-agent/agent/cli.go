@@ -8,6 +8,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"os"
 	"strings"
 	"time"
 
@@ -123,7 +124,11 @@ func Main(ctx context.Context, args []string, std Stdio, version string) int {
 		cfg.StateDir, _, _ = strings.Cut(cfg.StateDir, ":")
 	}
 	fail := func(err error) int {
-		fmt.Fprintf(std.Err, "device-agent %s: %v\n", cmd, err)
+		dir := cfg.StateDir
+		if dir == "" {
+			dir = DefaultStateDir
+		}
+		fmt.Fprintf(std.Err, "device-agent %s: %v\n", cmd, permissionAdvice(err, dir, cmd, os.Geteuid()))
 		return 1
 	}
 

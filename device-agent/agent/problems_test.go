@@ -9,6 +9,8 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
+	"io/fs"
 	"os"
 	"os/user"
 	"path/filepath"
@@ -412,15 +414,24 @@ func ownedByOther(t *testing.T) (f *fakeServer, dir, name string, uid int) {
 	return f, dir, name, uid
 }
 
-func TestCheckStateOwner(t *testing.T) {
-	dir := t.TempDir()
-	uid := os.Geteuid()
+// folderOfOther is a folder owned by a user other than root: nobody's when
+// the tests run as root, else this user's (callers pass root or another
+// euid to the functions they test).
+func folderOfOther(t *testing.T) (dir string, uid int) {
+	t.Helper()
+	dir = t.TempDir()
+	uid = os.Geteuid()
 	if uid == 0 {
 		uid = 65534
 		if err := os.Chown(dir, uid, uid); err != nil {
 			t.Fatal(err)
 		}
 	}
+	return dir, uid
+}
+
+func TestCheckStateOwner(t *testing.T) {
+	dir, uid := folderOfOther(t)
 	err := checkStateOwner(dir, "renew", 0)
 	want := "is owned by "
 	if err == nil || !strings.Contains(err.Error(), want) || !strings.Contains(err.Error(), "(uid "+strconv.Itoa(uid)+")") ||
@@ -435,6 +446,31 @@ func TestCheckStateOwner(t *testing.T) {
 	}
 	if err := checkStateOwner(filepath.Join(dir, "missing"), "enroll", 0); err != nil {
 		t.Errorf("root and a folder to create: %v", err)
+	}
+}
+
+// Another user than the folder's owner meeting "permission denied" in it
+// is told whose it is and how to run as that user.
+func TestPermissionAdvice(t *testing.T) {
+	dir, uid := folderOfOther(t)
+	denied := fmt.Errorf("read state: %w", &fs.PathError{Op: "open", Path: filepath.Join(dir, stateFile), Err: fs.ErrPermission})
+	err := permissionAdvice(denied, dir, "status", uid+1)
+	if !errors.Is(err, fs.ErrPermission) || !strings.Contains(err.Error(), "(uid "+strconv.Itoa(uid)+")") ||
+		!strings.Contains(err.Error(), "; run as that user: sudo -u ") || !strings.Contains(err.Error(), " device-agent status --state-dir "+dir) {
+		t.Errorf("another user: %v", err)
+	}
+	for _, c := range []struct {
+		name string
+		err  error
+		euid int
+	}{
+		{"the owner", denied, uid},
+		{"root", denied, 0},
+		{"another error", errors.New("read state: EOF"), uid + 1},
+	} {
+		if got := permissionAdvice(c.err, dir, "status", c.euid); got != c.err {
+			t.Errorf("%s: advice added: %v", c.name, got)
+		}
 	}
 }
 

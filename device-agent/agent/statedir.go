@@ -141,13 +141,39 @@ func checkStateOwner(dir, cmd string, euid int) error {
 	if !ok || sys.Uid == 0 {
 		return nil
 	}
-	uid := strconv.FormatUint(uint64(sys.Uid), 10)
-	name, sudoUser := "uid "+uid, "'#"+uid+"'" // sudo -u accepts #uid
-	if u, err := user.LookupId(uid); err == nil {
-		name, sudoUser = u.Username+" (uid "+uid+")", u.Username
-	}
+	name, sudoUser := ownerName(sys.Uid)
 	return fmt.Errorf("the state folder %s is owned by %s; run as that user: sudo -u %s device-agent %s --state-dir %s "+
 		"(as root, %s would leave files there that the service cannot read)", dir, name, sudoUser, cmd, dir, cmd)
+}
+
+// ownerName names a user for a message, and for sudo -u.
+func ownerName(uid uint32) (name, sudoUser string) {
+	id := strconv.FormatUint(uint64(uid), 10)
+	name, sudoUser = "uid "+id, "'#"+id+"'" // sudo -u accepts #uid
+	if u, err := user.LookupId(id); err == nil {
+		name, sudoUser = u.Username+" (uid "+id+")", u.Username
+	}
+	return name, sudoUser
+}
+
+// permissionAdvice adds whose the state folder is to a permission error
+// that another user (euid) met in it: `device-agent status` typed without
+// `sudo -u device-agent` got "permission denied" and nothing more.
+func permissionAdvice(err error, dir, cmd string, euid int) error {
+	if !errors.Is(err, fs.ErrPermission) || euid == 0 {
+		return err
+	}
+	st, serr := os.Stat(dir)
+	if serr != nil {
+		return err
+	}
+	sys, ok := st.Sys().(*syscall.Stat_t)
+	if !ok || int(sys.Uid) == euid {
+		return err
+	}
+	name, sudoUser := ownerName(sys.Uid)
+	return fmt.Errorf("%w (the state folder %s is owned by %s; run as that user: sudo -u %s device-agent %s --state-dir %s)",
+		err, dir, name, sudoUser, cmd, dir)
 }
 
 // errLocked is returned by tryLock when another process holds the lock.
