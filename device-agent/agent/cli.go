@@ -136,7 +136,7 @@ func Main(ctx context.Context, args []string, std Stdio, version string) int {
 	case "enroll":
 		tok := *token
 		if tok == "-" {
-			if tok, err = readLine(std.In); err != nil {
+			if tok, err = readLine(ctx, std.In); err != nil {
 				return fail(fmt.Errorf("read token from stdin: %w", err))
 			}
 			if tok == "" {
@@ -199,14 +199,31 @@ func Main(ctx context.Context, args []string, std Stdio, version string) int {
 	return 0
 }
 
-// readLine reads one line, without its newline.
-func readLine(r io.Reader) (string, error) {
+// readLine reads one line, without its newline, until ctx ends: main
+// turns Ctrl-C and SIGTERM into ctx, so a person waiting at the prompt of
+// --token - who changes their mind is not left with Ctrl-D as the only way
+// out. The read itself cannot be interrupted; the process exits anyway.
+func readLine(ctx context.Context, r io.Reader) (string, error) {
 	if r == nil {
 		return "", errors.New("no stdin")
 	}
-	line, err := bufio.NewReader(r).ReadString('\n')
-	if err != nil && !errors.Is(err, io.EOF) {
-		return "", err
+	type result struct {
+		line string
+		err  error
 	}
-	return strings.TrimSpace(line), nil
+	done := make(chan result, 1)
+	go func() {
+		line, err := bufio.NewReader(r).ReadString('\n')
+		if err != nil && !errors.Is(err, io.EOF) {
+			done <- result{"", err}
+			return
+		}
+		done <- result{strings.TrimSpace(line), nil}
+	}()
+	select {
+	case res := <-done:
+		return res.line, res.err
+	case <-ctx.Done():
+		return "", fmt.Errorf("interrupted before a token was read: %w", ctx.Err())
+	}
 }

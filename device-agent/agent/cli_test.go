@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"io"
 	"strings"
 	"testing"
 	"time"
@@ -118,5 +119,29 @@ func TestStatusText(t *testing.T) {
 		if !strings.Contains(b.String(), w) {
 			t.Errorf("status text lacks %q:\n%s", w, b.String())
 		}
+	}
+}
+
+// Ctrl-C at the prompt of --token - ends enroll: main turns it into ctx,
+// and a read of stdin alone would never see it (QA: SIGINT and SIGTERM
+// both ignored until stdin closed).
+func TestEnrollTokenPromptIsInterruptible(t *testing.T) {
+	in, w := io.Pipe() // a terminal nobody types into
+	defer w.Close()
+	ctx, cancel := context.WithCancel(context.Background())
+	var errb bytes.Buffer
+	code := make(chan int, 1)
+	go func() {
+		code <- Main(ctx, []string{"enroll", "--server", "https://127.0.0.1:1", "--token", "-", "--state-dir", t.TempDir()},
+			Stdio{In: in, Out: io.Discard, Err: &errb}, "v9.9.9")
+	}()
+	cancel()
+	select {
+	case c := <-code:
+		if c != 1 || !strings.Contains(errb.String(), "interrupted before a token was read") {
+			t.Errorf("exit %d: %s", c, errb.String())
+		}
+	case <-time.After(waitLong):
+		t.Fatal("enroll still waits for stdin after the interrupt")
 	}
 }
