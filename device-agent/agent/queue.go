@@ -116,6 +116,10 @@ type queue struct {
 	closed   bool
 	ready    chan struct{}
 	memOnly  bool // see newMemoryQueue
+	// dropsLoggedAt is when drops were last logged, dropsUnlogged how
+	// many came since (see logDrops).
+	dropsLoggedAt time.Time
+	dropsUnlogged int
 }
 
 type ackState struct {
@@ -638,7 +642,7 @@ func (q *queue) Append(topic string, payload []byte) error {
 		dropped++
 	}
 	if dropped > 0 {
-		q.log.Warn().Int("dropped", dropped).Uint64("dropped_total", q.dropped).Msg("queue full: dropped oldest messages")
+		q.logDrops("queue full: dropped oldest messages", dropped)
 	}
 	s, err := q.tail()
 	if err == nil {
@@ -721,7 +725,7 @@ func (q *queue) appendMemory(buf []byte, cause error) error {
 			Msg("queue: cannot write to the state folder; holding telemetry in memory, lost if the agent stops")
 	}
 	if dropped > 0 {
-		q.log.Warn().Int("dropped", dropped).Uint64("dropped_total", q.dropped).Msg("queue memory full: dropped oldest messages")
+		q.logDrops("queue memory full: dropped oldest messages", dropped)
 	}
 	q.entries = append(q.entries, qentry{seq: q.next, size: size, mem: buf})
 	q.next++
@@ -732,6 +736,24 @@ func (q *queue) appendMemory(buf []byte, cause error) error {
 	default:
 	}
 	return nil
+}
+
+// dropLogInterval bounds how often dropping is logged: a full queue drops
+// a message at every sample for as long as the device stays offline, and
+// the journal may be on the SD card. status counts every drop.
+const dropLogInterval = time.Hour
+
+// logDrops logs n messages dropped, at once if it has not for
+// dropLogInterval, else later, summed up with the drops that follow.
+func (q *queue) logDrops(msg string, n int) {
+	q.dropsUnlogged += n
+	now := q.opts.Now()
+	if !q.dropsLoggedAt.IsZero() && now.Sub(q.dropsLoggedAt) < dropLogInterval {
+		return
+	}
+	q.log.Warn().Int("dropped", q.dropsUnlogged).Uint64("dropped_total", q.dropped).
+		Msg(msg + " (logged at most once an hour)")
+	q.dropsLoggedAt, q.dropsUnlogged = now, 0
 }
 
 // tail returns the segment to append to, starting a new one when needed.

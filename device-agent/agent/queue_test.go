@@ -1,14 +1,18 @@
 package agent
 
 import (
+	"bytes"
 	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/rs/zerolog"
 )
 
 func openTestQueue(tb testing.TB, dir string, opts QueueOptions) *queue {
@@ -104,6 +108,23 @@ func TestQueueCapByCountDropsOldest(t *testing.T) {
 		t.Errorf("dropped after reopen = %d, want 7", d)
 	}
 	wantRange(t, payloads(t, q), 7, 12)
+}
+
+// A queue full for weeks drops a message at every sample; the log says so
+// once an hour, not every time (the journal may be on the SD card).
+func TestQueueDropsLoggedOnceAnHour(t *testing.T) {
+	now := time.Date(2025, 1, 1, 0, 0, 0, 0, time.UTC)
+	var logs bytes.Buffer
+	q := openTestQueue(t, t.TempDir(), QueueOptions{MaxMessages: 2, Logger: zerolog.New(&logs), Now: func() time.Time { return now }})
+	appendN(t, q, 0, 10) // 8 dropped
+	if n := strings.Count(logs.String(), "queue full"); n != 1 {
+		t.Fatalf("%d log lines for 8 drops within a minute, want 1:\n%s", n, logs.String())
+	}
+	now = now.Add(dropLogInterval)
+	appendN(t, q, 10, 1)
+	if n := strings.Count(logs.String(), "queue full"); n != 2 || !strings.Contains(logs.String(), `"dropped":8,"dropped_total":9`) {
+		t.Errorf("an hour later, want a second line with the 8 drops since the first:\n%s", logs.String())
+	}
 }
 
 func TestQueueCapByBytesDropsOldest(t *testing.T) {
