@@ -30,7 +30,7 @@ type runner struct {
 	samp    sampler
 
 	renewNow  chan struct{} // renewal requested by a command
-	renewHint chan struct{} // the broker refused us: check with the server
+	renewHint chan string   // the broker refused the certificate of this serial: check with the server
 	sessions  atomic.Uint64 // MQTT sessions the broker accepted
 	// savedPending is the queue's pending count as state.json last got it.
 	savedPending   atomic.Int64
@@ -123,7 +123,7 @@ func startRunner(ctx context.Context, cfg Config) (_ *runner, err error) {
 		ss:         &stateStore{dir: dir},
 		samp:       sampler{procRoot: cfg.ProcRoot, sysRoot: cfg.SysRoot, diskPath: cfg.DiskPath, version: cfg.Version},
 		renewNow:   make(chan struct{}, 1),
-		renewHint:  make(chan struct{}, 1),
+		renewHint:  make(chan string, 1),
 		intervalCh: make(chan time.Duration, 1),
 		changed:    make(chan struct{}),
 	}
@@ -303,11 +303,19 @@ func (a *runner) requestRenew() {
 // the device, then on at most one per RetryMax, so a broker that refuses
 // for other reasons cannot make the agent renew over and over, while a
 // refusal after a working session (a revocation, the server restored from
-// an older backup) is checked at once.
-func (a *runner) hintRenew() {
-	select {
-	case a.renewHint <- struct{}{}:
-	default:
+// an older backup) is checked at once. serial is the refused certificate's:
+// a refusal of one already replaced is no reason to renew again.
+func (a *runner) hintRenew(serial string) {
+	for {
+		select {
+		case a.renewHint <- serial:
+			return
+		default:
+			select {
+			case <-a.renewHint: // the latest refusal is the one that counts
+			default:
+			}
+		}
 	}
 }
 
@@ -578,8 +586,15 @@ func (a *runner) renewLoop(ctx context.Context) error {
 					continue
 				}
 				forced = true
-			case <-a.renewHint:
+			case serial := <-a.renewHint:
 				t.Stop()
+				if serial != id.serial() {
+					// An attempt with the old certificate, refused while
+					// the renewal that replaced it was under way (QA: a
+					// flaky test saw two renewals for one revocation).
+					a.log.Debug().Str("serial", serial).Msg("broker refusal of a certificate already replaced: ignored")
+					continue
+				}
 				now := a.cfg.Now()
 				sessions := a.sessions.Load()
 				recent := !lastHint.IsZero() && sessions == hintSessions && now.Sub(lastHint) < a.cfg.RetryMax
@@ -748,11 +763,11 @@ func (a *runner) connectLoop(ctx context.Context) error {
 		case authRejected(err):
 			refusals = 0
 			a.log.Warn().Err(err).Msg("broker refused the certificate; checking it with the enrollment server")
-			a.hintRenew()
+			a.hintRenew(id.serial())
 		case droppedAfterDial(err) && time.Since(start) < a.cfg.RefusalWindow:
 			if refusals++; refusals >= 3 {
 				refusals = 0
-				a.hintRenew()
+				a.hintRenew(id.serial())
 			}
 		case droppedAfterDial(err):
 			// Cut late: a slow link missing the broker's handshake

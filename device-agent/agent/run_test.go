@@ -549,6 +549,31 @@ func TestRunRefusalAfterSessionIsCheckedAtOnce(t *testing.T) {
 	}
 }
 
+// A broker refusal of a certificate already replaced (an attempt with the
+// old one, refused while the renewal ran) does not renew again; one of the
+// certificate in use does.
+func TestRunRefusalOfReplacedCertificateIsIgnored(t *testing.T) {
+	f := newFleet(t, time.Hour)
+	cfg := f.config(t)
+	var logs lockedBuffer
+	cfg.Logger = zerolog.New(&logs)
+	r, _ := startAgent(t, cfg)
+	nextSerial(t, f.brk)
+	r.hintRenew("0") // no certificate of this fleet has serial 0
+	eventually(t, waitLong, "the stale refusal ignored", func() bool {
+		return strings.Contains(logs.String(), "broker refusal of a certificate already replaced: ignored")
+	})
+	if mtls, _ := f.srv.counts(); mtls != 0 {
+		t.Fatalf("%d renewals for the refusal of a replaced certificate, want 0", mtls)
+	}
+	id, _, _ := r.current()
+	r.hintRenew(id.serial())
+	eventually(t, waitLong, "the refusal of the certificate in use checked", func() bool {
+		mtls, _ := f.srv.counts()
+		return mtls == 1
+	})
+}
+
 // TestRunFailedRefusalCheckIsNotRetriedEarly: a renewal asked for by a
 // broker refusal, of a certificate not yet due, that fails (the enrollment
 // server is down) is not retried before the certificate is due, and the
