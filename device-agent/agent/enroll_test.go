@@ -533,6 +533,8 @@ func TestRenewFailuresKeepKeyMaterial(t *testing.T) {
 		advice string
 	}{
 		{"revoked", func(f *fakeServer) { f.revoked["pi-1"] = true }, nil, failRevoked, "enroll under a new id"},
+		// cert_revoked: the certificate, not the device; the id lives on.
+		{"superseded", func(f *fakeServer) { f.superseded = true }, nil, failSuperseded, "token create --device ID --reprovision"},
 		// Issued already expired, so the local clock and the server agree
 		// that it is; the server says the grace is over.
 		{"beyond grace", func(f *fakeServer) { f.expiredAns = true }, nil, failNeedsToken, "--reprovision"},

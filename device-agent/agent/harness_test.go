@@ -45,6 +45,7 @@ type fakeServer struct {
 	revoked    map[string]bool // device ids
 	expiredAns bool            // answer cert_expired on renewal after expiry
 	forgotten  bool            // answer cert_invalid to every renewal, as a server restored from an older backup
+	superseded bool            // answer cert_revoked to renewals, as for a device re-provisioned since
 	dateOffset time.Duration   // added to the Date header
 	backdate   time.Duration   // how far NotBefore lies before now; default a minute
 	renewMTLS  int
@@ -197,10 +198,15 @@ func (f *fakeServer) renew(w http.ResponseWriter, r *http.Request) {
 		f.mu.Lock()
 		f.renewMTLS++
 		revoked := f.revoked[r.TLS.PeerCertificates[0].Subject.CommonName]
+		superseded := f.superseded
 		f.mu.Unlock()
 		id := r.TLS.PeerCertificates[0].Subject.CommonName
 		if revoked {
 			f.fail(w, 403, "device_revoked")
+			return
+		}
+		if superseded {
+			f.fail(w, 403, "cert_revoked")
 			return
 		}
 		if r.Header.Get("Content-Type") != "application/pkcs10" {
@@ -241,9 +247,14 @@ func (f *fakeServer) renew(w http.ResponseWriter, r *http.Request) {
 	}
 	f.mu.Lock()
 	revoked := f.revoked[old.Subject.CommonName]
+	superseded := f.superseded
 	f.mu.Unlock()
 	if revoked {
 		f.fail(w, 403, "device_revoked")
+		return
+	}
+	if superseded {
+		f.fail(w, 403, "cert_revoked")
 		return
 	}
 	csr, err := parseCSRPEM([]byte(req.CSR))

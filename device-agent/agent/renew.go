@@ -245,6 +245,7 @@ const (
 	failRevoked                    // long backoff, report
 	failNeedsToken                 // long backoff, report: a new token is needed
 	failCertUnknown                // long backoff, report: the server does not know the certificate
+	failSuperseded                 // long backoff, report: the device was re-provisioned with another key
 )
 
 // blockedConditions are the conditions the failures that no retry mends
@@ -253,6 +254,7 @@ var blockedConditions = map[failure]string{
 	failRevoked:     CondRevoked,
 	failNeedsToken:  CondNeedsToken,
 	failCertUnknown: CondCertUnknown,
+	failSuperseded:  CondSuperseded,
 }
 
 func classify(err error) failure {
@@ -263,6 +265,10 @@ func classify(err error) failure {
 	var se *ServerError
 	if errors.As(err, &se) {
 		switch {
+		case se.Code == codeCertRevoked:
+			// The server revoked this certificate but not its device:
+			// re-provisioning gave the id a new key.
+			return failSuperseded
 		case se.Revoked():
 			return failRevoked
 		case se.Code == codeCertExpired:
@@ -285,6 +291,8 @@ func explain(err error) error {
 		return fmt.Errorf("%w: the certificate expired beyond the renewal grace; %s", err, adviceNeedsToken)
 	case failCertUnknown:
 		return fmt.Errorf("%w: %s", err, adviceCertUnknown)
+	case failSuperseded:
+		return fmt.Errorf("%w: this certificate was revoked when its device was re-provisioned with a new key; %s", err, adviceSuperseded)
 	}
 	return err
 }

@@ -650,7 +650,7 @@ func (a *runner) renewLoop(ctx context.Context) error {
 				a.log.Warn().Err(err).Msg("renewal waits for time sync")
 			}
 			retryAt = now.Add(a.cfg.ClockPollInterval)
-		case failRevoked, failNeedsToken, failCertUnknown:
+		case failRevoked, failNeedsToken, failCertUnknown, failSuperseded:
 			d := backoff(blockedAttempt, a.cfg.BlockedRetryMin, a.cfg.BlockedRetryMax, a.cfg.Rand())
 			blockedAttempt++
 			retryAt = now.Add(d)

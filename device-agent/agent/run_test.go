@@ -461,6 +461,7 @@ func TestRunTurnedAwayBacksOff(t *testing.T) {
 	}{
 		{"revoked", CondRevoked, "device_revoked", func(s *fakeServer, id string) { s.revoked[id] = true }},
 		{"certificate unknown", CondCertUnknown, "cert_invalid", func(s *fakeServer, _ string) { s.forgotten = true }},
+		{"re-provisioned elsewhere", CondSuperseded, "cert_revoked", func(s *fakeServer, _ string) { s.superseded = true }},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			f := newFleet(t, time.Hour)

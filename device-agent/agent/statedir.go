@@ -284,6 +284,7 @@ const (
 	CondNeedsToken  = "needs_token"       // the certificate expired beyond the grace
 	CondCertUnknown = "cert_unknown"      // the server has no record of the certificate
 	CondClockWrong  = "waiting_for_clock" // local clock too far from the certificate or server
+	CondSuperseded  = "superseded"        // the device was re-provisioned with another key
 )
 
 // State is state.json: what `status` shows and what `run` needs besides the

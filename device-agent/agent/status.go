@@ -212,6 +212,7 @@ func queueText(s Status, now time.Time) string {
 // errors and logs alike.
 const (
 	adviceRevoked    = "revoked ids are never used again: enroll under a new id with a new token (" + reenrollEnroll + " --id NEW-ID" + reenrollStart + ")"
+	adviceSuperseded = "if this hardware is to be that device again, enroll it with a token that re-provisions it (fleetmq token create --device ID --reprovision on the server, then " + reenrollSteps + ")"
 	adviceNeedsToken = "enroll again with a token that re-provisions this device (fleetmq token create --device ID --reprovision on the server, then " + reenrollSteps + ")"
 	// A server reset, or restored from a backup older than the device's
 	// enrollment (a device it knows is taken back when it renews).
@@ -230,6 +231,8 @@ func conditionText(c string) string {
 		return "revoked by the server; " + adviceRevoked
 	case CondNeedsToken:
 		return "certificate expired beyond the renewal grace; " + adviceNeedsToken
+	case CondSuperseded:
+		return "certificate revoked: the device was re-provisioned with a new key; " + adviceSuperseded
 	case CondCertUnknown:
 		return adviceCertUnknown
 	case CondClockWrong:
