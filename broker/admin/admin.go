@@ -564,6 +564,21 @@ func (d DeviceInfo) State() string {
 	return "offline"
 }
 
+// CertState is how operators see one of d's certificates at now:
+// revoked, expired, current (the one d renews with) or valid (an earlier
+// one a renewal left valid until it expires).
+func (d DeviceInfo) CertState(c store.Cert, now time.Time) string {
+	switch {
+	case c.Revoked():
+		return "revoked"
+	case !c.NotAfter.After(now):
+		return "expired"
+	case c.Serial == d.Serial:
+		return "current"
+	}
+	return "valid"
+}
+
 // DeviceInfos lists every identity with its connection state.
 func (h *Handler) DeviceInfos(ctx context.Context) ([]DeviceInfo, error) {
 	devs, err := h.st.Devices(ctx)

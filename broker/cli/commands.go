@@ -427,14 +427,9 @@ func deviceShow(ctx context.Context, args []string, env Env) error {
 	now := time.Now()
 	rows := make([][]string, len(d.Certificates))
 	for i, c := range d.Certificates {
-		state := "valid"
-		switch {
-		case c.Revoked():
-			state = "revoked " + fmtTime(c.RevokedAt)
-		case !c.NotAfter.After(now):
-			state = "expired"
-		case c.Serial == d.Serial:
-			state = "current"
+		state := d.CertState(c, now)
+		if c.Revoked() {
+			state += " " + fmtTime(c.RevokedAt)
 		}
 		rows[i] = []string{c.Serial, fmtTime(c.IssuedAt), fmtTime(c.NotAfter), state}
 	}

@@ -375,6 +375,7 @@ func TestReprovisionRevokesEarlierCertificates(t *testing.T) {
 	defer svc.Disconnect(0)
 	msgs := subscribe(t, svc, "devices/+/telemetry")
 
+	s.clock.Advance(time.Minute) // records list newest first
 	start := time.Now()
 	fresh := s.enroll(t, s.token(t, "--device", "pi-rp", "--reprovision"), "pi-rp")
 	lostWithinASecond(t, lost, start, "the old certificate's session")

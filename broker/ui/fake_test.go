@@ -168,7 +168,14 @@ func (f *fleet) DeviceInfo(ctx context.Context, id string) (admin.DeviceInfo, er
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	return f.info(d), nil
+	info := f.info(d)
+	for _, c := range f.certs {
+		if c.DeviceID == id {
+			info.Certificates = append(info.Certificates, c)
+		}
+	}
+	slices.SortFunc(info.Certificates, func(a, b store.Cert) int { return b.IssuedAt.Compare(a.IssuedAt) })
+	return info, nil
 }
 
 // CheckTokens checks nothing: the real checks are admin's, tested with the

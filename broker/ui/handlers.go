@@ -302,6 +302,7 @@ func latestAgentVersion(msgs []store.Message) string {
 
 type deviceData struct {
 	Device       admin.DeviceInfo
+	Certs        []certRow
 	State        string
 	Expiring     bool
 	AgentVersion string
@@ -316,6 +317,12 @@ type deviceData struct {
 	Audit        []store.AuditEvent
 }
 
+// certRow is one of a device's certificates, as its page lists them.
+type certRow struct {
+	store.Cert
+	State string
+}
+
 func (s *Server) device(w http.ResponseWriter, r *http.Request) {
 	id := r.PathValue("id")
 	info, err := s.cfg.Admin.DeviceInfo(r.Context(), id)
@@ -324,6 +331,10 @@ func (s *Server) device(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	d := deviceData{Device: info, State: info.State(), Expiring: s.expiring(info), MaxPoints: s.cfg.MaxPoints, MaxSeries: maxSeries}
+	now := s.cfg.Now()
+	for _, c := range info.Certificates {
+		d.Certs = append(d.Certs, certRow{Cert: c, State: info.CertState(c, now)})
+	}
 	msgs, err := s.cfg.Store.Telemetry(r.Context(), id, time.Time{}, s.cfg.MaxPoints)
 	if err != nil {
 		s.failErr(w, r, err)

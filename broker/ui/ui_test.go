@@ -25,7 +25,9 @@ import (
 func TestPagesRender(t *testing.T) {
 	f := newFleet()
 	now := time.Now()
-	f.addDevice(store.Device{ID: "pi-1", Role: store.RoleDevice, NotAfter: now.Add(30 * 24 * time.Hour), Labels: map[string]string{"site": "lab"}})
+	f.addDevice(store.Device{ID: "pi-1", Role: store.RoleDevice, Serial: "c0ffee", NotAfter: now.Add(30 * 24 * time.Hour), Labels: map[string]string{"site": "lab"}})
+	f.certs["c0ffee"] = store.Cert{Serial: "c0ffee", DeviceID: "pi-1", IssuedAt: now, NotAfter: now.Add(30 * 24 * time.Hour)}
+	f.certs["bad1"] = store.Cert{Serial: "bad1", DeviceID: "pi-1", IssuedAt: now.Add(-time.Hour), NotAfter: now.Add(29 * 24 * time.Hour), RevokedAt: now}
 	f.addDevice(store.Device{ID: "pi-2", Role: store.RoleDevice, NotAfter: now.Add(2 * 24 * time.Hour)})
 	f.addDevice(store.Device{ID: "pi-3", Role: store.RoleDevice, NotAfter: now.Add(time.Hour), RevokedAt: now})
 	f.addDevice(store.Device{ID: "svc", Role: store.RoleService, NotAfter: now.Add(time.Hour)})
@@ -57,7 +59,8 @@ func TestPagesRender(t *testing.T) {
 		{"/devices?q=lab", []string{"1 of 5 identities match", "pi-1"}},
 		{"/devices?state=revoked", []string{"2 of 5", "pi-3"}},
 		{"/devices/pi-2", []string{"2.0.7"}},
-		{"/devices/pi-1", []string{"1.2.3", `data-field="cpu_temp_c"`, `data-field="load1"`, "cert.issue", `href="/devices/pi-1/revoke"`}},
+		{"/devices/pi-1", []string{"1.2.3", `data-field="cpu_temp_c"`, `data-field="load1"`, "cert.issue", `href="/devices/pi-1/revoke"`,
+			`<td class="mono">c0ffee</td>`, `>current</td>`, `<td class="mono">bad1</td>`, `<td class="bad">revoked `}},
 		{"/devices/pi-3", []string{"revoked"}},
 		{"/tokens", []string{"abc123", "pi-9", `href="/tokens/abc123/revoke"`, "2 of 2 tokens match"}},
 		{"/tokens?state=unusable", []string{"1 of 2 tokens match", "def456", "pi-1 exists; only a re-provisioning token"}},
