@@ -10,6 +10,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/fleetmq/fleetmq/store"
 )
@@ -97,5 +98,28 @@ func TestWriteErrorHidesInternals(t *testing.T) {
 	WriteError(rec, rateLimited(1500e6))
 	if rec.Code != 429 || rec.Header().Get("Retry-After") != "2" {
 		t.Fatalf("rate limited: %d Retry-After=%q", rec.Code, rec.Header().Get("Retry-After"))
+	}
+}
+
+// TestRetryAfter: a 429 says when the address may try again, and a 503 (the
+// server cannot store, its disk full, say) asks for a minute, over the
+// JSON API and EST alike; other errors say nothing.
+func TestRetryAfter(t *testing.T) {
+	for _, tc := range []struct {
+		err  *Error
+		want string
+	}{
+		{rateLimited(7 * time.Second), "7"},
+		{&Error{Code: CodeUnavailable, Message: "disk is full"}, "60"},
+		{&Error{Code: CodeInternal, Message: "boom"}, ""},
+		{&Error{Code: CodeTokenUnknown, Message: "no such token"}, ""},
+	} {
+		for name, write := range map[string]func(http.ResponseWriter, *Error){"json": WriteError, "est": writeESTError} {
+			rec := httptest.NewRecorder()
+			write(rec, tc.err)
+			if got := rec.Header().Get("Retry-After"); got != tc.want || rec.Code != tc.err.Status() {
+				t.Errorf("%s %s: %d, Retry-After %q; want %d, %q", name, tc.err.Code, rec.Code, got, tc.err.Status(), tc.want)
+			}
+		}
 	}
 }

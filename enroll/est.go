@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"net/http"
 	"reflect"
-	"strconv"
 	"strings"
 
 	"github.com/smallstep/pkcs7"
@@ -332,9 +331,7 @@ func writeESTBody(w http.ResponseWriter, contentType string, der []byte) {
 // there for scripts and the message for people.
 func writeESTError(w http.ResponseWriter, e *Error) {
 	hdr := w.Header()
-	if ra, ok := e.Err.(retryAfter); ok && e.Code == CodeRateLimited {
-		hdr.Set("Retry-After", strconv.Itoa(int(ra)))
-	}
+	setRetryAfter(hdr, e)
 	if tokenCode(e.Code) {
 		hdr.Set("WWW-Authenticate", estRealm)
 	}

@@ -777,6 +777,21 @@ func (h *Handler) verifyClientCert(leaf *x509.Certificate, now time.Time) (beyon
 	return now.Sub(leaf.NotAfter) > h.cfg.RenewGrace, nil
 }
 
+// unavailableRetry is the Retry-After of a 503: a server that cannot store
+// (its disk full, say) needs a person, and a fleet retrying every few
+// seconds only adds load meanwhile.
+const unavailableRetry = 60
+
+// setRetryAfter says when to try again after e, if e says.
+func setRetryAfter(h http.Header, e *Error) {
+	switch ra, ok := e.Err.(retryAfter); {
+	case e.Code == CodeRateLimited && ok:
+		h.Set("Retry-After", strconv.Itoa(int(ra)))
+	case e.Code == CodeUnavailable:
+		h.Set("Retry-After", strconv.Itoa(unavailableRetry))
+	}
+}
+
 // errSuperseded refuses a revoked certificate of a device that is not
 // revoked: only re-provisioning revokes one alone.
 var errSuperseded = Errorf(CodeCertRevoked, "certificate is revoked: the device was re-provisioned with a new key")
@@ -1030,11 +1045,7 @@ func (h *Handler) writeError(w http.ResponseWriter, r *http.Request, err error) 
 
 // WriteError writes e as the JSON error body {code, message} with its status.
 func WriteError(w http.ResponseWriter, e *Error) {
-	if e.Code == CodeRateLimited {
-		if ra, ok := e.Err.(retryAfter); ok {
-			w.Header().Set("Retry-After", strconv.Itoa(int(ra)))
-		}
-	}
+	setRetryAfter(w.Header(), e)
 	writeJSON(w, e.Status(), struct {
 		Code    Code   `json:"code"`
 		Message string `json:"message"`

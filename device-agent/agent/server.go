@@ -46,7 +46,7 @@ type ServerError struct {
 	Status     int
 	Code       string
 	Message    string
-	RetryAfter time.Duration // from Retry-After on 429
+	RetryAfter time.Duration // from Retry-After (429, 503)
 }
 
 func (e *ServerError) Error() string {
