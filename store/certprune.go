@@ -23,19 +23,33 @@ var certPruneExamined = 2_000
 // transactions of at most certPruneExamined records and returns how many
 // it deleted.
 func (db *DB) PruneCerts(ctx context.Context, before time.Time) (int, error) {
+	n, err := db.pruneInSteps(ctx, func(tx *bbolt.Tx, resume []byte) (int, []byte, error) {
+		return pruneCertsTx(tx, resume, before)
+	})
+	if err != nil {
+		return n, fmt.Errorf("prune certificates: %w", err)
+	}
+	return n, nil
+}
+
+// pruneInSteps runs step in one write transaction after another, each
+// from the key the last one stopped at (nil: the first), until one
+// returns no key to go on from; it returns how many records they deleted.
+// Short transactions keep the writer free for telemetry between steps.
+func (db *DB) pruneInSteps(ctx context.Context, step func(tx *bbolt.Tx, resume []byte) (int, []byte, error)) (int, error) {
 	total := 0
-	var resume []byte // index key to continue from; nil: the first
+	var resume []byte
 	for {
 		var deleted int
 		var next []byte
 		err := db.update(ctx, func(tx *bbolt.Tx) error {
 			// Outputs are assigned at the end of each run: this may run twice.
-			n, k, err := pruneCertsTx(tx, resume, before)
+			n, k, err := step(tx, resume)
 			deleted, next = n, k
 			return err
 		})
 		if err != nil {
-			return total, fmt.Errorf("prune certificates: %w", err)
+			return total, err
 		}
 		total += deleted
 		if next == nil {

@@ -146,3 +146,11 @@ func SetCertPruneExamined(tb testing.TB, n int) {
 	certPruneExamined = n
 	tb.Cleanup(func() { certPruneExamined = was })
 }
+
+// SetTokenPruneExamined sets how many token records one transaction of
+// PruneTokens examines, until the test ends.
+func SetTokenPruneExamined(tb testing.TB, n int) {
+	was := tokenPruneExamined
+	tokenPruneExamined = n
+	tb.Cleanup(func() { tokenPruneExamined = was })
+}

@@ -12,8 +12,9 @@ import (
 )
 
 // TestRetentionLoop: the running server deletes telemetry past its
-// retention and, daily, the record of a certificate long past use, while
-// the device's current certificate and recent telemetry stay.
+// retention and, daily, the record of a certificate long past use and of a
+// token long expired, while the device's current certificate, recent
+// telemetry and a live token stay.
 func TestRetentionLoop(t *testing.T) {
 	ctx := context.Background()
 	s := startServer(t, func(c *server.Config) {
@@ -40,6 +41,7 @@ func TestRetentionLoop(t *testing.T) {
 	if err := db.AppendTelemetry(ctx, []store.Message{msg(now)}); err != nil {
 		t.Fatal(err)
 	}
+	s.token(t, "--ttl", "1h") // expired long before the cut
 
 	// Past the old certificate's expiry, the renewal grace and the 90 days
 	// its record is kept for an investigation.
@@ -48,16 +50,24 @@ func TestRetentionLoop(t *testing.T) {
 	if err := db.AppendTelemetry(ctx, []store.Message{msg(later)}); err != nil {
 		t.Fatal(err)
 	}
+	s.token(t, "--ttl", "1h") // live
 	eventually(t, func() bool {
 		got, err := db.Telemetry(ctx, "dev-1", time.Time{}, 0)
 		if err != nil {
 			t.Fatal(err)
 		}
 		_, err = db.Cert(ctx, oldSerial)
-		return len(got) == 1 && errors.Is(err, store.ErrCertUnknown)
-	}, "old telemetry and the old certificate record deleted")
+		toks, terr := db.Tokens(ctx)
+		if terr != nil {
+			t.Fatal(terr)
+		}
+		return len(got) == 1 && errors.Is(err, store.ErrCertUnknown) && len(toks) == 1 // the live one
+	}, "old telemetry, the old certificate record and the expired token deleted")
 	if got, err := db.Telemetry(ctx, "dev-1", time.Time{}, 0); err != nil || !got[0].Received.Equal(later) {
 		t.Fatalf("kept telemetry: %+v, %v", got, err)
+	}
+	if toks, err := db.Tokens(ctx); err != nil || len(toks) != 1 || !toks[0].ExpiresAt.After(later) {
+		t.Fatalf("tokens kept: %+v, %v; want the live one", toks, err)
 	}
 	if _, err := db.Cert(ctx, current.Serial); err != nil {
 		t.Fatalf("current certificate record: %v", err)

@@ -771,6 +771,7 @@ func (s *Server) retentionLoop(ctx context.Context) {
 		if now := s.cfg.Now(); now.Sub(certsPruned) >= 24*time.Hour {
 			certsPruned = now
 			s.pruneCerts(ctx, now)
+			s.pruneTokens(ctx, now)
 		}
 	}
 }
@@ -789,6 +790,22 @@ func (s *Server) pruneCerts(ctx context.Context, now time.Time) {
 		s.log.Error().Err(err).Msg("prune certificate records")
 	} else if n > 0 {
 		s.log.Info().Int("deleted", n).Msg("old certificate records pruned")
+	}
+}
+
+// tokenRecordKeep is how long the record of an expired token is kept, for
+// `token list` and an investigation; the audit log keeps its creation and
+// uses after that.
+const tokenRecordKeep = 30 * 24 * time.Hour
+
+// pruneTokens deletes the records of tokens long expired (see
+// store.PruneTokens).
+func (s *Server) pruneTokens(ctx context.Context, now time.Time) {
+	n, err := s.db.PruneTokens(ctx, now.Add(-tokenRecordKeep))
+	if err != nil && ctx.Err() == nil {
+		s.log.Error().Err(err).Msg("prune token records")
+	} else if n > 0 {
+		s.log.Info().Int("deleted", n).Msg("expired token records pruned")
 	}
 }
 
