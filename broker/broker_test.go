@@ -245,6 +245,11 @@ func TestRecheckClosesRevokedElsewhere(t *testing.T) {
 	if got := f.b.Stats().Kicked[KickRevoked]; got != 1 {
 		t.Errorf("kicked revoked = %d, want 1", got)
 	}
+	// Revoked as an identity, not only a certificate: a delayed will of
+	// its would be silenced here too (see silence.go).
+	if !f.b.silencedTopic("devices/dev-a/status") || f.b.silencedTopic("devices/dev-b/status") {
+		t.Error("the identity revoked elsewhere is not silenced, or another is")
+	}
 	select {
 	case err := <-lost["dev-b"]:
 		t.Fatalf("dev-b, not revoked, lost its connection: %v", err)

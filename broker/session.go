@@ -388,8 +388,6 @@ func (b *Broker) checkLeaf(ctx context.Context, leaf *x509.Certificate) (store.D
 		return store.Device{}, refuse(ReasonStore, err)
 	case cert.DeviceID != id || (len(cert.DER) > 0 && !bytes.Equal(cert.DER, leaf.Raw)):
 		return store.Device{}, refuse(ReasonCertMismatch, nil)
-	case cert.Revoked():
-		return store.Device{}, refuse(ReasonRevoked, store.ErrCertRevoked)
 	}
 	dev, err := b.st.Device(ctx, id)
 	switch {
@@ -397,8 +395,12 @@ func (b *Broker) checkLeaf(ctx context.Context, leaf *x509.Certificate) (store.D
 		return store.Device{}, refuse(ReasonUnknownIdentity, err)
 	case err != nil:
 		return store.Device{}, refuse(ReasonStore, err)
+	// The identity first: revoking it revokes its certificates too, and a
+	// certificate revoked alone (re-provisioning) leaves the identity be.
 	case dev.Revoked():
 		return store.Device{}, refuse(ReasonRevoked, store.ErrDeviceRevoked)
+	case cert.Revoked():
+		return store.Device{}, refuse(ReasonRevoked, store.ErrCertRevoked)
 	}
 	return dev, nil
 }
@@ -475,14 +477,7 @@ func (b *Broker) closeRevoked(conns []*conn, msg string) {
 		if cl == nil {
 			continue // refused at CONNECT by the flag
 		}
-		// checkLeaf stops at the certificate, which a revoked identity's
-		// are too.
-		identity := errors.Is(r.err, store.ErrDeviceRevoked)
-		if !identity {
-			d, err := b.st.Device(context.Background(), id)
-			identity = err == nil && d.Revoked()
-		}
-		if b.stopRevoked(cl, identity) {
+		if b.stopRevoked(cl, errors.Is(r.err, store.ErrDeviceRevoked)) {
 			b.log.Info().Str("id", id).Msg(msg)
 		}
 	}
