@@ -335,6 +335,47 @@ func TestRunOnReadOnlyStateFolder(t *testing.T) {
 	wantRange(t, payloads(t, openTestQueue(t, filepath.Join(dir, queueDir), QueueOptions{})), 0, 3)
 }
 
+// A queue run cannot open for another reason than a read-only card (a file
+// where its folder should be, a folder among its segments, as fsck can leave
+// them) made run fail at every start, so the device went silent over its
+// backlog while status said all was well. run now publishes from memory,
+// leaves the queue as it is, and status passes on the advice.
+func TestRunWithUnopenableQueue(t *testing.T) {
+	for name, damage := range map[string]func(qdir string) error{
+		"queue is a file": func(qdir string) error { return os.WriteFile(qdir, []byte("x"), 0o600) },
+		"segment is a folder": func(qdir string) error {
+			return os.MkdirAll(filepath.Join(qdir, segPrefix+"00000000000000000000"+segSuffix), 0o700)
+		},
+	} {
+		t.Run(name, func(t *testing.T) {
+			f := newFleet(t, time.Hour)
+			qdir := filepath.Join(f.dir, queueDir)
+			if err := damage(qdir); err != nil {
+				t.Fatal(err)
+			}
+			_, stop := startAgent(t, f.config(t))
+			if m := f.brk.next(t, deviceTopic(f.id, topicTelemetry), waitLong); !strings.Contains(m.payload, `"uptime_s"`) {
+				t.Errorf("telemetry %q, want a fresh sample", m.payload)
+			}
+			s, err := ReadStatus(f.dir)
+			if w := strings.Join(s.Warnings, "\n"); err != nil || !strings.Contains(w, "the offline queue "+qdir+" cannot be opened") ||
+				!strings.Contains(w, "mv "+qdir+" "+qdir+".broken") {
+				t.Errorf("status: warnings %q, %v", s.Warnings, err)
+			}
+			if err := stop(); err != nil {
+				t.Errorf("Run = %v", err)
+			}
+			// Left for a person to look at; a stopped agent's old problem is not reported.
+			if err := damage(qdir); err != nil {
+				t.Errorf("the damaged queue was changed: %v", err)
+			}
+			if s, err := ReadStatus(f.dir); err != nil || len(s.Warnings) != 0 {
+				t.Errorf("status of a stopped agent: warnings %q, %v", s.Warnings, err)
+			}
+		})
+	}
+}
+
 // A deleted state.json next to a key pair: enroll without --force must not
 // say "already enrolled" (run would then never start).
 func TestEnrollWithMissingStateJSON(t *testing.T) {

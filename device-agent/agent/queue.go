@@ -153,7 +153,7 @@ func (opts QueueOptions) withDefaults() QueueOptions {
 }
 
 // errMemoryOnly is why a memory-only queue holds every record in memory.
-var errMemoryOnly = errors.New("queue: the state folder is read-only")
+var errMemoryOnly = errors.New("queue: the on-disk queue could not be opened at start")
 
 // newMemoryQueue returns a queue that never touches the disk, for a state
 // folder on a read-only file system (a card the kernel remounted after I/O

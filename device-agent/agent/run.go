@@ -36,6 +36,9 @@ type runner struct {
 	savedPending   atomic.Int64
 	intervalCh     chan time.Duration // new telemetry period
 	pausedSampling atomic.Bool        // the pause of sampling was logged
+	// queueProblem is why the on-disk queue could not be opened (telemetry
+	// is then held in memory); empty when it opened. Set before the loops.
+	queueProblem string
 
 	mu           sync.Mutex
 	id           *identity
@@ -156,19 +159,33 @@ func startRunner(ctx context.Context, cfg Config) (_ *runner, err error) {
 		Logger:      cfg.Logger,
 		Now:         cfg.Now,
 	}
-	a.q, err = openQueue(filepath.Join(dir, queueDir), qopts)
-	if errors.Is(err, syscall.EROFS) {
+	qdir := filepath.Join(dir, queueDir)
+	a.q, err = openQueue(qdir, qopts)
+	switch {
+	case errors.Is(err, syscall.EROFS):
 		// The device still works and the identity is readable: going
 		// silent until someone repairs the card helps no one.
 		a.log.Error().Err(err).Msg("the state folder is on a read-only file system (an SD card the kernel remounted read-only " +
 			"after I/O errors?): telemetry is held in memory, the messages queued on disk wait for a start that can write, " +
 			"and a renewed certificate cannot be saved; check the card (dmesg, fsck) and reboot")
-		a.q, err = newMemoryQueue(qopts), nil
-	}
-	if err != nil {
-		return nil, err
+		a.q = newMemoryQueue(qopts)
+	case err != nil:
+		// Any other damage to the queue (a file where its folder should be,
+		// a folder or an unreadable file among its segments, as fsck can
+		// leave them) would otherwise stop run at every start: the device
+		// would go silent over what is only its backlog.
+		a.queueProblem = queueProblem(qdir, err)
+		a.log.Error().Err(err).Msg(a.queueProblem)
+		a.q = newMemoryQueue(qopts)
 	}
 	return a, nil
+}
+
+// queueProblem is the advice for an offline queue run cannot open.
+func queueProblem(qdir string, err error) string {
+	return fmt.Sprintf("the offline queue %s cannot be opened (%v): telemetry is held in memory and lost if the agent stops "+
+		"while the broker is unreachable; move the queue aside (mv %s %s.broken) and restart the agent, which starts an empty one",
+		qdir, err, qdir, qdir)
 }
 
 // run runs the loops until ctx is done, then closes the queue and the lock.
@@ -181,6 +198,7 @@ func (a *runner) run(ctx context.Context) error {
 		s.AgentVersion = a.cfg.Version
 		s.Connected = false
 		s.Condition = "" // found again if it still holds
+		s.QueueProblem = a.queueProblem
 	})
 	a.log.Info().Str("device_id", id.deviceID).Str("broker", broker).Time("not_after", id.leaf.NotAfter).
 		Stringer("interval", a.cfg.Interval).Str("version", a.cfg.Version).Msg("agent started")

@@ -305,8 +305,11 @@ type State struct {
 	QueuePending     int       `json:"queue_pending"`
 	QueueDropped     uint64    `json:"queue_dropped"`
 	QueueCounted     time.Time `json:"queue_counted,omitzero"` // when the two above were taken
-	PID              int       `json:"pid,omitempty"`
-	AgentVersion     string    `json:"agent_version,omitempty"`
+	// QueueProblem says why the running agent could not open its on-disk
+	// queue and holds telemetry in memory; empty when it opened.
+	QueueProblem string `json:"queue_problem,omitempty"`
+	PID          int    `json:"pid,omitempty"`
+	AgentVersion string `json:"agent_version,omitempty"`
 }
 
 // stateStore serializes read-modify-write cycles of state.json, within the

@@ -97,6 +97,9 @@ func ReadStatus(stateDir string) (Status, error) {
 		return s, err
 	}
 	s.Connected = s.Running && st.Connected
+	if s.Running && st.QueueProblem != "" {
+		s.Warnings = append(s.Warnings, st.QueueProblem)
+	}
 	return s, nil
 }
 
