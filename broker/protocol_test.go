@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"strings"
 	"testing"
 	"time"
 
@@ -370,5 +371,41 @@ func TestRevokedDelayedWillIsSilenced(t *testing.T) {
 	}
 	if got := f.b.srv.Topics.Messages("devices/dev-control/status"); len(got) != 1 {
 		t.Fatalf("the control's will was not retained: %d messages", len(got))
+	}
+}
+
+// TestLibraryPanicEndsOnlyItsConnection: mochi v2.7.9 reads past the end
+// of an MQTT 5 SUBSCRIBE whose last filter has no options byte, and the
+// panic, on the connection's goroutine, ended the whole process: one
+// device's 8-byte packet took every device offline. It now ends that
+// connection and its session only.
+func TestLibraryPanicEndsOnlyItsConnection(t *testing.T) {
+	f := newFixture(t, nil)
+	devA := f.clientTLS(f.device(t, "dev-a"))
+	bad := dialRaw(t, f.addr, devA)
+	bad.connect("dev-a")
+	// SUBSCRIBE: packet id 1, no properties, the filter "a", no options.
+	if _, err := bad.conn.Write([]byte{0x82, 0x06, 0, 1, 0, 0, 1, 'a'}); err != nil {
+		t.Fatal(err)
+	}
+	bad.mustBeDisconnected("after the malformed SUBSCRIBE")
+	eventually(t, func() bool { _, ok := f.b.srv.Clients.Get("dev-a"); return !ok }, "dev-a's clean session ended")
+	if !strings.Contains(f.logs.String(), "SubscribeDecode") {
+		t.Errorf("the log does not say where the library failed:\n%s", f.logs.String())
+	}
+
+	// The broker goes on: another device's telemetry is stored, and
+	// dev-a connects again.
+	good := dialRaw(t, f.addr, f.clientTLS(f.device(t, "dev-b")))
+	if ack := good.connect("dev-b"); ack.ReasonCode != 0 {
+		t.Fatalf("CONNACK %#x", ack.ReasonCode)
+	}
+	good.publish("devices/dev-b/telemetry", 1, 1, []byte(`{"ok":1}`))
+	if ack := good.mustRead(packets.Puback); ack.ReasonCode != 0 {
+		t.Fatalf("PUBACK %#x", ack.ReasonCode)
+	}
+	again := dialRaw(t, f.addr, devA)
+	if ack := again.connect("dev-a"); ack.ReasonCode != 0 || ack.SessionPresent {
+		t.Fatalf("CONNACK %#x, session present %v; want a new session", ack.ReasonCode, ack.SessionPresent)
 	}
 }

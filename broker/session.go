@@ -6,10 +6,13 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"os"
+	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -511,7 +514,7 @@ func (b *Broker) serveConn(raw net.Conn, establish listeners.EstablishFn) {
 		return
 	}
 	c := &conn{Conn: tc, b: b, closed: make(chan struct{})}
-	err := establish(listenerID, c) // returns when the connection has ended
+	err := b.establish(establish, c) // returns when the connection has ended
 	if !c.connectSeen.Load() {
 		reason := ReasonNoConnect
 		var code packets.Code
@@ -526,6 +529,70 @@ func (b *Broker) serveConn(raw net.Conn, establish listeners.EstablishFn) {
 		return
 	}
 	b.log.Debug().Err(err).Str("remote", raw.RemoteAddr().String()).Msg("broker: connection ended")
+}
+
+// establish runs mochi on c until the connection ends. mochi decodes and
+// handles a client's packets on this goroutine, and some malformed packets
+// make it panic (v2.7.9 reads past the end of an MQTT 5 SUBSCRIBE whose
+// last filter has no options byte): uncaught, one client's packet would end
+// the process and every session in it. Recovered, it ends that connection
+// only, as mochi ends one whose packet it refuses.
+func (b *Broker) establish(establish listeners.EstablishFn, c *conn) (err error) {
+	defer func() {
+		r := recover()
+		if r == nil {
+			return
+		}
+		// Here, on top of the panicking frames: see panicSite.
+		b.endPanicked(c, r, panicSite())
+		err = fmt.Errorf("%w: the MQTT library failed on it: %v", packets.ErrMalformedPacket, r)
+	}()
+	return establish(listenerID, c)
+}
+
+// endPanicked finishes the connection c whose packet made mochi panic with
+// r at site. mochi's deferred calls have closed it; what the panic skipped
+// is the end of a session that is not kept: it would stay in mochi's client
+// map, with its subscriptions and in-flight messages, until the expiry loop
+// found it. Its last will is not sent: mochi sends it from the code the
+// panic skipped, and has no API for it.
+func (b *Broker) endPanicked(c *conn, r any, site string) {
+	b.mu.Lock()
+	cl, id := c.cl, c.id
+	b.mu.Unlock()
+	// The panic value names the failure (an index out of range, say), not
+	// the packet's content; site is what a report to mochi needs.
+	b.log.Error().Str("id", id).Str("remote", c.RemoteAddr().String()).Str("panic", fmt.Sprint(r)).Str("at", site).
+		Msg("broker: a client's packet made the MQTT library fail: connection closed, the broker goes on")
+	if cl == nil {
+		return // CONNECT not yet handled: mochi holds nothing of it
+	}
+	// mochi's own test when a connection ends (Server.attachClient).
+	kept := (cl.Properties.ProtocolVersion == 5 && cl.Properties.Props.SessionExpiryInterval > 0) ||
+		(cl.Properties.ProtocolVersion < 5 && !cl.Properties.Clean)
+	if cur, ok := b.srv.Clients.Get(cl.ID); kept || !ok || cur != cl || cl.IsTakenOver() {
+		return
+	}
+	cl.ClearInflights()
+	b.srv.UnsubscribeClient(cl)
+	b.srv.Clients.Delete(cl.ID)
+}
+
+// panicSite names the function and line that panicked. Called by a
+// deferred function during the panic, the frames above its caller are the
+// runtime's panic machinery, then the code that panicked.
+func panicSite() string {
+	pcs := make([]uintptr, 32)
+	frames := runtime.CallersFrames(pcs[:runtime.Callers(3, pcs)])
+	for {
+		f, more := frames.Next()
+		if f.Function != "" && !strings.HasPrefix(f.Function, "runtime.") {
+			return fmt.Sprintf("%s (%s:%d)", f.Function, filepath.Base(f.File), f.Line)
+		}
+		if !more {
+			return "unknown"
+		}
+	}
 }
 
 // handshakeReason classifies a failed server handshake.
