@@ -297,6 +297,14 @@ func New(cfg Config, st Store) (*Broker, error) {
 	// the ACL is checked on the name, so aliases are refused.
 	caps.TopicAliasMaximum = 0
 	caps.SharedSubAvailable = 0 // $share/... is denied by Allowed anyway
+	// mochi's default (a day) deletes every retained message a day after
+	// it was published, whatever its publisher asked, and stamps that
+	// expiry on deliveries to MQTT 5 subscribers: the agent's retained
+	// status, published once per connection, vanished from devices online
+	// (or offline) for longer. Retained messages are bounded by the number
+	// of devices (see retainable), not by age; an expiry the publisher
+	// sets still holds.
+	caps.MaximumMessageExpiryInterval = 0
 	// mochi copies a publish's properties into its acknowledgement, and
 	// with them its QoS 1 "granted" code 0x01, which no PUBACK may carry
 	// (MQTT 5 3.4.2.1): without the copy the PUBACK is a plain success.

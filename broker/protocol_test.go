@@ -409,3 +409,55 @@ func TestLibraryPanicEndsOnlyItsConnection(t *testing.T) {
 		t.Fatalf("CONNACK %#x, session present %v; want a new session", ack.ReasonCode, ack.SessionPresent)
 	}
 }
+
+// TestRetainedStatusOutlivesADay: mochi's default maximum message expiry
+// (one day) deleted every retained message a day after it was published,
+// whatever its publisher asked: the agent's retained "online", published
+// once per connection, vanished from a device connected for more than a
+// day, and its "offline" from a device away that long. A message expiry
+// the publisher sets still holds.
+func TestRetainedStatusOutlivesADay(t *testing.T) {
+	f := newFixture(t, nil)
+	const kept, canary = "devices/dev-a/status", "devices/dev-b/status"
+	a := dialRaw(t, f.addr, f.clientTLS(f.device(t, "dev-a")))
+	a.connect("dev-a")
+	a.write(packets.Packet{
+		FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1, Retain: true},
+		TopicName:   kept,
+		PacketID:    1,
+		Payload:     []byte("online"),
+	})
+	a.mustRead(packets.Puback)
+	// Published 25 hours ago, as far as mochi's expiry loop can tell.
+	pk, ok := f.b.srv.Topics.Retained.Get(kept)
+	if !ok {
+		t.Fatal("status not retained")
+	}
+	pk.Created -= 25 * 3600
+	f.b.srv.Topics.Retained.Add(kept, pk)
+
+	// A status that asks to expire after a second: once it is gone,
+	// the expiry loop has run since the backdating.
+	b := dialRaw(t, f.addr, f.clientTLS(f.device(t, "dev-b")))
+	b.connect("dev-b")
+	b.write(packets.Packet{
+		FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1, Retain: true},
+		TopicName:   canary,
+		PacketID:    1,
+		Payload:     []byte("online"),
+		Properties:  packets.Properties{MessageExpiryInterval: 1},
+	})
+	b.mustRead(packets.Puback)
+	eventually(t, func() bool { _, ok := f.b.srv.Topics.Retained.Get(canary); return !ok }, "the status set to expire removed")
+	if _, ok := f.b.srv.Topics.Retained.Get(kept); !ok {
+		t.Fatal("the status retained a day ago was removed")
+	}
+
+	// Nor does a subscriber see an expiry the device never set.
+	svc := dialRaw(t, f.addr, f.clientTLS(f.service(t, "svc")))
+	svc.connect("svc")
+	subscribeRaw(t, svc, "devices/+/status", 1)
+	if got := nextPublish(t, svc, "the retained status"); got.TopicName != kept || got.Properties.MessageExpiryInterval != 0 {
+		t.Fatalf("got %s with message expiry %d s; want %s without", got.TopicName, got.Properties.MessageExpiryInterval, kept)
+	}
+}
