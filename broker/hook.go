@@ -3,6 +3,7 @@ package broker
 import (
 	"context"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
@@ -30,7 +31,7 @@ func (h *hook) Provides(b byte) bool {
 	case mqtt.OnConnect, mqtt.OnConnectAuthenticate, mqtt.OnACLCheck,
 		mqtt.OnSubscribe, mqtt.OnSubscribed, mqtt.OnUnsubscribed,
 		mqtt.OnPublish, mqtt.OnPacketSent, mqtt.OnClientExpired,
-		mqtt.OnPacketRead, mqtt.OnPublishDropped, mqtt.OnRetainMessage:
+		mqtt.OnPacketRead, mqtt.OnPublishDropped, mqtt.OnRetainMessage, mqtt.OnQosComplete:
 		return true
 	}
 	return false
@@ -182,6 +183,9 @@ func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 	if !ok {
 		return pk, packets.ErrRejectPacket
 	}
+	if c.shadowed != nil {
+		b.keepOutbound(cl, c, pk.PacketID)
+	}
 	g := c.grant.Load()
 	if g == nil {
 		return pk, packets.ErrRejectPacket
@@ -261,13 +265,58 @@ func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 // its queued messages for up to 136 years. (Changed here, before mochi
 // handles the packet, the value is written before the session is marked
 // disconnected, which mochi's expiry loop reads it after.)
-func (h *hook) OnPacketRead(_ *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
-	if pk.FixedHeader.Type == packets.Disconnect {
+func (h *hook) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
+	c, ok := cl.Net.Conn.(*conn)
+	if !ok {
+		return pk, nil
+	}
+	c.shadowed = nil // it belonged to the packet read before this one
+	switch pk.FixedHeader.Type {
+	case packets.Disconnect:
 		if maxExp := uint32(h.b.cfg.SessionExpiry / time.Second); pk.Properties.SessionExpiryInterval > maxExp {
 			pk.Properties.SessionExpiryInterval = maxExp
 		}
+	case packets.Publish:
+		// mochi holds the messages it sends and those it receives in one
+		// in-flight table by packet id, though ids are per direction
+		// (MQTT 5 2.2.1), and on a PUBLISH it deletes the entry of that
+		// id: a command sent to the client and not yet acknowledged, when
+		// the client numbers its own publishes as mochi does (from 1) and
+		// both sides send. The command would not be sent again after a
+		// reconnect. mochi's PUBREC to a QoS 2 publish of the client is
+		// the only entry of the client's own; the others are what it sent.
+		if pk.FixedHeader.Qos != 1 {
+			break
+		}
+		if out, ok := cl.State.Inflight.Get(pk.PacketID); ok && out.FixedHeader.Type != packets.Pubrec {
+			c.shadowed = &out
+		}
 	}
 	return pk, nil
+}
+
+// keepOutbound puts back into the in-flight table of c's client the
+// message of packet id id that mochi dropped while handling the client's
+// QoS 1 PUBLISH with that id (see OnPacketRead). mochi drops it before
+// OnPublish, and, when it acknowledges the publish itself, again with its
+// own record of the PUBACK, before OnQosComplete: both call it.
+func (b *Broker) keepOutbound(cl *mqtt.Client, c *conn, id uint16) {
+	out := c.shadowed
+	if out == nil || out.PacketID != id {
+		return
+	}
+	if _, taken := cl.State.Inflight.Get(id); !taken && cl.State.Inflight.Set(*out) {
+		atomic.AddInt64(&b.srv.Info.Inflight, 1) // mochi counted it out
+	}
+}
+
+// OnQosComplete runs when mochi has deleted a QoS 1/2 exchange from the
+// in-flight table: also the PUBACK it sends for a QoS 1 publish, which
+// shares the id of a message dropped for it (see keepOutbound).
+func (h *hook) OnQosComplete(cl *mqtt.Client, pk packets.Packet) {
+	if c, ok := cl.Net.Conn.(*conn); ok && c.shadowed != nil {
+		h.b.keepOutbound(cl, c, pk.PacketID)
+	}
 }
 
 // OnPublishDropped counts deliveries mochi dropped because the receiving

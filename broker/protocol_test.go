@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -459,5 +460,73 @@ func TestRetainedStatusOutlivesADay(t *testing.T) {
 	subscribeRaw(t, svc, "devices/+/status", 1)
 	if got := nextPublish(t, svc, "the retained status"); got.TopicName != kept || got.Properties.MessageExpiryInterval != 0 {
 		t.Fatalf("got %s with message expiry %d s; want %s without", got.TopicName, got.Properties.MessageExpiryInterval, kept)
+	}
+}
+
+// TestOwnPacketIDDoesNotDropQueuedCommand: packet ids are per direction,
+// and a device's agent numbers its publishes from 1 as mochi numbers the
+// commands it sends. mochi keeps both in one in-flight table and, on a
+// QoS 1 PUBLISH, deleted whatever entry had its id: a command not yet
+// acknowledged was forgotten, and not sent again when the device came back.
+func TestOwnPacketIDDoesNotDropQueuedCommand(t *testing.T) {
+	f := newFixture(t, nil)
+	devCert := f.clientTLS(f.device(t, "dev-a"))
+	dev := dialRaw(t, f.addr, devCert)
+	connectKept(t, dev, "dev-a", 60, packets.Properties{})
+	subscribeRaw(t, dev, "devices/dev-a/commands/#", 1)
+
+	svc := dialRaw(t, f.addr, f.clientTLS(f.service(t, "svc")))
+	svc.connect("svc")
+	var cmds []packets.Packet
+	for i, name := range []string{"one", "two", "three"} {
+		svc.publish("devices/dev-a/commands/"+name, 1, uint16(i+1), []byte(name))
+		svc.mustRead(packets.Puback)
+		cmds = append(cmds, nextPublish(t, dev, "command "+name))
+	}
+
+	// The device publishes with the commands' ids: telemetry, which the
+	// broker acknowledges after its commit, an event, which mochi
+	// acknowledges itself, and telemetry again; it acknowledges only the
+	// third command.
+	for i, topic := range []string{"devices/dev-a/telemetry", "devices/dev-a/events/boot", "devices/dev-a/telemetry"} {
+		dev.publish(topic, 1, cmds[i].PacketID, []byte(`{"t":1}`))
+		if ack := dev.mustRead(packets.Puback); ack.PacketID != cmds[i].PacketID || ack.ReasonCode != 0 {
+			t.Fatalf("PUBACK %d %#x for %s", ack.PacketID, ack.ReasonCode, topic)
+		}
+	}
+	dev.write(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Puback}, PacketID: cmds[2].PacketID})
+	if err := dev.conn.Close(); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, func() bool {
+		cl, ok := f.b.srv.Clients.Get("dev-a")
+		return ok && cl.Closed()
+	}, "dev-a disconnected")
+
+	back := dialRaw(t, f.addr, devCert)
+	if ack := connectKept(t, back, "dev-a", 60, packets.Properties{}); !ack.SessionPresent {
+		t.Fatal("session not kept")
+	}
+	// mochi sends the session's unacknowledged messages before it reads
+	// anything: all of them come before the answer to a PINGREQ.
+	if _, err := back.conn.Write([]byte{packets.Pingreq << 4, 0}); err != nil {
+		t.Fatal(err)
+	}
+	var resent []string
+	for {
+		pk, err := back.read()
+		if err != nil {
+			t.Fatalf("reading after reconnect: %v", err)
+		}
+		if pk.FixedHeader.Type == packets.Pingresp {
+			break
+		}
+		if pk.FixedHeader.Type == packets.Publish && pk.FixedHeader.Dup {
+			resent = append(resent, string(pk.Payload))
+		}
+	}
+	slices.Sort(resent) // mochi orders them by the second they were sent in
+	if strings.Join(resent, ",") != "one,two" {
+		t.Fatalf("commands sent again: %q; want the unacknowledged one and two", resent)
 	}
 }

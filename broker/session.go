@@ -70,6 +70,11 @@ type conn struct {
 	closeOnce   sync.Once
 	closed      chan struct{}
 	acks        ackQueue
+	// A message of this session the client has not acknowledged, which
+	// mochi drops from its in-flight table while it handles the client's
+	// PUBLISH with the same packet id; see keepOutbound. Only mochi's
+	// read goroutine uses it.
+	shadowed *packets.Packet
 
 	// The deadline last set and how far a refresh may move it before it
 	// is applied; only mochi's read goroutine sets deadlines.
