@@ -379,12 +379,22 @@ func TestRevokedDelayedWillIsSilenced(t *testing.T) {
 // of an MQTT 5 SUBSCRIBE whose last filter has no options byte, and the
 // panic, on the connection's goroutine, ended the whole process: one
 // device's 8-byte packet took every device offline. It now ends that
-// connection and its session only.
+// connection and its session only, and sends its last will.
 func TestLibraryPanicEndsOnlyItsConnection(t *testing.T) {
 	f := newFixture(t, nil)
+	svc := dialRaw(t, f.addr, f.clientTLS(f.service(t, "svc")))
+	svc.connect("svc")
+	subscribeRaw(t, svc, "devices/+/status", 0)
 	devA := f.clientTLS(f.device(t, "dev-a"))
 	bad := dialRaw(t, f.addr, devA)
-	bad.connect("dev-a")
+	bad.write(packets.Packet{
+		FixedHeader: packets.FixedHeader{Type: packets.Connect},
+		Connect: packets.ConnectParams{
+			ProtocolName: []byte("MQTT"), Clean: true, Keepalive: 30, ClientIdentifier: "dev-a",
+			WillFlag: true, WillTopic: "devices/dev-a/status", WillPayload: []byte("offline"), WillRetain: true,
+		},
+	})
+	bad.mustRead(packets.Connack)
 	// SUBSCRIBE: packet id 1, no properties, the filter "a", no options.
 	if _, err := bad.conn.Write([]byte{0x82, 0x06, 0, 1, 0, 0, 1, 'a'}); err != nil {
 		t.Fatal(err)
@@ -393,6 +403,13 @@ func TestLibraryPanicEndsOnlyItsConnection(t *testing.T) {
 	eventually(t, func() bool { _, ok := f.b.srv.Clients.Get("dev-a"); return !ok }, "dev-a's clean session ended")
 	if !strings.Contains(f.logs.String(), "SubscribeDecode") {
 		t.Errorf("the log does not say where the library failed:\n%s", f.logs.String())
+	}
+	// Its last will is sent, as when mochi refuses a packet.
+	if will := nextPublish(t, svc, "dev-a's last will"); will.TopicName != "devices/dev-a/status" || string(will.Payload) != "offline" {
+		t.Fatalf("got %s %q, want dev-a's last will", will.TopicName, will.Payload)
+	}
+	if _, ok := f.b.srv.Topics.Retained.Get("devices/dev-a/status"); !ok {
+		t.Error("the retained will was not retained")
 	}
 
 	// The broker goes on: another device's telemetry is stored, and

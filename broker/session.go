@@ -557,10 +557,10 @@ func (b *Broker) establish(establish listeners.EstablishFn, c *conn) (err error)
 
 // endPanicked finishes the connection c whose packet made mochi panic with
 // r at site. mochi's deferred calls have closed it; what the panic skipped
-// is the end of a session that is not kept: it would stay in mochi's client
-// map, with its subscriptions and in-flight messages, until the expiry loop
-// found it. Its last will is not sent: mochi sends it from the code the
-// panic skipped, and has no API for it.
+// is what mochi does when a connection ends in error: send the last will,
+// and end a session that is not kept, which would otherwise stay in its
+// client map, with its subscriptions and in-flight messages, until the
+// expiry loop found it.
 func (b *Broker) endPanicked(c *conn, r any, site string) {
 	b.mu.Lock()
 	cl, id := c.cl, c.id
@@ -572,6 +572,7 @@ func (b *Broker) endPanicked(c *conn, r any, site string) {
 	if cl == nil {
 		return // CONNECT not yet handled: mochi holds nothing of it
 	}
+	b.sendWill(cl)
 	// mochi's own test when a connection ends (Server.attachClient).
 	kept := (cl.Properties.ProtocolVersion == 5 && cl.Properties.Props.SessionExpiryInterval > 0) ||
 		(cl.Properties.ProtocolVersion < 5 && !cl.Properties.Clean)
@@ -581,6 +582,27 @@ func (b *Broker) endPanicked(c *conn, r any, site string) {
 	cl.ClearInflights()
 	b.srv.UnsubscribeClient(cl)
 	b.srv.Clients.Delete(cl.ID)
+}
+
+// sendWill publishes the last will of cl, whose connection ended without
+// mochi seeing it end (see endPanicked), as mochi would have: its topic was
+// checked at CONNECT, and its retain flag kept only where it may be (see
+// authorize). mochi keeps delayed wills in a table of its own, out of
+// reach: a will with a delay is not sent.
+func (b *Broker) sendWill(cl *mqtt.Client) {
+	w := cl.Properties.Will
+	if cl.IsTakenOver() || w.WillDelayInterval > 0 || !atomic.CompareAndSwapUint32(&cl.Properties.Will.Flag, 1, 0) {
+		return
+	}
+	pk := packets.Packet{
+		FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: w.Qos, Retain: w.Retain},
+		TopicName:   w.TopicName,
+		Payload:     w.Payload,
+		Properties:  packets.Properties{User: w.User},
+	}
+	if err := b.srv.InjectPacket(b.inline, pk); err != nil {
+		b.log.Warn().Err(err).Str("id", cl.ID).Msg("broker: last will not sent")
+	}
 }
 
 // panicSite names the function and line that panicked. Called by a
