@@ -307,6 +307,12 @@ func checkCAChain(chain []*x509.Certificate, key crypto.Signer, now time.Time) e
 	if cert.KeyUsage&x509.KeyUsageCertSign == 0 {
 		return errors.New("the first certificate may not sign certificates (key usage keyCertSign missing)")
 	}
+	// Without it every CRL fails to sign: /v1/crl would answer 503 for
+	// good, and revocations would reach no relying party that reads it.
+	if cert.KeyUsage&x509.KeyUsageCRLSign == 0 {
+		return errors.New("the first certificate may not sign CRLs (key usage cRLSign missing), and fleetmq publishes revoked certificates in a CRL: " +
+			"issue the CA with key usage keyCertSign and cRLSign")
+	}
 	if !now.Before(cert.NotAfter) {
 		return fmt.Errorf("the CA certificate expired at %s", cert.NotAfter.UTC().Format(time.RFC3339))
 	}

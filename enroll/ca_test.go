@@ -565,6 +565,7 @@ func TestCAOperatorProvidedRefused(t *testing.T) {
 		c.NotBefore, c.NotAfter = now.AddDate(-2, 0, 0), now.Add(-time.Minute)
 	})
 	noCertSign := newRoot(t, genP256(t), now, func(c *x509.Certificate) { c.KeyUsage = x509.KeyUsageCRLSign | x509.KeyUsageDigitalSignature })
+	noCRLSign := newRoot(t, genP256(t), now, func(c *x509.Certificate) { c.KeyUsage = x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature })
 	leafKey := genP256(t)
 	leaf := createCert(t, &x509.Certificate{
 		SerialNumber: big.NewInt(9), Subject: pkix.Name{CommonName: "leaf"},
@@ -586,6 +587,7 @@ func TestCAOperatorProvidedRefused(t *testing.T) {
 		{name: "0644 key", certPEM: certsPEM(root.cert), keyPEM: keyPEM(t, root.key, "pkcs8"), keyPerm: 0o644, want: "accessible by group or others"},
 		{name: "non-CA cert", certPEM: certsPEM(leaf), keyPEM: keyPEM(t, leafKey, "pkcs8"), keyPerm: 0o600, want: "not a CA"},
 		{name: "no keyCertSign", certPEM: certsPEM(noCertSign.cert), keyPEM: keyPEM(t, noCertSign.key, "pkcs8"), keyPerm: 0o600, want: "keyCertSign"},
+		{name: "no cRLSign", certPEM: certsPEM(noCRLSign.cert), keyPEM: keyPEM(t, noCRLSign.key, "pkcs8"), keyPerm: 0o600, want: "cRLSign missing"},
 		{name: "expired", certPEM: certsPEM(expired.cert), keyPEM: keyPEM(t, expired.key, "pkcs8"), keyPerm: 0o600, want: "expired"},
 		{name: "root first", certPEM: certsPEM(root.cert, inter.cert), keyPEM: keyPEM(t, root.key, "pkcs8"), keyPerm: 0o600, want: "not signed by"},
 		{name: "unrelated second cert", certPEM: certsPEM(inter.cert, expired.cert), keyPEM: keyPEM(t, inter.key, "pkcs8"), keyPerm: 0o600, want: "not signed by"},
