@@ -313,12 +313,31 @@ func checkCAChain(chain []*x509.Certificate, key crypto.Signer, now time.Time) e
 		return errors.New("the first certificate may not sign CRLs (key usage cRLSign missing), and fleetmq publishes revoked certificates in a CRL: " +
 			"issue the CA with key usage keyCertSign and cRLSign")
 	}
-	if !now.Before(cert.NotAfter) {
-		return fmt.Errorf("the CA certificate expired at %s", cert.NotAfter.UTC().Format(time.RFC3339))
-	}
 	for i := 0; i+1 < len(chain); i++ {
 		if err := chain[i].CheckSignatureFrom(chain[i+1]); err != nil {
 			return fmt.Errorf("certificate %d is not signed by certificate %d; order the file issuing CA first, then each issuer: %w", i+1, i+2, err)
+		}
+	}
+	return checkChainValidity(chain, now)
+}
+
+// checkChainValidity refuses a chain that is not valid at now. Clients
+// that check the whole chain (OpenSSL's, as in mosquitto and curl) refuse
+// everything the CA issues while any certificate of it is expired or not
+// yet valid, and Go's refuse it while the issuing CA is.
+func checkChainValidity(chain []*x509.Certificate, now time.Time) error {
+	for i, c := range chain {
+		which := "the CA certificate"
+		if i > 0 {
+			which = fmt.Sprintf("certificate %d of the chain (%s)", i+1, c.Subject)
+		}
+		if !now.Before(c.NotAfter) {
+			return fmt.Errorf("%s expired at %s: devices refuse everything it issues; renew it, for the same key if it is the CA's own (see Renewing the CA in README.md), and give the renewed certificate",
+				which, c.NotAfter.UTC().Format(time.RFC3339))
+		}
+		if now.Before(c.NotBefore) {
+			return fmt.Errorf("%s is not valid before %s, and the clock says %s: devices would refuse everything the CA issues until then; if the clock is wrong, set it, otherwise start fleetmq once that time has passed",
+				which, c.NotBefore.UTC().Format(time.RFC3339), now.UTC().Format(time.RFC3339))
 		}
 	}
 	return nil
@@ -651,18 +670,37 @@ func (ca *CA) issuedBetween(leaf *x509.Certificate) (earliest, latest time.Time)
 	return latest, latest
 }
 
-// notAfter returns now+lifetime, capped at the CA's NotAfter, since a
-// certificate outliving its issuer does not verify anyway.
+// chainEnd is the earliest NotAfter in the chain: the chain verifies at no
+// later time.
+func (ca *CA) chainEnd() time.Time {
+	end := ca.cert.NotAfter
+	for _, c := range ca.chain {
+		if c.NotAfter.Before(end) {
+			end = c.NotAfter
+		}
+	}
+	return end
+}
+
+// notAfter returns now+lifetime, capped at the end of the CA chain, since a
+// certificate outliving its issuer, or its issuer's issuer, does not verify
+// anyway: not with clients that check the whole chain up to the root.
 func (ca *CA) notAfter(now time.Time, lifetime time.Duration) (time.Time, error) {
 	if lifetime <= 0 {
 		return time.Time{}, fmt.Errorf("issue certificate: lifetime %s is not positive", lifetime)
 	}
-	if !now.Before(ca.cert.NotAfter) {
-		return time.Time{}, fmt.Errorf("issue certificate: the CA certificate expired at %s", ca.cert.NotAfter.UTC().Format(time.RFC3339))
+	if start := ca.chainStart(); now.Before(start) {
+		// The clock went back since the CA was loaded.
+		return time.Time{}, fmt.Errorf("issue certificate: the clock says %s, before the CA chain starts at %s: set the clock",
+			now.UTC().Format(time.RFC3339), start.UTC().Format(time.RFC3339))
+	}
+	end := ca.chainEnd()
+	if !now.Before(end) {
+		return time.Time{}, fmt.Errorf("issue certificate: the CA chain expired at %s", end.UTC().Format(time.RFC3339))
 	}
 	na := now.Add(lifetime)
-	if na.After(ca.cert.NotAfter) {
-		na = ca.cert.NotAfter
+	if na.After(end) {
+		na = end
 	}
 	return na, nil
 }

@@ -565,6 +565,13 @@ func TestCAOperatorProvidedRefused(t *testing.T) {
 		c.NotBefore, c.NotAfter = now.AddDate(-2, 0, 0), now.Add(-time.Minute)
 	})
 	noCertSign := newRoot(t, genP256(t), now, func(c *x509.Certificate) { c.KeyUsage = x509.KeyUsageCRLSign | x509.KeyUsageDigitalSignature })
+	expiredRoot := newRoot(t, genP256(t), now, func(c *x509.Certificate) {
+		c.NotBefore, c.NotAfter = now.AddDate(-2, 0, 0), now.Add(-time.Minute)
+	})
+	underExpired := newIntermediate(t, expiredRoot, genP256(t), now)
+	future := newRoot(t, genP256(t), now, func(c *x509.Certificate) { c.NotBefore = now.Add(2 * time.Hour) })
+	futureRoot := newRoot(t, genP256(t), now, func(c *x509.Certificate) { c.NotBefore = now.Add(2 * time.Hour) })
+	underFuture := newIntermediate(t, futureRoot, genP256(t), now)
 	noCRLSign := newRoot(t, genP256(t), now, func(c *x509.Certificate) { c.KeyUsage = x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature })
 	leafKey := genP256(t)
 	leaf := createCert(t, &x509.Certificate{
@@ -587,6 +594,11 @@ func TestCAOperatorProvidedRefused(t *testing.T) {
 		{name: "0644 key", certPEM: certsPEM(root.cert), keyPEM: keyPEM(t, root.key, "pkcs8"), keyPerm: 0o644, want: "accessible by group or others"},
 		{name: "non-CA cert", certPEM: certsPEM(leaf), keyPEM: keyPEM(t, leafKey, "pkcs8"), keyPerm: 0o600, want: "not a CA"},
 		{name: "no keyCertSign", certPEM: certsPEM(noCertSign.cert), keyPEM: keyPEM(t, noCertSign.key, "pkcs8"), keyPerm: 0o600, want: "keyCertSign"},
+		{name: "expired root in chain", certPEM: certsPEM(underExpired.cert, expiredRoot.cert), keyPEM: keyPEM(t, underExpired.key, "pkcs8"), keyPerm: 0o600,
+			want: "certificate 2 of the chain (CN=operator root,O=operator) expired"},
+		{name: "not yet valid", certPEM: certsPEM(future.cert), keyPEM: keyPEM(t, future.key, "pkcs8"), keyPerm: 0o600, want: "is not valid before 2026-03-01T14:00:00Z, and the clock says 2026-03-01T12:00:00Z"},
+		{name: "root not yet valid", certPEM: certsPEM(underFuture.cert, futureRoot.cert), keyPEM: keyPEM(t, underFuture.key, "pkcs8"), keyPerm: 0o600,
+			want: "certificate 2 of the chain (CN=operator root,O=operator) is not valid before"},
 		{name: "no cRLSign", certPEM: certsPEM(noCRLSign.cert), keyPEM: keyPEM(t, noCRLSign.key, "pkcs8"), keyPerm: 0o600, want: "cRLSign missing"},
 		{name: "expired", certPEM: certsPEM(expired.cert), keyPEM: keyPEM(t, expired.key, "pkcs8"), keyPerm: 0o600, want: "expired"},
 		{name: "root first", certPEM: certsPEM(root.cert, inter.cert), keyPEM: keyPEM(t, root.key, "pkcs8"), keyPerm: 0o600, want: "not signed by"},
@@ -800,6 +812,56 @@ func TestIssueDeviceCappedAtCAExpiry(t *testing.T) {
 	}
 }
 
+// verifyUpTo verifies c through inter up to root at time at.
+func verifyUpTo(c, root, inter *x509.Certificate, at time.Time) error {
+	roots := x509.NewCertPool()
+	roots.AddCert(root)
+	inters := x509.NewCertPool()
+	inters.AddCert(inter)
+	_, err := c.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inters, CurrentTime: at, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}})
+	return err
+}
+
+// TestIssueCappedAtChainEnd: a root that expires before the intermediate
+// under it ends the chain for clients that verify up to the root (OpenSSL's:
+// mosquitto, curl): nothing is issued past it.
+func TestIssueCappedAtChainEnd(t *testing.T) {
+	now := testNow()
+	rootEnd := now.AddDate(0, 0, 10)
+	root := newRoot(t, genP256(t), now, func(c *x509.Certificate) { c.NotAfter = rootEnd })
+	inter := newIntermediate(t, root, genP256(t), now) // ends in two years
+	cfg := writeOperatorCA(t, certsPEM(inter.cert, root.cert), keyPEM(t, inter.key, "pkcs8"), 0o600)
+	clock := &testClock{t: now}
+	cfg.Now = clock.Now
+	ca, err := LoadOrCreateCA(cfg)
+	if err != nil {
+		t.Fatalf("LoadOrCreateCA: %v", err)
+	}
+	dev, err := ca.IssueDevice(genP256(t).Public(), "pi-1", 30*24*time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv, err := ca.IssueServer(nil, 30*24*time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []*x509.Certificate{dev, srv.Leaf} {
+		// At its NotAfter it must still verify up to the root.
+		if err := verifyUpTo(c, root.cert, inter.cert, c.NotAfter); err != nil || !c.NotAfter.Equal(rootEnd) {
+			t.Errorf("%s: NotAfter = %s, want the root's %s (verified up to the root then: %v)", c.Subject.CommonName, c.NotAfter, rootEnd, err)
+		}
+	}
+	clock.t = rootEnd
+	if _, err := ca.IssueDevice(genP256(t).Public(), "pi-1", time.Hour); err == nil || !strings.Contains(err.Error(), "the CA chain expired") {
+		t.Errorf("issuing once the root expired: err = %v, want the CA chain expired", err)
+	}
+	// A clock set back before the chain's start after loading.
+	clock.t = now.AddDate(-1, 0, 0)
+	if _, err := ca.IssueDevice(genP256(t).Public(), "pi-1", time.Hour); err == nil || !strings.Contains(err.Error(), "set the clock") {
+		t.Errorf("issuing with the clock before the chain: err = %v, want set the clock", err)
+	}
+}
+
 // TestIssueNotBeforeWithinCA: an operator CA made a minute before the
 // server issues is younger than the backdate. Its certificates start with
 // the chain, never before it: one that starts earlier verifies at no time
@@ -819,11 +881,6 @@ func TestIssueNotBeforeWithinCA(t *testing.T) {
 	if err != nil {
 		t.Fatalf("LoadOrCreateCA: %v", err)
 	}
-	roots := x509.NewCertPool()
-	roots.AddCert(root.cert)
-	inters := x509.NewCertPool()
-	inters.AddCert(inter.cert)
-
 	dev, err := ca.IssueDevice(genP256(t).Public(), "pi-young", time.Hour)
 	if err != nil {
 		t.Fatal(err)
@@ -836,8 +893,7 @@ func TestIssueNotBeforeWithinCA(t *testing.T) {
 		if !c.NotBefore.Equal(young) {
 			t.Errorf("%s: NotBefore = %s, want the CA's start %s", c.Subject.CommonName, c.NotBefore, young)
 		}
-		opts := x509.VerifyOptions{Roots: roots, Intermediates: inters, CurrentTime: c.NotBefore, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}
-		if _, err := c.Verify(opts); err != nil {
+		if err := verifyUpTo(c, root.cert, inter.cert, c.NotBefore); err != nil {
 			t.Errorf("%s does not verify at its NotBefore: %v", c.Subject.CommonName, err)
 		}
 	}
