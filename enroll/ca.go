@@ -23,6 +23,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 	"time"
 
@@ -213,7 +214,72 @@ func loadCA(certPath, keyPath string, now func() time.Time) (*CA, error) {
 	if err := checkCAChain(chain, key, now()); err != nil {
 		return nil, fmt.Errorf("ca: certificate %s: %w", certPath, err)
 	}
-	return newCA(chain, key, now), nil
+	ca := newCA(chain, key, now)
+	if err := ca.checkDeviceIssuance(); err != nil {
+		return nil, fmt.Errorf("ca: certificate %s: %w", certPath, err)
+	}
+	return ca, nil
+}
+
+// checkDeviceIssuance issues a device certificate for a throwaway key and
+// verifies it up to the end of the chain, as a relying party holding the
+// chain would: an extended key usage, path length or name constraint in
+// the chain that forbids it would otherwise let devices enroll, and use up
+// their tokens, with certificates that every TLS peer refuses.
+func (ca *CA) checkDeviceIssuance() error {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return fmt.Errorf("generate a key: %w", err)
+	}
+	leaf, err := ca.IssueDevice(key.Public(), "fleetmq-check", time.Hour)
+	if err != nil {
+		return err
+	}
+	return ca.verifyIssued(leaf, x509.ExtKeyUsageClientAuth, ca.now())
+}
+
+// verifyIssued verifies leaf, which the CA just issued for usage, up to
+// the last certificate of the chain at time at, and says what in the chain
+// forbids it if it does not verify.
+func (ca *CA) verifyIssued(leaf *x509.Certificate, usage x509.ExtKeyUsage, at time.Time) error {
+	n := len(ca.chain)
+	roots := x509.NewCertPool()
+	roots.AddCert(ca.chain[n-1])
+	inters := x509.NewCertPool()
+	for _, c := range ca.chain[:n-1] {
+		inters.AddCert(c)
+	}
+	_, err := leaf.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inters, CurrentTime: at, KeyUsages: []x509.ExtKeyUsage{usage}})
+	if err == nil {
+		return nil
+	}
+	what, eku := "device (TLS client)", "clientAuth"
+	if usage == x509.ExtKeyUsageServerAuth {
+		what, eku = "server", "serverAuth"
+	}
+	var inv x509.CertificateInvalidError
+	if errors.As(err, &inv) {
+		switch inv.Reason {
+		case x509.IncompatibleUsage:
+			return fmt.Errorf("the CA chain's extended key usage does not allow %s certificates, which fleetmq issues: issue the CA with no extended key usage, or with %s among them (%w)", what, eku, err)
+		case x509.TooManyIntermediates:
+			return fmt.Errorf("a path length constraint in the CA chain forbids the CA to issue certificates: issue it under an issuer whose path length allows one more CA (%w)", err)
+		case x509.CANotAuthorizedForThisName:
+			return fmt.Errorf("the CA chain's name constraints do not permit a name of the %s certificate: give only names the CA may issue for (%w)", what, err)
+		}
+	}
+	return fmt.Errorf("a %s certificate the CA issues does not verify against its chain: %w", what, err)
+}
+
+// nameConstrained reports whether a certificate of the chain constrains
+// the DNS names or IP addresses it may issue for.
+func (ca *CA) nameConstrained() bool {
+	for _, c := range ca.chain {
+		if len(c.PermittedDNSDomains)+len(c.ExcludedDNSDomains)+len(c.PermittedIPRanges)+len(c.ExcludedIPRanges) > 0 {
+			return true
+		}
+	}
+	return false
 }
 
 func checkKeyFileMode(path string) error {
@@ -540,7 +606,20 @@ func (ca *CA) IssueDevice(pub crypto.PublicKey, id string, lifetime time.Duratio
 // IssueServer issues a TLS server certificate with a fresh ECDSA P-256 key
 // for hosts (IP addresses or DNS names), plus localhost, 127.0.0.1 and ::1 so
 // that local tools always verify. Certificate holds the leaf and Chain.
+//
+// A CA whose name constraints exclude one of the loopback names issues
+// without it: a single name it may not issue for makes clients refuse the
+// whole certificate. A host it may not issue for is an error.
 func (ca *CA) IssueServer(hosts []string, lifetime time.Duration) (tls.Certificate, error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return tls.Certificate{}, fmt.Errorf("issue server certificate: generate key: %w", err)
+	}
+	now := ca.now()
+	notAfter, err := ca.notAfter(now, lifetime)
+	if err != nil {
+		return tls.Certificate{}, fmt.Errorf("issue server certificate: %w", err)
+	}
 	var dnsNames []string
 	var ips []net.IP
 	seen := make(map[string]bool)
@@ -551,7 +630,17 @@ func (ca *CA) IssueServer(hosts []string, lifetime time.Duration) (tls.Certifica
 			break
 		}
 	}
-	for _, h := range append(append([]string(nil), hosts...), "localhost", "127.0.0.1", "::1") {
+	loopback := []string{"localhost", "127.0.0.1", "::1"}
+	if ca.nameConstrained() {
+		loopback = slices.DeleteFunc(loopback, func(name string) bool {
+			return !ca.permitsServerName(name, key, now, notAfter)
+		})
+		if len(loopback) == 0 && !slices.ContainsFunc(hosts, func(h string) bool { return h != "" }) {
+			return tls.Certificate{}, errors.New("issue server certificate: the CA's name constraints permit none of localhost, 127.0.0.1 and ::1: " +
+				"give the server a name the CA may issue for (--hostname), the one devices reach it at")
+		}
+	}
+	for _, h := range append(append([]string(nil), hosts...), loopback...) {
 		if h == "" {
 			continue
 		}
@@ -571,21 +660,28 @@ func (ca *CA) IssueServer(hosts []string, lifetime time.Duration) (tls.Certifica
 			dnsNames = append(dnsNames, name)
 		}
 	}
-
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return tls.Certificate{}, fmt.Errorf("issue server certificate: generate key: %w", err)
-	}
-	now := ca.now()
-	notAfter, err := ca.notAfter(now, lifetime)
+	leaf, err := ca.signServer(cn, dnsNames, ips, key, now, notAfter)
 	if err != nil {
 		return tls.Certificate{}, fmt.Errorf("issue server certificate: %w", err)
 	}
+	// An extended key usage or name constraint in the chain that forbids
+	// it would make every client refuse the server.
+	if err := ca.verifyIssued(leaf, x509.ExtKeyUsageServerAuth, now); err != nil {
+		return tls.Certificate{}, fmt.Errorf("issue server certificate: %w", err)
+	}
+	chain := [][]byte{leaf.Raw}
+	for _, c := range ca.chain {
+		chain = append(chain, c.Raw)
+	}
+	return tls.Certificate{Certificate: chain, PrivateKey: key, Leaf: leaf}, nil
+}
+
+func (ca *CA) signServer(cn string, dnsNames []string, ips []net.IP, key crypto.Signer, now, notAfter time.Time) (*x509.Certificate, error) {
 	serial, err := randomSerial()
 	if err != nil {
-		return tls.Certificate{}, fmt.Errorf("issue server certificate: %w", err)
+		return nil, err
 	}
-	tmpl := &x509.Certificate{
+	return ca.sign(&x509.Certificate{
 		SerialNumber:          serial,
 		Subject:               pkix.Name{CommonName: cn},
 		NotBefore:             ca.notBefore(now),
@@ -597,16 +693,25 @@ func (ca *CA) IssueServer(hosts []string, lifetime time.Duration) (tls.Certifica
 		AuthorityKeyId:        ca.skid,
 		DNSNames:              dnsNames,
 		IPAddresses:           ips,
+	}, key.Public())
+}
+
+// permitsServerName reports whether the chain's name constraints let the
+// CA issue a server certificate for name, a DNS name or an IP address, by
+// issuing one (never used) and verifying it.
+func (ca *CA) permitsServerName(name string, key crypto.Signer, now, notAfter time.Time) bool {
+	var dnsNames []string
+	ips := []net.IP{net.ParseIP(name)}
+	if ips[0] == nil {
+		dnsNames, ips = []string{name}, nil
 	}
-	leaf, err := ca.sign(tmpl, key.Public())
+	leaf, err := ca.signServer(name, dnsNames, ips, key, now, notAfter)
 	if err != nil {
-		return tls.Certificate{}, fmt.Errorf("issue server certificate: %w", err)
+		return false
 	}
-	chain := [][]byte{leaf.Raw}
-	for _, c := range ca.chain {
-		chain = append(chain, c.Raw)
-	}
-	return tls.Certificate{Certificate: chain, PrivateKey: key, Leaf: leaf}, nil
+	var inv x509.CertificateInvalidError
+	err = ca.verifyIssued(leaf, x509.ExtKeyUsageServerAuth, now)
+	return !errors.As(err, &inv) || inv.Reason != x509.CANotAuthorizedForThisName
 }
 
 // validDNSName accepts lower-case host names, optionally with a leading

@@ -572,6 +572,9 @@ func TestCAOperatorProvidedRefused(t *testing.T) {
 	future := newRoot(t, genP256(t), now, func(c *x509.Certificate) { c.NotBefore = now.Add(2 * time.Hour) })
 	futureRoot := newRoot(t, genP256(t), now, func(c *x509.Certificate) { c.NotBefore = now.Add(2 * time.Hour) })
 	underFuture := newIntermediate(t, futureRoot, genP256(t), now)
+	serverOnly := newRoot(t, genP256(t), now, func(c *x509.Certificate) { c.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth} })
+	pathLenZero := newRoot(t, genP256(t), now, func(c *x509.Certificate) { c.MaxPathLen, c.MaxPathLenZero = 0, true })
+	belowPathLen := newIntermediate(t, pathLenZero, genP256(t), now)
 	noCRLSign := newRoot(t, genP256(t), now, func(c *x509.Certificate) { c.KeyUsage = x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature })
 	leafKey := genP256(t)
 	leaf := createCert(t, &x509.Certificate{
@@ -599,6 +602,10 @@ func TestCAOperatorProvidedRefused(t *testing.T) {
 		{name: "not yet valid", certPEM: certsPEM(future.cert), keyPEM: keyPEM(t, future.key, "pkcs8"), keyPerm: 0o600, want: "is not valid before 2026-03-01T14:00:00Z, and the clock says 2026-03-01T12:00:00Z"},
 		{name: "root not yet valid", certPEM: certsPEM(underFuture.cert, futureRoot.cert), keyPEM: keyPEM(t, underFuture.key, "pkcs8"), keyPerm: 0o600,
 			want: "certificate 2 of the chain (CN=operator root,O=operator) is not valid before"},
+		{name: "no clientAuth", certPEM: certsPEM(serverOnly.cert), keyPEM: keyPEM(t, serverOnly.key, "pkcs8"), keyPerm: 0o600,
+			want: "extended key usage does not allow device (TLS client) certificates"},
+		{name: "path length", certPEM: certsPEM(belowPathLen.cert, pathLenZero.cert), keyPEM: keyPEM(t, belowPathLen.key, "pkcs8"), keyPerm: 0o600,
+			want: "path length constraint in the CA chain"},
 		{name: "no cRLSign", certPEM: certsPEM(noCRLSign.cert), keyPEM: keyPEM(t, noCRLSign.key, "pkcs8"), keyPerm: 0o600, want: "cRLSign missing"},
 		{name: "expired", certPEM: certsPEM(expired.cert), keyPEM: keyPEM(t, expired.key, "pkcs8"), keyPerm: 0o600, want: "expired"},
 		{name: "root first", certPEM: certsPEM(root.cert, inter.cert), keyPEM: keyPEM(t, root.key, "pkcs8"), keyPerm: 0o600, want: "not signed by"},
@@ -1025,6 +1032,75 @@ func TestIssueServer(t *testing.T) {
 // error. TCP rather than net.Pipe: with an unbuffered pipe, a client that
 // rejects the server blocks writing its alert while the server blocks writing
 // the rest of its flight.
+// TestIssueServerChainConstraints: a server certificate a client holding
+// the CA chain would refuse is never issued. Loopback names the CA may not
+// issue for are left out; a host it may not issue for, or a CA that may not
+// issue servers at all, is an error.
+func TestIssueServerChainConstraints(t *testing.T) {
+	now := time.Now().Truncate(time.Second) // the handshakes verify at the real time
+	operatorCA := func(t *testing.T, mutate func(*x509.Certificate)) (*CA, *x509.CertPool) {
+		t.Helper()
+		root := newRoot(t, genP256(t), now, mutate)
+		cfg := writeOperatorCA(t, certsPEM(root.cert), keyPEM(t, root.key, "pkcs8"), 0o600)
+		cfg.Now = func() time.Time { return now }
+		ca, err := LoadOrCreateCA(cfg)
+		if err != nil {
+			t.Fatalf("LoadOrCreateCA: %v", err)
+		}
+		return ca, ca.Pool()
+	}
+	dnsOnly := func(c *x509.Certificate) { c.PermittedDNSDomains = []string{"example.com"} }
+	dnsAndIP := func(c *x509.Certificate) {
+		c.PermittedDNSDomains = []string{"example.com"}
+		c.PermittedIPRanges = []*net.IPNet{{IP: net.IPv4(10, 0, 0, 0).To4(), Mask: net.CIDRMask(8, 32)}}
+	}
+	tests := []struct {
+		name    string
+		mutate  func(*x509.Certificate)
+		hosts   []string
+		dns     []string
+		ips     []string
+		wantErr string
+	}{
+		{name: "dns constrained", mutate: dnsOnly, hosts: []string{"mqtt.example.com"},
+			dns: []string{"mqtt.example.com"}, ips: []string{"127.0.0.1", "::1"}},
+		{name: "dns constrained, loopback addresses only", mutate: dnsOnly, ips: []string{"127.0.0.1", "::1"}},
+		{name: "host outside the constraints", mutate: dnsOnly, hosts: []string{"mqtt.example.org"}, wantErr: `name constraints do not permit a name of the server certificate`},
+		{name: "ip constrained", mutate: dnsAndIP, hosts: []string{"10.1.2.3", "mqtt.example.com"},
+			dns: []string{"mqtt.example.com"}, ips: []string{"10.1.2.3"}},
+		{name: "no loopback name permitted", mutate: dnsAndIP, wantErr: "permit none of localhost, 127.0.0.1 and ::1"},
+		{name: "client only", mutate: func(c *x509.Certificate) { c.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth} },
+			wantErr: "does not allow server certificates"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			ca, roots := operatorCA(t, tt.mutate)
+			tc, err := ca.IssueServer(tt.hosts, 24*time.Hour)
+			if tt.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("err = %v, want one containing %q", err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("IssueServer: %v", err)
+			}
+			var ips []string
+			for _, ip := range tc.Leaf.IPAddresses {
+				ips = append(ips, ip.String())
+			}
+			if !slices.Equal(tc.Leaf.DNSNames, tt.dns) || !slices.Equal(ips, tt.ips) {
+				t.Errorf("SANs = %q %q, want %q %q", tc.Leaf.DNSNames, ips, tt.dns, tt.ips)
+			}
+			for _, name := range append(slices.Clone(tt.dns), tt.ips...) {
+				if err := handshake(t, tc, roots, name); err != nil {
+					t.Errorf("handshake for %s: %v", name, err)
+				}
+			}
+		})
+	}
+}
+
 func handshake(tb testing.TB, server tls.Certificate, roots *x509.CertPool, serverName string) error {
 	tb.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
