@@ -787,6 +787,10 @@ func (ca *CA) chainEnd() time.Time {
 	return end
 }
 
+// ChainEnd returns when the CA chain stops verifying, the earliest NotAfter
+// in it: every certificate the CA issues ends by then at the latest.
+func (ca *CA) ChainEnd() time.Time { return ca.chainEnd() }
+
 // notAfter returns now+lifetime, capped at the end of the CA chain, since a
 // certificate outliving its issuer, or its issuer's issuer, does not verify
 // anyway: not with clients that check the whole chain up to the root.

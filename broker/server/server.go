@@ -522,6 +522,7 @@ func (s *Server) Start() error {
 	if s.ui != nil {
 		s.serve("ui", s.ui.Serve)
 	}
+	s.warnCAExpiry()
 	s.loop(s.renewServerCertLoop)
 	s.loop(s.crlLoop)
 	s.loop(s.retentionLoop)
@@ -736,7 +737,8 @@ func (s *Server) renewServerCertLoop(ctx context.Context) {
 	}
 }
 
-// crlLoop re-signs the CRL daily, far ahead of its 30-day NextUpdate.
+// crlLoop re-signs the CRL daily, far ahead of its 30-day NextUpdate, and
+// repeats the warning of a CA nearing its end (Start gives the first).
 func (s *Server) crlLoop(ctx context.Context) {
 	t := time.NewTicker(24 * time.Hour)
 	defer t.Stop()
@@ -749,6 +751,31 @@ func (s *Server) crlLoop(ctx context.Context) {
 			return
 		case <-t.C:
 		}
+		s.warnCAExpiry()
+	}
+}
+
+// caWarnAhead is how long before the CA chain ends the server starts to
+// warn, at the least: renewing the CA reaches devices only as they renew,
+// within a certificate lifetime, and some may be offline for a while.
+const caWarnAhead = 90 * 24 * time.Hour
+
+// warnCAExpiry logs a warning while the CA chain nears its end, an error
+// once it has passed. Nothing else would tell: the certificates the server
+// issues just get shorter, until every device and the server's own
+// certificate stop working at once.
+func (s *Server) warnCAExpiry() {
+	end := s.ca.ChainEnd()
+	left := end.Sub(s.cfg.Now())
+	switch {
+	case left <= 0:
+		s.log.Error().Time("ca_not_after", end).
+			Msg("the fleet CA has expired: no device can connect, enroll or renew, and the server's own certificate has expired too; " +
+				"renew the CA certificate for its key (README.md: Renewing or replacing the CA) and restart fleetmq")
+	case left < max(caWarnAhead, 3*s.cfg.CertLifetime):
+		s.log.Warn().Time("ca_not_after", end).Int("days_left", int(left/(24*time.Hour))).
+			Msg("the fleet CA expires soon: every certificate the server issues ends then at the latest, and then every device and the server stop working; " +
+				"renew the CA certificate for its key before then (README.md: Renewing or replacing the CA)")
 	}
 }
 

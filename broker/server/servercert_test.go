@@ -4,10 +4,13 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"net"
+	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/fleetmq/fleetmq/broker/server"
+	"github.com/fleetmq/fleetmq/enroll"
 )
 
 // TestServerCertificateRenewsItself: with a 3 s server certificate, both
@@ -56,5 +59,27 @@ func TestServerCertificateRenewsItself(t *testing.T) {
 	tc.Handshake()
 	if seen == nil || seen.SerialNumber.Cmp(first.SerialNumber) == 0 {
 		t.Fatalf("MQTT listener presents %v, want the renewed certificate", seen)
+	}
+}
+
+// TestServerWarnsOfCAExpiry: a CA within 90 days of its end is named in a
+// warning at start; a fresh one is not.
+func TestServerWarnsOfCAExpiry(t *testing.T) {
+	own := t.TempDir()
+	ca, err := enroll.LoadOrCreateCA(enroll.CAConfig{Dir: own})
+	if err != nil {
+		t.Fatal(err)
+	}
+	end := ca.Cert().NotAfter
+	old := startServer(t, func(c *server.Config) {
+		c.CACertFile, c.CAKeyFile = filepath.Join(own, "ca.pem"), filepath.Join(own, "ca.key")
+		c.Now = func() time.Time { return end.Add(-20 * 24 * time.Hour) }
+	})
+	if logs := old.logs.String(); !strings.Contains(logs, `"level":"warn","ca_not_after":"`+end.UTC().Format(time.RFC3339)) ||
+		!strings.Contains(logs, `"days_left":20,"message":"the fleet CA expires soon`) {
+		t.Errorf("no warning of the CA's end in the log:\n%s", logs)
+	}
+	if fresh := startServer(t); strings.Contains(fresh.logs.String(), "the fleet CA") {
+		t.Errorf("a new CA was warned about:\n%s", fresh.logs.String())
 	}
 }
