@@ -365,7 +365,14 @@ func checkCAChain(chain []*x509.Certificate, key crypto.Signer, now time.Time) e
 	cert := chain[0]
 	pub, ok := key.Public().(interface{ Equal(crypto.PublicKey) bool })
 	if !ok || !pub.Equal(cert.PublicKey) {
-		return errors.New("the private key does not match the first certificate")
+		// A bundle in root-first order is the likely mistake: say so
+		// rather than have the operator doubt the key.
+		for i, c := range chain[1:] {
+			if ok && pub.Equal(c.PublicKey) {
+				return fmt.Errorf("the private key is that of certificate %d (%s), not of the first: order the file issuing CA first, then each issuer", i+2, c.Subject)
+			}
+		}
+		return errors.New("the private key does not match the first certificate: give the key of the issuing CA, whose certificate comes first in the file")
 	}
 	if !cert.BasicConstraintsValid || !cert.IsCA {
 		return errors.New("the first certificate is not a CA certificate (basic constraints CA:TRUE missing)")

@@ -608,6 +608,8 @@ func TestCAOperatorProvidedRefused(t *testing.T) {
 			want: "path length constraint in the CA chain"},
 		{name: "no cRLSign", certPEM: certsPEM(noCRLSign.cert), keyPEM: keyPEM(t, noCRLSign.key, "pkcs8"), keyPerm: 0o600, want: "cRLSign missing"},
 		{name: "expired", certPEM: certsPEM(expired.cert), keyPEM: keyPEM(t, expired.key, "pkcs8"), keyPerm: 0o600, want: "expired"},
+		{name: "root first, with the intermediate's key", certPEM: certsPEM(root.cert, inter.cert), keyPEM: keyPEM(t, inter.key, "pkcs8"), keyPerm: 0o600,
+			want: "the private key is that of certificate 2 (CN=operator intermediate,O=operator), not of the first: order the file issuing CA first"},
 		{name: "root first", certPEM: certsPEM(root.cert, inter.cert), keyPEM: keyPEM(t, root.key, "pkcs8"), keyPerm: 0o600, want: "not signed by"},
 		{name: "unrelated second cert", certPEM: certsPEM(inter.cert, expired.cert), keyPEM: keyPEM(t, inter.key, "pkcs8"), keyPerm: 0o600, want: "not signed by"},
 		{name: "encrypted key", certPEM: certsPEM(root.cert), keyPEM: encrypted, keyPerm: 0o600, want: "encrypted"},
