@@ -207,6 +207,10 @@ type Server struct {
 	enroll *enroll.Handler
 	mqtt   *broker.Broker
 	cert   atomic.Pointer[tls.Certificate]
+	// certMu serializes renewals of cert at handshake time (see
+	// getCertificate); certTried is when the last one was tried.
+	certMu    sync.Mutex
+	certTried time.Time
 
 	httpSrv    *http.Server
 	httpLn     net.Listener
@@ -622,8 +626,40 @@ var secureSuites = []uint16{
 	tls.TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
 }
 
+// getCertificate returns the server certificate, renewed first if the
+// clock is outside its validity. renewServerCertLoop counts on a monotonic
+// timer, which a wall clock jump passes by: a gateway that starts fleetmq
+// before NTP has set its clock (days behind, after a power cut) issues a
+// certificate that is already expired once the clock is right, and would
+// present it to every client until the timer fires days later.
 func (s *Server) getCertificate(*tls.ClientHelloInfo) (*tls.Certificate, error) {
-	return s.cert.Load(), nil
+	c := s.cert.Load()
+	if now := s.cfg.Now(); now.Before(c.Leaf.NotBefore) || !now.Before(c.Leaf.NotAfter) {
+		c = s.renewInvalidCert(now)
+	}
+	return c, nil
+}
+
+// renewInvalidCert renews the server certificate, which the clock says is
+// not valid at now, at most once a minute: with an expired CA every
+// attempt fails, and each handshake would otherwise log it.
+func (s *Server) renewInvalidCert(now time.Time) *tls.Certificate {
+	s.certMu.Lock()
+	defer s.certMu.Unlock()
+	c := s.cert.Load()
+	valid := !now.Before(c.Leaf.NotBefore) && now.Before(c.Leaf.NotAfter)
+	if valid || now.Sub(s.certTried).Abs() < time.Minute {
+		return c // renewed meanwhile, or tried a moment ago
+	}
+	s.certTried = now
+	if err := s.renewServerCert(); err != nil {
+		s.log.Error().Err(err).Msg("renew the server certificate, which the clock says is not valid now")
+		return c
+	}
+	c = s.cert.Load()
+	s.log.Warn().Time("not_before", c.Leaf.NotBefore).Time("not_after", c.Leaf.NotAfter).
+		Msg("server certificate renewed early: the clock moved outside the validity of the one before")
+	return c
 }
 
 // loadCA loads (or, for a new fleet, generates) the CA and checks that it

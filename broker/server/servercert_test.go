@@ -83,3 +83,35 @@ func TestServerWarnsOfCAExpiry(t *testing.T) {
 		t.Errorf("a new CA was warned about:\n%s", fresh.logs.String())
 	}
 }
+
+// TestServerCertificateFollowsClockJumps: when the wall clock leaves the
+// server certificate's validity (NTP setting a gateway's clock days ahead
+// after fleetmq started, or back), the next handshake gets a certificate
+// valid at the new time rather than the old one until the renewal timer.
+func TestServerCertificateFollowsClockJumps(t *testing.T) {
+	s := startServer(t)
+	dial := func() (*x509.Certificate, error) {
+		t.Helper()
+		conn, err := tls.Dial("tcp", s.EnrollAddr().String(), &tls.Config{RootCAs: s.CA().Pool(), ServerName: "localhost", Time: s.clock.Now})
+		if err != nil {
+			return nil, err
+		}
+		defer conn.Close()
+		return conn.ConnectionState().PeerCertificates[0], nil
+	}
+	first, err := dial()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, jump := range []time.Duration{10 * 24 * time.Hour, -2 * time.Hour} {
+		s.clock.Advance(jump)
+		leaf, err := dial()
+		if err != nil {
+			t.Fatalf("handshake after the clock moved %s: %v", jump, err)
+		}
+		if leaf.SerialNumber.Cmp(first.SerialNumber) == 0 {
+			t.Fatalf("after the clock moved %s: the same certificate", jump)
+		}
+		first = leaf
+	}
+}
