@@ -2,11 +2,13 @@ package enroll
 
 import (
 	"context"
+	"crypto/x509"
 	"path/filepath"
 	"runtime"
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/fleetmq/fleetmq/store"
 )
@@ -28,18 +30,25 @@ func (g *gatedStore) RevokedCerts(ctx context.Context) ([]store.Cert, error) {
 	return g.DB.RevokedCerts(ctx)
 }
 
+// newCAAndStore returns a generated CA on clock now and an empty store.
+func newCAAndStore(tb testing.TB, now func() time.Time) (*CA, *store.DB) {
+	tb.Helper()
+	ca, err := LoadOrCreateCA(CAConfig{Dir: filepath.Join(tb.TempDir(), "ca"), Now: now})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	db, err := store.Open(filepath.Join(tb.TempDir(), "fleet.db"), store.Options{})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { db.Close() })
+	return ca, db
+}
+
 // Revocations in bulk share CRL rebuilds: the calls made while one runs
 // are all answered by the next, which reads the store after them.
 func TestRefreshCRLCoalesces(t *testing.T) {
-	ca, err := LoadOrCreateCA(CAConfig{Dir: filepath.Join(t.TempDir(), "ca")})
-	if err != nil {
-		t.Fatal(err)
-	}
-	db, err := store.Open(filepath.Join(t.TempDir(), "fleet.db"), store.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { db.Close() })
+	ca, db := newCAAndStore(t, time.Now)
 	st := &gatedStore{DB: db, first: make(chan struct{}), release: make(chan struct{})}
 	h, err := NewHandler(Config{CA: ca}, st)
 	if err != nil {
@@ -81,5 +90,31 @@ func TestRefreshCRLCoalesces(t *testing.T) {
 	}
 	if der, err := h.currentCRL(context.Background()); err != nil || len(der) == 0 {
 		t.Fatalf("CRL: %d bytes, %v", len(der), err)
+	}
+}
+
+// TestCRLFollowsClockJumps: a CRL the clock says has expired, or is not
+// valid yet, is signed anew when asked for, not served until the daily
+// refresh.
+func TestCRLFollowsClockJumps(t *testing.T) {
+	clock := &testClock{t: time.Now().Truncate(time.Second)}
+	ca, db := newCAAndStore(t, clock.Now)
+	h, err := NewHandler(Config{CA: ca, Now: clock.Now}, db)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, jump := range []time.Duration{0, 40 * 24 * time.Hour, -time.Hour} {
+		clock.t = clock.t.Add(jump)
+		der, err := h.currentCRL(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		rl, err := x509.ParseRevocationList(der)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if clock.t.Before(rl.ThisUpdate) || !clock.t.Before(rl.NextUpdate) {
+			t.Errorf("after a jump of %s, the CRL served is valid from %s to %s, not at %s", jump, rl.ThisUpdate, rl.NextUpdate, clock.t)
+		}
 	}
 }

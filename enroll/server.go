@@ -119,6 +119,8 @@ type Handler struct {
 
 	crlMu sync.Mutex
 	crl   []byte
+	// crlFrom and crlUntil are crl's ThisUpdate and NextUpdate.
+	crlFrom, crlUntil time.Time
 
 	// Rebuilds of the CRL run one at a time, and a call is answered by
 	// any rebuild that began after it was made (see RefreshCRL).
@@ -263,9 +265,12 @@ func (h *Handler) serveCRL(w http.ResponseWriter, r *http.Request) {
 
 func (h *Handler) currentCRL(ctx context.Context) ([]byte, error) {
 	h.crlMu.Lock()
-	der := h.crl
+	der, from, until := h.crl, h.crlFrom, h.crlUntil
 	h.crlMu.Unlock()
-	if der != nil {
+	// The daily refresh counts on a monotonic timer, which a wall clock
+	// jump passes by (NTP setting a gateway's clock weeks ahead): a CRL
+	// the clock says is not valid is signed anew, not served expired.
+	if now := h.cfg.Now(); der != nil && !now.Before(from) && now.Before(until) {
 		return der, nil
 	}
 	if err := h.RefreshCRL(ctx); err != nil {
@@ -318,8 +323,12 @@ func (h *Handler) rebuildCRL(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("enroll: sign CRL: %w", err)
 	}
+	rl, err := x509.ParseRevocationList(der)
+	if err != nil {
+		return fmt.Errorf("enroll: parse the CRL just signed: %w", err)
+	}
 	h.crlMu.Lock()
-	h.crl = der
+	h.crl, h.crlFrom, h.crlUntil = der, rl.ThisUpdate, rl.NextUpdate
 	h.crlMu.Unlock()
 	return nil
 }
