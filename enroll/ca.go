@@ -375,10 +375,10 @@ func checkCAChain(chain []*x509.Certificate, key crypto.Signer, now time.Time) e
 		return errors.New("the private key does not match the first certificate: give the key of the issuing CA, whose certificate comes first in the file")
 	}
 	if !cert.BasicConstraintsValid || !cert.IsCA {
-		return errors.New("the first certificate is not a CA certificate (basic constraints CA:TRUE missing)")
+		return errors.New("the first certificate is not a CA certificate (basic constraints CA:TRUE missing): give the issuing CA first, or issue it with basicConstraints CA:TRUE")
 	}
 	if cert.KeyUsage&x509.KeyUsageCertSign == 0 {
-		return errors.New("the first certificate may not sign certificates (key usage keyCertSign missing)")
+		return errors.New("the first certificate may not sign certificates (key usage keyCertSign missing): issue the CA with key usage keyCertSign and cRLSign")
 	}
 	// Without it every CRL fails to sign: /v1/crl would answer 503 for
 	// good, and revocations would reach no relying party that reads it.
@@ -405,7 +405,7 @@ func checkChainValidity(chain []*x509.Certificate, now time.Time) error {
 			which = fmt.Sprintf("certificate %d of the chain (%s)", i+1, c.Subject)
 		}
 		if !now.Before(c.NotAfter) {
-			return fmt.Errorf("%s expired at %s: devices refuse everything it issues; renew it, for the same key if it is the CA's own (see Renewing the CA in README.md), and give the renewed certificate",
+			return fmt.Errorf("%s expired at %s: devices refuse everything it issues; renew it for the same key (README.md: Renewing or replacing the CA) and give the renewed certificate",
 				which, c.NotAfter.UTC().Format(time.RFC3339))
 		}
 		if now.Before(c.NotBefore) {
