@@ -432,6 +432,11 @@ func (s *Server) readiness(ctx context.Context) error {
 	if !s.ready.Load() {
 		return errors.New("starting or shutting down")
 	}
+	// Every TLS client refuses the node then, and it cannot renew its own
+	// certificate.
+	if end := s.ca.ChainEnd(); !s.cfg.Now().Before(end) {
+		return fmt.Errorf("the fleet CA expired at %s: renew the CA certificate for its key (README.md: Renewing or replacing the CA)", end.UTC().Format(time.RFC3339))
+	}
 	// A damaged page met anywhere since start: writes are refused.
 	if err := s.db.Damaged(); err != nil {
 		return fmt.Errorf("store: %w", err)

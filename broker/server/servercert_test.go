@@ -115,3 +115,17 @@ func TestServerCertificateFollowsClockJumps(t *testing.T) {
 		first = leaf
 	}
 }
+
+// TestReadyzFailsOnceTheCAExpired: a node whose CA has expired can serve
+// no TLS client, and /readyz says so.
+func TestReadyzFailsOnceTheCAExpired(t *testing.T) {
+	s := startServer(t, func(c *server.Config) { c.MetricsAddr = "127.0.0.1:0" })
+	url := "http://" + s.MetricsAddr().String() + "/readyz"
+	if code, body := getStatus(t, url); code != 200 {
+		t.Fatalf("/readyz of a running node: %d %q", code, body)
+	}
+	s.clock.Advance(s.CA().Cert().NotAfter.Sub(s.clock.Now()))
+	if code, body := getStatus(t, url); code != 503 || !strings.Contains(body, "the fleet CA expired at") {
+		t.Errorf("/readyz once the CA expired: %d %q, want 503 naming the CA", code, body)
+	}
+}
