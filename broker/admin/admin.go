@@ -161,7 +161,11 @@ type CAInfo struct {
 	Fingerprint string    `json:"fingerprint_sha256"`
 	NotBefore   time.Time `json:"not_before"`
 	NotAfter    time.Time `json:"not_after"`
-	Chain       string    `json:"chain_pem"`
+	// ChainNotAfter is the earliest end in the CA's chain (an operator CA
+	// under a root that ends first): no certificate verifies after it, so
+	// it, not NotAfter, is when the fleet must have a renewed CA.
+	ChainNotAfter time.Time `json:"chain_not_after"`
+	Chain         string    `json:"chain_pem"`
 }
 
 func (h *Handler) getCA(w http.ResponseWriter, r *http.Request) {
@@ -169,7 +173,8 @@ func (h *Handler) getCA(w http.ResponseWriter, r *http.Request) {
 	fp := h.cfg.CA.Fingerprint()
 	writeJSON(w, http.StatusOK, CAInfo{
 		Subject: c.Subject.String(), Fingerprint: hex.EncodeToString(fp[:]),
-		NotBefore: c.NotBefore.UTC(), NotAfter: c.NotAfter.UTC(), Chain: string(h.cfg.CA.ChainPEM()),
+		NotBefore: c.NotBefore.UTC(), NotAfter: c.NotAfter.UTC(), ChainNotAfter: h.cfg.CA.ChainEnd().UTC(),
+		Chain: string(h.cfg.CA.ChainPEM()),
 	})
 }
 

@@ -594,10 +594,15 @@ func caShow(ctx context.Context, args []string, env Env) error {
 	if *fs.json {
 		return printJSON(env.Stdout, ca)
 	}
-	return table(env.Stdout, "FIELD\tVALUE", [][]string{
+	rows := [][]string{
 		{"subject", ca.Subject}, {"sha256", ca.Fingerprint},
 		{"not before", fmtTime(ca.NotBefore)}, {"not after", fmtTime(ca.NotAfter)},
-	})
+	}
+	// A server from before chain_not_after leaves it zero.
+	if !ca.ChainNotAfter.IsZero() && ca.ChainNotAfter.Before(ca.NotAfter) {
+		rows = append(rows, []string{"chain ends", fmtTime(ca.ChainNotAfter) + " (an issuer above the CA ends first: renew the CA by then)"})
+	}
+	return table(env.Stdout, "FIELD\tVALUE", rows)
 }
 
 func auditCmd(ctx context.Context, args []string, env Env) error {

@@ -3,12 +3,15 @@ package server_test
 import (
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/json"
 	"net"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/fleetmq/fleetmq/broker/admin"
 	"github.com/fleetmq/fleetmq/broker/server"
 	"github.com/fleetmq/fleetmq/enroll"
 )
@@ -127,5 +130,46 @@ func TestReadyzFailsOnceTheCAExpired(t *testing.T) {
 	s.clock.Advance(s.CA().Cert().NotAfter.Sub(s.clock.Now()))
 	if code, body := getStatus(t, url); code != 503 || !strings.Contains(body, "the fleet CA expired at") {
 		t.Errorf("/readyz once the CA expired: %d %q, want 503 naming the CA", code, body)
+	}
+}
+
+// TestCAShowChainEnd: an operator CA under a root that ends first stops
+// verifying with the root; `ca show` says so, as its own dates do not. The
+// chain is made with openssl, as an operator would.
+func TestCAShowChainEnd(t *testing.T) {
+	dir := t.TempDir()
+	p := func(name string) string { return filepath.Join(dir, name) }
+	ext := "basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\n"
+	if err := os.WriteFile(p("ca.ext"), []byte(ext), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	run(t, "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+		"-keyout", p("root.key"), "-out", p("root.pem"), "-subj", "/CN=offline root", "-days", "400",
+		"-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+	run(t, "openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+		"-keyout", p("ca.key"), "-out", p("ca.csr"), "-subj", "/CN=fleet intermediate")
+	run(t, "openssl", "x509", "-req", "-in", p("ca.csr"), "-CA", p("root.pem"), "-CAkey", p("root.key"),
+		"-days", "1825", "-extfile", p("ca.ext"), "-out", p("inter.pem"))
+	run(t, "sh", "-c", `cat "$1/inter.pem" "$1/root.pem" > "$1/ca.pem" && chmod 600 "$1/ca.key"`, "sh", dir)
+	rootEnd, err := time.Parse("Jan _2 15:04:05 2006 MST", strings.TrimPrefix(strings.TrimSpace(
+		run(t, "openssl", "x509", "-in", p("root.pem"), "-noout", "-enddate")), "notAfter="))
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	s := startServer(t, func(c *server.Config) { c.CACertFile, c.CAKeyFile = p("ca.pem"), p("ca.key") })
+	out, errs, code := s.cli(t, "ca", "show")
+	want := "chain ends  " + rootEnd.UTC().Format("2006-01-02 15:04:05 UTC")
+	if code != 0 || !strings.Contains(out, want) {
+		t.Errorf("ca show: %d, want %q in\n%s%s", code, want, out, errs)
+	}
+	out, _, _ = s.cli(t, "ca", "show", "--json")
+	var info admin.CAInfo
+	if err := json.Unmarshal([]byte(out), &info); err != nil || !info.ChainNotAfter.Equal(rootEnd) {
+		t.Errorf("ca show --json: chain_not_after %v, want %v (%v)", info.ChainNotAfter, rootEnd, err)
+	}
+	// A CA that is its own chain's end shows no such line.
+	if out, _, _ := startServer(t).cli(t, "ca", "show"); strings.Contains(out, "chain ends") {
+		t.Errorf("ca show of a generated CA:\n%s", out)
 	}
 }
