@@ -63,8 +63,13 @@ type Config struct {
 	// and the CONNECT packet together. Default 10s.
 	HandshakeTimeout time.Duration
 	// MaxConnections is the most sockets open at once; beyond it new
-	// sockets are closed at once and counted. Default 10000.
+	// sockets are closed at once and counted. Default 10000. It is
+	// lowered, with a warning at Start, to what OpenFileLimit leaves after
+	// a reserve for the rest of the process (a quarter, at least 32).
 	MaxConnections int
+	// OpenFileLimit is the most files the process may open. Default the
+	// process's RLIMIT_NOFILE; 0 after defaults means unknown (no cap).
+	OpenFileLimit uint64
 	// MaxPacketSize is the largest MQTT packet accepted, in bytes.
 	// Default 256 KiB.
 	MaxPacketSize uint32
@@ -118,6 +123,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.MaxConnections == 0 {
 		c.MaxConnections = 10000
+	}
+	if c.OpenFileLimit == 0 {
+		c.OpenFileLimit = openFileLimit()
 	}
 	if c.MaxPacketSize == 0 {
 		c.MaxPacketSize = 256 << 10
@@ -346,7 +354,20 @@ func (b *Broker) Start() error {
 	if err != nil {
 		return fmt.Errorf("broker: listen: %w", err)
 	}
-	gl := newGuardedListener(ln, b.cfg.MaxConnections, b.cfg.HandshakeTimeout)
+	maxConns := b.cfg.MaxConnections
+	if nofile := b.cfg.OpenFileLimit; nofile > 0 {
+		if c := fdConnectionCap(nofile); c < maxConns {
+			// Refused sockets are counted and logged as over the limit;
+			// a process out of descriptors would fail the admin socket
+			// and enrollment too, with nothing but accept errors to say why.
+			b.log.Warn().Int("max_connections", maxConns).Uint64("open_file_limit", nofile).Int("accepting", c).
+				Msgf("broker: the process may open at most %d files, too few for --max-connections %d: accepting at most %d MQTT connections, "+
+					"to keep descriptors for enrollment, the admin socket and metrics; raise the limit (LimitNOFILE= in the systemd unit, ulimit -n) to allow more",
+					nofile, maxConns, c)
+			maxConns = c
+		}
+	}
+	gl := newGuardedListener(ln, maxConns, b.cfg.HandshakeTimeout)
 	var warned atomic.Int64 // when the limit was last logged, UnixNano
 	gl.onRefuse = func() {
 		b.stats.refused.inc(ReasonMaxConnections)
@@ -354,8 +375,8 @@ func (b *Broker) Start() error {
 		// minute at most.
 		now, last := time.Now().UnixNano(), warned.Load()
 		if now-last >= int64(time.Minute) && warned.CompareAndSwap(last, now) {
-			b.log.Warn().Int("max_connections", b.cfg.MaxConnections).
-				Msg("broker: refusing connections: the connection limit is reached (--max-connections; every refusal is counted in fleetmq_mqtt_connect_refusals_total{reason=\"max_connections\"})")
+			b.log.Warn().Int("max_connections", maxConns).
+				Msg("broker: refusing connections: the connection limit is reached (--max-connections, or the open file limit logged at start; every refusal is counted in fleetmq_mqtt_connect_refusals_total{reason=\"max_connections\"})")
 		}
 	}
 	gl.onError = func(err error, backoff time.Duration) {

@@ -12,6 +12,7 @@ import (
 	"slices"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -843,16 +844,25 @@ func TestHandshakeAndConnectDeadline(t *testing.T) {
 	}
 }
 
+// dialIdle opens n sockets to addr that send nothing, closed at cleanup.
+func dialIdle(tb testing.TB, addr string, n int) []net.Conn {
+	tb.Helper()
+	conns := make([]net.Conn, 0, n)
+	for range n {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			tb.Fatal(err)
+		}
+		tb.Cleanup(func() { _ = c.Close() })
+		conns = append(conns, c)
+	}
+	return conns
+}
+
 func TestIdleSocketsDoNotStarveDevices(t *testing.T) {
 	f := newFixture(t, func(c *Config) { c.HandshakeTimeout = time.Minute })
 	const idle = 500
-	for range idle {
-		c, err := net.Dial("tcp", f.addr)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { _ = c.Close() })
-	}
+	dialIdle(t, f.addr, idle)
 	eventually(t, func() bool { return f.b.Stats().OpenConnections == idle }, "%d idle sockets open", idle)
 	d := connect(t, f.pahoOpts("dev-a", f.clientTLS(f.device(t, "dev-a"))))
 	if err := wait(t, d.Publish("devices/dev-a/telemetry", 1, false, "hello")); err != nil {
@@ -869,15 +879,7 @@ func TestMaxConnections(t *testing.T) {
 		c.HandshakeTimeout = time.Minute
 	})
 	cert := f.device(t, "dev-a")
-	var idle []net.Conn
-	for range 2 {
-		c, err := net.Dial("tcp", f.addr)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { _ = c.Close() })
-		idle = append(idle, c)
-	}
+	idle := dialIdle(t, f.addr, 2)
 	eventually(t, func() bool { return f.b.Stats().OpenConnections == 2 }, "2 sockets open")
 
 	c := paho.NewClient(f.pahoOpts("dev-a", f.clientTLS(cert)))
@@ -900,6 +902,54 @@ func TestMaxConnections(t *testing.T) {
 	_ = idle[0].Close()
 	eventually(t, func() bool { return f.b.Stats().OpenConnections == 1 }, "slot freed")
 	connect(t, f.pahoOpts("dev-a", f.clientTLS(cert)))
+}
+
+// TestOpenFileLimitCapsConnections: with fewer descriptors than
+// MaxConnections needs, the broker holds only what leaves a reserve for the
+// rest of the process, refuses the others as over the limit, and says so at
+// start.
+func TestOpenFileLimitCapsConnections(t *testing.T) {
+	const nofile = 40 // a reserve of 32 leaves 8
+	f := newFixture(t, func(c *Config) {
+		c.OpenFileLimit = nofile
+		c.HandshakeTimeout = time.Minute
+	})
+	capped := fdConnectionCap(nofile)
+	if !strings.Contains(f.logs.String(), fmt.Sprintf("accepting at most %d MQTT connections", capped)) {
+		t.Errorf("no warning at start about the open file limit:\n%s", f.logs.String())
+	}
+	dialIdle(t, f.addr, capped)
+	eventually(t, func() bool { return f.b.Stats().OpenConnections == capped }, "%d sockets open", capped)
+	c, err := net.Dial("tcp", f.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	_ = c.SetReadDeadline(time.Now().Add(waitFor))
+	if _, err := c.Read(make([]byte, 1)); !errors.Is(err, io.EOF) && !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("socket beyond the cap: read = %v, want it closed at once", err)
+	}
+	eventually(t, func() bool { return f.b.Stats().Refused[ReasonMaxConnections] == 1 }, "the refusal counted")
+}
+
+func TestFDConnectionCap(t *testing.T) {
+	for _, tc := range []struct {
+		nofile uint64
+		want   int
+	}{
+		{1 << 20, 1<<20 - 1<<18},
+		{65536, 49152},
+		{1024, 768},
+		{256, 192},
+		{64, 32},
+		{33, 1},
+		{32, 1},
+		{1, 1},
+	} {
+		if got := fdConnectionCap(tc.nofile); got != tc.want {
+			t.Errorf("fdConnectionCap(%d) = %d, want %d", tc.nofile, got, tc.want)
+		}
+	}
 }
 
 func TestCertificateExpiryClosesSession(t *testing.T) {

@@ -2,8 +2,10 @@ package broker
 
 import (
 	"errors"
+	"math"
 	"net"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -13,6 +15,33 @@ const (
 	minAcceptBackoff = 5 * time.Millisecond
 	maxAcceptBackoff = time.Second
 )
+
+// Descriptors the broker leaves to the rest of the process: the store, the
+// other listeners and what they accept (enrollment, the admin socket,
+// metrics). A quarter of the limit, and at least minFDReserve.
+const minFDReserve = 32
+
+// fdConnectionCap returns the most MQTT sockets a process allowed nofile
+// open files can hold while keeping descriptors for the rest of the
+// server. Past its limit the process fails every accept and every open:
+// the operator CLI and enrollment would starve as well as devices.
+func fdConnectionCap(nofile uint64) int {
+	reserve := max(nofile/4, minFDReserve)
+	if nofile <= reserve {
+		return 1
+	}
+	return int(min(nofile-reserve, math.MaxInt32))
+}
+
+// openFileLimit returns the process's limit on open files (RLIMIT_NOFILE,
+// which Go raises to the hard limit at start), or 0 if unknown.
+func openFileLimit() uint64 {
+	var lim syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil || lim.Cur == ^uint64(0) /* RLIM_INFINITY */ {
+		return 0
+	}
+	return lim.Cur
+}
 
 // guardedListener closes the traps of serving mochi from a bare listener:
 // mochi stops serving for good on the first Accept error and sets no

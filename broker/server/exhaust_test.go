@@ -2,6 +2,7 @@ package server_test
 
 import (
 	"bufio"
+	"context"
 	"crypto/tls"
 	"errors"
 	"fmt"
@@ -155,9 +156,14 @@ func eventually(tb testing.TB, cond func() bool, what string) {
 }
 
 // TestFileDescriptorExhaustion runs the fleetmq binary with a low file
-// descriptor limit (prlimit), drives it past the limit with sockets that
-// never handshake, then closes them: the MQTT and HTTPS listeners recover
-// by themselves and a device connects and publishes.
+// descriptor limit (prlimit). A flood of MQTT sockets that never handshake
+// gets only the connections the limit leaves after a reserve: the rest are
+// refused as over the limit, and the admin socket and the enrollment
+// endpoint keep answering (QA: with every descriptor taken by the broker,
+// `fleetmq device list` hung for as long as the flood lasted). Holding the
+// enrollment endpoint too then drives the process out of descriptors; once
+// the sockets close, the MQTT and HTTPS listeners recover by themselves and
+// a device connects and publishes.
 func TestFileDescriptorExhaustion(t *testing.T) {
 	const limit = 64
 	n := startNodeWithFDs(t, limit, "--handshake-timeout", "2m")
@@ -165,26 +171,31 @@ func TestFileDescriptorExhaustion(t *testing.T) {
 	id := d.resp.DeviceID
 	pool := n.ca()
 	cfg := deviceTLS(pool, d)
+	if !strings.Contains(n.logs.String(), "accepting at most 32 MQTT connections") {
+		t.Errorf("no warning at start that the open file limit caps the connections:\n%s", n.logs.String())
+	}
 
 	var flood []net.Conn
-	for range 2 * limit {
-		c, err := net.DialTimeout("tcp", n.mqttAddr, 10*time.Second)
-		if err != nil {
-			t.Fatalf("flood: %v", err)
-		}
-		flood = append(flood, c)
-	}
 	t.Cleanup(func() {
 		for _, c := range flood {
 			_ = c.Close()
 		}
 	})
+	dialFlood := func(addr string, count int) {
+		for range count {
+			c, err := net.DialTimeout("tcp", addr, 10*time.Second)
+			if err != nil {
+				t.Fatalf("flood: %v", err)
+			}
+			flood = append(flood, c)
+		}
+	}
+	dialFlood(n.mqttAddr, 2*limit)
 	eventually(t, func() bool {
-		return strings.Contains(n.logs.String(), `"message":"broker: accept failed"`) &&
-			strings.Contains(n.logs.String(), "too many open files")
-	}, "the broker out of file descriptors")
+		return strings.Contains(n.logs.String(), "the connection limit is reached")
+	}, "the broker at its connection limit")
 
-	// Out of descriptors, the broker cannot take a device.
+	// At the cap, the broker cannot take a device.
 	tryDevice := func(timeout time.Duration) error {
 		d := net.Dialer{Timeout: timeout}
 		conn, err := tls.DialWithDialer(&d, "tcp", n.mqttAddr, cfg)
@@ -195,8 +206,37 @@ func TestFileDescriptorExhaustion(t *testing.T) {
 		return nil
 	}
 	if err := tryDevice(2 * time.Second); err == nil {
-		t.Fatal("a device got through while the broker had no descriptor left")
+		t.Fatal("a device got through beyond the connection cap")
 	}
+	// The operator and enrollment still get in.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := n.admin().Devices(ctx); err != nil {
+		t.Fatalf("admin socket during the MQTT flood: %v", err)
+	}
+	getCA := func() error {
+		resp, err := n.httpsClient().Get("https://" + n.enrollAddr + "/v1/ca")
+		if err != nil {
+			return err
+		}
+		resp.Body.Close()
+		if resp.StatusCode != 200 {
+			return fmt.Errorf("GET /v1/ca: %d", resp.StatusCode)
+		}
+		return nil
+	}
+	if err := getCA(); err != nil {
+		t.Fatalf("enrollment endpoint during the MQTT flood: %v", err)
+	}
+
+	// Sockets held on the enrollment port take the reserve: now the
+	// process is out of descriptors.
+	dialFlood(n.enrollAddr, limit)
+	eventually(t, func() bool {
+		_ = tryDevice(500 * time.Millisecond)
+		return strings.Contains(n.logs.String(), `"message":"broker: accept failed"`) &&
+			strings.Contains(n.logs.String(), "too many open files")
+	}, "the broker out of file descriptors")
 
 	// Relief.
 	for _, c := range flood {
@@ -218,13 +258,8 @@ func TestFileDescriptorExhaustion(t *testing.T) {
 	if err := c.publish("devices/"+id+"/telemetry", []byte(`{"after":"relief"}`)); err != nil {
 		t.Fatalf("publish after the relief: %v", err)
 	}
-	resp, err := n.httpsClient().Get("https://" + n.enrollAddr + "/v1/ca")
-	if err != nil {
+	if err := getCA(); err != nil {
 		t.Fatalf("enrollment endpoint after the relief: %v", err)
-	}
-	resp.Body.Close()
-	if resp.StatusCode != 200 {
-		t.Fatalf("GET /v1/ca after the relief: %d", resp.StatusCode)
 	}
 	c.close()
 	n.stop()
