@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"net/url"
+	"sync/atomic"
 	"time"
 
 	mqtt "github.com/eclipse/paho.mqtt.golang"
@@ -34,6 +35,7 @@ func (a *runner) session(ctx context.Context, id *identity, broker string, chang
 	msgs := make(chan mqtt.Message, 16)
 	statusTopic := deviceTopic(id.deviceID, topicStatus)
 
+	var certAsked atomic.Bool
 	tlsConf := &tls.Config{
 		MinVersion: tls.VersionTLS12,
 		RootCAs:    id.roots,
@@ -41,6 +43,7 @@ func (a *runner) session(ctx context.Context, id *identity, broker string, chang
 		// Called on every handshake: a renewed certificate is used from the
 		// next connection without restarting the process.
 		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
+			certAsked.Store(true)
 			cur, _, _ := a.current()
 			return &cur.cert, nil
 		},
@@ -74,6 +77,9 @@ func (a *runner) session(ctx context.Context, id *identity, broker string, chang
 			// Returns at once; paho ends the attempt in the background
 			// (the process is exiting, or the next attempt is a new client).
 			c.Disconnect(0)
+		}
+		if !certAsked.Load() && droppedAfterDial(err) {
+			err = fmt.Errorf("%w: %w", errClosedBeforeCert, err)
 		}
 		if handshakeTimedOut(err) {
 			// paho and crypto/tls say only "context deadline exceeded".
@@ -174,6 +180,12 @@ func (a *runner) session(ctx context.Context, id *identity, broker string, chang
 		}
 	}
 }
+
+// errClosedBeforeCert marks a connection the broker closed before it asked
+// for the client certificate: it never saw the certificate, so this is no
+// refusal of it. fleetmq does this at its connection limit.
+var errClosedBeforeCert = errors.New("the broker closed the connection before asking for the certificate " +
+	"(it is at its connection limit, or overloaded); this device is not refused, retrying")
 
 // handshakeTimedOut reports a connection attempt whose TLS handshake ran
 // out of time: a deadline, but not the TCP dial's ("dial tcp: i/o

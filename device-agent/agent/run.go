@@ -778,6 +778,9 @@ func (a *runner) connectLoop(ctx context.Context) error {
 		switch {
 		case connected:
 			refusals = 0
+		case errors.Is(err, errClosedBeforeCert):
+			// A full broker, not a refusal: renewing would not help,
+			// and a fleet over the limit would all renew at once.
 		case authRejected(err):
 			refusals = 0
 			a.log.Warn().Err(err).Msg("broker refused the certificate; checking it with the enrollment server")

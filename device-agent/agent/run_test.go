@@ -3,6 +3,7 @@ package agent
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -515,6 +516,36 @@ func TestRunBrokerRefusalTriggersOneRenewal(t *testing.T) {
 	}
 }
 
+// TestRunFullBrokerIsNoRefusal: a broker at its connection limit closes
+// new sockets at once, before the TLS handshake asks for a certificate.
+// That is no refusal of the certificate: the agent retries without
+// renewing (QA: every device over fleetmq's --max-connections renewed its
+// certificate after three such closes, a fleet over the limit all at
+// once), and says why it cannot connect.
+func TestRunFullBrokerIsNoRefusal(t *testing.T) {
+	f := newFleet(t, time.Hour)
+	cfg := f.config(t)
+	var logs lockedBuffer
+	cfg.Logger = zerolog.New(&logs)
+	startAgent(t, cfg)
+	first := nextSerial(t, f.brk)
+	f.brk.gate.setOpen(false) // the live session cut, new sockets closed at once
+	eventually(t, waitLong, "ten attempts closed at once", func() bool {
+		return strings.Count(logs.String(), "broker connection failed") >= 10
+	})
+	if mtls, proof := f.srv.counts(); mtls+proof != 0 {
+		t.Errorf("renewals mtls=%d proof=%d for a full broker, want none", mtls, proof)
+	}
+	eventually(t, waitLong, "status says the broker is full", func() bool {
+		s, err := ReadStatus(f.dir)
+		return err == nil && strings.Contains(s.LastError, "connection limit")
+	})
+	f.brk.gate.setOpen(true)
+	if again := nextSerial(t, f.brk); again != first {
+		t.Errorf("reconnected with serial %s, want the unchanged %s", again, first)
+	}
+}
+
 // TestRunRefusalAfterSessionIsCheckedAtOnce: broker refusals are checked
 // with the server at most once per RetryMax, unless the broker accepted
 // the device in between: a refusal after a working session (revoked, or
@@ -615,11 +646,12 @@ func TestRunFailedRefusalCheckIsNotRetriedEarly(t *testing.T) {
 	}
 }
 
-// TestRunLateDropsAreNotRefusals: a broker that closes connections without
-// a word soon after the dial may be refusing the certificate (three in a
-// row ask the server); one that closes them late is a link too slow for
-// its handshake deadline, and renewing a valid certificate does not help
-// (QA: agents on a 4 kbit/s link renewed).
+// TestRunLateDropsAreNotRefusals: a broker that asks for the certificate
+// and closes connections without a word soon after the dial may be
+// refusing the certificate (three in a row ask the server); one that
+// closes them late is a link too slow for its handshake deadline, and
+// renewing a valid certificate does not help (QA: agents on a 4 kbit/s
+// link renewed). (Closed before it asks, see TestRunFullBrokerIsNoRefusal.)
 func TestRunLateDropsAreNotRefusals(t *testing.T) {
 	for _, tc := range []struct {
 		name   string
@@ -637,6 +669,7 @@ func TestRunLateDropsAreNotRefusals(t *testing.T) {
 			}
 			t.Cleanup(func() { ln.Close() })
 			accepted := make(chan struct{}, 100)
+			srvTLS := &tls.Config{Certificates: []tls.Certificate{f.ca.serverTLS(t)}, ClientAuth: tls.RequestClientCert}
 			go func() {
 				for {
 					c, err := ln.Accept()
@@ -645,8 +678,11 @@ func TestRunLateDropsAreNotRefusals(t *testing.T) {
 					}
 					accepted <- struct{}{}
 					go func() {
-						// Silent, then cut: a handshake deadline.
+						// The certificate asked for, then silence and a
+						// cut: a refusal whose alert the reset overtook,
+						// or a handshake deadline.
 						time.AfterFunc(200*time.Millisecond, func() { c.Close() })
+						_ = tls.Server(c, srvTLS).Handshake()
 					}()
 				}
 			}()
