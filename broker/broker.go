@@ -23,6 +23,7 @@ import (
 	"slices"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
@@ -368,20 +369,29 @@ func (b *Broker) Start() error {
 		}
 	}
 	gl := newGuardedListener(ln, maxConns, b.cfg.HandshakeTimeout)
-	var warned atomic.Int64 // when the limit was last logged, UnixNano
+	refusals := logEvery{period: time.Minute}
 	gl.onRefuse = func() {
 		b.stats.refused.inc(ReasonMaxConnections)
-		// Devices only see a closed socket: the log says why, once a
-		// minute at most.
-		now, last := time.Now().UnixNano(), warned.Load()
-		if now-last >= int64(time.Minute) && warned.CompareAndSwap(last, now) {
-			b.log.Warn().Int("max_connections", maxConns).
+		// Devices only see a closed socket: the log says why.
+		if ok, held := refusals.allow(time.Now()); ok {
+			b.log.Warn().Int("max_connections", maxConns).Int("refused_since_last_logged", held).
 				Msg("broker: refusing connections: the connection limit is reached (--max-connections, or the open file limit logged at start; every refusal is counted in fleetmq_mqtt_connect_refusals_total{reason=\"max_connections\"})")
 		}
 	}
+	acceptFailures := logEvery{period: time.Minute}
 	gl.onError = func(err error, backoff time.Duration) {
 		b.stats.acceptErrors.Add(1)
-		b.log.Warn().Err(err).Stringer("retry_in", backoff).Msg("broker: accept failed")
+		ok, held := acceptFailures.allow(time.Now())
+		if !ok {
+			return
+		}
+		advice := "retrying"
+		if errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) {
+			advice = "the process is out of file descriptors: raise the limit (LimitNOFILE= in the systemd unit, ulimit -n) " +
+				"or lower --max-connections; retrying"
+		}
+		b.log.Warn().Err(err).Stringer("retry_in", backoff).Int("failed_since_last_logged", held).
+			Msg("broker: accept failed (logged at most once a minute while it lasts): " + advice)
 	}
 	if err := b.srv.AddListener(&mqttListener{b: b, ln: gl}); err != nil {
 		_ = ln.Close()

@@ -932,6 +932,51 @@ func TestOpenFileLimitCapsConnections(t *testing.T) {
 	eventually(t, func() bool { return f.b.Stats().Refused[ReasonMaxConnections] == 1 }, "the refusal counted")
 }
 
+// TestAcceptFailuresLoggedOncePerMinute: while the process is out of
+// descriptors every accept fails; the broker logged each retry (QA: 900
+// lines in 15 minutes, bursts 5 ms apart as descriptors came and went).
+// It now logs the first with advice, then at most once a minute with the
+// count held back, and still counts every failure.
+func TestAcceptFailuresLoggedOncePerMinute(t *testing.T) {
+	f := newFixture(t, nil)
+	emfile := &net.OpError{Op: "accept", Net: "tcp", Err: syscall.EMFILE}
+	for range 100 {
+		f.b.ln.onError(emfile, minAcceptBackoff)
+	}
+	logs := f.logs.String()
+	if n := strings.Count(logs, "broker: accept failed"); n != 1 {
+		t.Errorf("100 accept failures logged %d times, want once:\n%s", n, logs)
+	}
+	if !strings.Contains(logs, "out of file descriptors: raise the limit") {
+		t.Errorf("the accept failure gives no advice:\n%s", logs)
+	}
+	if got := f.b.Stats().AcceptErrors; got != 100 {
+		t.Errorf("accept errors counted = %d, want 100", got)
+	}
+}
+
+func TestLogEvery(t *testing.T) {
+	l := logEvery{period: time.Minute}
+	t0 := time.Unix(1e9, 0)
+	for _, step := range []struct {
+		at   time.Duration
+		ok   bool
+		held int
+	}{
+		{0, true, 0},
+		{time.Second, false, 0},
+		{59 * time.Second, false, 0},
+		{time.Minute, true, 2},
+		{time.Minute + time.Second, false, 0},
+		{3 * time.Minute, true, 1},
+	} {
+		ok, held := l.allow(t0.Add(step.at))
+		if ok != step.ok || held != step.held {
+			t.Errorf("at %s: allow = %v, %d; want %v, %d", step.at, ok, held, step.ok, step.held)
+		}
+	}
+}
+
 func TestFDConnectionCap(t *testing.T) {
 	for _, tc := range []struct {
 		nofile uint64

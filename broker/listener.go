@@ -43,6 +43,30 @@ func openFileLimit() uint64 {
 	return lim.Cur
 }
 
+// logEvery lets a repeated log line through at most once per period, and
+// counts the occurrences it held back meanwhile: a condition that lasts
+// (out of descriptors, at the connection limit) must not write a line per
+// socket, which on an SD card or in the journal would be the next problem.
+type logEvery struct {
+	period time.Duration
+	mu     sync.Mutex
+	last   time.Time // zero: never let through
+	held   int
+}
+
+// allow reports whether the line may be written at now, and how many
+// occurrences were held back since the last one written.
+func (l *logEvery) allow(now time.Time) (ok bool, held int) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if !l.last.IsZero() && now.Sub(l.last) < l.period {
+		l.held++
+		return false, 0
+	}
+	held, l.held, l.last = l.held, 0, now
+	return true, held
+}
+
 // guardedListener closes the traps of serving mochi from a bare listener:
 // mochi stops serving for good on the first Accept error and sets no
 // deadline before CONNECT. Its Accept retries every error with backoff and

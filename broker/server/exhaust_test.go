@@ -234,7 +234,7 @@ func TestFileDescriptorExhaustion(t *testing.T) {
 	dialFlood(n.enrollAddr, limit)
 	eventually(t, func() bool {
 		_ = tryDevice(500 * time.Millisecond)
-		return strings.Contains(n.logs.String(), `"message":"broker: accept failed"`) &&
+		return strings.Contains(n.logs.String(), `broker: accept failed`) &&
 			strings.Contains(n.logs.String(), "too many open files")
 	}, "the broker out of file descriptors")
 
