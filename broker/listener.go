@@ -50,7 +50,7 @@ func openFileLimit() uint64 {
 type logEvery struct {
 	period time.Duration
 	mu     sync.Mutex
-	last   time.Time // zero: never let through
+	last   time.Time // when a line was last let through; zero before the first
 	held   int
 }
 
