@@ -72,7 +72,10 @@ type CAConfig struct {
 	Now func() time.Time
 	// MustExist refuses to generate a CA in Dir (ErrNoCA): set when the
 	// fleet already has certificates, which a new CA would not have
-	// issued. Default false.
+	// issued, or was served with its CA. Such a fleet's CA may also lack
+	// key usage cRLSign, which a new fleet's is refused for: it ran before
+	// that was checked, and refusing it now would stop the fleet at an
+	// upgrade over its CRL alone (see SignsCRLs). Default false.
 	MustExist bool
 }
 
@@ -114,7 +117,7 @@ func LoadOrCreateCA(cfg CAConfig) (*CA, error) {
 		if cfg.CertFile == "" || cfg.KeyFile == "" {
 			return nil, errors.New("ca: a CA certificate file and key file must be given together")
 		}
-		return loadCA(cfg.CertFile, cfg.KeyFile, now)
+		return loadCA(cfg.CertFile, cfg.KeyFile, now, cfg.MustExist)
 	}
 	if cfg.Dir == "" {
 		return nil, errors.New("ca: a data directory, or a CA certificate file and key file, is required")
@@ -136,7 +139,7 @@ func LoadOrCreateCA(cfg CAConfig) (*CA, error) {
 	}
 	switch {
 	case haveCert && haveKey:
-		return loadCA(certPath, keyPath, now)
+		return loadCA(certPath, keyPath, now, cfg.MustExist)
 	case haveCert:
 		return nil, fmt.Errorf("ca: %s exists but %s does not; refusing to generate a new CA over it: restore the missing file, or remove both to start a new CA (every device must then re-enroll)", certPath, keyPath)
 	case haveKey:
@@ -168,7 +171,7 @@ func finishCreation(dir string, haveCert bool, now func() time.Time) (bool, erro
 		}
 		return false, nil
 	}
-	if _, err := loadCA(filepath.Join(dir, caCertName), pending, now); err != nil {
+	if _, err := loadCA(filepath.Join(dir, caCertName), pending, now, false); err != nil {
 		return false, nil // not this certificate's key: the caller refuses the half pair
 	}
 	if err := os.Rename(pending, filepath.Join(dir, caKeyName)); err != nil {
@@ -191,7 +194,7 @@ func fileExists(path string) (bool, error) {
 	return false, fmt.Errorf("stat %s: %w", path, err)
 }
 
-func loadCA(certPath, keyPath string, now func() time.Time) (*CA, error) {
+func loadCA(certPath, keyPath string, now func() time.Time, served bool) (*CA, error) {
 	if err := checkKeyFileMode(keyPath); err != nil {
 		return nil, fmt.Errorf("ca: %w", err)
 	}
@@ -211,7 +214,7 @@ func loadCA(certPath, keyPath string, now func() time.Time) (*CA, error) {
 	if err != nil {
 		return nil, fmt.Errorf("ca: certificate %s: %w", certPath, err)
 	}
-	if err := checkCAChain(chain, key, now()); err != nil {
+	if err := checkCAChain(chain, key, now(), served); err != nil {
 		return nil, fmt.Errorf("ca: certificate %s: %w", certPath, err)
 	}
 	ca := newCA(chain, key, now)
@@ -361,7 +364,7 @@ func parsePrivateKeyPEM(data []byte) (crypto.Signer, error) {
 // checkCAChain checks that chain[0] is a CA that key can sign for, and that
 // chain is in issuing-first order, so that a misordered bundle fails at start
 // rather than as a broken TLS chain on every device.
-func checkCAChain(chain []*x509.Certificate, key crypto.Signer, now time.Time) error {
+func checkCAChain(chain []*x509.Certificate, key crypto.Signer, now time.Time, served bool) error {
 	cert := chain[0]
 	pub, ok := key.Public().(interface{ Equal(crypto.PublicKey) bool })
 	if !ok || !pub.Equal(cert.PublicKey) {
@@ -382,7 +385,7 @@ func checkCAChain(chain []*x509.Certificate, key crypto.Signer, now time.Time) e
 	}
 	// Without it every CRL fails to sign: /v1/crl would answer 503 for
 	// good, and revocations would reach no relying party that reads it.
-	if cert.KeyUsage&x509.KeyUsageCRLSign == 0 {
+	if cert.KeyUsage&x509.KeyUsageCRLSign == 0 && !served {
 		return errors.New("the first certificate may not sign CRLs (key usage cRLSign missing), and fleetmq publishes revoked certificates in a CRL: " +
 			"issue the CA with key usage keyCertSign and cRLSign")
 	}
@@ -793,6 +796,11 @@ func (ca *CA) chainEnd() time.Time {
 	}
 	return end
 }
+
+// SignsCRLs reports whether the CA may sign CRLs (key usage cRLSign). Only
+// the CA of a fleet served before that was checked at start may not; its
+// CRL cannot be published.
+func (ca *CA) SignsCRLs() bool { return ca.cert.KeyUsage&x509.KeyUsageCRLSign != 0 }
 
 // ChainEnd returns when the CA chain stops verifying, the earliest NotAfter
 // in it: every certificate the CA issues ends by then at the latest.

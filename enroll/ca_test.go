@@ -636,6 +636,40 @@ func TestCAOperatorProvidedRefused(t *testing.T) {
 	}
 }
 
+// TestCAWithoutCRLSignOfAServedFleet: a CA without cRLSign is refused for a
+// new fleet, but one a fleet was served with before that was checked keeps
+// working (an upgrade must not stop the fleet over its CRL): it issues, and
+// says it cannot sign the CRL.
+func TestCAWithoutCRLSignOfAServedFleet(t *testing.T) {
+	now := testNow()
+	noCRLSign := newRoot(t, genP256(t), now, func(c *x509.Certificate) { c.KeyUsage = x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature })
+	cfg := writeOperatorCA(t, certsPEM(noCRLSign.cert), keyPEM(t, noCRLSign.key, "pkcs8"), 0o600)
+	cfg.Now = testNow
+	if _, err := LoadOrCreateCA(cfg); err == nil || !strings.Contains(err.Error(), "cRLSign missing") {
+		t.Fatalf("a new fleet's CA without cRLSign: %v", err)
+	}
+	cfg.MustExist = true
+	ca, err := LoadOrCreateCA(cfg)
+	if err != nil {
+		t.Fatalf("a served fleet's CA without cRLSign: %v", err)
+	}
+	if ca.SignsCRLs() {
+		t.Error("SignsCRLs = true without cRLSign")
+	}
+	if _, err := ca.IssueDevice(genP256(t).Public(), "pi-1", time.Hour); err != nil {
+		t.Errorf("IssueDevice: %v", err)
+	}
+	if _, err := ca.CRL(nil, big.NewInt(1), time.Hour); err == nil {
+		t.Error("a CRL was signed without cRLSign")
+	}
+	root := newRoot(t, genP256(t), now, nil)
+	cfg = writeOperatorCA(t, certsPEM(root.cert), keyPEM(t, root.key, "pkcs8"), 0o600)
+	cfg.Now = testNow
+	if ca, err := LoadOrCreateCA(cfg); err != nil || !ca.SignsCRLs() {
+		t.Errorf("a CA with cRLSign: SignsCRLs false or %v", err)
+	}
+}
+
 func TestCAConfigRefused(t *testing.T) {
 	tests := []struct {
 		name string

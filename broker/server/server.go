@@ -532,6 +532,12 @@ func (s *Server) Start() error {
 		s.serve("ui", s.ui.Serve)
 	}
 	s.warnCAExpiry()
+	if !s.ca.SignsCRLs() {
+		// Only a fleet served before this was refused at start gets here.
+		s.log.Error().Msg("the fleet CA may not sign CRLs (key usage cRLSign missing): GET /v1/crl answers 503, so relying parties " +
+			"that read the CRL do not learn of revocations (this server refuses revoked certificates all the same); " +
+			"renew the CA certificate for its key with key usage keyCertSign and cRLSign (README.md: Renewing or replacing the CA)")
+	}
 	s.loop(s.renewServerCertLoop)
 	s.loop(s.crlLoop)
 	s.loop(s.retentionLoop)

@@ -1,10 +1,12 @@
 package server_test
 
 import (
+	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -14,6 +16,7 @@ import (
 	"github.com/fleetmq/fleetmq/broker/admin"
 	"github.com/fleetmq/fleetmq/broker/server"
 	"github.com/fleetmq/fleetmq/enroll"
+	"github.com/fleetmq/fleetmq/store"
 )
 
 // TestServerCertificateRenewsItself: with a 3 s server certificate, both
@@ -171,5 +174,58 @@ func TestCAShowChainEnd(t *testing.T) {
 	// A CA that is its own chain's end shows no such line.
 	if out, _, _ := startServer(t).cli(t, "ca", "show"); strings.Contains(out, "chain ends") {
 		t.Errorf("ca show of a generated CA:\n%s", out)
+	}
+}
+
+// TestServedFleetCAWithoutCRLSign: an operator CA without key usage cRLSign
+// is refused for a new fleet, but a fleet served with it before that was
+// checked still starts after the upgrade (its devices work; only its CRL
+// cannot be signed), and the log says what to fix.
+func TestServedFleetCAWithoutCRLSign(t *testing.T) {
+	dir := t.TempDir()
+	p := func(name string) string { return filepath.Join(dir, name) }
+	run(t, "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+		"-keyout", p("ca.key"), "-out", p("ca.pem"), "-subj", "/CN=old operator CA", "-days", "400",
+		"-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign")
+	if err := os.Chmod(p("ca.key"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// The fleet as an earlier fleetmq left it: a store bound to this CA.
+	data := p("data")
+	if err := os.Mkdir(data, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	ca, err := enroll.LoadOrCreateCA(enroll.CAConfig{CertFile: p("ca.pem"), KeyFile: p("ca.key"), MustExist: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	db, err := store.Open(filepath.Join(data, server.DBName), store.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := db.BindCA(context.Background(), ca.KeyID()); err != nil {
+		t.Fatal(err)
+	}
+	if err := db.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	s := startServer(t, func(c *server.Config) { c.DataDir, c.CACertFile, c.CAKeyFile = data, p("ca.pem"), p("ca.key") })
+	if logs := s.logs.String(); !strings.Contains(logs, `"level":"error","message":"the fleet CA may not sign CRLs (key usage cRLSign missing)`) {
+		t.Errorf("no error about the CA in the log:\n%s", logs)
+	}
+	s.enroll(t, s.token(t, "--device", "pi-old"), "pi-old")
+	resp, err := s.client(nil).Get(s.url("/v1/crl"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusServiceUnavailable {
+		t.Errorf("GET /v1/crl: %s, want 503", resp.Status)
+	}
+	// A new fleet is refused the same CA.
+	if _, err := server.New(server.Config{DataDir: p("new"), CACertFile: p("ca.pem"), CAKeyFile: p("ca.key")}); err == nil ||
+		!strings.Contains(err.Error(), "cRLSign missing") {
+		t.Errorf("a new fleet with the CA: %v", err)
 	}
 }
