@@ -366,7 +366,7 @@ func (h *Handler) bindError(ctx context.Context, req TokenRequest, ids []string,
 			return fail(enroll.CodeIDTaken, "device %s exists and was revoked; revoked ids are never used again: bind the token to a new id", id)
 		}
 		if req.Prefix != "" {
-			return fail(enroll.CodeIDTaken, "device %s already exists; ids are for life, so a batch starts after the ids taken: --start %d (nothing was minted)", id, h.nextFree(ctx, req.Prefix))
+			return fail(enroll.CodeIDTaken, "device %s already exists; ids are for life, so a batch starts after the ids taken and those of tokens still usable: --start %d (nothing was minted)", id, h.nextFree(ctx, req.Prefix))
 		}
 		return fail(enroll.CodeIDTaken, "device %s already exists; to let this token enroll it again (a new key and certificate, e.g. after its certificate expired beyond the renewal grace), make it a re-provisioning token (token create --reprovision, or the dashboard's \"enroll it again\" box)", id)
 	}
@@ -374,15 +374,33 @@ func (h *Handler) bindError(ctx context.Context, req TokenRequest, ids []string,
 }
 
 // nextFree is one more than the largest number after prefix in an
-// identity's id (revoked ones included), or 1.
+// identity's id (revoked ones included) or in the id of a token that can
+// still be used, or 1. The tokens count because a batch is mostly not
+// enrolled yet when the next is minted: a --start after the enrolled ids
+// only would mint a second token for ids whose first one is already on a
+// device, and whichever enrolls second finds its token unusable.
 func (h *Handler) nextFree(ctx context.Context, prefix string) int {
 	devs, err := h.st.Devices(ctx)
 	if err != nil {
 		return 1
 	}
-	next := 1
+	toks, err := h.st.Tokens(ctx)
+	if err != nil {
+		return 1
+	}
+	ids := make([]string, 0, len(devs)+len(toks))
 	for _, d := range devs {
-		num, ok := strings.CutPrefix(d.ID, prefix)
+		ids = append(ids, d.ID)
+	}
+	now := h.cfg.Now()
+	for _, t := range toks {
+		if t.Check(now) == nil {
+			ids = append(ids, t.DeviceID)
+		}
+	}
+	next := 1
+	for _, id := range ids {
+		num, ok := strings.CutPrefix(id, prefix)
 		if !ok {
 			continue
 		}

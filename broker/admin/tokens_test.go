@@ -1,10 +1,13 @@
 package admin
 
 import (
+	"context"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/fleetmq/fleetmq/enroll"
 	"github.com/fleetmq/fleetmq/store"
 )
 
@@ -54,5 +57,58 @@ func TestTokenInfos(t *testing.T) {
 		if g.ID != w.id || g.State != w.state || !strings.HasPrefix(g.Why, w.why) || (w.why == "") != (g.Why == "") {
 			t.Errorf("#%d: %s %s %q, want %s %s %q…", i, g.ID, g.State, g.Why, w.id, w.state, w.why)
 		}
+	}
+}
+
+// The next batch starts after the ids of the last one, enrolled or not:
+// a production line mints a batch and the next long before the first is
+// enrolled. The id_taken hint once counted enrolled ids only, and its
+// --start minted second tokens for ids whose first was already on a
+// device.
+func TestBatchHintSkipsLiveTokens(t *testing.T) {
+	ctx := context.Background()
+	db, err := store.Open(filepath.Join(t.TempDir(), "fleetmq.db"), store.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { db.Close() })
+	ca, err := enroll.LoadOrCreateCA(enroll.CAConfig{Dir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := time.Now()
+	h, err := New(Config{CA: ca, Now: func() time.Time { return now }}, db)
+	if err != nil {
+		t.Fatal(err)
+	}
+	batch, err := h.MintTokens(ctx, TokenRequest{Count: 5, Prefix: "pi-"}, "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// pi-0002 enrolls, pi-0001's and pi-0003's tokens stay live, and
+	// pi-0004's and pi-0005's are revoked: those ids are free again.
+	enrolled := batch[1].Token
+	err = db.Enroll(ctx, store.Enrollment{
+		TokenHash: enrolled.Hash, Device: store.Device{ID: enrolled.DeviceID, Role: store.RoleDevice},
+		Cert: store.Cert{Serial: "1a", DeviceID: enrolled.DeviceID, NotBefore: now, NotAfter: now.Add(time.Hour), DER: []byte("der")},
+		Now:  now,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tk := range batch[3:] {
+		if _, err := h.RevokeToken(ctx, tk.ID, "test"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	late, err := h.MintTokens(ctx, TokenRequest{Count: 1, Prefix: "pi-", Start: 9, TTL: "1h"}, "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	now = now.Add(2 * time.Hour) // pi-0009's token has expired
+
+	_, err = h.MintTokens(ctx, TokenRequest{Count: 3, Prefix: "pi-"}, "test")
+	if err == nil || !strings.Contains(err.Error(), "--start 4 ") {
+		t.Fatalf("batch over pi-0002: %v, want the hint --start 4 (after pi-0003's live token; not after the revoked ones nor %s's expired one)", err, late[0].DeviceID)
 	}
 }
