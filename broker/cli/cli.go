@@ -275,6 +275,18 @@ func (f flagSet) parse(args []string, positional int) error {
 		}
 		return usagef("%s takes one %s, got %d arguments: %q", f.Name(), arg, f.NArg(), f.Args())
 	}
+	cmd := strings.TrimPrefix(f.Name(), "fleetmq ")
+	if id := f.Arg(0); argNames[cmd] == "ID" && (id == "" || id == "." || id == "..") {
+		// No id is empty or all dots, and the admin API's paths could not
+		// carry one: "." or ".." would name another endpoint (a show of
+		// "." got the device list and failed to decode it, as if the
+		// server had not answered).
+		list := "device list"
+		if strings.HasPrefix(cmd, "token ") {
+			list = "token list"
+		}
+		return usagef("%s: %q is not an ID; `fleetmq %s` shows the ids", f.Name(), id, list)
+	}
 	return nil
 }
 

@@ -27,6 +27,10 @@ func TestOperatorMessages(t *testing.T) {
 		{[]string{"token", "create", "--ttl", "400d"}, 1, []string{"up to 365d"}, "8760h"},
 		{[]string{"token", "revoke"}, 2, []string{"fleetmq token revoke needs ID"}, "argument(s)"},
 		{[]string{"device", "show", "a", "b"}, 2, []string{"takes one ID"}, "argument(s)"},
+		// Paths of the admin API cannot carry these: "." named the list.
+		{[]string{"device", "show", "."}, 2, []string{`"." is not an ID`, "fleetmq device list"}, "decode"},
+		{[]string{"device", "revoke", ".."}, 2, []string{`".." is not an ID`}, "endpoint"},
+		{[]string{"token", "revoke", ""}, 2, []string{`"" is not an ID`, "fleetmq token list"}, "endpoint"},
 		{[]string{"dashboard"}, 1, []string{"the dashboard is off", "--ui-addr"}, "(not_found)"},
 		{[]string{"serve", "--log-level", "verbose"}, 2, []string{`"verbose"`, "debug, info, warn or error"}, ""},
 	} {
