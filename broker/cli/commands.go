@@ -323,6 +323,11 @@ func tokenList(ctx context.Context, args []string, env Env) error {
 	if *limit < 1 {
 		return usagef("--limit must be at least 1 (or use --all)")
 	}
+	if *all && fs.given("limit") {
+		// Which one was meant is not for us to guess: --all printed
+		// thousands of rows to someone who asked for a few.
+		return usagef("--limit and --all do not go together: give one")
+	}
 	toks, err := fs.client().Tokens(ctx)
 	if err != nil {
 		return err

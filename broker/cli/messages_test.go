@@ -25,6 +25,7 @@ func TestOperatorMessages(t *testing.T) {
 		{[]string{"device", "revoke", "backend"}, 1, []string{"backend was already revoked; nothing changed"}, ""},
 		{[]string{"token", "create", "--count", "2", "--prefix", "gh-", "--device", "foo"}, 2, []string{"--count", "--device"}, "device_id"},
 		{[]string{"token", "create", "--ttl", "400d"}, 1, []string{"up to 365d"}, "8760h"},
+		{[]string{"token", "list", "--limit", "5", "--all"}, 2, []string{"--limit and --all"}, ""},
 		{[]string{"token", "revoke"}, 2, []string{"fleetmq token revoke needs ID"}, "argument(s)"},
 		{[]string{"device", "show", "a", "b"}, 2, []string{"takes one ID"}, "argument(s)"},
 		// Paths of the admin API cannot carry these: "." named the list.
