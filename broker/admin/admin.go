@@ -357,16 +357,28 @@ func (h *Handler) bindError(ctx context.Context, req TokenRequest, ids []string,
 	}
 	for _, id := range ids {
 		d, derr := h.st.Device(ctx, id)
-		switch {
-		case derr != nil:
+		if derr != nil {
 			continue
-		case d.Role != store.RoleDevice:
-			return fail(enroll.CodeIDTaken, "%s is a %s identity; tokens only enroll devices", id, d.Role)
-		case d.Revoked():
-			return fail(enroll.CodeIDTaken, "device %s exists and was revoked; revoked ids are never used again: bind the token to a new id", id)
 		}
+		var why string
+		switch {
+		case d.Role != store.RoleDevice:
+			why = fmt.Sprintf("%s is a %s identity; tokens only enroll devices", id, d.Role)
+		case d.Revoked():
+			why = fmt.Sprintf("device %s exists and was revoked; revoked ids are never used again", id)
+		default:
+			why = fmt.Sprintf("device %s already exists; ids are for life", id)
+		}
+		// Whatever took the id, a batch goes on after it: "bind the
+		// token to a new id" is no advice for a prefix and a count.
 		if req.Prefix != "" {
-			return fail(enroll.CodeIDTaken, "device %s already exists; ids are for life, so a batch starts after the ids taken and those of tokens still usable: --start %d (nothing was minted)", id, h.nextFree(ctx, req.Prefix))
+			return fail(enroll.CodeIDTaken, "%s, so a batch starts after the ids taken and those of tokens still usable: --start %d (nothing was minted)", why, h.nextFree(ctx, req.Prefix))
+		}
+		switch {
+		case d.Role != store.RoleDevice:
+			return fail(enroll.CodeIDTaken, "%s", why)
+		case d.Revoked():
+			return fail(enroll.CodeIDTaken, "%s: bind the token to a new id", why)
 		}
 		return fail(enroll.CodeIDTaken, "device %s already exists; to let this token enroll it again (a new key and certificate, e.g. after its certificate expired beyond the renewal grace), make it a re-provisioning token (token create --reprovision, or the dashboard's \"enroll it again\" box)", id)
 	}

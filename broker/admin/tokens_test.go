@@ -67,20 +67,8 @@ func TestTokenInfos(t *testing.T) {
 // device.
 func TestBatchHintSkipsLiveTokens(t *testing.T) {
 	ctx := context.Background()
-	db, err := store.Open(filepath.Join(t.TempDir(), "fleetmq.db"), store.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { db.Close() })
-	ca, err := enroll.LoadOrCreateCA(enroll.CAConfig{Dir: t.TempDir()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	now := time.Now()
-	h, err := New(Config{CA: ca, Now: func() time.Time { return now }}, db)
-	if err != nil {
-		t.Fatal(err)
-	}
+	h, db, clock := newStoreHandler(t)
+	now := *clock
 	batch, err := h.MintTokens(ctx, TokenRequest{Count: 5, Prefix: "pi-"}, "test")
 	if err != nil {
 		t.Fatal(err)
@@ -105,10 +93,68 @@ func TestBatchHintSkipsLiveTokens(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	now = now.Add(2 * time.Hour) // pi-0009's token has expired
+	*clock = now.Add(2 * time.Hour) // pi-0009's token has expired
 
 	_, err = h.MintTokens(ctx, TokenRequest{Count: 3, Prefix: "pi-"}, "test")
 	if err == nil || !strings.Contains(err.Error(), "--start 4 ") {
 		t.Fatalf("batch over pi-0002: %v, want the hint --start 4 (after pi-0003's live token; not after the revoked ones nor %s's expired one)", err, late[0].DeviceID)
+	}
+}
+
+// newStoreHandler is a Handler over a real store and CA in t.TempDir(),
+// whose clock the test sets through the pointer returned.
+func newStoreHandler(t *testing.T) (*Handler, *store.DB, *time.Time) {
+	t.Helper()
+	db, err := store.Open(filepath.Join(t.TempDir(), "fleetmq.db"), store.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { db.Close() })
+	ca, err := enroll.LoadOrCreateCA(enroll.CAConfig{Dir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := new(time.Time)
+	*now = time.Now()
+	h, err := New(Config{CA: ca, Now: func() time.Time { return *now }}, db)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return h, db, now
+}
+
+// A batch that reaches a revoked id or a service's name also says where
+// the next batch starts; it said "bind the token to a new id", advice for
+// one token, not for a prefix and a count.
+func TestBatchOverAnyTakenIDSaysWhereToStart(t *testing.T) {
+	ctx := context.Background()
+	h, db, clock := newStoreHandler(t)
+	now := *clock
+	crt := func(id, serial string) store.Cert {
+		return store.Cert{Serial: serial, DeviceID: id, NotBefore: now, NotAfter: now.Add(time.Hour), DER: []byte("der")}
+	}
+	if err := db.CreateIdentity(ctx, store.Device{ID: "svc-0002", Role: store.RoleService}, crt("svc-0002", "2a"), "test", now); err != nil {
+		t.Fatal(err)
+	}
+	toks, err := h.MintTokens(ctx, TokenRequest{DeviceID: "pi-0002"}, "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = db.Enroll(ctx, store.Enrollment{TokenHash: toks[0].Hash, Device: store.Device{ID: "pi-0002", Role: store.RoleDevice}, Cert: crt("pi-0002", "1a"), Now: now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := h.RevokeDevice(ctx, "pi-0002", "test"); err != nil {
+		t.Fatal(err)
+	}
+	for _, prefix := range []string{"pi-", "svc-"} {
+		_, err := h.MintTokens(ctx, TokenRequest{Count: 3, Prefix: prefix}, "test")
+		if err == nil || !strings.Contains(err.Error(), "--start 3 ") || strings.Contains(err.Error(), "bind the token") {
+			t.Errorf("batch %s0001 … over %s0002: %v, want the hint --start 3", prefix, prefix, err)
+		}
+	}
+	// One token keeps its own advice.
+	if _, err := h.MintTokens(ctx, TokenRequest{DeviceID: "pi-0002"}, "test"); err == nil || !strings.Contains(err.Error(), "bind the token to a new id") {
+		t.Errorf("one token for revoked pi-0002: %v", err)
 	}
 }
