@@ -192,7 +192,13 @@ func commandFirst(args []string) []string {
 			if _, ok := commandWords[a]; !ok || len(lead) == 0 {
 				return args
 			}
-			return append(slices.Clone(args[i:]), lead...)
+			// Before a "--", after which they would be arguments.
+			rest := args[i:]
+			end := len(rest)
+			if j := slices.Index(rest, "--"); j >= 0 {
+				end = j
+			}
+			return slices.Concat(rest[:end], lead, rest[end:])
 		case name == "data" && !hasValue && i+1 < len(args):
 			lead = append(lead, a, args[i+1])
 			i += 2
@@ -318,7 +324,10 @@ func (f flagSet) interleave(args []string) []string {
 			pos = append(pos, a)
 		}
 	}
-	return append(flags, pos...)
+	// "--" goes before the positional arguments, which the flag package
+	// would otherwise take for flags when one starts with "-" (a backup
+	// folder named -2026-12-07, given after "--" as is the custom).
+	return append(append(flags, "--"), pos...)
 }
 
 // isBool reports whether the flag a (-name or --name) is a boolean one,
