@@ -845,9 +845,10 @@ type TelemetryRecord struct {
 	Topic    string    `json:"topic"`
 	Received time.Time `json:"received"`
 	QoS      byte      `json:"qos"`
-	// Payload is the message when it is JSON, a JSON string when it is
-	// other UTF-8 text, and absent when it is binary (CBOR, protobuf…),
-	// which PayloadBase64 then holds byte for byte.
+	// Payload is the message when it is JSON in UTF-8, a JSON string when
+	// it is other UTF-8 text, and absent when it is binary (CBOR,
+	// protobuf…) or not UTF-8, which PayloadBase64 then holds byte for
+	// byte.
 	Payload       json.RawMessage `json:"payload,omitempty"`
 	PayloadBase64 []byte          `json:"payload_base64,omitempty"`
 }
@@ -856,13 +857,16 @@ type TelemetryRecord struct {
 func Record(m store.Message) TelemetryRecord {
 	r := TelemetryRecord{DeviceID: m.DeviceID, Topic: m.Topic, Received: m.Received.UTC(), QoS: m.QoS}
 	switch {
+	case !utf8.Valid(m.Payload):
+		// Not as JSON, even when json.Valid (it accepts invalid bytes
+		// inside strings): the record would not be valid JSON, which
+		// readers refuse or change to U+FFFD; nor as a JSON string,
+		// which would replace every invalid byte with U+FFFD.
+		r.PayloadBase64 = m.Payload
 	case json.Valid(m.Payload):
 		r.Payload = json.RawMessage(m.Payload)
-	case utf8.Valid(m.Payload):
-		r.Payload, _ = json.Marshal(string(m.Payload))
 	default:
-		// A JSON string would replace every invalid byte with U+FFFD.
-		r.PayloadBase64 = m.Payload
+		r.Payload, _ = json.Marshal(string(m.Payload))
 	}
 	return r
 }

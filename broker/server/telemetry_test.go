@@ -1,0 +1,52 @@
+package server_test
+
+import (
+	"bytes"
+	"encoding/json"
+	"strings"
+	"testing"
+	"time"
+	"unicode/utf8"
+
+	"github.com/fleetmq/fleetmq/broker/admin"
+)
+
+// publishAll publishes each payload at QoS 1 to id's telemetry topic and
+// waits for its PUBACK, so that it is stored.
+func publishAll(tb testing.TB, s *testServer, id string, payloads ...string) {
+	tb.Helper()
+	c := pahoClient(tb, s, s.enroll(tb, s.token(tb), id), id, nil)
+	defer c.Disconnect(0)
+	for _, p := range payloads {
+		tok := c.Publish("devices/"+id+"/telemetry", 1, false, p)
+		if !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+			tb.Fatalf("publish %q: %v", p, tok.Error())
+		}
+	}
+}
+
+// JSON whose strings hold bytes that are not UTF-8 passes json.Valid; embedded
+// as it is, the record was not valid JSON (Python's json refused the line, jq
+// changed the byte to U+FFFD).
+func TestTelemetryJSONNotUTF8(t *testing.T) {
+	s := startServer(t)
+	payload := "{\"a\":\"\xff\"}"
+	publishAll(t, s, "pi-u1", payload)
+	out, errs, code := s.cli(t, "telemetry", "pi-u1", "--json")
+	if code != 0 {
+		t.Fatalf("telemetry --json: %s", errs)
+	}
+	if !utf8.ValidString(out) {
+		t.Fatalf("telemetry --json printed invalid UTF-8: %q", out)
+	}
+	var rec admin.TelemetryRecord
+	if err := json.Unmarshal([]byte(out), &rec); err != nil {
+		t.Fatal(err)
+	}
+	if rec.Payload != nil || !bytes.Equal(rec.PayloadBase64, []byte(payload)) {
+		t.Fatalf("payload %s, base64 %q; want the bytes %q in payload_base64", rec.Payload, rec.PayloadBase64, payload)
+	}
+	if out, _, _ := s.cli(t, "telemetry", "pi-u1"); !strings.Contains(out, "(9 bytes, binary) base64:") {
+		t.Fatalf("telemetry:\n%q", out)
+	}
+}
