@@ -658,12 +658,14 @@ func telemetryCmd(ctx context.Context, args []string, env Env) error {
 			return err
 		}
 		payload := string(r.Payload)
-		var text string
+		// A pointer, since JSON null leaves a string untouched: a
+		// payload "null" was printed as if it were empty.
+		var text *string
 		switch {
 		case r.PayloadBase64 != nil:
 			payload = fmt.Sprintf("(%d bytes, binary) base64:%s", len(r.PayloadBase64), base64.StdEncoding.EncodeToString(r.PayloadBase64))
-		case json.Unmarshal(r.Payload, &text) == nil:
-			payload = text
+		case json.Unmarshal(r.Payload, &text) == nil && text != nil:
+			payload = *text
 		}
 		// The topic and payload are the device's words.
 		_, err := fmt.Fprintf(env.Stdout, "%s  %s  %s\n", r.Received.UTC().Format("2006-01-02 15:04:05.000 UTC"), terminalSafe(r.Topic), terminalSafe(payload))

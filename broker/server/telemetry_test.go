@@ -50,3 +50,24 @@ func TestTelemetryJSONNotUTF8(t *testing.T) {
 		t.Fatalf("telemetry:\n%q", out)
 	}
 }
+
+// Without --json a JSON string is printed as its text, other JSON as it is:
+// the payload null is not the empty payload.
+func TestTelemetryNullPayload(t *testing.T) {
+	s := startServer(t)
+	publishAll(t, s, "pi-n1", "null", "", `"text"`)
+	out, errs, code := s.cli(t, "telemetry", "pi-n1")
+	if code != 0 {
+		t.Fatalf("telemetry: %s", errs)
+	}
+	lines := strings.Split(strings.TrimSuffix(out, "\n"), "\n")
+	want := []string{"  null", "  ", "  text"}
+	if len(lines) != len(want) {
+		t.Fatalf("telemetry printed %d lines, want %d:\n%s", len(lines), len(want), out)
+	}
+	for i, l := range lines {
+		if !strings.HasSuffix(l, "devices/pi-n1/telemetry"+want[i]) {
+			t.Errorf("line %d: %q, want it to end with the payload %q", i, l, strings.TrimSpace(want[i]))
+		}
+	}
+}
