@@ -945,36 +945,29 @@ func (h *Handler) telemetry(w http.ResponseWriter, r *http.Request) {
 }
 
 // historyTail recognises live messages that the history already sent: the
-// subscription starts before the history is read, so the two overlap.
-// Timestamps can tie, so messages at the last history instant are matched by
-// content, each once.
+// subscription starts before the history is read, so the two overlap. A
+// live message is skipped only if it is one of the history's newest
+// messages (time, topic and payload), each once; not because it was
+// received before the history's newest message, which a new one also is
+// when the server's clock has been set back.
 type historyTail struct {
-	last time.Time
 	tail []store.Message
 }
 
+// historyOverlap is how many of the newest history messages are kept to
+// match: the overlap is what was committed between the subscription and
+// the history read, the newest messages, and the broker buffers at most
+// 256 of them for the follower (broker.followBuffer) before it drops.
+const historyOverlap = 256
+
 func newHistoryTail(msgs []store.Message) *historyTail {
-	h := &historyTail{}
-	if len(msgs) == 0 {
-		return h
-	}
-	h.last = msgs[len(msgs)-1].Received
-	for i := len(msgs) - 1; i >= 0 && msgs[i].Received.Equal(h.last); i-- {
-		h.tail = append(h.tail, msgs[i])
-	}
-	return h
+	return &historyTail{tail: slices.Clone(msgs[max(0, len(msgs)-historyOverlap):])}
 }
 
 func (h *historyTail) sent(m store.Message) bool {
-	if h.last.IsZero() || m.Received.After(h.last) {
-		return false
-	}
-	if m.Received.Before(h.last) {
-		return true
-	}
 	for i, t := range h.tail {
-		if t.Topic == m.Topic && string(t.Payload) == string(m.Payload) {
-			h.tail = append(h.tail[:i], h.tail[i+1:]...)
+		if t.Received.Equal(m.Received) && t.Topic == m.Topic && string(t.Payload) == string(m.Payload) {
+			h.tail = slices.Delete(h.tail, i, i+1)
 			return true
 		}
 	}

@@ -302,40 +302,11 @@ func (s *testServer) wantNumbered(tb testing.TB, id string, count int) {
 
 func TestTelemetryFollow(t *testing.T) {
 	s := startServer(t)
-	d := s.enroll(t, s.token(t), "pi-f1")
-	c := pahoClient(t, s, d, "pi-f1", nil)
+	c := pahoClient(t, s, s.enroll(t, s.token(t), "pi-f1"), "pi-f1", nil)
 	defer c.Disconnect(0)
-	pub := func(p string) {
-		tok := c.Publish("devices/pi-f1/telemetry", 1, false, p)
-		if !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
-			t.Fatalf("publish: %v", tok.Error())
-		}
-	}
-	pub(`{"old":1}`)
-
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	recs := make(chan admin.TelemetryRecord, 10)
-	done := make(chan error, 1)
-	go func() {
-		done <- admin.NewClient(s.AdminSocket()).Telemetry(ctx, "pi-f1", "", 0, true, func(r admin.TelemetryRecord) error {
-			recs <- r
-			return nil
-		})
-	}()
-	first := <-recs
-	if string(first.Payload) != `{"old":1}` {
-		t.Fatalf("history: %s", first.Payload)
-	}
-	pub("plain text")
-	select {
-	case r := <-recs:
-		if string(r.Payload) != `"plain text"` {
-			t.Fatalf("followed payload %s", r.Payload)
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("follow did not stream the new message")
-	}
-	cancel()
-	<-done
+	publish(t, c, "devices/pi-f1/telemetry", `{"old":1}`)
+	recs := followTelemetry(t, s, "pi-f1")
+	nextRecord(t, recs, `{"old":1}`)
+	publish(t, c, "devices/pi-f1/telemetry", "plain text")
+	nextRecord(t, recs, `"plain text"`)
 }

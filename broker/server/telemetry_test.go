@@ -2,6 +2,7 @@ package server_test
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"strings"
 	"testing"
@@ -70,4 +71,57 @@ func TestTelemetryNullPayload(t *testing.T) {
 			t.Errorf("line %d: %q, want it to end with the payload %q", i, l, strings.TrimSpace(want[i]))
 		}
 	}
+}
+
+// followTelemetry streams id's telemetry as `fleetmq telemetry --follow`
+// does, until the test ends.
+func followTelemetry(tb testing.TB, s *testServer, id string) <-chan admin.TelemetryRecord {
+	tb.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	recs := make(chan admin.TelemetryRecord, 10)
+	done := make(chan error, 1)
+	go func() {
+		done <- admin.NewClient(s.AdminSocket()).Telemetry(ctx, id, "", 0, true, func(r admin.TelemetryRecord) error {
+			select {
+			case recs <- r:
+				return nil
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		})
+	}()
+	tb.Cleanup(func() {
+		cancel()
+		<-done
+	})
+	return recs
+}
+
+// nextRecord is the next followed message, which must be payload.
+func nextRecord(tb testing.TB, recs <-chan admin.TelemetryRecord, payload string) {
+	tb.Helper()
+	select {
+	case r := <-recs:
+		if string(r.Payload) != payload {
+			tb.Fatalf("followed payload %s, want %s", r.Payload, payload)
+		}
+	case <-time.After(10 * time.Second):
+		tb.Fatalf("follow did not stream %s", payload)
+	}
+}
+
+// A message received before the newest one shown (the server's clock was
+// set back, as NTP does to a gateway whose clock ran ahead) is new all the
+// same: --follow used to take every such message for one it had shown, and
+// streamed nothing until the clock passed the newest message again.
+func TestTelemetryFollowAfterClockSetBack(t *testing.T) {
+	s := startServer(t)
+	c := pahoClient(t, s, s.enroll(t, s.token(t), "pi-c1"), "pi-c1", nil)
+	defer c.Disconnect(0)
+	publish(t, c, "devices/pi-c1/telemetry", `{"n":1}`)
+	s.clock.Advance(-time.Hour)
+	recs := followTelemetry(t, s, "pi-c1")
+	nextRecord(t, recs, `{"n":1}`)
+	publish(t, c, "devices/pi-c1/telemetry", `{"n":2}`)
+	nextRecord(t, recs, `{"n":2}`)
 }
