@@ -646,10 +646,6 @@ func telemetryCmd(ctx context.Context, args []string, env Env) error {
 	if *limit < 1 || *limit > 100_000 {
 		return usagef("--limit must be between 1 and 100000")
 	}
-	if fs.Arg(0) == "" {
-		// It would make the request's path the endpoint's own: "no such admin endpoint".
-		return usagef("telemetry needs a device ID: fleetmq telemetry ID")
-	}
 	n := 0
 	err := fs.client().Telemetry(ctx, fs.Arg(0), *since, *limit, *follow, func(r admin.TelemetryRecord) error {
 		n++
