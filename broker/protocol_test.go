@@ -437,15 +437,20 @@ func TestLibraryPanicEndsOnlyItsConnection(t *testing.T) {
 func TestRetainedStatusOutlivesADay(t *testing.T) {
 	f := newFixture(t, nil)
 	const kept, canary = "devices/dev-a/status", "devices/dev-b/status"
-	a := dialRaw(t, f.addr, f.clientTLS(f.device(t, "dev-a")))
-	a.connect("dev-a")
-	a.write(packets.Packet{
-		FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1, Retain: true},
-		TopicName:   kept,
-		PacketID:    1,
-		Payload:     []byte("online"),
-	})
-	a.mustRead(packets.Puback)
+	// status publishes a retained "online" as device id, acknowledged.
+	status := func(id string, expiry uint32) {
+		c := dialRaw(t, f.addr, f.clientTLS(f.device(t, id)))
+		c.connect(id)
+		c.write(packets.Packet{
+			FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1, Retain: true},
+			TopicName:   "devices/" + id + "/status",
+			PacketID:    1,
+			Payload:     []byte("online"),
+			Properties:  packets.Properties{MessageExpiryInterval: expiry},
+		})
+		c.mustRead(packets.Puback)
+	}
+	status("dev-a", 0)
 	// Published 25 hours ago, as far as mochi's expiry loop can tell.
 	pk, ok := f.b.srv.Topics.Retained.Get(kept)
 	if !ok {
@@ -456,16 +461,7 @@ func TestRetainedStatusOutlivesADay(t *testing.T) {
 
 	// A status that asks to expire after a second: once it is gone,
 	// the expiry loop has run since the backdating.
-	b := dialRaw(t, f.addr, f.clientTLS(f.device(t, "dev-b")))
-	b.connect("dev-b")
-	b.write(packets.Packet{
-		FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1, Retain: true},
-		TopicName:   canary,
-		PacketID:    1,
-		Payload:     []byte("online"),
-		Properties:  packets.Properties{MessageExpiryInterval: 1},
-	})
-	b.mustRead(packets.Puback)
+	status("dev-b", 1)
 	eventually(t, func() bool { _, ok := f.b.srv.Topics.Retained.Get(canary); return !ok }, "the status set to expire removed")
 	if _, ok := f.b.srv.Topics.Retained.Get(kept); !ok {
 		t.Fatal("the status retained a day ago was removed")
