@@ -341,16 +341,25 @@ func TestRunOnReadOnlyStateFolder(t *testing.T) {
 // backlog while status said all was well. run now publishes from memory,
 // leaves the queue as it is, and status passes on the advice.
 func TestRunWithUnopenableQueue(t *testing.T) {
-	for name, damage := range map[string]func(qdir string) error{
-		"queue is a file": func(qdir string) error { return os.WriteFile(qdir, []byte("x"), 0o600) },
-		"segment is a folder": func(qdir string) error {
-			return os.MkdirAll(filepath.Join(qdir, segPrefix+"00000000000000000000"+segSuffix), 0o700)
-		},
+	segment := segPrefix + "00000000000000000000" + segSuffix
+	for name, c := range map[string]struct {
+		path  string // below the queue folder ("" for the folder itself)
+		isDir bool
+	}{
+		"queue is a file":     {path: "", isDir: false},
+		"segment is a folder": {path: segment, isDir: true},
 	} {
 		t.Run(name, func(t *testing.T) {
 			f := newFleet(t, time.Hour)
 			qdir := filepath.Join(f.dir, queueDir)
-			if err := damage(qdir); err != nil {
+			damaged := filepath.Join(qdir, c.path)
+			var err error
+			if c.isDir {
+				err = os.MkdirAll(damaged, 0o700)
+			} else {
+				err = os.WriteFile(damaged, []byte("x"), 0o600)
+			}
+			if err != nil {
 				t.Fatal(err)
 			}
 			_, stop := startAgent(t, f.config(t))
@@ -366,7 +375,7 @@ func TestRunWithUnopenableQueue(t *testing.T) {
 				t.Errorf("Run = %v", err)
 			}
 			// Left for a person to look at; a stopped agent's old problem is not reported.
-			if err := damage(qdir); err != nil {
+			if fi, err := os.Stat(damaged); err != nil || fi.IsDir() != c.isDir {
 				t.Errorf("the damaged queue was changed: %v", err)
 			}
 			if s, err := ReadStatus(f.dir); err != nil || len(s.Warnings) != 0 {
