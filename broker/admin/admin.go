@@ -952,6 +952,7 @@ func (h *Handler) telemetry(w http.ResponseWriter, r *http.Request) {
 // when the server's clock has been set back.
 type historyTail struct {
 	tail []store.Message
+	live int // live messages checked
 }
 
 // historyOverlap is how many of the newest history messages are kept to
@@ -965,6 +966,11 @@ func newHistoryTail(msgs []store.Message) *historyTail {
 }
 
 func (h *historyTail) sent(m store.Message) bool {
+	// The overlap is among the first live messages, those the broker
+	// buffered while the history was read: past them, nothing to match.
+	if h.live++; h.live > historyOverlap {
+		h.tail = nil
+	}
 	for i, t := range h.tail {
 		if t.Received.Equal(m.Received) && t.Topic == m.Topic && string(t.Payload) == string(m.Payload) {
 			h.tail = slices.Delete(h.tail, i, i+1)
