@@ -785,9 +785,9 @@ func (ca *CA) issuedBetween(leaf *x509.Certificate) (earliest, latest time.Time)
 	return latest, latest
 }
 
-// chainEnd is the earliest NotAfter in the chain: the chain verifies at no
-// later time.
-func (ca *CA) chainEnd() time.Time {
+// ChainEnd returns when the CA chain stops verifying, the earliest NotAfter
+// in it: every certificate the CA issues ends by then at the latest.
+func (ca *CA) ChainEnd() time.Time {
 	end := ca.cert.NotAfter
 	for _, c := range ca.chain {
 		if c.NotAfter.Before(end) {
@@ -802,10 +802,6 @@ func (ca *CA) chainEnd() time.Time {
 // CRL cannot be published.
 func (ca *CA) SignsCRLs() bool { return ca.cert.KeyUsage&x509.KeyUsageCRLSign != 0 }
 
-// ChainEnd returns when the CA chain stops verifying, the earliest NotAfter
-// in it: every certificate the CA issues ends by then at the latest.
-func (ca *CA) ChainEnd() time.Time { return ca.chainEnd() }
-
 // notAfter returns now+lifetime, capped at the end of the CA chain, since a
 // certificate outliving its issuer, or its issuer's issuer, does not verify
 // anyway: not with clients that check the whole chain up to the root.
@@ -818,7 +814,7 @@ func (ca *CA) notAfter(now time.Time, lifetime time.Duration) (time.Time, error)
 		return time.Time{}, fmt.Errorf("issue certificate: the clock says %s, before the CA chain starts at %s: set the clock",
 			now.UTC().Format(time.RFC3339), start.UTC().Format(time.RFC3339))
 	}
-	end := ca.chainEnd()
+	end := ca.ChainEnd()
 	if !now.Before(end) {
 		return time.Time{}, fmt.Errorf("issue certificate: the CA chain expired at %s", end.UTC().Format(time.RFC3339))
 	}
