@@ -153,7 +153,8 @@ func (h *hook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
 }
 
 // OnSubscribe turns filters beyond maxSubscriptions into invalid ones,
-// which mochi refuses in the SUBACK.
+// which mochi refuses in the SUBACK, and takes over the sending of a
+// service's retained messages (see retained.go).
 func (h *hook) OnSubscribe(cl *mqtt.Client, pk packets.Packet) packets.Packet {
 	n := cl.State.Subscriptions.Len()
 	for i, f := range pk.Filters {
@@ -166,6 +167,9 @@ func (h *hook) OnSubscribe(cl *mqtt.Client, pk packets.Packet) packets.Packet {
 			continue
 		}
 		n++
+	}
+	if c, ok := takesRetained(cl); ok {
+		c.holdRetained(cl, &pk)
 	}
 	return pk
 }
@@ -314,9 +318,14 @@ func (b *Broker) keepOutbound(cl *mqtt.Client, c *conn, id uint16) {
 // in-flight table: also the PUBACK it sends for a QoS 1 publish, which
 // shares the id of a message dropped for it (see keepOutbound).
 func (h *hook) OnQosComplete(cl *mqtt.Client, pk packets.Packet) {
-	if c, ok := cl.Net.Conn.(*conn); ok && c.shadowed != nil {
+	c, ok := cl.Net.Conn.(*conn)
+	if !ok {
+		return
+	}
+	if c.shadowed != nil {
 		h.b.keepOutbound(cl, c, pk.PacketID)
 	}
+	c.inflightFreed()
 }
 
 // OnPublishDropped counts deliveries mochi dropped because the receiving
@@ -325,10 +334,16 @@ func (h *hook) OnPublishDropped(_ *mqtt.Client, _ packets.Packet) {
 	h.b.stats.deliveryDropped.Add(1)
 }
 
-// OnPacketSent counts deliveries.
-func (h *hook) OnPacketSent(_ *mqtt.Client, pk packets.Packet, _ []byte) {
-	if pk.FixedHeader.Type == packets.Publish {
+// OnPacketSent counts deliveries, and starts a service's retained
+// deliveries once the SUBACK before them is written.
+func (h *hook) OnPacketSent(cl *mqtt.Client, pk packets.Packet, _ []byte) {
+	switch pk.FixedHeader.Type {
+	case packets.Publish:
 		h.b.stats.out[min(pk.FixedHeader.Qos, 2)].Add(1)
+	case packets.Suback:
+		if c, ok := cl.Net.Conn.(*conn); ok {
+			h.b.sendRetained(cl, c, pk.PacketID)
+		}
 	}
 }
 

@@ -75,6 +75,9 @@ type conn struct {
 	// PUBLISH with the same packet id; see keepOutbound. Only mochi's
 	// read goroutine uses it.
 	shadowed *packets.Packet
+	// A service's retained deliveries (see retained.go); set by mochi's
+	// read goroutine at the first SUBSCRIBE, nil for devices.
+	retained *retainedQueue
 
 	// The deadline last set and how far a refresh may move it before it
 	// is applied; only mochi's read goroutine sets deadlines.

@@ -41,10 +41,13 @@ func isDevice(cl *mqtt.Client) bool {
 }
 
 // OnSubscribed counts the granted subscriptions of clients other than
-// devices.
+// devices, and keeps the retained deliveries of those granted.
 func (h *hook) OnSubscribed(cl *mqtt.Client, pk packets.Packet, reasonCodes []byte) {
 	if isDevice(cl) {
 		return
+	}
+	if c, ok := takesRetained(cl); ok {
+		c.grantRetained(reasonCodes)
 	}
 	b := h.b
 	b.smu.Lock()

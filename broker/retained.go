@@ -1,0 +1,234 @@
+package broker
+
+import (
+	"errors"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/fleetmq/fleetmq/store"
+)
+
+// A new subscription's retained messages. mochi sends them in one burst
+// through the client's write queue (WriteQueue packets) and, at QoS 1, its
+// in-flight table (maxInflight), and drops the rest: a service subscribing
+// to devices/+/status in a fleet of thousands got the statuses of a few
+// hundred devices. Only services receive retained messages (nothing a
+// device may subscribe to keeps one), so for services the broker sends
+// them itself: mochi is told to send none (Retain Handling 2), and after
+// the SUBACK one goroutine per connection writes them, waiting for
+// acknowledgements while the in-flight window is full and for the socket
+// while it is slow (up to WriteTimeout, as every write).
+
+// retainedPoll bounds a wait for an in-flight slot: mochi also frees slots
+// without an acknowledgement (expiry, a dropped delivery), which no hook
+// reports.
+const retainedPoll = time.Second
+
+// retainedSub is one granted subscription whose retained messages are due.
+type retainedSub struct {
+	sub  packets.Subscription // as the client asked, Retain Handling included
+	skip bool                 // Retain Handling says none are due
+}
+
+// retainedQueue is a connection's retained deliveries: those of the
+// SUBSCRIBE being handled, then those whose SUBACK was sent.
+type retainedQueue struct {
+	mu       sync.Mutex
+	packetID uint16        // of the SUBSCRIBE in pending
+	pending  []retainedSub // aligned with its filters
+	ready    []packets.Subscription
+	running  bool
+	freed    chan struct{} // an acknowledgement freed an in-flight slot
+}
+
+// takesRetained reports whether the broker, not mochi, sends cl its
+// retained messages: an authorized connection of a service.
+func takesRetained(cl *mqtt.Client) (*conn, bool) {
+	c, ok := cl.Net.Conn.(*conn)
+	if !ok {
+		return nil, false
+	}
+	g := c.grant.Load()
+	return c, g != nil && g.role != store.RoleDevice
+}
+
+// holdRetained records, for the SUBSCRIBE pk mochi is about to handle,
+// which retained messages are due, and tells mochi to send none. It runs
+// in OnSubscribe, before mochi replaces subscriptions, which is when
+// Retain Handling 1 ("only for a new subscription") can be decided.
+func (c *conn) holdRetained(cl *mqtt.Client, pk *packets.Packet) {
+	due := make([]retainedSub, len(pk.Filters))
+	for i, f := range pk.Filters {
+		_, existed := cl.State.Subscriptions.Get(f.Filter)
+		due[i] = retainedSub{
+			sub:  f,
+			skip: f.Filter == "" || mqtt.IsSharedFilter(f.Filter) || f.RetainHandling == 2 || f.RetainHandling == 1 && existed,
+		}
+		pk.Filters[i].RetainHandling = 2
+	}
+	if c.retained == nil {
+		c.retained = &retainedQueue{freed: make(chan struct{}, 1)}
+	}
+	c.retained.mu.Lock()
+	c.retained.packetID = pk.PacketID
+	c.retained.pending = due
+	c.retained.mu.Unlock()
+}
+
+// grantRetained keeps, of the pending deliveries, those of the filters
+// mochi granted. It runs in OnSubscribed, before the SUBACK is written.
+func (c *conn) grantRetained(reasonCodes []byte) {
+	q := c.retained
+	if q == nil {
+		return
+	}
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	for i := range q.pending {
+		if i >= len(reasonCodes) || reasonCodes[i] >= packets.ErrUnspecifiedError.Code {
+			q.pending[i].skip = true
+		}
+	}
+}
+
+// sendRetained starts the pending deliveries once the SUBACK of their
+// SUBSCRIBE was written: MQTT orders the retained messages after it.
+func (b *Broker) sendRetained(cl *mqtt.Client, c *conn, packetID uint16) {
+	q := c.retained
+	if q == nil {
+		return
+	}
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.pending == nil || q.packetID != packetID {
+		return
+	}
+	for _, d := range q.pending {
+		if !d.skip {
+			q.ready = append(q.ready, d.sub)
+		}
+	}
+	q.pending = nil
+	if len(q.ready) > 0 && !q.running {
+		q.running = true
+		go b.retainedLoop(cl, c, q)
+	}
+}
+
+// retainedLoop sends the retained messages of the ready subscriptions, one
+// subscription after another, until none is left or the connection ends.
+func (b *Broker) retainedLoop(cl *mqtt.Client, c *conn, q *retainedQueue) {
+	for {
+		q.mu.Lock()
+		if len(q.ready) == 0 {
+			q.running = false
+			q.mu.Unlock()
+			return
+		}
+		sub := q.ready[0]
+		q.ready = q.ready[1:]
+		q.mu.Unlock()
+		if !b.retainedFor(cl, c, q, sub) {
+			q.mu.Lock()
+			q.ready, q.running = nil, false
+			q.mu.Unlock()
+			return
+		}
+	}
+}
+
+// retainedFor sends cl the retained messages matching sub. Each is sent as
+// it is when its turn comes: one changed since the walk began was also
+// delivered live, and an older status must not follow the newer one. It
+// reports false once the connection has ended.
+func (b *Broker) retainedFor(cl *mqtt.Client, c *conn, q *retainedQueue, sub packets.Subscription) bool {
+	for _, walked := range b.srv.Topics.Messages(sub.Filter) {
+		pk, ok := b.srv.Topics.Retained.Get(walked.TopicName)
+		if !ok || len(pk.Payload) == 0 || pk.Expiry > 0 && pk.Expiry < time.Now().Unix() {
+			continue
+		}
+		if !c.allowed(pk.TopicName, false) || b.silencedTopic(pk.TopicName) {
+			continue
+		}
+		out := pk.Copy(false)
+		out.FixedHeader.Retain = true // [MQTT-3.3.1-8]
+		out.FixedHeader.Qos = min(out.FixedHeader.Qos, sub.Qos, b.srv.Options.Capabilities.MaximumQos)
+		if sub.Identifier > 0 {
+			out.Properties.SubscriptionIdentifier = []int{sub.Identifier}
+		}
+		if out.FixedHeader.Qos > 0 {
+			if !c.awaitInflightSlot(cl, q) {
+				return false
+			}
+			id, err := cl.NextPacketID()
+			if err != nil {
+				atomic.AddInt64(&b.srv.Info.InflightDropped, 1)
+				continue
+			}
+			out.PacketID = uint16(id)
+			if cl.State.Inflight.Set(out) {
+				atomic.AddInt64(&b.srv.Info.Inflight, 1)
+				cl.State.Inflight.DecreaseSendQuota()
+			}
+		}
+		if err := cl.WritePacket(out); err != nil {
+			if !errors.Is(err, packets.ErrPacketTooLarge) {
+				return false // the connection ended; a kept session resends what is in flight
+			}
+			// Larger than the client accepts, which mochi's live
+			// deliveries skip without a count too.
+			if out.FixedHeader.Qos > 0 && cl.State.Inflight.Delete(out.PacketID) {
+				atomic.AddInt64(&b.srv.Info.Inflight, -1)
+				cl.State.Inflight.IncreaseSendQuota()
+			}
+		}
+	}
+	return true
+}
+
+// awaitInflightSlot waits until cl's in-flight table has room for one more
+// retained message, leaving half of it, or of the client's Receive
+// Maximum, to live deliveries. It reports false once the connection ended.
+func (c *conn) awaitInflightSlot(cl *mqtt.Client, q *retainedQueue) bool {
+	window := maxInflight / 2
+	if rm := int(cl.Properties.Props.ReceiveMaximum); rm > 0 {
+		window = max(1, min(window, rm/2))
+	}
+	var poll *time.Timer
+	for cl.State.Inflight.Len() >= window {
+		if poll == nil {
+			poll = time.NewTimer(retainedPoll)
+			defer poll.Stop()
+		} else {
+			poll.Reset(retainedPoll)
+		}
+		select {
+		case <-q.freed:
+		case <-poll.C:
+		case <-c.closed:
+			return false
+		}
+	}
+	select {
+	case <-c.closed:
+		return false
+	default:
+		return true
+	}
+}
+
+// inflightFreed wakes c's retained deliveries waiting for a slot. Only
+// mochi's read goroutine, which sets c.retained, calls it.
+func (c *conn) inflightFreed() {
+	if c.retained == nil {
+		return
+	}
+	select {
+	case c.retained.freed <- struct{}{}:
+	default:
+	}
+}
