@@ -244,6 +244,7 @@ type Broker struct {
 	recheckWG sync.WaitGroup
 	conns     sync.WaitGroup // connection goroutines, mochi's included
 	ackers    sync.WaitGroup // acker goroutines (see ack.go)
+	retainers sync.WaitGroup // retained deliveries to services (see retained.go)
 	closeOnce sync.Once
 	closeErr  error
 }
@@ -447,6 +448,7 @@ func (b *Broker) close() error {
 		// client map is quiet when its Close walks it (mochi #488).
 		ln.closeConns()
 		b.conns.Wait()
+		b.retainers.Wait() // each ends with its connection
 		// Every hook has returned: the writer gets no more work. What it
 		// still commits is acknowledged (to closed connections) by ackers
 		// it starts, which need mochi for delivery.

@@ -115,6 +115,7 @@ func (b *Broker) sendRetained(cl *mqtt.Client, c *conn, packetID uint16) {
 	q.pending = nil
 	if len(q.ready) > 0 && !q.running {
 		q.running = true
+		b.retainers.Add(1)
 		go b.retainedLoop(cl, c, q)
 	}
 }
@@ -122,6 +123,7 @@ func (b *Broker) sendRetained(cl *mqtt.Client, c *conn, packetID uint16) {
 // retainedLoop sends the retained messages of the ready subscriptions, one
 // subscription after another, until none is left or the connection ends.
 func (b *Broker) retainedLoop(cl *mqtt.Client, c *conn, q *retainedQueue) {
+	defer b.retainers.Done()
 	for {
 		q.mu.Lock()
 		if len(q.ready) == 0 {
