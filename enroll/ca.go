@@ -840,9 +840,10 @@ func (ca *CA) sign(tmpl *x509.Certificate, pub crypto.PublicKey) (*x509.Certific
 // CRL returns a DER X.509 v2 CRL signed by the CA listing revoked, valid from
 // now until now+nextUpdate. number must grow with every CRL issued (RFC 5280
 // §5.2.3). Certificates that expired more than a day ago are left out: no
-// verifier accepts them anyway. Every cert must be revoked and carry a serial
-// in SerialHex form; anything else is a bug in the caller and an error.
-func (ca *CA) CRL(revoked []store.Cert, number *big.Int, nextUpdate time.Duration) ([]byte, error) {
+// verifier accepts them anyway. Every entry must have a revocation time and
+// a serial in SerialHex form; anything else is a bug in the caller and an
+// error.
+func (ca *CA) CRL(revoked []store.Revocation, number *big.Int, nextUpdate time.Duration) ([]byte, error) {
 	if number == nil || number.Sign() < 0 {
 		return nil, errors.New("create crl: number must be non-negative")
 	}
@@ -855,7 +856,7 @@ func (ca *CA) CRL(revoked []store.Cert, number *big.Int, nextUpdate time.Duratio
 	now := ca.now()
 	entries := make([]x509.RevocationListEntry, 0, len(revoked))
 	for _, c := range revoked {
-		if !c.Revoked() {
+		if c.RevokedAt.IsZero() {
 			return nil, fmt.Errorf("create crl: certificate %q is not revoked", c.Serial)
 		}
 		if !c.NotAfter.IsZero() && c.NotAfter.Before(now.Add(-crlExpiredGrace)) {

@@ -1224,7 +1224,7 @@ func TestCRL(t *testing.T) {
 	}
 	a, b := issue(t), issue(t)
 	revokedAt := now.Add(-10 * time.Minute)
-	revoked := []store.Cert{
+	revoked := []store.Revocation{
 		{Serial: SerialHex(a.SerialNumber), NotAfter: a.NotAfter, RevokedAt: revokedAt},
 		{Serial: SerialHex(b.SerialNumber), NotAfter: b.NotAfter, RevokedAt: revokedAt.Add(time.Minute)},
 		{Serial: "abc", NotAfter: now.Add(-23 * time.Hour), RevokedAt: now.Add(-30 * time.Hour)}, // expired recently: kept
@@ -1283,23 +1283,23 @@ func TestCRL(t *testing.T) {
 func TestCRLRefused(t *testing.T) {
 	ca := newTestCA(t, testNow)
 	now := testNow()
-	ok := store.Cert{Serial: "ab", NotAfter: now.Add(time.Hour), RevokedAt: now}
+	ok := store.Revocation{Serial: "ab", NotAfter: now.Add(time.Hour), RevokedAt: now}
 	tests := []struct {
 		name   string
-		certs  []store.Cert
+		certs  []store.Revocation
 		number *big.Int
 		next   time.Duration
 	}{
-		{name: "upper-case serial", certs: []store.Cert{{Serial: "AB", RevokedAt: now}}, number: big.NewInt(1), next: time.Hour},
-		{name: "leading zero", certs: []store.Cert{{Serial: "0ab", RevokedAt: now}}, number: big.NewInt(1), next: time.Hour},
-		{name: "not hex", certs: []store.Cert{{Serial: "xyz", RevokedAt: now}}, number: big.NewInt(1), next: time.Hour},
-		{name: "empty serial", certs: []store.Cert{{Serial: "", RevokedAt: now}}, number: big.NewInt(1), next: time.Hour},
-		{name: "zero serial", certs: []store.Cert{{Serial: "0", RevokedAt: now}}, number: big.NewInt(1), next: time.Hour},
-		{name: "negative serial", certs: []store.Cert{{Serial: "-ab", RevokedAt: now}}, number: big.NewInt(1), next: time.Hour},
-		{name: "not revoked", certs: []store.Cert{ok, {Serial: "cd", NotAfter: now.Add(time.Hour)}}, number: big.NewInt(1), next: time.Hour},
-		{name: "nil number", certs: []store.Cert{ok}, number: nil, next: time.Hour},
-		{name: "negative number", certs: []store.Cert{ok}, number: big.NewInt(-1), next: time.Hour},
-		{name: "zero next update", certs: []store.Cert{ok}, number: big.NewInt(1), next: 0},
+		{name: "upper-case serial", certs: []store.Revocation{{Serial: "AB", RevokedAt: now}}, number: big.NewInt(1), next: time.Hour},
+		{name: "leading zero", certs: []store.Revocation{{Serial: "0ab", RevokedAt: now}}, number: big.NewInt(1), next: time.Hour},
+		{name: "not hex", certs: []store.Revocation{{Serial: "xyz", RevokedAt: now}}, number: big.NewInt(1), next: time.Hour},
+		{name: "empty serial", certs: []store.Revocation{{Serial: "", RevokedAt: now}}, number: big.NewInt(1), next: time.Hour},
+		{name: "zero serial", certs: []store.Revocation{{Serial: "0", RevokedAt: now}}, number: big.NewInt(1), next: time.Hour},
+		{name: "negative serial", certs: []store.Revocation{{Serial: "-ab", RevokedAt: now}}, number: big.NewInt(1), next: time.Hour},
+		{name: "not revoked", certs: []store.Revocation{ok, {Serial: "cd", NotAfter: now.Add(time.Hour)}}, number: big.NewInt(1), next: time.Hour},
+		{name: "nil number", certs: []store.Revocation{ok}, number: nil, next: time.Hour},
+		{name: "negative number", certs: []store.Revocation{ok}, number: big.NewInt(-1), next: time.Hour},
+		{name: "zero next update", certs: []store.Revocation{ok}, number: big.NewInt(1), next: 0},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -1308,7 +1308,7 @@ func TestCRLRefused(t *testing.T) {
 			}
 		})
 	}
-	if _, err := ca.CRL([]store.Cert{ok}, big.NewInt(1), time.Hour); err != nil {
+	if _, err := ca.CRL([]store.Revocation{ok}, big.NewInt(1), time.Hour); err != nil {
 		t.Errorf("valid CRL refused: %v", err)
 	}
 }

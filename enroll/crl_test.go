@@ -3,6 +3,8 @@ package enroll
 import (
 	"context"
 	"crypto/x509"
+	"maps"
+	"math/big"
 	"path/filepath"
 	"runtime"
 	"sync"
@@ -13,7 +15,7 @@ import (
 	"github.com/fleetmq/fleetmq/store"
 )
 
-// gatedStore holds the first RevokedCerts call until released, and counts
+// gatedStore holds the first Revocations call until released, and counts
 // the calls: the CRL rebuilds.
 type gatedStore struct {
 	*store.DB
@@ -22,12 +24,12 @@ type gatedStore struct {
 	release chan struct{}
 }
 
-func (g *gatedStore) RevokedCerts(ctx context.Context) ([]store.Cert, error) {
+func (g *gatedStore) Revocations(ctx context.Context) ([]store.Revocation, error) {
 	if g.calls.Add(1) == 1 {
 		close(g.first)
 		<-g.release
 	}
-	return g.DB.RevokedCerts(ctx)
+	return g.DB.Revocations(ctx)
 }
 
 // newCAAndStore returns a generated CA on clock now and an empty store.
@@ -116,5 +118,65 @@ func TestCRLFollowsClockJumps(t *testing.T) {
 		if clock.t.Before(rl.ThisUpdate) || !clock.t.Before(rl.NextUpdate) {
 			t.Errorf("after a jump of %s, the CRL served is valid from %s to %s, not at %s", jump, rl.ThisUpdate, rl.NextUpdate, clock.t)
 		}
+	}
+}
+
+// The CRL lists what the store says is revoked, also what another node
+// revoked (the store alone, then a refresh), each at its revocation time,
+// and leaves out certificates expired more than a day ago.
+func TestCRLFromStore(t *testing.T) {
+	ctx := context.Background()
+	now := time.Now().UTC().Truncate(time.Second)
+	ca, db := newCAAndStore(t, func() time.Time { return now })
+	h, err := NewHandler(Config{CA: ca, Now: func() time.Time { return now }}, db)
+	if err != nil {
+		t.Fatal(err)
+	}
+	identity := func(id string, serial int64, notAfter, revokedAt time.Time) string {
+		t.Helper()
+		c := store.Cert{Serial: SerialHex(big.NewInt(serial)), NotBefore: now.Add(-48 * time.Hour), NotAfter: notAfter}
+		if err := db.CreateIdentity(ctx, store.Device{ID: id, Role: store.RoleService}, c, "", now.Add(-48*time.Hour)); err != nil {
+			t.Fatal(err)
+		}
+		if !revokedAt.IsZero() {
+			if _, err := db.RevokeDevice(ctx, id, "", revokedAt); err != nil {
+				t.Fatal(err)
+			}
+		}
+		return c.Serial
+	}
+	live := identity("live", 0x10, now.Add(time.Hour), now.Add(-time.Minute))
+	lately := identity("lately", 0x11, now.Add(-23*time.Hour), now.Add(-30*time.Hour))
+	identity("long-ago", 0x12, now.Add(-25*time.Hour), now.Add(-30*time.Hour))
+	identity("active", 0x13, now.Add(time.Hour), time.Time{})
+	listed := func() map[string]time.Time {
+		t.Helper()
+		if err := h.RefreshCRL(ctx); err != nil {
+			t.Fatal(err)
+		}
+		der, err := h.currentCRL(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		rl, err := x509.ParseRevocationList(der)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := make(map[string]time.Time)
+		for _, e := range rl.RevokedCertificateEntries {
+			got[SerialHex(e.SerialNumber)] = e.RevocationTime
+		}
+		return got
+	}
+	want := map[string]time.Time{live: now.Add(-time.Minute), lately: now.Add(-30 * time.Hour)}
+	if got := listed(); !maps.EqualFunc(got, want, time.Time.Equal) {
+		t.Errorf("CRL lists %v, want %v", got, want)
+	}
+	if _, err := db.RevokeDevice(ctx, "active", "", now); err != nil {
+		t.Fatal(err)
+	}
+	want[SerialHex(big.NewInt(0x13))] = now
+	if got := listed(); !maps.EqualFunc(got, want, time.Time.Equal) {
+		t.Errorf("after a revocation through the store: CRL lists %v, want %v", got, want)
 	}
 }

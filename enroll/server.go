@@ -40,7 +40,7 @@ type Store interface {
 	Renew(ctx context.Context, r store.Renewal) error
 	Device(ctx context.Context, id string) (store.Device, error)
 	Cert(ctx context.Context, serial string) (store.Cert, error)
-	RevokedCerts(ctx context.Context) ([]store.Cert, error)
+	Revocations(ctx context.Context) ([]store.Revocation, error)
 	AppendAudit(ctx context.Context, evs ...store.AuditEvent) error
 }
 
@@ -313,7 +313,7 @@ func (h *Handler) RefreshCRL(ctx context.Context) error {
 }
 
 func (h *Handler) rebuildCRL(ctx context.Context) error {
-	revoked, err := h.st.RevokedCerts(ctx)
+	revoked, err := h.st.Revocations(ctx)
 	if err != nil {
 		return fmt.Errorf("enroll: list revoked certificates: %w", err)
 	}

@@ -47,7 +47,7 @@ var (
 	bucketTokenIDs    = []byte("token_ids")     // public id -> raw SHA-256
 	bucketCerts       = []byte("certs")         // serial -> JSON certRecord
 	bucketDeviceCerts = []byte("device_certs")  // deviceCertKey(id, serial) -> empty
-	bucketRevoked     = []byte("revoked_certs") // serial -> empty, for the CRL
+	bucketRevoked     = []byte("revoked_certs") // serial -> revocationValue, for the CRL
 	bucketAudit       = []byte("audit")         // 8-byte big-endian seq -> JSON AuditEvent
 	bucketTelemetry   = []byte("telemetry")     // device id -> sub-bucket of messages
 	bucketPresence    = []byte("presence")      // device id -> JSON Presence
@@ -219,6 +219,11 @@ func initSchema(bdb *bbolt.DB) error {
 		}
 		v, err := readSchema(tx)
 		if err != nil {
+			return err
+		}
+		// Schema 1 whether indexed or not: an older fleetmq reads an
+		// indexed store as before, and what it revokes is indexed here.
+		if err := indexRevocations(tx); err != nil {
 			return err
 		}
 		if v == 0 {

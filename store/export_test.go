@@ -129,7 +129,7 @@ func RevokeCertOnly(tb testing.TB, db *DB, serial string, at time.Time) {
 		if err := putJSON(tx.Bucket(bucketCerts), []byte(serial), certRecord{Cert: c, DER: c.DER}); err != nil {
 			return err
 		}
-		return tx.Bucket(bucketRevoked).Put([]byte(serial), nil)
+		return putRevocation(tx, c)
 	})
 	if err != nil {
 		tb.Fatalf("revoke cert %s: %v", serial, err)

@@ -89,6 +89,10 @@ func TestSchema1FixtureReads(t *testing.T) {
 	if !bytes.Equal(bytes.TrimSpace(got), bytes.TrimSpace(want)) {
 		t.Errorf("the schema 1 store reads differently now:\n got: %s\nwant: %s", got, want)
 	}
+	// It was written before the CRL index, which opening it builds.
+	if revs := checkRevocations(t, db); len(revs) != 1 {
+		t.Errorf("revocations of the schema 1 store: %+v, want its one revoked certificate", revs)
+	}
 
 	// The fleet goes on from where it was: the CA binding holds, the
 	// used token stays spent, and new writes land next to the old ones.

@@ -526,7 +526,6 @@ func revokeCerts(tx *bbolt.Tx, id string, now time.Time) ([]Cert, error) {
 		serials = append(serials, string(k[len(prefix):]))
 	}
 	var out []Cert
-	rb := tx.Bucket(bucketRevoked)
 	for _, s := range serials {
 		cert, err := getCert(tx, s)
 		if err != nil {
@@ -539,8 +538,8 @@ func revokeCerts(tx *bbolt.Tx, id string, now time.Time) ([]Cert, error) {
 		if err := putJSON(tx.Bucket(bucketCerts), []byte(s), certRecord{Cert: cert, DER: cert.DER}); err != nil {
 			return nil, err
 		}
-		if err := rb.Put([]byte(s), nil); err != nil {
-			return nil, fmt.Errorf("index revoked: %w", err)
+		if err := putRevocation(tx, cert); err != nil {
+			return nil, err
 		}
 		out = append(out, cert)
 	}
