@@ -837,34 +837,43 @@ func (ca *CA) sign(tmpl *x509.Certificate, pub crypto.PublicKey) (*x509.Certific
 	return cert, nil
 }
 
+// SignedCRL is a CRL the CA signed, with the validity it states.
+type SignedCRL struct {
+	DER []byte
+	// ThisUpdate and NextUpdate as encoded: UTC, whole seconds. Given
+	// here, the CRL need not be parsed again, which takes a third as long
+	// as signing one of thousands of entries.
+	ThisUpdate, NextUpdate time.Time
+}
+
 // CRL returns a DER X.509 v2 CRL signed by the CA listing revoked, valid from
 // now until now+nextUpdate. number must grow with every CRL issued (RFC 5280
 // §5.2.3). Certificates that expired more than a day ago are left out: no
 // verifier accepts them anyway. Every entry must have a revocation time and
 // a serial in SerialHex form; anything else is a bug in the caller and an
 // error.
-func (ca *CA) CRL(revoked []store.Revocation, number *big.Int, nextUpdate time.Duration) ([]byte, error) {
+func (ca *CA) CRL(revoked []store.Revocation, number *big.Int, nextUpdate time.Duration) (SignedCRL, error) {
 	if number == nil || number.Sign() < 0 {
-		return nil, errors.New("create crl: number must be non-negative")
+		return SignedCRL{}, errors.New("create crl: number must be non-negative")
 	}
 	if nextUpdate <= 0 {
-		return nil, fmt.Errorf("create crl: next update %s is not positive", nextUpdate)
+		return SignedCRL{}, fmt.Errorf("create crl: next update %s is not positive", nextUpdate)
 	}
 	if ca.cert.KeyUsage&x509.KeyUsageCRLSign == 0 {
-		return nil, errors.New("create crl: the CA certificate may not sign CRLs (key usage cRLSign missing)")
+		return SignedCRL{}, errors.New("create crl: the CA certificate may not sign CRLs (key usage cRLSign missing)")
 	}
 	now := ca.now()
 	entries := make([]x509.RevocationListEntry, 0, len(revoked))
 	for _, c := range revoked {
 		if c.RevokedAt.IsZero() {
-			return nil, fmt.Errorf("create crl: certificate %q is not revoked", c.Serial)
+			return SignedCRL{}, fmt.Errorf("create crl: certificate %q is not revoked", c.Serial)
 		}
 		if !c.NotAfter.IsZero() && c.NotAfter.Before(now.Add(-crlExpiredGrace)) {
 			continue
 		}
 		serial, ok := new(big.Int).SetString(c.Serial, 16)
 		if !ok || serial.Sign() <= 0 || SerialHex(serial) != c.Serial {
-			return nil, fmt.Errorf("create crl: certificate serial %q is not lowercase hex without leading zeros", c.Serial)
+			return SignedCRL{}, fmt.Errorf("create crl: certificate serial %q is not lowercase hex without leading zeros", c.Serial)
 		}
 		entries = append(entries, x509.RevocationListEntry{SerialNumber: serial, RevocationTime: c.RevokedAt.UTC()})
 	}
@@ -872,15 +881,16 @@ func (ca *CA) CRL(revoked []store.Revocation, number *big.Int, nextUpdate time.D
 	// on one; an operator CA may lack the extension.
 	issuer := *ca.cert
 	issuer.SubjectKeyId = ca.skid
+	// The encoding drops fractions of a second: so do the dates returned.
 	tmpl := &x509.RevocationList{
 		Number:                    number,
-		ThisUpdate:                now,
-		NextUpdate:                now.Add(nextUpdate),
+		ThisUpdate:                now.UTC().Truncate(time.Second),
+		NextUpdate:                now.Add(nextUpdate).UTC().Truncate(time.Second),
 		RevokedCertificateEntries: entries,
 	}
 	der, err := x509.CreateRevocationList(rand.Reader, tmpl, &issuer, ca.key)
 	if err != nil {
-		return nil, fmt.Errorf("create crl: %w", err)
+		return SignedCRL{}, fmt.Errorf("create crl: %w", err)
 	}
-	return der, nil
+	return SignedCRL{DER: der, ThisUpdate: tmpl.ThisUpdate, NextUpdate: tmpl.NextUpdate}, nil
 }

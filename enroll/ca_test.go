@@ -523,7 +523,7 @@ func TestCAOperatorProvided(t *testing.T) {
 			if err != nil {
 				t.Fatalf("CRL: %v", err)
 			}
-			rl, err := x509.ParseRevocationList(crl)
+			rl, err := x509.ParseRevocationList(crl.DER)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -1211,7 +1211,8 @@ func TestIssueServerTLSHandshake(t *testing.T) {
 }
 
 func TestCRL(t *testing.T) {
-	clock := &testClock{t: testNow()}
+	// A fraction of a second, which the CRL's dates do not encode.
+	clock := &testClock{t: testNow().Add(700 * time.Millisecond)}
 	ca := newTestCA(t, clock.Now)
 	now := testNow()
 	issue := func(tb testing.TB) *x509.Certificate {
@@ -1238,13 +1239,17 @@ func TestCRL(t *testing.T) {
 		"1":                       now.Add(-time.Hour),
 	}
 
-	der, err := ca.CRL(revoked, big.NewInt(42), 6*time.Hour)
+	signed, err := ca.CRL(revoked, big.NewInt(42), 6*time.Hour)
 	if err != nil {
 		t.Fatalf("CRL: %v", err)
 	}
-	rl, err := x509.ParseRevocationList(der)
+	rl, err := x509.ParseRevocationList(signed.DER)
 	if err != nil {
 		t.Fatalf("ParseRevocationList: %v", err)
+	}
+	// The handler serves by the dates returned, without parsing.
+	if !signed.ThisUpdate.Equal(rl.ThisUpdate) || !signed.NextUpdate.Equal(rl.NextUpdate) {
+		t.Errorf("CRL returned as valid from %s to %s; it says %s to %s", signed.ThisUpdate, signed.NextUpdate, rl.ThisUpdate, rl.NextUpdate)
 	}
 	if err := rl.CheckSignatureFrom(ca.Cert()); err != nil {
 		t.Errorf("CRL signature does not verify against the CA: %v", err)
@@ -1275,7 +1280,7 @@ func TestCRL(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if rl, err := x509.ParseRevocationList(empty); err != nil || len(rl.RevokedCertificateEntries) != 0 {
+	if rl, err := x509.ParseRevocationList(empty.DER); err != nil || len(rl.RevokedCertificateEntries) != 0 {
 		t.Errorf("empty CRL: %v, %d entries", err, len(rl.RevokedCertificateEntries))
 	}
 }
