@@ -49,6 +49,17 @@ const (
 	crlExpiredGrace = 24 * time.Hour
 )
 
+// Conditions under which the CA issues nothing until its operator acts:
+// neither a client's mistake nor a bug, so requests are answered 503 (see
+// AsError), not 500.
+var (
+	// ErrCAExpired: the CA chain has ended; the operator renews the CA
+	// (README: Renewing or replacing the CA).
+	ErrCAExpired = errors.New("the CA chain expired")
+	// ErrClockBeforeCA: the clock went back before the CA chain starts.
+	ErrClockBeforeCA = errors.New("the clock is before the CA chain starts")
+)
+
 // serialLimit bounds random serials to 128 bits: unguessable, and well within
 // the 20 octets RFC 5280 allows.
 var serialLimit = new(big.Int).Lsh(big.NewInt(1), 128)
@@ -811,12 +822,13 @@ func (ca *CA) notAfter(now time.Time, lifetime time.Duration) (time.Time, error)
 	}
 	if start := ca.chainStart(); now.Before(start) {
 		// The clock went back since the CA was loaded.
-		return time.Time{}, fmt.Errorf("issue certificate: the clock says %s, before the CA chain starts at %s: set the clock",
-			now.UTC().Format(time.RFC3339), start.UTC().Format(time.RFC3339))
+		return time.Time{}, fmt.Errorf("issue certificate: %w: it says %s, the chain starts at %s: set the clock",
+			ErrClockBeforeCA, now.UTC().Format(time.RFC3339), start.UTC().Format(time.RFC3339))
 	}
 	end := ca.ChainEnd()
 	if !now.Before(end) {
-		return time.Time{}, fmt.Errorf("issue certificate: the CA chain expired at %s", end.UTC().Format(time.RFC3339))
+		return time.Time{}, fmt.Errorf("issue certificate: %w at %s: renew the CA certificate for its key (README.md: Renewing or replacing the CA)",
+			ErrCAExpired, end.UTC().Format(time.RFC3339))
 	}
 	na := now.Add(lifetime)
 	if na.After(end) {

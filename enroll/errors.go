@@ -146,6 +146,16 @@ func AsError(err error) *Error {
 		// the client should come back later.
 		return &Error{Code: CodeUnavailable, Message: "the server cannot store anything now; try again later", Err: err}
 	}
+	// Over once the operator acts, as a full disk; the message is for
+	// whoever passes it on to them.
+	switch {
+	case errors.Is(err, ErrCAExpired):
+		return &Error{Code: CodeUnavailable, Err: err,
+			Message: "the server's CA has expired, so it issues no certificates: its operator must renew the CA (fleetmq README: Renewing or replacing the CA); try again later"}
+	case errors.Is(err, ErrClockBeforeCA):
+		return &Error{Code: CodeUnavailable, Err: err,
+			Message: "the server's clock is before its CA's validity, so it issues no certificates: its operator must set the clock; try again later"}
+	}
 	return &Error{Code: CodeInternal, Message: "internal error", Err: err}
 }
 

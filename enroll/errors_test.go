@@ -63,6 +63,8 @@ func TestAsError(t *testing.T) {
 		{"not found", store.ErrNotFound, CodeNotFound},
 		{"disk full", fmt.Errorf("commit: %w", &fs.PathError{Op: "write", Path: "/data/fleetmq.db", Err: syscall.ENOSPC}), CodeUnavailable},
 		{"quota", &fs.PathError{Op: "write", Path: "/data/fleetmq.db", Err: syscall.EDQUOT}, CodeUnavailable},
+		{"CA expired", fmt.Errorf("issue certificate: %w at 2036-03-01T12:00:00Z", ErrCAExpired), CodeUnavailable},
+		{"clock before the CA", fmt.Errorf("issue certificate: %w", ErrClockBeforeCA), CodeUnavailable},
 		{"anything else", internal, CodeInternal},
 	}
 	for _, c := range cases {

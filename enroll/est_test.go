@@ -63,6 +63,7 @@ func (c *offsetClock) Set(off time.Duration) {
 
 type estOptions struct {
 	ca     *CA                // default: a new generated CA
+	clock  *offsetClock       // the handler's; default: a new one, at offset 0
 	mutate func(*Config)      // edits the handler config
 	server func(*http.Server) // edits the HTTP server before it starts
 }
@@ -89,7 +90,10 @@ func newESTEnv(tb testing.TB, opts estOptions) *estEnv {
 			tb.Errorf("close store: %v", err)
 		}
 	})
-	clock := &offsetClock{}
+	clock := opts.clock
+	if clock == nil {
+		clock = &offsetClock{}
+	}
 	// Most tests make many refused requests from 127.0.0.1; the limiter
 	// has its own test.
 	cfg := Config{CA: ca, FailureBurst: 10_000, Now: clock.Now}

@@ -745,3 +745,79 @@ func (e *estEnv) dialRaw(tb testing.TB) *tls.Conn {
 	_ = c.SetDeadline(time.Now().Add(20 * time.Second))
 	return c
 }
+
+// TestCAUnusableIsUnavailable: while the CA cannot issue — its chain has
+// ended, or the clock went back before it starts — enrollment and renewal
+// (v1 and EST) answer 503 unavailable, saying what the operator must do,
+// and change nothing: the operator's to fix, not a server bug (500).
+func TestCAUnusableIsUnavailable(t *testing.T) {
+	clock := &offsetClock{}
+	ca, err := LoadOrCreateCA(CAConfig{Dir: filepath.Join(t.TempDir(), "ca"), Now: clock.Now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := newESTEnv(t, estOptions{ca: ca, clock: clock})
+	end := ca.ChainEnd()
+	// Enrolled an hour before the end, its certificate ends with the CA and
+	// may renew within the grace after.
+	clock.Set(time.Until(end) - time.Hour)
+	key := genP256(t)
+	leaf := e.enroll(t, e.mintToken(t, "pi-late", 1), key, "pi-late")
+
+	want503 := func(t *testing.T, rep estReply, advice string) {
+		t.Helper()
+		code, msg := apiError(t, rep)
+		if rep.status != http.StatusServiceUnavailable || code != CodeUnavailable || !strings.Contains(msg, advice) {
+			t.Errorf("answer %d %s (%s), want 503 %s saying %q", rep.status, code, msg, CodeUnavailable, advice)
+		}
+		if ra := rep.header.Get("Retry-After"); ra != strconv.Itoa(unavailableRetry) {
+			t.Errorf("Retry-After %q, want %d", ra, unavailableRetry)
+		}
+	}
+	enrollVias := []struct {
+		name   string
+		enroll func(secret string) estReply
+	}{
+		{"v1 enroll", func(secret string) estReply {
+			return e.do(t, e.client(t, nil), http.MethodPost, "/v1/enroll",
+				map[string]string{"Content-Type": "application/pkcs10", "Authorization": "Bearer " + secret}, estCSR(t, genP256(t), "pi-new"))
+		}},
+		{"EST enroll", func(secret string) estReply {
+			return e.do(t, e.client(t, nil), http.MethodPost, "/.well-known/est/simpleenroll",
+				map[string]string{"Content-Type": "application/pkcs10", "Authorization": basicAuth("", secret)}, estBase64Body(estCSR(t, genP256(t), "pi-new")))
+		}},
+	}
+	for _, tc := range []struct {
+		name   string
+		off    time.Duration
+		renew  bool // the certificate is within its grace then; not before it starts
+		advice string
+	}{
+		{"CA expired", time.Until(end) + time.Minute, true, "its operator must renew the CA (fleetmq README: Renewing or replacing the CA)"},
+		{"clock before the CA", -30 * 24 * time.Hour, false, "its operator must set the clock"},
+	} {
+		clock.Set(tc.off)
+		for _, via := range enrollVias {
+			t.Run(tc.name+"/"+via.name, func(t *testing.T) {
+				secret := e.mintToken(t, "pi-new", 1)
+				before := e.snapshot(t)
+				want503(t, via.enroll(secret), tc.advice)
+				if after := e.snapshot(t); before != after {
+					t.Error("the refused enrollment changed the store")
+				}
+			})
+		}
+		if !tc.renew {
+			continue
+		}
+		for _, via := range renewVias {
+			t.Run(tc.name+"/renew "+via.name, func(t *testing.T) {
+				before := e.snapshot(t)
+				want503(t, via.renew(t, e, leaf, key), tc.advice)
+				if after := e.snapshot(t); before != after {
+					t.Error("the refused renewal changed the store")
+				}
+			})
+		}
+	}
+}
