@@ -7,6 +7,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"net/http"
 	"os"
@@ -80,7 +81,7 @@ func backupCmd(ctx context.Context, args []string, env Env) (err error) {
 	if err != nil {
 		return err
 	}
-	n, err := keep(partial, dbPath)
+	n, err := keep(os.Link, partial, dbPath)
 	if err != nil {
 		return err
 	}
@@ -259,9 +260,16 @@ func backupDir(dir string) (created bool, unlock func(), err error) {
 
 // keep gives the checked copy at partial its final name dst and returns
 // its size. A link, not a rename: a rename would replace a file at dst
-// that something else put there, and a backup never overwrites.
-func keep(partial, dst string) (int64, error) {
-	if err := os.Link(partial, dst); err != nil {
+// that something else put there, and a backup never overwrites. Where the
+// file system has no hard links (FAT and exFAT, the usual USB stick), link
+// fails with EPERM and the copy is copied instead, as exclusively. link is
+// os.Link but in tests.
+func keep(link func(oldname, newname string) error, partial, dst string) (int64, error) {
+	err := link(partial, dst)
+	if errors.Is(err, syscall.EPERM) || errors.Is(err, syscall.EOPNOTSUPP) || errors.Is(err, syscall.ENOSYS) {
+		err = copyExclusive(partial, dst)
+	}
+	if err != nil {
 		return 0, fmt.Errorf("backup: keep the checked copy: %w", err)
 	}
 	// The copy's size, not the stream's: marking it as a snapshot may
@@ -275,6 +283,33 @@ func keep(partial, dst string) (int64, error) {
 		return 0, fmt.Errorf("backup: %w", err)
 	}
 	return fi.Size(), nil
+}
+
+// copyExclusive copies src to a new file dst, flushed to disk; a file at
+// dst is an error (fs.ErrExist) and is left as it was.
+func copyExclusive(src, dst string) (err error) {
+	in, err := os.Open(src)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	out, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if err != nil {
+			_ = os.Remove(dst) // ours: O_EXCL made it
+		}
+	}()
+	_, err = io.Copy(out, in)
+	if err == nil {
+		err = out.Sync()
+	}
+	if cerr := out.Close(); err == nil {
+		err = cerr
+	}
+	return err
 }
 
 // fetchBackup streams the server's snapshot into a new file at path and

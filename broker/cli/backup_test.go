@@ -230,28 +230,58 @@ func TestCheckBackupOfAMissingCopy(t *testing.T) {
 	}
 }
 
-// Keeping the checked copy never replaces a database already there.
+// Keeping the checked copy never replaces a database already there, also
+// where the file system has no hard links (FAT: link fails with EPERM) and
+// the copy is copied.
 func TestKeepNeverReplaces(t *testing.T) {
+	noLinks := func(oldname, newname string) error {
+		return &os.LinkError{Op: "link", Old: oldname, New: newname, Err: syscall.EPERM}
+	}
+	for name, link := range map[string]func(string, string) error{"links": os.Link, "no links": noLinks} {
+		t.Run(name, func(t *testing.T) {
+			dir := t.TempDir()
+			partial, dst := filepath.Join(dir, "fleetmq.db.partial"), filepath.Join(dir, "fleetmq.db")
+			for p, b := range map[string]string{partial: "new", dst: "there before"} {
+				if err := os.WriteFile(p, []byte(b), 0o600); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if _, err := keep(link, partial, dst); !errors.Is(err, fs.ErrExist) {
+				t.Fatalf("keep over an existing file: %v", err)
+			}
+			if b, err := os.ReadFile(dst); err != nil || string(b) != "there before" {
+				t.Fatalf("the file there was replaced: %q %v", b, err)
+			}
+			if err := os.Remove(dst); err != nil {
+				t.Fatal(err)
+			}
+			if n, err := keep(link, partial, dst); err != nil || n != 3 {
+				t.Fatalf("keep: %d %v", n, err)
+			}
+			if b, err := os.ReadFile(dst); err != nil || string(b) != "new" {
+				t.Fatalf("kept %q %v, want the checked copy", b, err)
+			}
+			if fi, err := os.Stat(dst); err != nil || fi.Mode().Perm() != 0o600 {
+				t.Fatalf("kept copy: %v %v, want mode 0600", fi.Mode(), err)
+			}
+			if _, err := os.Stat(partial); !errors.Is(err, fs.ErrNotExist) {
+				t.Fatalf("the partial name is still there: %v", err)
+			}
+		})
+	}
+	// Any other failure to link is an error, not a reason to copy.
 	dir := t.TempDir()
 	partial, dst := filepath.Join(dir, "fleetmq.db.partial"), filepath.Join(dir, "fleetmq.db")
-	for p, b := range map[string]string{partial: "new", dst: "there before"} {
-		if err := os.WriteFile(p, []byte(b), 0o600); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if _, err := keep(partial, dst); !errors.Is(err, fs.ErrExist) {
-		t.Fatalf("keep over an existing file: %v", err)
-	}
-	if b, err := os.ReadFile(dst); err != nil || string(b) != "there before" {
-		t.Fatalf("the file there was replaced: %q %v", b, err)
-	}
-	if err := os.Remove(dst); err != nil {
+	if err := os.WriteFile(partial, []byte("new"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if n, err := keep(partial, dst); err != nil || n != 3 {
-		t.Fatalf("keep: %d %v", n, err)
+	eio := func(oldname, newname string) error {
+		return &os.LinkError{Op: "link", Old: oldname, New: newname, Err: syscall.EIO}
 	}
-	if _, err := os.Stat(partial); !errors.Is(err, fs.ErrNotExist) {
-		t.Fatalf("the partial name is still there: %v", err)
+	if _, err := keep(eio, partial, dst); !errors.Is(err, syscall.EIO) {
+		t.Fatalf("keep after EIO: %v", err)
+	}
+	if _, err := os.Stat(dst); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("a copy was made after EIO: %v", err)
 	}
 }
