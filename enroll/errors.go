@@ -26,6 +26,7 @@ const (
 	CodeIDInvalid        Code = "id_invalid"
 	CodeIDMismatch       Code = "id_mismatch"
 	CodeIDTaken          Code = "id_taken"
+	CodeIDHasToken       Code = "id_has_token"
 	CodeTokenMissing     Code = "token_missing"
 	CodeTokenInvalid     Code = "token_invalid"
 	CodeTokenUnknown     Code = "token_unknown"
@@ -56,6 +57,7 @@ var statusByCode = map[Code]int{
 	CodeIDInvalid:        http.StatusBadRequest,
 	CodeIDMismatch:       http.StatusForbidden,
 	CodeIDTaken:          http.StatusConflict,
+	CodeIDHasToken:       http.StatusConflict,
 	CodeTokenMissing:     http.StatusUnauthorized,
 	CodeTokenInvalid:     http.StatusUnauthorized,
 	CodeTokenUnknown:     http.StatusUnauthorized,
@@ -85,6 +87,7 @@ var storeCodes = []struct {
 	{store.ErrTokenBound, CodeIDMismatch},
 	{store.ErrIDRevoked, CodeIDTaken}, // before ErrDeviceExists, which it wraps
 	{store.ErrDeviceExists, CodeIDTaken},
+	{store.ErrTokenLive, CodeIDHasToken},
 	{store.ErrDeviceRevoked, CodeDeviceRevoked},
 	{store.ErrCertUnknown, CodeCertInvalid},
 	{store.ErrCertRevoked, CodeCertRevoked},

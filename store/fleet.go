@@ -37,15 +37,30 @@ func (db *DB) checked(ctx context.Context, fn txFunc) error {
 // CreateTokens stores toks in one transaction: all or none. A token whose
 // hash or public id is already stored is refused with ErrTokenExists; one
 // bound to an id that cannot be bound as asked, as checkBinding says
-// (ErrDeviceExists, ErrDeviceRevoked, ErrNotFound). One ActTokenCreate audit
-// event is appended per token.
+// (ErrDeviceExists, ErrDeviceRevoked, ErrNotFound); tokens bound to ids
+// that usable tokens are already bound to, with a *LiveTokensError
+// (ErrTokenLive) naming those. One ActTokenCreate audit event is appended
+// per token.
 func (db *DB) CreateTokens(ctx context.Context, toks []Token, remote string, now time.Time) error {
+	return db.createTokens(ctx, toks, remote, now, false)
+}
+
+// ReplaceTokens is CreateTokens, except that the usable tokens already
+// bound to the ids of toks are revoked in the same transaction (an
+// ActTokenRevoke event each) rather than refused: the operator lost a
+// token's secret, or the device it was meant for.
+func (db *DB) ReplaceTokens(ctx context.Context, toks []Token, remote string, now time.Time) error {
+	return db.createTokens(ctx, toks, remote, now, true)
+}
+
+func (db *DB) createTokens(ctx context.Context, toks []Token, remote string, now time.Time, replace bool) error {
 	if len(toks) == 0 {
 		return nil
 	}
 	recs := make([]Token, len(toks))
 	hashes := make(map[[32]byte]bool, len(toks))
 	ids := make(map[string]bool, len(toks))
+	bound := make(map[string]bool, len(toks))
 	for i, t := range toks {
 		switch {
 		case t.ID == "":
@@ -58,8 +73,13 @@ func (db *DB) CreateTokens(ctx context.Context, toks []Token, remote string, now
 			return fmt.Errorf("create tokens: token %s: re-provisioning needs a bound id: %w", t.ID, ErrInvalid)
 		case hashes[t.Hash] || ids[t.ID]:
 			return fmt.Errorf("create tokens: token %s given twice: %w", t.ID, ErrTokenExists)
+		case t.DeviceID != "" && bound[t.DeviceID]:
+			return fmt.Errorf("create tokens: two tokens bound to %s: %w", t.DeviceID, ErrInvalid)
 		}
 		hashes[t.Hash], ids[t.ID] = true, true
+		if t.DeviceID != "" {
+			bound[t.DeviceID] = true
+		}
 		if t.CreatedAt.IsZero() {
 			t.CreatedAt = now
 		}
@@ -78,10 +98,31 @@ func (db *DB) CreateTokens(ctx context.Context, toks []Token, remote string, now
 				return fmt.Errorf("token %s: device %s: %w", t.ID, t.DeviceID, err)
 			}
 		}
+		// Checked and written in this one transaction: two creates for
+		// one id at once cannot both find it free.
+		live, err := usableTokens(tx, bound, now)
+		if err != nil {
+			return err
+		}
+		if len(live) > 0 && !replace {
+			return &LiveTokensError{Tokens: live}
+		}
 		if !tx.Writable() {
 			return nil
 		}
-		evs := make([]AuditEvent, 0, len(recs))
+		evs := make([]AuditEvent, 0, len(recs)+len(live))
+		replacing := make(map[string]string, len(recs)) // bound id → new token's public id
+		for _, t := range recs {
+			replacing[t.DeviceID] = t.ID
+		}
+		for _, t := range live {
+			t.RevokedAt = now
+			if err := putToken(tx, t); err != nil {
+				return err
+			}
+			evs = append(evs, AuditEvent{Time: now, Action: ActTokenRevoke, TokenID: t.ID, DeviceID: t.DeviceID, Remote: remote,
+				Detail: "replaced by token " + replacing[t.DeviceID]})
+		}
 		for _, t := range recs {
 			if err := putToken(tx, t); err != nil {
 				return err
@@ -97,6 +138,47 @@ func (db *DB) CreateTokens(ctx context.Context, toks []Token, remote string, now
 		return fmt.Errorf("create tokens: %w", err)
 	}
 	return nil
+}
+
+// usableTokens returns the tokens bound to one of ids that can still
+// enroll it (Token.Check, checkBinding), sorted by id. No
+// index leads from an id to its tokens, so every token is read; records
+// of tokens expired for 30 days are pruned, which bounds that.
+func usableTokens(tx *bbolt.Tx, ids map[string]bool, now time.Time) ([]Token, error) {
+	if len(ids) == 0 {
+		return nil, nil
+	}
+	devs := tx.Bucket(bucketDevices)
+	var out []Token
+	err := forEachToken(tx, func(t Token) {
+		if !ids[t.DeviceID] || t.Check(now) != nil {
+			return
+		}
+		if _, err := checkBinding(devs.Get([]byte(t.DeviceID)), t); err != nil {
+			return // bound to an id it can no longer enroll: no rival
+		}
+		out = append(out, t)
+	})
+	if err != nil {
+		return nil, fmt.Errorf("usable tokens: %w", err)
+	}
+	slices.SortFunc(out, func(a, b Token) int {
+		return cmp.Or(strings.Compare(a.DeviceID, b.DeviceID), a.CreatedAt.Compare(b.CreatedAt))
+	})
+	return out, nil
+}
+
+// forEachToken calls fn with every stored token, its Hash set.
+func forEachToken(tx *bbolt.Tx, fn func(Token)) error {
+	return tx.Bucket(bucketTokens).ForEach(func(k, v []byte) error {
+		var t Token
+		if err := json.Unmarshal(v, &t); err != nil {
+			return fmt.Errorf("decode token: %w", err)
+		}
+		copy(t.Hash[:], k)
+		fn(t)
+		return nil
+	})
 }
 
 func putToken(tx *bbolt.Tx, t Token) error {
@@ -135,15 +217,7 @@ func (db *DB) TokenByHash(ctx context.Context, hash [32]byte) (Token, error) {
 func (db *DB) Tokens(ctx context.Context) ([]Token, error) {
 	var out []Token
 	err := db.view(ctx, func(tx *bbolt.Tx) error {
-		return tx.Bucket(bucketTokens).ForEach(func(k, v []byte) error {
-			var t Token
-			if err := json.Unmarshal(v, &t); err != nil {
-				return fmt.Errorf("decode token: %w", err)
-			}
-			copy(t.Hash[:], k)
-			out = append(out, t)
-			return nil
-		})
+		return forEachToken(tx, func(t Token) { out = append(out, t) })
 	})
 	if err != nil {
 		return nil, fmt.Errorf("list tokens: %w", err)
@@ -450,6 +524,14 @@ func (db *DB) CreateIdentity(ctx context.Context, d Device, c Cert, remote strin
 	err := db.checked(ctx, func(tx *bbolt.Tx) error {
 		if tx.Bucket(bucketDevices).Get([]byte(id)) != nil {
 			return ErrDeviceExists
+		}
+		// The token's device would find the name taken only in the field.
+		live, err := usableTokens(tx, map[string]bool{id: true}, now)
+		if err != nil {
+			return err
+		}
+		if len(live) > 0 {
+			return &LiveTokensError{Tokens: live}
 		}
 		if tx.Bucket(bucketCerts).Get([]byte(c.Serial)) != nil {
 			return fmt.Errorf("serial %s: %w", c.Serial, ErrCertExists)

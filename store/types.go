@@ -3,6 +3,7 @@ package store
 import (
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 )
 
@@ -26,6 +27,12 @@ var (
 	ErrCertRevoked  = errors.New("certificate revoked")
 	ErrCertMismatch = errors.New("certificate belongs to another device")
 )
+
+// ErrTokenLive refuses a token, or a service or operator name, for an id
+// that a usable token is already bound to: whichever enrolled second would
+// find its token unusable only in the field. Returned as a
+// *LiveTokensError naming those tokens.
+var ErrTokenLive = errors.New("a usable token is already bound to the id")
 
 // Role says what an identity may do on the broker. It is fixed when the
 // identity is created and never derived from anything a client sends.
@@ -109,6 +116,22 @@ func (t Token) BindingErr(d *Device) error {
 	}
 	return nil
 }
+
+// LiveTokensError is ErrTokenLive with the usable tokens found, sorted by
+// the id they are bound to.
+type LiveTokensError struct {
+	Tokens []Token
+}
+
+func (e *LiveTokensError) Error() string {
+	ids := make([]string, len(e.Tokens))
+	for i, t := range e.Tokens {
+		ids[i] = t.DeviceID + " (token " + t.ID + ")"
+	}
+	return fmt.Sprintf("%v: %s", ErrTokenLive, strings.Join(ids, ", "))
+}
+
+func (e *LiveTokensError) Is(target error) bool { return target == ErrTokenLive }
 
 // Cert is the record of one issued certificate.
 type Cert struct {

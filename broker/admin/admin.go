@@ -30,6 +30,7 @@ import (
 // Store is the fleet state the admin API reads and changes.
 type Store interface {
 	CreateTokens(ctx context.Context, toks []store.Token, remote string, now time.Time) error
+	ReplaceTokens(ctx context.Context, toks []store.Token, remote string, now time.Time) error
 	Tokens(ctx context.Context) ([]store.Token, error)
 	RevokeToken(ctx context.Context, id, remote string, now time.Time) (store.Token, error)
 	Device(ctx context.Context, id string) (store.Device, error)
@@ -193,6 +194,10 @@ type TokenRequest struct {
 	// batch can be minted in several requests, or a line go on where the
 	// last batch ended; default 1.
 	Start int `json:"start,omitempty"`
+	// Replace revokes the usable tokens already bound to the ids, in the
+	// transaction that mints the new ones; without it such an id is
+	// refused (id_has_token).
+	Replace bool `json:"replace,omitempty"`
 }
 
 // BatchID is the id of number n in a batch with prefix: at least four
@@ -332,7 +337,11 @@ func (h *Handler) MintTokens(ctx context.Context, req TokenRequest, remote strin
 		recs = append(recs, t)
 		out = append(out, NewToken{Token: t, Secret: secret})
 	}
-	if err := h.st.CreateTokens(ctx, recs, remote, now); err != nil {
+	create := h.st.CreateTokens
+	if req.Replace {
+		create = h.st.ReplaceTokens
+	}
+	if err := create(ctx, recs, remote, now); err != nil {
 		if e := h.bindError(ctx, req, ids, err); e != nil {
 			return nil, e
 		}
@@ -346,6 +355,9 @@ func (h *Handler) MintTokens(ctx context.Context, req TokenRequest, remote strin
 func (h *Handler) bindError(ctx context.Context, req TokenRequest, ids []string, err error) error {
 	fail := func(code enroll.Code, format string, args ...any) error {
 		return &enroll.Error{Code: code, Err: err, Message: fmt.Sprintf(format, args...)}
+	}
+	if live := (*store.LiveTokensError)(nil); errors.As(err, &live) {
+		return h.liveTokensError(ctx, req, live)
 	}
 	switch {
 	case req.Reprovision && errors.Is(err, store.ErrNotFound):
@@ -384,6 +396,44 @@ func (h *Handler) bindError(ctx context.Context, req TokenRequest, ids []string,
 	}
 	return nil
 }
+
+// liveTokensError tells the operator which ids of req already have usable
+// tokens, and the ways out.
+func (h *Handler) liveTokensError(ctx context.Context, req TokenRequest, live *store.LiveTokensError) error {
+	ids := map[string]bool{}
+	for _, t := range live.Tokens {
+		ids[t.DeviceID] = true
+	}
+	const why = "a second token for an id leaves whichever device enrolls second with an unusable token"
+	if req.Prefix != "" {
+		return &enroll.Error{Code: enroll.CodeIDHasToken, Err: live, Message: fmt.Sprintf(
+			"%d id(s) of this batch already have usable tokens: %s; %s. Start the batch after them (--start %d), "+
+				"revoke them (fleetmq token revoke ID), or mint with --replace to revoke them in the same step (nothing was minted)",
+			len(ids), liveList(live.Tokens, 10), why, h.nextFree(ctx, req.Prefix))}
+	}
+	return &enroll.Error{Code: enroll.CodeIDHasToken, Err: live, Message: fmt.Sprintf(
+		"%s already has a usable token: %s; %s. Revoke it first (fleetmq token revoke %s), "+
+			"or mint with --replace to revoke it in the same step (nothing was minted)",
+		req.DeviceID, liveList(live.Tokens, 10), why, live.Tokens[0].ID)}
+}
+
+// liveList names at most n tokens, each with its bound id, public id and
+// expiry, and how many more there are.
+func liveList(toks []store.Token, n int) string {
+	parts := make([]string, 0, min(n, len(toks))+1)
+	for i, t := range toks {
+		if i == n {
+			parts = append(parts, fmt.Sprintf("and %d more (fleetmq token list)", len(toks)-n))
+			break
+		}
+		parts = append(parts, fmt.Sprintf("%s (token %s, expires %s)", t.DeviceID, t.ID, t.ExpiresAt.UTC().Format(TimeLayout)))
+	}
+	return strings.Join(parts, ", ")
+}
+
+// TimeLayout is how operators read times: in UTC, labelled, as the CLI's
+// tables and the dashboard print them.
+const TimeLayout = "2006-01-02 15:04:05 UTC"
 
 // nextFree is one more than the largest number after prefix in an
 // identity's id (revoked ones included) or in the id of a token that can
@@ -780,6 +830,11 @@ func (h *Handler) issueIdentity(w http.ResponseWriter, r *http.Request) {
 	} else if err = h.st.CreateIdentity(r.Context(), d, rec, remote, now); errors.Is(err, store.ErrDeviceExists) {
 		err = &enroll.Error{Code: enroll.CodeIDTaken, Err: err,
 			Message: fmt.Sprintf("the name %s is taken (by a device, service or operator, revoked ones included): names are for life; choose another, or renew its certificate (%s issue %s --renew)", req.Name, req.Role, req.Name)}
+	} else if live := (*store.LiveTokensError)(nil); errors.As(err, &live) {
+		err = &enroll.Error{Code: enroll.CodeIDHasToken, Err: err, Message: fmt.Sprintf(
+			"the name %s has a usable bootstrap token bound to it: %s; the device it was minted for would take the name. "+
+				"Revoke the token first (fleetmq token revoke %s), or choose another name (nothing was issued)",
+			req.Name, liveList(live.Tokens, 10), live.Tokens[0].ID)}
 	}
 	if err != nil {
 		writeErr(w, h.cfg.Logger, err)

@@ -39,6 +39,10 @@ func (s *recordingStore) CreateTokens(_ context.Context, toks []store.Token, _ s
 	return nil
 }
 
+func (s *recordingStore) ReplaceTokens(ctx context.Context, toks []store.Token, remote string, now time.Time) error {
+	return s.CreateTokens(ctx, toks, remote, now)
+}
+
 func (s *recordingStore) CreateIdentity(_ context.Context, d store.Device, c store.Cert, _ string, _ time.Time) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()

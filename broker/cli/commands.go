@@ -72,7 +72,7 @@ func fmtTime(t time.Time) string {
 	if t.IsZero() {
 		return "-"
 	}
-	return t.UTC().Format("2006-01-02 15:04:05 UTC")
+	return t.UTC().Format(admin.TimeLayout)
 }
 
 func labelsString(l map[string]string) string {
@@ -111,6 +111,7 @@ func tokenCreate(ctx context.Context, args []string, env Env) error {
 	fs.IntVar(&req.Count, "count", 0, "mint this many tokens, bound to ids PREFIX0001…")
 	fs.StringVar(&req.Prefix, "prefix", "", "id prefix for --count (e.g. pi-)")
 	start := fs.Int("start", 1, "with --count: number of the first id, to mint another batch with the same prefix")
+	fs.BoolVar(&req.Replace, "replace", false, "revoke the usable tokens already bound to the ids, in the step that mints the new ones (without it such an id is refused)")
 	csvPath := fs.String("csv", "", "write the tokens to this new file (mode 0600) as id,token,expires_at rather than to stdout; a free token's id is empty")
 	if err := fs.parse(args, 0); err != nil {
 		return err

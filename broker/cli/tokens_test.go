@@ -3,6 +3,7 @@ package cli
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -112,5 +113,60 @@ func TestTokenCreateWithoutDataFolder(t *testing.T) {
 		if code != 1 || !strings.Contains(errs, "no data folder "+missing) || strings.Contains(errs, "may have been minted") {
 			t.Errorf("%v: exit %d: %s", args, code, errs)
 		}
+	}
+}
+
+// A token for an id that a usable token is already bound to is refused
+// up front, naming that token and the ways out, for one token, a batch
+// (nothing of it minted) and a service name; --replace revokes the old
+// token in the step that mints the new one.
+func TestTokenForAnIDWithALiveToken(t *testing.T) {
+	data := startNode(t)
+	var first []admin.NewToken
+	if err := json.Unmarshal([]byte(mustRun(t, data, "token", "create", "--device", "pi-0002", "--json")), &first); err != nil || len(first) != 1 {
+		t.Fatalf("first token: %v", err)
+	}
+	old := first[0]
+	expires := old.ExpiresAt.UTC().Format(admin.TimeLayout)
+	for _, tc := range []struct {
+		args []string
+		want []string
+	}{
+		{[]string{"token", "create", "--device", "pi-0002"}, []string{"pi-0002 already has a usable token", old.ID, expires, "fleetmq token revoke " + old.ID, "--replace", "nothing was minted"}},
+		{[]string{"token", "create", "--count", "3", "--prefix", "pi-"}, []string{"1 id(s) of this batch", "pi-0002 (token " + old.ID, "--start 3", "--replace", "nothing was minted"}},
+		{[]string{"service", "issue", "pi-0002", "--out", t.TempDir()}, []string{"the name pi-0002 has a usable bootstrap token", old.ID, "fleetmq token revoke " + old.ID, "nothing was issued"}},
+	} {
+		_, errs, code := fleetmq(t, data, tc.args...)
+		ok := code == 1
+		for _, w := range tc.want {
+			ok = ok && strings.Contains(errs, w)
+		}
+		if !ok {
+			t.Errorf("fleetmq %s: exit %d, want 1 and %q:\n%s", strings.Join(tc.args, " "), code, tc.want, errs)
+		}
+	}
+	_, err := admin.NewClient(filepath.Join(data, admin.SocketName)).CreateTokens(context.Background(), admin.TokenRequest{DeviceID: "pi-0002"})
+	if apiErr := (*admin.APIError)(nil); !errors.As(err, &apiErr) || apiErr.Status != http.StatusConflict || apiErr.Code != enroll.CodeIDHasToken {
+		t.Errorf("admin API: %v, want 409 id_has_token", err)
+	}
+	var list []admin.TokenInfo
+	if err := json.Unmarshal([]byte(mustRun(t, data, "token", "list", "--json")), &list); err != nil || len(list) != 1 {
+		t.Fatalf("the refusals minted tokens: %v %+v", err, list)
+	}
+
+	mustRun(t, data, "token", "create", "--device", "pi-0002", "--replace")
+	mustRun(t, data, "token", "create", "--count", "3", "--prefix", "pi-", "--replace")
+	if err := json.Unmarshal([]byte(mustRun(t, data, "token", "list", "--json")), &list); err != nil {
+		t.Fatal(err)
+	}
+	states := map[string]int{}
+	for _, tk := range list {
+		states[tk.DeviceID+" "+tk.State]++
+	}
+	if len(list) != 5 || states["pi-0002 revoked"] != 2 || states["pi-0002 active"] != 1 || states["pi-0001 active"] != 1 || states["pi-0003 active"] != 1 {
+		t.Errorf("after --replace: %v", states)
+	}
+	if out := mustRun(t, data, "audit", "--json"); !strings.Contains(out, "replaced by token") {
+		t.Errorf("the replacement is not audited:\n%s", out)
 	}
 }
