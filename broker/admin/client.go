@@ -32,21 +32,40 @@ var ErrNotRunning = errors.New("the fleetmq server is not running (no admin sock
 // change asked for may have been made all the same.
 var ErrNoAnswer = errors.New("the server did not answer")
 
+// DefaultTimeout is how long a client waits for the server to accept a
+// connection, and then for the start of its answer.
+const DefaultTimeout = 30 * time.Second
+
 // Client talks to a running server's admin API over its unix socket.
 type Client struct {
-	socket string
-	hc     *http.Client
+	socket  string
+	timeout time.Duration
+	hc      *http.Client
 }
 
-// NewClient returns a client for the socket at path.
-func NewClient(path string) *Client {
+// NewClient returns a client for the socket at path that waits
+// DefaultTimeout.
+func NewClient(path string) *Client { return NewClientTimeout(path, DefaultTimeout) }
+
+// NewClientTimeout returns a client for the socket at path that waits up
+// to timeout (0: DefaultTimeout) for the server to accept a connection,
+// and as long again for the status line of each answer: an overloaded or
+// wedged server is reported rather than waited for forever. The body is
+// not timed, so a backup or a followed telemetry stream, which start
+// answering at once, run for as long as they take.
+func NewClientTimeout(path string, timeout time.Duration) *Client {
+	if timeout <= 0 {
+		timeout = DefaultTimeout
+	}
 	return &Client{
-		socket: path,
+		socket:  path,
+		timeout: timeout,
 		hc: &http.Client{Transport: &http.Transport{
 			DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-				var d net.Dialer
+				d := net.Dialer{Timeout: timeout}
 				return d.DialContext(ctx, "unix", path)
 			},
+			ResponseHeaderTimeout: timeout,
 		}},
 	}
 }
@@ -120,9 +139,19 @@ func (c *Client) failed(err error) error {
 	if errors.Is(err, syscall.ENOENT) || errors.Is(err, syscall.ECONNREFUSED) {
 		return fmt.Errorf("%w: %s", ErrNotRunning, c.socket)
 	}
+	ne := net.Error(nil)
+	// EAGAIN, a full accept queue, is a timeout too.
+	timedOut := errors.As(err, &ne) && ne.Timeout()
+	const check = "it may be overloaded or stuck: check its log (journalctl -u fleetmq) and /readyz"
 	if op := (*net.OpError)(nil); errors.As(err, &op) && op.Op == "dial" {
 		// Not connected at all (no permission on the socket, say).
+		if timedOut {
+			return fmt.Errorf("admin socket %s: the server is not taking connections (its queue is full); %s; nothing was sent: %w", c.socket, check, err)
+		}
 		return fmt.Errorf("admin socket %s: %w", c.socket, err)
+	}
+	if timedOut {
+		return fmt.Errorf("admin socket %s: %w within %s; %s, or give it longer with --timeout: %w", c.socket, ErrNoAnswer, c.timeout, check, err)
 	}
 	return fmt.Errorf("admin socket %s: %w: %w", c.socket, ErrNoAnswer, err)
 }

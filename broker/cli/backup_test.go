@@ -24,6 +24,17 @@ import (
 // a chosen byte).
 func serveAdmin(t *testing.T, h http.HandlerFunc) string {
 	t.Helper()
+	data, ln := adminListener(t)
+	srv := &http.Server{Handler: h}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	return data
+}
+
+// adminListener makes a data folder in t.TempDir() and listens on its
+// admin socket; the caller closes the listener.
+func adminListener(t *testing.T) (string, net.Listener) {
+	t.Helper()
 	data := filepath.Join(t.TempDir(), "data")
 	if err := os.Mkdir(data, 0o700); err != nil {
 		t.Fatal(err)
@@ -32,10 +43,7 @@ func serveAdmin(t *testing.T, h http.HandlerFunc) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := &http.Server{Handler: h}
-	go srv.Serve(ln)
-	t.Cleanup(func() { srv.Close() })
-	return data
+	return data, ln
 }
 
 func runBackup(t *testing.T, data, dir string) (string, int) {

@@ -81,7 +81,8 @@ Usage:
   fleetmq version [--json]
 
 Operator commands find the server through the admin socket in the data
-folder (--data, or $FLEETMQ_DATA, default ./fleetmq-data). Most take --json.
+folder (--data, or $FLEETMQ_DATA, default ./fleetmq-data) and wait up to
+--timeout (30s) for it to start answering. Most take --json.
 Run 'fleetmq COMMAND -h' for its flags.
 `
 
@@ -177,10 +178,10 @@ func groupUsage(group string) string {
 	return "Usage:\n" + b.String() + "\nRun 'fleetmq " + group + " SUBCOMMAND -h' for its flags.\n"
 }
 
-// commandFirst moves the flags every command shares (--data, --json)
-// from before a command to its end — `fleetmq --data /var/lib/fleetmq
-// device list` — where the command's own flags parse them. Anything else
-// before the first word stays, as flags of serve.
+// commandFirst moves the flags every command shares (--data, --json,
+// --timeout) from before a command to its end — `fleetmq --data
+// /var/lib/fleetmq device list` — where the command's own flags parse
+// them. Anything else before the first word stays, as flags of serve.
 func commandFirst(args []string) []string {
 	var lead []string
 	i := 0
@@ -199,10 +200,10 @@ func commandFirst(args []string) []string {
 				end = j
 			}
 			return slices.Concat(rest[:end], lead, rest[end:])
-		case name == "data" && !hasValue && i+1 < len(args):
+		case (name == "data" || name == "timeout") && !hasValue && i+1 < len(args):
 			lead = append(lead, a, args[i+1])
 			i += 2
-		case name == "data" || name == "json":
+		case name == "data" || name == "timeout" || name == "json":
 			lead = append(lead, a)
 			i++
 		default:
@@ -231,11 +232,13 @@ var operatorCommands = map[string]func(context.Context, []string, Env) error{
 }
 
 // flagSet is a FlagSet that reports errors instead of exiting, with the
-// shared --data and --json flags.
+// shared --data, --json and (for the commands that talk to the server)
+// --timeout flags.
 type flagSet struct {
 	*flag.FlagSet
-	data *string
-	json *bool
+	data    *string
+	json    *bool
+	timeout *time.Duration
 }
 
 func newFlags(name string, env Env) flagSet {
@@ -249,9 +252,14 @@ func newFlags(name string, env Env) flagSet {
 		FlagSet: fs,
 		data:    fs.String("data", def, "data folder of the server (env FLEETMQ_DATA)"),
 		json:    new(bool),
+		timeout: new(time.Duration),
 	}
 	if name != "serve" { // the server prints logs, not results
 		f.json = fs.Bool("json", false, "print JSON for scripts")
+	}
+	if name != "serve" && name != "version" {
+		*f.timeout = admin.DefaultTimeout
+		fs.Var(durationValue{f.timeout}, "timeout", "how long to wait for the server to take the request and start its answer (a backup or --follow then runs as long as it takes)")
 	}
 	return f
 }
@@ -270,6 +278,9 @@ func (f flagSet) parse(args []string, positional int) error {
 			return err
 		}
 		return usageError{msg: err.Error(), reported: true}
+	}
+	if f.given("timeout") && *f.timeout <= 0 {
+		return usagef("--timeout must be more than 0 (e.g. 30s, 2m)")
 	}
 	if f.NArg() != positional {
 		if positional == 0 {
@@ -342,7 +353,7 @@ func (f flagSet) isBool(a string) bool {
 }
 
 func (f flagSet) client() *admin.Client {
-	return admin.NewClient(filepath.Join(*f.data, admin.SocketName))
+	return admin.NewClientTimeout(filepath.Join(*f.data, admin.SocketName), *f.timeout)
 }
 
 // durationValue is a flag.Value using admin.ParseDuration.
