@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/fleetmq/fleetmq/broker/admin"
+	"github.com/fleetmq/fleetmq/enroll"
 )
 
 // Version is stamped at build time.
@@ -47,10 +48,23 @@ func Main(ctx context.Context, args []string, env Env) int {
 			fmt.Fprintf(env.Stderr, "fleetmq: %v\n", err)
 		}
 		return 2
+	case badArguments(err):
+		fmt.Fprintf(env.Stderr, "fleetmq: %v\n", err)
+		return 2
 	default:
 		fmt.Fprintf(env.Stderr, "fleetmq: %v\n", err)
 		return 1
 	}
+}
+
+// badArguments reports whether err is the server refusing the command's
+// arguments (a --ttl over its limit, a --since it cannot read, an id that
+// cannot be one): a usage error the server caught rather than the CLI, so
+// it exits 2 as those do. Refusals because of the fleet's state (already
+// revoked, not found, taken) are not the arguments' fault and exit 1.
+func badArguments(err error) bool {
+	var e *admin.APIError
+	return errors.As(err, &e) && (e.Code == enroll.CodeBadRequest || e.Code == enroll.CodeIDInvalid)
 }
 
 type usageError struct {

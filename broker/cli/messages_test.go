@@ -24,7 +24,11 @@ func TestOperatorMessages(t *testing.T) {
 		{[]string{"token", "revoke", tok[0]}, 1, []string{"token " + tok[0] + " was already revoked; nothing changed"}, ""},
 		{[]string{"device", "revoke", "backend"}, 1, []string{"backend was already revoked; nothing changed"}, ""},
 		{[]string{"token", "create", "--count", "2", "--prefix", "gh-", "--device", "foo"}, 2, []string{"--count", "--device"}, "device_id"},
-		{[]string{"token", "create", "--ttl", "400d"}, 1, []string{"up to 365d"}, "8760h"},
+		// Caught by the server, not the CLI: a usage error all the same.
+		{[]string{"token", "create", "--ttl", "400d"}, 2, []string{"up to 365d"}, "8760h"},
+		{[]string{"audit", "--since", "yesterday"}, 2, []string{"RFC 3339", "7d"}, ""},
+		{[]string{"token", "create", "--device", "Bad/Id"}, 2, []string{"id_invalid"}, ""},
+		{[]string{"device", "show", "nobody"}, 1, []string{`no identity "nobody"`}, ""},
 		{[]string{"token", "list", "--limit", "5", "--all"}, 2, []string{"--limit and --all"}, ""},
 		{[]string{"token", "revoke"}, 2, []string{"fleetmq token revoke needs ID"}, "argument(s)"},
 		{[]string{"device", "show", "a", "b"}, 2, []string{"takes one ID"}, "argument(s)"},

@@ -120,12 +120,12 @@ func TestOperatorCLI(t *testing.T) {
 			t.Errorf("%v: exit %d, stderr %q", args, code, errs)
 		}
 	}
-	// Server-side validation errors exit 1 with the code.
-	if _, errs, code := s.cli(t, "token", "create", "--device", "Bad/Id"); code != 1 || !strings.Contains(errs, "id_invalid") {
+	// Server-side validation errors are usage errors too: exit 2, with the code.
+	if _, errs, code := s.cli(t, "token", "create", "--device", "Bad/Id"); code != 2 || !strings.Contains(errs, "id_invalid") {
 		t.Errorf("token for an invalid id: %d %s", code, errs)
 	}
 	for _, label := range []string{"k=\x1b[31mred", "k=two\nlines", "k\t=v"} {
-		if _, errs, code := s.cli(t, "token", "create", "--label", label); code != 1 || !strings.Contains(errs, "without control characters") {
+		if _, errs, code := s.cli(t, "token", "create", "--label", label); code != 2 || !strings.Contains(errs, "without control characters") {
 			t.Errorf("label %q: %d %s", label, code, errs)
 		}
 	}
@@ -143,7 +143,7 @@ func TestOperatorCLI(t *testing.T) {
 		t.Errorf("telemetry of a device without messages: exit %d, stdout %q, stderr %q", code, out, errs)
 	}
 	for _, args := range [][]string{{"audit", "--since", "-1h"}, {"audit", "--since", "NaNd"}} {
-		if _, errs, code := s.cli(t, args...); code != 1 || !strings.Contains(errs, "bad_request") {
+		if _, errs, code := s.cli(t, args...); code != 2 || !strings.Contains(errs, "bad_request") {
 			t.Errorf("%v: %d %s", args, code, errs)
 		}
 	}
