@@ -1042,6 +1042,12 @@ func parseSince(s string, now time.Time) (time.Time, error) {
 	if t, err := time.Parse(time.RFC3339Nano, s); err == nil {
 		return t, nil
 	}
+	// As the CLI's tables print times (telemetry adds milliseconds, which
+	// Parse takes without a layout for them), so that a time can be
+	// copied from one command into the next.
+	if t, err := time.Parse(TimeLayout, s); err == nil {
+		return t, nil
+	}
 	d, err := ParseDuration(s)
 	switch {
 	case err == nil && d < 0:
@@ -1051,7 +1057,7 @@ func parseSince(s string, now time.Time) (time.Time, error) {
 	case err == nil:
 		return now.Add(-d), nil
 	}
-	return time.Time{}, enroll.Errorf(enroll.CodeBadRequest, "since must be a duration like 1h or 7d, or an RFC 3339 time: %v", err)
+	return time.Time{}, enroll.Errorf(enroll.CodeBadRequest, "since must be a duration like 1h or 7d, a time in UTC as the tables print it (2026-12-07 20:26:32 UTC), or an RFC 3339 time (2026-12-07T20:26:32Z): %v", err)
 }
 
 func parseLimit(s string) (int, error) {

@@ -614,7 +614,7 @@ func caShow(ctx context.Context, args []string, env Env) error {
 func auditCmd(ctx context.Context, args []string, env Env) error {
 	fs := newFlags("audit", env)
 	device := fs.String("device", "", "only events of this device")
-	since := fs.String("since", "", "only events newer than this (e.g. 24h, or an RFC 3339 time)")
+	since := fs.String("since", "", sinceHelp("events", "24h"))
 	limit := fs.Int("limit", 100, "newest N events (1–100000)")
 	if err := fs.parse(args, 0); err != nil {
 		return err
@@ -636,9 +636,13 @@ func auditCmd(ctx context.Context, args []string, env Env) error {
 	return table(env.Stdout, "TIME\tACTION\tDEVICE\tSERIAL\tTOKEN\tREMOTE\tDETAIL", rows)
 }
 
+func sinceHelp(what, example string) string {
+	return fmt.Sprintf("only %s newer than this: a duration (e.g. %s), a time as the tables print it (quoted: '2026-12-07 20:26:32 UTC') or an RFC 3339 time", what, example)
+}
+
 func telemetryCmd(ctx context.Context, args []string, env Env) error {
 	fs := newFlags("telemetry", env)
-	since := fs.String("since", "", "only messages newer than this (e.g. 1h, or an RFC 3339 time)")
+	since := fs.String("since", "", sinceHelp("messages", "1h"))
 	limit := fs.Int("limit", 100, "newest N messages (1–100000)")
 	follow := fs.Bool("follow", false, "keep streaming new messages")
 	if err := fs.parse(args, 1); err != nil {

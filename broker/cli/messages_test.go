@@ -26,7 +26,7 @@ func TestOperatorMessages(t *testing.T) {
 		{[]string{"token", "create", "--count", "2", "--prefix", "gh-", "--device", "foo"}, 2, []string{"--count", "--device"}, "device_id"},
 		// Caught by the server, not the CLI: a usage error all the same.
 		{[]string{"token", "create", "--ttl", "400d"}, 2, []string{"up to 365d"}, "8760h"},
-		{[]string{"audit", "--since", "yesterday"}, 2, []string{"RFC 3339", "7d"}, ""},
+		{[]string{"audit", "--since", "yesterday"}, 2, []string{"2026-12-07 20:26:32 UTC", "RFC 3339", "7d"}, ""},
 		{[]string{"token", "create", "--device", "Bad/Id"}, 2, []string{"id_invalid"}, ""},
 		{[]string{"device", "show", "nobody"}, 1, []string{`no identity "nobody"`}, ""},
 		{[]string{"token", "list", "--limit", "5", "--all"}, 2, []string{"--limit and --all"}, ""},
