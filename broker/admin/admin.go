@@ -285,6 +285,9 @@ func (h *Handler) planTokens(req TokenRequest) (tokenPlan, error) {
 		ids = []string{req.DeviceID}
 	case req.Reprovision:
 		return tokenPlan{}, enroll.Errorf(enroll.CodeBadRequest, "reprovision needs the device_id to re-provision")
+	case req.Replace:
+		// Asked for, it would be taken to have revoked something.
+		return tokenPlan{}, enroll.Errorf(enroll.CodeBadRequest, "replace needs device_id or count: a free token is bound to no id, so it replaces no token")
 	default:
 		ids = []string{""}
 	}

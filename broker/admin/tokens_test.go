@@ -158,3 +158,14 @@ func TestBatchOverAnyTakenIDSaysWhereToStart(t *testing.T) {
 		t.Errorf("one token for revoked pi-0002: %v", err)
 	}
 }
+
+// Replace names the ids whose tokens it revokes: a free token has none,
+// and a request that asked to replace one is refused rather than taken
+// to have revoked something.
+func TestReplaceNeedsAnID(t *testing.T) {
+	h, _, _ := newStoreHandler(t)
+	_, err := h.MintTokens(context.Background(), TokenRequest{Replace: true}, "test")
+	if e := enroll.AsError(err); e == nil || e.Code != enroll.CodeBadRequest || !strings.Contains(e.Message, "replace needs device_id or count") {
+		t.Fatalf("free token with replace: %v", err)
+	}
+}

@@ -154,6 +154,9 @@ func tokenCreate(ctx context.Context, args []string, env Env) error {
 	if req.Reprovision && req.DeviceID == "" {
 		return usagef("--reprovision needs --device")
 	}
+	if req.Replace && req.DeviceID == "" && req.Count == 0 {
+		return usagef("--replace goes with --device or --count: a free token is bound to no id, so it replaces no token")
+	}
 	if req.Count > 0 && req.DeviceID != "" {
 		return usagef("--count and --prefix bind each token to its own id: leave out --device (and --reprovision)")
 	}

@@ -30,6 +30,7 @@ func TestOperatorMessages(t *testing.T) {
 		{[]string{"token", "create", "--device", "Bad/Id"}, 2, []string{"id_invalid"}, ""},
 		{[]string{"device", "show", "nobody"}, 1, []string{`no identity "nobody"`}, ""},
 		{[]string{"token", "list", "--limit", "5", "--all"}, 2, []string{"--limit and --all"}, ""},
+		{[]string{"token", "create", "--replace"}, 2, []string{"--replace goes with --device or --count"}, ""},
 		{[]string{"token", "revoke"}, 2, []string{"fleetmq token revoke needs ID"}, "argument(s)"},
 		{[]string{"device", "show", "a", "b"}, 2, []string{"takes one ID"}, "argument(s)"},
 		// Paths of the admin API cannot carry these: "." named the list.
