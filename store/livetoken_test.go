@@ -122,3 +122,21 @@ func TestReplaceTokens(t *testing.T) {
 		t.Fatalf("audit %+v", evs)
 	}
 }
+
+// Records are matched to ids before they are decoded: a free token's
+// label named device_id is no binding, and a bound token's is not its id.
+func TestLiveTokenLabelNamedDeviceID(t *testing.T) {
+	ctx := context.Background()
+	db := store.OpenTest(t)
+	free := boundToken("free", "")
+	free.Labels = map[string]string{"device_id": "pi-1"}
+	bound := boundToken("bound", "pi-2")
+	bound.Labels = map[string]string{"device_id": "pi-3"}
+	mustCreateTokens(t, db, free, bound)
+	if err := db.CreateTokens(ctx, []store.Token{boundToken("n1", "pi-1"), boundToken("n3", "pi-3")}, "admin", t0); err != nil {
+		t.Fatalf("ids only named by labels: %v", err)
+	}
+	if err := db.CreateTokens(ctx, []store.Token{boundToken("n2", "pi-2")}, "admin", t0); !errors.Is(err, store.ErrTokenLive) {
+		t.Fatalf("pi-2, bound beside a label: %v", err)
+	}
+}
