@@ -776,17 +776,18 @@ func TestCAUnusableIsUnavailable(t *testing.T) {
 	}
 	enrollVias := []struct {
 		name   string
-		enroll func(secret string) estReply
+		enroll func(secret, id string) estReply
 	}{
-		{"v1 enroll", func(secret string) estReply {
+		{"v1 enroll", func(secret, id string) estReply {
 			return e.do(t, e.client(t, nil), http.MethodPost, "/v1/enroll",
-				map[string]string{"Content-Type": "application/pkcs10", "Authorization": "Bearer " + secret}, estCSR(t, genP256(t), "pi-new"))
+				map[string]string{"Content-Type": "application/pkcs10", "Authorization": "Bearer " + secret}, estCSR(t, genP256(t), id))
 		}},
-		{"EST enroll", func(secret string) estReply {
+		{"EST enroll", func(secret, id string) estReply {
 			return e.do(t, e.client(t, nil), http.MethodPost, "/.well-known/est/simpleenroll",
-				map[string]string{"Content-Type": "application/pkcs10", "Authorization": basicAuth("", secret)}, estBase64Body(estCSR(t, genP256(t), "pi-new")))
+				map[string]string{"Content-Type": "application/pkcs10", "Authorization": basicAuth("", secret)}, estBase64Body(estCSR(t, genP256(t), id)))
 		}},
 	}
+	fresh := 0
 	for _, tc := range []struct {
 		name   string
 		off    time.Duration
@@ -799,9 +800,12 @@ func TestCAUnusableIsUnavailable(t *testing.T) {
 		clock.Set(tc.off)
 		for _, via := range enrollVias {
 			t.Run(tc.name+"/"+via.name, func(t *testing.T) {
-				secret := e.mintToken(t, "pi-new", 1)
+				// One id per token: a second usable token for an id is refused.
+				fresh++
+				id := "pi-new-" + strconv.Itoa(fresh)
+				secret := e.mintToken(t, id, 1)
 				before := e.snapshot(t)
-				want503(t, via.enroll(secret), tc.advice)
+				want503(t, via.enroll(secret, id), tc.advice)
 				if after := e.snapshot(t); before != after {
 					t.Error("the refused enrollment changed the store")
 				}
