@@ -497,6 +497,10 @@ func (b *Broker) Revoke(id string) {
 		}
 		cls = append(cls, cl)
 	}
+	// Before stopRevoked silences the identity's topics, which would keep
+	// the removal from its subscribers; also for a device offline now,
+	// whose last will left its status retained.
+	b.clearStatus(id)
 	for _, cl := range cls {
 		b.stopRevoked(cl, true)
 	}
@@ -527,6 +531,24 @@ func (b *Broker) stopRevoked(cl *mqtt.Client, identity bool) bool {
 		TopicName:   topicRoot + "/" + cl.ID + "/" + levelStatus,
 	})
 	return open
+}
+
+// clearStatus removes identity id's retained status the way MQTT does, with
+// an empty retained message, which its subscribers receive. Dropping it
+// from the retained table alone told no one: a backend following
+// devices/+/status kept the "online" it last saw of a revoked device, whose
+// last will is never sent, for good.
+func (b *Broker) clearStatus(id string) {
+	if d, err := b.st.Device(context.Background(), id); err == nil && d.Role != store.RoleDevice {
+		return // only devices have a status; services and operators none
+	}
+	pk := packets.Packet{
+		FixedHeader: packets.FixedHeader{Type: packets.Publish, Retain: true},
+		TopicName:   topicRoot + "/" + id + "/" + levelStatus,
+	}
+	if err := b.srv.InjectPacket(b.inline, pk); err != nil {
+		b.log.Warn().Err(err).Str("id", id).Msg("broker: status of a revoked identity not cleared for its subscribers")
+	}
 }
 
 // UnwrittenPresence returns, by identity, the presence changes this node

@@ -238,11 +238,13 @@ func TestRecheckClosesRevokedElsewhere(t *testing.T) {
 		connect(t, f.pahoOpts(id, f.clientTLS(f.device(t, id))).SetConnectionLostHandler(func(_ paho.Client, err error) { ch <- err }))
 	}
 	eventually(t, func() bool { return len(f.b.Online()) == 2 }, "both online")
+	svc := watchStatuses(t, f)
 	if _, err := f.db.RevokeDevice(context.Background(), "dev-a", "another node", time.Now()); err != nil {
 		t.Fatal(err)
 	}
 	receive(t, lost["dev-a"], "dev-a's disconnection")
-	eventually(t, func() bool { return slices.Equal(f.b.Online(), []string{"dev-b"}) }, "only dev-b online")
+	statusRemoved(t, svc, "dev-a")
+	eventually(t, func() bool { return slices.Equal(f.b.Online(), []string{"dev-b", "svc"}) }, "only dev-b and svc online")
 	if got := f.b.Stats().Kicked[KickRevoked]; got != 1 {
 		t.Errorf("kicked revoked = %d, want 1", got)
 	}

@@ -40,6 +40,25 @@ func nextPublish(tb testing.TB, r *rawClient, what string) packets.Packet {
 	}
 }
 
+// watchStatuses connects service svc subscribed to every device's status.
+func watchStatuses(tb testing.TB, f *fixture) *rawClient {
+	tb.Helper()
+	svc := dialRaw(tb, f.addr, f.clientTLS(f.service(tb, "svc")))
+	svc.connect("svc")
+	subscribeRaw(tb, svc, "devices/+/status", 0)
+	return svc
+}
+
+// statusRemoved checks that the next message svc gets is the empty one
+// removing device id's retained status.
+func statusRemoved(tb testing.TB, svc *rawClient, id string) {
+	tb.Helper()
+	pk := nextPublish(tb, svc, id+"'s status removed")
+	if pk.TopicName != "devices/"+id+"/status" || len(pk.Payload) != 0 {
+		tb.Fatalf("got %s %q, want devices/%s/status empty", pk.TopicName, pk.Payload, id)
+	}
+}
+
 // connectKept connects r as id asking for a session kept expiry seconds,
 // and returns the CONNACK.
 func connectKept(tb testing.TB, r *rawClient, id string, expiry uint32, props packets.Properties) packets.Packet {
@@ -111,12 +130,10 @@ func TestWillDelayEndsWithSession(t *testing.T) {
 
 // TestRevokedDevicePublishesNoWill: a revoked device is thrown off and
 // says nothing more — no last will — and the status it left retained
-// goes with it.
+// goes with it: its subscribers get the empty message that removes it.
 func TestRevokedDevicePublishesNoWill(t *testing.T) {
 	f := newFixture(t, nil)
-	svc := dialRaw(t, f.addr, f.clientTLS(f.service(t, "svc")))
-	svc.connect("svc")
-	subscribeRaw(t, svc, "devices/+/status", 0)
+	svc := watchStatuses(t, f)
 
 	dev := dialRaw(t, f.addr, f.clientTLS(f.device(t, "dev-r")))
 	dev.write(packets.Packet{
@@ -141,6 +158,7 @@ func TestRevokedDevicePublishesNoWill(t *testing.T) {
 		t.Fatal(err)
 	}
 	f.b.Revoke("dev-r")
+	statusRemoved(t, svc, "dev-r")
 	dev.mustBeDisconnected("after revocation")
 	// A clean session is forgotten after mochi's will step: from here on
 	// any will would have been sent.
@@ -177,6 +195,36 @@ func TestRevokedDevicePublishesNoWill(t *testing.T) {
 		case string(pk.Payload) == "marker 2":
 			return
 		}
+	}
+}
+
+// TestRevokingAnOfflineDeviceClearsItsStatus: a device offline when it is
+// revoked left its last will retained ("offline"); the revocation removes
+// it as well, and says so to the status's subscribers, which would
+// otherwise keep what they last saw of a device that no longer exists.
+func TestRevokingAnOfflineDeviceClearsItsStatus(t *testing.T) {
+	f := newFixture(t, nil)
+	svc := watchStatuses(t, f)
+
+	dev := dialRaw(t, f.addr, f.clientTLS(f.device(t, "dev-o")))
+	dev.connect("dev-o")
+	dev.write(packets.Packet{
+		FixedHeader: packets.FixedHeader{Type: packets.Publish, Retain: true},
+		TopicName:   "devices/dev-o/status", Payload: []byte("offline"),
+	})
+	if pk := nextPublish(t, svc, "the status"); string(pk.Payload) != "offline" {
+		t.Fatalf("got %q, want offline", pk.Payload)
+	}
+	dev.write(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Disconnect}})
+	eventually(t, func() bool { _, ok := f.b.srv.Clients.Get("dev-o"); return !ok }, "dev-o gone")
+
+	if _, err := f.db.RevokeDevice(context.Background(), "dev-o", "test", time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	f.b.Revoke("dev-o")
+	statusRemoved(t, svc, "dev-o")
+	if _, ok := f.b.srv.Topics.Retained.Get("devices/dev-o/status"); ok {
+		t.Fatal("the revoked device's status is still retained")
 	}
 }
 
@@ -361,6 +409,7 @@ func TestRevokedDelayedWillIsSilenced(t *testing.T) {
 		t.Fatal(err)
 	}
 	f.b.Revoke("dev-gone")
+	statusRemoved(t, svc, "dev-gone")
 	// A later will, due at least one of mochi's one-second will passes
 	// after the revoked device's.
 	leave("dev-control", 2)
@@ -541,5 +590,23 @@ func TestOwnPacketIDDoesNotDropQueuedCommand(t *testing.T) {
 	slices.Sort(resent) // mochi orders them by the second they were sent in
 	if strings.Join(resent, ",") != "one,two" {
 		t.Fatalf("commands sent again: %q; want the unacknowledged one and two", resent)
+	}
+}
+
+// TestRevokingAServiceSaysNothingOnStatuses: only devices have a status,
+// so revoking a service sends its subscribers no removal.
+func TestRevokingAServiceSaysNothingOnStatuses(t *testing.T) {
+	f := newFixture(t, nil)
+	svc := watchStatuses(t, f)
+	f.service(t, "svc-gone")
+	if _, err := f.db.RevokeDevice(context.Background(), "svc-gone", "test", time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	f.b.Revoke("svc-gone")
+	marker := dialRaw(t, f.addr, f.clientTLS(f.device(t, "dev-m")))
+	marker.connect("dev-m")
+	marker.publish("devices/dev-m/status", 0, 0, []byte("marker"))
+	if pk := nextPublish(t, svc, "the marker"); string(pk.Payload) != "marker" {
+		t.Fatalf("the service got %s %q before the marker", pk.TopicName, pk.Payload)
 	}
 }

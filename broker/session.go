@@ -488,7 +488,13 @@ func (b *Broker) closeRevoked(conns []*conn, msg string) {
 		if cl == nil {
 			continue // refused at CONNECT by the flag
 		}
-		if b.stopRevoked(cl, errors.Is(r.err, store.ErrDeviceRevoked)) {
+		identity := errors.Is(r.err, store.ErrDeviceRevoked)
+		if identity {
+			// Once per identity: stopRevoked silences its topics, so a
+			// second connection's removal reaches no subscriber.
+			b.clearStatus(id)
+		}
+		if b.stopRevoked(cl, identity) {
 			b.log.Info().Str("id", id).Msg(msg)
 		}
 	}
