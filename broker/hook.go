@@ -31,7 +31,8 @@ func (h *hook) Provides(b byte) bool {
 	case mqtt.OnConnect, mqtt.OnConnectAuthenticate, mqtt.OnACLCheck,
 		mqtt.OnSubscribe, mqtt.OnSubscribed, mqtt.OnUnsubscribed,
 		mqtt.OnPublish, mqtt.OnPacketSent, mqtt.OnClientExpired,
-		mqtt.OnPacketRead, mqtt.OnPublishDropped, mqtt.OnRetainMessage, mqtt.OnQosComplete:
+		mqtt.OnPacketRead, mqtt.OnPublishDropped, mqtt.OnRetainMessage, mqtt.OnQosComplete,
+		mqtt.OnSessionEstablished:
 		return true
 	}
 	return false
@@ -334,8 +335,10 @@ func (h *hook) OnPublishDropped(_ *mqtt.Client, _ packets.Packet) {
 	h.b.stats.deliveryDropped.Add(1)
 }
 
-// OnPacketSent counts deliveries, and starts a service's retained
-// deliveries once the SUBACK before them is written.
+// OnPacketSent counts deliveries, starts a service's retained deliveries
+// once the SUBACK before them is written, and puts a resumed session's
+// messages in order before mochi resends them after the CONNACK (see
+// resend.go).
 func (h *hook) OnPacketSent(cl *mqtt.Client, pk packets.Packet, _ []byte) {
 	switch pk.FixedHeader.Type {
 	case packets.Publish:
@@ -344,6 +347,19 @@ func (h *hook) OnPacketSent(cl *mqtt.Client, pk packets.Packet, _ []byte) {
 		if c, ok := cl.Net.Conn.(*conn); ok {
 			h.b.sendRetained(cl, c, pk.PacketID)
 		}
+	case packets.Connack:
+		if c, ok := cl.Net.Conn.(*conn); ok && pk.SessionPresent {
+			c.resend = orderResend(cl)
+		}
+	}
+}
+
+// OnSessionEstablished runs after mochi's resend of a resumed session and
+// before it reads the client's first packet.
+func (h *hook) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
+	if c, ok := cl.Net.Conn.(*conn); ok && c.resend != nil {
+		c.resend.restore(cl)
+		c.resend = nil
 	}
 }
 

@@ -78,6 +78,9 @@ type conn struct {
 	// A service's retained deliveries (see retained.go); set by mochi's
 	// read goroutine at the first SUBSCRIBE, nil for devices.
 	retained *retainedQueue
+	// The resumed session's in-flight entries ranked for mochi's resend
+	// (see resend.go); only mochi's goroutine for the client uses it.
+	resend resendOrder
 
 	// The deadline last set and how far a refresh may move it before it
 	// is applied; only mochi's read goroutine sets deadlines.
