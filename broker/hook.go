@@ -218,6 +218,14 @@ func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 			Payload:  pk.Payload,
 		}
 	}
+	if code == packets.CodeSuccess && qos == 1 && g.role == store.RoleService &&
+		cl.Properties.ProtocolVersion == 5 && !b.hasSubscribers(pk.TopicName) {
+		// A command to a device that is not connected, and keeps no
+		// session (the agent keeps none), reaches no one: MQTT 5 lets
+		// the server say so (a success code, as mosquitto sends), so a
+		// backend can tell it from one delivered.
+		code = packets.CodeNoMatchingSubscribers
+	}
 	if pk.FixedHeader.Retain && !retainable(g.role, g.id, pk.TopicName) {
 		// Only the status topic keeps a retained message, so retained
 		// messages are bounded by the number of devices.
@@ -237,7 +245,9 @@ func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 		}
 		return pk, nil
 	case 1:
-		if m == nil && c.acksIdle() {
+		// mochi encodes a success reason other than 0 as 0: the acker
+		// writes that PUBACK itself.
+		if m == nil && c.acksIdle() && code != packets.CodeNoMatchingSubscribers {
 			// Nothing queued ahead: mochi may answer now, in order.
 			return pk, b.refusePublish(cl, pk.PacketID, qos, code)
 		}

@@ -610,3 +610,29 @@ func TestRevokingAServiceSaysNothingOnStatuses(t *testing.T) {
 		t.Fatalf("the service got %s %q before the marker", pk.TopicName, pk.Payload)
 	}
 }
+
+// TestCommandToNoOneIsSaid: a command to a device that is not connected and
+// keeps no session reaches no one; an MQTT 5 service is told so in its
+// PUBACK (0x10, a success code) rather than take it for delivered.
+func TestCommandToNoOneIsSaid(t *testing.T) {
+	f := newFixture(t, nil)
+	svc := dialRaw(t, f.addr, f.clientTLS(f.service(t, "svc")))
+	svc.connect("svc")
+	command := func(id uint16) byte {
+		svc.publish("devices/dev-c/commands/ping", 1, id, []byte("hello"))
+		return svc.mustRead(packets.Puback).ReasonCode
+	}
+	if got := command(1); got != packets.CodeNoMatchingSubscribers.Code {
+		t.Fatalf("PUBACK %#x for a device not connected, want %#x", got, packets.CodeNoMatchingSubscribers.Code)
+	}
+
+	dev := dialRaw(t, f.addr, f.clientTLS(f.device(t, "dev-c")))
+	dev.connect("dev-c")
+	subscribeRaw(t, dev, "devices/dev-c/commands/#", 1)
+	if got := command(2); got != 0 {
+		t.Fatalf("PUBACK %#x for a connected device, want 0", got)
+	}
+	if pk := nextPublish(t, dev, "the command"); string(pk.Payload) != "hello" {
+		t.Fatalf("the device got %q", pk.Payload)
+	}
+}
