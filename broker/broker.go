@@ -542,9 +542,12 @@ func (b *Broker) clearStatus(id string) {
 	if d, err := b.st.Device(context.Background(), id); err == nil && d.Role != store.RoleDevice {
 		return // only devices have a status; services and operators none
 	}
+	// At QoS 1, as the agent publishes its status: a backend away with a
+	// kept session gets the removal when it comes back.
 	pk := packets.Packet{
-		FixedHeader: packets.FixedHeader{Type: packets.Publish, Retain: true},
+		FixedHeader: packets.FixedHeader{Type: packets.Publish, Retain: true, Qos: 1},
 		TopicName:   topicRoot + "/" + id + "/" + levelStatus,
+		PacketID:    1, // mochi refuses a QoS 1 publish without one; the inline client's are never acknowledged
 	}
 	if err := b.srv.InjectPacket(b.inline, pk); err != nil {
 		b.log.Warn().Err(err).Str("id", id).Msg("broker: status of a revoked identity not cleared for its subscribers")

@@ -205,6 +205,11 @@ func TestRevokedDevicePublishesNoWill(t *testing.T) {
 func TestRevokingAnOfflineDeviceClearsItsStatus(t *testing.T) {
 	f := newFixture(t, nil)
 	svc := watchStatuses(t, f)
+	// A backend away with a kept session gets the removal when it is back.
+	awayCert := f.service(t, "svc-away")
+	away := dialRaw(t, f.addr, f.clientTLS(awayCert))
+	connectKept(t, away, "svc-away", 600, packets.Properties{})
+	subscribeRaw(t, away, "devices/+/status", 1)
 
 	dev := dialRaw(t, f.addr, f.clientTLS(f.device(t, "dev-o")))
 	dev.connect("dev-o")
@@ -217,12 +222,27 @@ func TestRevokingAnOfflineDeviceClearsItsStatus(t *testing.T) {
 	}
 	dev.write(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Disconnect}})
 	eventually(t, func() bool { _, ok := f.b.srv.Clients.Get("dev-o"); return !ok }, "dev-o gone")
+	if pk := nextPublish(t, away, "the status"); string(pk.Payload) != "offline" {
+		t.Fatalf("got %q, want offline", pk.Payload)
+	}
+	away.write(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Puback}, PacketID: 1})
+	_ = away.conn.Close()
+	if cl, ok := f.b.srv.Clients.Get("svc-away"); !ok {
+		t.Fatal("no kept session for svc-away")
+	} else {
+		eventually(t, cl.Closed, "svc-away's connection ended")
+	}
 
 	if _, err := f.db.RevokeDevice(context.Background(), "dev-o", "test", time.Now()); err != nil {
 		t.Fatal(err)
 	}
 	f.b.Revoke("dev-o")
 	statusRemoved(t, svc, "dev-o")
+	away = dialRaw(t, f.addr, f.clientTLS(awayCert))
+	if ack := connectKept(t, away, "svc-away", 600, packets.Properties{}); !ack.SessionPresent {
+		t.Fatal("svc-away's session was not kept")
+	}
+	statusRemoved(t, away, "dev-o")
 	if _, ok := f.b.srv.Topics.Retained.Get("devices/dev-o/status"); ok {
 		t.Fatal("the revoked device's status is still retained")
 	}
