@@ -460,7 +460,8 @@ func TestLibraryPanicEndsOnlyItsConnection(t *testing.T) {
 		FixedHeader: packets.FixedHeader{Type: packets.Connect},
 		Connect: packets.ConnectParams{
 			ProtocolName: []byte("MQTT"), Clean: true, Keepalive: 30, ClientIdentifier: "dev-a",
-			WillFlag: true, WillTopic: "devices/dev-a/status", WillPayload: []byte("offline"), WillRetain: true,
+			// At QoS 1, as the agent's.
+			WillFlag: true, WillTopic: "devices/dev-a/status", WillPayload: []byte("offline"), WillRetain: true, WillQos: 1,
 		},
 	})
 	bad.mustRead(packets.Connack)

@@ -611,6 +611,10 @@ func (b *Broker) sendWill(cl *mqtt.Client) {
 		TopicName:   w.TopicName,
 		Payload:     w.Payload,
 		Properties:  packets.Properties{User: w.User},
+		// mochi refuses a QoS 1/2 publish without a packet id, also from
+		// its inline client, whose publishes are never acknowledged: the
+		// agent's QoS 1 will was not sent.
+		PacketID: uint16(min(w.Qos, 1)),
 	}
 	if err := b.srv.InjectPacket(b.inline, pk); err != nil {
 		b.log.Warn().Err(err).Str("id", cl.ID).Msg("broker: last will not sent")
