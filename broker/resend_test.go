@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"slices"
 	"strconv"
 	"testing"
 
@@ -63,4 +64,33 @@ func TestResumedSessionGetsMessagesInOrder(t *testing.T) {
 		}
 		return true
 	}, "every in-flight message back to its real time")
+}
+
+// TestResendOrderAcrossTheWrap: mochi numbers a connection's messages up
+// to 65535 and on from 1; a session whose in-flight ids span the wrap is
+// resent high ids first, and by second before id.
+func TestResendOrderAcrossTheWrap(t *testing.T) {
+	f := newFixture(t, nil)
+	cl := f.b.srv.NewClient(nil, listenerID, "svc", false)
+	const sec = 1_800_000_000
+	var want []uint16
+	for _, e := range []struct {
+		id      uint16
+		created int64
+	}{{65533, sec}, {65535, sec}, {2, sec}, {3, sec + 1}, {65534, sec}, {1, sec}, {40000, sec - 1}} {
+		cl.State.Inflight.Set(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1}, PacketID: e.id, Created: e.created})
+	}
+	want = []uint16{40000, 65533, 65534, 65535, 1, 2, 3}
+	order := orderResend(cl)
+	var got []uint16
+	for _, pk := range cl.State.Inflight.GetAll(false) { // mochi's resend order
+		got = append(got, pk.PacketID)
+	}
+	if !slices.Equal(got, want) {
+		t.Fatalf("resent in the order %v, want %v", got, want)
+	}
+	order.restore(cl)
+	if pk, _ := cl.State.Inflight.Get(3); pk.Created != sec+1 {
+		t.Fatalf("Created %d after restore, want %d", pk.Created, sec+1)
+	}
 }
