@@ -1104,6 +1104,26 @@ func TestSubscriptionLimit(t *testing.T) {
 	}
 }
 
+// TestSubscriptionLimitSaysQuota: over MQTT 5 a filter over the limit is
+// refused as "quota exceeded", not as an invalid filter, which it is not.
+func TestSubscriptionLimitSaysQuota(t *testing.T) {
+	f := newFixture(t, nil)
+	svc := dialRaw(t, f.addr, f.clientTLS(f.service(t, "svc")))
+	svc.connect("svc")
+	var filters packets.Subscriptions
+	for i := range maxSubscriptions + 1 {
+		filters = append(filters, packets.Subscription{Filter: fmt.Sprintf("devices/pi-%d/telemetry", i), Qos: 1})
+	}
+	svc.write(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Subscribe, Qos: 1}, PacketID: 1, Filters: filters})
+	codes := svc.mustRead(packets.Suback).ReasonCodes
+	if len(codes) != maxSubscriptions+1 || codes[0] != 1 || codes[maxSubscriptions-1] != 1 {
+		t.Fatalf("SUBACK %v, want %d granted before the last", codes, maxSubscriptions)
+	}
+	if last := codes[maxSubscriptions]; last != packets.ErrQuotaExceeded.Code {
+		t.Fatalf("SUBACK %#x for the filter over the limit, want %#x (quota exceeded)", last, packets.ErrQuotaExceeded.Code)
+	}
+}
+
 func TestOnlyStatusIsRetained(t *testing.T) {
 	f := newFixture(t, nil)
 	d := connect(t, f.pahoOpts("dev-a", f.clientTLS(f.device(t, "dev-a"))))

@@ -154,10 +154,14 @@ func (h *hook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
 }
 
 // OnSubscribe turns filters beyond maxSubscriptions into invalid ones,
-// which mochi refuses in the SUBACK, and takes over the sending of a
-// service's retained messages (see retained.go).
+// which mochi refuses in the SUBACK (see overLimit), and takes over the
+// sending of a service's retained messages (see retained.go).
 func (h *hook) OnSubscribe(cl *mqtt.Client, pk packets.Packet) packets.Packet {
 	n := cl.State.Subscriptions.Len()
+	c, _ := cl.Net.Conn.(*conn)
+	if c != nil {
+		c.overLimit = c.overLimit[:0]
+	}
 	for i, f := range pk.Filters {
 		if _, ok := cl.State.Subscriptions.Get(f.Filter); ok {
 			continue
@@ -165,6 +169,9 @@ func (h *hook) OnSubscribe(cl *mqtt.Client, pk packets.Packet) packets.Packet {
 		if n >= maxSubscriptions {
 			pk.Filters[i].Filter = ""
 			h.b.stats.subLimit.Add(1)
+			if c != nil {
+				c.overLimit = append(c.overLimit, i)
+			}
 			continue
 		}
 		n++

@@ -78,6 +78,9 @@ type conn struct {
 	// A service's retained deliveries (see retained.go); set by mochi's
 	// read goroutine at the first SUBSCRIBE, nil for devices.
 	retained *retainedQueue
+	// Indexes of the filters of the SUBSCRIBE being handled that were
+	// over the subscription limit; only mochi's goroutine uses it.
+	overLimit []int
 	// The resumed session's in-flight entries ranked for mochi's resend
 	// (see resend.go); only mochi's goroutine for the client uses it.
 	resend resendOrder

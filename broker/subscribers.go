@@ -43,6 +43,9 @@ func isDevice(cl *mqtt.Client) bool {
 // OnSubscribed counts the granted subscriptions of clients other than
 // devices, and keeps the retained deliveries of those granted.
 func (h *hook) OnSubscribed(cl *mqtt.Client, pk packets.Packet, reasonCodes []byte) {
+	if c, ok := cl.Net.Conn.(*conn); ok {
+		c.overLimit = overLimit(cl, c.overLimit, reasonCodes)
+	}
 	if isDevice(cl) {
 		return
 	}
@@ -84,4 +87,21 @@ func (h *hook) OnUnsubscribed(cl *mqtt.Client, pk packets.Packet) {
 // taking the id.
 func (h *hook) OnClientExpired(cl *mqtt.Client) {
 	h.b.srv.UnsubscribeClient(cl)
+}
+
+// overLimit gives the filters OnSubscribe refused for the subscription
+// limit, at indexes idx, the MQTT 5 reason "quota exceeded" instead of the
+// "topic filter invalid" mochi gives the empty filter they were turned
+// into: a backend subscribing per device would look for a fault in a valid
+// filter. mochi writes the SUBACK with reasonCodes after this hook. MQTT
+// 3.1.1 has only 0x80. It returns idx emptied, for reuse.
+func overLimit(cl *mqtt.Client, idx []int, reasonCodes []byte) []int {
+	if cl.Properties.ProtocolVersion == 5 {
+		for _, i := range idx {
+			if i < len(reasonCodes) && reasonCodes[i] == packets.ErrTopicFilterInvalid.Code {
+				reasonCodes[i] = packets.ErrQuotaExceeded.Code
+			}
+		}
+	}
+	return idx[:0]
 }
