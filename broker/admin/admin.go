@@ -831,8 +831,7 @@ func (h *Handler) issueIdentity(w http.ResponseWriter, r *http.Request) {
 	if req.Renew {
 		err = h.renewIdentity(r.Context(), req, rec, now)
 	} else if err = h.st.CreateIdentity(r.Context(), d, rec, remote, now); errors.Is(err, store.ErrDeviceExists) {
-		err = &enroll.Error{Code: enroll.CodeIDTaken, Err: err,
-			Message: fmt.Sprintf("the name %s is taken (by a device, service or operator, revoked ones included): names are for life; choose another, or renew its certificate (%s issue %s --renew)", req.Name, req.Role, req.Name)}
+		err = &enroll.Error{Code: enroll.CodeIDTaken, Err: err, Message: h.takenAdvice(r.Context(), req)}
 	} else if live := (*store.LiveTokensError)(nil); errors.As(err, &live) {
 		err = &enroll.Error{Code: enroll.CodeIDHasToken, Err: err, Message: fmt.Sprintf(
 			"the name %s has a usable bootstrap token bound to it: %s; the device it was minted for would take the name. "+
@@ -847,6 +846,27 @@ func (h *Handler) issueIdentity(w http.ResponseWriter, r *http.Request) {
 		Name: req.Name, Role: string(req.Role), Certificate: pemCert(cert),
 		CA: string(h.cfg.CA.ChainPEM()), NotAfter: cert.NotAfter.UTC(),
 	})
+}
+
+// takenAdvice says what to do about req.Name, which exists: renew it when
+// it is an identity of req.Role that may renew, else choose another name.
+// Advising --renew for a device's or a revoked name only led to a second
+// refusal.
+func (h *Handler) takenAdvice(ctx context.Context, req IdentityRequest) string {
+	d, err := h.st.Device(ctx, req.Name)
+	switch {
+	case err != nil:
+		return fmt.Sprintf("the name %s is taken (by a device, service or operator, revoked ones included): names are for life; choose another, or renew its certificate (%s issue %s --renew)", req.Name, req.Role, req.Name)
+	case d.Revoked():
+		return fmt.Sprintf("the name %s was revoked; revoked names are never used again: choose another", req.Name)
+	case d.Role != req.Role:
+		article := "a"
+		if d.Role == store.RoleOperator {
+			article = "an"
+		}
+		return fmt.Sprintf("the name %s is taken by %s %s; names are for life: choose another", req.Name, article, d.Role)
+	}
+	return fmt.Sprintf("the name %s is taken by this %s: to give it a new certificate, renew it (%s issue %s --renew)", req.Name, req.Role, req.Role, req.Name)
 }
 
 // renewIdentity records rec as the new certificate of the existing

@@ -90,6 +90,12 @@ func TestIdentityRenew(t *testing.T) {
 	if out, errs, code := s.cli(t, "operator", "issue", "ops", "--renew", "--out", t.TempDir()); code != 0 || !strings.Contains(out, "operator ops renewed") {
 		t.Errorf("operator renew: exit %d: %s%s", code, out, errs)
 	}
+	if _, errs, code := s.cli(t, "service", "issue", "gone", "--out", t.TempDir()); code != 0 {
+		t.Fatalf("service issue: %s", errs)
+	}
+	if _, errs, code := s.cli(t, "device", "revoke", "gone"); code != 0 {
+		t.Fatalf("revoke: %s", errs)
+	}
 	for _, tc := range []struct {
 		args []string
 		want string
@@ -97,6 +103,10 @@ func TestIdentityRenew(t *testing.T) {
 		{[]string{"operator", "issue", "backend", "--renew"}, "backend has the role service, not operator"},
 		{[]string{"service", "issue", "pi-r1", "--renew"}, "devices renew their own certificates"},
 		{[]string{"service", "issue", "ghost", "--renew"}, `no service "ghost" to renew`},
+		// A name taken by another role: renewing it would be refused too.
+		{[]string{"service", "issue", "pi-r1"}, "the name pi-r1 is taken by a device; names are for life: choose another"},
+		{[]string{"service", "issue", "ops"}, "the name ops is taken by an operator; names are for life: choose another"},
+		{[]string{"service", "issue", "gone"}, "the name gone was revoked; revoked names are never used again: choose another"},
 	} {
 		dir := t.TempDir()
 		if _, errs, code := s.cli(t, append(tc.args, "--out", dir)...); code == 0 || !strings.Contains(errs, tc.want) {
