@@ -365,7 +365,9 @@ func (h *hook) OnPacketSent(cl *mqtt.Client, pk packets.Packet, _ []byte) {
 			h.b.sendRetained(cl, c, pk.PacketID)
 		}
 	case packets.Connack:
-		if c, ok := cl.Net.Conn.(*conn); ok && pk.SessionPresent {
+		// With a maximum message expiry, mochi would also read Created
+		// to expire in-flight messages, and take the ranks for ancient.
+		if c, ok := cl.Net.Conn.(*conn); ok && pk.SessionPresent && h.b.srv.Options.Capabilities.MaximumMessageExpiryInterval == 0 {
 			c.resend = orderResend(cl)
 		}
 	}
