@@ -583,6 +583,14 @@ func (h *Handler) enrollCSR(ctx context.Context, stored store.Token, csr *x509.C
 		Remote:    remote,
 		Now:       now,
 	})
+	if live := (*store.LiveTokensError)(nil); errors.As(err, &live) {
+		// Told to the person installing the device, who can pick another
+		// id, or pass the token's public id on to the operator.
+		return nil, &Error{Code: CodeIDHasToken, Err: err, Message: fmt.Sprintf(
+			"device id %s is reserved: bootstrap token %s is bound to it and has not enrolled it yet; "+
+				"enroll under another id, or have the operator revoke that token (fleetmq token revoke %s)",
+			id, live.Tokens[0].ID, live.Tokens[0].ID)}
+	}
 	if err != nil {
 		return nil, err
 	}

@@ -16,8 +16,10 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -823,5 +825,67 @@ func TestCAUnusableIsUnavailable(t *testing.T) {
 				}
 			})
 		}
+	}
+}
+
+// TestFreeTokenRefusedAReservedID: a free token, over /v1 or EST, does not
+// enroll an id a usable token is bound to, which that token's device would
+// otherwise find taken in the field. The refusal is a 409 that says what
+// to do, audited and counted like id_taken; it changes nothing and spends
+// no use. The bound token still enrolls its id.
+func TestFreeTokenRefusedAReservedID(t *testing.T) {
+	var mu sync.Mutex
+	var results []string
+	e := newESTEnv(t, estOptions{mutate: func(c *Config) {
+		c.Observe = func(op, result string) {
+			mu.Lock()
+			defer mu.Unlock()
+			results = append(results, op+":"+result)
+		}
+	}})
+	bound := e.mintToken(t, "pi-7", 1)
+	free := e.mintToken(t, "", 1)
+	tok, err := ParseToken(free)
+	if err != nil {
+		t.Fatal(err)
+	}
+	boundTok, err := ParseToken(bound)
+	if err != nil {
+		t.Fatal(err)
+	}
+	key := genP256(t)
+	before := e.snapshot(t)
+	for _, via := range []string{"v1", "EST"} {
+		var rep estReply
+		evs := newAudit(t, e, func() {
+			if via == "v1" {
+				rep = e.do(t, e.client(t, nil), http.MethodPost, "/v1/enroll",
+					map[string]string{"Content-Type": "application/pkcs10", "Authorization": "Bearer " + free}, estCSR(t, key, "pi-7"))
+			} else {
+				rep = e.do(t, e.client(t, nil), http.MethodPost, "/.well-known/est/simpleenroll",
+					map[string]string{"Content-Type": "application/pkcs10", "Authorization": basicAuth("pi-7", free)}, estBase64Body(estCSR(t, key, "pi-7")))
+			}
+		})
+		code, msg := apiError(t, rep)
+		if rep.status != http.StatusConflict || code != CodeIDHasToken {
+			t.Fatalf("%s: answer %d %s (%s), want 409 %s", via, rep.status, code, msg, CodeIDHasToken)
+		}
+		for _, say := range []string{"pi-7 is reserved", "another id", "fleetmq token revoke " + TokenID(boundTok.Hash)} {
+			if !strings.Contains(msg, say) {
+				t.Errorf("%s: message %q does not say %q", via, msg, say)
+			}
+		}
+		wantFailAudit(t, evs, store.ActTokenFail, CodeIDHasToken, "", TokenID(tok.Hash))
+		if after := e.snapshot(t); after != before {
+			t.Fatalf("%s: the refused enrollment changed the store", via)
+		}
+	}
+	e.enroll(t, bound, genP256(t), "pi-7")
+	e.enroll(t, free, genP256(t), "pi-8") // its one use is left
+	mu.Lock()
+	defer mu.Unlock()
+	want := []string{"enroll:id_has_token", "enroll:id_has_token", "enroll:ok", "enroll:ok"}
+	if !slices.Equal(results, want) {
+		t.Errorf("Observe calls %q, want %q", results, want)
 	}
 }

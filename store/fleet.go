@@ -315,11 +315,13 @@ func checkBinding(rec []byte, t Token) (*Device, error) {
 // Enroll applies one enrollment in one transaction after checking the token
 // (ErrTokenUnknown, ErrTokenRevoked, ErrTokenExpired, ErrTokenUsed,
 // ErrTokenBound) and that the device id is new (ErrDeviceExists), or that
-// the token re-provisions it (see Token.Reprovision; ErrDeviceRevoked): it
-// spends one use of the token, stores the device with role RoleDevice and
-// its certificate, and appends ActTokenUse and ActCertIssue (and
-// ActReprovision). A re-provisioned device keeps its creation time and
-// labels (the token's are added), and its other certificates are revoked.
+// the token re-provisions it (see Token.Reprovision; ErrDeviceRevoked), and
+// that no usable token is bound to the id a free token enrolls (a
+// *LiveTokensError, ErrTokenLive): it spends one use of the token, stores
+// the device with role RoleDevice and its certificate, and appends
+// ActTokenUse and ActCertIssue (and ActReprovision). A re-provisioned
+// device keeps its creation time and labels (the token's are added), and
+// its other certificates are revoked.
 func (db *DB) Enroll(ctx context.Context, e Enrollment) error {
 	id := e.Device.ID
 	switch {
@@ -354,6 +356,18 @@ func (db *DB) Enroll(ctx context.Context, e Enrollment) error {
 			}
 			if prev, err = checkBinding(rec, t); err != nil {
 				return err
+			}
+		} else if t.DeviceID == "" {
+			// A free token's CN must not take an id a usable token is
+			// bound to: the device that token was minted for would find
+			// it unusable only in the field. Checked in this transaction,
+			// as at minting, so no token can be bound to id meanwhile.
+			live, err := usableTokens(tx, map[string]bool{id: true}, e.Now)
+			if err != nil {
+				return err
+			}
+			if len(live) > 0 {
+				return &LiveTokensError{Tokens: live}
 			}
 		}
 		if tx.Bucket(bucketCerts).Get([]byte(e.Cert.Serial)) != nil {

@@ -306,10 +306,11 @@ func fixture(t *testing.T) *store.DB {
 	_, err = db.RevokeToken(ctx, "revoked", "admin", t0)
 	must(err)
 	must(db.CreateIdentity(ctx, store.Device{ID: "svc", Role: store.RoleService}, cert("svc", "s-svc"), "admin", t0))
-	// A token bound to an id that a free token took meanwhile, and a
-	// re-provisioning token whose device was revoked meanwhile.
-	mustCreateTokens(t, db, store.Token{ID: "bound-early", Hash: tokenHash("bound-early"), MaxUses: 1, ExpiresAt: exp, DeviceID: "d-race"})
-	must(db.Enroll(ctx, enrollment(tokenHash("fresh"), "d-race", "s-race")))
+	// A token bound to an id that was enrolled meanwhile (by the token
+	// itself: a free token may not take it), and a re-provisioning token
+	// whose device was revoked meanwhile.
+	mustCreateTokens(t, db, store.Token{ID: "bound-early", Hash: tokenHash("bound-early"), MaxUses: 2, ExpiresAt: exp, DeviceID: "d-race"})
+	must(db.Enroll(ctx, enrollment(tokenHash("bound-early"), "d-race", "s-race")))
 	mustCreateTokens(t, db, store.Token{ID: "reprov-rev", Hash: tokenHash("reprov-rev"), MaxUses: 1, ExpiresAt: exp, DeviceID: "d-race", Reprovision: true})
 	_, err = db.RevokeDevice(ctx, "d-race", "admin", t0)
 	must(err)

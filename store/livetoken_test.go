@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/fleetmq/fleetmq/store"
+	"github.com/fleetmq/fleetmq/store/storetest"
 )
 
 func boundToken(id, device string) store.Token {
@@ -138,5 +139,67 @@ func TestLiveTokenLabelNamedDeviceID(t *testing.T) {
 	}
 	if err := db.CreateTokens(ctx, []store.Token{boundToken("n2", "pi-2")}, "admin", t0); !errors.Is(err, store.ErrTokenLive) {
 		t.Fatalf("pi-2, bound beside a label: %v", err)
+	}
+}
+
+// A free token does not enroll an id a usable token is bound to: the
+// device that token was minted for would find it unusable in the field.
+// Nothing is written and the free token keeps its uses; the bound token
+// still enrolls its id, and tokens that can no longer enroll their ids
+// reserve nothing.
+func TestFreeTokenRefusedAReservedID(t *testing.T) {
+	ctx := context.Background()
+	db := store.OpenTest(t)
+	free := boundToken("free", "")
+	free.MaxUses = 2
+	expired := boundToken("expired", "pi-3")
+	expired.ExpiresAt = t0
+	mustCreateTokens(t, db, free, boundToken("bound", "pi-1"), boundToken("revoked", "pi-2"), expired)
+	if _, err := db.RevokeToken(ctx, "revoked", "admin", t0); err != nil {
+		t.Fatal(err)
+	}
+	before := storetest.FleetState(t, db)
+	err := db.Enroll(ctx, enrollment(tokenHash("free"), "pi-1", "s1"))
+	var live *store.LiveTokensError
+	if !errors.As(err, &live) || len(live.Tokens) != 1 || live.Tokens[0].ID != "bound" {
+		t.Fatalf("free token enrolling pi-1: %v, want the bound token named", err)
+	}
+	if after := storetest.FleetState(t, db); after != before {
+		t.Fatal("the refused enrollment changed the store")
+	}
+	if err := db.Enroll(ctx, enrollment(tokenHash("bound"), "pi-1", "s1")); err != nil {
+		t.Fatalf("the bound token enrolling its id: %v", err)
+	}
+	// Both uses are left: the refusal spent none.
+	for _, id := range []string{"pi-2", "pi-3"} {
+		if err := db.Enroll(ctx, enrollment(tokenHash("free"), id, "s-"+id)); err != nil {
+			t.Fatalf("free token enrolling %s, whose token cannot enroll it: %v", id, err)
+		}
+	}
+}
+
+// Minting a token for an id and a free token enrolling it, at once: the
+// check and the write are one transaction either way, so one of them wins.
+func TestFreeEnrollRacesTokenForItsID(t *testing.T) {
+	ctx := context.Background()
+	db := store.OpenTest(t)
+	const n = 8
+	free := boundToken("free", "")
+	free.MaxUses = n
+	mustCreateTokens(t, db, free)
+	var wg sync.WaitGroup
+	minted, enrolled := make([]error, n), make([]error, n)
+	for i := range n {
+		id := fmt.Sprint("pi-", i)
+		wg.Go(func() {
+			minted[i] = db.CreateTokens(ctx, []store.Token{boundToken(fmt.Sprint("b", i), id)}, "admin", t0)
+		})
+		wg.Go(func() { enrolled[i] = db.Enroll(ctx, enrollment(tokenHash("free"), id, fmt.Sprint("s", i))) })
+	}
+	wg.Wait()
+	for i := range n {
+		if (minted[i] == nil) == (enrolled[i] == nil) {
+			t.Errorf("pi-%d: mint %v, free enrollment %v: want exactly one to succeed", i, minted[i], enrolled[i])
+		}
 	}
 }

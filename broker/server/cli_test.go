@@ -82,10 +82,16 @@ func TestOperatorCLI(t *testing.T) {
 		t.Fatalf("a refused token create changed the token list:\n%s\n%s", before, after)
 	}
 
-	// A token bound to an id enrolled since with another token stays
-	// valid but can never be used: listed as unusable, with why.
-	spare := s.token(t, "--device", "pi-spare")
-	s.enroll(t, s.token(t), "pi-spare")
+	// A free token does not take an id a usable token is bound to. A
+	// token of two uses that enrolled its id stays valid but can never be
+	// used again: listed as unusable, with why.
+	spare := s.token(t, "--device", "pi-spare", "--uses", "2")
+	free := s.token(t)
+	if a := s.post(t, s.client(nil), "/v1/enroll", bearer(free), csrPEM(t, newKey(t), "pi-spare")); a.status != 409 || a.code != "id_has_token" {
+		t.Fatalf("free token enrolling pi-spare, which a token is bound to: %d %s", a.status, a.body)
+	}
+	s.enroll(t, spare, "pi-spare")
+	s.enroll(t, free, "pi-free") // the refusal spent none of its use
 	out, _, _ = s.cli(t, "token", "list")
 	if !strings.Contains(out, "unusable: pi-spare exists; only a re-provisioning token") {
 		t.Fatalf("token list does not show the spare token as unusable:\n%s", out)

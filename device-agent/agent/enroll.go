@@ -457,6 +457,11 @@ func enrollAdvice(err error, id string) error {
 	case se.Code == codeIDTaken:
 		return fmt.Errorf("%w: ids are for life; use another id, or ask the operator for a token that re-provisions "+
 			"this device (fleetmq token create --device ID --reprovision)", err)
+	case se.Code == codeIDHasToken:
+		// The id is kept for the device a bound token was minted for,
+		// which may be this one, given the wrong token.
+		return fmt.Errorf("%w: give another id with --id; if this is the device that token was minted for, "+
+			"enroll it with that token instead", err)
 	case se.Code == codeTokenUnknown:
 		// A token mistyped or cut short when pasted, or another fleet's.
 		return fmt.Errorf("%w: check the token was pasted whole and is for this server, "+

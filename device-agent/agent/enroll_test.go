@@ -609,6 +609,7 @@ func TestEnrollAdvice(t *testing.T) {
 		{wrap(codeIDInvalid), "Bad/Id", ""},
 		{wrap(codeIDTaken), "pi-1", "--reprovision"},
 		{&ServerError{Status: 409, Code: codeIDTaken, Message: "device id already taken: it was revoked, and revoked ids are never used again"}, "pi-1", "under another id (--id)"},
+		{&ServerError{Status: 409, Code: codeIDHasToken, Message: "device id pi-7 is reserved"}, "pi-7", "another id with --id; if this is the device that token was minted for, enroll it with that token"},
 		{wrap(codeTokenUsed), "", "the token enrolled another key"},
 		{wrap(codeTokenUnknown), "", "check the token was pasted whole"},
 		{wrap(codeTokenExpired), "", "ask the operator for a new token"},

@@ -34,6 +34,7 @@ const (
 	codeRateLimited   = "rate_limited"
 	codeIDInvalid     = "id_invalid"
 	codeIDTaken       = "id_taken"
+	codeIDHasToken    = "id_has_token"
 	codeIDMismatch    = "id_mismatch"
 )
 
