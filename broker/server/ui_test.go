@@ -110,11 +110,7 @@ func TestDashboardInBrowser(t *testing.T) {
 	if loginURL != base+"/login" {
 		t.Fatalf("login page %q, want %s/login", loginURL, base)
 	}
-	if err := chromedp.Do(ctx, chromedp.Navigate(base+"/"), chromedp.WaitVisible(chromedp.CSS(`input[name="code"]`)),
-		chromedp.SendKeys(`input[name="code"]`, code), chromedp.Submit(`input[name="code"]`),
-		chromedp.WaitVisible(chromedp.CSS("#count-online"))); err != nil {
-		t.Fatalf("login: %v", err)
-	}
+	browserLogin(t, ctx, base, code)
 
 	// Overview: one device online, two offline.
 	if err := chromedp.Do(ctx, chromedp.Navigate(base+"/"), chromedp.WaitVisible(chromedp.CSS("#count-online"))); err != nil {
@@ -317,6 +313,112 @@ func TestDashboardInBrowser(t *testing.T) {
 	}
 	if slices.Contains(s.Broker().Online(), "pi-0001") {
 		t.Error("pi-0001 still listed online by the broker")
+	}
+}
+
+// browserLogin enters code, as `fleetmq dashboard` printed it, where the
+// dashboard sends the browser.
+func browserLogin(t *testing.T, ctx context.Context, base, code string) {
+	t.Helper()
+	if err := chromedp.Do(ctx, chromedp.Navigate(base+"/"), chromedp.WaitVisible(chromedp.CSS(`input[name="code"]`)),
+		chromedp.SendKeys(`input[name="code"]`, code), chromedp.Submit(`input[name="code"]`),
+		chromedp.WaitVisible(chromedp.CSS("#count-online"))); err != nil {
+		t.Fatalf("login: %v", err)
+	}
+}
+
+// TestDashboardTokenReplace: the token form refuses a second usable token
+// for an id with a page that says what to do in the dashboard (no CLI
+// advice), and offers to create it again with "replace"; that, or the
+// form's replace box, revokes the usable token as the CLI's --replace does.
+func TestDashboardTokenReplace(t *testing.T) {
+	s := startServer(t, func(c *server.Config) { c.UIAddr = "127.0.0.1:0" })
+	base := strings.TrimSuffix(s.UIURL(), "/")
+	s.token(t, "--device", "pi-0007")
+	ctx := newBrowser(t)
+	_, code := s.dashboardCode(t)
+	browserLogin(t, ctx, base, code)
+	tokens := func() []store.Token {
+		t.Helper()
+		toks, err := s.Store().Tokens(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		return toks
+	}
+	create := func(replace bool) {
+		t.Helper()
+		acts := []chromedp.Action[chromedp.Void]{chromedp.Navigate(base + "/tokens"), chromedp.WaitVisible(chromedp.CSS(`input[name="device"]`)),
+			chromedp.SendKeys(`input[name="device"]`, "pi-0007")}
+		if replace {
+			acts = append(acts, chromedp.Click(`input[name="replace"]`))
+		}
+		acts = append(acts, chromedp.Submit(`input[name="device"]`), chromedp.WaitVisible(chromedp.CSS("#confirm")),
+			chromedp.Click(chromedp.CSS("#confirm")), chromedp.WaitVisible(chromedp.CSS("#new-tokens, p.error")))
+		if err := chromedp.Do(ctx, acts...); err != nil {
+			t.Fatalf("token form (replace %v): %v", replace, err)
+		}
+	}
+
+	create(false)
+	refusal, err := chromedp.Run(ctx, chromedp.Text(chromedp.CSS("p.error")))
+	if err != nil {
+		t.Fatalf("no refusal shown: %v", err)
+	}
+	if !strings.Contains(refusal, "pi-0007 already has a usable token") || !strings.Contains(refusal, "“replace” ticked") ||
+		strings.Contains(refusal, "fleetmq") || strings.Contains(refusal, "--replace") {
+		t.Fatalf("refusal %q: want what to do in the dashboard, and no CLI advice", refusal)
+	}
+	first := tokens()
+	if len(first) != 1 {
+		t.Fatalf("%d tokens after the refusal, want the first alone", len(first))
+	}
+	if row, err := chromedp.Run(ctx, chromedp.Text(chromedp.CSS("#live-tokens tbody"))); err != nil || !strings.Contains(row, first[0].ID) {
+		t.Errorf("the refusal does not list the usable token %s: %q (%v)", first[0].ID, row, err)
+	}
+
+	// Its button leads to the confirmation of the same form, replacing.
+	if err := chromedp.Do(ctx, chromedp.Click(chromedp.CSS("#replace-again")), chromedp.WaitVisible(chromedp.CSS("#confirm"))); err != nil {
+		t.Fatalf("create with replace: %v", err)
+	}
+	if facts, err := chromedp.Run(ctx, chromedp.Text(chromedp.CSS("dl.facts"))); err != nil || !strings.Contains(facts, "Replaces") {
+		t.Errorf("the confirmation does not say it replaces: %q (%v)", facts, err)
+	}
+	if err := chromedp.Do(ctx, chromedp.Click(chromedp.CSS("#confirm")), chromedp.WaitVisible(chromedp.CSS("#new-tokens"))); err != nil {
+		t.Fatalf("confirm the replacement: %v", err)
+	}
+	// The form's box does the same.
+	create(true)
+	if _, err := chromedp.Run(ctx, chromedp.Text(chromedp.CSS("#new-tokens"))); err != nil {
+		t.Fatalf("replace box: no token created: %v", err)
+	}
+
+	now := s.clock.Now()
+	toks := tokens()
+	live := 0
+	for _, tok := range toks {
+		if tok.DeviceID != "pi-0007" {
+			t.Errorf("token %s bound to %q", tok.ID, tok.DeviceID)
+		}
+		if tok.Check(now) == nil {
+			live++
+		}
+	}
+	if len(toks) != 3 || live != 1 {
+		t.Fatalf("%d tokens, %d usable: want 3, the last alone usable", len(toks), live)
+	}
+	evs, err := s.Store().Audit(context.Background(), store.AuditFilter{DeviceID: "pi-0007"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	replaced := 0
+	for _, ev := range evs {
+		if ev.Action == store.ActTokenRevoke && strings.HasPrefix(ev.Detail, "replaced by token ") && ev.Remote == "ui:local" {
+			replaced++
+		}
+	}
+	if replaced != 2 {
+		t.Errorf("%d token.revoke events replaced by the dashboard, want 2: %+v", replaced, evs)
 	}
 }
 
@@ -639,6 +741,7 @@ func TestDashboardTokenFormChecked(t *testing.T) {
 		"device=BAD+ID":      "id must be lower case",
 		"reprovision=yes":    "reprovision needs",
 		"labels=a%3D1,a%3D2": "label a is given twice",
+		"replace=yes":        "replace needs device_id or count",
 	} {
 		resp, err := hc.Get(s.UIURL() + "tokens/new?" + query)
 		if err != nil {

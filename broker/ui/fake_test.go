@@ -185,6 +185,11 @@ func (f *fleet) CheckTokens(admin.TokenRequest) error { return nil }
 func (f *fleet) MintTokens(_ context.Context, req admin.TokenRequest, remote string) ([]admin.NewToken, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	if req.DeviceID == "pi-live" && !req.Replace {
+		// As the admin API refuses a second usable token for an id.
+		live := &store.LiveTokensError{Tokens: []store.Token{{ID: "live01", DeviceID: "pi-live", MaxUses: 1}}}
+		return nil, &enroll.Error{Code: enroll.CodeIDHasToken, Err: live, Message: "pi-live already has a usable token: revoke it first (fleetmq token revoke live01)"}
+	}
 	f.minted = append(f.minted, req)
 	n := max(1, req.Count)
 	out := make([]admin.NewToken, n)

@@ -454,6 +454,9 @@ type tokenForm struct {
 	Count, Uses                         int
 	Start                               int  // number of a batch's first id; 0: 1
 	Reprovision                         bool // the device exists: enroll it again
+	// Replace revokes the usable tokens already bound to the ids in the
+	// step that mints the new ones, as `token create --replace` does.
+	Replace bool
 }
 
 // First and Last are the ids a batch is for.
@@ -464,7 +467,7 @@ func parseTokenForm(get func(string) string) (tokenForm, admin.TokenRequest, err
 	f := tokenForm{
 		Device: strings.TrimSpace(get("device")), Prefix: strings.TrimSpace(get("prefix")),
 		TTL: strings.TrimSpace(get("ttl")), Labels: strings.TrimSpace(get("labels")), Format: get("format"),
-		Reprovision: get("reprovision") == "yes",
+		Reprovision: get("reprovision") == "yes", Replace: get("replace") == "yes",
 	}
 	var err error
 	// Empty means the default; a typed 0 or a negative is a mistake,
@@ -492,7 +495,7 @@ func parseTokenForm(get func(string) string) (tokenForm, admin.TokenRequest, err
 	if ttl <= 0 {
 		return f, admin.TokenRequest{}, fmt.Errorf("ttl must be positive, got %q", f.TTL)
 	}
-	req := admin.TokenRequest{DeviceID: f.Device, Reprovision: f.Reprovision, Uses: f.Uses, TTL: ttl.String(), Prefix: f.Prefix}
+	req := admin.TokenRequest{DeviceID: f.Device, Reprovision: f.Reprovision, Replace: f.Replace, Uses: f.Uses, TTL: ttl.String(), Prefix: f.Prefix}
 	if f.Count > 1 || f.Prefix != "" {
 		req.Count = f.Count
 	}
@@ -524,6 +527,33 @@ func optionalInt(s string) (int, error) {
 		return 0, nil
 	}
 	return strconv.Atoi(s)
+}
+
+// tokenRefused is a token form refused because usable tokens are already
+// bound to some of its ids.
+type tokenRefused struct {
+	Form   tokenForm
+	Count  int           // usable tokens bound to its ids
+	Tokens []store.Token // the first maxRefusedRows of them, by bound id
+	Again  string        // the confirmation page of the same form with replace ticked
+}
+
+// maxRefusedRows bounds the page of a refused batch: a production line's
+// batch may meet thousands of tokens.
+const maxRefusedRows = 100
+
+// replacing is the confirmation page of f with replace ticked.
+func (f tokenForm) replacing() string {
+	q := url.Values{"device": {f.Device}, "prefix": {f.Prefix}, "ttl": {f.TTL}, "labels": {f.Labels}, "format": {f.Format}, "replace": {"yes"}}
+	for name, n := range map[string]int{"count": f.Count, "uses": f.Uses, "start": f.Start} {
+		if n != 0 {
+			q.Set(name, strconv.Itoa(n))
+		}
+	}
+	if f.Reprovision {
+		q.Set("reprovision", "yes")
+	}
+	return "/tokens/new?" + q.Encode()
 }
 
 type tokenConfirm struct {
@@ -570,6 +600,13 @@ func (s *Server) createTokens(w http.ResponseWriter, r *http.Request) {
 	toks, err := s.cfg.Admin.MintTokens(r.Context(), req, viewerOf(r.Context()).Remote)
 	if err != nil {
 		s.onces.give(once) // nothing minted: the form may be sent again
+		if live := (*store.LiveTokensError)(nil); errors.As(err, &live) {
+			// The admin API's message gives CLI advice; here the ways out
+			// are a box to tick and the tokens' revoke buttons.
+			s.render(w, r, http.StatusConflict, "token-refused", page{Title: "Tokens not created", Nav: "tokens",
+				Data: tokenRefused{Form: f, Count: len(live.Tokens), Tokens: live.Tokens[:min(len(live.Tokens), maxRefusedRows)], Again: f.replacing()}})
+			return
+		}
 		s.failErr(w, r, err)
 		return
 	}

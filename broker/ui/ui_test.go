@@ -652,3 +652,44 @@ func TestTokenBatchGoesOn(t *testing.T) {
 		t.Fatalf("minted %+v, want 50 from pi-2001", minted)
 	}
 }
+
+// A form for an id that already has a usable token is refused with 409
+// and what to do here (the admin API's message gives CLI advice): the
+// token's revoke button, and the same form again with replace ticked,
+// which the form may then be sent with.
+func TestTokenFormRefusedForALiveToken(t *testing.T) {
+	f := newFleet()
+	s, ts := newUI(t, f, nil)
+	c := loggedIn(t, s, ts.URL)
+	page := do(t, c, "GET", ts.URL+"/tokens/new?device=pi-live&ttl=24h", nil, nil)
+	form := url.Values{"confirm": {"yes"}, "csrf": {formToken(t, page.body)}, "once": {onceField(t, page.body)}}
+	for _, name := range []string{"device", "ttl", "format"} {
+		form.Set(name, formField(t, page.body, name))
+	}
+	r := do(t, c, "POST", ts.URL+"/tokens", form, nil)
+	if r.status != http.StatusConflict {
+		t.Fatalf("token for an id with a usable token: %d %s", r.status, r.body)
+	}
+	body := htmlUnescape(r.body)
+	for _, want := range []string{"pi-live already has a usable token", "“replace” ticked", `href="/tokens/live01/revoke"`,
+		`href="/tokens/new?device=pi-live&format=html&labels=&prefix=&replace=yes&ttl=24h"`} {
+		if !strings.Contains(body, want) {
+			t.Errorf("refusal page lacks %q:\n%s", want, body)
+		}
+	}
+	if strings.Contains(body, "fleetmq token") {
+		t.Errorf("refusal page gives CLI advice:\n%s", body)
+	}
+	page = do(t, c, "GET", ts.URL+"/tokens/new?device=pi-live&replace=yes&ttl=24h", nil, nil)
+	if !strings.Contains(page.body, "Replaces") || formField(t, page.body, "replace") != "yes" {
+		t.Fatalf("confirmation with replace:\n%s", page.body)
+	}
+	// Nothing was minted: the refused form's one-time field is good again.
+	form.Set("replace", "yes")
+	if r := do(t, c, "POST", ts.URL+"/tokens", form, nil); r.status != http.StatusCreated {
+		t.Fatalf("the same form with replace: %d %s", r.status, r.body)
+	}
+	if _, minted := f.changes(); len(minted) != 1 || minted[0].DeviceID != "pi-live" || !minted[0].Replace {
+		t.Fatalf("minted %+v, want one token replacing pi-live's", minted)
+	}
+}
