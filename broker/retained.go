@@ -148,7 +148,16 @@ func (b *Broker) retainedLoop(cl *mqtt.Client, c *conn, q *retainedQueue) {
 // delivered live, and an older status must not follow the newer one. It
 // reports false once the connection has ended.
 func (b *Broker) retainedFor(cl *mqtt.Client, c *conn, q *retainedQueue, sub packets.Subscription) bool {
+	maxQos := min(sub.Qos, b.srv.Options.Capabilities.MaximumQos)
 	for _, walked := range b.srv.Topics.Messages(sub.Filter) {
+		// The slot is awaited before the message is read, not after: the
+		// wait lasts as long as the client takes to acknowledge, and a
+		// message read before it went out as it was then. A status that
+		// changed meanwhile (a revocation's removal) reached the client
+		// live first and was then overwritten by the older value.
+		if maxQos > 0 && !c.awaitInflightSlot(cl, q) {
+			return false
+		}
 		pk, ok := b.srv.Topics.Retained.Get(walked.TopicName)
 		if !ok || len(pk.Payload) == 0 || pk.Expiry > 0 && pk.Expiry < time.Now().Unix() {
 			continue
@@ -158,14 +167,11 @@ func (b *Broker) retainedFor(cl *mqtt.Client, c *conn, q *retainedQueue, sub pac
 		}
 		out := pk.Copy(false)
 		out.FixedHeader.Retain = true // [MQTT-3.3.1-8]
-		out.FixedHeader.Qos = min(out.FixedHeader.Qos, sub.Qos, b.srv.Options.Capabilities.MaximumQos)
+		out.FixedHeader.Qos = min(out.FixedHeader.Qos, maxQos)
 		if sub.Identifier > 0 {
 			out.Properties.SubscriptionIdentifier = []int{sub.Identifier}
 		}
 		if out.FixedHeader.Qos > 0 {
-			if !c.awaitInflightSlot(cl, q) {
-				return false
-			}
 			id, err := cl.NextPacketID()
 			if err != nil {
 				atomic.AddInt64(&b.srv.Info.InflightDropped, 1)

@@ -2,6 +2,8 @@ package broker
 
 import (
 	"fmt"
+	"runtime"
+	"strings"
 	"testing"
 	"time"
 
@@ -163,5 +165,63 @@ func TestRetainedDeliveryPacing(t *testing.T) {
 			}
 			break
 		}
+	}
+}
+
+// A retained message waiting for an in-flight slot goes out as it is once
+// the slot is free. It was read before the wait: a device revoked
+// meanwhile had its status removed live, then the service got its old
+// "online" after the removal, and kept it as the device's status.
+func TestRetainedStatusNotStaleAfterRevocation(t *testing.T) {
+	f := newFixture(t, nil)
+	for _, id := range []string{"dev-a", "dev-b"} {
+		f.device(t, id)
+		f.retainStatus(id, "online")
+	}
+	r := dialRaw(t, f.addr, f.clientTLS(f.service(t, "svc")))
+	r.write(packets.Packet{
+		FixedHeader: packets.FixedHeader{Type: packets.Connect},
+		Connect:     packets.ConnectParams{ProtocolName: []byte("MQTT"), Clean: true, Keepalive: 30, ClientIdentifier: "svc"},
+		// Half of it, one message, is the retained deliveries' window.
+		Properties: packets.Properties{ReceiveMaximum: 2},
+	})
+	if ack := r.mustRead(packets.Connack); ack.ReasonCode != 0 {
+		t.Fatalf("CONNACK %#x", ack.ReasonCode)
+	}
+	subscribe := func(id uint16, filter string) {
+		r.write(packets.Packet{
+			FixedHeader: packets.FixedHeader{Type: packets.Subscribe, Qos: 1},
+			PacketID:    id, // far from mochi's own ids, which share its table
+			Filters:     packets.Subscriptions{{Filter: filter, Qos: 1}},
+		})
+		r.mustRead(packets.Suback)
+	}
+	ack := func(id uint16) {
+		r.write(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Puback}, PacketID: id})
+	}
+	subscribe(60001, "devices/+/status")
+	first := nextPublish(t, r, "the first retained status")
+	other := "dev-a"
+	if first.TopicName == statusTopic(other) {
+		other = "dev-b"
+	}
+	// The other status waits for the first one's acknowledgement.
+	eventually(t, func() bool {
+		buf := make([]byte, 1<<20)
+		return strings.Contains(string(buf[:runtime.Stack(buf, true)]), "broker.(*conn).awaitInflightSlot")
+	}, "the retained deliveries waiting for an in-flight slot")
+
+	f.b.Revoke(other)
+	removal := nextPublish(t, r, other+"'s status removed")
+	if removal.TopicName != statusTopic(other) || len(removal.Payload) != 0 {
+		t.Fatalf("got %s %q, want %s empty", removal.TopicName, removal.Payload, statusTopic(other))
+	}
+	ack(removal.PacketID)
+	ack(first.PacketID)
+	// A later subscription's retained message follows whatever the first
+	// one still sends.
+	subscribe(60002, first.TopicName)
+	if pk := nextPublish(t, r, "the second subscription's status"); pk.TopicName != first.TopicName {
+		t.Fatalf("after %s's removal got %s %q: a stale status", other, pk.TopicName, pk.Payload)
 	}
 }
