@@ -123,6 +123,20 @@ func (b *Broker) authorize(c *conn, cl *mqtt.Client, pk packets.Packet) *refusal
 	// cannot resolve: a v5 subscriber allowing aliases would lose them on
 	// every reconnect. The broker uses no outbound aliases.
 	cl.Properties.Props.TopicAliasMaximum = 0
+	// mochi holds back deliveries beyond an MQTT 5 client's Receive
+	// Maximum and, after every packet the client sends while its send
+	// quota is open, looks for one to release with Inflight.NextImmediate,
+	// which read-locks the in-flight table twice: a delivery to the client
+	// from another goroutine locking it in between deadlocked the table,
+	// then every publisher delivering to the client, the broker's Close
+	// with them. It also released held-back messages by the second only,
+	// out of order, and lost quota on takeovers. With no send quota mochi
+	// never holds back nor calls it; the in-flight table (maxInflight)
+	// bounds what a client has unacknowledged, and the retained
+	// deliveries keep to half its Receive Maximum (see retained.go).
+	c.receiveMax = cl.Properties.Props.ReceiveMaximum
+	cl.Properties.Props.ReceiveMaximum = 0 // mochi resets the quota from it on a session takeover
+	cl.State.Inflight.ResetSendQuota(0)
 	// mochi closes a connection silent for 1.5 keepalives, and keeps none
 	// for keepalive 0: cap it, so a dead peer is always noticed.
 	if maxKA := uint16(b.cfg.MaxKeepalive / time.Second); cl.State.Keepalive == 0 || cl.State.Keepalive > maxKA {

@@ -4,8 +4,10 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -57,6 +59,18 @@ func statusRemoved(tb testing.TB, svc *rawClient, id string) {
 	if pk.TopicName != "devices/"+id+"/status" || len(pk.Payload) != 0 {
 		tb.Fatalf("got %s %q, want devices/%s/status empty", pk.TopicName, pk.Payload, id)
 	}
+}
+
+// connectWith connects r as id with a clean session and the CONNECT
+// properties props, and returns the CONNACK.
+func connectWith(tb testing.TB, r *rawClient, id string, props packets.Properties) packets.Packet {
+	tb.Helper()
+	r.write(packets.Packet{
+		FixedHeader: packets.FixedHeader{Type: packets.Connect},
+		Connect:     packets.ConnectParams{ProtocolName: []byte("MQTT"), Clean: true, Keepalive: 30, ClientIdentifier: id},
+		Properties:  props,
+	})
+	return r.mustRead(packets.Connack)
 }
 
 // connectKept connects r as id asking for a session kept expiry seconds,
@@ -377,12 +391,8 @@ func TestDroppedDeliveriesAreCounted(t *testing.T) {
 func TestAuthenticationMethodIsRefused(t *testing.T) {
 	f := newFixture(t, nil)
 	r := dialRaw(t, f.addr, f.clientTLS(f.device(t, "dev-a")))
-	r.write(packets.Packet{
-		FixedHeader: packets.FixedHeader{Type: packets.Connect},
-		Connect:     packets.ConnectParams{ProtocolName: []byte("MQTT"), Clean: true, Keepalive: 30, ClientIdentifier: "dev-a"},
-		Properties:  packets.Properties{AuthenticationMethod: "SCRAM-SHA-1", AuthenticationData: []byte("n,,n=dev-a")},
-	})
-	if ack := r.mustRead(packets.Connack); ack.ReasonCode != packets.ErrNotAuthorized.Code {
+	ack := connectWith(t, r, "dev-a", packets.Properties{AuthenticationMethod: "SCRAM-SHA-1", AuthenticationData: []byte("n,,n=dev-a")})
+	if ack.ReasonCode != packets.ErrNotAuthorized.Code {
 		t.Fatalf("CONNACK %#x, want not authorized", ack.ReasonCode)
 	}
 	r.mustBeDisconnected("after the refusal")
@@ -655,5 +665,38 @@ func TestCommandToNoOneIsSaid(t *testing.T) {
 	}
 	if pk := nextPublish(t, dev, "the command"); string(pk.Payload) != "hello" {
 		t.Fatalf("the device got %q", pk.Payload)
+	}
+}
+
+// TestReceiveMaximumHoldsNothingBack: an MQTT 5 subscriber's Receive
+// Maximum is not given to mochi, whose flow control held back deliveries
+// past it and released them with a double read lock of the client's
+// in-flight table: a delivery from another goroutine between the two
+// locks deadlocked the table, every publisher to that client, and the
+// broker's Close (seen in a soak, 367 goroutines waiting on one table). It
+// also released them out of order. Deliveries past the Receive Maximum now
+// go out at once, in order.
+func TestReceiveMaximumHoldsNothingBack(t *testing.T) {
+	f := newFixture(t, nil)
+	svc := dialRaw(t, f.addr, f.clientTLS(f.service(t, "svc")))
+	if ack := connectWith(t, svc, "svc", packets.Properties{ReceiveMaximum: 2}); ack.ReasonCode != 0 {
+		t.Fatalf("CONNACK %#x", ack.ReasonCode)
+	}
+	subscribeRaw(t, svc, "devices/+/telemetry", 1)
+
+	dev := dialRaw(t, f.addr, f.clientTLS(f.device(t, "dev-a")))
+	dev.connect("dev-a")
+	const n = 6
+	for i := range n {
+		dev.publish("devices/dev-a/telemetry", 1, uint16(i+1), []byte(strconv.Itoa(i)))
+	}
+	for range n {
+		dev.mustRead(packets.Puback)
+	}
+	// None acknowledged: mochi sent two and held the rest.
+	for i := range n {
+		if pk := nextPublish(t, svc, fmt.Sprintf("message %d of %d, unacknowledged", i+1, n)); string(pk.Payload) != strconv.Itoa(i) {
+			t.Fatalf("message %d is %q", i, pk.Payload)
+		}
 	}
 }

@@ -180,7 +180,6 @@ func (b *Broker) retainedFor(cl *mqtt.Client, c *conn, q *retainedQueue, sub pac
 			out.PacketID = uint16(id)
 			if cl.State.Inflight.Set(out) {
 				atomic.AddInt64(&b.srv.Info.Inflight, 1)
-				cl.State.Inflight.DecreaseSendQuota()
 			}
 		}
 		if err := cl.WritePacket(out); err != nil {
@@ -191,7 +190,6 @@ func (b *Broker) retainedFor(cl *mqtt.Client, c *conn, q *retainedQueue, sub pac
 			// deliveries skip without a count too.
 			if out.FixedHeader.Qos > 0 && cl.State.Inflight.Delete(out.PacketID) {
 				atomic.AddInt64(&b.srv.Info.Inflight, -1)
-				cl.State.Inflight.IncreaseSendQuota()
 			}
 		}
 	}
@@ -203,7 +201,7 @@ func (b *Broker) retainedFor(cl *mqtt.Client, c *conn, q *retainedQueue, sub pac
 // Maximum, to live deliveries. It reports false once the connection ended.
 func (c *conn) awaitInflightSlot(cl *mqtt.Client, q *retainedQueue) bool {
 	window := maxInflight / 2
-	if rm := int(cl.Properties.Props.ReceiveMaximum); rm > 0 {
+	if rm := int(c.receiveMax); rm > 0 {
 		window = max(1, min(window, rm/2))
 	}
 	var poll *time.Timer

@@ -179,13 +179,9 @@ func TestRetainedStatusNotStaleAfterRevocation(t *testing.T) {
 		f.retainStatus(id, "online")
 	}
 	r := dialRaw(t, f.addr, f.clientTLS(f.service(t, "svc")))
-	r.write(packets.Packet{
-		FixedHeader: packets.FixedHeader{Type: packets.Connect},
-		Connect:     packets.ConnectParams{ProtocolName: []byte("MQTT"), Clean: true, Keepalive: 30, ClientIdentifier: "svc"},
-		// Half of it, one message, is the retained deliveries' window.
-		Properties: packets.Properties{ReceiveMaximum: 2},
-	})
-	if ack := r.mustRead(packets.Connack); ack.ReasonCode != 0 {
+	// Half of its Receive Maximum, one message, is the retained
+	// deliveries' window.
+	if ack := connectWith(t, r, "svc", packets.Properties{ReceiveMaximum: 2}); ack.ReasonCode != 0 {
 		t.Fatalf("CONNACK %#x", ack.ReasonCode)
 	}
 	subscribe := func(id uint16, filter string) {

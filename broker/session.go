@@ -81,6 +81,9 @@ type conn struct {
 	// Indexes of the filters of the SUBSCRIBE being handled that were
 	// over the subscription limit; only mochi's goroutine uses it.
 	overLimit []int
+	// The Receive Maximum of an MQTT 5 client, which mochi is not told
+	// (see authorize); set before the CONNACK, then only read.
+	receiveMax uint16
 	// The resumed session's in-flight entries ranked for mochi's resend
 	// (see resend.go); only mochi's goroutine for the client uses it.
 	resend resendOrder
