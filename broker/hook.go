@@ -32,7 +32,7 @@ func (h *hook) Provides(b byte) bool {
 		mqtt.OnSubscribe, mqtt.OnSubscribed, mqtt.OnUnsubscribed,
 		mqtt.OnPublish, mqtt.OnPacketSent, mqtt.OnClientExpired,
 		mqtt.OnPacketRead, mqtt.OnPublishDropped, mqtt.OnRetainMessage, mqtt.OnQosComplete,
-		mqtt.OnSessionEstablished:
+		mqtt.OnSessionEstablish, mqtt.OnSessionEstablished:
 		return true
 	}
 	return false
@@ -367,23 +367,38 @@ func (h *hook) OnPublishDropped(_ *mqtt.Client, _ packets.Packet) {
 }
 
 // OnPacketSent counts deliveries, starts a service's retained deliveries
-// once the SUBACK before them is written, and puts a resumed session's
-// messages in order before mochi resends them after the CONNACK (see
-// resend.go).
+// once the SUBACK before them is written, and, after the CONNACK of a
+// resumed session, puts its messages in order before mochi resends them
+// (see resend.go) and goes on with the retained deliveries its previous
+// connection did not finish.
 func (h *hook) OnPacketSent(cl *mqtt.Client, pk packets.Packet, _ []byte) {
 	switch pk.FixedHeader.Type {
 	case packets.Publish:
 		h.b.stats.out[min(pk.FixedHeader.Qos, 2)].Add(1)
 	case packets.Suback:
 		if c, ok := cl.Net.Conn.(*conn); ok {
-			h.b.sendRetained(cl, c, pk.PacketID)
+			h.b.sendRetained(c, pk.PacketID)
 		}
 	case packets.Connack:
 		// With a maximum message expiry, mochi would also read Created
 		// to expire in-flight messages, and take the ranks for ancient.
-		if c, ok := cl.Net.Conn.(*conn); ok && pk.SessionPresent && h.b.srv.Options.Capabilities.MaximumMessageExpiryInterval == 0 {
+		c, ok := cl.Net.Conn.(*conn)
+		if !ok {
+			break
+		}
+		if pk.SessionPresent && h.b.srv.Options.Capabilities.MaximumMessageExpiryInterval == 0 {
 			c.resend = orderResend(cl)
 		}
+		h.b.resumeRetained(cl, c, pk.SessionPresent)
+	}
+}
+
+// OnSessionEstablish runs after authentication, before mochi takes over
+// the session a client of the same id holds, if any: a service's
+// connection takes that session's retained deliveries with it.
+func (h *hook) OnSessionEstablish(cl *mqtt.Client, _ packets.Packet) {
+	if c, ok := takesRetained(cl); ok {
+		takeOverRetained(h.b.srv, cl, c)
 	}
 }
 

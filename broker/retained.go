@@ -2,6 +2,7 @@ package broker
 
 import (
 	"errors"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -34,15 +35,27 @@ type retainedSub struct {
 	skip bool                 // Retain Handling says none are due
 }
 
-// retainedQueue is a connection's retained deliveries: those of the
-// SUBSCRIBE being handled, then those whose SUBACK was sent.
+// retainedQueue is a session's retained deliveries: those of the
+// SUBSCRIBE being handled, then those whose SUBACK was sent. A kept
+// session's queue passes to the connection resuming it, which goes on
+// with what the one before did not send (see resumeRetained).
 type retainedQueue struct {
 	mu       sync.Mutex
 	packetID uint16        // of the SUBSCRIBE in pending
 	pending  []retainedSub // aligned with its filters
-	ready    []packets.Subscription
+	ready    []retainedJob
 	running  bool
+	c        *conn         // the connection deliveries go to
+	cl       *mqtt.Client  // its client
 	freed    chan struct{} // an acknowledgement freed an in-flight slot
+}
+
+// retainedJob is one subscription whose retained messages are due.
+type retainedJob struct {
+	sub packets.Subscription
+	// Topics still to send, once a connection ended partway; nil: all
+	// those the filter matches.
+	topics []string
 }
 
 // takesRetained reports whether the broker, not mochi, sends cl its
@@ -70,19 +83,21 @@ func (c *conn) holdRetained(cl *mqtt.Client, pk *packets.Packet) {
 		}
 		pk.Filters[i].RetainHandling = 2
 	}
-	if c.retained == nil {
-		c.retained = &retainedQueue{freed: make(chan struct{}, 1)}
+	q := c.retained.Load()
+	if q == nil {
+		q = &retainedQueue{freed: make(chan struct{}, 1), c: c, cl: cl}
+		c.retained.Store(q)
 	}
-	c.retained.mu.Lock()
-	c.retained.packetID = pk.PacketID
-	c.retained.pending = due
-	c.retained.mu.Unlock()
+	q.mu.Lock()
+	q.packetID = pk.PacketID
+	q.pending = due
+	q.mu.Unlock()
 }
 
 // grantRetained keeps, of the pending deliveries, those of the filters
 // mochi granted. It runs in OnSubscribed, before the SUBACK is written.
 func (c *conn) grantRetained(reasonCodes []byte) {
-	q := c.retained
+	q := c.retained.Load()
 	if q == nil {
 		return
 	}
@@ -97,8 +112,8 @@ func (c *conn) grantRetained(reasonCodes []byte) {
 
 // sendRetained starts the pending deliveries once the SUBACK of their
 // SUBSCRIBE was written: MQTT orders the retained messages after it.
-func (b *Broker) sendRetained(cl *mqtt.Client, c *conn, packetID uint16) {
-	q := c.retained
+func (b *Broker) sendRetained(c *conn, packetID uint16) {
+	q := c.retained.Load()
 	if q == nil {
 		return
 	}
@@ -109,20 +124,62 @@ func (b *Broker) sendRetained(cl *mqtt.Client, c *conn, packetID uint16) {
 	}
 	for _, d := range q.pending {
 		if !d.skip {
-			q.ready = append(q.ready, d.sub)
+			q.ready = append(q.ready, retainedJob{sub: d.sub})
 		}
 	}
 	q.pending = nil
+	b.startRetained(q)
+}
+
+// startRetained starts q's deliveries if some are due and none run.
+// Called with q.mu held.
+func (b *Broker) startRetained(q *retainedQueue) {
 	if len(q.ready) > 0 && !q.running {
 		q.running = true
 		b.retainers.Add(1)
-		go b.retainedLoop(cl, c, q)
+		go b.retainedLoop(q)
 	}
 }
 
+// takeOverRetained gives cl, whose connection c is about to take over the
+// session of the client now holding cl's id, that session's retained
+// deliveries. It runs in OnSessionEstablish, while the other client may
+// still be delivering; resumeRetained later keeps them or not.
+func takeOverRetained(srv *mqtt.Server, cl *mqtt.Client, c *conn) {
+	old, ok := srv.Clients.Get(cl.ID)
+	if !ok {
+		return
+	}
+	if oc, ok := old.Net.Conn.(*conn); ok && oc != c {
+		c.retained.Store(oc.retained.Load())
+	}
+}
+
+// resumeRetained runs once c's CONNACK was written. A resumed session goes
+// on with the retained deliveries its previous connection left (it has
+// the subscriptions and will not subscribe again): mochi resent only those
+// in flight, and the service never got the others. A new session has
+// none.
+func (b *Broker) resumeRetained(cl *mqtt.Client, c *conn, present bool) {
+	q := c.retained.Load()
+	if q == nil {
+		return
+	}
+	if !present {
+		c.retained.Store(nil)
+		return
+	}
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	q.c, q.cl = c, cl
+	q.pending = nil // a SUBSCRIBE of the connection before, never answered
+	b.startRetained(q)
+}
+
 // retainedLoop sends the retained messages of the ready subscriptions, one
-// subscription after another, until none is left or the connection ends.
-func (b *Broker) retainedLoop(cl *mqtt.Client, c *conn, q *retainedQueue) {
+// subscription after another, until none is left or the connection ends
+// and no other has resumed the session meanwhile.
+func (b *Broker) retainedLoop(q *retainedQueue) {
 	defer b.retainers.Done()
 	for {
 		q.mu.Lock()
@@ -131,34 +188,51 @@ func (b *Broker) retainedLoop(cl *mqtt.Client, c *conn, q *retainedQueue) {
 			q.mu.Unlock()
 			return
 		}
-		sub := q.ready[0]
+		job := q.ready[0]
 		q.ready = q.ready[1:]
+		c, cl := q.c, q.cl
 		q.mu.Unlock()
-		if !b.retainedFor(cl, c, q, sub) {
-			q.mu.Lock()
-			q.ready, q.running = nil, false
+		rest := b.retainedFor(cl, c, q, job)
+		if rest == nil {
+			continue
+		}
+		q.mu.Lock()
+		job.topics = rest
+		q.ready = slices.Insert(q.ready, 0, job)
+		if q.c == c {
+			q.running = false // the next connection of the session goes on
 			q.mu.Unlock()
 			return
 		}
+		q.mu.Unlock() // a connection resumed the session meanwhile: go on there
 	}
 }
 
 // retainedFor sends cl the retained messages matching sub. Each is sent as
 // it is when its turn comes: one changed since the walk began was also
 // delivered live, and an older status must not follow the newer one. It
-// reports false once the connection has ended.
-func (b *Broker) retainedFor(cl *mqtt.Client, c *conn, q *retainedQueue, sub packets.Subscription) bool {
+// returns nil once all are sent, or, when the connection ended, the topics
+// not sent yet, the one it ended on included: it may have been put in
+// flight, which mochi resends too, or not.
+func (b *Broker) retainedFor(cl *mqtt.Client, c *conn, q *retainedQueue, job retainedJob) []string {
+	sub := job.sub
+	topics := job.topics
+	if topics == nil {
+		for _, pk := range b.srv.Topics.Messages(sub.Filter) {
+			topics = append(topics, pk.TopicName)
+		}
+	}
 	maxQos := min(sub.Qos, b.srv.Options.Capabilities.MaximumQos)
-	for _, walked := range b.srv.Topics.Messages(sub.Filter) {
+	for i, topic := range topics {
 		// The slot is awaited before the message is read, not after: the
 		// wait lasts as long as the client takes to acknowledge, and a
 		// message read before it went out as it was then. A status that
 		// changed meanwhile (a revocation's removal) reached the client
 		// live first and was then overwritten by the older value.
 		if maxQos > 0 && !c.awaitInflightSlot(cl, q) {
-			return false
+			return topics[i:]
 		}
-		pk, ok := b.srv.Topics.Retained.Get(walked.TopicName)
+		pk, ok := b.srv.Topics.Retained.Get(topic)
 		if !ok || len(pk.Payload) == 0 || pk.Expiry > 0 && pk.Expiry < time.Now().Unix() {
 			continue
 		}
@@ -184,7 +258,7 @@ func (b *Broker) retainedFor(cl *mqtt.Client, c *conn, q *retainedQueue, sub pac
 		}
 		if err := cl.WritePacket(out); err != nil {
 			if !errors.Is(err, packets.ErrPacketTooLarge) {
-				return false // the connection ended; a kept session resends what is in flight
+				return topics[i:]
 			}
 			// Larger than the client accepts, which mochi's live
 			// deliveries skip without a count too.
@@ -193,7 +267,7 @@ func (b *Broker) retainedFor(cl *mqtt.Client, c *conn, q *retainedQueue, sub pac
 			}
 		}
 	}
-	return true
+	return nil
 }
 
 // awaitInflightSlot waits until cl's in-flight table has room for one more
@@ -228,13 +302,14 @@ func (c *conn) awaitInflightSlot(cl *mqtt.Client, q *retainedQueue) bool {
 }
 
 // inflightFreed wakes c's retained deliveries waiting for a slot. Only
-// mochi's read goroutine, which sets c.retained, calls it.
+// mochi's read goroutine calls it.
 func (c *conn) inflightFreed() {
-	if c.retained == nil {
+	q := c.retained.Load()
+	if q == nil {
 		return
 	}
 	select {
-	case c.retained.freed <- struct{}{}:
+	case q.freed <- struct{}{}:
 	default:
 	}
 }

@@ -221,3 +221,46 @@ func TestRetainedStatusNotStaleAfterRevocation(t *testing.T) {
 		t.Fatalf("after %s's removal got %s %q: a stale status", other, pk.TopicName, pk.Payload)
 	}
 }
+
+// A service whose connection ends while its retained statuses are being
+// sent, or is taken over by its next one, gets the rest when it resumes
+// its session: it has its subscription and need not subscribe again.
+// Only those in flight were resent: 128 of 300.
+func TestRetainedDeliveryGoesOnAfterResume(t *testing.T) {
+	f := newFixture(t, nil)
+	const fleet = 300
+	for i := range fleet {
+		f.retainStatus(fmt.Sprintf("dev-%04d", i), "online")
+	}
+	for _, takeover := range []bool{false, true} {
+		id := fmt.Sprintf("svc-takeover-%v", takeover)
+		svcCert := f.service(t, id)
+		r := dialRaw(t, f.addr, f.clientTLS(svcCert))
+		if ack := connectKept(t, r, id, 600, packets.Properties{}); ack.ReasonCode != 0 {
+			t.Fatalf("CONNACK %#x", ack.ReasonCode)
+		}
+		subscribeRaw(t, r, "devices/+/status", 1)
+		seen := map[string]bool{}
+		for range maxInflight / 2 {
+			seen[nextPublish(t, r, "a retained status").TopicName] = true
+		}
+		if !takeover { // else it stays open, its deliveries waiting
+			_ = r.conn.Close() // none acknowledged
+			cl, ok := f.b.srv.Clients.Get(id)
+			if !ok {
+				t.Fatalf("no kept session for %s", id)
+			}
+			eventually(t, cl.Closed, "%s's connection ended", id)
+		}
+
+		r = dialRaw(t, f.addr, f.clientTLS(svcCert))
+		if ack := connectKept(t, r, id, 600, packets.Properties{}); ack.ReasonCode != 0 || !ack.SessionPresent {
+			t.Fatalf("%s: CONNACK %#x, session present %v", id, ack.ReasonCode, ack.SessionPresent)
+		}
+		for len(seen) < fleet {
+			pk := nextPublish(t, r, fmt.Sprintf("%s: status %d of %d after the resume", id, len(seen)+1, fleet))
+			r.write(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Puback}, PacketID: pk.PacketID})
+			seen[pk.TopicName] = true
+		}
+	}
+}

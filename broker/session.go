@@ -75,9 +75,11 @@ type conn struct {
 	// PUBLISH with the same packet id; see keepOutbound. Only mochi's
 	// read goroutine uses it.
 	shadowed *packets.Packet
-	// A service's retained deliveries (see retained.go); set by mochi's
-	// read goroutine at the first SUBSCRIBE, nil for devices.
-	retained *retainedQueue
+	// A service's retained deliveries (see retained.go): its session's,
+	// set at the first SUBSCRIBE or taken from the connection before on a
+	// resume; nil for devices. Atomic: a connection taking the session
+	// over reads it while this one's goroutine may set it.
+	retained atomic.Pointer[retainedQueue]
 	// Indexes of the filters of the SUBSCRIBE being handled that were
 	// over the subscription limit; only mochi's goroutine uses it.
 	overLimit []int
