@@ -84,3 +84,41 @@ func BenchmarkPruneNothingToDelete(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkTokenChecksLargeStore is the one-usable-token-per-id check on a
+// store holding 100,000 bound tokens: a bound token created, and a free
+// token enrolling an id (both check the id's tokens inside the writer's
+// transaction, while every other commit waits).
+func BenchmarkTokenChecksLargeStore(b *testing.B) {
+	ctx := context.Background()
+	db := store.OpenTest(b)
+	const stored, chunk = 100_000, 1_000
+	for i := 0; i < stored; i += chunk {
+		toks := make([]store.Token, chunk)
+		for j := range toks {
+			id := fmt.Sprint("old-", i+j)
+			toks[j] = store.Token{ID: id, Hash: tokenHash(id), MaxUses: 1, DeviceID: "pi-" + id, ExpiresAt: t0.Add(time.Hour)}
+		}
+		mustCreateTokens(b, db, toks...)
+	}
+	free := tokenHash("free")
+	mustCreateTokens(b, db, store.Token{ID: "free", Hash: free, MaxUses: 1 << 40, ExpiresAt: t0.Add(time.Hour)})
+	next := 0 // b.Run calls each function more than once
+	b.Run("create", func(b *testing.B) {
+		for range b.N {
+			next++
+			id := fmt.Sprint("new-", next)
+			if err := db.CreateTokens(ctx, []store.Token{{ID: id, Hash: tokenHash(id), MaxUses: 1, DeviceID: "pi-" + id, ExpiresAt: t0.Add(time.Hour)}}, "admin", t0); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("free-enroll", func(b *testing.B) {
+		for range b.N {
+			next++
+			if err := db.Enroll(ctx, enrollment(free, fmt.Sprint("dev-", next), fmt.Sprint("serial-", next))); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+}

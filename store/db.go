@@ -51,12 +51,14 @@ var (
 	bucketAudit       = []byte("audit")         // 8-byte big-endian seq -> JSON AuditEvent
 	bucketTelemetry   = []byte("telemetry")     // device id -> sub-bucket of messages
 	bucketPresence    = []byte("presence")      // device id -> JSON Presence
+	bucketTokenBound  = []byte("token_bound")   // boundTokenKey(id, hash) -> empty; rebuilt at Open
 
 	keySchema = []byte("schema")
 
 	allBuckets = [][]byte{
 		bucketMeta, bucketDevices, bucketTokens, bucketTokenIDs, bucketCerts,
 		bucketDeviceCerts, bucketRevoked, bucketAudit, bucketTelemetry, bucketPresence,
+		bucketTokenBound,
 	}
 )
 
@@ -224,6 +226,9 @@ func initSchema(bdb *bbolt.DB) error {
 		// Schema 1 whether indexed or not: an older fleetmq reads an
 		// indexed store as before, and what it revokes is indexed here.
 		if err := indexRevocations(tx); err != nil {
+			return err
+		}
+		if err := indexBoundTokens(tx); err != nil {
 			return err
 		}
 		if v == 0 {

@@ -130,6 +130,11 @@ func (db *DB) createTokens(ctx context.Context, toks []Token, remote string, now
 			if err := ib.Put([]byte(t.ID), t.Hash[:]); err != nil {
 				return fmt.Errorf("put token id: %w", err)
 			}
+			if t.DeviceID != "" {
+				if err := tx.Bucket(bucketTokenBound).Put(boundTokenKey(t.DeviceID, t.Hash[:]), nil); err != nil {
+					return fmt.Errorf("index token %s: %w", t.ID, err)
+				}
+			}
 			evs = append(evs, AuditEvent{Time: now, Action: ActTokenCreate, TokenID: t.ID, DeviceID: t.DeviceID, Remote: remote})
 		}
 		return db.appendAudit(tx, evs)
@@ -141,38 +146,29 @@ func (db *DB) createTokens(ctx context.Context, toks []Token, remote string, now
 }
 
 // usableTokens returns the tokens bound to one of ids that can still
-// enroll it (Token.Check, checkBinding), sorted by id. No index leads from
-// an id to its tokens, so every record is looked at (those of tokens
-// expired for 30 days are pruned); only those whose bound id is one of
-// ids are decoded: decoding 100,000 of them held the writer, and every
-// commit waiting on it, for most of a second.
+// enroll it (Token.Check, checkBinding), sorted by id. It reads only the
+// tokens the bound-token index holds for ids (see tokenindex.go).
 func usableTokens(tx *bbolt.Tx, ids map[string]bool, now time.Time) ([]Token, error) {
-	if len(ids) == 0 {
-		return nil, nil
-	}
 	devs := tx.Bucket(bucketDevices)
 	var out []Token
-	err := tx.Bucket(bucketTokens).ForEach(func(k, v []byte) error {
-		if !ids[string(boundID(v))] {
-			return nil
+	for id := range ids {
+		for _, h := range boundTokenHashes(tx, id) {
+			t, err := getToken(tx, h)
+			if errors.Is(err, ErrTokenUnknown) {
+				continue // a free token indexed under its label, since pruned
+			}
+			if err != nil {
+				return nil, fmt.Errorf("usable tokens of %s: %w", id, err)
+			}
+			// The index may hold a free token under a label's value.
+			if t.DeviceID != id || t.Check(now) != nil {
+				continue
+			}
+			if _, err := checkBinding(devs.Get([]byte(id)), t); err != nil {
+				continue // bound to an id it can no longer enroll: no rival
+			}
+			out = append(out, t)
 		}
-		var t Token
-		if err := json.Unmarshal(v, &t); err != nil {
-			return fmt.Errorf("decode token: %w", err)
-		}
-		// boundID may have found a label named device_id of a free token.
-		if !ids[t.DeviceID] || t.Check(now) != nil {
-			return nil
-		}
-		if _, err := checkBinding(devs.Get([]byte(t.DeviceID)), t); err != nil {
-			return nil // bound to an id it can no longer enroll: no rival
-		}
-		copy(t.Hash[:], k)
-		out = append(out, t)
-		return nil
-	})
-	if err != nil {
-		return nil, fmt.Errorf("usable tokens: %w", err)
 	}
 	slices.SortFunc(out, func(a, b Token) int {
 		return cmp.Or(strings.Compare(a.DeviceID, b.DeviceID), a.CreatedAt.Compare(b.CreatedAt))

@@ -38,7 +38,10 @@ func pruneTokensTx(tx *bbolt.Tx, resume []byte, before time.Time) (int, []byte, 
 	if resume != nil {
 		k, v = c.Seek(resume)
 	}
-	type doomed struct{ hash, id []byte }
+	type doomed struct {
+		hash, id []byte
+		bound    string
+	}
 	var gone []doomed
 	var next []byte
 	for examined := 0; k != nil; k, v = c.Next() {
@@ -52,12 +55,17 @@ func pruneTokensTx(tx *bbolt.Tx, resume []byte, before time.Time) (int, []byte, 
 			return 0, nil, fmt.Errorf("decode token %x: %w", k[:min(len(k), 6)], err)
 		}
 		if t.ExpiresAt.Before(before) {
-			gone = append(gone, doomed{bytes.Clone(k), []byte(t.ID)})
+			gone = append(gone, doomed{bytes.Clone(k), []byte(t.ID), t.DeviceID})
 		}
 	}
 	for _, g := range gone {
 		if err := toks.Delete(g.hash); err != nil {
 			return 0, nil, fmt.Errorf("delete token %s: %w", g.id, err)
+		}
+		if g.bound != "" {
+			if err := tx.Bucket(bucketTokenBound).Delete(boundTokenKey(g.bound, g.hash)); err != nil {
+				return 0, nil, fmt.Errorf("delete token %s from the bound-token index: %w", g.id, err)
+			}
 		}
 		// The id index points at this token only if no later token took
 		// the id (ids are unique while both exist, see CreateTokens).
