@@ -176,25 +176,6 @@ func usableTokens(tx *bbolt.Tx, ids map[string]bool, now time.Time) ([]Token, er
 	return out, nil
 }
 
-var deviceIDField = []byte(`"device_id":"`)
-
-// boundID returns the device_id of a token record as putToken stores it,
-// without decoding it, or nil for a free token: json.Marshal writes the
-// fields in Token's order, so the first "device_id" is the field itself
-// when the token has one (a label of that name comes later), and escapes
-// no character an id may hold. A free token may yield a label's value.
-func boundID(rec []byte) []byte {
-	i := bytes.Index(rec, deviceIDField)
-	if i < 0 {
-		return nil
-	}
-	rest := rec[i+len(deviceIDField):]
-	if j := bytes.IndexByte(rest, '"'); j >= 0 {
-		return rest[:j]
-	}
-	return nil
-}
-
 // forEachToken calls fn with every stored token, its Hash set.
 func forEachToken(tx *bbolt.Tx, fn func(Token)) error {
 	return tx.Bucket(bucketTokens).ForEach(func(k, v []byte) error {
