@@ -234,6 +234,8 @@ type Broker struct {
 	watchers  map[string]struct{}
 	nwatchers atomic.Int64
 
+	events eventWaiters // operators' commands waiting for a reply (see command.go)
+
 	// Identities revoked lately, by revocation time (see silence.go).
 	silMu         sync.Mutex
 	silenced      map[string]time.Time

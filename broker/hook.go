@@ -239,6 +239,9 @@ func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 			Payload:  pk.Payload,
 		}
 	}
+	if b.events.n.Load() > 0 && code == packets.CodeSuccess && g.role == store.RoleDevice {
+		b.noteEvent(g.id, &pk) // a reply an operator's command waits for (see command.go)
+	}
 	if code == packets.CodeSuccess && qos == 1 && g.role == store.RoleService &&
 		cl.Properties.ProtocolVersion == 5 && !b.hasSubscribers(pk.TopicName) {
 		// A command to a device that is not connected, and keeps no

@@ -38,6 +38,7 @@ const (
 	CodeCertExpired      Code = "cert_expired"
 	CodeCertRevoked      Code = "cert_revoked"
 	CodeDeviceRevoked    Code = "device_revoked"
+	CodeDeviceOffline    Code = "device_offline"
 	CodeProofInvalid     Code = "proof_invalid"
 	CodeRateLimited      Code = "rate_limited"
 	CodeUnavailable      Code = "unavailable"
@@ -69,6 +70,7 @@ var statusByCode = map[Code]int{
 	CodeCertExpired:      http.StatusUnauthorized,
 	CodeCertRevoked:      http.StatusForbidden,
 	CodeDeviceRevoked:    http.StatusForbidden,
+	CodeDeviceOffline:    http.StatusConflict,
 	CodeProofInvalid:     http.StatusUnauthorized,
 	CodeRateLimited:      http.StatusTooManyRequests,
 	CodeUnavailable:      http.StatusServiceUnavailable,

@@ -167,13 +167,15 @@ const (
 	// ActEnrollRepeat: an enrollment with a used-up token and the key it
 	// was used for got the certificate already issued, again.
 	ActEnrollRepeat = "enroll.repeat"
+	// ActDeviceCommand: an operator sent a command (Detail: its name).
+	ActDeviceCommand = "device.command"
 )
 
 // AuditActions lists every audit action, for filters.
 var AuditActions = []string{
 	ActTokenCreate, ActTokenUse, ActTokenFail, ActTokenRevoke, ActCertIssue, ActCertRenew,
 	ActRenewFail, ActDeviceRevoke, ActReprovision, ActServiceIssue, ActOperatorIssue, ActBackup, ActCertAdopt,
-	ActEnrollRepeat,
+	ActEnrollRepeat, ActDeviceCommand,
 }
 
 // AuditEvent is one append-only audit record.

@@ -59,6 +59,10 @@ type Config struct {
 	// that just went offline showed its connect time as last seen.
 	// Optional.
 	Unwritten func() map[string]store.Presence
+	// Command publishes a command to a device and, with wait > 0, waits
+	// for its reply (see Handler.Command). Optional: without it the
+	// server sends no commands.
+	Command func(ctx context.Context, id, name string, payload []byte, wait time.Duration) (Sent, error)
 	// Follow streams telemetry as it is stored, for `fleetmq telemetry --follow`. Optional.
 	Follow func(id string) (<-chan store.Message, func())
 	// DashboardLogin returns the loopback dashboard's login page and a
@@ -114,6 +118,7 @@ func New(cfg Config, st Store) (*Handler, error) {
 	h.mux.HandleFunc("GET /v1/devices", h.listDevices)
 	h.mux.HandleFunc("GET /v1/devices/{id}", h.getDevice)
 	h.mux.HandleFunc("POST /v1/devices/{id}/revoke", h.revokeDevice)
+	h.mux.HandleFunc("POST /v1/devices/{id}/commands", h.command)
 	h.mux.HandleFunc("POST /v1/identities", h.issueIdentity)
 	h.mux.HandleFunc("GET /v1/audit", h.audit)
 	h.mux.HandleFunc("GET /v1/telemetry/{id}", h.telemetry)

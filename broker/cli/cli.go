@@ -83,6 +83,8 @@ Usage:
   fleetmq token create [flags]         mint bootstrap tokens
   fleetmq token list [--limit N | --all] | revoke ID
   fleetmq device list [--online] [--expiring 7d] [--revoked] | show ID | revoke ID
+  fleetmq device command ID NAME [PAYLOAD] [--wait 5s]
+                                       send a command (ping, renew, interval) to a device
   fleetmq service issue NAME [--out DIR] [--renew]
                                        certificate for a backend that reads telemetry
   fleetmq operator issue NAME [--out DIR] [--renew]
@@ -240,6 +242,7 @@ var operatorCommands = map[string]func(context.Context, []string, Env) error{
 	"device list":    deviceList,
 	"device show":    deviceShow,
 	"device revoke":  deviceRevoke,
+	"device command": deviceCommand,
 	"service issue":  identityIssue("service"),
 	"operator issue": identityIssue("operator"),
 	"ca show":        caShow,
@@ -287,14 +290,8 @@ func (f flagSet) given(name string) bool {
 
 // parse parses args and checks the number of positional arguments.
 func (f flagSet) parse(args []string, positional int) error {
-	if err := f.Parse(f.interleave(args)); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return err
-		}
-		return usageError{msg: err.Error(), reported: true}
-	}
-	if f.given("timeout") && *f.timeout <= 0 {
-		return usagef("--timeout must be more than 0 (e.g. 30s, 2m)")
+	if err := f.parseFlags(args); err != nil {
+		return err
 	}
 	if f.NArg() != positional {
 		if positional == 0 {
@@ -326,6 +323,21 @@ func (f flagSet) parse(args []string, positional int) error {
 var argNames = map[string]string{
 	"token revoke": "ID", "device show": "ID", "device revoke": "ID", "telemetry": "ID",
 	"service issue": "NAME", "operator issue": "NAME", "backup": "DIR",
+}
+
+// parseFlags parses args, for a command that checks its positional
+// arguments itself.
+func (f flagSet) parseFlags(args []string) error {
+	if err := f.Parse(f.interleave(args)); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return err
+		}
+		return usageError{msg: err.Error(), reported: true}
+	}
+	if f.given("timeout") && *f.timeout <= 0 {
+		return usagef("--timeout must be more than 0 (e.g. 30s, 2m)")
+	}
+	return nil
 }
 
 // interleave moves positional arguments after flags so that

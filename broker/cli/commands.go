@@ -643,6 +643,23 @@ func sinceHelp(what, example string) string {
 	return fmt.Sprintf("only %s newer than this: a duration (e.g. %s), a time as the tables print it (quoted: '2026-12-07 20:26:32 UTC') or an RFC 3339 time", what, example)
 }
 
+// recordLine is a message as a line for a terminal: time, topic and
+// payload, the binary ones in base64.
+func recordLine(r admin.TelemetryRecord) string {
+	payload := string(r.Payload)
+	// A pointer, since JSON null leaves a string untouched: a payload
+	// "null" was printed as if it were empty.
+	var text *string
+	switch {
+	case r.PayloadBase64 != nil:
+		payload = fmt.Sprintf("(%d bytes, binary) base64:%s", len(r.PayloadBase64), base64.StdEncoding.EncodeToString(r.PayloadBase64))
+	case json.Unmarshal(r.Payload, &text) == nil && text != nil:
+		payload = *text
+	}
+	// The topic and payload are the device's words.
+	return fmt.Sprintf("%s  %s  %s", r.Received.UTC().Format("2006-01-02 15:04:05.000 UTC"), terminalSafe(r.Topic), terminalSafe(payload))
+}
+
 func telemetryCmd(ctx context.Context, args []string, env Env) error {
 	fs := newFlags("telemetry", env)
 	since := fs.String("since", "", sinceHelp("messages", "1h"))
@@ -665,18 +682,7 @@ func telemetryCmd(ctx context.Context, args []string, env Env) error {
 			_, err = fmt.Fprintf(env.Stdout, "%s\n", b)
 			return err
 		}
-		payload := string(r.Payload)
-		// A pointer, since JSON null leaves a string untouched: a
-		// payload "null" was printed as if it were empty.
-		var text *string
-		switch {
-		case r.PayloadBase64 != nil:
-			payload = fmt.Sprintf("(%d bytes, binary) base64:%s", len(r.PayloadBase64), base64.StdEncoding.EncodeToString(r.PayloadBase64))
-		case json.Unmarshal(r.Payload, &text) == nil && text != nil:
-			payload = *text
-		}
-		// The topic and payload are the device's words.
-		_, err := fmt.Fprintf(env.Stdout, "%s  %s  %s\n", r.Received.UTC().Format("2006-01-02 15:04:05.000 UTC"), terminalSafe(r.Topic), terminalSafe(payload))
+		_, err := fmt.Fprintln(env.Stdout, recordLine(r))
 		return err
 	})
 	if err == nil && n == 0 && !*follow {

@@ -212,6 +212,17 @@ func testAgentTelemetryAndCommands(t *testing.T, bin agentBinary) {
 		t.Fatalf("unknown command answered on %s with %s", refusal.Topic(), refusal.Payload())
 	}
 
+	// The operator's way, without a service certificate: the CLI sends
+	// the ping and prints the agent's pong.
+	out, errs, code := s.cli(t, "device", "command", id, "ping", `{"probe":"cli-1"}`, "--wait", "15s", "--json")
+	var sent admin.CommandResult
+	answer.Request = nil
+	if code != 0 || json.Unmarshal([]byte(out), &sent) != nil || sent.Reply == nil ||
+		sent.Reply.Topic != "devices/"+id+"/events/pong" || json.Unmarshal(sent.Reply.Payload, &answer) != nil ||
+		!jsonEqual(answer.Request, []byte(`{"probe":"cli-1"}`)) {
+		t.Fatalf("fleetmq device command ping: exit %d: %s%s", code, out, errs)
+	}
+
 	// The renew command: a new certificate, and the running process goes
 	// on over a new MQTT session.
 	before := s.Broker().Stats().SessionsTotal

@@ -323,6 +323,7 @@ func New(cfg Config) (_ *Server, err error) {
 		Online:         s.mqtt.Online,
 		Unwritten:      s.mqtt.UnwrittenPresence,
 		Follow:         s.mqtt.Follow,
+		Command:        s.command,
 		DashboardLogin: s.dashboardLogin,
 		Observe:        s.metrics.ObserveAdmin,
 		Logger:         s.log.With().Str("component", "admin").Logger(),
@@ -606,6 +607,23 @@ func (s *Server) onRevoke(ctx context.Context, id string, _ []store.Cert) {
 	if err := s.enroll.RefreshCRL(ctx); err != nil {
 		s.log.Error().Err(err).Msg("refresh CRL after revocation")
 	}
+}
+
+// command publishes an operator's command through this node's broker, and
+// says in the public error table's words why it could not.
+func (s *Server) command(ctx context.Context, id, name string, payload []byte, wait time.Duration) (admin.Sent, error) {
+	res, err := s.mqtt.Command(ctx, id, name, payload, wait)
+	switch {
+	case errors.Is(err, broker.ErrBadCommand):
+		return admin.Sent{}, &enroll.Error{Code: enroll.CodeBadRequest, Err: err, Message: fmt.Sprintf(
+			"%q cannot be a command: give one or more topic levels (ping, config/set) without +, # or empty levels, at most 512 bytes of topic in all", name)}
+	case errors.Is(err, broker.ErrNotListening):
+		return admin.Sent{}, &enroll.Error{Code: enroll.CodeDeviceOffline, Err: err, Message: fmt.Sprintf(
+			"%s is not connected (nothing subscribes to %s); commands are not queued for a device away: send it again when `fleetmq device list --online` shows it", id, res.Topic)}
+	case err != nil:
+		return admin.Sent{}, err
+	}
+	return admin.Sent{Topic: res.Topic, Online: res.Online, Reply: res.Reply}, nil
 }
 
 // onReprovision closes the sessions of a re-provisioned device that use

@@ -1,0 +1,66 @@
+package cli
+
+import (
+	"context"
+	"fmt"
+	"path/filepath"
+	"time"
+
+	"github.com/fleetmq/fleetmq/broker/admin"
+)
+
+// deviceCommand sends a command to a device through the server's broker,
+// as a backend with a service certificate would, and with --wait prints
+// the device's reply.
+func deviceCommand(ctx context.Context, args []string, env Env) error {
+	fs := newFlags("device command", env)
+	var wait time.Duration
+	fs.Var(durationValue{&wait}, "wait", fmt.Sprintf("wait this long (at most %s) for the device's next event, its reply, and print it; exit 1 if none comes", admin.MaxCommandWait))
+	if err := fs.parseFlags(args); err != nil {
+		return err
+	}
+	if n := fs.NArg(); n < 2 || n > 3 {
+		return usagef("device command takes ID NAME [PAYLOAD], got %d arguments: fleetmq device command pi-0001 ping", n)
+	}
+	id, name, payload := fs.Arg(0), fs.Arg(1), fs.Arg(2)
+	if id == "" || id == "." || id == ".." {
+		return usagef("device command: %q is not an ID; `fleetmq device list` shows the ids", id)
+	}
+	if name == "" {
+		return usagef("device command: give a command NAME (the agent's: ping, renew, interval)")
+	}
+	if fs.given("wait") && (wait <= 0 || wait > admin.MaxCommandWait) {
+		return usagef("--wait must be from 1s to %s", admin.MaxCommandWait)
+	}
+	if len(payload) > admin.MaxCommandPayload {
+		return usagef("the payload is over %d bytes; a command takes at most that", admin.MaxCommandPayload)
+	}
+	req := admin.CommandRequest{Name: name, Payload: payload}
+	if wait > 0 {
+		req.Wait = wait.String()
+	}
+	// The answer starts only after the wait.
+	client := admin.NewClientTimeout(filepath.Join(*fs.data, admin.SocketName), *fs.timeout+wait)
+	res, err := client.Command(ctx, id, req)
+	if err != nil {
+		return unansweredf(err, "the command may have been sent all the same (`fleetmq audit --device %s` lists the commands sent)", id)
+	}
+	if *fs.json {
+		if err := printJSON(env.Stdout, res); err != nil {
+			return err
+		}
+	} else {
+		where := "sent to " + id
+		if !res.Online {
+			where = "queued in the session " + id + " kept (it is not connected now)"
+		}
+		fmt.Fprintf(env.Stdout, "%s %s on %s\n", terminalSafe(name), where, terminalSafe(res.Topic))
+		if res.Reply != nil {
+			fmt.Fprintln(env.Stdout, recordLine(*res.Reply))
+		}
+	}
+	if wait > 0 && res.Reply == nil {
+		return fmt.Errorf("no event from %s within %s: the command was sent, the device did not answer (the agent answers ping with events/pong and refuses commands with events/error; renew and interval send none)", id, wait)
+	}
+	return nil
+}

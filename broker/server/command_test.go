@@ -1,0 +1,123 @@
+package server_test
+
+import (
+	"encoding/json"
+	"strings"
+	"testing"
+	"time"
+
+	paho "github.com/eclipse/paho.mqtt.golang"
+
+	"github.com/fleetmq/fleetmq/broker/admin"
+	"github.com/fleetmq/fleetmq/store"
+)
+
+// TestDeviceCommandCLI: `fleetmq device command` publishes to a device's
+// command topic as a backend would, returns the device's reply with
+// --wait, and refuses what would reach no one or no device.
+func TestDeviceCommandCLI(t *testing.T) {
+	s := startServer(t)
+	const id = "pi-cmd"
+	d := s.enroll(t, s.token(t, "--device", id), id)
+
+	// Not connected: the agent keeps no session, so nothing would get it.
+	_, errs, code := s.cli(t, "device", "command", id, "ping")
+	if code != 1 || !strings.Contains(errs, "is not connected") || !strings.Contains(errs, "(device_offline)") {
+		t.Fatalf("command to an offline device: exit %d: %s", code, errs)
+	}
+
+	// The device: answers ping on events/pong, takes the rest silently.
+	got := make(chan paho.Message, 8)
+	c := pahoClient(t, s, d, id, nil)
+	defer c.Disconnect(0)
+	tok := c.Subscribe("devices/"+id+"/commands/#", 1, func(cl paho.Client, m paho.Message) {
+		got <- m
+		if m.Topic() == "devices/"+id+"/commands/ping" {
+			cl.Publish("devices/"+id+"/events/pong", 1, false, "pong:"+string(m.Payload()))
+		}
+	})
+	if !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+		t.Fatalf("subscribe: %v", tok.Error())
+	}
+
+	out, errs, code := s.cli(t, "device", "command", id, "ping", "secret-7", "--wait", "15s", "--json")
+	var res admin.CommandResult
+	if code != 0 || json.Unmarshal([]byte(out), &res) != nil {
+		t.Fatalf("ping --wait: exit %d: %s%s", code, out, errs)
+	}
+	if !res.Online || res.Topic != "devices/"+id+"/commands/ping" || res.Reply == nil ||
+		res.Reply.Topic != "devices/"+id+"/events/pong" || !jsonEqual(res.Reply.Payload, []byte(`"pong:secret-7"`)) {
+		t.Fatalf("ping --wait answered %s", out)
+	}
+	if m := nextMessage(t, got, 5*time.Second, "the ping"); string(m.Payload()) != "secret-7" || m.Qos() != 1 {
+		t.Fatalf("device got %s at QoS %d", m.Payload(), m.Qos())
+	}
+
+	out, errs, code = s.cli(t, "device", "command", id, "interval", "10s")
+	if code != 0 || !strings.Contains(out, "interval sent to pi-cmd on devices/pi-cmd/commands/interval") {
+		t.Fatalf("interval: exit %d: %s%s", code, out, errs)
+	}
+	if m := nextMessage(t, got, 5*time.Second, "the interval command"); m.Topic() != "devices/"+id+"/commands/interval" || string(m.Payload()) != "10s" {
+		t.Fatalf("device got %s on %s", m.Payload(), m.Topic())
+	}
+
+	// Sub-levels are one command; a device that does not answer fails
+	// --wait, though the command went out.
+	out, errs, code = s.cli(t, "device", "command", id, "config/set", "x=1", "--wait", "1s")
+	if code != 1 || !strings.Contains(out, "config/set sent to pi-cmd") || !strings.Contains(errs, "no event from pi-cmd within 1s") {
+		t.Fatalf("unanswered --wait: exit %d: %s%s", code, out, errs)
+	}
+	if m := nextMessage(t, got, 5*time.Second, "config/set"); m.Topic() != "devices/"+id+"/commands/config/set" {
+		t.Fatalf("device got %s", m.Topic())
+	}
+
+	// Arguments that cannot be a command: exit 2, nothing sent.
+	for _, args := range [][]string{
+		{id, "a/+"}, {id, "#"}, {id, "a//b"}, {id, "x/"}, {id, "ping", "--wait", "2m"},
+		{id}, {id, "ping", "a", "b"}, {id, ""}, {".", "ping"},
+		{id, "ping", strings.Repeat("p", admin.MaxCommandPayload+1)},
+		{id, strings.Repeat("n", 600)},
+	} {
+		_, errs, code := s.cli(t, append([]string{"device", "command"}, args...)...)
+		if code != 2 {
+			t.Errorf("device command %.40q: exit %d, want 2: %s", args, code, errs)
+		}
+	}
+	select {
+	case m := <-got:
+		t.Fatalf("a refused command reached the device: %s %s", m.Topic(), m.Payload())
+	default:
+	}
+
+	// Only devices take commands, and not revoked ones.
+	s.identity(t, "backend-cmd", store.RoleService)
+	if _, errs, code := s.cli(t, "device", "command", "backend-cmd", "ping"); code != 2 || !strings.Contains(errs, "commands go to devices") {
+		t.Errorf("command to a service: exit %d: %s", code, errs)
+	}
+	if _, errs, code := s.cli(t, "device", "command", "nobody", "ping"); code != 1 || !strings.Contains(errs, "(not_found)") {
+		t.Errorf("command to no one: exit %d: %s", code, errs)
+	}
+
+	// Audited by name; the payload is not written down.
+	out, _, _ = s.cli(t, "audit", "--device", id, "--json")
+	var evs []store.AuditEvent
+	if err := json.Unmarshal([]byte(out), &evs); err != nil {
+		t.Fatal(err)
+	}
+	names := map[string]bool{}
+	for _, ev := range evs {
+		if ev.Action == store.ActDeviceCommand {
+			names[ev.Detail] = true
+		}
+	}
+	if !names["ping"] || !names["interval"] || !names["config/set"] || len(names) != 3 || strings.Contains(out, "secret-7") {
+		t.Errorf("audit of commands: %v\n%s", names, out)
+	}
+
+	if _, _, code := s.cli(t, "device", "revoke", id); code != 0 {
+		t.Fatal("revoke failed")
+	}
+	if _, errs, code := s.cli(t, "device", "command", id, "ping"); code != 1 || !strings.Contains(errs, "(device_revoked)") {
+		t.Errorf("command to a revoked device: exit %d: %s", code, errs)
+	}
+}
