@@ -47,6 +47,9 @@ type CommandResult struct {
 	// reply, absent when none came within it.
 	Waited string           `json:"waited,omitempty"`
 	Reply  *TelemetryRecord `json:"reply,omitempty"`
+	// ReplyMessage is the reply as the device sent it, for front ends in
+	// the same process (the dashboard).
+	ReplyMessage *store.Message `json:"-"`
 }
 
 // Sent is what Config.Command reports: where it published and the
@@ -115,7 +118,7 @@ func (h *Handler) Command(ctx context.Context, id string, req CommandRequest, re
 	}
 	if sent.Reply != nil {
 		rec := Record(*sent.Reply)
-		res.Reply = &rec
+		res.Reply, res.ReplyMessage = &rec, sent.Reply
 	}
 	// The name, not the payload: a payload may carry what an audit log
 	// must not (a command's secret).

@@ -22,6 +22,7 @@ import (
 	"github.com/chromedp/cdproto/cdp"
 	"github.com/chromedp/cdproto/fetch"
 	"github.com/chromedp/chromedp"
+	paho "github.com/eclipse/paho.mqtt.golang"
 
 	"github.com/fleetmq/fleetmq/broker/server"
 	"github.com/fleetmq/fleetmq/broker/ui"
@@ -755,5 +756,88 @@ func TestDashboardTokenFormChecked(t *testing.T) {
 	}
 	if after, _, _ := s.cli(t, "token", "list", "--json"); after != before {
 		t.Fatal("a refused confirmation minted tokens")
+	}
+}
+
+// TestDashboardCommand: the device page's command form sends through the
+// real broker and shows the device's reply; a refusal is shown with the
+// form, and nothing is sent.
+func TestDashboardCommand(t *testing.T) {
+	s := startServer(t, func(c *server.Config) { c.UIAddr = "127.0.0.1:0" })
+	base := strings.TrimSuffix(s.UIURL(), "/")
+	d := s.enroll(t, s.token(t, "--device", "pi-dc"), "pi-dc")
+	s.enroll(t, s.token(t, "--device", "pi-away"), "pi-away")
+	got := make(chan string, 8)
+	c := pahoClient(t, s, d, "pi-dc", nil)
+	defer c.Disconnect(0)
+	tok := c.Subscribe("devices/pi-dc/commands/#", 1, func(cl paho.Client, m paho.Message) {
+		got <- m.Topic() + " " + string(m.Payload())
+		if strings.HasSuffix(m.Topic(), "/ping") {
+			cl.Publish("devices/pi-dc/events/pong", 1, false, `{"request":"`+string(m.Payload())+`"}`)
+		}
+	})
+	if !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+		t.Fatalf("subscribe: %v", tok.Error())
+	}
+
+	jar, _ := cookiejar.New(nil)
+	hc := &http.Client{Jar: jar, Timeout: 20 * time.Second, CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	s.login(t, hc)
+	do := func(method, path string, form url.Values) (int, string) {
+		t.Helper()
+		req, _ := http.NewRequest(method, base+path, strings.NewReader(form.Encode()))
+		req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+		resp, err := hc.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	code, page := do("GET", "/devices/pi-dc", nil)
+	m := csrfField.FindStringSubmatch(page)
+	if code != 200 || m == nil || !strings.Contains(page, `id="command-form"`) {
+		t.Fatalf("device page: %d, no command form or CSRF token", code)
+	}
+	csrf := m[1]
+
+	code, page = do("POST", "/devices/pi-dc/command", url.Values{"csrf": {csrf}, "name": {"ping"}, "payload": {"p-42"}})
+	if code != 200 || !strings.Contains(page, `id="command-reply"`) || !strings.Contains(page, "devices/pi-dc/events/pong") ||
+		!strings.Contains(page, "&#34;request&#34;: &#34;p-42&#34;") {
+		t.Fatalf("ping from the dashboard: %d\n%s", code, page)
+	}
+	if g := <-got; g != "devices/pi-dc/commands/ping p-42" {
+		t.Fatalf("device got %q", g)
+	}
+
+	// Refusals: shown on the page with what was typed; nothing sent.
+	for _, tc := range []struct {
+		path, name string
+		status     int
+		want       string
+	}{
+		{"/devices/pi-away/command", "renew", http.StatusConflict, "pi-away is not connected"},
+		{"/devices/pi-dc/command", "a/+", http.StatusBadRequest, "cannot be a command"},
+	} {
+		code, page := do("POST", tc.path, url.Values{"csrf": {csrf}, "name": {tc.name}})
+		if code != tc.status || !strings.Contains(page, "Not sent:") || !strings.Contains(page, tc.want) {
+			t.Errorf("command %s on %s: %d\n%s", tc.name, tc.path, code, page)
+		}
+	}
+	if code, _ := do("POST", "/devices/pi-dc/command", url.Values{"name": {"ping"}}); code != http.StatusForbidden {
+		t.Errorf("command without the form token: %d, want 403", code)
+	}
+	select {
+	case g := <-got:
+		t.Fatalf("a refused command reached the device: %s", g)
+	default:
+	}
+
+	if _, _, code := s.cli(t, "device", "revoke", "pi-away"); code != 0 {
+		t.Fatal("revoke failed")
+	}
+	if code, page := do("GET", "/devices/pi-away", nil); code != 200 || strings.Contains(page, `id="command-form"`) {
+		t.Errorf("a revoked device's page offers commands: %d", code)
 	}
 }

@@ -233,6 +233,13 @@ func (f *fleet) RevokeDevice(_ context.Context, id, remote string) (admin.Revoke
 	return admin.RevokeResult{DeviceID: id}, nil
 }
 
+// Command refuses every command: sending one takes a broker, and the
+// dashboard's command form is tested against a real server
+// (broker/server TestDashboardCommand).
+func (f *fleet) Command(_ context.Context, id string, _ admin.CommandRequest, _ string) (admin.CommandResult, error) {
+	return admin.CommandResult{}, enroll.Errorf(enroll.CodeDeviceOffline, "%s is not connected", id)
+}
+
 // newUI returns a dashboard over f (not listening) and a test server for
 // its handler.
 func newUI(tb testing.TB, f *fleet, mutate func(*ui.Config)) (*ui.Server, *httptest.Server) {

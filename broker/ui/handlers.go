@@ -25,6 +25,7 @@ func (s *Server) routes() http.Handler {
 	mux.HandleFunc("GET /devices/{id}", s.device)
 	mux.HandleFunc("GET /devices/{id}/revoke", s.confirmRevokeDevice)
 	mux.HandleFunc("POST /devices/{id}/revoke", s.revokeDevice)
+	mux.HandleFunc("POST /devices/{id}/command", s.commandDevice)
 	mux.HandleFunc("GET /tokens", s.tokens)
 	mux.HandleFunc("GET /tokens/new", s.confirmTokens)
 	mux.HandleFunc("POST /tokens", s.createTokens)
@@ -313,6 +314,7 @@ type deviceData struct {
 	MaxPoints    int
 	MaxSeries    int
 	Latest       *store.Message
+	Command      *commandOutcome // a command just sent from the page
 	LatestText   string
 	Audit        []store.AuditEvent
 }
@@ -324,13 +326,19 @@ type certRow struct {
 }
 
 func (s *Server) device(w http.ResponseWriter, r *http.Request) {
+	s.renderDevice(w, r, http.StatusOK, nil)
+}
+
+// renderDevice renders the device page, with the outcome of a command
+// sent from it when there is one.
+func (s *Server) renderDevice(w http.ResponseWriter, r *http.Request, status int, cmd *commandOutcome) {
 	id := r.PathValue("id")
 	info, err := s.cfg.Admin.DeviceInfo(r.Context(), id)
 	if err != nil {
 		s.failErr(w, r, err)
 		return
 	}
-	d := deviceData{Device: info, State: info.State(), Expiring: s.expiring(info), MaxPoints: s.cfg.MaxPoints, MaxSeries: maxSeries}
+	d := deviceData{Device: info, State: info.State(), Expiring: s.expiring(info), MaxPoints: s.cfg.MaxPoints, MaxSeries: maxSeries, Command: cmd}
 	now := s.cfg.Now()
 	for _, c := range info.Certificates {
 		d.Certs = append(d.Certs, certRow{Cert: c, State: info.CertState(c, now)})
@@ -365,7 +373,7 @@ func (s *Server) device(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	slices.Reverse(d.Audit)
-	s.render(w, r, http.StatusOK, "device", page{
+	s.render(w, r, status, "device", page{
 		Title: id, Nav: "devices", Events: "/events?device=" + url.QueryEscape(id), Data: d,
 	})
 }
