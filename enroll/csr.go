@@ -27,9 +27,9 @@ const (
 
 // ParseCSR parses a PKCS#10 certificate request, PEM ("CERTIFICATE REQUEST"
 // or "NEW CERTIFICATE REQUEST", nothing but white space around the block) or
-// raw DER, and checks its key type and its self-signature. A subject with
-// more than one CN is refused. Errors are *Error with CodeCSRInvalid or
-// CodeKeyUnsupported.
+// raw DER, and checks its key type and its self-signature, which must not
+// use SHA-1 or MD5. A subject with more than one CN is refused. Errors are
+// *Error with CodeCSRInvalid or CodeKeyUnsupported.
 //
 // The key is checked before the signature: it is cheaper, and it refuses an
 // oversized RSA key before the server spends time verifying with it.
@@ -88,10 +88,29 @@ func ParseCSR(data []byte) (*x509.CertificateRequest, error) {
 		return nil, Errorf(CodeCSRInvalid, "csr signature algorithm is not supported; sign with ECDSA, Ed25519, or RSA "+
 			"(PKCS #1 v1.5, or PSS with a salt as long as the hash: openssl req -sigopt rsa_pss_saltlen:digest)")
 	}
+	if hash, weak := weakCSRHashes[csr.SignatureAlgorithm]; weak {
+		return nil, Errorf(CodeCSRInvalid, "csr is signed with %s, which no longer proves that the request is the key holder's; "+
+			"sign it with SHA-256 or better (openssl req -sha256, OpenSSL's default)", hash)
+	}
 	if err := csr.CheckSignature(); err != nil {
 		return nil, &Error{Code: CodeCSRInvalid, Message: "csr signature does not verify", Err: err}
 	}
 	return csr, nil
+}
+
+// weakCSRHashes are the hashes of signature algorithms x509 parses whose
+// collisions are within reach: a request made to collide with another
+// (chosen-prefix collisions, MD5 in 2007, SHA-1 in 2020) carries that
+// one's signature, so the signature does not bind the key holder to what
+// this request asks for. x509 still verifies SHA-1 on a CSR; MD2 and MD5
+// it refuses as "does not verify", which would send its maker looking for
+// a fault in the key. No device needs them: OpenSSL and Go (device-agent)
+// sign requests with SHA-256 by default. (DSA keys are refused before.)
+var weakCSRHashes = map[x509.SignatureAlgorithm]string{
+	x509.MD2WithRSA:    "MD2",
+	x509.MD5WithRSA:    "MD5",
+	x509.SHA1WithRSA:   "SHA-1",
+	x509.ECDSAWithSHA1: "SHA-1",
 }
 
 var oidRSAPSS = asn1.ObjectIdentifier{1, 2, 840, 113549, 1, 1, 10}

@@ -60,13 +60,20 @@ func craftCSR(tb testing.TB, spki []byte, signer crypto.Signer) []byte {
 	if err != nil {
 		tb.Fatal(err)
 	}
+	return assembleCSR(tb, tbs, pkix.AlgorithmIdentifier{Algorithm: asn1.ObjectIdentifier{1, 2, 840, 10045, 4, 3, 2}}, sig)
+}
+
+// assembleCSR wraps a DER CertificationRequestInfo and its signature into
+// a PKCS#10 request.
+func assembleCSR(tb testing.TB, tbs []byte, alg pkix.AlgorithmIdentifier, sig []byte) []byte {
+	tb.Helper()
 	der, err := asn1.Marshal(struct {
 		TBS    asn1.RawValue
 		SigAlg pkix.AlgorithmIdentifier
 		Sig    asn1.BitString
 	}{
 		TBS:    asn1.RawValue{FullBytes: tbs},
-		SigAlg: pkix.AlgorithmIdentifier{Algorithm: asn1.ObjectIdentifier{1, 2, 840, 10045, 4, 3, 2}},
+		SigAlg: alg,
 		Sig:    asn1.BitString{Bytes: sig, BitLength: 8 * len(sig)},
 	})
 	if err != nil {
@@ -367,6 +374,11 @@ func FuzzParseCSR(f *testing.F) {
 	f.Add(csrPEM(good, "NEW CERTIFICATE REQUEST"))
 	f.Add(makeCSR(f, ed))
 	f.Add(craftCSR(f, dsaSPKI(f), p256))
+	sha1, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{SignatureAlgorithm: x509.ECDSAWithSHA1}, p256)
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Add(sha1)
 	f.Add([]byte("-----BEGIN CERTIFICATE REQUEST-----\n-----END CERTIFICATE REQUEST-----\n"))
 	f.Add([]byte{0x30, 0x03, 0x02, 0x01, 0x00})
 	f.Add([]byte{})
@@ -380,8 +392,8 @@ func FuzzParseCSR(f *testing.F) {
 
 // checkCSROutcome is the property every CSR decoder's fuzz target checks: a
 // refusal is a client error with a CSR code, and an accepted CSR has a
-// signature that verifies and a key fleetmq accepts. It reports whether the
-// CSR was accepted.
+// signature that verifies, not over SHA-1 or MD5, and a key fleetmq
+// accepts. It reports whether the CSR was accepted.
 func checkCSROutcome(t *testing.T, csr *x509.CertificateRequest, err error) bool {
 	t.Helper()
 	if err != nil {
@@ -396,6 +408,9 @@ func checkCSROutcome(t *testing.T, csr *x509.CertificateRequest, err error) bool
 	}
 	if err := CheckKey(csr.PublicKey); err != nil {
 		t.Fatalf("accepted a CSR with a refused key: %v", err)
+	}
+	if _, weak := weakCSRHashes[csr.SignatureAlgorithm]; weak {
+		t.Fatalf("accepted a CSR signed with %v", csr.SignatureAlgorithm)
 	}
 	return true
 }

@@ -4,7 +4,12 @@ import (
 	"bytes"
 	"context"
 	"crypto"
+	"crypto/ecdsa"
+	"crypto/ed25519"
+	"crypto/elliptic"
+	_ "crypto/md5" // the hash of a refused CSR signature
 	"crypto/rand"
+	"crypto/rsa"
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/asn1"
@@ -197,8 +202,9 @@ func wantDeviceCert(tb testing.TB, ca *CA, c *x509.Certificate, id string, pub c
 }
 
 // wantRefused checks a refusal: code with its status, a message short
-// enough not to echo what the client sent, and nothing written.
-func wantRefused(tb testing.TB, rep estReply, code Code, before, after string) {
+// enough not to echo what the client sent, and nothing written. It returns
+// the message.
+func wantRefused(tb testing.TB, rep estReply, code Code, before, after string) string {
 	tb.Helper()
 	got, msg := apiError(tb, rep)
 	if got != code || rep.status != StatusOf(code) {
@@ -210,6 +216,7 @@ func wantRefused(tb testing.TB, rep estReply, code Code, before, after string) {
 	if before != after {
 		tb.Errorf("refused request changed the store:\nbefore %s\nafter  %s", before, after)
 	}
+	return msg
 }
 
 // requestedExtensions returns the extensions a certificate made from tmpl
@@ -402,29 +409,125 @@ func TestHostileCSRsGetOnlyWhatTheServerDecides(t *testing.T) {
 				}
 				id := fmt.Sprintf("pi-%02d-%d", i, j)
 				der := hc.csr(t, genP256(t), id, other)
-				csr, err := x509.ParseCertificateRequest(der)
-				if err != nil {
-					t.Fatalf("the test's CSR does not parse: %v", err)
+				wantOutcome(t, e, anon, way, id, der, want, other)
+			})
+		}
+	}
+}
+
+// wantOutcome sends der for device id the way way does and checks the
+// outcome: a certificate exactly as the server makes it for the CSR's key
+// (want ""), or a refusal with code want that writes nothing, not even to
+// the certificate records of others, and leaves an enrollment token usable. It returns the
+// refusal's message.
+func wantOutcome(t *testing.T, e *estEnv, anon *http.Client, way csrWay, id string, der []byte, want Code, others ...string) string {
+	t.Helper()
+	csr, err := x509.ParseCertificateRequest(der)
+	if err != nil {
+		t.Fatalf("the test's CSR does not parse: %v", err)
+	}
+	send := way.prepare(t, e, anon, id)
+	ids := append([]string{id}, others...)
+	before := fleetAndCerts(t, e, ids...)
+	rep, cert := send(der)
+	if want == "" {
+		if cert == nil {
+			t.Fatalf("refused: %d %s", rep.status, rep.body)
+		}
+		wantDeviceCert(t, e.ca, cert, id, csr.PublicKey)
+		return ""
+	}
+	if cert != nil {
+		t.Fatalf("issued %s, want %s", cert.Subject, want)
+	}
+	msg := wantRefused(t, rep, want, before, fleetAndCerts(t, e, ids...))
+	if !way.renew {
+		// The refusal came before the token was spent.
+		if rep, cert := send(estCSR(t, genP256(t), id)); cert == nil {
+			t.Errorf("the token was spent by the refused request: %d %s", rep.status, rep.body)
+		}
+	}
+	return msg
+}
+
+// resignedCSR returns der signed again by key with hash h, named as alg:
+// x509 refuses to sign with MD5, and a client may use it all the same.
+func resignedCSR(tb testing.TB, der []byte, key *rsa.PrivateKey, h crypto.Hash, alg asn1.ObjectIdentifier) []byte {
+	tb.Helper()
+	csr, err := x509.ParseCertificateRequest(der)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	hh := h.New()
+	hh.Write(csr.RawTBSCertificateRequest)
+	sig, err := rsa.SignPKCS1v15(rand.Reader, key, h, hh.Sum(nil))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return assembleCSR(tb, csr.RawTBSCertificateRequest, pkix.AlgorithmIdentifier{Algorithm: alg, Parameters: asn1.NullRawValue}, sig)
+}
+
+// TestCSRSignatureAndKeyPolicy: through every endpoint that issues, a CSR
+// signed with SHA-1 or MD5 is refused as csr_invalid, saying to sign with
+// SHA-256, and a key outside ECDSA P-256/P-384, Ed25519 and RSA 2048-8192
+// as key_unsupported; those keys, signed with SHA-256 or better, are
+// certified.
+func TestCSRSignatureAndKeyPolicy(t *testing.T) {
+	e := newESTEnv(t, estOptions{})
+	anon := e.client(t, nil)
+	gen := func(c elliptic.Curve) *ecdsa.PrivateKey {
+		k, err := ecdsa.GenerateKey(c, rand.Reader)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return k
+	}
+	rsa2048, rsa1024 := genRSA(t, 2048), genRSA(t, 1024)
+	_, ed, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	signed := func(key crypto.Signer, alg x509.SignatureAlgorithm) func(tb testing.TB, id string) []byte {
+		return func(tb testing.TB, id string) []byte {
+			der, err := x509.CreateCertificateRequest(rand.Reader,
+				&x509.CertificateRequest{Subject: pkix.Name{CommonName: id}, SignatureAlgorithm: alg}, key)
+			if err != nil {
+				tb.Fatalf("create csr: %v", err)
+			}
+			return der
+		}
+	}
+	cases := []struct {
+		name string
+		csr  func(tb testing.TB, id string) []byte
+		code Code
+		msg  string // in the refusal's message
+	}{
+		{"RSA with SHA-1", signed(rsa2048, x509.SHA1WithRSA), CodeCSRInvalid, "signed with SHA-1"},
+		{"ECDSA with SHA-1", signed(gen(elliptic.P256()), x509.ECDSAWithSHA1), CodeCSRInvalid, "signed with SHA-1"},
+		{"RSA with MD5", func(tb testing.TB, id string) []byte {
+			return resignedCSR(tb, signed(rsa2048, x509.SHA256WithRSA)(tb, id), rsa2048, crypto.MD5, asn1.ObjectIdentifier{1, 2, 840, 113549, 1, 1, 4})
+		}, CodeCSRInvalid, "signed with MD5"},
+		{"RSA 1024", signed(rsa1024, x509.SHA256WithRSA), CodeKeyUnsupported, "rsa key of 1024 bits"},
+		{"ECDSA P-224", signed(gen(elliptic.P224()), x509.ECDSAWithSHA256), CodeKeyUnsupported, "curve P-224"},
+		{"ECDSA P-521", signed(gen(elliptic.P521()), x509.ECDSAWithSHA512), CodeKeyUnsupported, "curve P-521"},
+		{"RSA 2048 with SHA-256", signed(rsa2048, x509.SHA256WithRSA), "", ""},
+		{"RSA 2048 with SHA-512", signed(rsa2048, x509.SHA512WithRSA), "", ""},
+		{"RSA 2048 with PSS SHA-256", signed(rsa2048, x509.SHA256WithRSAPSS), "", ""},
+		{"ECDSA P-256", signed(gen(elliptic.P256()), x509.ECDSAWithSHA256), "", ""},
+		{"ECDSA P-384", signed(gen(elliptic.P384()), x509.ECDSAWithSHA384), "", ""},
+		{"Ed25519", signed(ed, x509.PureEd25519), "", ""},
+	}
+	for i, tc := range cases {
+		for j, way := range csrWays {
+			t.Run(tc.name+"/"+way.name, func(t *testing.T) {
+				id := fmt.Sprintf("pi-%02d-%d", i, j)
+				msg := wantOutcome(t, e, anon, way, id, tc.csr(t, id), tc.code)
+				if !strings.Contains(msg, tc.msg) {
+					t.Errorf("message %q does not say %q", msg, tc.msg)
 				}
-				send := way.prepare(t, e, anon, id)
-				before := fleetAndCerts(t, e, id, other)
-				rep, cert := send(der)
-				if want == "" {
-					if cert == nil {
-						t.Fatalf("refused: %d %s", rep.status, rep.body)
-					}
-					wantDeviceCert(t, e.ca, cert, id, csr.PublicKey)
-					return
-				}
-				if cert != nil {
-					t.Fatalf("issued %s, want %s", cert.Subject, want)
-				}
-				wantRefused(t, rep, want, before, fleetAndCerts(t, e, id, other))
-				if !way.renew {
-					// The refusal came before the token was spent.
-					if rep, cert := send(estCSR(t, genP256(t), id)); cert == nil {
-						t.Errorf("the token was spent by the refused request: %d %s", rep.status, rep.body)
-					}
+				if tc.code == CodeCSRInvalid && !strings.Contains(msg, "SHA-256") {
+					t.Errorf("message %q does not say to sign with SHA-256", msg)
 				}
 			})
 		}

@@ -445,6 +445,8 @@ func TestCSRsFromOpenSSL(t *testing.T) {
 		{"secp256k1", "/CN=pi-0009", ec("secp256k1"), CodeKeyUnsupported, "curve secp256k1 is not supported"},
 		{"brainpoolP256r1", "/CN=pi-0009", ec("brainpoolP256r1"), CodeKeyUnsupported, "curve brainpoolP256r1 is not supported"},
 		{"P-256", "/CN=pi-0009", ec("P-256"), "", ""},
+		{"P-256 with SHA-1", "/CN=pi-0009", append(ec("P-256"), "-sha1"), CodeCSRInvalid, "signed with SHA-1"},
+		{"RSA with MD5", "/CN=pi-0009", []string{"-newkey", "rsa:2048", "-md5"}, CodeCSRInvalid, "signed with MD5"},
 		{"PSS salt as long as the hash", "/CN=pi-0009", append(pss, "-sigopt", "rsa_pss_saltlen:digest"), "", ""},
 		{"PSS default salt", "/CN=pi-0009", pss, CodeCSRInvalid, "rsa_pss_saltlen:digest"},
 		{"RSASSA-PSS key", "/CN=pi-0009", []string{"-newkey", "rsa-pss", "-pkeyopt", "rsa_keygen_bits:2048"}, CodeKeyUnsupported, "RSASSA-PSS key"},
