@@ -195,7 +195,21 @@ func (h *Handler) SetMQTTPort(port int) { h.mqttPort.Store(int64(port)) }
 // Handle registers another handler on the same mux (EST lives beside /v1).
 func (h *Handler) Handle(pattern string, handler http.Handler) { h.mux.Handle(pattern, handler) }
 
+// StrictTransportSecurity is the Strict-Transport-Security value of every
+// HTTPS answer: a browser that has seen it reaches this host only over
+// HTTPS for a year, so that a network attacker cannot downgrade it to
+// plain HTTP. Not includeSubDomains: fleetmq does not own its domain's
+// other hosts.
+const StrictTransportSecurity = "max-age=31536000"
+
+// ServeHTTP is the enrollment listener's only handler, so what it sets
+// here is on every answer, errors included.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if r.TLS != nil {
+		// RFC 6797 section 7.2: never over plain HTTP, where a browser
+		// ignores it (only tests get here without TLS).
+		w.Header().Set("Strict-Transport-Security", StrictTransportSecurity)
+	}
 	for _, vs := range r.Header {
 		for _, v := range vs {
 			if len(v) > maxHeaderValue {

@@ -506,6 +506,62 @@ func TestMethodNotAllowed(t *testing.T) {
 	}
 }
 
+// TestStrictTransportSecurity: every answer of the HTTPS listener, /v1, EST
+// and errors alike, tells browsers to come back over HTTPS only, for this
+// host only (no includeSubDomains).
+func TestStrictTransportSecurity(t *testing.T) {
+	e := newESTEnv(t, estOptions{})
+	c := e.client(t, nil)
+	key := genP256(t)
+	cur := e.enroll(t, e.mintToken(t, "pi-1", 1), key, "pi-1")
+	pkcs10 := map[string]string{"Content-Type": "application/pkcs10"}
+	cases := []struct {
+		name, method, path string
+		client             *http.Client
+		hdr                map[string]string
+		body               []byte
+		status             int
+	}{
+		{"CA", "GET", "/v1/ca", c, nil, nil, 200},
+		{"CA, HEAD", "HEAD", "/v1/ca", c, nil, nil, 200},
+		{"CRL", "GET", "/v1/crl", c, nil, nil, 200},
+		{"enroll", "POST", "/v1/enroll", c, map[string]string{"Content-Type": "application/pkcs10", "Authorization": "Bearer " + e.mintToken(t, "pi-2", 1)},
+			estCSR(t, genP256(t), "pi-2"), 201},
+		{"enroll without a token", "POST", "/v1/enroll", c, pkcs10, estCSR(t, genP256(t), "pi-3"), 401},
+		{"renew", "POST", "/v1/renew", e.client(t, tlsCert(cur, key)), pkcs10, estCSR(t, genP256(t), ""), 200},
+		{"bad CSR", "POST", "/v1/renew", e.client(t, tlsCert(cur, key)), pkcs10, []byte("x"), 400},
+		{"EST cacerts", "GET", "/.well-known/est/cacerts", c, nil, nil, 200},
+		{"EST csrattrs", "GET", "/.well-known/est/csrattrs", c, nil, nil, 200},
+		{"EST simpleenroll without credentials", "POST", "/.well-known/est/simpleenroll", c, pkcs10, estBase64Body(estCSR(t, genP256(t), "pi-4")), 401},
+		{"unknown path", "GET", "/nothing", c, nil, nil, 404},
+		{"path with dot segments", "GET", "/v1/../v1/ca", c, nil, nil, 404},
+		{"method not allowed", "GET", "/v1/enroll", c, nil, nil, 405},
+		{"header too large", "GET", "/v1/ca", c, map[string]string{"X-Big": strings.Repeat("a", maxHeaderValue+1)}, nil, 431},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			rep := e.do(t, tc.client, tc.method, tc.path, tc.hdr, tc.body)
+			if rep.status != tc.status {
+				t.Errorf("status %d, want %d: %s", rep.status, tc.status, rep.body)
+			}
+			if got := rep.header.Values("Strict-Transport-Security"); len(got) != 1 || got[0] != "max-age=31536000" {
+				t.Errorf("Strict-Transport-Security %q, want one max-age=31536000", got)
+			}
+		})
+	}
+	// Never over plain HTTP (RFC 6797 section 7.2), which only a test can
+	// speak to the handler.
+	h, err := NewHandler(Config{CA: e.ca}, e.db)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec := httptest.NewRecorder()
+	h.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "http://fleet.example/v1/ca", nil))
+	if got := rec.Header().Values("Strict-Transport-Security"); rec.Code != 200 || len(got) != 0 {
+		t.Errorf("over plain HTTP: %d, Strict-Transport-Security %q", rec.Code, got)
+	}
+}
+
 // TestJSONAnswersNotHTMLEscaped: the JSON answers are read by people and
 // scripts, not browsers; <token> stays <token>.
 func TestJSONAnswersNotHTMLEscaped(t *testing.T) {

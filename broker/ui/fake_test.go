@@ -6,6 +6,7 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/tls"
 	"crypto/x509"
 	"fmt"
 	"io"
@@ -432,6 +433,12 @@ func newPKI(tb testing.TB) *pki {
 // issue makes a certificate for id with role and records both in f.
 func (p *pki) issue(tb testing.TB, f *fleet, id string, role store.Role) *x509.Certificate {
 	tb.Helper()
+	return p.issueTLS(tb, f, id, role).Leaf
+}
+
+// issueTLS is issue, with the key, for a client to present.
+func (p *pki) issueTLS(tb testing.TB, f *fleet, id string, role store.Role) *tls.Certificate {
+	tb.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		tb.Fatal(err)
@@ -445,5 +452,5 @@ func (p *pki) issue(tb testing.TB, f *fleet, id string, role store.Role) *x509.C
 	f.certs[serial] = store.Cert{Serial: serial, DeviceID: id, NotBefore: c.NotBefore, NotAfter: c.NotAfter, DER: c.Raw}
 	f.devices[id] = store.Device{ID: id, Role: role, Serial: serial, NotAfter: c.NotAfter}
 	f.mu.Unlock()
-	return c
+	return &tls.Certificate{Certificate: [][]byte{c.Raw}, PrivateKey: key, Leaf: c}
 }

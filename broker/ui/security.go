@@ -20,6 +20,7 @@ import (
 
 	"github.com/rs/zerolog"
 
+	"github.com/fleetmq/fleetmq/enroll"
 	"github.com/fleetmq/fleetmq/store"
 )
 
@@ -52,6 +53,11 @@ func (s *Server) guard(next http.Handler) http.Handler {
 		h.Set("X-Frame-Options", "DENY")
 		h.Set("Referrer-Policy", "no-referrer")
 		h.Set("Cross-Origin-Opener-Policy", "same-origin")
+		if r.TLS != nil {
+			// Only the HTTPS dashboard: over the loopback's plain HTTP
+			// a browser ignores it (RFC 6797 section 8.1).
+			h.Set("Strict-Transport-Security", enroll.StrictTransportSecurity)
+		}
 
 		var v viewer
 		if r.TLS != nil || s.Secure() {

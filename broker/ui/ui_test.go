@@ -438,6 +438,64 @@ func TestOperatorStreamEndsAtCertificateExpiry(t *testing.T) {
 	streamEnds(t, http.DefaultClient, ts.URL+"/events?device=pi-1", "after the operator's certificate expired")
 }
 
+// TestStrictTransportSecurityOnlyOverHTTPS: the HTTPS dashboard tells
+// browsers to come back over HTTPS only, on every answer, refusals
+// included; the loopback one, plain HTTP, does not, as a browser would
+// ignore it there (RFC 6797 section 8.1).
+func TestStrictTransportSecurityOnlyOverHTTPS(t *testing.T) {
+	f := newFleet()
+	p := newPKI(t)
+	op := p.issueTLS(t, f, "ops", store.RoleOperator)
+	dev := p.issueTLS(t, f, "pi-1", store.RoleDevice)
+	s, err := ui.New(ui.Config{Store: f, Admin: f, Online: f.Online})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	// The handshake as Listen configures it for a network address, on
+	// 127.0.0.1: a test binds nothing else.
+	serverCert, err := p.ca.IssueServer([]string{"127.0.0.1"}, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ts := httptest.NewUnstartedServer(s.Handler())
+	ts.TLS = &tls.Config{Certificates: []tls.Certificate{serverCert}, MinVersion: tls.VersionTLS13,
+		ClientAuth: tls.RequireAndVerifyClientCert, ClientCAs: p.ca.Pool()}
+	ts.StartTLS()
+	t.Cleanup(ts.Close)
+	client := func(cert *tls.Certificate) *http.Client {
+		tr := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: p.ca.Pool(), Certificates: []tls.Certificate{*cert}}}
+		t.Cleanup(tr.CloseIdleConnections)
+		return &http.Client{Transport: tr, Timeout: 10 * time.Second}
+	}
+	_, plain := newUI(t, newFleet(), nil)
+	for _, tc := range []struct {
+		name   string
+		c      *http.Client
+		url    string
+		status int
+		hsts   bool
+	}{
+		{"HTTPS, operator", client(op), ts.URL + "/", 200, true},
+		{"HTTPS, unknown page", client(op), ts.URL + "/nothing", 404, true},
+		{"HTTPS, device certificate", client(dev), ts.URL + "/", 403, true},
+		{"loopback HTTP, login page", http.DefaultClient, plain.URL + "/login", 200, false},
+		{"loopback HTTP, not logged in", http.DefaultClient, plain.URL + "/api/overview", 401, false},
+	} {
+		r := do(t, tc.c, "GET", tc.url, nil, nil)
+		if r.status != tc.status {
+			t.Errorf("%s: %d, want %d", tc.name, r.status, tc.status)
+		}
+		want := []string(nil)
+		if tc.hsts {
+			want = []string{"max-age=31536000"}
+		}
+		if got := r.header.Values("Strict-Transport-Security"); !slices.Equal(got, want) {
+			t.Errorf("%s: Strict-Transport-Security %q, want %q", tc.name, got, want)
+		}
+	}
+}
+
 func enrollSerial(c *x509.Certificate) string { return c.SerialNumber.Text(16) }
 
 func TestListenRefusesNonLoopbackWithoutOperatorAuth(t *testing.T) {
