@@ -600,24 +600,122 @@ func (db *DB) RevokeDevice(ctx context.Context, id, remote string, now time.Time
 		if !tx.Writable() {
 			return nil
 		}
-		d.RevokedAt = now
-		if err := putJSON(tx.Bucket(bucketDevices), []byte(id), d); err != nil {
-			return err
-		}
-		// Serial is the current certificate; earlier ones still valid
-		// (after a renewal) are revoked too.
-		out, err := revokeCerts(tx, id, now)
+		out, ev, err := revokeIdentity(tx, id, d, remote, now)
 		if err != nil {
 			return err
 		}
 		revoked = out // assigned, not appended: this function may run twice
-		detail := fmt.Sprintf("%d certificate(s) revoked: %s", len(out), serialList(out))
-		return db.appendAudit(tx, []AuditEvent{{Time: now, Action: ActDeviceRevoke, DeviceID: id, Serial: d.Serial, Remote: remote, Detail: detail}})
+		return db.appendAudit(tx, []AuditEvent{ev})
 	})
 	if err != nil {
 		return nil, fmt.Errorf("revoke device %s: %w", id, err)
 	}
 	return revoked, nil
+}
+
+// DeviceRevocation is what RevokeDevices did to one identity.
+type DeviceRevocation struct {
+	ID string
+	// Certs are the certificates revoked now; none when the identity
+	// was already revoked.
+	Certs []Cert
+	// Before is when the identity had already been revoked, by an
+	// earlier request; zero if this one revoked it.
+	Before time.Time
+}
+
+// UnknownIDsError refuses a RevokeDevices request naming identities the
+// store never had (ErrNotFound).
+type UnknownIDsError struct{ IDs []string }
+
+func (e *UnknownIDsError) Error() string {
+	return fmt.Sprintf("%d unknown id(s): %s", len(e.IDs), strings.Join(e.IDs, " "))
+}
+
+func (e *UnknownIDsError) Unwrap() error { return ErrNotFound }
+
+// RevokeDevices revokes the identities ids as RevokeDevice does each, in
+// one transaction: all or nothing, one audit event per identity revoked.
+// If any id is unknown, nothing is revoked (*UnknownIDsError, naming them
+// all). An identity already revoked is not refused but reported as such
+// (DeviceRevocation.Before), so that a list can be revoked again after an
+// interrupted run. The result has one entry per distinct id, in the order
+// of ids; a repeated id counts once.
+func (db *DB) RevokeDevices(ctx context.Context, ids []string, remote string, now time.Time) ([]DeviceRevocation, error) {
+	ids = distinct(ids)
+	var result []DeviceRevocation
+	err := db.checked(ctx, func(tx *bbolt.Tx) error {
+		devs := make([]Device, len(ids))
+		var unknown []string
+		for i, id := range ids {
+			d, err := getDevice(tx, id)
+			switch {
+			case errors.Is(err, ErrNotFound):
+				unknown = append(unknown, id)
+			case err != nil:
+				return err
+			}
+			devs[i] = d
+		}
+		if len(unknown) > 0 {
+			return &UnknownIDsError{IDs: unknown}
+		}
+		if !tx.Writable() {
+			return nil
+		}
+		out := make([]DeviceRevocation, len(ids))
+		var evs []AuditEvent
+		for i, d := range devs {
+			out[i].ID = ids[i]
+			if d.Revoked() {
+				out[i].Before = d.RevokedAt
+				continue
+			}
+			certs, ev, err := revokeIdentity(tx, ids[i], d, remote, now)
+			if err != nil {
+				return err
+			}
+			out[i].Certs = certs
+			evs = append(evs, ev)
+		}
+		result = out // assigned, not appended: this function may run twice
+		return db.appendAudit(tx, evs)
+	})
+	if err != nil {
+		return nil, fmt.Errorf("revoke %d device(s): %w", len(ids), err)
+	}
+	return result, nil
+}
+
+// distinct returns ids without repeats, in the order of first mention.
+func distinct(ids []string) []string {
+	seen := make(map[string]bool, len(ids))
+	out := make([]string, 0, len(ids))
+	for _, id := range ids {
+		if !seen[id] {
+			seen[id] = true
+			out = append(out, id)
+		}
+	}
+	return out
+}
+
+// revokeIdentity revokes identity id, stored as d and not revoked, and
+// every certificate of it not yet revoked; it returns those and the audit
+// event to append.
+func revokeIdentity(tx *bbolt.Tx, id string, d Device, remote string, now time.Time) ([]Cert, AuditEvent, error) {
+	d.RevokedAt = now
+	if err := putJSON(tx.Bucket(bucketDevices), []byte(id), d); err != nil {
+		return nil, AuditEvent{}, err
+	}
+	// Serial is the current certificate; earlier ones still valid
+	// (after a renewal) are revoked too.
+	out, err := revokeCerts(tx, id, now)
+	if err != nil {
+		return nil, AuditEvent{}, err
+	}
+	detail := fmt.Sprintf("%d certificate(s) revoked: %s", len(out), serialList(out))
+	return out, AuditEvent{Time: now, Action: ActDeviceRevoke, DeviceID: id, Serial: d.Serial, Remote: remote, Detail: detail}, nil
 }
 
 // revokeCerts revokes every certificate of identity id not yet revoked and

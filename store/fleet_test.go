@@ -386,6 +386,10 @@ func TestRefusedRequestsWriteNothing(t *testing.T) {
 			_, err := db.RevokeDevice(ctx, "d-rev", "admin", t0)
 			return err
 		}, store.ErrDeviceRevoked},
+		{"revoke devices, one unknown", func(db *store.DB) error {
+			_, err := db.RevokeDevices(ctx, []string{"d1", "d2", "nobody", "d-rev", "svc"}, "admin", t0)
+			return err
+		}, store.ErrNotFound},
 		{"revoke unknown token", func(db *store.DB) error {
 			_, err := db.RevokeToken(ctx, "nope", "admin", t0)
 			return err

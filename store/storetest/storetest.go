@@ -5,7 +5,9 @@ package storetest
 import (
 	"context"
 	"encoding/json"
+	"slices"
 	"testing"
+	"time"
 
 	"github.com/fleetmq/fleetmq/store"
 )
@@ -44,4 +46,28 @@ func FleetState(tb testing.TB, st Fleet) string {
 		tb.Fatal(err)
 	}
 	return string(b)
+}
+
+// Auditor is the part of the store Audited reads.
+type Auditor interface {
+	Audit(ctx context.Context, f store.AuditFilter) ([]store.AuditEvent, error)
+}
+
+// Audited returns the device ids of the audit events with action since
+// since, sorted, once per event: a test of a change to many devices
+// checks that each got its own record.
+func Audited(tb testing.TB, st Auditor, action string, since time.Time) []string {
+	tb.Helper()
+	evs, err := st.Audit(context.Background(), store.AuditFilter{Since: since})
+	if err != nil {
+		tb.Fatalf("audit: %v", err)
+	}
+	var ids []string
+	for _, ev := range evs {
+		if ev.Action == action {
+			ids = append(ids, ev.DeviceID)
+		}
+	}
+	slices.Sort(ids)
+	return ids
 }
