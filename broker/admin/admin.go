@@ -37,6 +37,7 @@ type Store interface {
 	DeviceCerts(ctx context.Context, id string) ([]store.Cert, error)
 	Devices(ctx context.Context) ([]store.Device, error)
 	RevokeDevice(ctx context.Context, id, remote string, now time.Time) ([]store.Cert, error)
+	RevokeDevices(ctx context.Context, ids []string, remote string, now time.Time) ([]store.DeviceRevocation, error)
 	CreateIdentity(ctx context.Context, d store.Device, c store.Cert, remote string, now time.Time) error
 	Renew(ctx context.Context, r store.Renewal) error
 	Audit(ctx context.Context, f store.AuditFilter) ([]store.AuditEvent, error)
@@ -49,9 +50,10 @@ type Store interface {
 // Config configures the admin API. Zero values mean the defaults named.
 type Config struct {
 	CA *enroll.CA // required
-	// OnRevoke runs after a revocation was committed: it closes live
-	// sessions and refreshes the CRL. Optional.
-	OnRevoke func(ctx context.Context, id string, certs []store.Cert)
+	// OnRevoke runs after a revocation of identities ids was committed:
+	// it closes their live sessions and refreshes the CRL, once for all
+	// of them. Optional.
+	OnRevoke func(ctx context.Context, ids ...string)
 	// Online lists the identities connected to this node. Optional.
 	Online func() []string
 	// Unwritten returns this node's presence changes not yet in the
@@ -118,6 +120,7 @@ func New(cfg Config, st Store) (*Handler, error) {
 	h.mux.HandleFunc("GET /v1/devices", h.listDevices)
 	h.mux.HandleFunc("GET /v1/devices/{id}", h.getDevice)
 	h.mux.HandleFunc("POST /v1/devices/{id}/revoke", h.revokeDevice)
+	h.mux.HandleFunc("POST /v1/devices/revoke", h.revokeDevices)
 	h.mux.HandleFunc("POST /v1/devices/{id}/commands", h.command)
 	h.mux.HandleFunc("POST /v1/identities", h.issueIdentity)
 	h.mux.HandleFunc("GET /v1/audit", h.audit)
@@ -772,14 +775,120 @@ func (h *Handler) RevokeDevice(ctx context.Context, id, remote string) (RevokeRe
 		return RevokeResult{}, named(err, "identity", id)
 	}
 	if h.cfg.OnRevoke != nil {
-		h.cfg.OnRevoke(context.WithoutCancel(ctx), id, certs)
-	}
-	res := RevokeResult{DeviceID: id, Serials: []string{}}
-	for _, c := range certs {
-		res.Serials = append(res.Serials, c.Serial)
+		h.cfg.OnRevoke(context.WithoutCancel(ctx), id)
 	}
 	h.cfg.Logger.Info().Str("device", id).Str("by", remote).Int("certificates", len(certs)).Msg("device revoked")
-	return res, nil
+	return RevokeResult{DeviceID: id, Serials: serialsOf(certs)}, nil
+}
+
+func serialsOf(certs []store.Cert) []string {
+	out := make([]string, len(certs))
+	for i, c := range certs {
+		out[i] = c.Serial
+	}
+	return out
+}
+
+// MaxRevokesPerRequest bounds the ids of one request to revoke several
+// identities: they are revoked in one transaction, and every other write
+// of the server (telemetry acknowledgements too) waits for it.
+const MaxRevokesPerRequest = 10_000
+
+// RevokeDevicesRequest asks to revoke several identities at once.
+type RevokeDevicesRequest struct {
+	IDs []string `json:"ids"`
+}
+
+// Results of RevokeOutcome.
+const (
+	ResultRevoked        = "revoked"
+	ResultAlreadyRevoked = "already_revoked" // by an earlier request; nothing changed
+)
+
+// RevokeOutcome is what a request to revoke several identities did to one.
+type RevokeOutcome struct {
+	DeviceID string `json:"device_id"`
+	Result   string `json:"result"` // ResultRevoked or ResultAlreadyRevoked
+	// Serials are the certificates this request revoked.
+	Serials   []string  `json:"serials"`
+	RevokedAt time.Time `json:"revoked_at"`
+}
+
+func (h *Handler) revokeDevices(w http.ResponseWriter, r *http.Request) {
+	var req RevokeDevicesRequest
+	if err := decode(r, &req); err != nil {
+		writeErr(w, h.cfg.Logger, err)
+		return
+	}
+	res, err := h.RevokeDevices(r.Context(), req.IDs, remote)
+	if err != nil {
+		writeErr(w, h.cfg.Logger, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, res)
+}
+
+// RevokeDevices revokes the identities ids as RevokeDevice does each, in
+// one transaction, then runs Config.OnRevoke once for all of them. An id
+// that is malformed (id_invalid) or names no identity (not_found) refuses
+// the whole request, and nothing is revoked. An identity already revoked
+// is reported as such (ResultAlreadyRevoked) while the others are revoked.
+// A repeated id counts once; the outcomes follow the order of ids.
+func (h *Handler) RevokeDevices(ctx context.Context, ids []string, remote string) ([]RevokeOutcome, error) {
+	switch {
+	case len(ids) == 0:
+		return nil, enroll.Errorf(enroll.CodeBadRequest, "no ids to revoke")
+	case len(ids) > MaxRevokesPerRequest:
+		return nil, enroll.Errorf(enroll.CodeBadRequest, "%d ids to revoke; at most %d per request: split the list (nothing was revoked)", len(ids), MaxRevokesPerRequest)
+	}
+	for i, id := range ids {
+		if err := enroll.ValidateID(id); err != nil {
+			e := enroll.AsError(err)
+			return nil, &enroll.Error{Code: e.Code, Err: err, Message: fmt.Sprintf("id %d of %d: %s (nothing was revoked)", i+1, len(ids), e.Message)}
+		}
+	}
+	now := h.cfg.Now()
+	revs, err := h.st.RevokeDevices(ctx, ids, remote, now)
+	if unknown := (*store.UnknownIDsError)(nil); errors.As(err, &unknown) {
+		err = &enroll.Error{Code: enroll.CodeNotFound, Err: err, Message: fmt.Sprintf(
+			"no identity %s (%d of the %d ids given): nothing was revoked; `fleetmq device list` shows the ids",
+			quotedList(unknown.IDs, 10), len(unknown.IDs), len(ids))}
+	}
+	if err != nil {
+		h.observe(OpRevokeDevice, err)
+		return nil, err
+	}
+	out := make([]RevokeOutcome, len(revs))
+	var revoked []string
+	for i, r := range revs {
+		out[i] = RevokeOutcome{DeviceID: r.ID, Result: ResultRevoked, Serials: serialsOf(r.Certs), RevokedAt: now.UTC()}
+		if !r.Before.IsZero() {
+			out[i].Result, out[i].RevokedAt = ResultAlreadyRevoked, r.Before.UTC()
+			h.observe(OpRevokeDevice, store.ErrDeviceRevoked)
+			continue
+		}
+		h.observe(OpRevokeDevice, nil)
+		revoked = append(revoked, r.ID)
+		h.cfg.Logger.Info().Str("device", r.ID).Str("by", remote).Int("certificates", len(r.Certs)).Msg("device revoked")
+	}
+	if len(revoked) > 0 && h.cfg.OnRevoke != nil {
+		h.cfg.OnRevoke(context.WithoutCancel(ctx), revoked...)
+	}
+	return out, nil
+}
+
+// quotedList quotes the first most of ids and counts the rest.
+func quotedList(ids []string, most int) string {
+	shown := ids[:min(len(ids), most)]
+	q := make([]string, len(shown))
+	for i, id := range shown {
+		q[i] = strconv.Quote(id)
+	}
+	s := strings.Join(q, ", ")
+	if len(ids) > most {
+		s += fmt.Sprintf(" and %d more", len(ids)-most)
+	}
+	return s
 }
 
 // IdentityRequest asks for a service or operator certificate. The caller

@@ -246,6 +246,13 @@ func (c *Client) RevokeDevice(ctx context.Context, id string) (RevokeResult, err
 	return out, c.do(ctx, http.MethodPost, "/v1/devices/"+url.PathEscape(id)+"/revoke", nil, &out)
 }
 
+// RevokeDevices revokes several identities in one request (see
+// Handler.RevokeDevices): all of them, or none when one is unknown.
+func (c *Client) RevokeDevices(ctx context.Context, ids []string) ([]RevokeOutcome, error) {
+	var out []RevokeOutcome
+	return out, c.do(ctx, http.MethodPost, "/v1/devices/revoke", RevokeDevicesRequest{IDs: ids}, &out)
+}
+
 // IssueIdentity asks for a service or operator certificate for csrPEM.
 func (c *Client) IssueIdentity(ctx context.Context, req IdentityRequest) (IdentityResponse, error) {
 	var out IdentityResponse

@@ -72,6 +72,9 @@ func (s *recordingStore) DeviceCerts(context.Context, string) ([]store.Cert, err
 func (s *recordingStore) RevokeDevice(context.Context, string, string, time.Time) ([]store.Cert, error) {
 	return nil, store.ErrNotFound
 }
+func (s *recordingStore) RevokeDevices(_ context.Context, ids []string, _ string, _ time.Time) ([]store.DeviceRevocation, error) {
+	return nil, &store.UnknownIDsError{IDs: ids}
+}
 func (s *recordingStore) Audit(context.Context, store.AuditFilter) ([]store.AuditEvent, error) {
 	return nil, nil
 }

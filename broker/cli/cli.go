@@ -26,6 +26,7 @@ var Version = "dev"
 // Env is what a command may touch: its arguments, its streams and the
 // process environment, all passed in so tests run commands in-process.
 type Env struct {
+	Stdin          io.Reader // default os.Stdin
 	Stdout, Stderr io.Writer
 	Getenv         func(string) string
 }
@@ -34,6 +35,9 @@ type Env struct {
 func Main(ctx context.Context, args []string, env Env) int {
 	if env.Getenv == nil {
 		env.Getenv = os.Getenv
+	}
+	if env.Stdin == nil {
+		env.Stdin = os.Stdin
 	}
 	err := run(ctx, args, env)
 	switch {
@@ -82,7 +86,9 @@ Usage:
   fleetmq [serve] [flags]              run the server (default)
   fleetmq token create [flags]         mint bootstrap tokens
   fleetmq token list [--limit N | --all] | revoke ID
-  fleetmq device list [--online] [--expiring 7d] [--revoked] | show ID | revoke ID
+  fleetmq device list [--online] [--expiring 7d] [--revoked] | show ID
+  fleetmq device revoke ID [ID...] [--from FILE|-]
+                                       revoke identities: all, or none if one is unknown
   fleetmq device command ID NAME [PAYLOAD] [--wait 5s]
                                        send a command (ping, renew, interval) to a device
   fleetmq service issue NAME [--out DIR] [--renew]
@@ -288,12 +294,15 @@ func (f flagSet) given(name string) bool {
 	return set
 }
 
+// anyArgs, as the positional count of parse, takes any number.
+const anyArgs = -1
+
 // parse parses args and checks the number of positional arguments.
 func (f flagSet) parse(args []string, positional int) error {
 	if err := f.parseFlags(args); err != nil {
 		return err
 	}
-	if f.NArg() != positional {
+	if positional != anyArgs && f.NArg() != positional {
 		if positional == 0 {
 			return usagef("%s takes no arguments besides flags", f.Name())
 		}
@@ -304,7 +313,10 @@ func (f flagSet) parse(args []string, positional int) error {
 		return usagef("%s takes one %s, got %d arguments: %q", f.Name(), arg, f.NArg(), f.Args())
 	}
 	cmd := strings.TrimPrefix(f.Name(), "fleetmq ")
-	if id := f.Arg(0); argNames[cmd] == "ID" && (id == "" || id == "." || id == "..") {
+	for _, id := range f.Args() {
+		if argNames[cmd] != "ID" || id != "" && id != "." && id != ".." {
+			continue
+		}
 		// No id is empty or all dots, and the admin API's paths could not
 		// carry one: "." or ".." would name another endpoint (a show of
 		// "." got the device list and failed to decode it, as if the

@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"bufio"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -446,10 +447,40 @@ func deviceShow(ctx context.Context, args []string, env Env) error {
 	return table(env.Stdout, "CERTIFICATE\tISSUED\tEXPIRES\tSTATE", rows)
 }
 
+// revokeHelp is `fleetmq device revoke -h`: the semantics of a list.
+const revokeHelp = `Usage: fleetmq device revoke ID [ID...] [--from FILE|-] [flags]
+
+Revokes identities (devices, services, operators) and all their
+certificates: their live sessions are closed within a second, their
+retained status is removed, and the CRL lists their certificates.
+
+Several ids, given as arguments and/or in FILE (- for stdin: one id per
+line, blank lines and lines starting with # skipped), are revoked in one
+request, in one transaction, with one CRL rebuild, at most %d at a time.
+A malformed id (exit 2) or one that names no identity (exit 1) refuses the
+whole list: nothing is revoked. An id already revoked is reported as such
+and the others are revoked, with exit 1, so that a list can be run again
+after an interruption. A repeated id counts once. One line per id, then a
+summary; --json prints one record per id instead.
+
+Flags:
+`
+
 func deviceRevoke(ctx context.Context, args []string, env Env) error {
 	fs := newFlags("device revoke", env)
-	if err := fs.parse(args, 1); err != nil {
+	from := fs.String("from", "", "also revoke the ids in this file, one per line (blank lines and # comments skipped); - reads stdin")
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), revokeHelp, admin.MaxRevokesPerRequest)
+		fs.PrintDefaults()
+	}
+	if err := fs.parse(args, anyArgs); err != nil {
 		return err
+	}
+	switch {
+	case fs.NArg() == 0 && *from == "":
+		return usagef("fleetmq device revoke needs ID: fleetmq device revoke ID [ID...], or --from FILE")
+	case fs.NArg() > 1 || *from != "":
+		return revokeMany(ctx, fs, *from, env)
 	}
 	res, err := fs.client().RevokeDevice(ctx, fs.Arg(0))
 	if err != nil {
@@ -460,6 +491,103 @@ func deviceRevoke(ctx context.Context, args []string, env Env) error {
 	}
 	fmt.Fprintf(env.Stdout, "%s revoked (%d certificate(s)); its sessions are closed and the CRL is updated\n", res.DeviceID, len(res.Serials))
 	return nil
+}
+
+// revokeMany revokes the ids of fs's arguments and of the file from in
+// one request.
+func revokeMany(ctx context.Context, fs flagSet, from string, env Env) error {
+	ids, err := revokeList(fs.Args(), from, env.Stdin)
+	if err != nil {
+		return err
+	}
+	res, err := fs.client().RevokeDevices(ctx, ids)
+	if err != nil {
+		return unansweredf(err, "the %d ids may have been revoked all the same: `fleetmq device list --revoked` shows those revoked; "+
+			"run the same command again: an id already revoked is reported as such, the others are revoked", len(ids))
+	}
+	already := 0
+	for _, r := range res {
+		if r.Result == admin.ResultAlreadyRevoked {
+			already++
+		}
+	}
+	if *fs.json {
+		if err := printJSON(env.Stdout, res); err != nil {
+			return err
+		}
+	} else {
+		for _, r := range res {
+			if r.Result == admin.ResultAlreadyRevoked {
+				fmt.Fprintf(env.Stdout, "%s was already revoked (%s); nothing changed\n", r.DeviceID, fmtTime(r.RevokedAt))
+				continue
+			}
+			fmt.Fprintf(env.Stdout, "%s revoked (%d certificate(s))\n", r.DeviceID, len(r.Serials))
+		}
+		fmt.Fprintf(env.Stdout, "%d revoked, %d already revoked; the sessions of those revoked are closed and the CRL is updated\n", len(res)-already, already)
+	}
+	if already > 0 {
+		return fmt.Errorf("%d of the %d ids were already revoked; nothing changed for those, the others are revoked", already, len(res))
+	}
+	return nil
+}
+
+// revokeList gathers the ids to revoke: args, then the lines of the file
+// from (stdin for "-"), blank lines and # comments skipped, each id once.
+// It refuses what the server would, with where it is, before anything is
+// sent: a list is revoked whole or not at all.
+func revokeList(args []string, from string, stdin io.Reader) ([]string, error) {
+	var ids []string
+	seen := map[string]bool{}
+	add := func(id, where string) error {
+		if err := enroll.ValidateID(id); err != nil {
+			return usagef("%s: %s; nothing was revoked", where, enroll.AsError(err).Message)
+		}
+		if !seen[id] {
+			seen[id] = true
+			ids = append(ids, id)
+		}
+		return nil
+	}
+	for i, id := range args {
+		if err := add(id, fmt.Sprintf("argument %d", i+1)); err != nil {
+			return nil, err
+		}
+	}
+	if from != "" {
+		name, r := from, stdin
+		if from == "-" {
+			name = "stdin"
+		} else {
+			f, err := os.Open(from)
+			if err != nil {
+				return nil, fmt.Errorf("read the ids to revoke: %w (nothing was revoked)", err)
+			}
+			defer f.Close()
+			r = f
+		}
+		sc := bufio.NewScanner(r)
+		line := 0
+		for sc.Scan() {
+			line++
+			id := strings.TrimSpace(sc.Text())
+			if id == "" || strings.HasPrefix(id, "#") {
+				continue
+			}
+			if err := add(id, fmt.Sprintf("%s line %d", name, line)); err != nil {
+				return nil, err
+			}
+		}
+		if err := sc.Err(); err != nil {
+			return nil, fmt.Errorf("read the ids to revoke from %s, after line %d: %w (nothing was revoked)", name, line, err)
+		}
+		if len(ids) == 0 {
+			return nil, usagef("no ids to revoke in %s (one per line; blank lines and # comments are skipped)", name)
+		}
+	}
+	if len(ids) > admin.MaxRevokesPerRequest {
+		return nil, usagef("%d ids to revoke; at most %d at a time: split the list (nothing was revoked)", len(ids), admin.MaxRevokesPerRequest)
+	}
+	return ids, nil
 }
 
 // identityIssue makes the key here, sends only a CSR, and writes NAME.key

@@ -109,9 +109,15 @@ func (s *testServer) url(path string) string {
 // cli runs an operator command in-process against the server.
 func (s *testServer) cli(tb testing.TB, args ...string) (stdout, stderr string, code int) {
 	tb.Helper()
+	return s.cliIn(tb, "", args...)
+}
+
+// cliIn is cli with stdin.
+func (s *testServer) cliIn(tb testing.TB, stdin string, args ...string) (stdout, stderr string, code int) {
+	tb.Helper()
 	var out, errb bytes.Buffer
 	code = cli.Main(context.Background(), args, cli.Env{
-		Stdout: &out, Stderr: &errb,
+		Stdin: strings.NewReader(stdin), Stdout: &out, Stderr: &errb,
 		Getenv: func(k string) string {
 			if k == "FLEETMQ_DATA" {
 				return s.cfg.DataDir

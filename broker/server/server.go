@@ -596,13 +596,15 @@ func (s *Server) listenAdmin() error {
 	return nil
 }
 
-// onRevoke makes a committed revocation effective: the live session is
+// onRevoke makes a committed revocation effective: the live sessions are
 // closed (new handshakes already fail, as the store says revoked) and the
-// CRL is regenerated.
-func (s *Server) onRevoke(ctx context.Context, id string, _ []store.Cert) {
-	s.mqtt.Revoke(id)
-	if s.ui != nil {
-		s.ui.Revoke(id) // an operator's open dashboard streams
+// CRL is regenerated, once for all of ids: a rebuild signs every entry.
+func (s *Server) onRevoke(ctx context.Context, ids ...string) {
+	for _, id := range ids {
+		s.mqtt.Revoke(id)
+		if s.ui != nil {
+			s.ui.Revoke(id) // an operator's open dashboard streams
+		}
 	}
 	if err := s.enroll.RefreshCRL(ctx); err != nil {
 		s.log.Error().Err(err).Msg("refresh CRL after revocation")
