@@ -122,3 +122,41 @@ func BenchmarkTokenChecksLargeStore(b *testing.B) {
 		}
 	})
 }
+
+// BenchmarkRevokeDevices is one `fleetmq device revoke --from FILE` of n
+// ids on the store side: one transaction, during which every other write
+// waits. Certificates carry a DER as large as a real one.
+func BenchmarkRevokeDevices(b *testing.B) {
+	ctx := context.Background()
+	der := make([]byte, 600)
+	for _, n := range []int{150, 10_000} {
+		b.Run(fmt.Sprint("ids=", n), func(b *testing.B) {
+			db := store.OpenTest(b)
+			next := 0
+			for b.Loop() {
+				b.StopTimer()
+				ids := make([]string, n)
+				errs := make(chan error, n)
+				for i := range ids {
+					next++
+					ids[i] = fmt.Sprintf("svc-%06d", next)
+					c := cert(ids[i], fmt.Sprint("serial-", next))
+					c.DER = der
+					// Concurrent, to share commits.
+					go func() {
+						errs <- db.CreateIdentity(ctx, store.Device{ID: ids[i], Role: store.RoleService}, c, "", t0)
+					}()
+				}
+				for range ids {
+					if err := <-errs; err != nil {
+						b.Fatal(err)
+					}
+				}
+				b.StartTimer()
+				if _, err := db.RevokeDevices(ctx, ids, "admin", t0); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
