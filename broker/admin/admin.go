@@ -77,7 +77,8 @@ type Config struct {
 	MaxTokensPerRequest int
 	// Observe, when set, is called once per revocation with op
 	// OpRevokeDevice or OpRevokeToken and the outcome: "ok" or the public
-	// error code. It feeds metrics and must not block. Default none.
+	// error code; for a list, once per id, or once for a list refused
+	// whole. It feeds metrics and must not block. Default none.
 	Observe func(op, result string)
 	Logger  zerolog.Logger   // default zerolog.Nop()
 	Now     func() time.Time // default time.Now

@@ -526,7 +526,7 @@ func revokeMany(ctx context.Context, fs flagSet, from string, env Env) error {
 		fmt.Fprintf(env.Stdout, "%d revoked, %d already revoked; the sessions of those revoked are closed and the CRL is updated\n", len(res)-already, already)
 	}
 	if already > 0 {
-		return fmt.Errorf("%d of the %d ids were already revoked; nothing changed for those, the others are revoked", already, len(res))
+		return fmt.Errorf("%d of the %d ids already revoked before: nothing changed for those (listed above); the others are revoked", already, len(res))
 	}
 	return nil
 }

@@ -140,7 +140,7 @@ func TestRevokeManyThroughCLI(t *testing.T) {
 	// Already revoked ids mixed in: reported, the rest revoked, exit 1.
 	s.enroll(t, s.token(t), "pi-m5")
 	out, errs, code = s.cliIn(t, "pi-m1\npi-m5\n", "device", "revoke", "--from", "-", "--json")
-	if code != 1 || !strings.Contains(errs, "1 of the 2 ids were already revoked") {
+	if code != 1 || !strings.Contains(errs, "1 of the 2 ids already revoked before: nothing changed for those") {
 		t.Fatalf("list with a revoked id: exit %d: %s", code, errs)
 	}
 	for _, want := range []string{`"device_id": "pi-m1"`, `"result": "already_revoked"`, `"device_id": "pi-m5"`, `"result": "revoked"`} {
