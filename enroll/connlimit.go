@@ -3,6 +3,8 @@ package enroll
 import (
 	"net"
 	"sync"
+
+	"github.com/fleetmq/fleetmq/peeraddr"
 )
 
 // LimitConnsPerAddress returns a listener that keeps at most n connections
@@ -59,12 +61,7 @@ func (l *perAddrListener) release(key string) {
 	}
 }
 
-func connKey(c net.Conn) string {
-	if a, ok := c.RemoteAddr().(*net.TCPAddr); ok {
-		return limiterKey(a.AddrPort().Addr().Unmap().String())
-	}
-	return c.RemoteAddr().String()
-}
+func connKey(c net.Conn) string { return peeraddr.Key(c.RemoteAddr()) }
 
 // perAddrConn gives its slot back on the first Close.
 type perAddrConn struct {

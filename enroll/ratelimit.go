@@ -4,10 +4,10 @@ import (
 	"container/list"
 	"fmt"
 	"math"
-	"net/netip"
 	"sync"
 	"time"
 
+	"github.com/fleetmq/fleetmq/peeraddr"
 	"golang.org/x/time/rate"
 )
 
@@ -46,17 +46,7 @@ func newFailureLimiter(r float64, burst int, now func() time.Time) *failureLimit
 
 // limiterKey is what failures are counted against: the address, or for
 // IPv6 its /64.
-func limiterKey(remote string) string {
-	ip, err := netip.ParseAddr(remote)
-	if err != nil || !ip.Is6() || ip.Is4In6() {
-		return remote
-	}
-	p, err := ip.WithZone("").Prefix(64)
-	if err != nil {
-		return remote
-	}
-	return p.String()
-}
+func limiterKey(remote string) string { return peeraddr.Of(remote) }
 
 // allowed reports whether remote may try again, and if not, how long to wait.
 func (l *failureLimiter) allowed(remote string) (time.Duration, bool) {
