@@ -68,6 +68,15 @@ type Config struct {
 	// lowered, with a warning at Start, to what OpenFileLimit leaves after
 	// a reserve for the rest of the process (a quarter, at least 32).
 	MaxConnections int
+	// MaxPendingPerAddress is the most sockets one remote address (an
+	// IPv6 /64) may hold open before their CONNECT is accepted: in the TLS
+	// handshake or waiting for CONNECT. Beyond it new sockets from that
+	// address are closed at once and counted. Without it one host opening
+	// sockets that never handshake holds every MaxConnections slot.
+	// Sessions do not count: a whole fleet may connect from behind one
+	// NAT, whose reconnection all at once after a restart this slows
+	// without locking it out. Default 256.
+	MaxPendingPerAddress int
 	// OpenFileLimit is the most files the process may open. Default the
 	// process's RLIMIT_NOFILE; 0 after defaults means unknown (no cap).
 	OpenFileLimit uint64
@@ -125,6 +134,9 @@ func (c *Config) setDefaults() {
 	if c.MaxConnections == 0 {
 		c.MaxConnections = 10000
 	}
+	if c.MaxPendingPerAddress == 0 {
+		c.MaxPendingPerAddress = 256
+	}
 	if c.OpenFileLimit == 0 {
 		c.OpenFileLimit = openFileLimit()
 	}
@@ -175,6 +187,8 @@ func (c *Config) validate() error {
 		return fmt.Errorf("broker config: HandshakeTimeout %s is negative", c.HandshakeTimeout)
 	case c.MaxConnections < 0:
 		return fmt.Errorf("broker config: MaxConnections %d is negative", c.MaxConnections)
+	case c.MaxPendingPerAddress < 0:
+		return fmt.Errorf("broker config: MaxPendingPerAddress %d is negative", c.MaxPendingPerAddress)
 	case c.WriteQueue < 0 || c.WriteQueue > math.MaxInt32:
 		return fmt.Errorf("broker config: WriteQueue %d is out of range", c.WriteQueue)
 	case c.WriteTimeout < 100*time.Millisecond:
@@ -371,7 +385,7 @@ func (b *Broker) Start() error {
 			maxConns = c
 		}
 	}
-	gl := newGuardedListener(ln, maxConns, b.cfg.HandshakeTimeout)
+	gl := newGuardedListener(ln, maxConns, b.cfg.MaxPendingPerAddress, b.cfg.HandshakeTimeout)
 	refusals := logEvery{period: time.Minute}
 	gl.onRefuse = func() {
 		b.stats.refused.inc(ReasonMaxConnections)
@@ -379,6 +393,17 @@ func (b *Broker) Start() error {
 		if ok, held := refusals.allow(time.Now()); ok {
 			b.log.Warn().Int("max_connections", maxConns).Int("refused_since_last_logged", held).
 				Msg("broker: refusing connections: the connection limit is reached (--max-connections, or the open file limit logged at start; every refusal is counted in fleetmq_mqtt_connect_refusals_total{reason=\"max_connections\"})")
+		}
+	}
+	pendingRefusals := logEvery{period: time.Minute}
+	gl.onRefusePending = func(key string) {
+		b.stats.refused.inc(ReasonMaxPending)
+		if ok, held := pendingRefusals.allow(time.Now()); ok {
+			b.log.Warn().Str("remote", key).Int("max_pending_per_address", b.cfg.MaxPendingPerAddress).Int("refused_since_last_logged", held).
+				Msg("broker: refusing connections from one address: it holds --max-pending-per-address sockets that have not completed CONNECT " +
+					"(a host opening sockets it never uses, or many devices behind one NAT connecting at once, which then retry; " +
+					"raise the flag if such a NAT is slow to reconnect; logged at most once a minute, every refusal is counted in " +
+					"fleetmq_mqtt_connect_refusals_total{reason=\"max_pending_per_address\"})")
 		}
 	}
 	acceptFailures := logEvery{period: time.Minute}

@@ -861,10 +861,15 @@ func dialIdle(tb testing.TB, addr string, n int) []net.Conn {
 	return conns
 }
 
+// TestIdleSocketsDoNotStarveDevices: sockets that never handshake hold
+// no lock or worker a device needs. They come from two other addresses
+// than the device's, each under the default MaxPendingPerAddress (256),
+// so that all of them stay open.
 func TestIdleSocketsDoNotStarveDevices(t *testing.T) {
 	f := newFixture(t, func(c *Config) { c.HandshakeTimeout = time.Minute })
 	const idle = 500
-	dialIdle(t, f.addr, idle)
+	dialIdleFrom(t, "127.0.0.2", f.addr, idle/2)
+	dialIdleFrom(t, "127.0.0.3", f.addr, idle/2)
 	eventually(t, func() bool { return f.b.Stats().OpenConnections == idle }, "%d idle sockets open", idle)
 	d := connect(t, f.pahoOpts("dev-a", f.clientTLS(f.device(t, "dev-a"))))
 	if err := wait(t, d.Publish("devices/dev-a/telemetry", 1, false, "hello")); err != nil {

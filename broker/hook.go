@@ -50,6 +50,7 @@ func (h *hook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 	c.connectSeen.Store(true)
 	r := b.authorize(c, cl, pk)
 	if r == nil {
+		c.raw.connected()
 		return nil
 	}
 	b.stats.refused.inc(r.reason)

@@ -7,6 +7,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/fleetmq/fleetmq/peeraddr"
 )
 
 // Accept backoff bounds: long enough not to spin while the process is out of
@@ -71,34 +73,49 @@ func (l *logEvery) allow(now time.Time) (ok bool, held int) {
 // mochi stops serving for good on the first Accept error and sets no
 // deadline before CONNECT. Its Accept retries every error with backoff and
 // returns only once the listener is closed; it refuses sockets beyond max
-// open ones; and it puts a deadline on each socket that covers the TLS
-// handshake and the CONNECT packet (mochi replaces it with its keepalive
-// deadline once CONNECT is accepted).
+// open ones, and beyond maxPending from one address (peeraddr.Key) whose
+// CONNECT is not accepted yet; and it puts a deadline on each socket that
+// covers the TLS handshake and the CONNECT packet (mochi replaces it with
+// its keepalive deadline once CONNECT is accepted).
+//
+// The deadline alone does not stop one host from holding every slot: it
+// costs the host nothing to open max sockets that never handshake and
+// open each again as the deadline closes it. Only the sockets still
+// pending count per address: an accepted session has proved a fleet
+// certificate, and whole fleets connect from behind one NAT.
 type guardedListener struct {
 	net.Listener
-	max      int
-	deadline time.Duration
+	max        int
+	maxPending int
+	deadline   time.Duration
 	// onRefuse is called for each socket closed because max were open.
 	onRefuse func()
+	// onRefusePending is called for each socket closed because its
+	// address held maxPending pending sockets.
+	onRefusePending func(key string)
 	// onError is called for each Accept error that is retried.
 	onError func(err error, backoff time.Duration)
 
 	done      chan struct{}
 	closeOnce sync.Once
 
-	mu    sync.Mutex
-	conns map[*guardedConn]struct{} // open sockets; nil once closed
+	mu      sync.Mutex
+	conns   map[*guardedConn]struct{} // open sockets; nil once closed
+	pending map[string]int            // peeraddr.Key → open sockets not yet connected
 }
 
-func newGuardedListener(ln net.Listener, max int, deadline time.Duration) *guardedListener {
+func newGuardedListener(ln net.Listener, max, maxPending int, deadline time.Duration) *guardedListener {
 	return &guardedListener{
-		Listener: ln,
-		max:      max,
-		deadline: deadline,
-		onRefuse: func() {},
-		onError:  func(error, time.Duration) {},
-		done:     make(chan struct{}),
-		conns:    make(map[*guardedConn]struct{}),
+		Listener:        ln,
+		max:             max,
+		maxPending:      maxPending,
+		deadline:        deadline,
+		onRefuse:        func() {},
+		onRefusePending: func(string) {},
+		onError:         func(error, time.Duration) {},
+		done:            make(chan struct{}),
+		conns:           make(map[*guardedConn]struct{}),
+		pending:         make(map[string]int),
 	}
 }
 
@@ -131,11 +148,20 @@ func (l *guardedListener) Accept() (net.Conn, error) {
 		}
 		backoff = 0
 
+		key := peeraddr.Key(c.RemoteAddr())
 		l.mu.Lock()
 		if l.conns == nil {
 			l.mu.Unlock()
 			_ = c.Close()
 			return nil, net.ErrClosed
+		}
+		// Checked first: when both limits are reached, the address at
+		// its own is the likelier cause, and the one the log should name.
+		if l.pending[key] >= l.maxPending {
+			l.mu.Unlock()
+			l.onRefusePending(key) // counted before the peer can see the close
+			_ = c.Close()
+			continue
 		}
 		if len(l.conns) >= l.max {
 			l.mu.Unlock()
@@ -143,8 +169,9 @@ func (l *guardedListener) Accept() (net.Conn, error) {
 			_ = c.Close()
 			continue
 		}
-		gc := &guardedConn{Conn: c, l: l}
+		gc := &guardedConn{Conn: c, l: l, key: key, pending: true}
 		l.conns[gc] = struct{}{}
+		l.pending[key]++
 		l.mu.Unlock()
 
 		if err := c.SetDeadline(time.Now().Add(l.deadline)); err != nil {
@@ -184,11 +211,45 @@ func (l *guardedListener) open() int {
 	return len(l.conns)
 }
 
-// guardedConn is an accepted socket, counted by its listener until Close.
+// pendingFrom returns the number of open sockets from the address with
+// key whose CONNECT is not accepted yet.
+func (l *guardedListener) pendingFrom(key string) int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.pending[key]
+}
+
+// settle stops counting c against its address's pending sockets, once.
+// l.mu must be held.
+func (l *guardedListener) settle(c *guardedConn) {
+	if !c.pending {
+		return
+	}
+	c.pending = false
+	if l.pending[c.key]--; l.pending[c.key] <= 0 {
+		delete(l.pending, c.key) // the map holds only addresses with sockets pending
+	}
+}
+
+// guardedConn is an accepted socket, counted by its listener until Close,
+// and against its address's pending sockets until connected or Close.
 type guardedConn struct {
 	net.Conn
-	l    *guardedListener
-	once sync.Once
+	l       *guardedListener
+	key     string // peeraddr.Key of the remote address
+	pending bool   // guarded by l.mu
+	once    sync.Once
+}
+
+// connected records that the socket's CONNECT was accepted. nil-safe:
+// connections not from a guardedListener have nothing to record.
+func (c *guardedConn) connected() {
+	if c == nil {
+		return
+	}
+	c.l.mu.Lock()
+	c.l.settle(c)
+	c.l.mu.Unlock()
 }
 
 func (c *guardedConn) Close() error {
@@ -197,6 +258,7 @@ func (c *guardedConn) Close() error {
 		if c.l.conns != nil {
 			delete(c.l.conns, c)
 		}
+		c.l.settle(c)
 		c.l.mu.Unlock()
 	})
 	return c.Conn.Close()

@@ -62,6 +62,9 @@ type grant struct {
 type conn struct {
 	*tls.Conn
 	b *Broker
+	// The accepted socket, told when CONNECT is accepted (see
+	// guardedListener); nil for a socket not from it.
+	raw *guardedConn
 
 	connectSeen atomic.Bool
 	first       firstHeader           // only mochi's read goroutine uses it
@@ -538,7 +541,8 @@ func (b *Broker) serveConn(raw net.Conn, establish listeners.EstablishFn) {
 		_ = tc.Close()
 		return
 	}
-	c := &conn{Conn: tc, b: b, closed: make(chan struct{})}
+	gc, _ := raw.(*guardedConn)
+	c := &conn{Conn: tc, b: b, closed: make(chan struct{}), raw: gc}
 	err := b.establish(establish, c) // returns when the connection has ended
 	if !c.connectSeen.Load() {
 		reason := ReasonNoConnect

@@ -6,10 +6,11 @@ import "sync/atomic"
 // fails: the keys of Stats.Refused and Stats.HandshakeFailures.
 const (
 	// Socket level.
-	ReasonMaxConnections = "max_connections" // MaxConnections sockets were open
-	ReasonConnectTimeout = "connect_timeout" // handshake done, no CONNECT before the deadline
-	ReasonNoConnect      = "no_connect"      // handshake done, closed before CONNECT
-	ReasonProtocol       = "protocol"        // malformed or unsupported CONNECT (MQTT 3.1 included)
+	ReasonMaxConnections = "max_connections"         // MaxConnections sockets were open
+	ReasonMaxPending     = "max_pending_per_address" // MaxPendingPerAddress sockets from the address not yet connected
+	ReasonConnectTimeout = "connect_timeout"         // handshake done, no CONNECT before the deadline
+	ReasonNoConnect      = "no_connect"              // handshake done, closed before CONNECT
+	ReasonProtocol       = "protocol"                // malformed or unsupported CONNECT (MQTT 3.1 included)
 
 	// TLS handshake.
 	ReasonTimeout          = "timeout"           // no handshake before the deadline
@@ -79,7 +80,7 @@ type Stats struct {
 
 var (
 	refusalReasons = []string{
-		ReasonMaxConnections, ReasonConnectTimeout, ReasonNoConnect, ReasonProtocol,
+		ReasonMaxConnections, ReasonMaxPending, ReasonConnectTimeout, ReasonNoConnect, ReasonProtocol,
 		ReasonRevoked, ReasonUnknownIdentity, ReasonCertUnknown, ReasonCertMismatch, ReasonStore,
 		ReasonNoCertificate, ReasonClientID, ReasonRole, ReasonWill, ReasonAuthMethod,
 	}

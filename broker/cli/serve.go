@@ -30,6 +30,8 @@ func serve(ctx context.Context, args []string, env Env) error {
 	fs.Var(durationValue{&cfg.Retention}, "retention", "how long telemetry is kept")
 	fs.IntVar(&cfg.RetentionCount, "retention-count", 100_000, "most telemetry messages kept per device; 0: no cap")
 	fs.IntVar(&cfg.Broker.MaxConnections, "max-connections", 10_000, "most concurrent MQTT connections")
+	fs.IntVar(&cfg.Broker.MaxPendingPerAddress, "max-pending-per-address", 256, "most MQTT sockets one address (IPv6: one /64) may hold before their CONNECT is accepted (TLS handshake, waiting for CONNECT); more are closed at once and the device retries. "+
+		"Keeps one host from holding every --max-connections slot; connected devices do not count. Thousands of devices behind one NAT reconnecting at once are slowed by it: raise it (e.g. to 1000) for them")
 	fs.Var(durationValue{&cfg.Broker.HandshakeTimeout}, "handshake-timeout", "deadline for the TLS handshake and the MQTT CONNECT, and for the TLS handshake and headers of an enrollment request; raise it for very slow links (default 10s)")
 	fs.Var(durationValue{&cfg.Broker.WriteTimeout}, "write-timeout", "longest a write to an MQTT client may block before it is disconnected (default 10s)")
 	maxPacket := fs.Uint("max-packet-size", 256<<10, "largest MQTT packet accepted, bytes")
@@ -47,14 +49,15 @@ func serve(ctx context.Context, args []string, env Env) error {
 	// given on the command line it is refused, or means none where none
 	// makes sense.
 	for name, bad := range map[string]bool{
-		"cert-lifetime":     cfg.CertLifetime <= 0,
-		"retention":         cfg.Retention <= 0,
-		"max-connections":   cfg.Broker.MaxConnections <= 0,
-		"handshake-timeout": cfg.Broker.HandshakeTimeout <= 0,
-		"write-timeout":     cfg.Broker.WriteTimeout <= 0,
-		"max-packet-size":   *maxPacket == 0,
-		"publish-rate":      cfg.Broker.PublishRate <= 0,
-		"publish-burst":     cfg.Broker.PublishBurst <= 0,
+		"cert-lifetime":           cfg.CertLifetime <= 0,
+		"retention":               cfg.Retention <= 0,
+		"max-connections":         cfg.Broker.MaxConnections <= 0,
+		"max-pending-per-address": cfg.Broker.MaxPendingPerAddress <= 0,
+		"handshake-timeout":       cfg.Broker.HandshakeTimeout <= 0,
+		"write-timeout":           cfg.Broker.WriteTimeout <= 0,
+		"max-packet-size":         *maxPacket == 0,
+		"publish-rate":            cfg.Broker.PublishRate <= 0,
+		"publish-burst":           cfg.Broker.PublishBurst <= 0,
 	} {
 		if bad && fs.given(name) {
 			return usagef("--%s must be more than 0", name)

@@ -45,7 +45,7 @@ func TestLoggerRefusesUnknownSettings(t *testing.T) {
 // is refused before anything starts, or means none where none makes sense.
 func TestServeRefusesZeroLimits(t *testing.T) {
 	for _, args := range [][]string{
-		{"--retention", "0"}, {"--cert-lifetime", "0s"}, {"--max-connections", "0"}, {"--handshake-timeout", "0s"},
+		{"--retention", "0"}, {"--cert-lifetime", "0s"}, {"--max-connections", "0"}, {"--max-pending-per-address", "0"}, {"--handshake-timeout", "0s"},
 		{"--write-timeout", "0s"}, {"--max-packet-size", "0"}, {"--publish-rate", "0"}, {"--publish-burst", "-1"},
 		{"--retention-count", "-5"},
 	} {

@@ -52,7 +52,10 @@ func needFDs(tb testing.TB, n uint64) {
 // TestHandshakeFlood opens 2,000 sockets that never finish a TLS handshake
 // (half silent, half stopping inside their ClientHello). Real devices still
 // connect and publish while they hang, and the server closes every one of
-// them at the handshake deadline.
+// them at the handshake deadline. The flood comes from ten loopback
+// addresses other than the devices' 127.0.0.1, each under the default
+// --max-pending-per-address (256), so that every socket is held until the
+// deadline rather than refused at once.
 func TestHandshakeFlood(t *testing.T) {
 	const flood, deadline, devices = 2000, 6 * time.Second, 5
 	needFDs(t, 2*flood+500)
@@ -72,7 +75,8 @@ func TestHandshakeFlood(t *testing.T) {
 	// start of a ClientHello, and nothing more.
 	partialHello := []byte{0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03}
 	for i := range flood {
-		c, err := net.DialTimeout("tcp", addr, 10*time.Second)
+		from := &net.TCPAddr{IP: net.IPv4(127, 0, 0, byte(10+i%10))}
+		c, err := (&net.Dialer{LocalAddr: from, Timeout: 10 * time.Second}).Dial("tcp", addr)
 		if err != nil {
 			t.Fatalf("flood socket %d: %v", i, err)
 		}
