@@ -1,13 +1,21 @@
 package cli
 
 import (
+	"bufio"
 	"bytes"
 	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 
+	"github.com/fleetmq/fleetmq/broker/metrics/metricstest"
 	"github.com/fleetmq/fleetmq/broker/server"
 )
 
@@ -87,5 +95,83 @@ func TestServeRefusesBrokerURLsDevicesRefuse(t *testing.T) {
 	}
 	for _, good := range []string{"mqtts://gw.example.com:8883", "ssl://10.0.0.2:8883", "tls://[::1]:8883", "tcps://gw:1"} {
 		startNode(t, func(c *server.Config) { c.BrokerURL = good })
+	}
+}
+
+// TestServeMaxPendingPerAddress runs `fleetmq serve` with
+// --max-pending-per-address 3: a fourth idle MQTT socket from one address
+// is closed at once (the handshake deadline is a minute away), counted in
+// the metrics and logged.
+func TestServeMaxPendingPerAddress(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	pr, pw := io.Pipe()
+	var code int
+	exited := make(chan struct{}) // code is set once closed
+	go func() {
+		defer close(exited)
+		code = Main(ctx, []string{"serve", "--data", filepath.Join(t.TempDir(), "data"),
+			"--enroll-addr", "127.0.0.1:0", "--mqtt-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0", "--ui-addr", "off",
+			"--log-format", "json", "--handshake-timeout", "1m", "--max-pending-per-address", "3"},
+			Env{Stdout: io.Discard, Stderr: pw, Getenv: func(string) string { return "" }})
+		pw.Close()
+	}()
+	t.Cleanup(func() {
+		cancel()
+		<-exited
+		if code != 0 {
+			t.Errorf("serve exited %d", code)
+		}
+	})
+	type serving struct{ Message, MQTT, Metrics string }
+	ready := make(chan serving, 1)
+	refusalLogged := make(chan struct{})
+	go func() {
+		sc := bufio.NewScanner(pr)
+		logged := false
+		for sc.Scan() {
+			var l serving
+			if json.Unmarshal(sc.Bytes(), &l) == nil && l.Message == "fleetmq serving" {
+				ready <- l
+			}
+			if !logged && strings.Contains(l.Message, "refusing connections from one address") {
+				logged = true
+				close(refusalLogged)
+			}
+		}
+	}()
+	var srv serving
+	select {
+	case srv = <-ready:
+	case <-exited:
+		t.Fatalf("serve exited %d before serving", code)
+	case <-time.After(30 * time.Second):
+		t.Fatal("not serving after 30s")
+	}
+
+	from := &net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 2)}, Timeout: 10 * time.Second}
+	dial := func() net.Conn {
+		t.Helper()
+		c, err := from.Dial("tcp", srv.MQTT)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = c.Close() })
+		return c
+	}
+	for range 3 {
+		dial()
+	}
+	// Accepted in order: the fourth is the one past the cap.
+	extra := dial()
+	_ = extra.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := extra.Read(make([]byte, 1)); !errors.Is(err, io.EOF) && !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("fourth socket: read = %v, want closed at once", err)
+	}
+	metricstest.Scrape(t, srv.Metrics).Want(t, 1, "fleetmq_mqtt_connect_refusals_total", "reason", "max_pending_per_address")
+	metricstest.Scrape(t, srv.Metrics).Want(t, 3, "fleetmq_mqtt_open_connections")
+	select {
+	case <-refusalLogged:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the refusal was not logged")
 	}
 }
