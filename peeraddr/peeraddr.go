@@ -26,9 +26,17 @@ func Of(remote string) string {
 
 // Key returns the key of a connection's remote address (see Of). An
 // IPv4-mapped IPv6 address counts as the IPv4 address it maps: a
-// dual-stack listener sees IPv4 peers that way.
+// dual-stack listener sees IPv4 peers that way. A nil address (net.Conn
+// does not promise one) is the key "": the callers run in accept loops,
+// where a panic would end the process.
 func Key(a net.Addr) string {
-	if t, ok := a.(*net.TCPAddr); ok {
+	switch t := a.(type) {
+	case nil:
+		return ""
+	case *net.TCPAddr:
+		if t == nil {
+			return ""
+		}
 		return Of(t.AddrPort().Addr().Unmap().String())
 	}
 	return a.String()

@@ -17,6 +17,8 @@ func TestKey(t *testing.T) {
 		{&net.TCPAddr{IP: net.ParseIP("2001:db8:1:2::7"), Port: 1, Zone: "eth0"}, "2001:db8:1:2::/64"},
 		{&net.TCPAddr{IP: net.ParseIP("2001:db8:1:3::1"), Port: 1}, "2001:db8:1:3::/64"},
 		{&net.UnixAddr{Name: "/run/x.sock", Net: "unix"}, "/run/x.sock"},
+		{nil, ""},
+		{(*net.TCPAddr)(nil), ""},
 	} {
 		if got := Key(tc.addr); got != tc.want {
 			t.Errorf("Key(%v) = %q, want %q", tc.addr, got, tc.want)
