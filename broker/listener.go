@@ -8,7 +8,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/fleetmq/fleetmq/peeraddr"
+	"github.com/fleetmq/fleetmq/enroll/peeraddr"
 )
 
 // Accept backoff bounds: long enough not to spin while the process is out of

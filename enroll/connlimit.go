@@ -4,7 +4,7 @@ import (
 	"net"
 	"sync"
 
-	"github.com/fleetmq/fleetmq/peeraddr"
+	"github.com/fleetmq/fleetmq/enroll/peeraddr"
 )
 
 // LimitConnsPerAddress returns a listener that keeps at most n connections

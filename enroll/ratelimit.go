@@ -7,7 +7,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/fleetmq/fleetmq/peeraddr"
+	"github.com/fleetmq/fleetmq/enroll/peeraddr"
 	"golang.org/x/time/rate"
 )
 
