@@ -31,6 +31,7 @@ import (
 	"golang.org/x/net/netutil"
 
 	"github.com/fleetmq/fleetmq/broker/admin"
+	"github.com/fleetmq/fleetmq/enroll"
 	"github.com/fleetmq/fleetmq/store"
 )
 
@@ -212,52 +213,6 @@ const MaxConnections = 256
 // Browsers speak HTTP/2 there: one connection serves every tab.
 const MaxConnectionsPerAddr = 32
 
-// perAddrListener closes connections beyond max from one remote IP.
-type perAddrListener struct {
-	net.Listener
-	max  int
-	mu   sync.Mutex
-	open map[string]int
-}
-
-func (l *perAddrListener) Accept() (net.Conn, error) {
-	for {
-		c, err := l.Listener.Accept()
-		if err != nil {
-			return nil, err
-		}
-		host, _, _ := net.SplitHostPort(c.RemoteAddr().String())
-		l.mu.Lock()
-		if l.open[host] >= l.max {
-			l.mu.Unlock()
-			_ = c.Close()
-			continue
-		}
-		l.open[host]++
-		l.mu.Unlock()
-		return &addrConn{Conn: c, l: l, host: host}, nil
-	}
-}
-
-// addrConn gives its slot back when closed.
-type addrConn struct {
-	net.Conn
-	l    *perAddrListener
-	host string
-	once sync.Once
-}
-
-func (c *addrConn) Close() error {
-	c.once.Do(func() {
-		c.l.mu.Lock()
-		if c.l.open[c.host]--; c.l.open[c.host] <= 0 {
-			delete(c.l.open, c.host)
-		}
-		c.l.mu.Unlock()
-	})
-	return c.Conn.Close()
-}
-
 // Listen binds Config.Addr. On a loopback address the dashboard will speak
 // plain HTTP; on any other, HTTPS with required operator certificates, or
 // Listen fails with ErrInsecureAddr when the config cannot do that.
@@ -273,7 +228,9 @@ func (s *Server) Listen() error {
 	// network, one address holding sockets before any handshake must not
 	// take every slot from the operators either.
 	if secure {
-		ln = &perAddrListener{Listener: ln, max: MaxConnectionsPerAddr, open: map[string]int{}}
+		// One address as the enrollment listener counts it: an IPv6
+		// host picks its addresses from its /64 at will.
+		ln = enroll.LimitConnsPerAddress(ln, MaxConnectionsPerAddr)
 	}
 	ln = netutil.LimitListener(ln, MaxConnections)
 	if secure && s.cfg.GetCertificate == nil {
