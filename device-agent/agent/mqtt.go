@@ -183,10 +183,13 @@ func (a *runner) session(ctx context.Context, id *identity, broker string, chang
 
 // errClosedBeforeCert marks a connection the broker closed before it asked
 // for the client certificate: it never saw the certificate, so this is no
-// refusal of it. fleetmq does this at its connection limit, and at its
-// handshake deadline when the link is too slow to get that far.
+// refusal of it. fleetmq does this at its connection limit, at its limit
+// of connections still in their handshake from one address (many devices
+// behind one NAT connecting at once), and at its handshake deadline when
+// the link is too slow to get that far.
 var errClosedBeforeCert = errors.New("the broker closed the connection before asking for the certificate: " +
-	"it is at its connection limit or overloaded, or the link is too slow for its handshake deadline " +
+	"it is at its connection limit (fleetmq --max-connections, or --max-pending-per-address when many devices " +
+	"connect at once from one address) or overloaded, or the link is too slow for its handshake deadline " +
 	"(fleetmq --handshake-timeout); this device is not refused, retrying")
 
 // handshakeTimedOut reports a connection attempt whose TLS handshake ran
