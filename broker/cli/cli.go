@@ -92,7 +92,7 @@ Usage:
   fleetmq device command ID NAME [PAYLOAD] [--wait 5s]
                                        send a command (ping, renew, interval) to a device
   fleetmq service issue NAME [--out DIR] [--renew]
-                                       certificate for a backend that reads telemetry
+                                       certificate for a backend (telemetry, commands)
   fleetmq operator issue NAME [--out DIR] [--renew]
                                        certificate for the dashboard
   fleetmq telemetry ID [--since 1h] [--limit N] [--follow] [--json]
