@@ -18,7 +18,7 @@ func serve(ctx context.Context, args []string, env Env) error {
 	var cfg server.Config
 	fs.StringVar(&cfg.EnrollAddr, "enroll-addr", ":8443", "HTTPS enrollment listen address")
 	fs.StringVar(&cfg.MQTTAddr, "mqtt-addr", ":8883", "MQTT (mTLS only) listen address")
-	fs.Var(listValue{&cfg.Hostnames}, "hostname", "DNS name or IP devices use to reach this server (repeatable; localhost, 127.0.0.1 and ::1 are always included)")
+	fs.Var(listValue{&cfg.Hostnames}, "hostname", "DNS name or IP devices use to reach this server (repeatable; localhost, 127.0.0.1 and ::1 are always included, unless the CA's name constraints exclude them)")
 	fs.StringVar(&cfg.CACertFile, "ca-cert", "", "operator-provided CA certificate PEM (issuing CA first, then its chain); default: a CA generated in the data folder")
 	fs.StringVar(&cfg.CAKeyFile, "ca-key", "", "key of --ca-cert (PEM, mode 0600)")
 	cfg.CertLifetime = 30 * 24 * 3600e9
