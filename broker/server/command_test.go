@@ -121,3 +121,32 @@ func TestDeviceCommandCLI(t *testing.T) {
 		t.Errorf("command to a revoked device: exit %d: %s", code, errs)
 	}
 }
+
+// TestDeviceCommandRefusedFails: a device's refusal on events/error fails
+// `device command --wait` (exit 1) after printing it. interval and renew
+// answer nothing when they work, so a script that took any reply for
+// success read a refusal as the one outcome that exits 0.
+func TestDeviceCommandRefusedFails(t *testing.T) {
+	s := startServer(t)
+	const id = "pi-refuse"
+	d := s.enroll(t, s.token(t, "--device", id), id)
+	c := pahoClient(t, s, d, id, nil)
+	defer c.Disconnect(0)
+	tok := c.Subscribe("devices/"+id+"/commands/#", 1, func(cl paho.Client, m paho.Message) {
+		cl.Publish("devices/"+id+"/events/error", 1, false, `{"code":"invalid_payload","message":"interval must be between 1s and 24h"}`)
+	})
+	if !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+		t.Fatalf("subscribe: %v", tok.Error())
+	}
+
+	out, errs, code := s.cli(t, "device", "command", id, "interval", "1ms", "--wait", "15s")
+	if code != 1 || !strings.Contains(out, "devices/"+id+"/events/error") || !strings.Contains(out, "interval must be between") ||
+		!strings.Contains(errs, id+" refused the command") {
+		t.Fatalf("refused interval: exit %d: %s%s", code, out, errs)
+	}
+	out, errs, code = s.cli(t, "device", "command", id, "interval", "1ms", "--wait", "15s", "--json")
+	var res admin.CommandResult
+	if code != 1 || json.Unmarshal([]byte(out), &res) != nil || res.Reply == nil || res.Reply.Topic != "devices/"+id+"/events/error" {
+		t.Fatalf("refused interval --json: exit %d: %s%s", code, out, errs)
+	}
+}
