@@ -62,10 +62,12 @@ func (b *Broker) Command(ctx context.Context, id, name string, payload []byte, w
 		replies, done = b.awaitEvent(id)
 		defer done()
 	}
+	// Online also with ErrNotListening: a connected device that does not
+	// subscribe to this command is told apart from one that is away.
+	res.Online = b.online(id)
 	if !b.hasSubscribers(topic) {
 		return res, ErrNotListening
 	}
-	res.Online = b.online(id)
 	pk := packets.Packet{
 		FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1},
 		TopicName:   topic,

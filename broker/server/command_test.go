@@ -129,15 +129,9 @@ func TestDeviceCommandCLI(t *testing.T) {
 func TestDeviceCommandRefusedFails(t *testing.T) {
 	s := startServer(t)
 	const id = "pi-refuse"
-	d := s.enroll(t, s.token(t, "--device", id), id)
-	c := pahoClient(t, s, d, id, nil)
-	defer c.Disconnect(0)
-	tok := c.Subscribe("devices/"+id+"/commands/#", 1, func(cl paho.Client, m paho.Message) {
+	commandTaker(t, s, id, "devices/"+id+"/commands/#", func(cl paho.Client, m paho.Message) {
 		cl.Publish("devices/"+id+"/events/error", 1, false, `{"code":"invalid_payload","message":"interval must be between 1s and 24h"}`)
 	})
-	if !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
-		t.Fatalf("subscribe: %v", tok.Error())
-	}
 
 	out, errs, code := s.cli(t, "device", "command", id, "interval", "1ms", "--wait", "15s")
 	if code != 1 || !strings.Contains(out, "devices/"+id+"/events/error") || !strings.Contains(out, "interval must be between") ||
@@ -148,5 +142,35 @@ func TestDeviceCommandRefusedFails(t *testing.T) {
 	var res admin.CommandResult
 	if code != 1 || json.Unmarshal([]byte(out), &res) != nil || res.Reply == nil || res.Reply.Topic != "devices/"+id+"/events/error" {
 		t.Fatalf("refused interval --json: exit %d: %s%s", code, out, errs)
+	}
+}
+
+// TestDeviceCommandNotSubscribed: a connected device that does not
+// subscribe to a command's topic is refused as device_offline, since
+// nothing would get the command, but the message says it is connected:
+// "is not connected … send it again when device list --online shows it"
+// sent the operator after a device that list showed online all along.
+func TestDeviceCommandNotSubscribed(t *testing.T) {
+	s := startServer(t)
+	const id = "pi-picky"
+	commandTaker(t, s, id, "devices/"+id+"/commands/ping", func(paho.Client, paho.Message) {})
+
+	_, errs, code := s.cli(t, "device", "command", id, "renew")
+	if code != 1 || !strings.Contains(errs, id+" is connected but does not subscribe to devices/"+id+"/commands/renew") ||
+		strings.Contains(errs, "not connected") || !strings.Contains(errs, "(device_offline)") {
+		t.Fatalf("command the device does not subscribe to: exit %d: %s", code, errs)
+	}
+}
+
+// commandTaker enrolls device id and connects it, subscribed to filter
+// with handle, until the test ends.
+func commandTaker(tb testing.TB, s *testServer, id, filter string, handle paho.MessageHandler) {
+	tb.Helper()
+	d := s.enroll(tb, s.token(tb, "--device", id), id)
+	c := pahoClient(tb, s, d, id, nil)
+	tb.Cleanup(func() { c.Disconnect(0) })
+	tok := c.Subscribe(filter, 1, handle)
+	if !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+		tb.Fatalf("subscribe %s: %v", filter, tok.Error())
 	}
 }

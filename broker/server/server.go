@@ -619,6 +619,9 @@ func (s *Server) command(ctx context.Context, id, name string, payload []byte, w
 	case errors.Is(err, broker.ErrBadCommand):
 		return admin.Sent{}, &enroll.Error{Code: enroll.CodeBadRequest, Err: err, Message: fmt.Sprintf(
 			"%q cannot be a command: give one or more topic levels (ping, config/set) without +, # or empty levels, at most 512 bytes of topic in all", name)}
+	case errors.Is(err, broker.ErrNotListening) && res.Online:
+		return admin.Sent{}, &enroll.Error{Code: enroll.CodeDeviceOffline, Err: err, Message: fmt.Sprintf(
+			"%s is connected but does not subscribe to %s, so nothing was sent: it takes no such command (the device agent takes ping, renew and interval)", id, res.Topic)}
 	case errors.Is(err, broker.ErrNotListening):
 		return admin.Sent{}, &enroll.Error{Code: enroll.CodeDeviceOffline, Err: err, Message: fmt.Sprintf(
 			"%s is not connected (nothing subscribes to %s); commands are not queued for a device away: send it again when `fleetmq device list --online` shows it", id, res.Topic)}
