@@ -59,6 +59,9 @@ func deviceCommand(ctx context.Context, args []string, env Env) error {
 			fmt.Fprintln(env.Stdout, recordLine(*res.Reply))
 		}
 	}
+	if wait > 0 && res.Reply == nil && !res.Online {
+		return fmt.Errorf("no event from %s within %s: it is not connected; the command waits in the session it kept and goes out when it connects again", id, wait)
+	}
 	if wait > 0 && res.Reply == nil {
 		return fmt.Errorf("no event from %s within %s: the command was sent, the device did not answer (the agent answers ping with events/pong and refuses commands with events/error; renew and interval send none)", id, wait)
 	}

@@ -1,7 +1,9 @@
 package server_test
 
 import (
+	"crypto/tls"
 	"encoding/json"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -172,5 +174,44 @@ func commandTaker(tb testing.TB, s *testServer, id, filter string, handle paho.M
 	tok := c.Subscribe(filter, 1, handle)
 	if !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
 		tb.Fatalf("subscribe %s: %v", filter, tok.Error())
+	}
+}
+
+// TestDeviceCommandQueuedInKeptSession: a device that keeps its session
+// while away (clean session false) gets a command when it is back; the
+// command is sent, not refused, and --wait says the device is away
+// rather than that it did not answer.
+func TestDeviceCommandQueuedInKeptSession(t *testing.T) {
+	s := startServer(t)
+	const id = "pi-kept"
+	d := s.enroll(t, s.token(t, "--device", id), id)
+	got := make(chan paho.Message, 4)
+	opts := paho.NewClientOptions().AddBroker("tls://" + s.MQTTAddr().String()).SetClientID(id).
+		SetProtocolVersion(4).SetCleanSession(false).SetAutoReconnect(false).
+		SetTLSConfig(&tls.Config{RootCAs: s.CA().Pool(), Certificates: []tls.Certificate{*d.tlsCert()}}).
+		SetDefaultPublishHandler(func(_ paho.Client, m paho.Message) { got <- m })
+	connect := func() paho.Client {
+		c := paho.NewClient(opts)
+		if tok := c.Connect(); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+			t.Fatalf("connect: %v", tok.Error())
+		}
+		return c
+	}
+	c := connect()
+	if tok := c.Subscribe("devices/"+id+"/commands/#", 1, nil); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+		t.Fatalf("subscribe: %v", tok.Error())
+	}
+	c.Disconnect(0)
+	eventually(t, func() bool { return !slices.Contains(s.Broker().Online(), id) }, id+" offline")
+
+	out, errs, code := s.cli(t, "device", "command", id, "ping", "later", "--wait", "1s")
+	if code != 1 || !strings.Contains(out, "queued in the session "+id+" kept") ||
+		!strings.Contains(errs, "no event from "+id+" within 1s: it is not connected; the command waits in the session it kept") {
+		t.Fatalf("command to a kept session: exit %d: %s%s", code, out, errs)
+	}
+	c = connect()
+	defer c.Disconnect(0)
+	if m := nextMessage(t, got, 10*time.Second, "the queued command"); m.Topic() != "devices/"+id+"/commands/ping" || string(m.Payload()) != "later" {
+		t.Fatalf("device got %s on %s", m.Payload(), m.Topic())
 	}
 }
