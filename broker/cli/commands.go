@@ -569,7 +569,13 @@ func revokeList(args []string, from string, stdin io.Reader) ([]string, error) {
 		line := 0
 		for sc.Scan() {
 			line++
-			id := strings.TrimSpace(sc.Text())
+			text := sc.Text()
+			if line == 1 {
+				// Notepad and Excel's "UTF-8" CSV begin the file
+				// with a byte order mark: no part of the first id.
+				text = strings.TrimPrefix(text, "\uFEFF")
+			}
+			id := strings.TrimSpace(text)
 			if id == "" || strings.HasPrefix(id, "#") {
 				continue
 			}
@@ -577,7 +583,9 @@ func revokeList(args []string, from string, stdin io.Reader) ([]string, error) {
 				return nil, err
 			}
 		}
-		if err := sc.Err(); err != nil {
+		if err := sc.Err(); errors.Is(err, bufio.ErrTooLong) {
+			return nil, usagef("%s line %d: over %d bytes, not an id (one id per line); nothing was revoked", name, line+1, bufio.MaxScanTokenSize)
+		} else if err != nil {
 			return nil, fmt.Errorf("read the ids to revoke from %s, after line %d: %w (nothing was revoked)", name, line, err)
 		}
 		if len(ids) == 0 {

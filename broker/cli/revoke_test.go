@@ -44,6 +44,7 @@ func TestRevokeListRefusals(t *testing.T) {
 		{[]string{"device", "revoke", "--from", write("empty.txt", "# nothing\n\n")}, 2, "no ids to revoke in " + filepath.Join(dir, "empty.txt")},
 		{[]string{"device", "revoke", "--from", filepath.Join(dir, "missing.txt")}, 1, "read the ids to revoke: open " + filepath.Join(dir, "missing.txt")},
 		{[]string{"device", "revoke", "--from", write("big.txt", big.String())}, 2, "10001 ids to revoke; at most 10000 at a time: split the list"},
+		{[]string{"device", "revoke", "--from", write("long.txt", "backend\n"+strings.Repeat("a", 70000)+"\n")}, 2, "long.txt line 2: over 65536 bytes, not an id"},
 	} {
 		_, errs, code := fleetmq(t, data, tc.args...)
 		if code != tc.code || !strings.Contains(errs, tc.want) {
@@ -68,5 +69,21 @@ func TestRevokeListRefusals(t *testing.T) {
 	out, errs, code := fleetmq(t, data, "device", "revoke", "-h")
 	if code != 0 || !strings.Contains(out+errs, "nothing is revoked") || !strings.Contains(out+errs, "-from") {
 		t.Errorf("device revoke -h: exit %d: %s%s", code, out, errs)
+	}
+}
+
+// A list saved by Windows tools (a byte order mark, CRLF line ends) is
+// read as its ids: the mark refused the first line as "id must start with
+// a lower-case letter or a digit", a character the operator cannot see.
+func TestRevokeListWithByteOrderMark(t *testing.T) {
+	data := startNode(t)
+	mustRun(t, data, "service", "issue", "backend", "--out", t.TempDir())
+	list := filepath.Join(t.TempDir(), "ids.txt")
+	if err := os.WriteFile(list, []byte("\uFEFFbackend\r\n\r\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	out, errs, code := fleetmq(t, data, "device", "revoke", "--from", list)
+	if code != 0 || !strings.Contains(out, "backend revoked") {
+		t.Fatalf("revoke --from a file with a BOM: exit %d: %s%s", code, out, errs)
 	}
 }
