@@ -19,6 +19,10 @@ const (
 	// MaxCommandWait bounds how long a command waits for the device's
 	// reply: longer, and the device is not answering.
 	MaxCommandWait = time.Minute
+	// MinCommandWait is the shortest wait for a reply: less is no time
+	// for a device to answer over a network, and a reply missed that way
+	// fails the command that went out.
+	MinCommandWait = time.Second
 )
 
 // CommandRequest is a command for a device.
@@ -87,8 +91,8 @@ func (h *Handler) Command(ctx context.Context, id string, req CommandRequest, re
 	var wait time.Duration
 	if req.Wait != "" {
 		d, err := ParseDuration(req.Wait)
-		if err != nil || d <= 0 || d > MaxCommandWait {
-			return CommandResult{}, enroll.Errorf(enroll.CodeBadRequest, "wait %q: give a duration from 1s to %s (e.g. 5s)", req.Wait, MaxCommandWait)
+		if err != nil || d < MinCommandWait || d > MaxCommandWait {
+			return CommandResult{}, enroll.Errorf(enroll.CodeBadRequest, "wait %q: give a duration from %s to %s (e.g. 5s)", req.Wait, MinCommandWait, MaxCommandWait)
 		}
 		wait = d
 	}

@@ -15,7 +15,7 @@ import (
 func deviceCommand(ctx context.Context, args []string, env Env) error {
 	fs := newFlags("device command", env)
 	var wait time.Duration
-	fs.Var(durationValue{&wait}, "wait", fmt.Sprintf("wait this long (at most %s) for the device's next event, its reply, and print it; exit 1 if none comes", admin.MaxCommandWait))
+	fs.Var(durationValue{&wait}, "wait", fmt.Sprintf("wait this long (from %s to %s) for the device's next event, its reply, and print it; exit 1 if none comes", admin.MinCommandWait, admin.MaxCommandWait))
 	if err := fs.parseFlags(args); err != nil {
 		return err
 	}
@@ -29,8 +29,8 @@ func deviceCommand(ctx context.Context, args []string, env Env) error {
 	if name == "" {
 		return usagef("device command: give a command NAME (the agent's: ping, renew, interval)")
 	}
-	if fs.given("wait") && (wait <= 0 || wait > admin.MaxCommandWait) {
-		return usagef("--wait must be from 1s to %s", admin.MaxCommandWait)
+	if fs.given("wait") && (wait < admin.MinCommandWait || wait > admin.MaxCommandWait) {
+		return usagef("--wait must be from %s to %s", admin.MinCommandWait, admin.MaxCommandWait)
 	}
 	if len(payload) > admin.MaxCommandPayload {
 		return usagef("the payload is over %d bytes; a command takes at most that", admin.MaxCommandPayload)

@@ -3,6 +3,7 @@ package server_test
 import (
 	"crypto/tls"
 	"encoding/json"
+	"errors"
 	"slices"
 	"strings"
 	"testing"
@@ -11,6 +12,7 @@ import (
 	paho "github.com/eclipse/paho.mqtt.golang"
 
 	"github.com/fleetmq/fleetmq/broker/admin"
+	"github.com/fleetmq/fleetmq/enroll"
 	"github.com/fleetmq/fleetmq/store"
 )
 
@@ -75,7 +77,7 @@ func TestDeviceCommandCLI(t *testing.T) {
 
 	// Arguments that cannot be a command: exit 2, nothing sent.
 	for _, args := range [][]string{
-		{id, "a/+"}, {id, "#"}, {id, "a//b"}, {id, "x/"}, {id, "ping", "--wait", "2m"},
+		{id, "a/+"}, {id, "#"}, {id, "a//b"}, {id, "x/"}, {id, "ping", "--wait", "2m"}, {id, "ping", "--wait", "500ms"},
 		{id}, {id, "ping", "a", "b"}, {id, ""}, {".", "ping"},
 		{id, "ping", strings.Repeat("p", admin.MaxCommandPayload+1)},
 		{id, strings.Repeat("n", 600)},
@@ -98,6 +100,14 @@ func TestDeviceCommandCLI(t *testing.T) {
 	}
 	if _, errs, code := s.cli(t, "device", "command", "nobody", "ping"); code != 1 || !strings.Contains(errs, "(not_found)") {
 		t.Errorf("command to no one: exit %d: %s", code, errs)
+	}
+	// The server holds to the same bounds for a client other than the CLI.
+	for _, wait := range []string{"1ns", "999ms", "61s"} {
+		_, err := admin.NewClient(s.AdminSocket()).Command(t.Context(), id, admin.CommandRequest{Name: "ping", Wait: wait})
+		var apiErr *admin.APIError
+		if !errors.As(err, &apiErr) || apiErr.Code != enroll.CodeBadRequest || !strings.Contains(apiErr.Message, "from 1s to 1m0s") {
+			t.Errorf("wait %s through the admin API: %v", wait, err)
+		}
 	}
 
 	// Audited by name; the payload is not written down.
