@@ -32,6 +32,9 @@ type CommandResult struct {
 	// Reply is the first event the device published after the command,
 	// when Command waited for one and one came.
 	Reply *store.Message
+	// Gone: the device's last connection closed while Command waited,
+	// before a reply came; the wait ended there.
+	Gone bool
 }
 
 // CommandTopic returns the topic of command name to device id:
@@ -47,20 +50,25 @@ func CommandTopic(id, name string) (string, bool) {
 // revoked. With wait > 0 it then waits that long, or until ctx ends, for
 // the device's next event (devices/{id}/events/...): the device agent
 // answers ping with events/pong and refuses a command with events/error.
-// A reply that does not come is no error: Reply stays nil.
+// A reply that does not come is no error: Reply stays nil, and Gone is set
+// when the wait ended because the device disconnected.
 func (b *Broker) Command(ctx context.Context, id, name string, payload []byte, wait time.Duration) (CommandResult, error) {
 	topic, ok := CommandTopic(id, name)
 	if !ok {
 		return CommandResult{}, ErrBadCommand
 	}
 	res := CommandResult{Topic: topic}
-	var replies <-chan store.Message
+	var w *eventWaiter
 	if wait > 0 {
 		// Before the publish: a device on loopback answers a ping
 		// before the publish returns.
 		var done func()
-		replies, done = b.awaitEvent(id)
+		w, done = b.awaitEvent(id)
 		defer done()
+		select {
+		case <-w.gone: // a connection that closed before the command went out
+		default:
+		}
 	}
 	// Online also with ErrNotListening: a connected device that does not
 	// subscribe to this command is told apart from one that is away.
@@ -83,8 +91,16 @@ func (b *Broker) Command(ctx context.Context, id, name string, payload []byte, w
 	t := time.NewTimer(wait)
 	defer t.Stop()
 	select {
-	case m := <-replies:
+	case m := <-w.reply:
 		res.Reply = &m
+	case <-w.gone:
+		// Its reply may have come just before it left.
+		select {
+		case m := <-w.reply:
+			res.Reply = &m
+		default:
+			res.Gone = true
+		}
 	case <-t.C:
 	case <-ctx.Done():
 	}
@@ -103,34 +119,58 @@ func (b *Broker) online(id string) bool {
 type eventWaiters struct {
 	n  atomic.Int64 // len of all sets in m: the publish path's only cost while 0
 	mu sync.Mutex
-	m  map[string]map[chan store.Message]struct{} // by device id
+	m  map[string]map[*eventWaiter]struct{} // by device id
 }
 
-// awaitEvent registers for the next event device id publishes; done
-// unregisters. The channel holds one event.
-func (b *Broker) awaitEvent(id string) (<-chan store.Message, func()) {
-	w := &b.events
-	ch := make(chan store.Message, 1)
-	w.mu.Lock()
-	if w.m == nil {
-		w.m = make(map[string]map[chan store.Message]struct{})
+// eventWaiter is one Command call waiting for a device's reply.
+type eventWaiter struct {
+	reply chan store.Message // the first event; holds one
+	gone  chan struct{}      // the device's last connection closed; holds one
+}
+
+// awaitEvent registers for the next event device id publishes, and for
+// its going offline; done unregisters.
+func (b *Broker) awaitEvent(id string) (*eventWaiter, func()) {
+	ws := &b.events
+	w := &eventWaiter{reply: make(chan store.Message, 1), gone: make(chan struct{}, 1)}
+	ws.mu.Lock()
+	if ws.m == nil {
+		ws.m = make(map[string]map[*eventWaiter]struct{})
 	}
-	set := w.m[id]
+	set := ws.m[id]
 	if set == nil {
-		set = make(map[chan store.Message]struct{})
-		w.m[id] = set
+		set = make(map[*eventWaiter]struct{})
+		ws.m[id] = set
 	}
-	set[ch] = struct{}{}
-	w.n.Add(1)
-	w.mu.Unlock()
-	return ch, func() {
-		w.mu.Lock()
-		defer w.mu.Unlock()
-		delete(set, ch)
+	set[w] = struct{}{}
+	ws.n.Add(1)
+	ws.mu.Unlock()
+	return w, func() {
+		ws.mu.Lock()
+		defer ws.mu.Unlock()
+		delete(set, w)
 		if len(set) == 0 {
-			delete(w.m, id)
+			delete(ws.m, id)
 		}
-		w.n.Add(-1)
+		ws.n.Add(-1)
+	}
+}
+
+// noteGone tells the Command calls waiting for device id's reply that its
+// last connection closed: a reply will not come over it, and an operator
+// should not wait out the rest of --wait to learn that.
+func (b *Broker) noteGone(id string) {
+	ws := &b.events
+	if ws.n.Load() == 0 {
+		return
+	}
+	ws.mu.Lock()
+	defer ws.mu.Unlock()
+	for w := range ws.m[id] {
+		select {
+		case w.gone <- struct{}{}:
+		default:
+		}
 	}
 }
 
@@ -153,12 +193,12 @@ func (b *Broker) noteEvent(id string, pk *packets.Packet) {
 		// our own.
 		Payload: append([]byte(nil), pk.Payload...),
 	}
-	w := &b.events
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	for ch := range w.m[id] {
+	ws := &b.events
+	ws.mu.Lock()
+	defer ws.mu.Unlock()
+	for w := range ws.m[id] {
 		select {
-		case ch <- m:
+		case w.reply <- m:
 		default: // it has its reply already
 		}
 	}

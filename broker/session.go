@@ -338,6 +338,7 @@ func (b *Broker) release(c *conn) {
 	id := c.id
 	if wasAuthorized && !ident.authorized() {
 		b.w.setPresence(store.Presence{DeviceID: id, Online: false, LastSeen: b.cfg.Now(), Node: b.cfg.Node})
+		b.noteGone(id)
 	}
 	if len(ident.conns) == 0 && b.idents[id] == ident {
 		b.forgetWhenRefilled(id, ident)

@@ -51,6 +51,9 @@ type CommandResult struct {
 	// reply, absent when none came within it.
 	Waited string           `json:"waited,omitempty"`
 	Reply  *TelemetryRecord `json:"reply,omitempty"`
+	// Disconnected: the device's connection closed while the command
+	// waited, before a reply came, which ended the wait.
+	Disconnected bool `json:"disconnected,omitempty"`
 	// ReplyMessage is the reply as the device sent it, for front ends in
 	// the same process (the dashboard).
 	ReplyMessage *store.Message `json:"-"`
@@ -62,6 +65,9 @@ type Sent struct {
 	Topic  string
 	Online bool
 	Reply  *store.Message
+	// Gone: the device disconnected while the command waited for its
+	// reply, before one came.
+	Gone bool
 }
 
 func (h *Handler) command(w http.ResponseWriter, r *http.Request) {
@@ -116,7 +122,7 @@ func (h *Handler) Command(ctx context.Context, id string, req CommandRequest, re
 	if err != nil {
 		return CommandResult{}, err
 	}
-	res := CommandResult{DeviceID: id, Topic: sent.Topic, Online: sent.Online}
+	res := CommandResult{DeviceID: id, Topic: sent.Topic, Online: sent.Online, Disconnected: sent.Gone}
 	if wait > 0 {
 		res.Waited = wait.String()
 	}

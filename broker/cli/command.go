@@ -59,6 +59,9 @@ func deviceCommand(ctx context.Context, args []string, env Env) error {
 			fmt.Fprintln(env.Stdout, recordLine(*res.Reply))
 		}
 	}
+	if res.Disconnected {
+		return fmt.Errorf("%s disconnected before answering: the command was sent, and it may have got it; `fleetmq device list --online` shows when it is back", id)
+	}
 	if wait > 0 && res.Reply == nil && !res.Online {
 		return fmt.Errorf("no event from %s within %s: it is not connected; the command waits in the session it kept and goes out when it connects again", id, wait)
 	}

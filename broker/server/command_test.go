@@ -225,3 +225,20 @@ func TestDeviceCommandQueuedInKeptSession(t *testing.T) {
 		t.Fatalf("device got %s on %s", m.Payload(), m.Topic())
 	}
 }
+
+// TestDeviceCommandDisconnectEndsWait: a device that disconnects instead
+// of answering ends --wait at once, and the command says so; it waited
+// out the whole --wait (up to a minute) and then said the device did not
+// answer.
+func TestDeviceCommandDisconnectEndsWait(t *testing.T) {
+	s := startServer(t)
+	const id = "pi-leaves"
+	commandTaker(t, s, id, "devices/"+id+"/commands/#", func(cl paho.Client, _ paho.Message) { go cl.Disconnect(0) })
+
+	out, errs, code := s.cli(t, "device", "command", id, "reboot", "--wait", "30s", "--json")
+	var res admin.CommandResult
+	if code != 1 || json.Unmarshal([]byte(out), &res) != nil || !res.Disconnected || res.Reply != nil ||
+		!strings.Contains(errs, id+" disconnected before answering: the command was sent") {
+		t.Fatalf("command the device leaves on: exit %d: %s%s", code, out, errs)
+	}
+}

@@ -628,7 +628,7 @@ func (s *Server) command(ctx context.Context, id, name string, payload []byte, w
 	case err != nil:
 		return admin.Sent{}, err
 	}
-	return admin.Sent{Topic: res.Topic, Online: res.Online, Reply: res.Reply}, nil
+	return admin.Sent{Topic: res.Topic, Online: res.Online, Reply: res.Reply, Gone: res.Gone}, nil
 }
 
 // onReprovision closes the sessions of a re-provisioned device that use

@@ -834,6 +834,14 @@ func TestDashboardCommand(t *testing.T) {
 	default:
 	}
 
+	// A device that leaves instead of answering ends the wait, and the
+	// page says so rather than that no event came within 5 s.
+	c.AddRoute("devices/pi-dc/commands/bye", func(cl paho.Client, _ paho.Message) { go cl.Disconnect(0) })
+	code, page = do("POST", "/devices/pi-dc/command", url.Values{"csrf": {csrf}, "name": {"bye"}})
+	if code != 200 || !strings.Contains(page, "The device disconnected before answering.") {
+		t.Errorf("command the device leaves on: %d\n%s", code, page)
+	}
+
 	if _, _, code := s.cli(t, "device", "revoke", "pi-away"); code != 0 {
 		t.Fatal("revoke failed")
 	}

@@ -23,6 +23,7 @@ type commandOutcome struct {
 	Reply         *store.Message
 	ReplyText     string
 	Waited        time.Duration
+	Disconnected  bool // the device left before a reply came
 }
 
 // commandDevice sends the command of the device page's form, through the
@@ -48,7 +49,7 @@ func (s *Server) commandDevice(w http.ResponseWriter, r *http.Request) {
 		s.renderDevice(w, r, status, out)
 		return
 	}
-	out.Topic, out.Online = res.Topic, res.Online
+	out.Topic, out.Online, out.Disconnected = res.Topic, res.Online, res.Disconnected
 	if m := res.ReplyMessage; m != nil {
 		out.Reply, out.ReplyText = m, payloadText(m.Payload)
 	}
