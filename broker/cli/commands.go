@@ -523,7 +523,14 @@ func revokeMany(ctx context.Context, fs flagSet, from string, env Env) error {
 			}
 			fmt.Fprintf(env.Stdout, "%s revoked (%d certificate(s))\n", r.DeviceID, len(r.Serials))
 		}
-		fmt.Fprintf(env.Stdout, "%d revoked, %d already revoked; the sessions of those revoked are closed and the CRL is updated\n", len(res)-already, already)
+		if already < len(res) {
+			fmt.Fprintf(env.Stdout, "%d revoked, %d already revoked; the sessions of those revoked are closed and the CRL is updated\n", len(res)-already, already)
+		} else {
+			fmt.Fprintf(env.Stdout, "0 revoked, %d already revoked\n", already)
+		}
+	}
+	if already == len(res) {
+		return fmt.Errorf("all %d ids were already revoked before: nothing changed", already)
 	}
 	if already > 0 {
 		return fmt.Errorf("%d of the %d ids already revoked before: nothing changed for those (listed above); the others are revoked", already, len(res))

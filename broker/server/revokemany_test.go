@@ -151,6 +151,11 @@ func TestRevokeManyThroughCLI(t *testing.T) {
 	if info := s.deviceInfo(t, "pi-m5"); !info.Revoked() {
 		t.Error("pi-m5 not revoked beside an id already revoked")
 	}
+	// A list revoked before, all of it: no "others" said to be revoked.
+	out, errs, code = s.cli(t, "device", "revoke", "pi-m5", "pi-m1")
+	if code != 1 || !strings.HasSuffix(out, "\n0 revoked, 2 already revoked\n") || !strings.Contains(errs, "all 2 ids were already revoked before: nothing changed") {
+		t.Errorf("list already revoked: exit %d: %s%s", code, out, errs)
+	}
 	// The single revoke is as it was.
 	if _, errs, code := s.cli(t, "device", "revoke", "pi-m5"); code != 1 || !strings.Contains(errs, "pi-m5 was already revoked; nothing changed") {
 		t.Errorf("single revoke of a revoked id: exit %d: %s", code, errs)
