@@ -56,9 +56,12 @@ func table(w io.Writer, header string, rows [][]string) error {
 // field of an audit record an attacker caused — rewrite what an operator
 // sees in the terminal or break the table.
 func terminalSafe(s string) string {
-	// Bidirectional controls reorder what the terminal shows.
+	// Bidirectional controls reorder what the terminal shows; the line
+	// and paragraph separators (U+2028, U+2029) break a line where a
+	// reader takes the next one for the server's.
 	if strings.IndexFunc(s, func(r rune) bool {
-		return unicode.IsControl(r) || r == utf8.RuneError || unicode.Is(unicode.Bidi_Control, r)
+		return unicode.IsControl(r) || r == utf8.RuneError || unicode.Is(unicode.Bidi_Control, r) ||
+			unicode.In(r, unicode.Zl, unicode.Zp)
 	}) < 0 {
 		return s
 	}

@@ -128,7 +128,7 @@ wait:
 	if err := os.WriteFile(bin, []byte{0xff, 0x00, 0x01, 0xfe}, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	for _, m := range [][]string{{"-f", bin}, {"-m", "\x1b[2J\x1b[31mred\nline"}, {"-m", "rtl\u202eevil"}} {
+	for _, m := range [][]string{{"-f", bin}, {"-m", "\x1b[2J\x1b[31mred\nline"}, {"-m", "rtl\u202eevil"}, {"-m", "one\u2028two\u2029three"}} {
 		if out, err := s.mosq(t, "mosquitto_pub", append(append(tlsArgs, "-i", "pi-m1", "-q", "1", "-t", "devices/pi-m1/telemetry/raw"), m...)...); err != nil {
 			t.Fatalf("mosquitto_pub %v: %v %s", m, err, out)
 		}
@@ -138,7 +138,8 @@ wait:
 		t.Fatalf("telemetry --json of binary and control characters:\n%s", out)
 	}
 	out, _, _ = s.cli(t, "telemetry", "pi-m1")
-	if strings.ContainsAny(out, "\x1b\x00\u202e") || !strings.Contains(out, `\x1b[31mred\nline`) || !strings.Contains(out, `rtl\u202eevil`) ||
+	if strings.ContainsAny(out, "\x1b\x00\u202e\u2028\u2029") || !strings.Contains(out, `\x1b[31mred\nline`) || !strings.Contains(out, `rtl\u202eevil`) ||
+		!strings.Contains(out, `one\u2028two\u2029three`) ||
 		!strings.Contains(out, "(4 bytes, binary) base64:/wAB/g==") {
 		t.Fatalf("telemetry:\n%q", out)
 	}
