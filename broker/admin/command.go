@@ -114,7 +114,7 @@ func (h *Handler) Command(ctx context.Context, id string, req CommandRequest, re
 	}
 	switch {
 	case d.Role != store.RoleDevice:
-		return CommandResult{}, enroll.Errorf(enroll.CodeBadRequest, "%s is a %s; commands go to devices", id, d.Role)
+		return CommandResult{}, enroll.Errorf(enroll.CodeIDMismatch, "%s is a %s; commands go to devices", id, d.Role)
 	case d.Revoked():
 		return CommandResult{}, enroll.Errorf(enroll.CodeDeviceRevoked, "%s was revoked; it takes no commands", id)
 	}

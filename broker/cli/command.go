@@ -9,6 +9,25 @@ import (
 	"github.com/fleetmq/fleetmq/broker/admin"
 )
 
+// commandHelp is `fleetmq device command -h`.
+const commandHelp = `Usage: fleetmq device command ID NAME [PAYLOAD] [--wait 5s] [flags]
+
+Publishes PAYLOAD (text, at most %d bytes; empty if not given) to
+devices/ID/commands/NAME at QoS 1, as a backend with a service
+certificate would. NAME is one or more topic levels (ping, config/set)
+without wildcards. The device agent takes ping (answered on events/pong),
+renew and interval (a duration, e.g. 10s), and refuses others on
+events/error.
+
+A device that is not connected, or does not subscribe to NAME, gets
+nothing (device_offline, exit 1); one with a kept session gets it when
+it comes back. --wait prints the device's next event and exits 1 when
+none comes, when it is an error event, or when the device disconnects.
+Each command is in the audit log by name; the payload is not recorded.
+
+Flags:
+`
+
 // deviceCommand sends a command to a device through the server's broker,
 // as a backend with a service certificate would, and with --wait prints
 // the device's reply.
@@ -16,6 +35,10 @@ func deviceCommand(ctx context.Context, args []string, env Env) error {
 	fs := newFlags("device command", env)
 	var wait time.Duration
 	fs.Var(durationValue{&wait}, "wait", fmt.Sprintf("wait this long (from %s to %s) for the device's next event, its reply, and print it; exit 1 if none comes", admin.MinCommandWait, admin.MaxCommandWait))
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), commandHelp, admin.MaxCommandPayload)
+		fs.PrintDefaults()
+	}
 	if err := fs.parseFlags(args); err != nil {
 		return err
 	}

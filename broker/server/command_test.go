@@ -95,7 +95,7 @@ func TestDeviceCommandCLI(t *testing.T) {
 
 	// Only devices take commands, and not revoked ones.
 	s.identity(t, "backend-cmd", store.RoleService)
-	if _, errs, code := s.cli(t, "device", "command", "backend-cmd", "ping"); code != 2 || !strings.Contains(errs, "commands go to devices") {
+	if _, errs, code := s.cli(t, "device", "command", "backend-cmd", "ping"); code != 1 || !strings.Contains(errs, "commands go to devices (id_mismatch)") {
 		t.Errorf("command to a service: exit %d: %s", code, errs)
 	}
 	if _, errs, code := s.cli(t, "device", "command", "nobody", "ping"); code != 1 || !strings.Contains(errs, "(not_found)") {
