@@ -18,7 +18,6 @@ const (
 	CodeBodyTooLarge     Code = "body_too_large"
 	CodeHeaderTooLarge   Code = "header_too_large"
 	CodeUnsupportedMedia Code = "unsupported_media_type"
-	CodeNotAcceptable    Code = "not_acceptable"
 	CodeNotFound         Code = "not_found"
 	CodeMethod           Code = "method_not_allowed"
 	CodeCSRInvalid       Code = "csr_invalid"
@@ -50,7 +49,6 @@ var statusByCode = map[Code]int{
 	CodeBodyTooLarge:     http.StatusRequestEntityTooLarge,
 	CodeHeaderTooLarge:   http.StatusRequestHeaderFieldsTooLarge,
 	CodeUnsupportedMedia: http.StatusUnsupportedMediaType,
-	CodeNotAcceptable:    http.StatusNotAcceptable,
 	CodeNotFound:         http.StatusNotFound,
 	CodeMethod:           http.StatusMethodNotAllowed,
 	CodeCSRInvalid:       http.StatusBadRequest,

@@ -24,7 +24,7 @@ func TestErrorTable(t *testing.T) {
 		CodeTokenUsed: 401, CodeTokenRevoked: 401, CodeCertRequired: 401, CodeCertInvalid: 401,
 		CodeCertExpired: 401, CodeProofInvalid: 401,
 		CodeIDMismatch: 403, CodeCertRevoked: 403, CodeDeviceRevoked: 403,
-		CodeNotFound: 404, CodeMethod: 405, CodeNotAcceptable: 406, CodeIDTaken: 409, CodeIDHasToken: 409, CodeDeviceOffline: 409,
+		CodeNotFound: 404, CodeMethod: 405, CodeIDTaken: 409, CodeIDHasToken: 409, CodeDeviceOffline: 409,
 		CodeBodyTooLarge: 413, CodeUnsupportedMedia: 415, CodeHeaderTooLarge: 431,
 		CodeRateLimited: 429, CodeInternal: 500, CodeUnavailable: 503,
 	}

@@ -209,7 +209,11 @@ func printTokens(env Env, toks []admin.NewToken, path string, asJSON bool) (stri
 	if path != "" {
 		err := writeTokenCSV(path, toks)
 		if err == nil {
-			fmt.Fprintf(env.Stderr, "wrote %d tokens to %s\n", len(toks), path)
+			noun := "tokens"
+			if len(toks) == 1 {
+				noun = "token"
+			}
+			fmt.Fprintf(env.Stderr, "wrote %d %s to %s\n", len(toks), noun, path)
 			if asJSON {
 				// The records without their secrets, which are in the file only.
 				recs := make([]store.Token, len(toks))
