@@ -68,6 +68,11 @@ type Config struct {
 	// connection attempts, drawn the same way. Defaults 1s and 2m.
 	ConnectRetryMin time.Duration
 	ConnectRetryMax time.Duration
+	// ConnectStable is how long a broker session must have lasted for
+	// the reconnection after it to start the backoff afresh: shorter ones
+	// (a broker that drops the device at once) keep backing off. Default
+	// 30s.
+	ConnectStable time.Duration
 
 	// ConnectTimeout bounds one MQTT connection attempt. Default 30s.
 	ConnectTimeout time.Duration
@@ -144,6 +149,7 @@ func (c Config) withDefaults() Config {
 	setDur(&c.RenewCommandInterval, 10*time.Minute)
 	setDur(&c.ConnectRetryMin, time.Second)
 	setDur(&c.ConnectRetryMax, 2*time.Minute)
+	setDur(&c.ConnectStable, 30*time.Second)
 	setDur(&c.ConnectTimeout, 30*time.Second)
 	setDur(&c.PublishTimeout, 30*time.Second)
 	setDur(&c.KeepAlive, 60*time.Second)

@@ -171,3 +171,31 @@ func TestBackoffAsDocumented(t *testing.T) {
 		}
 	}
 }
+
+// TestReconnectBackoffAfterSessions: the waits before reconnecting, with
+// the defaults, on a link that drops every minute (each wait back at the
+// first retry's: the broker works) and against a broker that drops the
+// device at once (the waits grow to the cap).
+func TestReconnectBackoffAfterSessions(t *testing.T) {
+	c := Config{}.withDefaults()
+	waits := func(connected bool, lasted time.Duration) (last time.Duration) {
+		attempt := 0
+		for range 10 {
+			attempt = nextConnectAttempt(attempt, connected, lasted, c.ConnectStable)
+			last = backoff(attempt, c.ConnectRetryMin, c.ConnectRetryMax, 0.999999999)
+			attempt++
+		}
+		return last
+	}
+	if w := waits(true, time.Minute); w > c.ConnectRetryMin {
+		t.Errorf("after ten one-minute sessions the agent waits %v to reconnect, want at most %v", w, c.ConnectRetryMin)
+	}
+	for _, tc := range []struct {
+		connected bool
+		lasted    time.Duration
+	}{{true, time.Second}, {false, time.Minute}} {
+		if w := waits(tc.connected, tc.lasted); w < c.ConnectRetryMax-time.Second {
+			t.Errorf("connected %v for %v, ten times: the agent waits %v, want the cap %v", tc.connected, tc.lasted, w, c.ConnectRetryMax)
+		}
+	}
+}

@@ -726,6 +726,20 @@ func droppedAfterDial(err error) bool {
 // errIdentityChanged ends a session so the next one uses the new certificate.
 var errIdentityChanged = errors.New("certificate changed")
 
+// nextConnectAttempt returns the backoff attempt to reconnect with after a
+// session that connected or not and lasted that long. A session that held
+// for stable shows the broker works: the next reconnection starts the
+// backoff afresh. Waiting for the backoff's maximum (2 min) instead held a
+// Pi on a link that drops every minute or so at that maximum for good,
+// offline half the time; a broker dropping the device at once still backs
+// off in full.
+func nextConnectAttempt(attempt int, connected bool, lasted, stable time.Duration) int {
+	if connected && lasted >= stable {
+		return 0
+	}
+	return attempt
+}
+
 // connectLoop keeps one MQTT session up, with backoff between attempts.
 func (a *runner) connectLoop(ctx context.Context) error {
 	attempt, refusals := 0, 0
@@ -770,9 +784,7 @@ func (a *runner) connectLoop(ctx context.Context) error {
 			attempt = 0
 			continue
 		}
-		if time.Since(start) > a.cfg.ConnectRetryMax {
-			attempt = 0 // a long session: the broker works, start backoff afresh
-		}
+		attempt = nextConnectAttempt(attempt, connected, time.Since(start), a.cfg.ConnectStable)
 		// A refused client certificate shows as a TLS alert, or, when the
 		// broker's reset overtakes the alert, as EOF or a reset.
 		switch {
