@@ -53,58 +53,78 @@ func CommandTopic(id, name string) (string, bool) {
 // A reply that does not come is no error: Reply stays nil, and Gone is set
 // when the wait ended because the device disconnected.
 func (b *Broker) Command(ctx context.Context, id, name string, payload []byte, wait time.Duration) (CommandResult, error) {
-	topic, ok := CommandTopic(id, name)
-	if !ok {
-		return CommandResult{}, ErrBadCommand
-	}
-	res := CommandResult{Topic: topic}
-	var w *eventWaiter
+	res, errs := b.CommandMany(ctx, []string{id}, name, payload, wait)
+	return res[0], errs[0]
+}
+
+// CommandMany is Command to each of ids (devices the caller checked), in
+// one wait: every command is published first, then the replies are
+// collected in a single window of wait, which ends early once each device
+// sent to has answered or disconnected. res[i] and errs[i] are ids[i]'s;
+// errs[i] is ErrNotListening or ErrBadCommand when nothing went to it.
+func (b *Broker) CommandMany(ctx context.Context, ids []string, name string, payload []byte, wait time.Duration) ([]CommandResult, []error) {
+	res := make([]CommandResult, len(ids))
+	errs := make([]error, len(ids))
+	var ws []*eventWaiter
+	var ready chan *eventWaiter
 	if wait > 0 {
-		// Before the publish: a device on loopback answers a ping
+		// Before the publishes: a device on loopback answers a ping
 		// before the publish returns.
-		var done func()
-		w, done = b.awaitEvent(id)
-		defer done()
-		select {
-		case <-w.gone: // a connection that closed before the command went out
-		default:
+		ready = make(chan *eventWaiter, 3*len(ids)) // see eventWaiter.ready
+		ws = b.awaitEvents(ids, ready)
+		defer b.events.remove(ws)
+	}
+	sent := 0
+	for i, id := range ids {
+		topic, ok := CommandTopic(id, name)
+		if !ok {
+			errs[i] = ErrBadCommand
+			continue
+		}
+		res[i].Topic = topic
+		if ws != nil {
+			b.events.forgetGone(ws[i]) // a connection that closed before the command went out
+		}
+		// Online also with ErrNotListening: a connected device that does
+		// not subscribe to this command is told apart from one that is away.
+		res[i].Online = b.online(id)
+		if !b.hasSubscribers(topic) {
+			errs[i] = ErrNotListening
+			continue
+		}
+		pk := packets.Packet{
+			FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1},
+			TopicName:   topic,
+			Payload:     payload,
+			PacketID:    1, // mochi refuses a QoS 1 publish without one; the inline client's are never acknowledged
+		}
+		if err := b.srv.InjectPacket(b.inline, pk); err != nil {
+			errs[i] = err
+			continue
+		}
+		if ws != nil {
+			ws[i].sent = true
+			sent++
 		}
 	}
-	// Online also with ErrNotListening: a connected device that does not
-	// subscribe to this command is told apart from one that is away.
-	res.Online = b.online(id)
-	if !b.hasSubscribers(topic) {
-		return res, ErrNotListening
-	}
-	pk := packets.Packet{
-		FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1},
-		TopicName:   topic,
-		Payload:     payload,
-		PacketID:    1, // mochi refuses a QoS 1 publish without one; the inline client's are never acknowledged
-	}
-	if err := b.srv.InjectPacket(b.inline, pk); err != nil {
-		return res, err
-	}
-	if wait <= 0 {
-		return res, nil
+	if sent == 0 {
+		return res, errs
 	}
 	t := time.NewTimer(wait)
 	defer t.Stop()
-	select {
-	case m := <-w.reply:
-		res.Reply = &m
-	case <-w.gone:
-		// Its reply may have come just before it left.
+	for sent > 0 {
 		select {
-		case m := <-w.reply:
-			res.Reply = &m
-		default:
-			res.Gone = true
+		case w := <-ready:
+			if b.events.settle(w, &res[w.index]) {
+				sent--
+			}
+		case <-t.C:
+			return res, errs
+		case <-ctx.Done():
+			return res, errs
 		}
-	case <-t.C:
-	case <-ctx.Done():
 	}
-	return res, nil
+	return res, errs
 }
 
 // online reports whether identity id has an authorized connection here.
@@ -115,45 +135,95 @@ func (b *Broker) online(id string) bool {
 	return ident != nil && ident.authorized()
 }
 
-// eventWaiters are the Command calls waiting for a device's reply.
+// eventWaiters are the Command calls waiting for devices' replies.
 type eventWaiters struct {
 	n  atomic.Int64 // len of all sets in m: the publish path's only cost while 0
 	mu sync.Mutex
-	m  map[string]map[*eventWaiter]struct{} // by device id
+	// By device id: a publish looks at its own device's waiters only,
+	// however many devices one command waits for.
+	m map[string]map[*eventWaiter]struct{}
 }
 
-// eventWaiter is one Command call waiting for a device's reply.
+// eventWaiter is one device a Command call waits for. reply and gone are
+// guarded by eventWaiters.mu; index, sent and settled belong to the call.
 type eventWaiter struct {
-	reply chan store.Message // the first event; holds one
-	gone  chan struct{}      // the device's last connection closed; holds one
+	id    string
+	index int
+	reply *store.Message // the first event
+	gone  bool           // the device's last connection closed
+	// ready is told of each change to reply or gone, so that the call
+	// waits on one channel for all its devices. reply is set once and
+	// gone at most twice (forgetGone clears it once), so 3 sends per
+	// waiter fit its buffer and a send never blocks the publish path.
+	ready   chan<- *eventWaiter
+	sent    bool
+	settled bool
 }
 
-// awaitEvent registers for the next event device id publishes, and for
-// its going offline; done unregisters.
-func (b *Broker) awaitEvent(id string) (*eventWaiter, func()) {
+// awaitEvents registers for the next event each of ids publishes, and
+// for its going offline, each change told on ready.
+func (b *Broker) awaitEvents(ids []string, ready chan<- *eventWaiter) []*eventWaiter {
 	ws := &b.events
-	w := &eventWaiter{reply: make(chan store.Message, 1), gone: make(chan struct{}, 1)}
+	out := make([]*eventWaiter, len(ids))
 	ws.mu.Lock()
+	defer ws.mu.Unlock()
 	if ws.m == nil {
 		ws.m = make(map[string]map[*eventWaiter]struct{})
 	}
-	set := ws.m[id]
-	if set == nil {
-		set = make(map[*eventWaiter]struct{})
-		ws.m[id] = set
+	for i, id := range ids {
+		w := &eventWaiter{id: id, index: i, ready: ready}
+		set := ws.m[id]
+		if set == nil {
+			set = make(map[*eventWaiter]struct{})
+			ws.m[id] = set
+		}
+		set[w] = struct{}{}
+		out[i] = w
 	}
-	set[w] = struct{}{}
-	ws.n.Add(1)
-	ws.mu.Unlock()
-	return w, func() {
-		ws.mu.Lock()
-		defer ws.mu.Unlock()
+	ws.n.Add(int64(len(ids)))
+	return out
+}
+
+// remove unregisters what awaitEvents registered.
+func (ws *eventWaiters) remove(list []*eventWaiter) {
+	ws.mu.Lock()
+	defer ws.mu.Unlock()
+	for _, w := range list {
+		set := ws.m[w.id]
 		delete(set, w)
 		if len(set) == 0 {
-			delete(ws.m, id)
+			delete(ws.m, w.id)
 		}
-		ws.n.Add(-1)
 	}
+	ws.n.Add(-int64(len(list)))
+}
+
+// forgetGone clears a disconnect seen before the command went out.
+func (ws *eventWaiters) forgetGone(w *eventWaiter) {
+	ws.mu.Lock()
+	defer ws.mu.Unlock()
+	w.gone = false
+}
+
+// settle records in res what ended w's wait, if anything did: its reply,
+// or else its going offline. It reports whether w is now settled, the
+// first time only.
+func (ws *eventWaiters) settle(w *eventWaiter, res *CommandResult) bool {
+	if !w.sent || w.settled {
+		return false
+	}
+	ws.mu.Lock()
+	defer ws.mu.Unlock()
+	switch {
+	case w.reply != nil: // also when it came just before the device left
+		res.Reply = w.reply
+	case w.gone:
+		res.Gone = true
+	default:
+		return false
+	}
+	w.settled = true
+	return true
 }
 
 // noteGone tells the Command calls waiting for device id's reply that its
@@ -167,9 +237,9 @@ func (b *Broker) noteGone(id string) {
 	ws.mu.Lock()
 	defer ws.mu.Unlock()
 	for w := range ws.m[id] {
-		select {
-		case w.gone <- struct{}{}:
-		default:
+		if !w.gone && w.reply == nil {
+			w.gone = true
+			w.ready <- w
 		}
 	}
 }
@@ -197,9 +267,9 @@ func (b *Broker) noteEvent(id string, pk *packets.Packet) {
 	ws.mu.Lock()
 	defer ws.mu.Unlock()
 	for w := range ws.m[id] {
-		select {
-		case w.reply <- m:
-		default: // it has its reply already
+		if w.reply == nil { // else it has its reply already
+			w.reply = &m
+			w.ready <- w
 		}
 	}
 }

@@ -65,6 +65,12 @@ type Config struct {
 	// for its reply (see Handler.Command). Optional: without it the
 	// server sends no commands.
 	Command func(ctx context.Context, id, name string, payload []byte, wait time.Duration) (Sent, error)
+	// CommandMany is Command to several devices in one wait: all are
+	// sent first, then their replies collected in one window of wait
+	// (see Handler.CommandMany). sent[i] is ids[i]'s, its Err set when
+	// nothing went to it; err refuses the whole request, nothing sent.
+	// Optional: without it the server sends no command to many devices.
+	CommandMany func(ctx context.Context, ids []string, name string, payload []byte, wait time.Duration) (sent []Sent, err error)
 	// Follow streams telemetry as it is stored, for `fleetmq telemetry --follow`. Optional.
 	Follow func(id string) (<-chan store.Message, func())
 	// DashboardLogin returns the loopback dashboard's login page and a
@@ -123,6 +129,7 @@ func New(cfg Config, st Store) (*Handler, error) {
 	h.mux.HandleFunc("POST /v1/devices/{id}/revoke", h.revokeDevice)
 	h.mux.HandleFunc("POST /v1/devices/revoke", h.revokeDevices)
 	h.mux.HandleFunc("POST /v1/devices/{id}/commands", h.command)
+	h.mux.HandleFunc("POST /v1/commands", h.commandMany)
 	h.mux.HandleFunc("POST /v1/identities", h.issueIdentity)
 	h.mux.HandleFunc("GET /v1/audit", h.audit)
 	h.mux.HandleFunc("GET /v1/telemetry/{id}", h.telemetry)

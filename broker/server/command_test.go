@@ -4,6 +4,7 @@ import (
 	"crypto/tls"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"slices"
 	"strings"
 	"testing"
@@ -178,7 +179,18 @@ func TestDeviceCommandNotSubscribed(t *testing.T) {
 // with handle, until the test ends.
 func commandTaker(tb testing.TB, s *testServer, id, filter string, handle paho.MessageHandler) {
 	tb.Helper()
-	d := s.enroll(tb, s.token(tb, "--device", id), id)
+	labelledTaker(tb, s, id, nil, filter, handle)
+}
+
+// labelledTaker is commandTaker for a device enrolled with a token of
+// labels (k=v).
+func labelledTaker(tb testing.TB, s *testServer, id string, labels []string, filter string, handle paho.MessageHandler) {
+	tb.Helper()
+	args := []string{"--device", id}
+	for _, l := range labels {
+		args = append(args, "--label", l)
+	}
+	d := s.enroll(tb, s.token(tb, args...), id)
 	c := pahoClient(tb, s, d, id, nil)
 	tb.Cleanup(func() { c.Disconnect(0) })
 	tok := c.Subscribe(filter, 1, handle)
@@ -240,5 +252,190 @@ func TestDeviceCommandDisconnectEndsWait(t *testing.T) {
 	if code != 1 || json.Unmarshal([]byte(out), &res) != nil || !res.Disconnected || res.Reply != nil ||
 		!strings.Contains(errs, id+" disconnected before answering: the command was sent") {
 		t.Fatalf("command the device leaves on: exit %d: %s%s", code, out, errs)
+	}
+}
+
+// answerer answers ping on events/pong with its payload, refuses
+// interval on events/error, and takes the rest silently, as the agent.
+func answerer(id string) paho.MessageHandler {
+	return func(cl paho.Client, m paho.Message) {
+		switch m.Topic() {
+		case "devices/" + id + "/commands/ping":
+			cl.Publish("devices/"+id+"/events/pong", 1, false, "pong:"+string(m.Payload()))
+		case "devices/" + id + "/commands/interval":
+			cl.Publish("devices/"+id+"/events/error", 1, false, `{"code":"invalid_payload"}`)
+		}
+	}
+}
+
+// commandOutcomes runs `device command args... --json` and returns each
+// device's outcome and the exit code.
+func commandOutcomes(tb testing.TB, s *testServer, args ...string) (map[string]admin.DeviceCommandResult, int) {
+	tb.Helper()
+	out, errs, code := s.cli(tb, append(append([]string{"device", "command"}, args...), "--json")...)
+	var res []admin.DeviceCommandResult
+	if err := json.Unmarshal([]byte(out), &res); err != nil {
+		tb.Fatalf("device command %q: exit %d: %v: %s%s", args, code, err, out, errs)
+	}
+	got := map[string]admin.DeviceCommandResult{}
+	for _, r := range res {
+		got[r.DeviceID] = r
+	}
+	return got, code
+}
+
+// TestDeviceCommandMany: `device command --all|--label` sends to each
+// device selected (not services, not revoked ones) in one request, tells
+// which are not connected rather than failing the others, collects the
+// replies in one window, and exits 0 only when every device got it (and
+// answered).
+func TestDeviceCommandMany(t *testing.T) {
+	s := startServer(t)
+	for _, dev := range []struct{ id, site string }{{"pi-a1", "a"}, {"pi-a2", "a"}, {"pi-b1", "b"}} {
+		labelledTaker(t, s, dev.id, []string{"site=" + dev.site, "rack=1"}, "devices/"+dev.id+"/commands/#", answerer(dev.id))
+	}
+	s.enroll(t, s.token(t, "--device", "pi-a-off", "--label", "site=a"), "pi-a-off")
+	s.identity(t, "backend-many", store.RoleService)
+	s.enroll(t, s.token(t, "--device", "pi-gone", "--label", "site=a"), "pi-gone")
+	if _, _, code := s.cli(t, "device", "revoke", "pi-gone"); code != 0 {
+		t.Fatal("revoke failed")
+	}
+
+	start := time.Now()
+	got, code := commandOutcomes(t, s, "--all", "ping", "secret-42", "--wait", "30s")
+	if took := time.Since(start); took > 20*time.Second {
+		t.Errorf("--all --wait 30s took %s though every connected device answered at once", took)
+	}
+	want := map[string]string{"pi-a1": admin.OutcomeReplied, "pi-a2": admin.OutcomeReplied, "pi-b1": admin.OutcomeReplied, "pi-a-off": admin.OutcomeNotConnected}
+	if code != 1 || len(got) != len(want) {
+		t.Fatalf("--all ping: exit %d, %v", code, got)
+	}
+	for id, o := range want {
+		if got[id].Outcome != o {
+			t.Errorf("--all ping: %s %s, want %s", id, got[id].Outcome, o)
+		}
+	}
+	if r := got["pi-b1"].Reply; r == nil || r.Topic != "devices/pi-b1/events/pong" || !jsonEqual(r.Payload, []byte(`"pong:secret-42"`)) {
+		t.Errorf("pi-b1's reply: %+v", r)
+	}
+
+	out, errs, code := s.cli(t, "device", "command", "--label", "site=a", "--label", "rack=1", "ping", "--wait", "30s")
+	if code != 0 || !strings.Contains(out, "pi-a1 replied: ") || !strings.Contains(out, "pi-a2 replied: ") ||
+		strings.Contains(out, "pi-b1") || strings.Contains(out, "pi-a-off") || !strings.Contains(out, "ping to 2 devices: 2 replied\n") {
+		t.Fatalf("--label site=a --label rack=1: exit %d: %s%s", code, out, errs)
+	}
+	out, errs, code = s.cli(t, "device", "command", "--label", "site=a", "renew")
+	if code != 1 || !strings.Contains(out, "pi-a-off not connected: nothing sent") ||
+		!strings.Contains(errs, "renew to 3 devices: 2 sent, 1 not connected; 1 of 3 did not get it") {
+		t.Fatalf("--label site=a renew: exit %d: %s%s", code, out, errs)
+	}
+
+	// A refusal on events/error fails the command, as for one device.
+	got, code = commandOutcomes(t, s, "--label", "site=b", "interval", "1ms", "--wait", "30s")
+	if code != 1 || got["pi-b1"].Outcome != admin.OutcomeRefused || got["pi-b1"].Reply == nil {
+		t.Fatalf("refused interval: exit %d, %v", code, got)
+	}
+
+	// Devices that do not answer: one window for all, not one each.
+	start = time.Now()
+	got, code = commandOutcomes(t, s, "--label", "rack=1", "renew", "--wait", "2s")
+	if took := time.Since(start); code != 1 || len(got) != 3 || took > 5*time.Second {
+		t.Fatalf("unanswered renew --wait 2s to 3 devices: exit %d in %s: %v", code, took, got)
+	}
+	for id, r := range got {
+		if r.Outcome != admin.OutcomeNoReply {
+			t.Errorf("unanswered renew: %s %s", id, r.Outcome)
+		}
+	}
+
+	// Refused before anything is sent: exit 2 for the CLI's own checks,
+	// 1 for what the server refuses.
+	for _, args := range [][]string{
+		{"--all"}, {"--all", "--label", "site=a", "ping"}, {"--label", "site", "ping"}, {"--label", "=a", "ping"},
+		{"--label", "site=a", "--label", "site=b", "ping"}, {"--all", "ping", "a", "b"}, {"--all", "ping", "--wait", "2m"},
+	} {
+		if _, errs, code := s.cli(t, append([]string{"device", "command"}, args...)...); code != 2 {
+			t.Errorf("device command %q: exit %d, want 2: %s", args, code, errs)
+		}
+	}
+	if _, errs, code := s.cli(t, "device", "command", "--label", "site=zz", "ping"); code != 1 ||
+		!strings.Contains(errs, `no device that is not revoked has the labels "site=zz"`) || !strings.Contains(errs, "(not_found)") {
+		t.Errorf("a label no device has: exit %d: %s", code, errs)
+	}
+	if _, errs, code := s.cli(t, "device", "command", "--all", "a/+"); code != 2 || !strings.Contains(errs, "cannot be a command") {
+		t.Errorf("--all with a bad name: exit %d: %s", code, errs)
+	}
+
+	// One audit record per device sent to, by name; none for those that
+	// got nothing, nor for services and revoked devices.
+	out, _, _ = s.cli(t, "audit", "--json")
+	var evs []store.AuditEvent
+	if err := json.Unmarshal([]byte(out), &evs); err != nil {
+		t.Fatal(err)
+	}
+	pings := map[string]int{}
+	for _, ev := range evs {
+		if ev.Action == store.ActDeviceCommand && ev.Detail == "ping" {
+			pings[ev.DeviceID]++
+		}
+	}
+	if pings["pi-a1"] != 2 || pings["pi-a2"] != 2 || pings["pi-b1"] != 1 || len(pings) != 3 || strings.Contains(out, "secret-42") {
+		t.Errorf("audit of pings: %v", pings)
+	}
+}
+
+// TestDeviceCommandManyEmptyFleet: --all to a fleet with no device
+// (only a service, a revoked device) is refused, not a success for none.
+func TestDeviceCommandManyEmptyFleet(t *testing.T) {
+	s := startServer(t)
+	s.identity(t, "backend-only", store.RoleService)
+	if _, errs, code := s.cli(t, "device", "command", "--all", "ping"); code != 1 || !strings.Contains(errs, "no device to send to") {
+		t.Errorf("--all to no device: exit %d: %s", code, errs)
+	}
+}
+
+// BenchmarkCommandAll measures `device command --all ping --wait 5s` to
+// 500 connected devices that answer: the whole command's wall time, and
+// that every reply is collected.
+func BenchmarkCommandAll(b *testing.B) {
+	const n = 500
+	s := startServer(b)
+	for i := range n {
+		id := fmt.Sprintf("pi-%04d", i)
+		d := s.identity(b, id, store.RoleDevice)
+		c := pahoClient(b, s, d, id, nil)
+		b.Cleanup(func() { c.Disconnect(0) })
+		if tok := c.Subscribe("devices/"+id+"/commands/#", 1, answerer(id)); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+			b.Fatalf("subscribe %s: %v", id, tok.Error())
+		}
+	}
+	b.ResetTimer()
+	for b.Loop() {
+		got, code := commandOutcomes(b, s, "--all", "ping", "--wait", "5s")
+		replied := 0
+		for _, r := range got {
+			if r.Outcome == admin.OutcomeReplied {
+				replied++
+			}
+		}
+		if code != 0 || replied != n {
+			b.Fatalf("exit %d, %d of %d replied", code, replied, n)
+		}
+		b.ReportMetric(float64(replied), "replies")
+	}
+}
+
+// TestDeviceCommandManyDisconnect: a device that disconnects instead of
+// answering is reported disconnected, and the window ends once every
+// device answered or left, not at --wait.
+func TestDeviceCommandManyDisconnect(t *testing.T) {
+	s := startServer(t)
+	commandTaker(t, s, "pi-stays", "devices/pi-stays/commands/#", answerer("pi-stays"))
+	commandTaker(t, s, "pi-leaves", "devices/pi-leaves/commands/#", func(cl paho.Client, _ paho.Message) { go cl.Disconnect(0) })
+	start := time.Now()
+	got, code := commandOutcomes(t, s, "--all", "ping", "--wait", "30s")
+	if took := time.Since(start); code != 1 || got["pi-stays"].Outcome != admin.OutcomeReplied ||
+		got["pi-leaves"].Outcome != admin.OutcomeDisconnected || took > 20*time.Second {
+		t.Fatalf("--all ping, one device leaving: exit %d in %s: %v", code, took, got)
 	}
 }

@@ -324,6 +324,7 @@ func New(cfg Config) (_ *Server, err error) {
 		Unwritten:      s.mqtt.UnwrittenPresence,
 		Follow:         s.mqtt.Follow,
 		Command:        s.command,
+		CommandMany:    s.commandMany,
 		DashboardLogin: s.dashboardLogin,
 		Observe:        s.metrics.ObserveAdmin,
 		Logger:         s.log.With().Str("component", "admin").Logger(),
@@ -615,20 +616,44 @@ func (s *Server) onRevoke(ctx context.Context, ids ...string) {
 // says in the public error table's words why it could not.
 func (s *Server) command(ctx context.Context, id, name string, payload []byte, wait time.Duration) (admin.Sent, error) {
 	res, err := s.mqtt.Command(ctx, id, name, payload, wait)
-	switch {
-	case errors.Is(err, broker.ErrBadCommand):
-		return admin.Sent{}, &enroll.Error{Code: enroll.CodeBadRequest, Err: err, Message: fmt.Sprintf(
-			"%q cannot be a command: give one or more topic levels (ping, config/set) without +, # or empty levels, at most 512 bytes of topic in all", name)}
-	case errors.Is(err, broker.ErrNotListening) && res.Online:
-		return admin.Sent{}, &enroll.Error{Code: enroll.CodeDeviceOffline, Err: err, Message: fmt.Sprintf(
-			"%s is connected but does not subscribe to %s, so nothing was sent: it takes no such command (the device agent takes ping, renew and interval)", id, res.Topic)}
-	case errors.Is(err, broker.ErrNotListening):
-		return admin.Sent{}, &enroll.Error{Code: enroll.CodeDeviceOffline, Err: err, Message: fmt.Sprintf(
-			"%s is not connected (nothing subscribes to %s); commands are not queued for a device away: send it again when `fleetmq device list --online` shows it", id, res.Topic)}
-	case err != nil:
+	if err := commandErr(id, name, res, err); err != nil {
 		return admin.Sent{}, err
 	}
 	return admin.Sent{Topic: res.Topic, Online: res.Online, Reply: res.Reply, Gone: res.Gone}, nil
+}
+
+// commandMany is command to each of ids, in one wait. A name that cannot
+// be a command for one of them refuses the whole request before anything
+// is sent.
+func (s *Server) commandMany(ctx context.Context, ids []string, name string, payload []byte, wait time.Duration) ([]admin.Sent, error) {
+	for _, id := range ids {
+		if _, ok := broker.CommandTopic(id, name); !ok {
+			return nil, commandErr(id, name, broker.CommandResult{}, broker.ErrBadCommand)
+		}
+	}
+	res, errs := s.mqtt.CommandMany(ctx, ids, name, payload, wait)
+	out := make([]admin.Sent, len(ids))
+	for i, r := range res {
+		out[i] = admin.Sent{Topic: r.Topic, Online: r.Online, Reply: r.Reply, Gone: r.Gone, Err: commandErr(ids[i], name, r, errs[i])}
+	}
+	return out, nil
+}
+
+// commandErr says in the public error table's words why a command could
+// not go to device id.
+func commandErr(id, name string, res broker.CommandResult, err error) error {
+	switch {
+	case errors.Is(err, broker.ErrBadCommand):
+		return &enroll.Error{Code: enroll.CodeBadRequest, Err: err, Message: fmt.Sprintf(
+			"%q cannot be a command: give one or more topic levels (ping, config/set) without +, # or empty levels, at most 512 bytes of topic in all", name)}
+	case errors.Is(err, broker.ErrNotListening) && res.Online:
+		return &enroll.Error{Code: enroll.CodeDeviceOffline, Err: err, Message: fmt.Sprintf(
+			"%s is connected but does not subscribe to %s, so nothing was sent: it takes no such command (the device agent takes ping, renew and interval)", id, res.Topic)}
+	case errors.Is(err, broker.ErrNotListening):
+		return &enroll.Error{Code: enroll.CodeDeviceOffline, Err: err, Message: fmt.Sprintf(
+			"%s is not connected (nothing subscribes to %s); commands are not queued for a device away: send it again when `fleetmq device list --online` shows it", id, res.Topic)}
+	}
+	return err
 }
 
 // onReprovision closes the sessions of a re-provisioned device that use
