@@ -178,7 +178,11 @@ func commandMany(ctx context.Context, fs flagSet, all bool, labels []string, wai
 			parts = append(parts, fmt.Sprintf("%d %s", counts[o], strings.ReplaceAll(o, "_", " ")))
 		}
 	}
-	summary := fmt.Sprintf("%s to %d devices: %s", terminalSafe(req.Name), len(res.Devices), strings.Join(parts, ", "))
+	devices := "devices"
+	if len(res.Devices) == 1 {
+		devices = "device"
+	}
+	summary := fmt.Sprintf("%s to %d %s: %s", terminalSafe(req.Name), len(res.Devices), devices, strings.Join(parts, ", "))
 	if failed > 0 {
 		what := "get it"
 		if wait > 0 {

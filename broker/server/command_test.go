@@ -330,6 +330,10 @@ func TestDeviceCommandMany(t *testing.T) {
 		t.Fatalf("--label site=a renew: exit %d: %s%s", code, out, errs)
 	}
 
+	if out, errs, code := s.cli(t, "device", "command", "--label", "site=b", "ping", "--wait", "30s"); code != 0 || !strings.HasSuffix(out, "ping to 1 device: 1 replied\n") {
+		t.Errorf("--label site=b ping: exit %d: %s%s", code, out, errs)
+	}
+
 	// A refusal on events/error fails the command, as for one device.
 	got, code = commandOutcomes(t, s, "--label", "site=b", "interval", "1ms", "--wait", "30s")
 	if code != 1 || got["pi-b1"].Outcome != admin.OutcomeRefused || got["pi-b1"].Reply == nil {
@@ -379,7 +383,7 @@ func TestDeviceCommandMany(t *testing.T) {
 			pings[ev.DeviceID]++
 		}
 	}
-	if pings["pi-a1"] != 2 || pings["pi-a2"] != 2 || pings["pi-b1"] != 1 || len(pings) != 3 || strings.Contains(out, "secret-42") {
+	if pings["pi-a1"] != 2 || pings["pi-a2"] != 2 || pings["pi-b1"] != 2 || len(pings) != 3 || strings.Contains(out, "secret-42") {
 		t.Errorf("audit of pings: %v", pings)
 	}
 }
