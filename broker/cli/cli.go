@@ -90,7 +90,8 @@ Usage:
   fleetmq device revoke ID [ID...] [--from FILE|-]
                                        revoke identities: all, or none if one is unknown
   fleetmq device command ID NAME [PAYLOAD] [--wait 5s]
-                                       send a command (ping, renew, interval) to a device
+  fleetmq device command (--all | --label k=v...) NAME [PAYLOAD] [--wait 5s]
+                                       send a command (ping, renew, interval) to devices
   fleetmq service issue NAME [--out DIR] [--renew]
                                        certificate for a backend (telemetry, commands)
   fleetmq operator issue NAME [--out DIR] [--renew]
