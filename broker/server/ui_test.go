@@ -3,6 +3,7 @@ package server_test
 import (
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"fmt"
 	"io"
 	"math"
@@ -315,6 +316,29 @@ func TestDashboardInBrowser(t *testing.T) {
 	if slices.Contains(s.Broker().Online(), "pi-0001") {
 		t.Error("pi-0001 still listed online by the broker")
 	}
+
+	// The Devices page revokes a selection: boxes ticked, its button,
+	// then the confirmation's. Plain forms: no script takes part.
+	if err := chromedp.Do(ctx, chromedp.Navigate(base+"/devices"), chromedp.WaitVisible(chromedp.CSS("#revoke-selection")),
+		chromedp.Click(chromedp.CSS(`#devices input[value="pi-0002"]`)), chromedp.Click(chromedp.CSS(`#devices input[value="pi-0003"]`)),
+		chromedp.Click(chromedp.CSS("#revoke-selection")), chromedp.WaitVisible(chromedp.CSS("#confirm"))); err != nil {
+		t.Fatalf("revoke a selection: %v", err)
+	}
+	if listed, err := chromedp.Run(ctx, chromedp.Text(chromedp.CSS("#selection tbody"))); err != nil ||
+		!strings.Contains(listed, "pi-0002") || !strings.Contains(listed, "pi-0003") || strings.Contains(listed, "pi-0001") {
+		t.Fatalf("the confirmation lists %q (%v), want pi-0002 and pi-0003", listed, err)
+	}
+	if err := chromedp.Do(ctx, chromedp.Click(chromedp.CSS("#confirm")), chromedp.WaitVisible(chromedp.CSS("#outcome"))); err != nil {
+		t.Fatalf("confirm the selection: %v", err)
+	}
+	if outcome, err := chromedp.Run(ctx, chromedp.Text(chromedp.CSS("#outcome"))); err != nil || !strings.HasPrefix(outcome, "2 revoked") {
+		t.Errorf("outcome %q (%v), want 2 revoked", outcome, err)
+	}
+	for _, id := range []string{"pi-0002", "pi-0003"} {
+		if dev, err := s.Store().Device(context.Background(), id); err != nil || !dev.Revoked() {
+			t.Errorf("%s not revoked from the selection: %v", id, err)
+		}
+	}
 }
 
 // browserLogin enters code, as `fleetmq dashboard` printed it, where the
@@ -561,6 +585,8 @@ func TestDashboardCSRF(t *testing.T) {
 		{"create token, no token", "/tokens", url.Values{"confirm": {"yes"}, "device": {"pi-z"}}, nil},
 		{"create token, wrong token", "/tokens", url.Values{"confirm": {"yes"}, "device": {"pi-z"}, "csrf": {tok + "x"}}, nil},
 		{"revoke token, no token", "/tokens/" + toks[0].ID + "/revoke", url.Values{"confirm": {"yes"}}, nil},
+		{"revoke selection, no token", "/devices/revoke", url.Values{"confirm": {"yes"}, "id": {"pi-x"}}, nil},
+		{"revoke selection, cross-origin", "/devices/revoke", url.Values{"confirm": {"yes"}, "id": {"pi-x"}, "csrf": {tok}}, map[string]string{"Origin": "https://evil.example"}},
 		{"revoke token, cross-site", "/tokens/" + toks[0].ID + "/revoke", url.Values{"confirm": {"yes"}, "csrf": {tok}}, map[string]string{"Sec-Fetch-Site": "cross-site"}},
 	} {
 		if code := post(tc.path, tc.form, tc.hdr); code != http.StatusForbidden {
@@ -759,12 +785,34 @@ func TestDashboardTokenFormChecked(t *testing.T) {
 	}
 }
 
+// dashboardBrowser logs a client that keeps cookies and does not follow
+// redirects in to the loopback dashboard, and returns how it sends a
+// request (a form, urlencoded) and reads the answer.
+func (s *testServer) dashboardBrowser(tb testing.TB) func(method, path string, form url.Values) (int, string) {
+	tb.Helper()
+	base := strings.TrimSuffix(s.UIURL(), "/")
+	jar, _ := cookiejar.New(nil)
+	hc := &http.Client{Jar: jar, Timeout: 20 * time.Second, CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	s.login(tb, hc)
+	return func(method, path string, form url.Values) (int, string) {
+		tb.Helper()
+		req, _ := http.NewRequest(method, base+path, strings.NewReader(form.Encode()))
+		req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+		resp, err := hc.Do(req)
+		if err != nil {
+			tb.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+}
+
 // TestDashboardCommand: the device page's command form sends through the
 // real broker and shows the device's reply; a refusal is shown with the
 // form, and nothing is sent.
 func TestDashboardCommand(t *testing.T) {
 	s := startServer(t, func(c *server.Config) { c.UIAddr = "127.0.0.1:0" })
-	base := strings.TrimSuffix(s.UIURL(), "/")
 	d := s.enroll(t, s.token(t, "--device", "pi-dc"), "pi-dc")
 	s.enroll(t, s.token(t, "--device", "pi-away"), "pi-away")
 	got := make(chan string, 8)
@@ -780,21 +828,7 @@ func TestDashboardCommand(t *testing.T) {
 		t.Fatalf("subscribe: %v", tok.Error())
 	}
 
-	jar, _ := cookiejar.New(nil)
-	hc := &http.Client{Jar: jar, Timeout: 20 * time.Second, CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
-	s.login(t, hc)
-	do := func(method, path string, form url.Values) (int, string) {
-		t.Helper()
-		req, _ := http.NewRequest(method, base+path, strings.NewReader(form.Encode()))
-		req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
-		resp, err := hc.Do(req)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer resp.Body.Close()
-		b, _ := io.ReadAll(resp.Body)
-		return resp.StatusCode, string(b)
-	}
+	do := s.dashboardBrowser(t)
 	code, page := do("GET", "/devices/pi-dc", nil)
 	m := csrfField.FindStringSubmatch(page)
 	if code != 200 || m == nil || !strings.Contains(page, `id="command-form"`) {
@@ -847,5 +881,137 @@ func TestDashboardCommand(t *testing.T) {
 	}
 	if code, page := do("GET", "/devices/pi-away", nil); code != 200 || strings.Contains(page, `id="command-form"`) {
 		t.Errorf("a revoked device's page offers commands: %d", code)
+	}
+}
+
+var hiddenID = regexp.MustCompile(`<input type="hidden" name="id" value="([^"]+)">`)
+
+// TestDashboardRevokeSelected revokes devices ticked on the Devices page
+// of a real node: the selection leads to a confirmation page listing it,
+// whose form revokes it in one request; connected devices are
+// disconnected, the CRL lists them, each is audited once. A selection with
+// an id revoked before reports it; one with an unknown id, none, or
+// without the form token changes nothing.
+func TestDashboardRevokeSelected(t *testing.T) {
+	s := startServer(t, func(c *server.Config) { c.UIAddr = "127.0.0.1:0" })
+	devs := map[string]*device{}
+	for _, id := range []string{"pi-s1", "pi-s2", "pi-s3", "pi-s4", "pi-s5", "pi-s6"} {
+		devs[id] = s.enroll(t, s.token(t, "--device", id), id)
+	}
+	lost := map[string]chan error{}
+	for _, id := range []string{"pi-s1", "pi-s2"} {
+		lost[id] = make(chan error, 1)
+		c := pahoClient(t, s, devs[id], id, lost[id])
+		defer c.Disconnect(0)
+	}
+
+	do := s.dashboardBrowser(t)
+	code, page := do("GET", "/devices", nil)
+	m := csrfField.FindStringSubmatch(page)
+	if code != 200 || m == nil || !strings.Contains(page, `<form id="revoke-selected"`) ||
+		!strings.Contains(page, `name="id" value="pi-s1" form="revoke-selected"`) {
+		t.Fatalf("devices page: %d, no selection form or box:\n%s", code, page)
+	}
+	csrf := m[1]
+	revokes := func(id string) int {
+		t.Helper()
+		evs, err := s.Store().Audit(context.Background(), store.AuditFilter{DeviceID: id})
+		if err != nil {
+			t.Fatal(err)
+		}
+		n := 0
+		for _, ev := range evs {
+			if ev.Action == store.ActDeviceRevoke && ev.Remote == "ui:local" {
+				n++
+			}
+		}
+		return n
+	}
+
+	// Refused whole, before or at the confirmation: nothing changes.
+	before := s.snapshot(t)
+	for _, tc := range []struct {
+		name   string
+		form   url.Values
+		status int
+		want   string
+	}{
+		{"no form token", url.Values{"confirm": {"yes"}, "id": {"pi-s1", "pi-s2", "pi-s3"}}, http.StatusForbidden, "reload the page"},
+		{"empty selection", url.Values{"csrf": {csrf}}, http.StatusBadRequest, "No identity was selected"},
+		{"empty selection, confirmed", url.Values{"csrf": {csrf}, "confirm": {"yes"}}, http.StatusBadRequest, "No identity was selected"},
+		{"unknown id", url.Values{"csrf": {csrf}, "id": {"pi-s4", "pi-forged"}}, http.StatusNotFound, `No identity &#34;pi-forged&#34; (1 of the 2 selected), so nothing was revoked`},
+		{"unknown id, confirmed", url.Values{"csrf": {csrf}, "confirm": {"yes"}, "id": {"pi-s4", "pi-forged"}}, http.StatusNotFound, `No identity &#34;pi-forged&#34; (1 of the 2 selected), so nothing was revoked`},
+		{"malformed id, confirmed", url.Values{"csrf": {csrf}, "confirm": {"yes"}, "id": {"pi-s4", "Pi/X"}}, http.StatusBadRequest, "nothing was revoked"},
+	} {
+		if code, page := do("POST", "/devices/revoke", tc.form); code != tc.status || !strings.Contains(page, tc.want) {
+			t.Errorf("%s: %d, want %d and %q:\n%s", tc.name, code, tc.status, tc.want, page)
+		}
+	}
+	if after := s.snapshot(t); after != before {
+		t.Fatalf("refused selections changed the fleet:\nbefore %s\nafter  %s", before, after)
+	}
+
+	// Three ticked, two of them connected: the confirmation lists them
+	// and revokes nothing yet.
+	code, page = do("POST", "/devices/revoke", url.Values{"csrf": {csrf}, "id": {"pi-s1", "pi-s2", "pi-s3"}})
+	if code != 200 || !strings.Contains(page, "Revoke 3 identities?") || !strings.Contains(page, `id="confirm"`) {
+		t.Fatalf("confirmation: %d\n%s", code, page)
+	}
+	var ids []string
+	for _, m := range hiddenID.FindAllStringSubmatch(page, -1) {
+		ids = append(ids, m[1])
+	}
+	if !slices.Equal(ids, []string{"pi-s1", "pi-s2", "pi-s3"}) {
+		t.Fatalf("confirmation carries ids %q", ids)
+	}
+	if after := s.snapshot(t); after != before {
+		t.Fatal("revoked before the confirmation")
+	}
+	code, page = do("POST", "/devices/revoke", url.Values{"csrf": {csrf}, "confirm": {"yes"}, "id": ids})
+	if code != 200 || !strings.Contains(page, `id="outcome">3 revoked`) || strings.Contains(page, "already revoked") {
+		t.Fatalf("revoke the selection: %d\n%s", code, page)
+	}
+	for id, ch := range lost {
+		select {
+		case <-ch:
+		case <-time.After(10 * time.Second):
+			t.Fatalf("%s still connected after revoking it from the dashboard", id)
+		}
+	}
+	crl := fetchCRL(t, s)
+	for _, id := range ids {
+		if !slices.ContainsFunc(crl.RevokedCertificateEntries, func(e x509.RevocationListEntry) bool {
+			return e.SerialNumber.Cmp(devs[id].cert.SerialNumber) == 0
+		}) {
+			t.Errorf("the CRL does not list the certificate of %s", id)
+		}
+		if n := revokes(id); n != 1 {
+			t.Errorf("%s: %d revocations audited, want 1", id, n)
+		}
+	}
+	if slices.ContainsFunc(s.Broker().Online(), func(id string) bool { return id == "pi-s1" || id == "pi-s2" }) {
+		t.Error("a revoked device is still listed online")
+	}
+	code, page = do("GET", "/devices", nil)
+	if code != 200 || strings.Contains(page, `value="pi-s1" form="revoke-selected"`) || !strings.Contains(page, `value="pi-s4" form="revoke-selected"`) {
+		t.Errorf("devices page offers a revoked identity, or not the others: %d", code)
+	}
+
+	// A selection with one revoked since: reported, the others revoked.
+	code, page = do("POST", "/devices/revoke", url.Values{"csrf": {csrf}, "id": {"pi-s3", "pi-s4", "pi-s5"}})
+	if code != 200 || !strings.Contains(page, "1 of them is already revoked") {
+		t.Fatalf("confirmation with a revoked id: %d\n%s", code, page)
+	}
+	code, page = do("POST", "/devices/revoke", url.Values{"csrf": {csrf}, "confirm": {"yes"}, "id": {"pi-s3", "pi-s4", "pi-s5"}})
+	if code != 200 || !strings.Contains(page, `id="outcome">2 revoked`) || !strings.Contains(page, "1 was already revoked") {
+		t.Fatalf("revoke with a revoked id: %d\n%s", code, page)
+	}
+	for id, want := range map[string]int{"pi-s3": 1, "pi-s4": 1, "pi-s5": 1, "pi-s6": 0} {
+		if n := revokes(id); n != want {
+			t.Errorf("%s: %d revocations audited, want %d", id, n, want)
+		}
+	}
+	if dev, err := s.Store().Device(context.Background(), "pi-s6"); err != nil || dev.Revoked() {
+		t.Errorf("pi-s6, never selected: %v, revoked %v", err, dev.Revoked())
 	}
 }

@@ -234,6 +234,35 @@ func (f *fleet) RevokeDevice(_ context.Context, id, remote string) (admin.Revoke
 	return admin.RevokeResult{DeviceID: id}, nil
 }
 
+// RevokeDevices revokes ids as the admin API does: none when one is
+// unknown, already revoked ones reported.
+func (f *fleet) RevokeDevices(_ context.Context, ids []string, remote string) ([]admin.RevokeOutcome, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var unknown []string
+	for _, id := range ids {
+		if _, ok := f.devices[id]; !ok {
+			unknown = append(unknown, id)
+		}
+	}
+	if len(unknown) > 0 {
+		return nil, &store.UnknownIDsError{IDs: unknown}
+	}
+	var out []admin.RevokeOutcome
+	for _, id := range ids {
+		d := f.devices[id]
+		if d.Revoked() {
+			out = append(out, admin.RevokeOutcome{DeviceID: id, Result: admin.ResultAlreadyRevoked, RevokedAt: d.RevokedAt})
+			continue
+		}
+		d.RevokedAt = time.Now()
+		f.devices[id] = d
+		f.revoked = append(f.revoked, id+" by "+remote)
+		out = append(out, admin.RevokeOutcome{DeviceID: id, Result: admin.ResultRevoked, RevokedAt: d.RevokedAt})
+	}
+	return out, nil
+}
+
 // Command refuses every command: sending one takes a broker, and the
 // dashboard's command form is tested against a real server
 // (broker/server TestDashboardCommand).

@@ -23,6 +23,7 @@ func (s *Server) routes() http.Handler {
 	mux.HandleFunc("GET /{$}", s.overview)
 	mux.HandleFunc("GET /devices", s.devices)
 	mux.HandleFunc("GET /devices/{id}", s.device)
+	mux.HandleFunc("POST /devices/revoke", s.revokeDevices)
 	mux.HandleFunc("GET /devices/{id}/revoke", s.confirmRevokeDevice)
 	mux.HandleFunc("POST /devices/{id}/revoke", s.revokeDevice)
 	mux.HandleFunc("POST /devices/{id}/command", s.commandDevice)
@@ -224,6 +225,7 @@ type devicesData struct {
 	Q, State, Role string
 	Rows           []deviceRow
 	Total, Matched int
+	Selectable     int // rows not revoked, which may be ticked to revoke
 }
 
 func (s *Server) devices(w http.ResponseWriter, r *http.Request) {
@@ -253,6 +255,9 @@ func (s *Server) devices(w http.ResponseWriter, r *http.Request) {
 	for i := range d.Rows {
 		if d.Rows[i].Role == store.RoleDevice {
 			d.Rows[i].AgentVersion = s.agentVersion(r, d.Rows[i].ID)
+		}
+		if !d.Rows[i].Revoked() {
+			d.Selectable++
 		}
 	}
 	s.render(w, r, http.StatusOK, "devices", page{Title: "Devices", Nav: "devices", Events: "/events", Data: d})
@@ -419,6 +424,125 @@ func (s *Server) revokeDevice(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	http.Redirect(w, r, "/devices/"+url.PathEscape(id)+"?flash=revoked", http.StatusSeeOther)
+}
+
+// selectedIDs are the identities ticked on the Devices page, in the order
+// given, each once.
+func selectedIDs(r *http.Request) []string {
+	var ids []string
+	seen := map[string]bool{}
+	for _, id := range r.PostForm["id"] {
+		if !seen[id] {
+			seen[id] = true
+			ids = append(ids, id)
+		}
+	}
+	return ids
+}
+
+// maxSelected bounds a selection to revoke: a selection comes from one
+// Devices page, which lists at most MaxRows identities, and the admin API
+// takes at most admin.MaxRevokesPerRequest ids at once.
+func (s *Server) maxSelected() int { return min(s.cfg.MaxRows, admin.MaxRevokesPerRequest) }
+
+type revokeSelection struct {
+	Rows    []deviceRow
+	Revoked int // of Rows, already revoked
+}
+
+type revokeOutcomes struct {
+	Revoked, Already []admin.RevokeOutcome
+}
+
+// revokeDevices answers the Devices page's "Revoke selected…": without
+// confirmation, with the page that lists the selection and asks for it;
+// with it, by revoking the selection in one request to the admin API (all
+// of it, or nothing when an id is unknown), then listing what was done.
+func (s *Server) revokeDevices(w http.ResponseWriter, r *http.Request) {
+	ids := selectedIDs(r)
+	switch {
+	case len(ids) == 0:
+		s.fail(w, r, http.StatusBadRequest, "No identity was selected, so nothing was revoked: tick the boxes of the identities to revoke on the Devices page, then Revoke selected….")
+		return
+	case len(ids) > s.maxSelected():
+		s.fail(w, r, http.StatusBadRequest, fmt.Sprintf("%d identities were selected; at most %d can be revoked at a time, so nothing was revoked: select fewer (filter the Devices page) and revoke the rest in another round.", len(ids), s.maxSelected()))
+		return
+	}
+	if !confirmed(r) {
+		s.confirmRevokeDevices(w, r, ids)
+		return
+	}
+	res, err := s.cfg.Admin.RevokeDevices(r.Context(), ids, viewerOf(r.Context()).Remote)
+	if unknown := (*store.UnknownIDsError)(nil); errors.As(err, &unknown) {
+		// The admin API's message points to the CLI.
+		s.unknownSelected(w, r, unknown.IDs, len(ids))
+		return
+	}
+	if err != nil {
+		s.failErr(w, r, err)
+		return
+	}
+	var d revokeOutcomes
+	for _, o := range res {
+		if o.Result == admin.ResultAlreadyRevoked {
+			d.Already = append(d.Already, o)
+		} else {
+			d.Revoked = append(d.Revoked, o)
+		}
+	}
+	s.render(w, r, http.StatusOK, "devices-revoked", page{Title: "Identities revoked", Nav: "devices", Data: d})
+}
+
+// confirmRevokeDevices shows the selection to revoke, refusing it whole
+// when an id names no identity, as revoking it would.
+func (s *Server) confirmRevokeDevices(w http.ResponseWriter, r *http.Request, ids []string) {
+	infos, err := s.cfg.Admin.DeviceInfos(r.Context())
+	if err != nil {
+		s.failErr(w, r, err)
+		return
+	}
+	byID := make(map[string]admin.DeviceInfo, len(infos))
+	for _, info := range infos {
+		byID[info.ID] = info
+	}
+	var d revokeSelection
+	var unknown []string
+	for _, id := range ids {
+		info, ok := byID[id]
+		if !ok {
+			unknown = append(unknown, id)
+			continue
+		}
+		d.Rows = append(d.Rows, deviceRow{DeviceInfo: info, State: info.State()})
+		if info.Revoked() {
+			d.Revoked++
+		}
+	}
+	if len(unknown) > 0 {
+		s.unknownSelected(w, r, unknown, len(ids))
+		return
+	}
+	s.render(w, r, http.StatusOK, "revoke-devices", page{Title: fmt.Sprintf("Revoke %d identities", len(ids)), Nav: "devices", Data: d})
+}
+
+// unknownSelected refuses a selection of total ids of which unknown name
+// no identity.
+func (s *Server) unknownSelected(w http.ResponseWriter, r *http.Request, unknown []string, total int) {
+	s.fail(w, r, http.StatusNotFound, fmt.Sprintf("No identity %s (%d of the %d selected), so nothing was revoked: select again on the Devices page.",
+		quoted(unknown, 10), len(unknown), total))
+}
+
+// quoted quotes the first most of ids, escaped, and counts the rest.
+func quoted(ids []string, most int) string {
+	q := make([]string, 0, most)
+	for _, id := range ids[:min(len(ids), most)] {
+		q = append(q, strconv.Quote(cut(id, 64)))
+	}
+	out := strings.Join(q, ", ")
+	if len(ids) > most {
+		out += fmt.Sprintf(" and %d more", len(ids)-most)
+	}
+	return out
 }
 
 type tokensData struct {

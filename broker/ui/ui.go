@@ -56,6 +56,7 @@ type Admin interface {
 	MintTokens(ctx context.Context, req admin.TokenRequest, remote string) ([]admin.NewToken, error)
 	RevokeToken(ctx context.Context, id, remote string) (store.Token, error)
 	RevokeDevice(ctx context.Context, id, remote string) (admin.RevokeResult, error)
+	RevokeDevices(ctx context.Context, ids []string, remote string) ([]admin.RevokeOutcome, error)
 	Command(ctx context.Context, id string, req admin.CommandRequest, remote string) (admin.CommandResult, error)
 }
 

@@ -142,6 +142,36 @@ func TestTokensPageIsBounded(t *testing.T) {
 	}
 }
 
+// TestRevokeSelectionIsBounded: a selection to revoke holds at most what
+// one Devices page lists; more is refused with a page that says so, at
+// the confirmation and at the revocation, and nothing is revoked.
+func TestRevokeSelectionIsBounded(t *testing.T) {
+	f := newFleet()
+	var ids []string
+	for i := range 3 {
+		id := fmt.Sprintf("pi-%d", i)
+		f.addDevice(store.Device{ID: id, Role: store.RoleDevice, NotAfter: time.Now().Add(time.Hour)})
+		ids = append(ids, id)
+	}
+	s, ts := newUI(t, f, func(c *ui.Config) { c.MaxRows = 2 })
+	c := loggedIn(t, s, ts.URL)
+	tok := formToken(t, do(t, c, "GET", ts.URL+"/devices", nil, nil).body)
+	for _, confirm := range []string{"", "yes"} {
+		r := do(t, c, "POST", ts.URL+"/devices/revoke", url.Values{"csrf": {tok}, "confirm": {confirm}, "id": ids}, nil)
+		if r.status != http.StatusBadRequest || !strings.Contains(r.body, "3 identities were selected; at most 2 can be revoked at a time, so nothing was revoked") {
+			t.Errorf("3 selected, confirm %q: %d\n%s", confirm, r.status, r.body)
+		}
+	}
+	// A repeated id counts once.
+	r := do(t, c, "POST", ts.URL+"/devices/revoke", url.Values{"csrf": {tok}, "id": {"pi-0", "pi-1", "pi-0"}}, nil)
+	if r.status != 200 || !strings.Contains(r.body, "Revoke 2 identities?") {
+		t.Errorf("pi-0 twice and pi-1: %d\n%s", r.status, r.body)
+	}
+	if revoked, _ := f.changes(); len(revoked) != 0 {
+		t.Fatalf("revoked %q", revoked)
+	}
+}
+
 // otherChar returns a token character that is not c.
 func otherChar(c byte) string {
 	if c == 'A' {
