@@ -1015,3 +1015,72 @@ func TestDashboardRevokeSelected(t *testing.T) {
 		t.Errorf("pi-s6, never selected: %v, revoked %v", err, dev.Revoked())
 	}
 }
+
+var startAdvice = regexp.MustCompile(`--start (\d+)`)
+
+// TestDashboardRefusedBatchOffersNextStart: a batch refused because ids
+// of it have usable tokens offers the batch numbered from the first free
+// number, counted as the CLI's --start advice counts it (ids of
+// identities, revoked ones too, and of usable tokens; not of revoked
+// tokens), and that batch can be created from the offer.
+func TestDashboardRefusedBatchOffersNextStart(t *testing.T) {
+	s := startServer(t, func(c *server.Config) { c.UIAddr = "127.0.0.1:0" })
+	if _, errs, code := s.cli(t, "token", "create", "--prefix", "pi-b", "--count", "3"); code != 0 {
+		t.Fatalf("batch: %s", errs)
+	}
+	s.enroll(t, s.token(t, "--device", "pi-b0007"), "pi-b0007")
+	if _, errs, code := s.cli(t, "device", "revoke", "pi-b0007"); code != 0 {
+		t.Fatalf("revoke: %s", errs)
+	}
+	s.token(t, "--device", "pi-b0009")
+	toks, err := s.Store().Tokens(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tok := range toks {
+		if tok.DeviceID == "pi-b0009" {
+			if _, errs, code := s.cli(t, "token", "revoke", tok.ID); code != 0 {
+				t.Fatalf("token revoke: %s", errs)
+			}
+		}
+	}
+	_, errs, code := s.cli(t, "token", "create", "--prefix", "pi-b", "--count", "2")
+	m := startAdvice.FindStringSubmatch(errs)
+	if code == 0 || m == nil {
+		t.Fatalf("the CLI gives no --start advice: exit %d: %s", code, errs)
+	}
+	if m[1] != "8" {
+		t.Fatalf("the CLI advises --start %s, want 8 (after the revoked pi-b0007; not after the revoked token of pi-b0009)", m[1])
+	}
+
+	do := s.dashboardBrowser(t)
+	hidden := regexp.MustCompile(`<input type="hidden" name="(\w+)" value="([^"]*)">`)
+	confirmAndPost := func(path string) (int, string) {
+		t.Helper()
+		code, page := do("GET", path, nil)
+		if code != 200 {
+			t.Fatalf("GET %s: %d\n%s", path, code, page)
+		}
+		form := url.Values{}
+		for _, f := range hidden.FindAllStringSubmatch(page, -1) {
+			form.Set(f[1], f[2])
+		}
+		return do("POST", "/tokens", form)
+	}
+	before := s.snapshot(t)
+	code, page := confirmAndPost("/tokens/new?prefix=pi-b&count=2&ttl=24h")
+	if code != http.StatusConflict || !strings.Contains(page, "from "+m[1]+" (pi-b0008 … pi-b0009)") {
+		t.Fatalf("refused batch: %d, no first free number %s:\n%s", code, m[1], page)
+	}
+	if after := s.snapshot(t); after != before {
+		t.Fatal("the refused batch changed the fleet")
+	}
+	offer := regexp.MustCompile(`id="start-after" href="([^"]+)"`).FindStringSubmatch(page)
+	if offer == nil {
+		t.Fatalf("no offer of the batch from %s:\n%s", m[1], page)
+	}
+	code, page = confirmAndPost(strings.ReplaceAll(offer[1], "&amp;", "&"))
+	if code != http.StatusCreated || !strings.Contains(page, "pi-b0008") || !strings.Contains(page, "pi-b0009") {
+		t.Fatalf("the batch offered: %d\n%s", code, page)
+	}
+}

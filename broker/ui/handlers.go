@@ -668,6 +668,10 @@ type tokenRefused struct {
 	Count  int           // usable tokens bound to its ids
 	Tokens []store.Token // the first maxRefusedRows of them, by bound id
 	Again  string        // the confirmation page of the same form with replace ticked
+	// After is the batch numbered from the first free number, and
+	// AfterURL its confirmation page; a batch only.
+	After    tokenForm
+	AfterURL string
 }
 
 // maxRefusedRows bounds the page of a refused batch: a production line's
@@ -676,7 +680,13 @@ const maxRefusedRows = 100
 
 // replacing is the confirmation page of f with replace ticked.
 func (f tokenForm) replacing() string {
-	q := url.Values{"device": {f.Device}, "prefix": {f.Prefix}, "ttl": {f.TTL}, "labels": {f.Labels}, "format": {f.Format}, "replace": {"yes"}}
+	f.Replace = true
+	return f.confirmURL()
+}
+
+// confirmURL is the confirmation page of f.
+func (f tokenForm) confirmURL() string {
+	q := url.Values{"device": {f.Device}, "prefix": {f.Prefix}, "ttl": {f.TTL}, "labels": {f.Labels}, "format": {f.Format}}
 	for name, n := range map[string]int{"count": f.Count, "uses": f.Uses, "start": f.Start} {
 		if n != 0 {
 			q.Set(name, strconv.Itoa(n))
@@ -685,7 +695,45 @@ func (f tokenForm) replacing() string {
 	if f.Reprovision {
 		q.Set("reprovision", "yes")
 	}
+	if f.Replace {
+		q.Set("replace", "yes")
+	}
 	return "/tokens/new?" + q.Encode()
+}
+
+// nextStart is the first number a batch of prefix can start at, as the
+// admin API's `--start` advice counts it (admin.Handler's nextFree): one
+// more than the largest number after prefix in the id of an identity,
+// revoked ones included (ids are for life), or of a token that can still
+// be used (a batch is mostly not enrolled yet when the next is made); 1
+// when there is none.
+func (s *Server) nextStart(r *http.Request, prefix string) (int, error) {
+	infos, err := s.cfg.Admin.DeviceInfos(r.Context())
+	if err != nil {
+		return 0, fmt.Errorf("identities: %w", err)
+	}
+	toks, err := s.cfg.Store.Tokens(r.Context())
+	if err != nil {
+		return 0, fmt.Errorf("tokens: %w", err)
+	}
+	next := 1
+	taken := func(id string) {
+		if num, ok := strings.CutPrefix(id, prefix); ok {
+			if n, err := strconv.Atoi(num); err == nil && n >= next {
+				next = n + 1
+			}
+		}
+	}
+	for _, d := range infos {
+		taken(d.ID)
+	}
+	now := s.cfg.Now()
+	for _, t := range toks {
+		if t.Check(now) == nil {
+			taken(t.DeviceID)
+		}
+	}
+	return next, nil
 }
 
 type tokenConfirm struct {
@@ -735,8 +783,18 @@ func (s *Server) createTokens(w http.ResponseWriter, r *http.Request) {
 		if live := (*store.LiveTokensError)(nil); errors.As(err, &live) {
 			// The admin API's message gives CLI advice; here the ways out
 			// are a box to tick and the tokens' revoke buttons.
-			s.render(w, r, http.StatusConflict, "token-refused", page{Title: "Tokens not created", Nav: "tokens",
-				Data: tokenRefused{Form: f, Count: len(live.Tokens), Tokens: live.Tokens[:min(len(live.Tokens), maxRefusedRows)], Again: f.replacing()}})
+			d := tokenRefused{Form: f, Count: len(live.Tokens), Tokens: live.Tokens[:min(len(live.Tokens), maxRefusedRows)], Again: f.replacing()}
+			if f.Prefix != "" {
+				next, err := s.nextStart(r, f.Prefix)
+				if err != nil {
+					s.failErr(w, r, err)
+					return
+				}
+				d.After = f
+				d.After.Start = next
+				d.AfterURL = d.After.confirmURL()
+			}
+			s.render(w, r, http.StatusConflict, "token-refused", page{Title: "Tokens not created", Nav: "tokens", Data: d})
 			return
 		}
 		s.failErr(w, r, err)
