@@ -461,13 +461,23 @@ const TimeLayout = "2006-01-02 15:04:05 UTC"
 // only would mint a second token for ids whose first one is already on a
 // device, and whichever enrolls second finds its token unusable.
 func (h *Handler) nextFree(ctx context.Context, prefix string) int {
+	n, err := h.NextFree(ctx, prefix)
+	if err != nil {
+		return 1 // advice in a refusal: the refusal itself stands
+	}
+	return n
+}
+
+// NextFree is the first number a batch of tokens with prefix can start
+// at (see nextFree), for front ends that offer it.
+func (h *Handler) NextFree(ctx context.Context, prefix string) (int, error) {
 	devs, err := h.st.Devices(ctx)
 	if err != nil {
-		return 1
+		return 0, fmt.Errorf("identities: %w", err)
 	}
 	toks, err := h.st.Tokens(ctx)
 	if err != nil {
-		return 1
+		return 0, fmt.Errorf("tokens: %w", err)
 	}
 	ids := make([]string, 0, len(devs)+len(toks))
 	for _, d := range devs {
@@ -489,7 +499,7 @@ func (h *Handler) nextFree(ctx context.Context, prefix string) int {
 			next = n + 1
 		}
 	}
-	return next
+	return next, nil
 }
 
 func checkLabels(labels map[string]string) error {

@@ -270,6 +270,10 @@ func (f *fleet) Command(_ context.Context, id string, _ admin.CommandRequest, _ 
 	return admin.CommandResult{}, enroll.Errorf(enroll.CodeDeviceOffline, "%s is not connected", id)
 }
 
+// NextFree is 1: the dashboard's offer of the next number is tested
+// against a real server (broker/server TestDashboardRefusedBatchOffersNextStart).
+func (f *fleet) NextFree(context.Context, string) (int, error) { return 1, nil }
+
 // newUI returns a dashboard over f (not listening) and a test server for
 // its handler.
 func newUI(tb testing.TB, f *fleet, mutate func(*ui.Config)) (*ui.Server, *httptest.Server) {

@@ -701,41 +701,6 @@ func (f tokenForm) confirmURL() string {
 	return "/tokens/new?" + q.Encode()
 }
 
-// nextStart is the first number a batch of prefix can start at, as the
-// admin API's `--start` advice counts it (admin.Handler's nextFree): one
-// more than the largest number after prefix in the id of an identity,
-// revoked ones included (ids are for life), or of a token that can still
-// be used (a batch is mostly not enrolled yet when the next is made); 1
-// when there is none.
-func (s *Server) nextStart(r *http.Request, prefix string) (int, error) {
-	infos, err := s.cfg.Admin.DeviceInfos(r.Context())
-	if err != nil {
-		return 0, fmt.Errorf("identities: %w", err)
-	}
-	toks, err := s.cfg.Store.Tokens(r.Context())
-	if err != nil {
-		return 0, fmt.Errorf("tokens: %w", err)
-	}
-	next := 1
-	taken := func(id string) {
-		if num, ok := strings.CutPrefix(id, prefix); ok {
-			if n, err := strconv.Atoi(num); err == nil && n >= next {
-				next = n + 1
-			}
-		}
-	}
-	for _, d := range infos {
-		taken(d.ID)
-	}
-	now := s.cfg.Now()
-	for _, t := range toks {
-		if t.Check(now) == nil {
-			taken(t.DeviceID)
-		}
-	}
-	return next, nil
-}
-
 type tokenConfirm struct {
 	Form  tokenForm
 	Count int    // tokens that will be minted
@@ -785,7 +750,7 @@ func (s *Server) createTokens(w http.ResponseWriter, r *http.Request) {
 			// are a box to tick and the tokens' revoke buttons.
 			d := tokenRefused{Form: f, Count: len(live.Tokens), Tokens: live.Tokens[:min(len(live.Tokens), maxRefusedRows)], Again: f.replacing()}
 			if f.Prefix != "" {
-				next, err := s.nextStart(r, f.Prefix)
+				next, err := s.cfg.Admin.NextFree(r.Context(), f.Prefix)
 				if err != nil {
 					s.failErr(w, r, err)
 					return

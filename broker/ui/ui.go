@@ -58,6 +58,9 @@ type Admin interface {
 	RevokeDevice(ctx context.Context, id, remote string) (admin.RevokeResult, error)
 	RevokeDevices(ctx context.Context, ids []string, remote string) ([]admin.RevokeOutcome, error)
 	Command(ctx context.Context, id string, req admin.CommandRequest, remote string) (admin.CommandResult, error)
+	// NextFree is the first number a batch of tokens with prefix can
+	// start at, as the CLI's --start advice counts it.
+	NextFree(ctx context.Context, prefix string) (int, error)
 }
 
 // Config configures the dashboard. Zero values mean the defaults named.
