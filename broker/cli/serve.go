@@ -2,6 +2,7 @@ package cli
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -80,6 +81,9 @@ func serve(ctx context.Context, args []string, env Env) error {
 	}
 	cfg.Logger = log
 	srv, err := server.New(cfg)
+	if ce := (*server.ConfigError)(nil); errors.As(err, &ce) {
+		return usagef("%v", ce) // a flag's value, like the checks above: exit 2
+	}
 	if err != nil {
 		return err
 	}

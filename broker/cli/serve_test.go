@@ -86,11 +86,24 @@ func TestServeRefusesBrokerURLsDevicesRefuse(t *testing.T) {
 		var out, errs bytes.Buffer
 		code := Main(ctx, []string{"serve", "--data", data, "--enroll-addr", "127.0.0.1:0", "--mqtt-addr", "127.0.0.1:0",
 			"--metrics-addr", "off", "--ui-addr", "off", "--broker-url", bad}, Env{Stdout: &out, Stderr: &errs, Getenv: func(string) string { return "" }})
-		if code == 0 || !strings.Contains(errs.String(), "--broker-url") || !strings.Contains(errs.String(), "mqtts://HOST:PORT") {
-			t.Errorf("--broker-url %s: exit %d: %s", bad, code, errs.String())
+		if code != 2 || !strings.Contains(errs.String(), "--broker-url") || !strings.Contains(errs.String(), "mqtts://HOST:PORT") {
+			t.Errorf("--broker-url %s: exit %d, want 2 (a usage error): %s", bad, code, errs.String())
 		}
 		if _, err := os.Stat(data); !os.IsNotExist(err) {
 			t.Errorf("--broker-url %s: the data folder was created", bad)
+		}
+	}
+	// The profiler's address is checked as early: exit 2, nothing created.
+	for _, bad := range []string{"0.0.0.0:6060", ":6060", "10.0.0.2:6060", "127.0.0.1"} {
+		data := filepath.Join(t.TempDir(), "data")
+		var out, errs bytes.Buffer
+		code := Main(context.Background(), []string{"serve", "--data", data, "--enroll-addr", "127.0.0.1:0", "--mqtt-addr", "127.0.0.1:0",
+			"--metrics-addr", "off", "--ui-addr", "off", "--pprof-addr", bad}, Env{Stdout: &out, Stderr: &errs, Getenv: func(string) string { return "" }})
+		if code != 2 || !strings.Contains(errs.String(), "--pprof-addr") {
+			t.Errorf("--pprof-addr %s: exit %d, want 2: %s", bad, code, errs.String())
+		}
+		if _, err := os.Stat(data); !os.IsNotExist(err) {
+			t.Errorf("--pprof-addr %s: the data folder was created", bad)
 		}
 	}
 	for _, good := range []string{"mqtts://gw.example.com:8883", "ssl://10.0.0.2:8883", "tls://[::1]:8883", "tcps://gw:1"} {

@@ -12,12 +12,8 @@ import (
 // internals (and a CPU profile costs CPU), so only a loopback address is
 // accepted, checked again on the bound address.
 func listenPprof(addr string) (net.Listener, error) {
-	host, _, err := net.SplitHostPort(addr)
-	if err != nil {
-		return nil, fmt.Errorf("pprof address %q: %w", addr, err)
-	}
-	if ip := net.ParseIP(host); host != "localhost" && (ip == nil || !ip.IsLoopback()) {
-		return nil, fmt.Errorf("pprof address %q: only a loopback address is allowed", addr)
+	if err := checkPprofAddr(addr); err != nil {
+		return nil, err
 	}
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
@@ -28,6 +24,19 @@ func listenPprof(addr string) (net.Listener, error) {
 		return nil, fmt.Errorf("pprof address %q is not on loopback", addr)
 	}
 	return ln, nil
+}
+
+// checkPprofAddr accepts only a loopback host:port: profiles show what
+// the process holds, and the listener has no authentication.
+func checkPprofAddr(addr string) error {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return fmt.Errorf("pprof address %q: %w", addr, err)
+	}
+	if ip := net.ParseIP(host); host != "localhost" && (ip == nil || !ip.IsLoopback()) {
+		return fmt.Errorf("pprof address %q: only a loopback address is allowed", addr)
+	}
+	return nil
 }
 
 // pprofServer serves net/http/pprof from its own mux, never the default

@@ -118,6 +118,11 @@ func (c *Config) validate() error {
 			return fmt.Errorf("--broker-url %q: %w", c.BrokerURL, err)
 		}
 	}
+	if enabled(c.PprofAddr) {
+		if err := checkPprofAddr(c.PprofAddr); err != nil {
+			return fmt.Errorf("--pprof-addr: %w", err)
+		}
+	}
 	return nil
 }
 
@@ -234,11 +239,19 @@ type Server struct {
 	err     error
 }
 
+// ConfigError is a Config that New refuses before it does anything: a
+// value the operator gave that cannot work (the CLI reports it as a usage
+// error).
+type ConfigError struct{ Err error }
+
+func (e *ConfigError) Error() string { return e.Err.Error() }
+func (e *ConfigError) Unwrap() error { return e.Err }
+
 // New opens the data folder, the store and the CA. Nothing listens yet.
 func New(cfg Config) (_ *Server, err error) {
 	// Before anything is created: a refused start leaves no data folder.
 	if err := cfg.validate(); err != nil {
-		return nil, err
+		return nil, &ConfigError{Err: err}
 	}
 	cfg.setDefaults()
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
