@@ -57,6 +57,9 @@ type CommandResult struct {
 	// Disconnected: the device's connection closed while the command
 	// waited, before a reply came, which ended the wait.
 	Disconnected bool `json:"disconnected,omitempty"`
+	// Refused: the reply is on the device's events/error, a refusal of
+	// the command (see refusedBy).
+	Refused bool `json:"refused,omitempty"`
 	// ReplyMessage is the reply as the device sent it, for front ends in
 	// the same process (the dashboard).
 	ReplyMessage *store.Message `json:"-"`
@@ -124,7 +127,7 @@ func (h *Handler) Command(ctx context.Context, id string, req CommandRequest, re
 	}
 	if sent.Reply != nil {
 		rec := Record(*sent.Reply)
-		res.Reply, res.ReplyMessage = &rec, sent.Reply
+		res.Reply, res.ReplyMessage, res.Refused = &rec, sent.Reply, refusedBy(id, sent.Reply)
 	}
 	// The name, not the payload: a payload may carry what an audit log
 	// must not (a command's secret).
@@ -300,7 +303,7 @@ func commandOutcome(id string, s Sent, wait time.Duration) string {
 		return OutcomeNotSubscribed
 	case s.Err != nil:
 		return OutcomeNotConnected
-	case s.Reply != nil && s.Reply.Topic == "devices/"+id+"/events/error":
+	case refusedBy(id, s.Reply):
 		return OutcomeRefused
 	case s.Reply != nil:
 		return OutcomeReplied
@@ -312,6 +315,14 @@ func commandOutcome(id string, s Sent, wait time.Duration) string {
 		return OutcomeNoReply
 	}
 	return OutcomeSent
+}
+
+// refusedBy reports whether reply, the event device id answered a command
+// with, refuses it: the device agent answers an unknown, malformed or too
+// frequent command on events/error, and renew and interval with nothing
+// when they work, so a script must not take that reply for success.
+func refusedBy(id string, reply *store.Message) bool {
+	return reply != nil && reply.Topic == "devices/"+id+"/events/error"
 }
 
 // hasLabels reports whether labels include every pair of want.

@@ -107,9 +107,7 @@ func deviceCommand(ctx context.Context, args []string, env Env) error {
 	if wait > 0 && res.Reply == nil {
 		return fmt.Errorf("no event from %s within %s: the command was sent, the device did not answer (the agent answers ping with events/pong and refuses commands with events/error; renew and interval send none)", id, wait)
 	}
-	// A refusal is the reply a script must not take for success: interval
-	// and renew answer nothing when they work, and events/error when not.
-	if res.Reply != nil && res.Reply.Topic == "devices/"+id+"/events/error" {
+	if res.Refused {
 		return fmt.Errorf("%s refused the command: its reply on events/error, printed above, says why", id)
 	}
 	return nil
