@@ -187,6 +187,7 @@ const (
 	OutcomeDisconnected  = "disconnected"   // its connection closed during the wait, before a reply
 	OutcomeNotConnected  = "not_connected"  // nothing sent: no connection nor kept session
 	OutcomeNotSubscribed = "not_subscribed" // nothing sent: connected, not subscribed to the command
+	OutcomeFailed        = "failed"         // nothing sent: the broker could not take it (it is stopping)
 )
 
 // DeviceCommandResult is one device's part of a CommandManyResult.
@@ -299,6 +300,8 @@ func (h *Handler) CommandMany(ctx context.Context, req CommandManyRequest, remot
 // commandOutcome names what the command did to one device.
 func commandOutcome(id string, s Sent, wait time.Duration) string {
 	switch {
+	case s.Err != nil && enroll.AsError(s.Err).Code != enroll.CodeDeviceOffline:
+		return OutcomeFailed
 	case s.Err != nil && s.Online:
 		return OutcomeNotSubscribed
 	case s.Err != nil:

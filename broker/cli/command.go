@@ -171,7 +171,7 @@ func commandMany(ctx context.Context, fs flagSet, all bool, labels []string, wai
 	}
 	var parts []string
 	for _, o := range []string{admin.OutcomeSent, admin.OutcomeReplied, admin.OutcomeRefused, admin.OutcomeNoReply,
-		admin.OutcomeDisconnected, admin.OutcomeQueued, admin.OutcomeNotConnected, admin.OutcomeNotSubscribed} {
+		admin.OutcomeDisconnected, admin.OutcomeQueued, admin.OutcomeNotConnected, admin.OutcomeNotSubscribed, admin.OutcomeFailed} {
 		if counts[o] > 0 {
 			parts = append(parts, fmt.Sprintf("%d %s", counts[o], strings.ReplaceAll(o, "_", " ")))
 		}
@@ -212,6 +212,8 @@ func deviceOutcomeLine(d admin.DeviceCommandResult, wait time.Duration) string {
 		return id + " not connected: nothing sent"
 	case admin.OutcomeNotSubscribed:
 		return fmt.Sprintf("%s connected but not subscribed to %s: nothing sent", id, terminalSafe(d.Topic))
+	case admin.OutcomeFailed:
+		return id + " failed: the server's broker did not take the command (it is stopping); nothing sent"
 	}
 	return id + " " + terminalSafe(d.Outcome)
 }
